@@ -1,0 +1,5 @@
+"""Keyvault: a key-management console (Django project and app)."""
+
+from .celery import app as celery_app
+
+__all__ = ["celery_app"]

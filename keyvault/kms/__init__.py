@@ -1,0 +1,55 @@
+"""Keyvault's KMS layer: one provider contract, several backends, envelope encryption.
+
+Nothing in this package imports Django; see ``README.md`` beside this file.
+"""
+
+from .base import (
+    Capability,
+    DataKey,
+    DecryptResult,
+    EncryptResult,
+    HealthStatus,
+    KeyInfo,
+    KeyState,
+    KeyVersionInfo,
+    KMSProvider,
+    VersionState,
+)
+from .context import encode_context
+from .errors import (
+    AccessDenied,
+    ConfigurationError,
+    InvalidCiphertext,
+    KeyDisabled,
+    KeyNotFound,
+    KMSError,
+    ProviderUnavailable,
+    UnsupportedOperation,
+)
+from .registry import get_provider, provider_names, reset_providers, set_config_loader
+
+__all__ = [
+    "AccessDenied",
+    "Capability",
+    "ConfigurationError",
+    "DataKey",
+    "DecryptResult",
+    "EncryptResult",
+    "HealthStatus",
+    "InvalidCiphertext",
+    "KMSError",
+    "KMSProvider",
+    "KeyDisabled",
+    "KeyInfo",
+    "KeyNotFound",
+    "KeyState",
+    "KeyVersionInfo",
+    "ProviderUnavailable",
+    "UnsupportedOperation",
+    "VersionState",
+    "encode_context",
+    "get_provider",
+    "provider_names",
+    "reset_providers",
+    "set_config_loader",
+]

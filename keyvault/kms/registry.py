@@ -1,0 +1,92 @@
+"""Provider registry: names to classes, instances built once from configuration.
+
+The KMS layer imports nothing from Django. The Django app installs a config
+loader (``set_config_loader``) that reads ``settings.KMS_PROVIDERS`` and calls
+:func:`reset_providers` on ``setting_changed``, the way ``django.contrib.auth``
+caches its hashers.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from collections.abc import Callable
+
+from .base import KMSProvider
+from .errors import ConfigurationError
+
+#: Built-in providers: registry name -> (dotted class path, pip package of its SDK).
+BUILTIN_PROVIDERS: dict[str, tuple[str, str | None]] = {
+    "local": ("keyvault.kms.local.LocalKMSProvider", None),
+    "aws": ("keyvault.kms.aws.AWSKMSProvider", "boto3"),
+    "gcp": ("keyvault.kms.gcp.GCPKMSProvider", "google-cloud-kms"),
+    "vault": ("keyvault.kms.vault.VaultTransitProvider", "hvac"),
+    "pkcs11": ("keyvault.kms.pkcs11.PKCS11Provider", "python-pkcs11"),
+}
+
+ConfigLoader = Callable[[], dict]
+
+_lock = threading.Lock()
+_instances: dict[str, KMSProvider] = {}
+_config_loader: ConfigLoader = lambda: {"default": "local", "providers": {}}  # noqa: E731
+
+
+def set_config_loader(loader: ConfigLoader) -> None:
+    """Install the callable returning ``{"default": name, "providers": {name: options}}``."""
+    global _config_loader
+    _config_loader = loader
+    reset_providers()
+
+
+def reset_providers(**_signal_kwargs) -> None:
+    """Forget every built provider (connected to Django's ``setting_changed``)."""
+    with _lock:
+        _instances.clear()
+
+
+def provider_names() -> list[str]:
+    """Return the names of the providers that are configured."""
+    config = _config_loader()
+    return sorted(config.get("providers", {}))
+
+
+def default_provider_name() -> str:
+    """Return the name of the provider used when none is named."""
+    return _config_loader().get("default") or "local"
+
+
+def load_provider_class(name: str, dotted_path: str | None = None) -> type[KMSProvider]:
+    """Import the class for provider ``name``.
+
+    :raises ConfigurationError: unknown name, or its SDK is not installed.
+    """
+    path, package = BUILTIN_PROVIDERS.get(name, (dotted_path, None))
+    path = dotted_path or path
+    if not path:
+        known = ", ".join(sorted(BUILTIN_PROVIDERS))
+        raise ConfigurationError(f"unknown KMS provider {name!r}; set HMD_KMS_PROVIDER to one of: {known}")
+    module_name, _, class_name = path.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        hint = f"pip install {package}" if package else f"check the class path {path!r}"
+        raise ConfigurationError(f"KMS provider {name!r} cannot be loaded ({exc.name} missing): {hint}") from None
+    return getattr(module, class_name)
+
+
+def get_provider(name: str | None = None) -> KMSProvider:
+    """Return the configured provider ``name`` (default: ``HMD_KMS_PROVIDER``), built once.
+
+    :raises ConfigurationError: unknown provider, missing SDK or bad options.
+    """
+    config = _config_loader()
+    name = name or config.get("default") or "local"
+    with _lock:
+        provider = _instances.get(name)
+        if provider is not None:
+            return provider
+    options = dict(config.get("providers", {}).get(name, {}))
+    cls = load_provider_class(name, options.pop("class", None))
+    provider = cls.from_config(options)
+    with _lock:
+        return _instances.setdefault(name, provider)

@@ -1,0 +1,200 @@
+"""Django settings for Keyvault, read from ``HMD_*`` environment variables.
+
+Every variable is listed with its default in README.md ("Configuration").
+Each may instead be given as a file: ``HMD_<NAME>_FILE=/path``.
+With ``HMD_DEBUG=false`` nothing secret is ever generated: a missing secret
+stops start-up with an error naming the variable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from django.core.exceptions import ImproperlyConfigured
+
+from keyvault.config import dev_secret, env, is_set, new_django_secret_key
+from keyvault.kms.local import DEFAULT_MAX_ENCRYPTIONS, generate_master_key
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+DEBUG = env.bool("HMD_DEBUG", default=True)
+DATA_DIR = Path(env.str("HMD_DATA_DIR", default=str(BASE_DIR / "var"))).resolve()
+
+
+def _secret(name: str, dev_file: str, make) -> str:
+    """A secret from the environment; generated into DATA_DIR in development only."""
+    if is_set(name):
+        return env.str(name)
+    if DEBUG:
+        return dev_secret(DATA_DIR, dev_file, make)
+    raise ImproperlyConfigured(f"{name} (or {name}_FILE) must be set when HMD_DEBUG=false")
+
+
+SECRET_KEY = _secret("HMD_SECRET_KEY", "secret_key", new_django_secret_key)
+SECRET_KEY_FALLBACKS = env.list("HMD_SECRET_KEY_FALLBACKS", default=[])
+ALLOWED_HOSTS = env.list("HMD_ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
+CSRF_TRUSTED_ORIGINS = env.list("HMD_CSRF_TRUSTED_ORIGINS", default=[])
+
+INSTALLED_APPS = [
+    "keyvault",
+    "rotation",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "keyvault.urls"
+WSGI_APPLICATION = "keyvault.wsgi.application"
+ASGI_APPLICATION = "keyvault.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "keyvault" / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASES = {"default": env.db("HMD_DATABASE_URL", default=f"sqlite:///{DATA_DIR / 'keyvault.sqlite3'}")}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # The web process, workers and beat share one file: WAL lets readers run beside
+    # the writer, IMMEDIATE takes the write lock up front (no upgrade deadlocks),
+    # and the timeout waits for the lock instead of failing with "database is locked".
+    DATABASES["default"].setdefault("OPTIONS", {}).update(
+        {
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+            "transaction_mode": "IMMEDIATE",
+            "timeout": env.int("HMD_SQLITE_TIMEOUT", default=30),
+        }
+    )
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator", "OPTIONS": {"min_length": 12}},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = DATA_DIR / "static"
+
+LOGIN_URL = "admin:login"
+
+# -- Celery ------------------------------------------------------------------
+CELERY_BROKER_URL = env.str("HMD_BROKER_URL", default="filesystem://")
+if CELERY_BROKER_URL.startswith("filesystem://"):
+    _queue_dir = DATA_DIR / "broker"
+    (_queue_dir / "queue").mkdir(parents=True, exist_ok=True)
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        # One folder for both directions: producers and consumers meet there.
+        "data_folder_in": str(_queue_dir / "queue"),
+        "data_folder_out": str(_queue_dir / "queue"),
+        "store_processed": False,
+    }
+CELERY_TASK_ALWAYS_EAGER = env.bool("HMD_CELERY_EAGER", default=False)
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_TIMEZONE = "UTC"
+CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
+
+# -- KMS providers -----------------------------------------------------------
+KMS_PROVIDER = env.str("HMD_KMS_PROVIDER", default="local")
+LOCAL_KMS_KEYRING = env.str("HMD_LOCAL_KMS_KEYRING", default=str(DATA_DIR / "local-kms.keyring"))
+if KMS_PROVIDER == "local" or is_set("HMD_LOCAL_KMS_MASTER_KEY") or DEBUG:
+    LOCAL_KMS_MASTER_KEY = _secret("HMD_LOCAL_KMS_MASTER_KEY", "local_kms_master_key", generate_master_key)
+else:
+    LOCAL_KMS_MASTER_KEY = None
+
+def _provider_options() -> dict[str, dict]:
+    """Options for each provider, from its HMD_* variables (see README, "Configuration")."""
+    options = {
+        "local": {
+            "keyring_path": LOCAL_KMS_KEYRING,
+            "master_key": LOCAL_KMS_MASTER_KEY,
+            "max_encryptions_per_version": env.int("HMD_LOCAL_KMS_MAX_ENCRYPTIONS", default=DEFAULT_MAX_ENCRYPTIONS),
+        },
+        "aws": {
+            "region": env.str("HMD_AWS_REGION", default=""),
+            "endpoint_url": env.str("HMD_AWS_KMS_ENDPOINT_URL", default=""),
+            "connect_timeout": env.float("HMD_AWS_CONNECT_TIMEOUT", default=5.0),
+            "read_timeout": env.float("HMD_AWS_READ_TIMEOUT", default=10.0),
+            "max_attempts": env.int("HMD_AWS_MAX_ATTEMPTS", default=3),
+        },
+        "gcp": {
+            "project": env.str("HMD_GCP_PROJECT", default=""),
+            "location": env.str("HMD_GCP_LOCATION", default="global"),
+            "key_ring": env.str("HMD_GCP_KEY_RING", default=""),
+            "endpoint": env.str("HMD_GCP_KMS_ENDPOINT", default=""),
+            "anonymous_credentials": env.bool("HMD_GCP_ANONYMOUS_CREDENTIALS", default=False),
+            "timeout": env.float("HMD_GCP_TIMEOUT", default=10.0),
+        },
+        "vault": {
+            "addr": env.str("HMD_VAULT_ADDR", default=""),
+            "token": env.str("HMD_VAULT_TOKEN", default=""),
+            "role_id": env.str("HMD_VAULT_ROLE_ID", default=""),
+            "secret_id": env.str("HMD_VAULT_SECRET_ID", default=""),
+            "kubernetes_role": env.str("HMD_VAULT_KUBERNETES_ROLE", default=""),
+            "kubernetes_jwt_path": env.str(
+                "HMD_VAULT_KUBERNETES_JWT_PATH", default="/var/run/secrets/kubernetes.io/serviceaccount/token"
+            ),
+            "namespace": env.str("HMD_VAULT_NAMESPACE", default=""),
+            "mount": env.str("HMD_VAULT_TRANSIT_MOUNT", default="transit"),
+            "ca_cert": env.str("HMD_VAULT_CACERT", default=""),
+            "timeout": env.float("HMD_VAULT_TIMEOUT", default=10.0),
+        },
+        "pkcs11": {
+            "library": env.str("HMD_PKCS11_LIBRARY", default=""),
+            "token_label": env.str("HMD_PKCS11_TOKEN_LABEL", default=""),
+            "pin": env.str("HMD_PKCS11_PIN", default=""),
+        },
+    }
+    configured = {
+        "local": bool(LOCAL_KMS_MASTER_KEY),
+        "aws": is_set("HMD_AWS_REGION") or is_set("HMD_AWS_KMS_ENDPOINT_URL"),
+        "gcp": is_set("HMD_GCP_PROJECT"),
+        "vault": is_set("HMD_VAULT_ADDR"),
+        "pkcs11": is_set("HMD_PKCS11_LIBRARY"),
+    }
+    # The default provider is always listed, so a missing setting is reported by name.
+    return {name: opts for name, opts in options.items() if configured[name] or name == KMS_PROVIDER}
+
+
+KMS = {"default": KMS_PROVIDER, "providers": _provider_options()}
+
+# -- Logging -----------------------------------------------------------------
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env.str("HMD_LOG_LEVEL", default="INFO")},
+}

@@ -1,0 +1,1 @@
+"""Rotation engine: schedules, runs, runbooks, executors and Celery tasks."""

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Debian packages the suite runs against: SoftHSM2 (PKCS#11) and Chromium (browser tests).
+set -euo pipefail
+need=()
+command -v softhsm2-util >/dev/null || need+=(softhsm2)
+[ -x /usr/bin/chromium ] || need+=(chromium)
+[ ${#need[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" != 0 ]; then
+  echo "install these Debian packages first: sudo apt-get install ${need[*]}" >&2
+  exit 1
+fi
+apt-get update -qq
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null

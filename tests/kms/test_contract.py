@@ -1,0 +1,307 @@
+"""The provider contract: every backend in ``tests/kms/backends`` must pass all of it.
+
+Behaviour a backend may lack is declared with ``KMSProvider.supports``; where a
+capability is missing the suite checks the backend says so with
+``UnsupportedOperation`` instead of silently skipping.
+"""
+
+import pytest
+
+from keyvault.kms import (
+    Capability,
+    ConfigurationError,
+    InvalidCiphertext,
+    KeyDisabled,
+    KeyNotFound,
+    KeyState,
+    UnsupportedOperation,
+    VersionState,
+)
+
+CONTEXT = {"tenant": "acme", "purpose": "contract"}
+
+
+@pytest.fixture
+def key_id(harness):
+    return harness.new_key()
+
+
+def test_round_trip_without_context(provider, key_id):
+    result = provider.encrypt(key_id, b"attack at dawn")
+
+    opened = provider.decrypt(result.ciphertext)
+
+    assert opened.plaintext == b"attack at dawn"
+    assert (opened.key_id, opened.key_version) == (key_id, result.key_version) == (key_id, 1)
+    assert b"attack at dawn" not in result.ciphertext
+
+
+def test_round_trip_with_context_in_any_order(provider, key_id):
+    result = provider.encrypt(key_id, b"\x00secret\xff", encryption_context=CONTEXT)
+
+    reordered = dict(reversed(list(CONTEXT.items())))
+
+    assert provider.decrypt(result.ciphertext, encryption_context=reordered).plaintext == b"\x00secret\xff"
+
+
+def test_empty_plaintext_round_trips(provider, key_id):
+    result = provider.encrypt(key_id, b"", encryption_context=CONTEXT)
+
+    assert provider.decrypt(result.ciphertext, encryption_context=CONTEXT).plaintext == b""
+
+
+def test_two_encryptions_of_the_same_plaintext_differ(provider, key_id):
+    first = provider.encrypt(key_id, b"same")
+    second = provider.encrypt(key_id, b"same")
+
+    assert first.ciphertext != second.ciphertext
+
+
+@pytest.mark.parametrize(
+    "wrong_context",
+    [
+        None,
+        {"tenant": "acme"},
+        {**CONTEXT, "extra": "pair"},
+        {**CONTEXT, "tenant": "other"},
+        {**CONTEXT, "tenant": "ACME"},
+        {"Tenant": "acme", "purpose": "contract"},
+    ],
+    ids=["missing-all", "missing-one", "extra", "changed", "value-case", "key-case"],
+)
+def test_wrong_context_is_invalid_ciphertext(provider, key_id, wrong_context):
+    ciphertext = provider.encrypt(key_id, b"bound", encryption_context=CONTEXT).ciphertext
+
+    with pytest.raises(InvalidCiphertext):
+        provider.decrypt(ciphertext, encryption_context=wrong_context)
+
+
+def test_context_given_at_decrypt_only_is_invalid(provider, key_id):
+    ciphertext = provider.encrypt(key_id, b"unbound").ciphertext
+
+    with pytest.raises(InvalidCiphertext):
+        provider.decrypt(ciphertext, encryption_context=CONTEXT)
+
+
+def test_flipping_any_byte_is_invalid_ciphertext(provider, key_id):
+    ciphertext = provider.encrypt(key_id, b"0123456789", encryption_context=CONTEXT).ciphertext
+
+    for index in range(len(ciphertext)):
+        tampered = bytearray(ciphertext)
+        tampered[index] ^= 0x01
+        with pytest.raises(InvalidCiphertext):
+            provider.decrypt(bytes(tampered), encryption_context=CONTEXT)
+
+
+def test_truncation_at_every_length_is_invalid_ciphertext(provider, key_id):
+    ciphertext = provider.encrypt(key_id, b"0123456789", encryption_context=CONTEXT).ciphertext
+
+    for length in range(len(ciphertext)):
+        with pytest.raises(InvalidCiphertext):
+            provider.decrypt(ciphertext[:length], encryption_context=CONTEXT)
+
+
+@pytest.mark.parametrize("garbage", [b"", b"\x00", b"not a ciphertext at all", bytes(200)])
+def test_garbage_is_invalid_ciphertext(provider, garbage):
+    with pytest.raises(InvalidCiphertext):
+        provider.decrypt(garbage)
+
+
+def test_unknown_key_is_key_not_found(provider, harness):
+    missing = harness.new_key_id()
+
+    with pytest.raises(KeyNotFound):
+        provider.encrypt(missing, b"x")
+    with pytest.raises(KeyNotFound):
+        provider.describe_key(missing)
+    with pytest.raises(KeyNotFound):
+        provider.rotate_key(missing)
+    with pytest.raises(KeyNotFound):
+        provider.generate_data_key(missing)
+
+
+def test_creating_an_existing_key_is_refused(provider, key_id):
+    with pytest.raises(ConfigurationError):
+        provider.create_key(key_id)
+
+
+def test_describe_new_key(provider, key_id):
+    info = provider.describe_key(key_id)
+
+    assert info.key_id == key_id
+    assert info.state is KeyState.ENABLED
+    assert info.primary_version == 1
+    assert [v.version for v in info.versions] == [1]
+    assert info.versions[0].state is VersionState.ENABLED
+
+
+def test_rotation_changes_primary_and_old_ciphertexts_still_decrypt(provider, key_id):
+    old = provider.encrypt(key_id, b"before", encryption_context=CONTEXT)
+
+    new_version = provider.rotate_key(key_id)
+    new = provider.encrypt(key_id, b"after", encryption_context=CONTEXT)
+
+    assert new_version.version == 2
+    assert new.key_version == 2
+    assert provider.describe_key(key_id).primary_version == 2
+    assert [v.version for v in provider.describe_key(key_id).versions] == [1, 2]
+    assert provider.decrypt(old.ciphertext, encryption_context=CONTEXT).key_version == 1
+    assert provider.decrypt(old.ciphertext, encryption_context=CONTEXT).plaintext == b"before"
+    assert provider.decrypt(new.ciphertext, encryption_context=CONTEXT).plaintext == b"after"
+
+
+def test_disabled_version_refuses_decrypt_until_enabled(provider, key_id):
+    old = provider.encrypt(key_id, b"v1 data")
+    provider.rotate_key(key_id)
+
+    if not provider.supports(Capability.DISABLE_VERSION):
+        with pytest.raises(UnsupportedOperation):
+            provider.set_key_version_state(key_id, 1, VersionState.DISABLED)
+        return
+
+    provider.set_key_version_state(key_id, 1, VersionState.DISABLED)
+    assert provider.describe_key(key_id).version(1).state is VersionState.DISABLED
+    with pytest.raises(KeyDisabled):
+        provider.decrypt(old.ciphertext)
+    with pytest.raises(KeyDisabled):
+        provider.rewrap(old.ciphertext)
+
+    provider.set_key_version_state(key_id, 1, VersionState.ENABLED)
+    assert provider.decrypt(old.ciphertext).plaintext == b"v1 data"
+
+
+def test_primary_version_cannot_be_disabled(provider, key_id):
+    expected = KeyDisabled if provider.supports(Capability.DISABLE_VERSION) else UnsupportedOperation
+    with pytest.raises(expected):
+        provider.set_key_version_state(key_id, 1, VersionState.DISABLED)
+    assert provider.encrypt(key_id, b"still works").key_version == 1
+
+
+def test_destroyed_version_is_gone_for_good(provider, key_id):
+    old = provider.encrypt(key_id, b"v1 data")
+    provider.rotate_key(key_id)
+
+    if not provider.supports(Capability.DESTROY_VERSION):
+        with pytest.raises(UnsupportedOperation):
+            provider.set_key_version_state(key_id, 1, VersionState.DESTROYED)
+        return
+
+    provider.set_key_version_state(key_id, 1, VersionState.DESTROYED)
+    assert provider.describe_key(key_id).version(1).state in (VersionState.DESTROYED, VersionState.DESTROY_SCHEDULED)
+    with pytest.raises(KeyDisabled):
+        provider.decrypt(old.ciphertext)
+    with pytest.raises(KeyDisabled):
+        provider.set_key_version_state(key_id, 1, VersionState.ENABLED)
+
+
+def test_disabled_key_refuses_crypto_until_enabled(provider, key_id):
+    ciphertext = provider.encrypt(key_id, b"data").ciphertext
+
+    if not provider.supports(Capability.DISABLE_KEY):
+        with pytest.raises(UnsupportedOperation):
+            provider.set_key_state(key_id, KeyState.DISABLED)
+        return
+
+    provider.set_key_state(key_id, KeyState.DISABLED)
+    assert provider.describe_key(key_id).state is KeyState.DISABLED
+    with pytest.raises(KeyDisabled):
+        provider.encrypt(key_id, b"more")
+    with pytest.raises(KeyDisabled):
+        provider.decrypt(ciphertext)
+    with pytest.raises(KeyDisabled):
+        provider.generate_data_key(key_id)
+
+    provider.set_key_state(key_id, KeyState.ENABLED)
+    assert provider.decrypt(ciphertext).plaintext == b"data"
+
+
+def test_destroyed_key_decrypts_nothing(provider, key_id):
+    ciphertext = provider.encrypt(key_id, b"data").ciphertext
+
+    if not provider.supports(Capability.DESTROY_KEY):
+        with pytest.raises(UnsupportedOperation):
+            provider.destroy_key(key_id)
+        return
+
+    provider.destroy_key(key_id)
+    with pytest.raises((KeyDisabled, KeyNotFound, InvalidCiphertext)):
+        provider.decrypt(ciphertext)
+    with pytest.raises((KeyDisabled, KeyNotFound)):
+        provider.encrypt(key_id, b"more")
+
+
+@pytest.mark.parametrize(("key_spec", "length"), [("AES_256", 32), ("AES_128", 16)])
+def test_generate_data_key(provider, key_id, key_spec, length):
+    with provider.generate_data_key(key_id, encryption_context=CONTEXT, key_spec=key_spec) as data_key:
+        plaintext = bytes(data_key.plaintext)
+        assert isinstance(data_key.plaintext, bytearray)
+        assert len(plaintext) == length
+        assert (data_key.key_id, data_key.key_version) == (key_id, 1)
+        assert provider.decrypt(data_key.ciphertext, encryption_context=CONTEXT).plaintext == plaintext
+        with pytest.raises(InvalidCiphertext):
+            provider.decrypt(data_key.ciphertext, encryption_context={"tenant": "other"})
+    assert data_key.plaintext == bytearray(length), "leaving the context manager wipes the plaintext"
+    assert plaintext.hex() not in repr(data_key)
+
+
+def test_generate_data_key_gives_fresh_keys(provider, key_id):
+    first = provider.generate_data_key(key_id)
+    second = provider.generate_data_key(key_id)
+
+    assert first.plaintext != second.plaintext
+
+
+def test_generate_data_key_unknown_spec(provider, key_id):
+    with pytest.raises(ConfigurationError):
+        provider.generate_data_key(key_id, key_spec="DES")
+
+
+def test_rewrap_moves_to_new_primary_and_keeps_context(provider, key_id):
+    old = provider.encrypt(key_id, b"payload", encryption_context=CONTEXT)
+    provider.rotate_key(key_id)
+
+    rewrapped = provider.rewrap(old.ciphertext, encryption_context=CONTEXT)
+
+    assert (rewrapped.key_id, rewrapped.key_version) == (key_id, 2)
+    assert provider.decrypt(rewrapped.ciphertext, encryption_context=CONTEXT).plaintext == b"payload"
+    with pytest.raises(InvalidCiphertext):
+        provider.decrypt(rewrapped.ciphertext, encryption_context={"tenant": "acme"})
+    with pytest.raises(InvalidCiphertext):
+        provider.rewrap(old.ciphertext, encryption_context={"tenant": "acme"})
+
+
+def test_rewrap_to_another_key(provider, harness, key_id):
+    other = harness.new_key()
+    old = provider.encrypt(key_id, b"payload", encryption_context=CONTEXT)
+
+    moved = provider.rewrap(old.ciphertext, encryption_context=CONTEXT, key_id=other)
+
+    assert moved.key_id == other
+    assert provider.decrypt(moved.ciphertext, encryption_context=CONTEXT).plaintext == b"payload"
+
+
+def test_encrypt_count_is_tracked(provider, key_id):
+    for _ in range(3):
+        provider.encrypt(key_id, b"x")
+
+    count = provider.describe_key(key_id).version(1).encrypt_count
+    if provider.supports(Capability.ENCRYPT_COUNT):
+        assert count is not None and count >= 3
+    else:
+        assert count is None
+
+
+def test_health_check_healthy(provider):
+    status = provider.health_check()
+
+    assert status.healthy, status.detail
+    assert status.provider == provider.name
+    assert status.latency_ms >= 0
+
+
+def test_health_check_reports_unreachable_backend_without_raising(harness):
+    status = harness.broken_provider().health_check()
+
+    assert not status.healthy
+    assert status.detail
+    assert status.provider == harness.provider.name
