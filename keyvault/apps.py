@@ -23,7 +23,12 @@ class KeyvaultConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
+        from django.db.models.signals import post_migrate
+
         from keyvault.kms import set_config_loader
+        from keyvault.roles import sync_roles_after_migrate
 
         set_config_loader(_kms_config)
         setting_changed.connect(_reset_on_kms_change, dispatch_uid="keyvault.kms.reset")
+        # After auth's own receiver (it is connected first) has created the permissions.
+        post_migrate.connect(sync_roles_after_migrate, dispatch_uid="keyvault.roles.sync")

@@ -190,6 +190,22 @@ def _provider_options() -> dict[str, dict]:
 
 KMS = {"default": KMS_PROVIDER, "providers": _provider_options()}
 
+# -- Audit log ---------------------------------------------------------------
+def _new_ed25519_key() -> str:
+    import base64
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+
+    raw = Ed25519PrivateKey.generate().private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+    return base64.b64encode(raw).decode("ascii")
+
+
+AUDIT_HMAC_KEY = _secret("HMD_AUDIT_HMAC_KEY", "audit_hmac_key", new_django_secret_key)
+AUDIT_SIGNING_KEY = _secret("HMD_AUDIT_SIGNING_KEY", "audit_signing_key", _new_ed25519_key)
+AUDIT_TRUSTED_PUBLIC_KEYS = env.list("HMD_AUDIT_TRUSTED_PUBLIC_KEYS", default=[])
+AUDIT_CHECKPOINT_INTERVAL = env.int("HMD_AUDIT_CHECKPOINT_INTERVAL", default=1000)
+
 # -- Logging -----------------------------------------------------------------
 LOGGING = {
     "version": 1,

@@ -1,0 +1,311 @@
+"""Key inventory and audit log.
+
+Key bytes are never stored here in plaintext: a :class:`KeyEncryptionKey` is only a
+reference to a key inside its provider, and a :class:`DataKey` holds its DEK
+wrapped by that KEK.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db import models
+from django.db.models import Q
+
+from keyvault.exceptions import AuditWriteRefused
+
+
+class KeyEncryptionKey(models.Model):
+    """A key-encryption key (KEK): the key at a KMS provider that wraps data keys."""
+
+    class State(models.TextChoices):
+        ENABLED = "enabled", "Enabled"
+        DISABLED = "disabled", "Disabled"
+        PENDING_DELETION = "pending_deletion", "Pending deletion"
+        DESTROYED = "destroyed", "Destroyed"
+
+    #: The transitions AWS KMS documents: cancelling a deletion leaves the key disabled.
+    TRANSITIONS = {
+        State.ENABLED: {State.DISABLED, State.PENDING_DELETION},
+        State.DISABLED: {State.ENABLED, State.PENDING_DELETION},
+        State.PENDING_DELETION: {State.DISABLED, State.DESTROYED},
+        State.DESTROYED: set(),
+    }
+
+    name = models.SlugField(
+        "name", max_length=100, unique=True, help_text="Unique name used in the console, the CLI and the API."
+    )
+    provider = models.CharField(
+        "provider", max_length=32, help_text="KMS provider holding the key material (local, aws, gcp, vault, pkcs11)."
+    )
+    provider_key_id = models.CharField(
+        "provider key reference",
+        max_length=512,
+        help_text="The key's identifier at its provider, stored exactly as the provider returned it.",
+    )
+    description = models.TextField("purpose", blank=True, help_text="What this key protects and who owns it.")
+    state = models.CharField(
+        "state", max_length=20, choices=State.choices, default=State.ENABLED, db_index=True,
+        help_text="Only enabled keys encrypt or decrypt.",
+    )
+    deletion_date = models.DateTimeField(
+        "deletion date", null=True, blank=True, help_text="While pending deletion: when the key will be destroyed."
+    )
+    rotation_period_days = models.PositiveIntegerField(
+        "rotation period (days)",
+        default=365,
+        validators=[MinValueValidator(1)],
+        help_text="A new version is made this many days after the last rotation.",
+    )
+    next_rotation_at = models.DateTimeField(
+        "next rotation", null=True, blank=True, db_index=True, help_text="When the key is next due for rotation."
+    )
+    max_encryptions_per_version = models.PositiveBigIntegerField(
+        "max encryptions per version",
+        null=True,
+        blank=True,
+        help_text="Rotate once the primary version has encrypted this many times (empty: no usage trigger).",
+    )
+    created_at = models.DateTimeField("created", auto_now_add=True)
+    updated_at = models.DateTimeField("updated", auto_now=True)
+    last_rotated_at = models.DateTimeField("last rotated", null=True, blank=True)
+
+    class Meta:
+        """KEKs are listed by name; the extra permissions map to the console's actions."""
+
+        verbose_name = "key-encryption key"
+        verbose_name_plural = "key-encryption keys"
+        ordering = ["name"]
+        # Deletion is a scheduled state change, never a row delete.
+        default_permissions = ("add", "change", "view")
+        permissions = [
+            ("rotate_keyencryptionkey", "Can rotate key-encryption keys"),
+            ("change_state_keyencryptionkey", "Can enable and disable key-encryption keys"),
+            ("schedule_deletion_keyencryptionkey", "Can schedule and cancel deletion of key-encryption keys"),
+            ("retire_keyversion", "Can disable and destroy key versions"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def is_usable(self) -> bool:
+        return self.state == self.State.ENABLED
+
+
+class KeyVersion(models.Model):
+    """One version of a KEK. Exactly one version per KEK is primary and encrypts."""
+
+    class State(models.TextChoices):
+        ENABLED = "enabled", "Enabled"
+        DISABLED = "disabled", "Disabled"
+        DESTROY_SCHEDULED = "destroy_scheduled", "Destroy scheduled"
+        DESTROYED = "destroyed", "Destroyed"
+
+    kek = models.ForeignKey(
+        KeyEncryptionKey, on_delete=models.PROTECT, related_name="versions", verbose_name="key-encryption key"
+    )
+    number = models.PositiveIntegerField("version", help_text="Version number at the provider, starting at 1.")
+    state = models.CharField(
+        "state", max_length=20, choices=State.choices, default=State.ENABLED,
+        help_text="Enabled versions decrypt; only the primary encrypts.",
+    )
+    is_primary = models.BooleanField("primary", default=False, help_text="The version new data keys are wrapped with.")
+    provider_version_ref = models.CharField(
+        "provider version reference", max_length=512, blank=True, help_text="The version's name at its provider."
+    )
+    encrypt_count = models.PositiveBigIntegerField(
+        "encryptions", default=0, help_text="Encryptions made with this version, as last reported by the provider."
+    )
+    created_at = models.DateTimeField("created", auto_now_add=True)
+
+    class Meta:
+        """A KEK's versions are numbered uniquely and at most one of them is primary."""
+
+        verbose_name = "key version"
+        verbose_name_plural = "key versions"
+        ordering = ["kek_id", "number"]
+        default_permissions = ("view",)
+        constraints = [
+            models.UniqueConstraint(fields=["kek", "number"], name="keyversion_unique_number"),
+            models.UniqueConstraint(fields=["kek"], condition=Q(is_primary=True), name="keyversion_one_primary"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kek.name} v{self.number}"
+
+
+class DataKey(models.Model):
+    """A registered data-encryption key (DEK), stored only wrapped by its KEK.
+
+    The encryption context is authenticated but **not secret**: it is stored and
+    shown in clear, like AWS KMS logs it in CloudTrail. Never put secrets in it.
+    """
+
+    kek = models.ForeignKey(
+        KeyEncryptionKey, on_delete=models.PROTECT, related_name="data_keys", verbose_name="key-encryption key"
+    )
+    kek_version = models.PositiveIntegerField(
+        "KEK version", help_text="The KEK version that wrapped this data key (rotation moves it to the primary)."
+    )
+    wrapped_key = models.BinaryField("wrapped key", help_text="The DEK encrypted by the KEK; never the plaintext.")
+    key_spec = models.CharField("key spec", max_length=16, default="AES_256")
+    encryption_context = models.JSONField(
+        "encryption context",
+        default=dict,
+        blank=True,
+        help_text="Non-secret string pairs bound to the wrapped key; decrypting needs exactly the same pairs.",
+    )
+    purpose = models.CharField("purpose", max_length=200, blank=True, help_text="What the data key encrypts.")
+    owner_ref = models.CharField(
+        "owner", max_length=255, blank=True, db_index=True,
+        help_text="Who uses the key, e.g. app.model.field or an external id.",
+    )
+    created_at = models.DateTimeField("created", auto_now_add=True)
+    last_rewrapped_at = models.DateTimeField("last rewrapped", null=True, blank=True)
+
+    class Meta:
+        """Indexed for the rotation query (KEK, version below N, by id) and keyset paging."""
+
+        verbose_name = "data key"
+        verbose_name_plural = "data keys"
+        ordering = ["-id"]
+        default_permissions = ("add", "view")
+        indexes = [models.Index(fields=["kek", "kek_version", "id"], name="datakey_kek_version_id")]
+        permissions = [("unwrap_datakey", "Can unwrap data keys")]
+
+    def __str__(self) -> str:
+        return f"data key #{self.pk} ({self.kek_id and self.kek.name} v{self.kek_version})"
+
+    @property
+    def fingerprint(self) -> str:
+        """A short, non-reversible identifier of the wrapped bytes for display."""
+        return hashlib.sha256(bytes(self.wrapped_key)).hexdigest()[:16]
+
+
+class AuditQuerySet(models.QuerySet):
+    """Audit events can be read and appended, never changed or removed."""
+
+    def update(self, **kwargs):
+        raise AuditWriteRefused("audit events are append-only")
+
+    def delete(self):
+        raise AuditWriteRefused("audit events are append-only")
+
+    def bulk_update(self, *args, **kwargs):
+        raise AuditWriteRefused("audit events are append-only")
+
+
+class AuditEvent(models.Model):
+    """An append-only, hash-chained record of one operation.
+
+    ``hash`` is SHA-256 over the canonical serialisation of the event including
+    ``prev_hash``, so changing, removing, inserting or reordering any event breaks
+    the chain (``manage.py audit verify``). Details never hold key bytes; sensitive
+    values are HMAC-SHA256'd with the audit key.
+    """
+
+    class Action(models.TextChoices):
+        KEK_CREATED = "kek.created", "KEK created"
+        KEK_ENABLED = "kek.enabled", "KEK enabled"
+        KEK_DISABLED = "kek.disabled", "KEK disabled"
+        KEK_DELETION_SCHEDULED = "kek.deletion_scheduled", "KEK deletion scheduled"
+        KEK_DELETION_CANCELLED = "kek.deletion_cancelled", "KEK deletion cancelled"
+        KEK_DESTROYED = "kek.destroyed", "KEK destroyed"
+        KEK_ROTATED = "kek.rotated", "KEK rotated"
+        KEK_UPDATED = "kek.updated", "KEK settings changed"
+        VERSION_STATE_CHANGED = "version.state_changed", "Key version state changed"
+        DATA_KEY_CREATED = "datakey.created", "Data key created"
+        DATA_KEY_UNWRAPPED = "datakey.unwrapped", "Data key unwrapped"
+        DATA_KEY_REWRAPPED = "datakey.rewrapped", "Data key rewrapped"
+        CRYPTO_ENCRYPT = "crypto.encrypt", "Encrypt"
+        CRYPTO_DECRYPT = "crypto.decrypt", "Decrypt"
+        AUDIT_EXPORTED = "audit.exported", "Audit log exported"
+        AUDIT_CHECKPOINT = "audit.checkpoint", "Audit checkpoint signed"
+        AUDIT_VERIFIED = "audit.verified", "Audit chain verified"
+        LOGIN_FAILED = "auth.login_failed", "Login failed"
+        ACCESS_DENIED = "auth.access_denied", "Access denied"
+        ROTATION = "rotation", "Rotation event"
+        SECRET = "secret", "Managed secret event"
+        OTHER = "other", "Other"
+
+    class Outcome(models.TextChoices):
+        SUCCESS = "success", "Success"
+        FAILURE = "failure", "Failure"
+        DENIED = "denied", "Denied"
+
+    sequence = models.PositiveBigIntegerField(
+        "sequence", unique=True, editable=False, help_text="Gapless position in the chain, starting at 1."
+    )
+    timestamp = models.DateTimeField("time", editable=False, db_index=True)
+    actor = models.CharField(
+        "actor", max_length=150, editable=False, db_index=True,
+        help_text="user:<username>, or system:<component> for beat, workers and bootstrap.",
+    )
+    action = models.CharField("action", max_length=64, choices=Action.choices, editable=False, db_index=True)
+    target_type = models.CharField("target type", max_length=64, blank=True, editable=False)
+    target_id = models.CharField("target", max_length=255, blank=True, editable=False)
+    outcome = models.CharField("outcome", max_length=16, choices=Outcome.choices, editable=False)
+    request_id = models.CharField("request id", max_length=64, blank=True, editable=False)
+    ip_address = models.GenericIPAddressField("IP address", null=True, blank=True, editable=False)
+    details = models.JSONField("details", default=dict, blank=True, editable=False)
+    prev_hash = models.CharField("previous hash", max_length=64, editable=False)
+    hash = models.CharField("hash", max_length=64, editable=False)
+
+    objects = AuditQuerySet.as_manager()
+
+    class Meta:
+        """Read-only in the console; ``export_auditevent`` lets auditors take the log away."""
+
+        verbose_name = "audit event"
+        verbose_name_plural = "audit events"
+        ordering = ["-sequence"]
+        default_permissions = ("view",)
+        permissions = [("export_auditevent", "Can export and verify the audit log")]
+        indexes = [models.Index(fields=["target_type", "target_id", "sequence"], name="audit_target_seq")]
+
+    def __str__(self) -> str:
+        return f"#{self.sequence} {self.action} by {self.actor}"
+
+    def save(self, *args, **kwargs):
+        if self.pk is not None or not kwargs.get("force_insert"):
+            raise AuditWriteRefused("audit events are written only through keyvault.audit and never changed")
+        super().save(*args, **kwargs)
+
+    def delete(self, *args, **kwargs):
+        raise AuditWriteRefused("audit events are append-only")
+
+
+class AuditChainHead(models.Model):
+    """The chain's tip, one row, locked by every writer so the chain never forks."""
+
+    id = models.PositiveSmallIntegerField(primary_key=True, default=1)
+    last_sequence = models.PositiveBigIntegerField(default=0)
+    last_hash = models.CharField(max_length=64)
+
+    class Meta:
+        verbose_name = "audit chain head"
+        default_permissions = ()
+
+
+class AuditCheckpoint(models.Model):
+    """An Ed25519-signed statement of the chain's position, chained like CloudTrail digests."""
+
+    sequence = models.PositiveBigIntegerField("sequence", unique=True, help_text="Last event covered.")
+    event_hash = models.CharField("event hash", max_length=64, help_text="Hash of that event.")
+    signed_at = models.DateTimeField("signed at")
+    public_key = models.CharField("public key", max_length=64, help_text="Hex Ed25519 public key that signed.")
+    prev_signature = models.CharField("previous signature", max_length=128, blank=True)
+    signature = models.CharField("signature", max_length=128, help_text="Hex Ed25519 signature.")
+
+    class Meta:
+        """Checkpoints in chain order."""
+
+        verbose_name = "audit checkpoint"
+        verbose_name_plural = "audit checkpoints"
+        ordering = ["-sequence"]
+        default_permissions = ("view",)
+
+    def __str__(self) -> str:
+        return f"checkpoint at #{self.sequence}"

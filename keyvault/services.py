@@ -1,0 +1,459 @@
+"""Key lifecycle services: the only code that changes keys.
+
+The console, the ``kms`` command, the bootstrap and the rotation engine all call
+these functions. Each runs in one transaction, locks the rows it changes and
+writes its audit event in that same transaction, so an operation whose audit
+event cannot be written does not happen.
+
+Provider calls happen inside the transaction, after the row lock: if the audit
+write then fails, the database change rolls back but the provider change (a
+new key version, say) stays — harmless, because versions the inventory does not
+know are never used, and the next rotation or ``refresh_kek`` reconciles them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.db import transaction
+from django.db.models import Count
+from django.utils import timezone
+
+from keyvault import audit
+from keyvault.audit import Action, Actor, Outcome
+from keyvault.exceptions import CoverageIncomplete, InvalidStateTransition, KeyNotUsable
+from keyvault.kms import Capability, KeyState, KMSProvider, UnsupportedOperation, VersionState, get_provider
+from keyvault.kms import DataKey as PlainDataKey
+from keyvault.kms.context import normalise_context
+from keyvault.models import DataKey, KeyEncryptionKey, KeyVersion
+
+KEK = KeyEncryptionKey
+MIN_DELETION_WAIT_DAYS = 7
+MAX_DELETION_WAIT_DAYS = 30
+DEFAULT_DELETION_WAIT_DAYS = 30
+
+
+def provider_for(kek: KeyEncryptionKey) -> KMSProvider:
+    """The provider that holds ``kek``'s material."""
+    return get_provider(kek.provider)
+
+
+def _locked(kek: KeyEncryptionKey) -> KeyEncryptionKey:
+    return KeyEncryptionKey.objects.select_for_update().get(pk=kek.pk)
+
+
+def _transition(kek: KeyEncryptionKey, new_state: str) -> None:
+    current = KEK.State(kek.state)
+    if KEK.State(new_state) not in KEK.TRANSITIONS[current]:
+        raise InvalidStateTransition(
+            f"KEK {kek.name!r} is {current.label.lower()}; it cannot become {KEK.State(new_state).label.lower()}"
+        )
+    kek.state = new_state
+
+
+def require_usable(kek: KeyEncryptionKey) -> None:
+    """Refuse crypto with a KEK that is not enabled, saying why."""
+    if kek.state == KEK.State.PENDING_DELETION:
+        raise KeyNotUsable(
+            f"KEK {kek.name!r} is pending deletion (destroyed on {kek.deletion_date:%Y-%m-%d %H:%M} UTC); "
+            "cancel the deletion to use it"
+        )
+    if kek.state != KEK.State.ENABLED:
+        raise KeyNotUsable(f"KEK {kek.name!r} is {KEK.State(kek.state).label.lower()}")
+
+
+def _apply_provider_key_state(kek: KeyEncryptionKey, state: KeyState) -> None:
+    """Mirror a key-level state to the provider where it supports one."""
+    provider = provider_for(kek)
+    if provider.supports(Capability.DISABLE_KEY):
+        provider.set_key_state(kek.provider_key_id, state)
+
+
+def next_rotation(kek: KeyEncryptionKey, *, after: datetime) -> datetime:
+    return after + timedelta(days=kek.rotation_period_days)
+
+
+# -- KEK lifecycle ---------------------------------------------------------------
+
+
+def create_kek(
+    *,
+    name: str,
+    actor: Actor,
+    provider_name: str | None = None,
+    description: str = "",
+    rotation_period_days: int = 365,
+    max_encryptions_per_version: int | None = None,
+) -> KeyEncryptionKey:
+    """Create a KEK at its provider and register it with version 1 as primary."""
+    provider = get_provider(provider_name)
+    if rotation_period_days < 1:
+        raise ValueError("rotation period must be at least one day")
+    with transaction.atomic():
+        if KeyEncryptionKey.objects.filter(name=name).exists():
+            raise InvalidStateTransition(f"a KEK named {name!r} already exists")
+        info = provider.create_key(name, description=description)
+        now = timezone.now()
+        kek = KeyEncryptionKey.objects.create(
+            name=name,
+            provider=provider.name,
+            provider_key_id=info.key_id,
+            description=description,
+            rotation_period_days=rotation_period_days,
+            max_encryptions_per_version=max_encryptions_per_version,
+            next_rotation_at=now + timedelta(days=rotation_period_days),
+        )
+        KeyVersion.objects.create(kek=kek, number=info.primary_version, is_primary=True, provider_version_ref=str(info.primary_version))
+        audit.record(
+            Action.KEK_CREATED,
+            actor=actor,
+            target=kek,
+            details={"provider": provider.name, "provider_key_id": info.key_id, "rotation_period_days": rotation_period_days},
+        )
+    return kek
+
+
+def update_kek_settings(
+    kek: KeyEncryptionKey,
+    *,
+    actor: Actor,
+    description: str | None = None,
+    rotation_period_days: int | None = None,
+    max_encryptions_per_version: int | None = None,
+) -> KeyEncryptionKey:
+    """Change a KEK's description, rotation period or usage limit."""
+    with transaction.atomic():
+        kek = _locked(kek)
+        changes = {}
+        if description is not None and description != kek.description:
+            kek.description = description
+            changes["description"] = description
+        if rotation_period_days is not None and rotation_period_days != kek.rotation_period_days:
+            if rotation_period_days < 1:
+                raise ValueError("rotation period must be at least one day")
+            kek.rotation_period_days = rotation_period_days
+            kek.next_rotation_at = next_rotation(kek, after=kek.last_rotated_at or kek.created_at)
+            changes["rotation_period_days"] = rotation_period_days
+        if max_encryptions_per_version != kek.max_encryptions_per_version:
+            kek.max_encryptions_per_version = max_encryptions_per_version
+            changes["max_encryptions_per_version"] = max_encryptions_per_version
+        if changes:
+            kek.save()
+            audit.record(Action.KEK_UPDATED, actor=actor, target=kek, details=changes)
+    return kek
+
+
+def enable_kek(kek: KeyEncryptionKey, *, actor: Actor) -> KeyEncryptionKey:
+    """Enable a disabled KEK."""
+    with transaction.atomic():
+        kek = _locked(kek)
+        _transition(kek, KEK.State.ENABLED)
+        _apply_provider_key_state(kek, KeyState.ENABLED)
+        kek.save()
+        audit.record(Action.KEK_ENABLED, actor=actor, target=kek)
+    return kek
+
+
+def disable_kek(kek: KeyEncryptionKey, *, actor: Actor, reason: str = "") -> KeyEncryptionKey:
+    """Disable a KEK: it refuses every crypto operation until enabled."""
+    with transaction.atomic():
+        kek = _locked(kek)
+        _transition(kek, KEK.State.DISABLED)
+        _apply_provider_key_state(kek, KeyState.DISABLED)
+        kek.save()
+        audit.record(Action.KEK_DISABLED, actor=actor, target=kek, details={"reason": reason})
+    return kek
+
+
+def schedule_kek_deletion(
+    kek: KeyEncryptionKey, *, actor: Actor, waiting_days: int = DEFAULT_DELETION_WAIT_DAYS, now: datetime | None = None
+) -> KeyEncryptionKey:
+    """Schedule destruction after ``waiting_days`` (7-30, as AWS KMS); crypto stops at once."""
+    if not MIN_DELETION_WAIT_DAYS <= waiting_days <= MAX_DELETION_WAIT_DAYS:
+        raise ValueError(f"waiting period must be {MIN_DELETION_WAIT_DAYS}-{MAX_DELETION_WAIT_DAYS} days")
+    with transaction.atomic():
+        kek = _locked(kek)
+        _transition(kek, KEK.State.PENDING_DELETION)
+        kek.deletion_date = (now or timezone.now()) + timedelta(days=waiting_days)
+        _apply_provider_key_state(kek, KeyState.DISABLED)
+        kek.save()
+        audit.record(
+            Action.KEK_DELETION_SCHEDULED,
+            actor=actor,
+            target=kek,
+            details={"waiting_days": waiting_days, "deletion_date": kek.deletion_date.isoformat(),
+                     "data_keys": kek.data_keys.count()},
+        )
+    return kek
+
+
+def cancel_kek_deletion(kek: KeyEncryptionKey, *, actor: Actor) -> KeyEncryptionKey:
+    """Cancel a scheduled deletion; the KEK stays disabled until enabled (AWS semantics)."""
+    with transaction.atomic():
+        kek = _locked(kek)
+        _transition(kek, KEK.State.DISABLED)
+        kek.deletion_date = None
+        kek.save()
+        audit.record(Action.KEK_DELETION_CANCELLED, actor=actor, target=kek)
+    return kek
+
+
+def destroy_due_keks(*, actor: Actor | None = None, now: datetime | None = None) -> list[str]:
+    """Destroy every KEK whose deletion date has passed. Returns their names."""
+    actor = actor or Actor.system("deletion-sweep")
+    now = now or timezone.now()
+    destroyed = []
+    due = KeyEncryptionKey.objects.filter(state=KEK.State.PENDING_DELETION, deletion_date__lte=now)
+    for kek in due:
+        with transaction.atomic():
+            kek = _locked(kek)
+            if kek.state != KEK.State.PENDING_DELETION or kek.deletion_date > now:
+                continue  # cancelled meanwhile
+            provider = provider_for(kek)
+            if provider.supports(Capability.DESTROY_KEY):
+                provider.destroy_key(kek.provider_key_id)
+                material = "destroyed at provider"
+            else:
+                material = "provider cannot destroy keys; disabled at provider, destroy there by hand"
+            _transition(kek, KEK.State.DESTROYED)
+            kek.save()
+            kek.versions.update(state=KeyVersion.State.DESTROYED, is_primary=False)
+            audit.record(Action.KEK_DESTROYED, actor=actor, target=kek, details={"material": material})
+            destroyed.append(kek.name)
+    return destroyed
+
+
+# -- versions --------------------------------------------------------------------
+
+
+def rotate_kek_version(kek: KeyEncryptionKey, *, actor: Actor, reason: str = "", run_id: int | None = None) -> KeyVersion:
+    """Make a new primary version at the provider; older versions keep decrypting."""
+    with transaction.atomic():
+        kek = _locked(kek)
+        require_usable(kek)
+        provider = provider_for(kek)
+        previous = kek.versions.filter(is_primary=True).first()
+        new = provider.rotate_key(kek.provider_key_id)
+        kek.versions.filter(is_primary=True).update(is_primary=False)
+        version, _ = KeyVersion.objects.update_or_create(
+            kek=kek,
+            number=new.version,
+            defaults={"is_primary": True, "state": KeyVersion.State.ENABLED, "provider_version_ref": str(new.version)},
+        )
+        now = timezone.now()
+        kek.last_rotated_at = now
+        kek.next_rotation_at = next_rotation(kek, after=now)
+        kek.save()
+        details = {"new_version": new.version, "previous_version": previous.number if previous else None}
+        if reason:
+            details["reason"] = reason
+        if run_id is not None:
+            details["run_id"] = run_id
+        audit.record(Action.KEK_ROTATED, actor=actor, target=kek, details=details)
+    return version
+
+
+def version_coverage(kek: KeyEncryptionKey) -> dict[int, int]:
+    """How many data keys each version of ``kek`` wraps."""
+    rows = DataKey.objects.filter(kek=kek).values("kek_version").annotate(n=Count("id")).order_by()
+    return {row["kek_version"]: row["n"] for row in rows}
+
+
+def set_version_state(
+    kek: KeyEncryptionKey,
+    number: int,
+    state: str,
+    *,
+    actor: Actor,
+    force: bool = False,
+    reason: str = "",
+) -> KeyVersion:
+    """Enable, disable or destroy one version.
+
+    The primary cannot be retired. A version that still wraps data keys cannot be
+    retired either unless ``force`` (an emergency, with a reason): those keys would
+    stop decrypting.
+    """
+    state = KeyVersion.State(state)
+    with transaction.atomic():
+        kek = _locked(kek)
+        version = KeyVersion.objects.select_for_update().get(kek=kek, number=number)
+        if version.is_primary and state != KeyVersion.State.ENABLED:
+            raise InvalidStateTransition(f"v{number} is the primary version of {kek.name!r}; rotate before retiring it")
+        if version.state == KeyVersion.State.DESTROYED:
+            raise InvalidStateTransition(f"v{number} of {kek.name!r} is destroyed and cannot change state")
+        remaining = DataKey.objects.filter(kek=kek, kek_version=number).count()
+        if state != KeyVersion.State.ENABLED and remaining and not force:
+            raise CoverageIncomplete(
+                f"v{number} of {kek.name!r} still wraps {remaining} data key(s); rewrap them first (rotation run)"
+            )
+        if force and not reason:
+            raise ValueError("a forced retirement needs a reason")
+        try:
+            provider_for(kek).set_key_version_state(kek.provider_key_id, number, VersionState(state.value))
+            enforced = "provider"
+        except UnsupportedOperation:
+            enforced = "inventory"  # the provider keeps the version usable; Keyvault refuses it
+        previous_state = version.state
+        version.state = state
+        version.save(update_fields=["state"])
+        audit.record(
+            Action.VERSION_STATE_CHANGED,
+            actor=actor,
+            target=kek,
+            details={"version": number, "from": previous_state, "to": state.value, "enforced_by": enforced,
+                     "data_keys_on_version": remaining, "forced": force, "reason": reason},
+        )
+    return version
+
+
+def refresh_kek(kek: KeyEncryptionKey) -> KeyEncryptionKey:
+    """Copy encryption counts (and versions made outside Keyvault) from the provider."""
+    info = provider_for(kek).describe_key(kek.provider_key_id)
+    with transaction.atomic():
+        known = {v.number: v for v in KeyVersion.objects.select_for_update().filter(kek=kek)}
+        for remote in info.versions:
+            local = known.get(remote.version)
+            if local is None:
+                continue  # a version made at the provider directly: adopted only by a rotation
+            if remote.encrypt_count is not None and remote.encrypt_count != local.encrypt_count:
+                local.encrypt_count = remote.encrypt_count
+                local.save(update_fields=["encrypt_count"])
+    return kek
+
+
+# -- data keys -------------------------------------------------------------------
+
+
+def _primary_version(kek: KeyEncryptionKey) -> KeyVersion:
+    return kek.versions.get(is_primary=True)
+
+
+def create_data_key(
+    kek: KeyEncryptionKey,
+    *,
+    actor: Actor,
+    encryption_context: Mapping[str, str] | None = None,
+    purpose: str = "",
+    owner_ref: str = "",
+    key_spec: str = "AES_256",
+) -> tuple[DataKey, PlainDataKey]:
+    """Generate a DEK under ``kek``, register it wrapped, and return both.
+
+    The caller must wipe the returned plaintext (``with plain: ...``).
+    """
+    context = normalise_context(encryption_context)
+    with transaction.atomic():
+        kek = KeyEncryptionKey.objects.get(pk=kek.pk)
+        require_usable(kek)
+        plain = provider_for(kek).generate_data_key(kek.provider_key_id, encryption_context=context, key_spec=key_spec)
+        row = DataKey.objects.create(
+            kek=kek,
+            kek_version=plain.key_version,
+            wrapped_key=plain.ciphertext,
+            key_spec=key_spec,
+            encryption_context=context,
+            purpose=purpose,
+            owner_ref=owner_ref,
+        )
+        audit.record(
+            Action.DATA_KEY_CREATED,
+            actor=actor,
+            target=("datakey", row.pk),
+            details={"kek": kek.name, "kek_version": plain.key_version, "key_spec": key_spec, "owner_ref": owner_ref,
+                     "context_keys": sorted(context)},
+        )
+    return row, plain
+
+
+def _version_usable(data_key: DataKey) -> None:
+    state = (
+        KeyVersion.objects.filter(kek_id=data_key.kek_id, number=data_key.kek_version)
+        .values_list("state", flat=True)
+        .first()
+    )
+    if state != KeyVersion.State.ENABLED:
+        raise KeyNotUsable(f"v{data_key.kek_version} of KEK {data_key.kek.name!r} is {state or 'unknown'}")
+
+
+def unwrap_data_key(data_key: DataKey, *, actor: Actor) -> bytearray:
+    """Return the plaintext DEK (a bytearray the caller must wipe), audited."""
+    kek = data_key.kek
+    require_usable(kek)
+    _version_usable(data_key)
+    try:
+        opened = provider_for(kek).decrypt(bytes(data_key.wrapped_key), encryption_context=data_key.encryption_context)
+    except Exception as exc:
+        audit.record(Action.DATA_KEY_UNWRAPPED, actor=actor, target=("datakey", data_key.pk), outcome=Outcome.FAILURE,
+                     details={"error": type(exc).__name__})
+        raise
+    audit.record(Action.DATA_KEY_UNWRAPPED, actor=actor, target=("datakey", data_key.pk),
+                 details={"kek": kek.name, "kek_version": opened.key_version})
+    return bytearray(opened.plaintext)
+
+
+def rewrap_data_key(data_key: DataKey, *, actor: Actor) -> DataKey:
+    """Re-wrap a DEK under its KEK's primary version; the data key keeps its identity."""
+    with transaction.atomic():
+        data_key = DataKey.objects.select_for_update().select_related("kek").get(pk=data_key.pk)
+        kek = data_key.kek
+        require_usable(kek)
+        primary = _primary_version(kek)
+        if data_key.kek_version == primary.number:
+            return data_key
+        result = provider_for(kek).rewrap(
+            bytes(data_key.wrapped_key), encryption_context=data_key.encryption_context, key_id=kek.provider_key_id
+        )
+        previous = data_key.kek_version
+        data_key.wrapped_key = result.ciphertext
+        data_key.kek_version = result.key_version
+        data_key.last_rewrapped_at = timezone.now()
+        data_key.save(update_fields=["wrapped_key", "kek_version", "last_rewrapped_at"])
+        audit.record(Action.DATA_KEY_REWRAPPED, actor=actor, target=("datakey", data_key.pk),
+                     details={"kek": kek.name, "from_version": previous, "to_version": result.key_version})
+    return data_key
+
+
+# -- direct encryption (CLI) -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sealed:
+    ciphertext: bytes
+    kek: str
+    version: int
+
+
+def encrypt_with_kek(kek: KeyEncryptionKey, plaintext: bytes, *, actor: Actor,
+                     encryption_context: Mapping[str, str] | None = None) -> Sealed:
+    """Encrypt a small payload directly with a KEK (audited; for operators and scripts)."""
+    require_usable(kek)
+    result = provider_for(kek).encrypt(kek.provider_key_id, plaintext, encryption_context=encryption_context)
+    audit.record(Action.CRYPTO_ENCRYPT, actor=actor, target=kek,
+                 details={"version": result.key_version, "bytes": len(plaintext), "context_keys": sorted(encryption_context or {})})
+    return Sealed(result.ciphertext, kek.name, result.key_version)
+
+
+def decrypt_with_kek_ciphertext(ciphertext: bytes, *, actor: Actor, provider_name: str | None = None,
+                                encryption_context: Mapping[str, str] | None = None) -> bytes:
+    """Decrypt a ciphertext from :func:`encrypt_with_kek`; the KEK is found from the ciphertext.
+
+    Failures are audited too (outcome ``failure``) before the error propagates.
+    """
+    provider = get_provider(provider_name)
+    try:
+        opened = provider.decrypt(ciphertext, encryption_context=encryption_context)
+        kek = KeyEncryptionKey.objects.filter(provider=provider.name, provider_key_id=opened.key_id).first()
+        if kek is not None:
+            require_usable(kek)
+            if KeyVersion.objects.filter(kek=kek, number=opened.key_version).exclude(state=KeyVersion.State.ENABLED).exists():
+                raise KeyNotUsable(f"v{opened.key_version} of KEK {kek.name!r} is retired")
+    except Exception as exc:
+        audit.record(Action.CRYPTO_DECRYPT, actor=actor, target=None, outcome=Outcome.FAILURE,
+                     details={"provider": provider.name, "error": type(exc).__name__})
+        raise
+    audit.record(Action.CRYPTO_DECRYPT, actor=actor, target=kek or ("provider-key", opened.key_id),
+                 details={"version": opened.key_version, "bytes": len(opened.plaintext)})
+    return opened.plaintext
