@@ -1,0 +1,47 @@
+"""First-run setup for a fresh installation: an administrator and a default KEK."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Group
+from django.db import transaction
+
+from keyvault import services
+from keyvault.audit import Actor
+from keyvault.models import KeyEncryptionKey
+from keyvault.roles import KEY_ADMINISTRATORS
+
+DEFAULT_KEK = "default"
+
+
+@dataclass(frozen=True)
+class BootstrapResult:
+    admin_created: bool
+    admin_username: str
+    generated_password: str | None
+    kek_created: bool
+
+
+def bootstrap(*, admin_username: str = "admin", admin_password: str | None = None) -> BootstrapResult:
+    """Create an administrator if there is no user, and a KEK named ``default`` if there is no KEK.
+
+    A generated password is returned once, for the caller to show; it is never logged.
+    """
+    actor = Actor.system("bootstrap")
+    User = get_user_model()
+    generated = None
+    admin_created = False
+    with transaction.atomic():
+        if not User.objects.exists():
+            generated = None if admin_password else secrets.token_urlsafe(16)
+            user = User.objects.create_superuser(admin_username, email="", password=admin_password or generated)
+            user.groups.add(Group.objects.get(name=KEY_ADMINISTRATORS))
+            admin_created = True
+    kek_created = False
+    if not KeyEncryptionKey.objects.exists():
+        services.create_kek(name=DEFAULT_KEK, actor=actor, description="Created by make run for development.")
+        kek_created = True
+    return BootstrapResult(admin_created, admin_username, generated, kek_created)

@@ -1,0 +1,212 @@
+"""``manage.py kms <subcommand>`` — keys and cryptography from the command line.
+
+Key subcommands go through ``keyvault.services``, so the inventory and the audit
+log see everything the console would. Binary data travels as base64 on stdout.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import sys
+
+from django.core.management.base import CommandError
+
+from keyvault import services
+from keyvault.kms import get_provider, provider_names
+from keyvault.models import KeyEncryptionKey
+
+from ._base import KeyvaultCommand
+
+
+def parse_context(pairs: list[str] | None) -> dict[str, str]:
+    """``["k=v", ...]`` to a dict; the first ``=`` splits, so values may contain ``=``."""
+    context: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise CommandError(f"--context takes key=value, got {pair!r}")
+        if key in context:
+            raise CommandError(f"--context names {key!r} twice")
+        context[key] = value
+    return context
+
+
+def read_base64_stdin() -> bytes:
+    text = sys.stdin.read().strip()
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise CommandError("stdin is not base64 (expected the output of kms encrypt)") from None
+
+
+def kek_named(name: str) -> KeyEncryptionKey:
+    kek = KeyEncryptionKey.objects.filter(name=name).first()
+    if kek is None:
+        raise CommandError(f"no KEK named {name!r} (create it: python manage.py kms create-key {name})")
+    return kek
+
+
+class Command(KeyvaultCommand):
+    help = "Manage KEKs and encrypt/decrypt through the configured KMS providers."
+
+    def add_arguments(self, parser):
+        super().add_arguments(parser)
+        sub = parser.add_subparsers(dest="subcommand", required=True)
+
+        health = sub.add_parser("health", help="Check the default provider (or every configured one with --all).")
+        health.add_argument("--all", action="store_true", help="Check every configured provider.")
+        health.add_argument("--provider", help="Check this provider.")
+
+        create = sub.add_parser("create-key", help="Create a KEK and register it.")
+        create.add_argument("name")
+        create.add_argument("--provider", help="Provider name (default: HMD_KMS_PROVIDER).")
+        create.add_argument("--description", default="")
+        create.add_argument("--rotation-period-days", type=int, default=365)
+        create.add_argument("--max-encryptions-per-version", type=int)
+
+        for name, text in (("describe-key", "Show a KEK, its versions and coverage."), ("rotate-key", "Make a new primary version.")):
+            p = sub.add_parser(name, help=text)
+            p.add_argument("name")
+            p.add_argument("--json", action="store_true", help="Machine-readable output.")
+
+        for name, text in (("encrypt", "Encrypt stdin with a KEK; base64 ciphertext on stdout."),
+                           ("envelope-encrypt", "Envelope-encrypt stdin under a KEK; base64 blob on stdout.")):
+            p = sub.add_parser(name, help=text)
+            p.add_argument("--key", required=True, help="KEK name.")
+            p.add_argument("--context", action="append", metavar="KEY=VALUE", help="Encryption context pair (repeatable).")
+
+        for name, text in (("decrypt", "Decrypt base64 stdin (from kms encrypt); plaintext on stdout."),
+                           ("envelope-decrypt", "Decrypt a base64 envelope blob from stdin; plaintext on stdout.")):
+            p = sub.add_parser(name, help=text)
+            p.add_argument("--context", action="append", metavar="KEY=VALUE", help="Encryption context pair (repeatable).")
+            p.add_argument("--provider", help="Provider that made the ciphertext (default: HMD_KMS_PROVIDER).")
+
+        gdk = sub.add_parser("generate-data-key", help="Create and register a data key; prints JSON.")
+        gdk.add_argument("--key", required=True, help="KEK name.")
+        gdk.add_argument("--context", action="append", metavar="KEY=VALUE")
+        gdk.add_argument("--key-spec", default="AES_256", choices=["AES_256", "AES_128"])
+        gdk.add_argument("--owner", default="", help="Owner reference recorded with the data key.")
+        gdk.add_argument("--purpose", default="")
+        gdk.add_argument("--show-plaintext", action="store_true", help="Also print the plaintext key (base64). Handle with care.")
+
+    def handle(self, *args, subcommand, **options):
+        return getattr(self, "_" + subcommand.replace("-", "_"))(options)
+
+    # -- subcommands ---------------------------------------------------------
+
+    def _health(self, options):
+        names = provider_names() if options["all"] else [options["provider"] or None]
+        failed = False
+        for name in names:
+            status = get_provider(name).health_check()
+            word = "healthy" if status.healthy else "UNHEALTHY"
+            self.stdout.write(f"{status.provider}: {word} ({status.latency_ms:.1f} ms) — {status.detail}")
+            failed |= not status.healthy
+        if failed:
+            raise CommandError("a provider is unhealthy")
+
+    def _create_key(self, options):
+        kek = services.create_kek(
+            name=options["name"],
+            actor=self.actor(options),
+            provider_name=options["provider"],
+            description=options["description"],
+            rotation_period_days=options["rotation_period_days"],
+            max_encryptions_per_version=options["max_encryptions_per_version"],
+        )
+        self.stdout.write(f"created KEK {kek.name} at provider {kek.provider} (version 1 primary)")
+
+    def _describe(self, kek: KeyEncryptionKey) -> dict:
+        coverage = services.version_coverage(kek)
+        return {
+            "name": kek.name,
+            "provider": kek.provider,
+            "provider_key_id": kek.provider_key_id,
+            "state": kek.state,
+            "rotation_period_days": kek.rotation_period_days,
+            "next_rotation_at": kek.next_rotation_at.isoformat() if kek.next_rotation_at else None,
+            "last_rotated_at": kek.last_rotated_at.isoformat() if kek.last_rotated_at else None,
+            "versions": [
+                {"version": v.number, "state": v.state, "primary": v.is_primary, "data_keys": coverage.get(v.number, 0)}
+                for v in kek.versions.order_by("number")
+            ],
+        }
+
+    def _describe_key(self, options):
+        info = self._describe(kek_named(options["name"]))
+        if options["json"]:
+            self.stdout.write(json.dumps(info, indent=2))
+            return
+        self.stdout.write(f"{info['name']}: {info['state']} at {info['provider']} ({info['provider_key_id']})")
+        self.stdout.write(f"rotation every {info['rotation_period_days']} days, next {info['next_rotation_at']}")
+        for v in info["versions"]:
+            mark = " (primary)" if v["primary"] else ""
+            self.stdout.write(f"  v{v['version']}: {v['state']}{mark}, {v['data_keys']} data key(s)")
+
+    def _rotate_key(self, options):
+        version = services.rotate_kek_version(kek_named(options["name"]), actor=self.actor(options))
+        if options["json"]:
+            self.stdout.write(json.dumps({"name": options["name"], "primary_version": version.number}))
+        else:
+            self.stdout.write(f"rotated {options['name']}: version {version.number} is now primary")
+
+    def _encrypt(self, options):
+        plaintext = sys.stdin.buffer.read()
+        sealed = services.encrypt_with_kek(
+            kek_named(options["key"]), plaintext, actor=self.actor(options), encryption_context=parse_context(options["context"])
+        )
+        self.stdout.write(base64.b64encode(sealed.ciphertext).decode("ascii"))
+
+    def _decrypt(self, options):
+        ciphertext = read_base64_stdin()
+        plaintext = services.decrypt_with_kek_ciphertext(
+            ciphertext, actor=self.actor(options), provider_name=options["provider"],
+            encryption_context=parse_context(options["context"]),
+        )
+        self._write_binary(plaintext)
+
+    def _generate_data_key(self, options):
+        row, plain = services.create_data_key(
+            kek_named(options["key"]),
+            actor=self.actor(options),
+            encryption_context=parse_context(options["context"]),
+            key_spec=options["key_spec"],
+            owner_ref=options["owner"],
+            purpose=options["purpose"],
+        )
+        with plain:
+            output = {
+                "data_key_id": row.pk,
+                "kek": row.kek.name,
+                "kek_version": row.kek_version,
+                "key_spec": row.key_spec,
+                "encryption_context": row.encryption_context,
+                "ciphertext": base64.b64encode(bytes(row.wrapped_key)).decode("ascii"),
+            }
+            if options["show_plaintext"]:
+                output["plaintext"] = base64.b64encode(plain.plaintext).decode("ascii")
+            self.stdout.write(json.dumps(output, indent=2))
+
+    def _envelope_encrypt(self, options):
+        from keyvault import envelopes
+
+        blob = envelopes.encrypt(
+            kek_named(options["key"]), sys.stdin.buffer.read(), actor=self.actor(options),
+            encryption_context=parse_context(options["context"]),
+        )
+        self.stdout.write(base64.b64encode(blob).decode("ascii"))
+
+    def _envelope_decrypt(self, options):
+        from keyvault import envelopes
+
+        plaintext = envelopes.decrypt(
+            read_base64_stdin(), actor=self.actor(options), encryption_context=parse_context(options["context"])
+        )
+        self._write_binary(plaintext)
+
+    def _write_binary(self, data: bytes) -> None:
+        self.stdout.flush()
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
