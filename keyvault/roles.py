@@ -46,8 +46,10 @@ def sync_roles(group_model, permission_model) -> None:
         group.permissions.set(wanted)
 
 
-def sync_roles_after_migrate(sender, *, apps, **kwargs) -> None:
+def sync_roles_after_migrate(sender, *, apps=None, **kwargs) -> None:
     """``post_migrate`` receiver; permissions are created by auth's own receiver first."""
+    if apps is None:
+        from django.apps import apps
     try:
         group_model = apps.get_model("auth", "Group")
         permission_model = apps.get_model("auth", "Permission")

@@ -87,6 +87,8 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
             "timeout": env.int("HMD_SQLITE_TIMEOUT", default=30),
         }
     )
+    # Tests use a file too (not shared-cache memory), so locking behaves as in production.
+    DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / "test-keyvault.sqlite3")}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [

@@ -22,6 +22,14 @@ so a web process and several workers can share it. Each version counts its
 encryptions (NIST SP 800-38D allows at most 2^32 random-nonce encryptions per
 key); to keep the hot path off the disk a process reserves counts in blocks,
 so the stored count is an upper bound of the encryptions really made.
+
+Every change also bumps a 64-bit generation counter kept in the lock file,
+which each process maps into memory. ``encrypt`` and ``decrypt`` compare that
+counter instead of calling ``stat`` on the keyring, so a change made by any
+process (a rotation, a disabled version) is seen by the next call everywhere
+at the cost of a memory read. The keyring is still ``stat``-ed at least once a
+second, for changes made without the counter (a restored backup). The lock
+file holds nothing secret.
 """
 
 from __future__ import annotations
@@ -29,13 +37,16 @@ from __future__ import annotations
 import base64
 import binascii
 import fcntl
+import itertools
 import json
+import mmap
 import os
 import re
 import secrets
 import tempfile
 import threading
-from dataclasses import dataclass
+import time
+import weakref
 from datetime import UTC, datetime
 from pathlib import Path
 from struct import Struct
@@ -44,6 +55,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .base import (
+    KEY_SPECS,
     Capability,
     DataKey,
     DecryptResult,
@@ -56,7 +68,7 @@ from .base import (
     KMSProvider,
     VersionState,
 )
-from .context import encode_context
+from .context import EMPTY_CONTEXT, encode_context
 from .errors import ConfigurationError, InvalidCiphertext, KeyDisabled, KeyNotFound, UnsupportedOperation
 
 FORMAT_VERSION = 1
@@ -70,6 +82,9 @@ _KEY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,254}$")
 _KEYRING_MAGIC = b"KVKR\x01"
 _KEYRING_AAD = b"keyvault local keyring v1"
 _MIN_CIPHERTEXT = 2 + 1 + _VERSION.size + NONCE_BYTES + TAG_BYTES
+_GENERATION = Struct(">Q")
+#: Longest time a process trusts its copy of the keyring without ``stat``-ing the file.
+RECHECK_SECONDS = 1.0
 
 
 def _now() -> datetime:
@@ -95,12 +110,31 @@ def generate_master_key() -> str:
     return base64.b64encode(secrets.token_bytes(32)).decode("ascii")
 
 
-@dataclass(slots=True)
 class _Reservation:
     """Encryptions this process may still make with one version before asking the file."""
 
-    pid: int
-    remaining: int
+    __slots__ = ("granted", "_taken")
+
+    def __init__(self, granted: int) -> None:
+        self.granted = granted
+        self._taken = itertools.count()
+
+    def take(self) -> bool:
+        """Count one encryption; ``False`` once the block is used up (thread-safe: ``next`` is atomic)."""
+        return next(self._taken) < self.granted
+
+
+# A forked child must not spend its parent's reserved counts (both would make
+# the same encryptions count once) nor inherit a lock another thread held.
+_live_providers: weakref.WeakSet = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for provider in list(_live_providers):
+        provider._forget_process_state()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class LocalKMSProvider(KMSProvider):
@@ -141,6 +175,21 @@ class LocalKMSProvider(KMSProvider):
         self._signature: tuple | None = None
         self._ciphers: dict[tuple[str, int], AESGCM] = {}
         self._reservations: dict[tuple[str, int], _Reservation] = {}
+        # Hot-path views of the keyring, rebuilt after every change:
+        # key id -> (primary version, cipher, ciphertext header, reservation)
+        self._encrypt_slots: dict[str, tuple[int, AESGCM, bytes, _Reservation]] = {}
+        # ciphertext header -> (key id, version, cipher or None if destroyed, refusal or None)
+        self._decrypt_slots: dict[bytes, tuple[str, int, AESGCM | None, str | None]] = {}
+        self._generation_map: mmap.mmap | None = None
+        self._seen_generation: bytes | None = None
+        self._recheck_at = 0.0
+        _live_providers.add(self)
+
+    def _forget_process_state(self) -> None:
+        """Called in a forked child: drop the parent's reservations and its lock."""
+        self._mutex = threading.RLock()
+        self._reservations = {}
+        self._encrypt_slots = {}
 
     @classmethod
     def from_config(cls, options: dict) -> LocalKMSProvider:
@@ -203,14 +252,62 @@ class LocalKMSProvider(KMSProvider):
         finally:
             os.close(dir_fd)
 
-    def _current(self) -> dict:
-        """Return the keyring, reloading it when another process changed the file."""
-        signature = self._file_signature()
-        if signature != self._signature:
-            with self._mutex:
+    def _open_generation_map(self) -> mmap.mmap | None:
+        """Map the lock file's 8-byte change counter; ``None`` if that is impossible here."""
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            return None
+        try:
+            if os.fstat(fd).st_size < _GENERATION.size:
+                # Extending never clears a counter another process already wrote.
+                os.ftruncate(fd, _GENERATION.size)
+            return mmap.mmap(fd, _GENERATION.size)
+        except (OSError, ValueError):
+            return None
+        finally:
+            os.close(fd)
+
+    def _invalidate(self) -> None:
+        """Forget every view derived from the keyring (new dicts: readers in flight keep theirs)."""
+        self._encrypt_slots = {}
+        self._decrypt_slots = {}
+        self._ciphers = {}
+
+    def _refresh(self) -> None:
+        """Reload the keyring if any process changed it (see the module docstring)."""
+        generation_map = self._generation_map
+        if (
+            generation_map is not None
+            and generation_map[: _GENERATION.size] == self._seen_generation
+            and time.monotonic() < self._recheck_at
+        ):
+            return
+        with self._mutex:
+            if self._generation_map is None:
+                self._generation_map = self._open_generation_map()
+            generation = self._generation_map[: _GENERATION.size] if self._generation_map is not None else None
+            signature = self._file_signature()
+            if signature != self._signature:
                 self._keyring = self._read_keyring()
                 self._signature = signature
+                self._invalidate()
+            self._seen_generation = generation
+            self._recheck_at = time.monotonic() + RECHECK_SECONDS
+
+    def _current(self) -> dict:
+        """Return the keyring, reloading it when another process changed the file."""
+        self._refresh()
         return self._keyring
+
+    def _bump_generation(self) -> None:
+        """Tell every process sharing the keyring that it changed (call under the file lock)."""
+        if self._generation_map is None:
+            self._generation_map = self._open_generation_map()
+        if self._generation_map is not None:
+            (count,) = _GENERATION.unpack(self._generation_map[: _GENERATION.size])
+            self._generation_map[: _GENERATION.size] = _GENERATION.pack((count + 1) % 2**64)
+            self._seen_generation = self._generation_map[: _GENERATION.size]
 
     def _mutate(self, change):
         """Apply ``change(keyring)`` under the file lock and persist it atomically."""
@@ -224,6 +321,8 @@ class LocalKMSProvider(KMSProvider):
                 self._write_keyring(keyring)
                 self._keyring = keyring
                 self._signature = self._file_signature()
+                self._invalidate()
+                self._bump_generation()
                 return result
             finally:
                 fcntl.flock(lock_fd, fcntl.LOCK_UN)
@@ -370,14 +469,8 @@ class LocalKMSProvider(KMSProvider):
         if key["state"] != KeyState.ENABLED:
             raise KeyDisabled(f"local key {key_id!r} is {key['state'].replace('_', ' ')}")
 
-    def _reserve_encryption(self, key_id: str, version: int) -> None:
-        """Count one encryption, going to the keyring file only once per block."""
-        slot = (key_id, version)
-        reservation = self._reservations.get(slot)
-        pid = os.getpid()
-        if reservation is not None and reservation.pid == pid and reservation.remaining > 0:
-            reservation.remaining -= 1
-            return
+    def _reserve_block(self, key_id: str, version: int) -> _Reservation:
+        """Charge a block of encryptions to the keyring file and return it, one already taken."""
 
         def change(keyring: dict) -> int:
             record = self._version(self._key(keyring, key_id), key_id, version)
@@ -390,56 +483,94 @@ class LocalKMSProvider(KMSProvider):
             record["encrypt_count"] += granted
             return granted
 
-        with self._mutex:
-            granted = self._mutate(change)
-            self._reservations[slot] = _Reservation(pid=pid, remaining=granted - 1)
+        reservation = _Reservation(self._mutate(change))
+        reservation.take()
+        self._reservations[(key_id, version)] = reservation
+        return reservation
 
-    def _primary(self, key_id: str) -> tuple[int, AESGCM]:
-        key = self._key(self._current(), key_id)
-        self._require_usable_key(key, key_id)
-        version = key["primary"]
-        record = key["versions"][str(version)]
-        if record["state"] != VersionState.ENABLED:
-            raise KeyDisabled(f"primary version {version} of {key_id!r} is {record['state']}")
-        return version, self._cipher(key_id, version, record)
+    def _take_encryption(self, key_id: str) -> tuple[int, AESGCM, bytes, _Reservation]:
+        """Return the primary version's slot, with one encryption counted against it."""
+        self._refresh()
+        slot = self._encrypt_slots.get(key_id)
+        if slot is not None and slot[3].take():
+            return slot
+        with self._mutex:
+            key = self._key(self._current(), key_id)
+            self._require_usable_key(key, key_id)
+            version = key["primary"]
+            record = key["versions"][str(version)]
+            if record["state"] != VersionState.ENABLED:
+                raise KeyDisabled(f"primary version {version} of {key_id!r} is {record['state']}")
+            reservation = self._reservations.get((key_id, version))
+            if reservation is None or not reservation.take():
+                reservation = self._reserve_block(key_id, version)  # rebuilds the views
+                key = self._key(self._keyring, key_id)
+                record = key["versions"][str(version)]
+            slot = (version, self._cipher(key_id, version, record), self._header(key_id, version), reservation)
+            self._encrypt_slots[key_id] = slot
+            return slot
 
     @staticmethod
     def _header(key_id: str, version: int) -> bytes:
         key_bytes = key_id.encode("utf-8")
         return bytes((FORMAT_VERSION, len(key_bytes))) + key_bytes + _VERSION.pack(version)
 
+    def _seal(self, key_id: str, plaintext: bytes, encryption_context: EncryptionContext | None) -> tuple[bytes, int]:
+        version, cipher, header, _ = self._take_encryption(key_id)
+        nonce = os.urandom(NONCE_BYTES)
+        aad = header + (encode_context(encryption_context) if encryption_context else EMPTY_CONTEXT)
+        return header + nonce + cipher.encrypt(nonce, plaintext, aad), version
+
     def encrypt(
         self, key_id: str, plaintext: bytes, *, encryption_context: EncryptionContext | None = None
     ) -> EncryptResult:
-        version, cipher = self._primary(key_id)
-        self._reserve_encryption(key_id, version)
-        header = self._header(key_id, version)
-        nonce = os.urandom(NONCE_BYTES)
-        sealed = cipher.encrypt(nonce, plaintext, header + encode_context(encryption_context))
-        return EncryptResult(ciphertext=header + nonce + sealed, key_id=key_id, key_version=version)
+        ciphertext, version = self._seal(key_id, plaintext, encryption_context)
+        return EncryptResult(ciphertext, key_id, version)
 
     def decrypt(self, ciphertext: bytes, *, encryption_context: EncryptionContext | None = None) -> DecryptResult:
         if type(ciphertext) is not bytes:
             ciphertext = self._as_bytes(ciphertext)
-        key_id, version, header_end = self._parse_header(ciphertext)
-        key = self._current()["keys"].get(key_id)
-        record = key["versions"].get(str(version)) if key else None
-        if record is None:
+        if len(ciphertext) < _MIN_CIPHERTEXT:
             raise InvalidCiphertext()
-        if record["material"] is None:
+        header_end = 2 + ciphertext[1] + _VERSION.size
+        if len(ciphertext) < header_end + NONCE_BYTES + TAG_BYTES:
+            raise InvalidCiphertext()
+        self._refresh()
+        header = ciphertext[:header_end]
+        slot = self._decrypt_slots.get(header)
+        if slot is None:
+            slot = self._decryption_slot(header)
+        key_id, version, cipher, refusal = slot
+        if cipher is None:
             raise KeyDisabled(f"version {version} of {key_id!r} is destroyed")
-        aad = ciphertext[:header_end] + encode_context(encryption_context)
-        nonce = ciphertext[header_end : header_end + NONCE_BYTES]
+        aad = header + (encode_context(encryption_context) if encryption_context else EMPTY_CONTEXT)
         try:
-            plaintext = self._cipher(key_id, version, record).decrypt(nonce, ciphertext[header_end + NONCE_BYTES :], aad)
+            plaintext = cipher.decrypt(
+                ciphertext[header_end : header_end + NONCE_BYTES], ciphertext[header_end + NONCE_BYTES :], aad
+            )
         except InvalidTag:
             raise InvalidCiphertext() from None
         # Only an authentic ciphertext learns that its key or version is switched off.
+        if refusal is not None:
+            raise KeyDisabled(refusal)
+        return DecryptResult(plaintext, key_id, version)
+
+    def _decryption_slot(self, header: bytes) -> tuple[str, int, AESGCM | None, str | None]:
+        """Validate a ciphertext header against the keyring and remember the outcome."""
+        key_id, version = self._parse_header(header)
+        key = self._keyring["keys"].get(key_id)
+        record = key["versions"].get(str(version)) if key else None
+        if record is None:
+            raise InvalidCiphertext()
+        refusal = None
         if key["state"] != KeyState.ENABLED:
-            raise KeyDisabled(f"local key {key_id!r} is {key['state'].replace('_', ' ')}")
-        if record["state"] != VersionState.ENABLED:
-            raise KeyDisabled(f"version {version} of {key_id!r} is {record['state']}")
-        return DecryptResult(plaintext=plaintext, key_id=key_id, key_version=version)
+            refusal = f"local key {key_id!r} is {key['state'].replace('_', ' ')}"
+        elif record["state"] != VersionState.ENABLED:
+            refusal = f"version {version} of {key_id!r} is {record['state']}"
+        cipher = None if record["material"] is None else self._cipher(key_id, version, record)
+        slot = (key_id, version, cipher, refusal)
+        self._decrypt_slots[header] = slot
+        return slot
 
     @staticmethod
     def _as_bytes(ciphertext: object) -> bytes:
@@ -448,19 +579,17 @@ class LocalKMSProvider(KMSProvider):
         return bytes(ciphertext)
 
     @staticmethod
-    def _parse_header(ciphertext: bytes) -> tuple[str, int, int]:
-        if len(ciphertext) < _MIN_CIPHERTEXT or ciphertext[0] != FORMAT_VERSION:
-            raise InvalidCiphertext()
-        key_len = ciphertext[1]
-        header_end = 2 + key_len + _VERSION.size
-        if key_len == 0 or len(ciphertext) < header_end + NONCE_BYTES + TAG_BYTES:
+    def _parse_header(header: bytes) -> tuple[str, int]:
+        """Return the key id and version of a header already cut to its announced length."""
+        key_len = header[1]
+        if header[0] != FORMAT_VERSION or key_len == 0:
             raise InvalidCiphertext()
         try:
-            key_id = ciphertext[2 : 2 + key_len].decode("utf-8")
+            key_id = header[2 : 2 + key_len].decode("utf-8")
         except UnicodeDecodeError:
             raise InvalidCiphertext() from None
-        (version,) = _VERSION.unpack_from(ciphertext, 2 + key_len)
-        return key_id, version, header_end
+        (version,) = _VERSION.unpack_from(header, 2 + key_len)
+        return key_id, version
 
     def generate_data_key(
         self,
@@ -469,9 +598,10 @@ class LocalKMSProvider(KMSProvider):
         encryption_context: EncryptionContext | None = None,
         key_spec: str = "AES_256",
     ) -> DataKey:
-        plaintext = bytearray(os.urandom(self.key_length(key_spec)))
-        wrapped = self.encrypt(key_id, plaintext, encryption_context=encryption_context)
-        return DataKey(plaintext=plaintext, ciphertext=wrapped.ciphertext, key_id=key_id, key_version=wrapped.key_version)
+        length = KEY_SPECS.get(key_spec) or self.key_length(key_spec)  # the latter raises for unknown specs
+        plaintext = bytearray(os.urandom(length))
+        ciphertext, version = self._seal(key_id, plaintext, encryption_context)
+        return DataKey(plaintext, ciphertext, key_id, version)
 
     def health_check(self) -> HealthStatus:
         def probe() -> str:

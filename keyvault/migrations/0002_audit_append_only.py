@@ -38,12 +38,12 @@ DROP FUNCTION IF EXISTS keyvault_audit_append_only();
 
 def install(apps, schema_editor):
     if schema_editor.connection.vendor == "postgresql":
-        schema_editor.execute(INSTALL)
+        schema_editor.execute(INSTALL, params=None)
 
 
 def remove(apps, schema_editor):
     if schema_editor.connection.vendor == "postgresql":
-        schema_editor.execute(REMOVE)
+        schema_editor.execute(REMOVE, params=None)
 
 
 class Migration(migrations.Migration):

@@ -1,0 +1,311 @@
+"""Envelope encryption: data under a fresh AES-256-GCM data key, the data key under a KEK.
+
+Any :class:`~keyvault.kms.base.KMSProvider` holds the key-encryption key
+(KEK); only the short data-encryption key (DEK) travels to it, so data of any
+size costs one provider call (none at all with a :class:`DataKeyCache` hit).
+
+Blob layout, version 1 (integers big-endian; byte by byte in ``README.md``)::
+
+    4   magic "KVEN"
+    u8  format version (1)
+    u8  KEK id length L (1..255)
+    L   KEK id, UTF-8
+    u32 KEK version that wrapped the DEK
+    u16 wrapped-DEK length W (1..65535)
+    W   wrapped DEK (the provider's own ciphertext, opaque here)
+    12  nonce (random per message)
+    N   AES-256-GCM data ciphertext ‖ 16-byte tag
+
+How every header byte is authenticated while :meth:`EnvelopeEncryptor.rewrap`
+can still swap the wrapped DEK and KEK version without touching the data:
+
+* the data AEAD's associated data is ``magic ‖ format version ‖ L ‖ KEK id``
+  followed by the canonical encryption context (:func:`encode_context`);
+* the wrapped DEK is the provider's AEAD ciphertext under the same context;
+  the provider reports which key and version opened it, and both must equal
+  the header's KEK id and KEK version;
+* the length fields only frame those parts: any change shifts the nonce or the
+  ciphertext and the tag check fails;
+* a wrapped DEK spliced in from another blob under the same KEK and context
+  passes the provider and the version check but yields another DEK, under
+  which the data's tag fails.
+
+Every failure to open a blob is the one opaque :class:`InvalidCiphertext`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from struct import Struct
+from struct import error as StructError
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from .base import EncryptionContext, KMSProvider
+from .cache import CachedDataKey, DataKeyCache
+from .context import EMPTY_CONTEXT, encode_context
+from .errors import ConfigurationError, InvalidCiphertext, KeyNotFound
+
+MAGIC = b"KVEN"
+FORMAT_VERSION = 1
+NONCE_BYTES = 12
+TAG_BYTES = 16
+DEK_BYTES = 32
+MAX_WRAPPED_DEK_BYTES = 0xFFFF
+
+_VERSION_AND_WRAPPED_LENGTH = Struct(">IH")
+# magic, format version, KEK id length: the part every blob starts with.
+_FIXED_PREFIX = len(MAGIC) + 2
+
+
+@dataclass(frozen=True, slots=True)
+class EnvelopeHeader:
+    """What a blob says about itself, read without decrypting (so not yet authenticated)."""
+
+    format_version: int
+    kek_id: str
+    kek_version: int
+
+
+def read_header(blob: bytes) -> EnvelopeHeader:
+    """Return the format version, KEK id and KEK version a blob claims.
+
+    Nothing is verified cryptographically: use it to decide *whether* a blob
+    needs :meth:`EnvelopeEncryptor.rewrap` (e.g. its KEK version is not the
+    primary), never to trust the blob.
+
+    :raises InvalidCiphertext: the bytes are not a well-formed envelope blob.
+    """
+    blob = _as_bytes(blob)
+    if len(blob) < _FIXED_PREFIX or blob[: len(MAGIC)] != MAGIC or blob[len(MAGIC)] != FORMAT_VERSION:
+        raise InvalidCiphertext()
+    id_length = blob[len(MAGIC) + 1]
+    if id_length == 0:
+        raise InvalidCiphertext()
+    prefix_end = _FIXED_PREFIX + id_length
+    kek_version, _ = _frame(blob, prefix_end)
+    try:
+        kek_id = blob[_FIXED_PREFIX:prefix_end].decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidCiphertext() from None
+    return EnvelopeHeader(format_version=FORMAT_VERSION, kek_id=kek_id, kek_version=kek_version)
+
+
+def _frame(blob: bytes, prefix_end: int) -> tuple[int, int]:
+    """Read KEK version and wrapped-DEK length after the prefix; return (version, nonce offset)."""
+    try:
+        kek_version, wrapped_length = _VERSION_AND_WRAPPED_LENGTH.unpack_from(blob, prefix_end)
+    except StructError:
+        raise InvalidCiphertext() from None
+    start = prefix_end + _VERSION_AND_WRAPPED_LENGTH.size + wrapped_length
+    if wrapped_length == 0 or len(blob) < start + NONCE_BYTES + TAG_BYTES:
+        raise InvalidCiphertext()
+    return kek_version, start
+
+
+def _as_bytes(blob: object) -> bytes:
+    if type(blob) is bytes:
+        return blob
+    if not isinstance(blob, (bytes, bytearray, memoryview)):
+        raise InvalidCiphertext()
+    return bytes(blob)
+
+
+def _wipe(key: bytearray) -> None:
+    key[:] = bytes(len(key))
+
+
+class EnvelopeEncryptor:
+    """Encrypt and decrypt data of any size under one KEK of one provider.
+
+    :param provider: the provider holding the KEK.
+    :param key_id: the KEK. Blobs name it; this encryptor opens only blobs of
+        this KEK (use :func:`read_header` to pick the encryptor for a blob).
+    :param cache: reuse DEKs (see :mod:`keyvault.kms.cache`); ``None`` asks the
+        provider for a fresh DEK on every encryption and unwraps on every
+        decryption.
+    :raises ConfigurationError: ``key_id`` is empty or longer than 255 UTF-8 bytes.
+
+    Encryption contexts follow the provider contract: non-secret ``str`` pairs,
+    bound to the blob; decryption needs exactly the same pairs in any order.
+    A context that is not a mapping of ``str`` raises ``TypeError``.
+    """
+
+    def __init__(self, provider: KMSProvider, key_id: str, *, cache: DataKeyCache | None = None) -> None:
+        if not isinstance(provider, KMSProvider):
+            raise ConfigurationError("EnvelopeEncryptor needs a KMSProvider")
+        if cache is not None and not isinstance(cache, DataKeyCache):
+            raise ConfigurationError("EnvelopeEncryptor cache must be a DataKeyCache or None")
+        key_bytes = key_id.encode("utf-8") if isinstance(key_id, str) else b""
+        if not 1 <= len(key_bytes) <= 255:
+            raise ConfigurationError("the envelope KEK id must be 1-255 bytes of UTF-8 text")
+        self.provider = provider
+        self.key_id = key_id
+        self.cache = cache
+        #: magic ‖ format version ‖ L ‖ KEK id: both the blob's first bytes and the start of the data AAD.
+        self._prefix = MAGIC + bytes((FORMAT_VERSION, len(key_bytes))) + key_bytes
+        self._prefix_end = len(self._prefix)
+        self._empty_partition = (provider, key_id, EMPTY_CONTEXT)
+
+    def __repr__(self) -> str:
+        return f"EnvelopeEncryptor(provider={self.provider.name!r}, key_id={self.key_id!r}, cached={self.cache is not None})"
+
+    # -- encrypt -------------------------------------------------------
+
+    def encrypt(self, plaintext: bytes, *, encryption_context: EncryptionContext | None = None) -> bytes:
+        """Encrypt ``plaintext`` (any length, including empty) and return the blob.
+
+        :raises KeyNotFound, KeyDisabled, ProviderUnavailable: from the provider.
+        :raises TypeError: ``plaintext`` is not bytes-like, or the context is malformed.
+        """
+        if type(plaintext) is not bytes and not isinstance(plaintext, (bytearray, memoryview)):
+            raise TypeError("plaintext must be bytes")
+        if encryption_context:
+            context = encode_context(encryption_context)
+            partition = (self.provider, self.key_id, context)
+        else:
+            context = EMPTY_CONTEXT
+            partition = self._empty_partition
+        cache = self.cache
+        if cache is None:
+            entry = self._new_data_key(encryption_context, context)
+            try:
+                return self._seal(entry, plaintext)
+            finally:
+                entry.wipe()
+        length = len(plaintext)
+        entry = cache.get_for_encrypt(partition, length)
+        if entry is not None:
+            nonce = os.urandom(NONCE_BYTES)
+            return entry.header + nonce + entry.cipher.encrypt(nonce, plaintext, entry.aad)
+        entry = self._new_data_key(encryption_context, context)
+        if cache.put_for_encrypt(partition, entry, length):
+            return self._seal(entry, plaintext)
+        try:
+            return self._seal(entry, plaintext)
+        finally:
+            entry.wipe()
+
+    @staticmethod
+    def _seal(entry: CachedDataKey, plaintext: bytes) -> bytes:
+        nonce = os.urandom(NONCE_BYTES)
+        return entry.header + nonce + entry.cipher.encrypt(nonce, plaintext, entry.aad)
+
+    def _new_data_key(self, encryption_context: EncryptionContext | None, context: bytes) -> CachedDataKey:
+        """Ask the provider for a fresh DEK and precompute this encryptor's header for it."""
+        data_key = self.provider.generate_data_key(self.key_id, encryption_context=encryption_context)
+        wrapped = data_key.ciphertext
+        if len(data_key.plaintext) != DEK_BYTES or not 1 <= len(wrapped) <= MAX_WRAPPED_DEK_BYTES:
+            _wipe(data_key.plaintext)
+            raise ConfigurationError(
+                f"provider {self.provider.name!r} returned a data key the envelope format cannot hold"
+            )
+        header = self._prefix + _VERSION_AND_WRAPPED_LENGTH.pack(data_key.key_version, len(wrapped)) + wrapped
+        return CachedDataKey(
+            data_key.plaintext,
+            kek_id=self.key_id,
+            kek_version=data_key.key_version,
+            wrapped=wrapped,
+            header=header,
+            aad=self._prefix + context,
+        )
+
+    # -- decrypt -------------------------------------------------------
+
+    def decrypt(self, blob: bytes, *, encryption_context: EncryptionContext | None = None) -> bytes:
+        """Open a blob made by :meth:`encrypt` (or :meth:`rewrap`) under this KEK.
+
+        :raises InvalidCiphertext: for every failure to open it (malformed,
+            truncated, tampered, another KEK, wrong context); never says which.
+        :raises KeyDisabled: the KEK version that wrapped the DEK is disabled or
+            destroyed (only for an authentic wrapped DEK).
+        :raises ProviderUnavailable: the provider could not be reached.
+        """
+        if type(blob) is not bytes:
+            blob = _as_bytes(blob)
+        prefix_end = self._prefix_end
+        # One comparison checks magic, format version, KEK id length and KEK id.
+        if blob[:prefix_end] != self._prefix:
+            raise InvalidCiphertext()
+        try:
+            kek_version, wrapped_length = _VERSION_AND_WRAPPED_LENGTH.unpack_from(blob, prefix_end)
+        except StructError:
+            raise InvalidCiphertext() from None
+        wrapped_start = prefix_end + _VERSION_AND_WRAPPED_LENGTH.size
+        start = wrapped_start + wrapped_length
+        if wrapped_length == 0 or len(blob) < start + NONCE_BYTES + TAG_BYTES:
+            raise InvalidCiphertext()
+        wrapped = blob[wrapped_start:start]
+        context = encode_context(encryption_context) if encryption_context else EMPTY_CONTEXT
+        cache = self.cache
+        if cache is None:
+            cipher = AESGCM(self._unwrap(wrapped, kek_version, encryption_context))
+            aad = self._prefix + context
+        else:
+            lookup = (self.provider, wrapped, context)
+            entry = cache.get_for_decrypt(lookup)
+            if entry is None:
+                entry = CachedDataKey(
+                    bytearray(self._unwrap(wrapped, kek_version, encryption_context)),
+                    kek_id=self.key_id,
+                    kek_version=kek_version,
+                    wrapped=wrapped,
+                    aad=self._prefix + context,
+                )
+                cache.put_for_decrypt(lookup, entry)
+            elif entry.kek_version != kek_version or entry.kek_id != self.key_id:
+                raise InvalidCiphertext()
+            cipher, aad = entry.cipher, entry.aad
+        try:
+            return cipher.decrypt(blob[start : start + NONCE_BYTES], blob[start + NONCE_BYTES :], aad)
+        except InvalidTag:
+            raise InvalidCiphertext() from None
+
+    def _unwrap(self, wrapped: bytes, kek_version: int, encryption_context: EncryptionContext | None) -> bytes:
+        """Have the provider open the wrapped DEK and check it names this blob's KEK and version."""
+        try:
+            opened = self.provider.decrypt(wrapped, encryption_context=encryption_context)
+        except KeyNotFound:
+            raise InvalidCiphertext() from None
+        if opened.key_id != self.key_id or opened.key_version != kek_version or len(opened.plaintext) != DEK_BYTES:
+            raise InvalidCiphertext()
+        return opened.plaintext
+
+    # -- rewrap --------------------------------------------------------
+
+    def rewrap(self, blob: bytes, *, encryption_context: EncryptionContext | None = None) -> bytes:
+        """Re-wrap the blob's DEK under the KEK's primary version; the data ciphertext is kept byte for byte.
+
+        The blob is verified in full first (the provider opens the wrapped DEK,
+        the data's tag is checked) and the cache is bypassed, so a tampered
+        blob is never given a fresh header and a disabled version is noticed.
+        The plaintext never leaves this method.
+
+        :raises InvalidCiphertext, KeyDisabled, ProviderUnavailable: as :meth:`decrypt`.
+        :raises KeyDisabled, KeyNotFound: the KEK may not encrypt any more.
+        """
+        blob = _as_bytes(blob)
+        if blob[: self._prefix_end] != self._prefix:
+            raise InvalidCiphertext()
+        kek_version, start = _frame(blob, self._prefix_end)
+        wrapped = blob[self._prefix_end + _VERSION_AND_WRAPPED_LENGTH.size : start]
+        context = encode_context(encryption_context)
+        dek = self._unwrap(wrapped, kek_version, encryption_context)
+        try:
+            AESGCM(dek).decrypt(blob[start : start + NONCE_BYTES], blob[start + NONCE_BYTES :], self._prefix + context)
+        except InvalidTag:
+            raise InvalidCiphertext() from None
+        rewrapped = self.provider.encrypt(self.key_id, dek, encryption_context=encryption_context)
+        new_wrapped = rewrapped.ciphertext
+        if rewrapped.key_id != self.key_id or not 1 <= len(new_wrapped) <= MAX_WRAPPED_DEK_BYTES:
+            raise ConfigurationError(
+                f"provider {self.provider.name!r} returned a data key the envelope format cannot hold"
+            )
+        return (
+            self._prefix
+            + _VERSION_AND_WRAPPED_LENGTH.pack(rewrapped.key_version, len(new_wrapped))
+            + new_wrapped
+            + blob[start:]
+        )
