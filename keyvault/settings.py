@@ -117,6 +117,7 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
         # One folder for both directions: producers and consumers meet there.
         "data_folder_in": str(_queue_dir / "queue"),
         "data_folder_out": str(_queue_dir / "queue"),
+        "control_folder": str(_queue_dir / "control"),
         "store_processed": False,
     }
 CELERY_TASK_ALWAYS_EAGER = env.bool("HMD_CELERY_EAGER", default=False)

@@ -1,0 +1,105 @@
+"""``manage.py kms`` and ``manage.py audit`` as an operator runs them, in a scratch instance."""
+
+import base64
+import re
+import json
+
+import pytest
+
+from tests.scratch import make_scratch
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory):
+    instance = make_scratch(tmp_path_factory.mktemp("scratch"))
+    instance.run("kms", "create-key", "default")
+    return instance
+
+
+def test_health_reports_local_provider_healthy(scratch):
+    result = scratch.run("kms", "health")
+
+    assert result.stdout.decode().startswith("local: healthy")
+
+
+def test_encrypt_decrypt_pipeline_with_context(scratch):
+    result = scratch.shell(
+        "printf 'top secret' | python manage.py kms encrypt --key default --context tenant=a"
+        " | python manage.py kms decrypt --context tenant=a"
+    )
+
+    assert result.stdout == "top secret"
+
+
+def test_wrong_context_fails_with_one_line(scratch):
+    result = scratch.shell(
+        "printf 'top secret' | python manage.py kms encrypt --key default --context tenant=a"
+        " | python manage.py kms decrypt --context tenant=b",
+        check=False,
+    )
+
+    assert result.returncode != 0
+    assert result.stdout == ""
+    assert result.stderr.strip().splitlines() == ["error: InvalidCiphertext: ciphertext could not be decrypted"]
+
+
+def test_unknown_key_and_bad_input_are_one_line_errors(scratch):
+    unknown = scratch.run("kms", "encrypt", "--key", "nope", input=b"x", check=False)
+    bad_b64 = scratch.run("kms", "decrypt", input=b"%%%not base64", check=False)
+    bad_context = scratch.run("kms", "encrypt", "--key", "default", "--context", "novalue", input=b"x", check=False)
+
+    for result, needle in ((unknown, "no KEK named 'nope'"), (bad_b64, "not base64"), (bad_context, "key=value")):
+        assert result.returncode == 1
+        lines = result.stderr.decode().strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0] and "Traceback" not in lines[0]
+
+
+def test_rotate_and_describe(scratch):
+    scratch.run("kms", "create-key", "rotating")
+    before = scratch.run("kms", "encrypt", "--key", "rotating", input=b"old").stdout
+
+    rotated = json.loads(scratch.run("kms", "rotate-key", "rotating", "--json").stdout)
+    described = json.loads(scratch.run("kms", "describe-key", "rotating", "--json").stdout)
+
+    assert rotated == {"name": "rotating", "primary_version": 2}
+    assert [(v["version"], v["primary"]) for v in described["versions"]] == [(1, False), (2, True)]
+    assert scratch.run("kms", "decrypt", input=before).stdout == b"old"
+
+
+def test_generate_data_key_hides_plaintext_unless_asked(scratch):
+    hidden = json.loads(scratch.run("kms", "generate-data-key", "--key", "default", "--context", "app=x").stdout)
+    shown = json.loads(
+        scratch.run("kms", "generate-data-key", "--key", "default", "--context", "app=x", "--show-plaintext").stdout
+    )
+
+    assert "plaintext" not in hidden
+    assert len(base64.b64decode(shown["plaintext"])) == 32
+    assert hidden["encryption_context"] == {"app": "x"}
+    wrapped = base64.b64encode(base64.b64decode(shown["ciphertext"]))
+    assert scratch.run("kms", "decrypt", "--context", "app=x", input=wrapped).stdout == base64.b64decode(shown["plaintext"])
+
+
+def test_audit_verify_and_export(scratch):
+    verify = scratch.run("audit", "verify")
+    export = scratch.run("audit", "export", "--format", "jsonl")
+    csv_export = scratch.run("audit", "export", "--format", "csv", "--since", "2000-01-01")
+
+    assert verify.stdout.decode().startswith("OK: audit chain intact")
+    rows = [json.loads(line) for line in export.stdout.decode().splitlines()]
+    assert rows[0]["sequence"] == 1 and rows[0]["action"] == "kek.created"
+    assert {"kek.created", "crypto.encrypt", "crypto.decrypt", "audit.verified"} <= {r["action"] for r in rows}
+    assert csv_export.stdout.decode().splitlines()[0].startswith("sequence,timestamp,actor,action")
+
+
+def test_audit_checkpoint(scratch):
+    result = scratch.run("audit", "checkpoint")
+
+    assert result.stdout.decode().startswith("signed checkpoint at #")
+    verified = re.search(r"(\d+) signed checkpoints verified", scratch.run("audit", "verify").stdout.decode())
+    assert verified and int(verified.group(1)) >= 1
+
+
+def test_bad_date_is_a_clear_error(scratch):
+    result = scratch.run("audit", "export", "--since", "yesterday", check=False)
+
+    assert result.returncode == 1 and "not a date" in result.stderr.decode()
