@@ -21,7 +21,7 @@ from django.db import transaction
 from django.db.models import Count
 from django.utils import timezone
 
-from keyvault import audit
+from keyvault import audit, envelopes
 from keyvault.audit import Action, Actor, Outcome
 from keyvault.exceptions import CoverageIncomplete, InvalidStateTransition, KeyNotUsable
 from keyvault.kms import Capability, KeyState, KMSProvider, UnsupportedOperation, VersionState, get_provider
@@ -153,6 +153,7 @@ def enable_kek(kek: KeyEncryptionKey, *, actor: Actor) -> KeyEncryptionKey:
         _apply_provider_key_state(kek, KeyState.ENABLED)
         kek.save()
         audit.record(Action.KEK_ENABLED, actor=actor, target=kek)
+        transaction.on_commit(envelopes.forget)
     return kek
 
 
@@ -164,6 +165,7 @@ def disable_kek(kek: KeyEncryptionKey, *, actor: Actor, reason: str = "") -> Key
         _apply_provider_key_state(kek, KeyState.DISABLED)
         kek.save()
         audit.record(Action.KEK_DISABLED, actor=actor, target=kek, details={"reason": reason})
+        transaction.on_commit(envelopes.forget)
     return kek
 
 
@@ -186,6 +188,7 @@ def schedule_kek_deletion(
             details={"waiting_days": waiting_days, "deletion_date": kek.deletion_date.isoformat(),
                      "data_keys": kek.data_keys.count()},
         )
+        transaction.on_commit(envelopes.forget)
     return kek
 
 
@@ -197,6 +200,7 @@ def cancel_kek_deletion(kek: KeyEncryptionKey, *, actor: Actor) -> KeyEncryption
         kek.deletion_date = None
         kek.save()
         audit.record(Action.KEK_DELETION_CANCELLED, actor=actor, target=kek)
+        transaction.on_commit(envelopes.forget)
     return kek
 
 
@@ -221,6 +225,7 @@ def destroy_due_keks(*, actor: Actor | None = None, now: datetime | None = None)
             kek.save()
             kek.versions.update(state=KeyVersion.State.DESTROYED, is_primary=False)
             audit.record(Action.KEK_DESTROYED, actor=actor, target=kek, details={"material": material})
+            transaction.on_commit(envelopes.forget)
             destroyed.append(kek.name)
     return destroyed
 
@@ -306,6 +311,7 @@ def set_version_state(
             details={"version": number, "from": previous_state, "to": state.value, "enforced_by": enforced,
                      "data_keys_on_version": remaining, "forced": force, "reason": reason},
         )
+        transaction.on_commit(envelopes.forget)
     return version
 
 

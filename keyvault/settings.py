@@ -193,6 +193,16 @@ def _provider_options() -> dict[str, dict]:
 
 KMS = {"default": KMS_PROVIDER, "providers": _provider_options()}
 
+# Envelope encryption: the KEK that encrypted model fields use, and the DEK cache limits
+# (AWS Encryption SDK caching-CMM semantics; see keyvault/kms/cache.py).
+FIELD_ENCRYPTION_KEK = env.str("HMD_FIELD_ENCRYPTION_KEK", default="default")
+DEK_CACHE = {
+    "max_age": env.float("HMD_DEK_CACHE_MAX_AGE", default=300.0),
+    "max_messages": env.int("HMD_DEK_CACHE_MAX_MESSAGES", default=2**20),
+    "max_bytes": env.int("HMD_DEK_CACHE_MAX_BYTES", default=2**32),
+    "decrypt_ttl": env.float("HMD_DEK_CACHE_DECRYPT_TTL", default=300.0),
+}
+
 # -- Audit log ---------------------------------------------------------------
 def _new_ed25519_key() -> str:
     import base64
