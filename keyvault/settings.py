@@ -128,6 +128,17 @@ CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TIMEZONE = "UTC"
 CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
+# One periodic job selects everything due from our own tables; no per-key beat entries.
+CELERY_BEAT_SCHEDULE = {
+    "dispatch-due-rotations": {"task": "rotation.dispatch_due_rotations", "schedule": 60.0},
+}
+CELERY_TASK_DEFAULT_PRIORITY = 5
+
+# -- Rotation engine -----------------------------------------------------------
+ROTATION_BATCH_SIZE = env.int("HMD_ROTATION_BATCH_SIZE", default=1000)
+ROTATION_PARTITIONS = env.int("HMD_ROTATION_PARTITIONS", default=4)
+ROTATION_STALL_SECONDS = env.int("HMD_ROTATION_STALL_SECONDS", default=300)
+ROTATION_BREAK_GLASS_GROUP = env.str("HMD_ROTATION_BREAK_GLASS_GROUP", default="Break glass")
 
 # -- KMS providers -----------------------------------------------------------
 KMS_PROVIDER = env.str("HMD_KMS_PROVIDER", default="local")

@@ -53,6 +53,8 @@ class Capability(enum.StrEnum):
     ENCRYPT_COUNT = "encrypt_count"
     #: ``destroy_key`` erases the whole key.
     DESTROY_KEY = "destroy_key"
+    #: ``set_primary_version`` can make an older, enabled version primary again (rollback).
+    SET_PRIMARY = "set_primary"
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +223,15 @@ class KMSProvider(abc.ABC):
             Keyvault's own inventory only.
         """
         raise UnsupportedOperation(f"{self.name}: key-level enable/disable is not supported")
+
+    def set_primary_version(self, key_id: str, version: int) -> KeyInfo:
+        """Make an existing, enabled version the primary again (to roll a rotation back).
+
+        :raises KeyNotFound: no such key or version.
+        :raises KeyDisabled: the version is not enabled.
+        :raises UnsupportedOperation: the backend always encrypts with its newest version.
+        """
+        raise UnsupportedOperation(f"{self.name}: the primary version cannot be moved back")
 
     def destroy_key(self, key_id: str) -> None:
         """Erase the key and every version. Irreversible.

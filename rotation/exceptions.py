@@ -1,0 +1,23 @@
+"""Errors raised by the rotation engine's services."""
+
+from keyvault.exceptions import KeyvaultError
+
+
+class RotationError(KeyvaultError):
+    """Root of the rotation engine's errors."""
+
+
+class InvalidRunTransition(RotationError):
+    """The run cannot move to that state from where it is."""
+
+
+class RunAlreadyActive(RotationError):
+    """The target already has an active run; only one at a time."""
+
+    def __init__(self, run):
+        super().__init__(f"{run.target_label} already has an active run (#{run.pk}, {run.get_state_display().lower()})")
+        self.run = run
+
+
+class ApprovalRefused(RotationError):
+    """The approval breaks a rule (self-approval, same person twice, no permission, no reason)."""

@@ -1,0 +1,739 @@
+"""The rotation engine: policies, the beat sweep, runs and their state machine, bulk rewrap.
+
+Celery tasks (``rotation/tasks.py``), admin views and the ``rotation`` command are
+thin callers of these functions. Progress lives in the database, never in task
+memory: "what is left" is always "data keys of this KEK on a version below the
+run's target", so a killed worker's run resumes where it stopped and a batch run
+twice changes nothing the second time.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.contrib.auth.models import Group
+from django.db import IntegrityError, connection, transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+from keyvault import audit
+from keyvault import services as key_services
+from keyvault.audit import Action, Actor, Outcome
+from keyvault.exceptions import KeyvaultError
+from keyvault.fields import encrypted_fields, rewrap_field
+from keyvault.kms import Capability, KMSError, ProviderUnavailable, get_provider
+from keyvault.models import DataKey, KeyEncryptionKey, KeyVersion
+from rotation import runbooks
+from rotation.exceptions import ApprovalRefused, InvalidRunTransition, RotationError, RunAlreadyActive
+from rotation.models import Approval, RotationPolicy, RotationRun, RunStep
+
+log = logging.getLogger(__name__)
+
+Run = RotationRun
+S = RotationRun.State
+
+
+TRANSITIONS: dict[str, set[str]] = {
+    S.PENDING_APPROVAL: {S.QUEUED, S.CANCELLED},
+    S.QUEUED: {S.ROTATING, S.REWRAPPING, S.CANCELLED, S.FAILED},
+    S.ROTATING: {S.REWRAPPING, S.FAILED},
+    S.REWRAPPING: {S.VERIFYING, S.FAILED, S.ROLLED_BACK},
+    S.VERIFYING: {S.RETIRING, S.REWRAPPING, S.FAILED, S.ROLLED_BACK},
+    S.RETIRING: {S.COMPLETED, S.FAILED, S.ROLLED_BACK},
+    S.FAILED: {S.QUEUED, S.ROLLED_BACK, S.CANCELLED},
+    S.COMPLETED: set(),
+    S.CANCELLED: set(),
+    S.ROLLED_BACK: set(),
+}
+TERMINAL = {S.COMPLETED, S.CANCELLED, S.ROLLED_BACK}
+
+
+def setting(name: str, default):
+    return getattr(settings, name, default)
+
+
+# -- policies --------------------------------------------------------------------
+
+
+def ensure_policy(kek: KeyEncryptionKey) -> RotationPolicy:
+    """The KEK's policy, created from the KEK's own period and usage limit if it has none."""
+    policy = RotationPolicy.objects.filter(kek=kek).first()
+    if policy is not None:
+        return policy
+    policy, _ = RotationPolicy.objects.get_or_create(
+        kek=kek,
+        defaults={
+            "period_days": kek.rotation_period_days,
+            "usage_threshold": kek.max_encryptions_per_version,
+            "next_due_at": kek.next_rotation_at or timezone.now() + timedelta(days=kek.rotation_period_days),
+        },
+    )
+    return policy
+
+
+POLICY_FIELDS = (
+    "period_days", "usage_threshold", "window_weekdays", "window_start", "window_end", "auto",
+    "approvals_required", "grace_period_days",
+)
+
+
+def update_policy(kek: KeyEncryptionKey, *, actor: Actor, **changes) -> RotationPolicy:
+    """Change a KEK's rotation policy; the KEK's period and next due date follow it."""
+    unknown = set(changes) - set(POLICY_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown policy fields: {sorted(unknown)}")
+    with transaction.atomic():
+        policy = ensure_policy(kek)
+        policy = RotationPolicy.objects.select_for_update().get(pk=policy.pk)
+        for name, value in changes.items():
+            setattr(policy, name, value)
+        policy.full_clean(exclude=["kek"])
+        if "period_days" in changes:
+            anchor = kek.last_rotated_at or kek.created_at
+            policy.next_due_at = anchor + timedelta(days=policy.period_days)
+        policy.save()
+        key_services.update_kek_settings(
+            kek, actor=actor, rotation_period_days=policy.period_days,
+            max_encryptions_per_version=policy.usage_threshold,
+        )
+        KeyEncryptionKey.objects.filter(pk=kek.pk).update(next_rotation_at=policy.next_due_at)
+        audit.record(Action.POLICY_CHANGED, actor=actor, target=kek,
+                     details={k: str(v) if v is not None else None for k, v in changes.items()})
+    return policy
+
+
+# -- state machine ---------------------------------------------------------------
+
+
+def _transition(run: RotationRun, new_state: str, *, actor: Actor, note: str = "", **fields) -> RotationRun:
+    """Move a locked run to ``new_state`` (the one place transitions are checked) and audit it."""
+    if new_state not in TRANSITIONS[run.state]:
+        raise InvalidRunTransition(
+            f"run #{run.pk} is {run.get_state_display().lower()}; it cannot become {S(new_state).label.lower()}"
+        )
+    previous = run.state
+    run.state = new_state
+    for name, value in fields.items():
+        setattr(run, name, value)
+    if new_state in TERMINAL or new_state == S.FAILED:
+        run.finished_at = timezone.now()
+    run.save()
+    details = {"run_id": run.pk, "from": previous, "to": new_state}
+    if note:
+        details["note"] = note[:500]
+    audit.record(Action.ROTATION_STATE, actor=actor, target=run.kek,
+                 outcome=Outcome.FAILURE if new_state == S.FAILED else Outcome.SUCCESS, details=details)
+    return run
+
+
+def _locked_run(run_id: int) -> RotationRun:
+    return RotationRun.objects.select_for_update().select_related("kek", "policy").get(pk=run_id)
+
+
+def tick(run: RotationRun, key: str, *, actor: Actor, evidence: str = "", status: str = RunStep.Status.DONE) -> None:
+    """Mark a runbook step of the run done (or skipped/failed), recording who, when and evidence."""
+    updated = RunStep.objects.filter(run=run, key=key).exclude(status=status).update(
+        status=status, done_by=actor.name, done_at=timezone.now(), evidence=evidence[:4000]
+    )
+    if updated:
+        audit.record(Action.ROTATION_STEP, actor=actor, target=run.kek,
+                     details={"run_id": run.pk, "step": key, "status": status})
+
+
+def tick_manual_step(run: RotationRun, key: str, *, actor: Actor, evidence: str = "") -> RunStep:
+    """A person confirms a manual runbook step."""
+    with transaction.atomic():
+        step = RunStep.objects.select_for_update().get(run=run, key=key)
+        if step.automatic:
+            raise RotationError(f"step {key!r} is ticked by the engine, not by hand")
+        tick(run, key, actor=actor, evidence=evidence)
+        step.refresh_from_db()
+    return step
+
+
+# -- starting, approving, stopping -------------------------------------------------
+
+
+def start_run(
+    *,
+    kek: KeyEncryptionKey,
+    actor: Actor,
+    kind: str = Run.Kind.ON_DEMAND,
+    user=None,
+    reason: str = "",
+    incident_ref: str = "",
+    destination: KeyEncryptionKey | None = None,
+) -> RotationRun:
+    """Request a rotation (or migration) of ``kek``.
+
+    The run waits for approvals if its policy requires them, else it is queued and
+    a worker picks it up. Concurrent requests for the same KEK produce one run:
+    the database refuses a second active run (:class:`RunAlreadyActive`).
+    """
+    kind = Run.Kind(kind)
+    if kind == Run.Kind.EMERGENCY and not incident_ref.strip():
+        raise RotationError("an emergency rotation needs an incident or ticket reference")
+    if kind == Run.Kind.MIGRATE:
+        if destination is None or destination.pk == kek.pk:
+            raise RotationError("a migration needs a destination KEK other than the source")
+        key_services.require_usable(destination)
+    elif destination is not None:
+        raise RotationError("only migration runs take a destination KEK")
+    key_services.require_usable(kek)
+    runbook = runbooks.for_run("kek", kind)
+    try:
+        with transaction.atomic():
+            policy = ensure_policy(kek)
+            needs_approval = policy.approvals_required > 0
+            run = RotationRun.objects.create(
+                kek=kek, destination_kek=destination, policy=policy, kind=kind,
+                state=S.PENDING_APPROVAL if needs_approval else S.QUEUED,
+                initiated_by=user, initiator=actor.name, reason=reason, incident_ref=incident_ref.strip(),
+            )
+            _create_steps(run, runbook)
+            if not needs_approval:
+                tick(run, "precheck.approvals", actor=Actor.system("engine"), evidence="policy requires no approvals")
+            audit.record(Action.ROTATION_STARTED, actor=actor, target=kek,
+                         details={"run_id": run.pk, "kind": kind.value, "reason": reason, "incident_ref": incident_ref,
+                                  "approvals_required": policy.approvals_required,
+                                  "destination": destination.name if destination else None})
+            if not needs_approval:
+                enqueue_run(run)
+    except IntegrityError:
+        existing = RotationRun.objects.filter(kek=kek, state__in=Run.ACTIVE_STATES).first()
+        if existing is None:
+            raise
+        raise RunAlreadyActive(existing) from None
+    return run
+
+
+def _create_steps(run: RotationRun, runbook) -> None:
+    if runbook is None:
+        return
+    RunStep.objects.bulk_create(
+        RunStep(run=run, section=step.section, key=step.key, title=step.text, automatic=step.automatic, order=i)
+        for i, step in enumerate(runbook.steps)
+    )
+
+
+def _is_break_glass(user) -> bool:
+    group = setting("ROTATION_BREAK_GLASS_GROUP", "Break glass")
+    return bool(group) and user.groups.filter(name=group).exists()
+
+
+def decide(
+    run: RotationRun, *, user, actor: Actor, comment: str, decision: str = Approval.Decision.APPROVE,
+    break_glass: bool = False,
+) -> RotationRun:
+    """Record an approval or rejection.
+
+    Rules: the initiator never approves their own run; each person decides once, so
+    two approvals are two people; a comment is required. A member of the break-glass
+    group may bypass missing approvals with ``break_glass=True`` and a reason, which
+    is audited as such.
+    """
+    decision = Approval.Decision(decision)
+    if not comment or not comment.strip():
+        raise ApprovalRefused("a comment is required")
+    if not user.has_perm("rotation.approve_rotationrun"):
+        raise ApprovalRefused(f"{user.get_username()} may not approve rotation runs")
+    with transaction.atomic():
+        run = _locked_run(run.pk)
+        if run.state != S.PENDING_APPROVAL:
+            raise ApprovalRefused(f"run #{run.pk} is {run.get_state_display().lower()}, not waiting for approval")
+        if run.initiated_by_id == user.pk or run.initiator == actor.name:
+            raise ApprovalRefused("the initiator of a run cannot approve it")
+        if run.approvals.filter(approver=user).exists():
+            raise ApprovalRefused(f"{user.get_username()} has already decided on run #{run.pk}")
+        if break_glass and not _is_break_glass(user):
+            raise ApprovalRefused(f"{user.get_username()} is not in the break-glass group")
+        Approval.objects.create(run=run, approver=user, decision=decision, comment=comment.strip(), break_glass=break_glass)
+        if decision == Approval.Decision.REJECT:
+            audit.record(Action.ROTATION_REJECTED, actor=actor, target=run.kek, details={"run_id": run.pk, "comment": comment})
+            return _transition(run, S.CANCELLED, actor=actor, note=f"rejected: {comment}")
+        action = Action.ROTATION_BREAK_GLASS if break_glass else Action.ROTATION_APPROVED
+        audit.record(action, actor=actor, target=run.kek, details={"run_id": run.pk, "comment": comment})
+        approvals = run.approvals.filter(decision=Approval.Decision.APPROVE).count()
+        if break_glass or approvals >= run.policy.approvals_required:
+            names = ", ".join(a.approver.get_username() for a in run.approvals.select_related("approver"))
+            tick(run, "precheck.approvals", actor=actor,
+                 evidence=("break-glass: " + comment) if break_glass else f"approved by {names}")
+            _transition(run, S.QUEUED, actor=actor)
+            enqueue_run(run)
+    return run
+
+
+def cancel(run: RotationRun, *, actor: Actor, reason: str = "") -> RotationRun:
+    """Cancel a run that has not started rotating (or one that failed)."""
+    with transaction.atomic():
+        run = _locked_run(run.pk)
+        if run.state not in (S.PENDING_APPROVAL, S.QUEUED, S.FAILED):
+            raise InvalidRunTransition(
+                f"run #{run.pk} is {run.get_state_display().lower()}; roll it back instead of cancelling"
+            )
+        return _transition(run, S.CANCELLED, actor=actor, note=reason)
+
+
+def rollback(run: RotationRun, *, actor: Actor, reason: str = "") -> RotationRun:
+    """Stop a run before retirement and make the previous version primary again.
+
+    Both versions stay enabled, so data keys already rewrapped keep opening. Where
+    the provider always encrypts with its newest version (AWS KMS, Vault Transit)
+    the new version stays primary at the provider; the run still stops and
+    nothing is retired.
+    """
+    with transaction.atomic():
+        run = _locked_run(run.pk)
+        if S.ROLLED_BACK not in TRANSITIONS[run.state]:
+            raise InvalidRunTransition(f"run #{run.pk} is {run.get_state_display().lower()}; it cannot be rolled back")
+        note = reason
+        if run.kind != Run.Kind.MIGRATE and run.previous_version and run.target_version:
+            kek = run.kek
+            provider = key_services.provider_for(kek)
+            if provider.supports(Capability.SET_PRIMARY):
+                provider.set_primary_version(kek.provider_key_id, run.previous_version)
+                kek.versions.filter(is_primary=True).update(is_primary=False)
+                kek.versions.filter(number=run.previous_version).update(is_primary=True)
+                note = f"{reason} (v{run.previous_version} is primary again)".strip()
+            else:
+                note = f"{reason} (provider {provider.name} keeps v{run.target_version} as primary; both versions stay enabled)".strip()
+        return _transition(run, S.ROLLED_BACK, actor=actor, note=note)
+
+
+def resume(run: RotationRun, *, actor: Actor) -> RotationRun:
+    """Requeue a failed run; it continues from what the database says is left."""
+    with transaction.atomic():
+        run = _locked_run(run.pk)
+        run = _transition(run, S.QUEUED, actor=actor, last_error="", failed_deks=0, paused_reason="")
+        enqueue_run(run)
+    return run
+
+
+# -- execution -----------------------------------------------------------------------
+
+#: How runs are handed to workers; tests and ``drive`` swap it for inline execution.
+_dispatcher: Callable[[str, tuple, dict], None] | None = None
+
+
+def _celery_dispatch(name: str, args: tuple, options: dict) -> None:
+    from rotation import tasks
+
+    getattr(tasks, name).apply_async(args=args, **options)
+
+
+def dispatch(name: str, *args, **options) -> None:
+    """Send a task once the current transaction commits (inline mode: queue it at once)."""
+    if _dispatcher is not None:
+        _dispatcher(name, args, options)
+        return
+    transaction.on_commit(lambda: _celery_dispatch(name, args, options))
+
+
+def enqueue_run(run: RotationRun) -> None:
+    options = {"priority": 0} if run.kind == Run.Kind.EMERGENCY else {}
+    dispatch("execute_run", run.pk, **options)
+
+
+ENGINE = Actor.system("rotation-engine")
+
+
+def execute_run(run_id: int, *, now: datetime | None = None) -> str:
+    """Advance a run by one phase and hand the next phase to a worker. Returns the new state.
+
+    Safe to call any number of times: each phase checks where the run is first.
+    """
+    now = now or timezone.now()
+    run = RotationRun.objects.select_related("kek").get(pk=run_id)
+    handler = {
+        S.QUEUED: _phase_start,
+        S.ROTATING: _phase_start,
+        S.REWRAPPING: _phase_rewrap,
+        S.VERIFYING: _phase_verify,
+        S.RETIRING: _phase_retire,
+    }.get(run.state)
+    if handler is None:
+        return run.state
+    try:
+        return handler(run_id, now)
+    except ProviderUnavailable:
+        raise
+    except (KMSError, KeyvaultError) as exc:
+        return _fail(run_id, exc)
+
+
+def _fail(run_id: int, exc: Exception) -> str:
+    with transaction.atomic():
+        run = _locked_run(run_id)
+        if S.FAILED not in TRANSITIONS[run.state]:
+            return run.state
+        message = f"{type(exc).__name__}: {exc}"
+        _transition(run, S.FAILED, actor=ENGINE, note=message, last_error=message)
+        return run.state
+
+
+def _phase_start(run_id: int, now: datetime) -> str:
+    run = RotationRun.objects.select_related("kek", "destination_kek").get(pk=run_id)
+    kek = run.kek
+    providers = {key_services.provider_for(kek)}
+    if run.destination_kek_id:
+        providers.add(key_services.provider_for(run.destination_kek))
+    for provider in providers:
+        status = provider.health_check()
+        if not status.healthy:
+            raise ProviderUnavailable(f"{provider.name}: {status.detail}")
+    with transaction.atomic():
+        run = _locked_run(run_id)
+        if run.state == S.QUEUED:
+            _transition(run, S.ROTATING, actor=ENGINE, started_at=now)
+            tick(run, "precheck.provider", actor=ENGINE, evidence="; ".join(
+                f"{p.name}: healthy" for p in providers))
+            chain = audit.verify_chain()
+            tick(run, "precheck.audit", actor=ENGINE, evidence=str(chain),
+                 status=RunStep.Status.DONE if chain.ok else RunStep.Status.FAILED)
+        if run.state != S.ROTATING:
+            return run.state
+        if run.kind == Run.Kind.MIGRATE:
+            target = run.destination_kek.versions.get(is_primary=True).number
+            run.target_version = target
+        elif run.target_version is None:
+            previous = kek.versions.get(is_primary=True).number
+            version = key_services.rotate_kek_version(kek, actor=ENGINE, reason=f"rotation run #{run.pk}", run_id=run.pk)
+            run.previous_version, run.target_version = previous, version.number
+            if run.policy_id:
+                kek.refresh_from_db(fields=["next_rotation_at"])
+                RotationPolicy.objects.filter(pk=run.policy_id).update(next_due_at=kek.next_rotation_at)
+            tick(run, "rotate", actor=ENGINE, evidence=f"v{version.number} is primary (was v{previous})")
+        total = _remaining_query(run).count()
+        _transition(run, S.REWRAPPING, actor=ENGINE, total_deks=total, rewrapped=0, rewrap_started_at=now,
+                    heartbeat_at=now)
+        fan_out(run)
+    return S.REWRAPPING
+
+
+def _remaining_query(run: RotationRun):
+    if run.kind == Run.Kind.MIGRATE:
+        return DataKey.objects.filter(kek_id=run.kek_id)
+    return DataKey.objects.filter(kek_id=run.kek_id, kek_version__lt=run.target_version)
+
+
+def fan_out(run: RotationRun) -> int:
+    """Split what is left into id ranges, one task each, so more workers finish sooner."""
+    bounds = _remaining_query(run).order_by().values_list("id", flat=True)
+    low = bounds.order_by("id").first()
+    if low is None:
+        dispatch("execute_run", run.pk)
+        return 0
+    high = bounds.order_by("-id").first() + 1
+    partitions = max(1, min(setting("ROTATION_PARTITIONS", 4), high - low))
+    step = -(-(high - low) // partitions)
+    for lo in range(low, high, step):
+        dispatch("rewrap_partition", run.pk, lo, min(lo + step, high), priority=0 if run.kind == Run.Kind.EMERGENCY else None)
+    return partitions
+
+
+def rewrap_partition(run_id: int, lo: int, hi: int, *, batch_size: int | None = None) -> int:
+    """Rewrap every remaining data key of the run with ``lo <= id < hi``, batch by batch.
+
+    Afterwards, if nothing is left anywhere, the run moves on to verification.
+    """
+    # Data keys rewrapped per transaction (HMD_ROTATION_BATCH_SIZE): one short transaction and one audit event each.
+    batch_size = batch_size or settings.ROTATION_BATCH_SIZE
+    done = 0
+    after = lo - 1
+    while True:
+        run = RotationRun.objects.select_related("kek", "destination_kek").get(pk=run_id)
+        if run.state != S.REWRAPPING:
+            return done  # cancelled, rolled back or finished meanwhile
+        count, after = rewrap_batch(run, after=after, hi=hi, batch_size=batch_size)
+        done += count
+        if count == 0:
+            break
+    _finish_rewrap_if_done(run_id)
+    return done
+
+
+def rewrap_batch(run: RotationRun, *, after: int, hi: int, batch_size: int) -> tuple[int, int]:
+    """Rewrap one batch in one transaction; returns (rows handled, last id seen).
+
+    Rows another worker holds are skipped (``SKIP LOCKED``); rows that moved to the
+    target already no longer match. A data key the provider cannot open is counted
+    as failed and left on its old version (nothing is ever made unreadable).
+    """
+    source = key_services.provider_for(run.kek)
+    destination_kek = run.destination_kek if run.kind == Run.Kind.MIGRATE else run.kek
+    destination = key_services.provider_for(destination_kek)
+    now = timezone.now()
+    with transaction.atomic():
+        rows = list(
+            _remaining_query(run).filter(id__gt=after, id__lt=hi).order_by("id")
+            .select_for_update(skip_locked=True)
+            .values_list("id", "wrapped_key", "encryption_context")[:batch_size]
+        )
+        if not rows:
+            return 0, hi
+        updates, failures = [], []
+        for pk, wrapped, context in rows:
+            try:
+                if run.kind == Run.Kind.MIGRATE:
+                    result = _migrate_one(source, destination, destination_kek, bytes(wrapped), context)
+                else:
+                    result = source.rewrap(bytes(wrapped), encryption_context=context, key_id=run.kek.provider_key_id)
+            except ProviderUnavailable:
+                raise
+            except KMSError as exc:
+                failures.append((pk, type(exc).__name__))
+                continue
+            updates.append((pk, result.ciphertext, result.key_version, context))
+        if updates:
+            _verify_sample(destination, destination_kek, updates)
+            _bulk_write(updates, now, kek_id=destination_kek.pk)
+        RotationRun.objects.filter(pk=run.pk).update(
+            rewrapped=F("rewrapped") + len(updates), failed_deks=F("failed_deks") + len(failures),
+            heartbeat_at=now, paused_reason="",
+        )
+        details = {"run_id": run.pk, "first_id": rows[0][0], "last_id": rows[-1][0], "rewrapped": len(updates)}
+        if failures:
+            details["failed_ids"] = [pk for pk, _ in failures[:20]]
+            details["failed_errors"] = sorted({name for _, name in failures})
+        audit.record(Action.ROTATION_BATCH, actor=ENGINE, target=run.kek,
+                     outcome=Outcome.FAILURE if failures else Outcome.SUCCESS, details=details)
+    return len(rows), rows[-1][0]
+
+
+def _migrate_one(source, destination, destination_kek, wrapped: bytes, context):
+    opened = source.decrypt(wrapped, encryption_context=context)
+    plaintext = bytearray(opened.plaintext)
+    try:
+        return destination.encrypt(destination_kek.provider_key_id, bytes(plaintext), encryption_context=context)
+    finally:
+        plaintext[:] = bytes(len(plaintext))
+
+
+def _verify_sample(provider, kek, updates) -> None:
+    """Open one freshly rewrapped key through the provider before the batch commits."""
+    pk, ciphertext, version, context = random.choice(updates)
+    opened = provider.decrypt(ciphertext, encryption_context=context)
+    if opened.key_version != version or opened.key_id != kek.provider_key_id:
+        raise RotationError(f"verification of data key #{pk} failed: provider reports another key or version")
+
+
+def _bulk_write(updates, now, *, kek_id: int) -> None:
+    """One UPDATE for the batch (PostgreSQL: ``UPDATE … FROM (VALUES …)``), never a save() per row."""
+    table = DataKey._meta.db_table
+    if connection.vendor == "postgresql":
+        values = ", ".join(["(%s::bigint, %s::bytea, %s::integer)"] * len(updates))
+        params = [p for pk, blob, version, _ in updates for p in (pk, blob, version)]
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"UPDATE {table} AS d SET wrapped_key = v.w, kek_version = v.ver, kek_id = %s, last_rewrapped_at = %s "
+                f"FROM (VALUES {values}) AS v(id, w, ver) WHERE d.id = v.id",
+                [kek_id, now, *params],
+            )
+    else:
+        with connection.cursor() as cursor:
+            cursor.executemany(
+                f"UPDATE {table} SET wrapped_key = %s, kek_version = %s, kek_id = %s, last_rewrapped_at = %s WHERE id = %s",
+                [(blob, version, kek_id, now, pk) for pk, blob, version, _ in updates],
+            )
+
+
+def _finish_rewrap_if_done(run_id: int) -> str:
+    with transaction.atomic():
+        run = _locked_run(run_id)
+        if run.state != S.REWRAPPING:
+            return run.state
+        remaining = _remaining_query(run).count()
+        if remaining == 0:
+            tick(run, "rewrap", actor=ENGINE, evidence=f"{run.rewrapped} data keys rewrapped")
+            _transition(run, S.VERIFYING, actor=ENGINE)
+            dispatch("execute_run", run.pk)
+        elif run.failed_deks and remaining <= run.failed_deks:
+            message = (f"{remaining} data key(s) could not be rewrapped (see the run's audit events); "
+                       "the old version stays enabled")
+            tick(run, "rewrap", actor=ENGINE, evidence=message, status=RunStep.Status.FAILED)
+            _transition(run, S.FAILED, actor=ENGINE, note=message, last_error=message)
+    return run.state
+
+
+def _phase_rewrap(run_id: int, now: datetime) -> str:
+    """Re-dispatch the rewrap (after a restart, or for stragglers another worker skipped)."""
+    run = RotationRun.objects.get(pk=run_id)
+    if _remaining_query(run).exists():
+        fan_out(run)
+        return run.state
+    return _finish_rewrap_if_done(run_id)
+
+
+def _phase_verify(run_id: int, now: datetime) -> str:
+    run = RotationRun.objects.select_related("kek", "destination_kek", "policy").get(pk=run_id)
+    if run.kind != Run.Kind.MIGRATE:
+        fields = rewrap_encrypted_fields_of(run.kek)
+        tick(run, "rewrap.fields", actor=ENGINE, evidence=fields or "no encrypted fields use this KEK")
+    remaining = _remaining_query(run).count()
+    if remaining:
+        with transaction.atomic():
+            _transition(_locked_run(run_id), S.REWRAPPING, actor=ENGINE, note=f"{remaining} data keys still to rewrap")
+        fan_out(run)
+        return S.REWRAPPING
+    target_kek = run.destination_kek if run.kind == Run.Kind.MIGRATE else run.kek
+    sample = list(DataKey.objects.filter(kek=target_kek).order_by("?").values_list("wrapped_key", "encryption_context", "kek_version")[:20])
+    provider = key_services.provider_for(target_kek)
+    for wrapped, context, version in sample:
+        opened = provider.decrypt(bytes(wrapped), encryption_context=context)
+        if opened.key_version != version:
+            raise RotationError("verification failed: a data key opened under another version than recorded")
+    coverage = key_services.version_coverage(target_kek)
+    emergency = run.kind == Run.Kind.EMERGENCY
+    grace = timedelta(0) if emergency or run.kind == Run.Kind.MIGRATE else run.policy.grace_period() if run.policy else timedelta(days=7)
+    with transaction.atomic():
+        run = _locked_run(run_id)
+        if run.state != S.VERIFYING:
+            return run.state
+        tick(run, "verify.sample", actor=ENGINE, evidence=f"{len(sample)} random data keys decrypted after the run")
+        tick(run, "verify.coverage", actor=ENGINE, evidence=f"coverage by version: {coverage}")
+        _transition(run, S.RETIRING, actor=ENGINE, retire_after=now + grace)
+        if not grace:
+            dispatch("execute_run", run.pk)
+    return S.RETIRING
+
+
+def rewrap_encrypted_fields_of(kek: KeyEncryptionKey) -> str:
+    """Rewrap every encrypted model field value (all models); returns a summary for the evidence."""
+    from django.apps import apps
+
+    parts = []
+    for model in apps.get_models():
+        for field in encrypted_fields(model):
+            count = rewrap_field(model, field.name)
+            if count:
+                parts.append(f"{model._meta.label_lower}.{field.name}: {count}")
+    return ", ".join(parts)
+
+
+def _phase_retire(run_id: int, now: datetime) -> str:
+    with transaction.atomic():
+        run = _locked_run(run_id)
+        if run.state != S.RETIRING or (run.retire_after and run.retire_after > now):
+            return run.state
+        kek = run.kek
+        if run.kind == Run.Kind.MIGRATE:
+            evidence = f"all data keys moved to KEK {run.destination_kek.name}; source KEK left enabled for rollback"
+        else:
+            retired = []
+            for version in kek.versions.filter(number__lt=run.target_version, state=KeyVersion.State.ENABLED):
+                # set_version_state refuses unless coverage of the old version is zero.
+                key_services.set_version_state(kek, version.number, KeyVersion.State.DISABLED, actor=ENGINE,
+                                               reason=f"retired by rotation run #{run.pk}")
+                retired.append(f"v{version.number}")
+            evidence = f"disabled {', '.join(retired) or 'nothing (no enabled older versions)'}"
+        tick(run, "retire", actor=ENGINE, evidence=evidence)
+        _transition(run, S.COMPLETED, actor=ENGINE)
+    return S.COMPLETED
+
+
+def mark_paused(run_id: int, reason: str) -> None:
+    """Record why a run is waiting (provider down); the task retries with backoff."""
+    RotationRun.objects.filter(pk=run_id).update(paused_reason=reason[:255], last_error=reason)
+
+
+# -- the beat sweep --------------------------------------------------------------------
+
+
+def dispatch_due_rotations(*, now: datetime | None = None) -> list[RotationRun]:
+    """The one periodic job: start due runs, resume stalled ones, retire, destroy due KEKs."""
+    now = now or timezone.now()
+    started = []
+    for kek in KeyEncryptionKey.objects.filter(state=KeyEncryptionKey.State.ENABLED, rotation_policy__isnull=True):
+        ensure_policy(kek)
+    for policy in due_policies(now):
+        try:
+            started.append(start_run(kek=policy.kek, actor=Actor.system("beat"), kind=Run.Kind.PLANNED,
+                                     reason=_due_reason(policy, now)))
+        except RunAlreadyActive:
+            continue
+        except KeyvaultError as exc:
+            log.warning("could not start planned rotation of %s: %s", policy.kek.name, exc)
+    resume_stalled_runs(now=now)
+    for run in RotationRun.objects.filter(state=S.RETIRING, retire_after__lte=now):
+        dispatch("execute_run", run.pk)
+    key_services.destroy_due_keks(now=now, actor=Actor.system("beat"))
+    return started
+
+
+def due_policies(now: datetime) -> list[RotationPolicy]:
+    """Automatic policies of enabled KEKs that are due by date or usage and inside their window."""
+    candidates = (
+        RotationPolicy.objects.select_related("kek")
+        .filter(auto=True, kek__state=KeyEncryptionKey.State.ENABLED)
+        .exclude(kek__rotation_runs__state__in=Run.ACTIVE_STATES)
+    )
+    due = []
+    for policy in candidates.filter(Q(next_due_at__lte=now) | Q(usage_threshold__isnull=False)):
+        if not policy.in_window(now):
+            continue
+        if (policy.next_due_at and policy.next_due_at <= now) or _over_usage(policy):
+            due.append(policy)
+    return due
+
+
+def _over_usage(policy: RotationPolicy) -> bool:
+    if not policy.usage_threshold:
+        return False
+    try:
+        key_services.refresh_kek(policy.kek)
+    except KMSError as exc:
+        log.warning("could not read usage of %s: %s", policy.kek.name, exc)
+        return False
+    primary = policy.kek.versions.filter(is_primary=True).first()
+    return bool(primary and primary.encrypt_count >= policy.usage_threshold)
+
+
+def _due_reason(policy: RotationPolicy, now: datetime) -> str:
+    if policy.next_due_at and policy.next_due_at <= now:
+        return f"scheduled: due {policy.next_due_at:%Y-%m-%d %H:%M} UTC (every {policy.period_days} days)"
+    return f"usage: primary version passed {policy.usage_threshold} encryptions"
+
+
+def resume_stalled_runs(*, now: datetime) -> list[int]:
+    """Re-dispatch working runs with no progress for ``ROTATION_STALL_SECONDS`` (a killed worker)."""
+    stall = timedelta(seconds=setting("ROTATION_STALL_SECONDS", 300))
+    stalled = RotationRun.objects.filter(
+        state__in=[S.QUEUED, S.ROTATING, S.REWRAPPING, S.VERIFYING]
+    ).filter(Q(heartbeat_at__lt=now - stall) | Q(heartbeat_at__isnull=True, created_at__lt=now - stall))
+    ids = []
+    for run in stalled:
+        RotationRun.objects.filter(pk=run.pk).update(heartbeat_at=now)
+        dispatch("execute_run", run.pk)
+        ids.append(run.pk)
+    return ids
+
+
+# -- synchronous driving (tests, the CLI's --inline, and benchmarks) ------------------------
+
+
+def drive(run_id: int, *, now: datetime | None = None, max_phases: int = 1000) -> RotationRun:
+    """Run every phase in this process until the run is done or waiting (approval, grace period).
+
+    Dispatches that would go to Celery run inline instead, in order.
+    """
+    global _dispatcher
+    queue: list[tuple[str, tuple]] = []
+    previous = _dispatcher
+    _dispatcher = lambda name, args, options: queue.append((name, args))  # noqa: E731
+    try:
+        queue.append(("execute_run", (run_id,)))
+        phases = 0
+        while queue and phases < max_phases:
+            name, args = queue.pop(0)
+            if name == "execute_run":
+                execute_run(*args, now=now)
+            else:
+                rewrap_partition(*args)
+            phases += 1
+    finally:
+        _dispatcher = previous
+    return RotationRun.objects.get(pk=run_id)
