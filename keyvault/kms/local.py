@@ -83,6 +83,8 @@ _KEYRING_MAGIC = b"KVKR\x01"
 _KEYRING_AAD = b"keyvault local keyring v1"
 _MIN_CIPHERTEXT = 2 + 1 + _VERSION.size + NONCE_BYTES + TAG_BYTES
 _GENERATION = Struct(">Q")
+_GENERATION_SIZE = _GENERATION.size
+_monotonic = time.monotonic
 #: Longest time a process trusts its copy of the keyring without ``stat``-ing the file.
 RECHECK_SECONDS = 1.0
 
@@ -108,6 +110,38 @@ def decode_master_key(encoded: str | bytes) -> bytes:
 def generate_master_key() -> str:
     """Return a new random master key, base64-encoded."""
     return base64.b64encode(secrets.token_bytes(32)).decode("ascii")
+
+
+def _fast_constructor(cls, fields: tuple[str, str, str]):
+    """Return ``build(a, b, c)`` making a frozen slots dataclass without its ``__init__``.
+
+    A frozen dataclass sets every field through ``object.__setattr__``, which
+    costs nearly as much as the AES-GCM call on the hot path; setting the slots
+    through their descriptors builds the very same object. Falls back to the
+    class itself if it ever stops being a plain three-slot class.
+    """
+    setters = [getattr(cls, name, None) for name in fields]
+    if (
+        getattr(cls, "__slots__", None) != fields
+        or hasattr(cls, "__post_init__")
+        or any(type(setter).__name__ != "member_descriptor" for setter in setters)
+    ):
+        return cls
+    new = object.__new__
+    set_a, set_b, set_c = (setter.__set__ for setter in setters)
+
+    def build(a, b, c):
+        instance = new(cls)
+        set_a(instance, a)
+        set_b(instance, b)
+        set_c(instance, c)
+        return instance
+
+    return build
+
+
+_encrypt_result = _fast_constructor(EncryptResult, ("ciphertext", "key_id", "key_version"))
+_decrypt_result = _fast_constructor(DecryptResult, ("plaintext", "key_id", "key_version"))
 
 
 class _Reservation:
@@ -148,6 +182,7 @@ class LocalKMSProvider(KMSProvider):
             Capability.DISABLE_KEY,
             Capability.ENCRYPT_COUNT,
             Capability.DESTROY_KEY,
+            Capability.SET_PRIMARY,
         }
     )
 
@@ -279,10 +314,14 @@ class LocalKMSProvider(KMSProvider):
         generation_map = self._generation_map
         if (
             generation_map is not None
-            and generation_map[: _GENERATION.size] == self._seen_generation
-            and time.monotonic() < self._recheck_at
+            and generation_map[:_GENERATION_SIZE] == self._seen_generation
+            and _monotonic() < self._recheck_at
         ):
             return
+        self._reload()
+
+    def _reload(self) -> None:
+        """The slow half of :meth:`_refresh`: compare the file, re-read it if it changed."""
         with self._mutex:
             if self._generation_map is None:
                 self._generation_map = self._open_generation_map()
@@ -451,6 +490,18 @@ class LocalKMSProvider(KMSProvider):
 
         return self._mutate(change)
 
+    def set_primary_version(self, key_id: str, version: int) -> KeyInfo:
+        def change(keyring: dict) -> KeyInfo:
+            key = self._key(keyring, key_id)
+            self._require_usable_key(key, key_id)
+            record = self._version(key, key_id, version)
+            if record["state"] != VersionState.ENABLED:
+                raise KeyDisabled(f"version {version} of {key_id!r} is {record['state']}; only enabled versions can be primary")
+            key["primary"] = version
+            return self._info(key_id, key)
+
+        return self._mutate(change)
+
     def destroy_key(self, key_id: str) -> None:
         def change(keyring: dict) -> None:
             key = self._key(keyring, key_id)
@@ -490,7 +541,13 @@ class LocalKMSProvider(KMSProvider):
 
     def _take_encryption(self, key_id: str) -> tuple[int, AESGCM, bytes, _Reservation]:
         """Return the primary version's slot, with one encryption counted against it."""
-        self._refresh()
+        generation_map = self._generation_map  # _refresh(), inlined for the hot path
+        if (
+            generation_map is None
+            or generation_map[:_GENERATION_SIZE] != self._seen_generation
+            or _monotonic() >= self._recheck_at
+        ):
+            self._reload()
         slot = self._encrypt_slots.get(key_id)
         if slot is not None and slot[3].take():
             return slot
@@ -525,7 +582,7 @@ class LocalKMSProvider(KMSProvider):
         self, key_id: str, plaintext: bytes, *, encryption_context: EncryptionContext | None = None
     ) -> EncryptResult:
         ciphertext, version = self._seal(key_id, plaintext, encryption_context)
-        return EncryptResult(ciphertext, key_id, version)
+        return _encrypt_result(ciphertext, key_id, version)
 
     def decrypt(self, ciphertext: bytes, *, encryption_context: EncryptionContext | None = None) -> DecryptResult:
         if type(ciphertext) is not bytes:
@@ -535,7 +592,13 @@ class LocalKMSProvider(KMSProvider):
         header_end = 2 + ciphertext[1] + _VERSION.size
         if len(ciphertext) < header_end + NONCE_BYTES + TAG_BYTES:
             raise InvalidCiphertext()
-        self._refresh()
+        generation_map = self._generation_map  # _refresh(), inlined for the hot path
+        if (
+            generation_map is None
+            or generation_map[:_GENERATION_SIZE] != self._seen_generation
+            or _monotonic() >= self._recheck_at
+        ):
+            self._reload()
         header = ciphertext[:header_end]
         slot = self._decrypt_slots.get(header)
         if slot is None:
@@ -553,7 +616,7 @@ class LocalKMSProvider(KMSProvider):
         # Only an authentic ciphertext learns that its key or version is switched off.
         if refusal is not None:
             raise KeyDisabled(refusal)
-        return DecryptResult(plaintext, key_id, version)
+        return _decrypt_result(plaintext, key_id, version)
 
     def _decryption_slot(self, header: bytes) -> tuple[str, int, AESGCM | None, str | None]:
         """Validate a ciphertext header against the keyring and remember the outcome."""
