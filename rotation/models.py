@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timedelta
 
 from django.conf import settings
@@ -14,6 +15,34 @@ from keyvault.models import KeyEncryptionKey
 
 #: NIST SP 800-57 Pt 1 Rev 5 §5.3.6: originator-usage period of symmetric data/key-wrapping keys, about 2 years.
 NIST_MAX_ORIGINATOR_DAYS = 730
+MIN_PERIOD = timedelta(minutes=1)
+_SHORT_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_period(text: str) -> timedelta:
+    """``90d``, ``12h``, ``5m``, ``2w``, ``30s`` or an ISO 8601 / Django duration (``P90D``, ``5 00:00:00``).
+
+    :raises ValueError: anything else.
+    """
+    from django.utils.dateparse import parse_duration
+
+    match = _SHORT_DURATION.match(text or "")
+    if match:
+        return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    parsed = parse_duration((text or "").strip())
+    if parsed is None:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 90d, 12h, 5m or P90D)")
+    return parsed
+
+
+def format_period(value: timedelta) -> str:
+    """The shortest exact ``parse_period`` spelling of ``value``."""
+    seconds = int(value.total_seconds())
+    for unit, size in (("w", 604800), ("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 #: NIST SP 800-38D §8.3: at most 2**32 random-nonce encryptions per key.
 NIST_MAX_GCM_ENCRYPTIONS = 2**32
 
@@ -25,9 +54,10 @@ class RotationPolicy(models.Model):
         KeyEncryptionKey, on_delete=models.CASCADE, related_name="rotation_policy", verbose_name="key-encryption key",
         null=True, blank=True, help_text="The KEK this policy rotates.",
     )
-    period_days = models.PositiveIntegerField(
-        "period (days)", default=365, validators=[MinValueValidator(1)],
-        help_text="Rotate this many days after the last rotation. NIST SP 800-57 suggests at most 730 for KEKs.",
+    period = models.DurationField(
+        "period", default=timedelta(days=365), validators=[MinValueValidator(MIN_PERIOD)],
+        help_text="Rotate this long after the last rotation (e.g. 365 days; as short as 1 minute for drills). "
+        "NIST SP 800-57 suggests at most about 2 years for KEKs.",
     )
     usage_threshold = models.PositiveBigIntegerField(
         "usage threshold", null=True, blank=True,
@@ -44,8 +74,8 @@ class RotationPolicy(models.Model):
         "approvals required", default=0, validators=[MaxValueValidator(2)],
         help_text="Distinct approvers (0, 1 or 2) a run needs before it starts; never the initiator.",
     )
-    grace_period_days = models.PositiveIntegerField(
-        "grace period (days)", default=7,
+    grace_period = models.DurationField(
+        "grace period", default=timedelta(days=7), validators=[MinValueValidator(timedelta(0))],
         help_text="Old versions stay enabled this long after every data key is rewrapped, then are disabled.",
     )
     next_due_at = models.DateTimeField("next due", null=True, blank=True, db_index=True)
@@ -94,16 +124,14 @@ class RotationPolicy(models.Model):
     def warnings(self) -> list[str]:
         """Where this policy goes beyond NIST guidance."""
         found = []
-        if self.period_days > NIST_MAX_ORIGINATOR_DAYS:
+        if self.period > timedelta(days=NIST_MAX_ORIGINATOR_DAYS):
             found.append(
-                f"Period of {self.period_days} days exceeds the ~2-year originator-usage period NIST SP 800-57 suggests."
+                f"Period of {self.period.days} days exceeds the ~2-year originator-usage period NIST SP 800-57 suggests."
             )
         if self.usage_threshold and self.usage_threshold > NIST_MAX_GCM_ENCRYPTIONS:
             found.append("Usage threshold exceeds 2^32 encryptions, the NIST SP 800-38D limit for AES-GCM.")
         return found
 
-    def grace_period(self) -> timedelta:
-        return timedelta(days=self.grace_period_days)
 
 
 class RotationRun(models.Model):

@@ -10,6 +10,7 @@ twice changes nothing the second time.
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -29,7 +30,7 @@ from keyvault.kms import Capability, KMSError, ProviderUnavailable, get_provider
 from keyvault.models import DataKey, KeyEncryptionKey, KeyVersion
 from rotation import runbooks
 from rotation.exceptions import ApprovalRefused, InvalidRunTransition, RotationError, RunAlreadyActive
-from rotation.models import Approval, RotationPolicy, RotationRun, RunStep
+from rotation.models import Approval, RotationPolicy, RotationRun, RunStep, format_period
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def ensure_policy(kek: KeyEncryptionKey) -> RotationPolicy:
     policy, _ = RotationPolicy.objects.get_or_create(
         kek=kek,
         defaults={
-            "period_days": kek.rotation_period_days,
+            "period": timedelta(days=kek.rotation_period_days),
             "usage_threshold": kek.max_encryptions_per_version,
             "next_due_at": kek.next_rotation_at or timezone.now() + timedelta(days=kek.rotation_period_days),
         },
@@ -76,8 +77,8 @@ def ensure_policy(kek: KeyEncryptionKey) -> RotationPolicy:
 
 
 POLICY_FIELDS = (
-    "period_days", "usage_threshold", "window_weekdays", "window_start", "window_end", "auto",
-    "approvals_required", "grace_period_days",
+    "period", "usage_threshold", "window_weekdays", "window_start", "window_end", "auto",
+    "approvals_required", "grace_period",
 )
 
 
@@ -92,12 +93,13 @@ def update_policy(kek: KeyEncryptionKey, *, actor: Actor, **changes) -> Rotation
         for name, value in changes.items():
             setattr(policy, name, value)
         policy.full_clean(exclude=["kek"])
-        if "period_days" in changes:
+        if "period" in changes:
             anchor = kek.last_rotated_at or kek.created_at
-            policy.next_due_at = anchor + timedelta(days=policy.period_days)
+            policy.next_due_at = anchor + policy.period
         policy.save()
+        # The KEK keeps a whole-day period for display; the policy's exact period schedules.
         key_services.update_kek_settings(
-            kek, actor=actor, rotation_period_days=policy.period_days,
+            kek, actor=actor, rotation_period_days=max(1, math.ceil(policy.period / timedelta(days=1))),
             max_encryptions_per_version=policy.usage_threshold,
         )
         KeyEncryptionKey.objects.filter(pk=kek.pk).update(next_rotation_at=policy.next_due_at)
@@ -404,8 +406,9 @@ def _phase_start(run_id: int, now: datetime) -> str:
             version = key_services.rotate_kek_version(kek, actor=ENGINE, reason=f"rotation run #{run.pk}", run_id=run.pk)
             run.previous_version, run.target_version = previous, version.number
             if run.policy_id:
-                kek.refresh_from_db(fields=["next_rotation_at"])
-                RotationPolicy.objects.filter(pk=run.policy_id).update(next_due_at=kek.next_rotation_at)
+                next_due = now + run.policy.period
+                RotationPolicy.objects.filter(pk=run.policy_id).update(next_due_at=next_due)
+                KeyEncryptionKey.objects.filter(pk=kek.pk).update(next_rotation_at=next_due)
             tick(run, "rotate", actor=ENGINE, evidence=f"v{version.number} is primary (was v{previous})")
         total = _remaining_query(run).count()
         _transition(run, S.REWRAPPING, actor=ENGINE, total_deks=total, rewrapped=0, rewrap_started_at=now,
@@ -588,7 +591,7 @@ def _phase_verify(run_id: int, now: datetime) -> str:
             raise RotationError("verification failed: a data key opened under another version than recorded")
     coverage = key_services.version_coverage(target_kek)
     emergency = run.kind == Run.Kind.EMERGENCY
-    grace = timedelta(0) if emergency or run.kind == Run.Kind.MIGRATE else run.policy.grace_period() if run.policy else timedelta(days=7)
+    grace = timedelta(0) if emergency or run.kind == Run.Kind.MIGRATE else run.policy.grace_period if run.policy else timedelta(days=7)
     with transaction.atomic():
         run = _locked_run(run_id)
         if run.state != S.VERIFYING:
@@ -694,7 +697,7 @@ def _over_usage(policy: RotationPolicy) -> bool:
 
 def _due_reason(policy: RotationPolicy, now: datetime) -> str:
     if policy.next_due_at and policy.next_due_at <= now:
-        return f"scheduled: due {policy.next_due_at:%Y-%m-%d %H:%M} UTC (every {policy.period_days} days)"
+        return f"scheduled: due {policy.next_due_at:%Y-%m-%d %H:%M} UTC (every {format_period(policy.period)})"
     return f"usage: primary version passed {policy.usage_threshold} encryptions"
 
 
