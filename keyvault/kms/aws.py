@@ -1,0 +1,1047 @@
+"""AWS KMS provider: symmetric KMS keys through boto3 (botocore), with a small Keyvault wrapper.
+
+Implementation guide
+====================
+
+What maps to what
+-----------------
+=================================  ==================================================
+Keyvault                            AWS KMS
+=================================  ==================================================
+``create_key(name)``                ``CreateKey`` (SYMMETRIC_DEFAULT, tag
+                                    ``keyvault:name``) + ``CreateAlias alias/<name>``
+``describe_key``                    ``DescribeKey`` + ``ListKeyRotations``
+``encrypt`` / ``decrypt``           ``Encrypt`` / ``Decrypt`` with ``EncryptionContext``
+``generate_data_key``               ``GenerateDataKey`` (``AES_256``, ``AES_128``)
+``rewrap``                          ``ReEncrypt`` (plaintext never leaves AWS)
+``rotate_key``                      ``RotateKeyOnDemand``
+``enable_automatic_rotation``       ``EnableKeyRotation`` with ``RotationPeriodInDays``
+``set_key_state``                   ``EnableKey`` / ``DisableKey``
+``schedule_key_deletion``           ``ScheduleKeyDeletion`` (7-30 days, default 30)
+``cancel_key_deletion``             ``CancelKeyDeletion`` (the key comes back Disabled)
+``destroy_key``                     ``ScheduleKeyDeletion`` with the 7-day minimum
+``health_check``                    ``ListKeys`` (``Limit=1``)
+=================================  ==================================================
+
+``destroy_key`` cannot erase at once: AWS always waits at least 7 days, during
+which every cryptographic operation fails and ``cancel_key_deletion`` can still
+bring the key back (Disabled). The capability is declared because, unless
+someone cancels, the material is gone for good after the window.
+
+Key references and names
+------------------------
+Every method takes a *reference*: a Keyvault name (``orders-kek``, resolved as
+``alias/orders-kek``), an alias name (``alias/...``), an alias ARN, a key id
+(uuid or ``mrk-...``) or a key ARN. ``create_key(name)`` creates the key and the
+alias ``alias/<name>`` so Keyvault's names work; names are 1-250 characters of
+letters, digits, ``/ _ -``, may not start with ``aws/`` or ``alias/`` and may not
+look like a key id. Results report ``key_id`` **exactly as the caller gave it**
+(``EncryptResult``, ``DataKey``, ``KeyInfo``, and ``DecryptResult`` via the wrapper
+below), so any reported id round-trips into ``encrypt`` and ``describe_key``. Keyvault never
+re-points its aliases. While a key is pending deletion its alias (and so its
+name) stays taken.
+
+Ciphertext wrapper (why, and its format)
+----------------------------------------
+An AWS ciphertext names its key but never which backing-key version (material)
+sealed it, and AWS keeps every old version forever. Keyvault needs the version to
+count coverage per version and gate retirement like for the other backends, so
+the provider wraps the AWS ``CiphertextBlob`` (all integers big-endian)::
+
+    u8   format version (1)
+    u8   payload: 0 = the AWS plaintext is the plaintext,
+                  1 = the plaintext is empty (AWS refuses empty plaintext,
+                      so a 1-byte filler is sealed instead)
+    u16  length R of the key reference, then R bytes: the reference as the caller
+         gave it (UTF-8), reported back as ``key_id``
+    u16  length A of the key ARN, then A bytes: the ARN of the key that sealed it
+    u32  Keyvault version current at encryption (see below)
+    ...  the AWS CiphertextBlob (the rest)
+
+The header is bound to the AWS ciphertext: every field is also put into the
+encryption context sent to AWS, under reserved keys ``kv:format``, ``kv:payload``,
+``kv:key``, ``kv:key-arn`` and ``kv:version``. AWS authenticates the encryption
+context as AAD, so changing any header byte makes ``Decrypt`` fail, and the
+parser refuses every header that does not re-serialise to the same bytes. Callers
+may not use context keys starting with ``kv:`` (case-insensitively). ``Decrypt``
+is always called with ``KeyId`` = the header's ARN, so a blob sealed under
+another key is refused (``IncorrectKeyException``), never silently opened.
+The header values are not secret and appear in CloudTrail like any context, which
+makes the version of each call visible in the audit trail too.
+
+Versions
+--------
+Version *n* = 1 + the number of completed rotations that ``ListKeyRotations``
+lists (automatic and on-demand alike); version 1 dates from ``CreationDate``,
+version *k+1* from the *k*-th rotation's ``RotationDate``. The version a
+ciphertext records is the one current *as far as this provider knew* when it
+encrypted: rotations complete asynchronously and listings are eventually
+consistent, so the recorded version is a lower bound of the material really used,
+never higher. That errs on the safe side: such ciphertexts look older and get
+rewrapped sooner, never later. A wrapper naming a version above every listed one
+(after a fresh listing) or a key that does not exist is an ``InvalidCiphertext``.
+
+``rotate_key`` calls ``RotateKeyOnDemand`` and waits up to ``rotation_wait``
+seconds for the rotation to be listed; if AWS has not finished by then it returns
+the version number the rotation will get, and encryptions keep recording the
+previous version until it is listed. AWS allows only a small number of on-demand
+rotations per key (10 when this was written, not adjustable), so schedules
+should rely on automatic rotation: ``enable_automatic_rotation(key,
+period_days=...)`` with 90-2560 days (AWS's range; checked before calling).
+
+Per-version disable/destroy: not offered
+----------------------------------------
+AWS cannot disable or destroy one backing-key version: anyone allowed
+``kms:Decrypt`` on the key can open every ciphertext ever sealed under it,
+whatever Keyvault thinks. A per-version "disabled" flag kept by Keyvault (in tags,
+say) would be enforced only by this class, would rest on a version label that is
+a lower bound, and would promise a revocation AWS does not deliver; a security
+team could not rely on it. So this provider does **not** declare
+``DISABLE_VERSION`` or ``DESTROY_VERSION``, and ``set_key_version_state`` raises
+``UnsupportedOperation``. Retiring a version on AWS means: rewrap everything to the
+current version (coverage per version comes from the wrapper), then, for a real
+revocation, disable or schedule deletion of the *whole key* (after moving data to
+another key with ``rewrap(..., key_id=other)``). Each version's reported state is
+the key's state (Enabled, Disabled, or DESTROY_SCHEDULED while pending deletion).
+For the same reason there is no ``SET_PRIMARY``: AWS always encrypts with the
+newest material, so ``set_primary_version`` keeps the base class's
+``UnsupportedOperation``.
+
+Key states
+----------
+``Enabled`` -> ENABLED; ``Disabled`` -> DISABLED; ``PendingDeletion`` and
+``PendingReplicaDeletion`` -> PENDING_DELETION; every other AWS state
+(``PendingImport``, ``Unavailable``, ``Creating``, ``Updating``) -> DISABLED,
+because no cryptography is possible in it.
+
+The provider checks the key state itself before every cryptographic call and
+refuses with ``KeyDisabled`` (AWS does too; emulators such as moto do not, and the
+version number must be read anyway). The key's description (DescribeKey and
+ListKeyRotations) is cached per reference for ``state_ttl`` seconds (default 10,
+0 = never cache): without the cache every encryption would cost three requests,
+and DescribeKey and ListKeyRotations have their own request quotas, lower than the
+shared quota of cryptographic operations, that a busy service would exhaust. What
+the cache can get wrong is bounded: a change this provider makes drops the entry
+at once; a change made elsewhere is seen within ``state_ttl``, during which real
+AWS still refuses crypto on a disabled key (``DisabledException`` -> ``KeyDisabled``,
+and the entry is dropped), and a stale version only makes the recorded version
+lower (see above). ``describe_key`` always reads fresh.
+
+Errors
+------
+* ``ThrottlingException``, ``KMSInternalException``, ``DependencyTimeoutException``,
+  ``KeyUnavailableException``, any HTTP 5xx, connection errors and timeouts ->
+  ``ProviderUnavailable`` (the only retryable one);
+* ``InvalidCiphertextException``, ``IncorrectKeyException`` -> ``InvalidCiphertext``;
+* ``NotFoundException``, ``InvalidArnException`` -> ``KeyNotFound`` (``InvalidCiphertext``
+  while opening a ciphertext);
+* ``DisabledException``, ``KMSInvalidStateException``, ``ConflictException`` -> ``KeyDisabled``;
+* ``AccessDeniedException``, rejected or expired credentials -> ``AccessDenied``;
+* ``UnsupportedOperationException`` -> ``UnsupportedOperation``;
+* ``AlreadyExistsException``, ``ValidationException``, ``LimitExceededException``
+  (e.g. no on-demand rotations left), missing credentials or region -> ``ConfigurationError``.
+
+Retries happen inside botocore (``Config(retries={"mode": "standard",
+"total_max_attempts": max_attempts}, connect_timeout=..., read_timeout=...)``):
+what reaches the caller as ``ProviderUnavailable`` has already been retried.
+``max_attempts`` counts every attempt, the first included, like ``AWS_MAX_ATTEMPTS``
+(botocore's ``max_attempts`` key would count retries only: 1 would mean 2 tries).
+
+While *opening* a ciphertext (``decrypt``, the source side of ``rewrap``) every
+failure is the opaque ``InvalidCiphertext`` except three that are not about the
+ciphertext: ``ProviderUnavailable``, ``KeyDisabled`` (the key named by the wrapper
+is disabled or pending deletion; AWS reveals this for any ciphertext too) and an
+IAM denial (``AccessDeniedException`` whose message says the caller "is not
+authorized to perform" the action). AWS answers a blob that names a key that does
+not exist, or that we may not use, with ``AccessDeniedException`` and the message
+"The ciphertext refers to a ... key that does not exist ..."; that one is a
+failure to open and becomes ``InvalidCiphertext``. With key policies that
+condition on the encryption context, a wrong context can therefore surface as
+``AccessDenied`` (the policy refused the context the caller chose) rather than
+``InvalidCiphertext``; nothing about the ciphertext leaks either way.
+
+IAM and key policy
+------------------
+The principal Keyvault runs as needs, on its keys:
+
+* day to day: ``kms:Encrypt``, ``kms:Decrypt``, ``kms:GenerateDataKey``,
+  ``kms:ReEncryptFrom`` and ``kms:ReEncryptTo`` (both keys of a rewrap),
+  ``kms:DescribeKey``, ``kms:ListKeyRotations`` (AWS documents this one as a key
+  policy permission: grant it in the key policy);
+* key management: ``kms:CreateKey`` + ``kms:TagResource`` (IAM policy: the key does
+  not exist yet), ``kms:CreateAlias`` (on the alias *and* the key),
+  ``kms:RotateKeyOnDemand``, ``kms:EnableKeyRotation``, ``kms:DisableKeyRotation``,
+  ``kms:GetKeyRotationStatus``, ``kms:EnableKey``, ``kms:DisableKey``,
+  ``kms:ScheduleKeyDeletion``, ``kms:CancelKeyDeletion``;
+* health check: ``kms:ListKeys`` (optional: an ``AccessDeniedException`` still
+  proves the endpoint answers and the credentials are valid, and counts healthy).
+
+Policies may require the context Keyvault always sends, e.g. a statement allowing
+``kms:Decrypt`` only with ``"Condition": {"StringEquals":
+{"kms:EncryptionContext:kv:format": "1"}}``, or pin callers' pairs with
+``kms:EncryptionContext:<key>``. If a policy limits the *set* of context keys with
+``kms:EncryptionContextKeys`` and ``ForAllValues:StringEquals``, it must list
+``kv:format``, ``kv:payload``, ``kv:key``, ``kv:key-arn`` and ``kv:version`` too.
+
+Limits
+------
+``encrypt`` takes at most 4096 bytes of plaintext (AWS's limit; larger data is
+what ``generate_data_key`` / envelope encryption is for). The encryption context,
+ours included, must fit AWS's size limit. AWS supports no encryption counter per
+version, so ``encrypt_count`` is ``None`` (no ``ENCRYPT_COUNT`` capability).
+The plaintext boto3 returns is an immutable ``bytes`` that cannot be wiped; the
+``DataKey`` copy can.
+
+Settings
+--------
+``HMD_AWS_REGION``, ``HMD_AWS_KMS_ENDPOINT_URL``, ``HMD_AWS_CONNECT_TIMEOUT``,
+``HMD_AWS_READ_TIMEOUT``, ``HMD_AWS_MAX_ATTEMPTS`` (see ``_provider_options()``);
+credentials come from the standard AWS chain (environment, shared files, web
+identity, container or instance role). boto3 is imported only when the provider
+is built: without it the error is a ``ConfigurationError`` naming ``boto3``.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from struct import Struct
+from struct import error as StructError
+
+from .base import (
+    Capability,
+    DataKey,
+    DecryptResult,
+    EncryptionContext,
+    EncryptResult,
+    HealthStatus,
+    KeyInfo,
+    KeyState,
+    KeyVersionInfo,
+    KMSProvider,
+    VersionState,
+)
+from .context import normalise_context
+from .errors import (
+    AccessDenied,
+    ConfigurationError,
+    InvalidCiphertext,
+    KeyDisabled,
+    KeyNotFound,
+    KMSError,
+    ProviderUnavailable,
+    UnsupportedOperation,
+)
+
+FORMAT_VERSION = 1
+PAYLOAD_RAW = 0
+PAYLOAD_EMPTY = 1
+#: Sealed instead of an empty plaintext, which AWS refuses.
+EMPTY_FILLER = b"\x00"
+#: Encryption-context keys Keyvault reserves for the wrapper header.
+CONTEXT_PREFIX = "kv:"
+MAX_PLAINTEXT_BYTES = 4096
+MIN_PENDING_DAYS, MAX_PENDING_DAYS, DEFAULT_PENDING_DAYS = 7, 30, 30
+MIN_ROTATION_DAYS, MAX_ROTATION_DAYS, DEFAULT_ROTATION_DAYS = 90, 2560, 365
+DEFAULT_STATE_TTL = 10.0
+DEFAULT_ROTATION_WAIT = 30.0
+#: Cached key descriptions kept at most; the cache is emptied when it would grow past this.
+MAX_CACHED_KEYS = 1024
+
+_U16 = Struct(">H")
+_U32 = Struct(">I")
+_MAX_REFERENCE = 2048  # AWS's longest KeyId (an ARN)
+_KEY_UUID = re.compile(
+    r"^(mrk-[0-9a-f]{32}|(mrk-)?[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})$", re.IGNORECASE
+)
+_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9/_-]{0,249}$")
+_POLICY_DENIAL = "not authorized to perform"
+
+_KEY_STATES = {
+    "Enabled": KeyState.ENABLED,
+    "Disabled": KeyState.DISABLED,
+    "PendingDeletion": KeyState.PENDING_DELETION,
+    "PendingReplicaDeletion": KeyState.PENDING_DELETION,
+}
+_VERSION_STATES = {
+    KeyState.ENABLED: VersionState.ENABLED,
+    KeyState.DISABLED: VersionState.DISABLED,
+    KeyState.PENDING_DELETION: VersionState.DESTROY_SCHEDULED,
+}
+_OPTIONS = {"region", "endpoint_url", "connect_timeout", "read_timeout", "max_attempts", "state_ttl", "rotation_wait"}
+
+# AWS error codes by what they mean to Keyvault.
+_UNAVAILABLE_CODES = frozenset(
+    {
+        "ThrottlingException",
+        "Throttling",
+        "RequestLimitExceeded",
+        "TooManyRequestsException",
+        "KMSInternalException",
+        "InternalFailure",
+        "ServiceUnavailable",
+        "ServiceUnavailableException",
+        "DependencyTimeoutException",
+        "KeyUnavailableException",
+        "RequestTimeout",
+        "RequestTimeoutException",
+    }
+)
+_DISABLED_CODES = frozenset({"DisabledException", "KMSInvalidStateException", "ConflictException"})
+_CREDENTIAL_CODES = frozenset(
+    {
+        "UnrecognizedClientException",
+        "InvalidSignatureException",
+        "SignatureDoesNotMatch",
+        "IncompleteSignature",
+        "InvalidClientTokenId",
+        "MissingAuthenticationToken",
+        "ExpiredTokenException",
+        "ExpiredToken",
+    }
+)
+_NOT_FOUND_CODES = frozenset({"NotFoundException", "InvalidArnException"})
+_OPENING_CODES = frozenset(
+    {
+        "InvalidCiphertextException",
+        "IncorrectKeyException",
+        "InvalidKeyUsageException",
+        "NotFoundException",
+        "InvalidArnException",
+        "ValidationException",
+        "InvalidGrantTokenException",
+    }
+)
+_CONFIGURATION_CODES = frozenset(
+    {
+        "AlreadyExistsException",
+        "InvalidAliasNameException",
+        "ValidationException",
+        "LimitExceededException",
+        "TagException",
+        "MalformedPolicyDocumentException",
+        "InvalidKeyUsageException",
+    }
+)
+
+
+def _utc(value: datetime) -> datetime:
+    return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+# -- the wrapper ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Header:
+    """The Keyvault header in front of an AWS ciphertext blob."""
+
+    payload: int
+    reference: str
+    key_arn: str
+    version: int
+
+    def pack(self) -> bytes:
+        reference = self.reference.encode("utf-8")
+        arn = self.key_arn.encode("utf-8")
+        return b"".join(
+            (
+                bytes((FORMAT_VERSION, self.payload)),
+                _U16.pack(len(reference)),
+                reference,
+                _U16.pack(len(arn)),
+                arn,
+                _U32.pack(self.version),
+            )
+        )
+
+    def context(self) -> dict[str, str]:
+        """The header as encryption-context pairs, so AWS authenticates every field."""
+        return {
+            "kv:format": str(FORMAT_VERSION),
+            "kv:payload": "empty" if self.payload == PAYLOAD_EMPTY else "raw",
+            "kv:key": self.reference,
+            "kv:key-arn": self.key_arn,
+            "kv:version": str(self.version),
+        }
+
+    @classmethod
+    def unpack(cls, ciphertext: object) -> tuple[_Header, bytes]:
+        """Split a wrapped ciphertext into header and AWS blob; ``InvalidCiphertext`` if malformed."""
+        if not isinstance(ciphertext, (bytes, bytearray, memoryview)):
+            raise InvalidCiphertext()
+        data = bytes(ciphertext)
+        try:
+            if data[0] != FORMAT_VERSION or data[1] not in (PAYLOAD_RAW, PAYLOAD_EMPTY):
+                raise InvalidCiphertext()
+            offset = 2
+            (ref_len,) = _U16.unpack_from(data, offset)
+            reference = data[offset + 2 : offset + 2 + ref_len].decode("utf-8")
+            offset += 2 + ref_len
+            (arn_len,) = _U16.unpack_from(data, offset)
+            key_arn = data[offset + 2 : offset + 2 + arn_len].decode("utf-8")
+            offset += 2 + arn_len
+            (version,) = _U32.unpack_from(data, offset)
+            offset += _U32.size
+        except (IndexError, UnicodeDecodeError, StructError):
+            raise InvalidCiphertext() from None
+        header = cls(payload=data[1], reference=reference, key_arn=key_arn, version=version)
+        blob = data[offset:]
+        if (
+            not reference
+            or not key_arn.startswith("arn:")
+            or version < 1
+            or not blob
+            or header.pack() != data[:offset]
+        ):
+            raise InvalidCiphertext()
+        return header, blob
+
+
+# -- what we know about one key ---------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _KeyView:
+    """DescribeKey + ListKeyRotations for one key, as fetched at ``fetched_at``."""
+
+    arn: str
+    #: The bare key id: AWS takes it wherever it takes the ARN (moto's lifecycle calls only take this).
+    aws_key_id: str
+    aws_state: str
+    created_at: datetime
+    description: str
+    rotated_at: tuple[datetime, ...]
+    fetched_at: float
+
+    @property
+    def current_version(self) -> int:
+        return 1 + len(self.rotated_at)
+
+    @property
+    def state(self) -> KeyState:
+        return _KEY_STATES.get(self.aws_state, KeyState.DISABLED)
+
+    @property
+    def enabled(self) -> bool:
+        return self.aws_state == "Enabled"
+
+    def versions(self) -> tuple[KeyVersionInfo, ...]:
+        state = _VERSION_STATES[self.state]
+        dates = (self.created_at, *self.rotated_at)
+        return tuple(
+            KeyVersionInfo(version=number, state=state, created_at=created, encrypt_count=None)
+            for number, created in enumerate(dates, start=1)
+        )
+
+    def info(self, key_id: str) -> KeyInfo:
+        return KeyInfo(
+            key_id=key_id,
+            state=self.state,
+            primary_version=self.current_version,
+            versions=self.versions(),
+            created_at=self.created_at,
+            description=self.description,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AutomaticRotation:
+    """A key's automatic rotation setting as AWS reports it."""
+
+    enabled: bool
+    period_days: int | None = None
+    next_rotation_at: datetime | None = None
+
+
+_loader = None
+_loader_lock = threading.Lock()
+
+
+def _import_sdk():
+    try:
+        import boto3  # noqa: F401  (the SDK Keyvault depends on; it pins the botocore used below)
+        import botocore.config
+        import botocore.exceptions
+        import botocore.loaders
+        import botocore.session
+    except ImportError:
+        raise ConfigurationError("the AWS KMS provider needs the boto3 package: pip install boto3") from None
+    return botocore
+
+
+def _new_session(botocore):
+    """A fresh botocore session (own credentials and region lookup) sharing one model loader.
+
+    A new boto3 ``Session`` re-reads and parses the service model and endpoint
+    files, about a quarter of a second per client; the parsed data never changes,
+    so every provider shares one loader.
+    """
+    global _loader
+    with _loader_lock:
+        if _loader is None:
+            _loader = botocore.loaders.create_loader()
+    session = botocore.session.Session()
+    session.register_component("data_loader", _loader)
+    return session
+
+
+def _positive(name: str, value: object, kind: type = float) -> float | int:
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise ConfigurationError(f"AWS KMS option {name} must be a number, not {value!r}") from None
+    if isinstance(value, bool) or number <= 0:
+        raise ConfigurationError(f"AWS KMS option {name} must be positive, not {value!r}")
+    return number
+
+
+def _non_negative(name: str, value: object) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigurationError(f"AWS KMS option {name} must be a number of seconds, not {value!r}") from None
+    if isinstance(value, bool) or number < 0:
+        raise ConfigurationError(f"AWS KMS option {name} must be 0 or more seconds, not {value!r}")
+    return number
+
+
+def _whole_days(name: str, value: object, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigurationError(f"{name} must be a whole number of days from {low} to {high}, not {value!r}")
+    return value
+
+
+class AWSKMSProvider(KMSProvider):
+    """Symmetric AWS KMS keys; see the module docstring for the design."""
+
+    name = "aws"
+    capabilities = frozenset({Capability.DISABLE_KEY, Capability.NATIVE_REWRAP, Capability.DESTROY_KEY})
+
+    def __init__(
+        self,
+        *,
+        region: str = "",
+        endpoint_url: str = "",
+        connect_timeout: float = 5.0,
+        read_timeout: float = 10.0,
+        max_attempts: int = 3,
+        state_ttl: float = DEFAULT_STATE_TTL,
+        rotation_wait: float = DEFAULT_ROTATION_WAIT,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        botocore = _import_sdk()
+        self._errors = botocore.exceptions
+        self.region = region or ""
+        self.endpoint_url = endpoint_url or ""
+        if self.endpoint_url and not self.endpoint_url.startswith(("http://", "https://")):
+            raise ConfigurationError(f"AWS KMS endpoint_url must start with http:// or https://, not {endpoint_url!r}")
+        self.connect_timeout = _positive("connect_timeout", connect_timeout)
+        self.read_timeout = _positive("read_timeout", read_timeout)
+        self.max_attempts = int(_positive("max_attempts", max_attempts, int))
+        self.state_ttl = _non_negative("state_ttl", state_ttl)
+        self.rotation_wait = _non_negative("rotation_wait", rotation_wait)
+        self._clock = clock
+        self._views: dict[str, _KeyView] = {}
+        self._views_lock = threading.Lock()
+        config = botocore.config.Config(
+            retries={"mode": "standard", "total_max_attempts": self.max_attempts},
+            connect_timeout=self.connect_timeout,
+            read_timeout=self.read_timeout,
+            user_agent_extra="keyvault",
+        )
+        try:
+            self._client = _new_session(botocore).create_client(
+                "kms", region_name=self.region or None, endpoint_url=self.endpoint_url or None, config=config
+            )
+        except self._errors.NoRegionError:
+            raise ConfigurationError("AWS KMS needs a region: set HMD_AWS_REGION (or AWS_REGION)") from None
+        except self._errors.BotoCoreError as exc:
+            raise ConfigurationError(f"AWS KMS client could not be created: {exc}") from None
+
+    @classmethod
+    def from_config(cls, options: dict) -> AWSKMSProvider:
+        """Build from the ``aws`` entry of the provider settings."""
+        unknown = set(options) - _OPTIONS
+        if unknown:
+            raise ConfigurationError(f"unknown AWS KMS option(s): {', '.join(sorted(unknown))}")
+        return cls(**options)
+
+    def __repr__(self) -> str:
+        where = self.endpoint_url or self.region or "default region"
+        return f"AWSKMSProvider({where!r})"
+
+    # -- calling AWS ---------------------------------------------------
+
+    def _call(self, operation: str, *, opening: bool = False, **params) -> dict:
+        """Call ``client.<operation>(**params)``, translating every SDK error."""
+        try:
+            return getattr(self._client, operation)(**params)
+        except (self._errors.ClientError, self._errors.BotoCoreError) as exc:
+            raise self._translate(exc, operation, opening=opening) from None
+
+    def _translate(self, exc: Exception, operation: str, *, opening: bool = False) -> KMSError:
+        """Map a boto3/botocore error to the Keyvault tree (see the table in the module docstring)."""
+        errors = self._errors
+        if isinstance(exc, errors.ClientError):
+            error = exc.response.get("Error", {})
+            code = error.get("Code", "")
+            message = " ".join(str(error.get("Message", "")).split())[:300]  # 5xx bodies can be whole HTML pages
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            text = f"AWS KMS {operation} failed: {code}: {message}".rstrip(": ")
+            if code in _UNAVAILABLE_CODES or status >= 500:
+                return ProviderUnavailable(text)
+            if code in _DISABLED_CODES:
+                return KeyDisabled(text)
+            if code in _CREDENTIAL_CODES:
+                return AccessDenied(text)
+            if code == "AccessDeniedException":
+                if opening and _POLICY_DENIAL not in message:
+                    return InvalidCiphertext()
+                return AccessDenied(text)
+            if code in ("InvalidCiphertextException", "IncorrectKeyException") or (opening and code in _OPENING_CODES):
+                return InvalidCiphertext()
+            if code in _NOT_FOUND_CODES:
+                return KeyNotFound(text)
+            if code == "UnsupportedOperationException":
+                return UnsupportedOperation(text)
+            if code in _CONFIGURATION_CODES:
+                return ConfigurationError(text)
+            return KMSError(text)
+        if isinstance(exc, (errors.ConnectionError, errors.HTTPClientError)):
+            return ProviderUnavailable(f"AWS KMS {operation}: {exc}")
+        if isinstance(exc, errors.ParamValidationError):
+            return InvalidCiphertext() if opening else ConfigurationError(f"AWS KMS {operation}: {exc}")
+        if isinstance(exc, (errors.NoCredentialsError, errors.PartialCredentialsError, errors.ProfileNotFound)):
+            return ConfigurationError(f"AWS credentials are missing or incomplete: {exc}")
+        if isinstance(exc, errors.NoRegionError):
+            return ConfigurationError("AWS KMS needs a region: set HMD_AWS_REGION (or AWS_REGION)")
+        return KMSError(f"AWS KMS {operation} failed: {type(exc).__name__}: {exc}")
+
+    def _crypto(self, operation: str, key_arn: str, *, opening: bool = False, **params) -> dict:
+        """A cryptographic call; a key found disabled or gone drops its cached state."""
+        try:
+            return self._call(operation, opening=opening, **params)
+        except (KeyDisabled, KeyNotFound):
+            self._forget(key_arn)
+            raise
+
+    # -- key references and cached state -------------------------------
+
+    @staticmethod
+    def _lookup(key_id: str) -> str:
+        """Return what AWS calls the key ``key_id`` names (a name becomes ``alias/<name>``)."""
+        if not isinstance(key_id, str):
+            raise ConfigurationError(f"AWS KMS key ids are strings, not {type(key_id).__name__}")
+        if key_id.startswith(("alias/", "arn:")) or _KEY_UUID.match(key_id):
+            if len(key_id) > _MAX_REFERENCE:
+                raise KeyNotFound("AWS KMS key reference is longer than 2048 characters")
+            return key_id
+        if _NAME.match(key_id) and not key_id.startswith("aws/"):
+            return f"alias/{key_id}"
+        raise KeyNotFound(f"{key_id!r} is not an AWS KMS key reference (a name, alias/name, key id or ARN)")
+
+    def _fetch(self, lookup: str, previous: _KeyView | None) -> _KeyView:
+        metadata = self._call("describe_key", KeyId=lookup)["KeyMetadata"]
+        if metadata.get("KeyUsage") != "ENCRYPT_DECRYPT" or metadata.get("KeySpec", "SYMMETRIC_DEFAULT") != (
+            "SYMMETRIC_DEFAULT"
+        ):
+            raise ConfigurationError(f"AWS KMS key {lookup!r} is not a symmetric encryption key (SYMMETRIC_DEFAULT)")
+        arn = metadata["Arn"]
+        try:
+            rotated_at = self._rotations(arn)
+        except KeyDisabled:
+            # A key in a state that refuses the listing keeps the history we last saw.
+            rotated_at = previous.rotated_at if previous is not None and previous.arn == arn else ()
+        return _KeyView(
+            arn=arn,
+            aws_key_id=metadata["KeyId"],
+            aws_state=metadata["KeyState"],
+            created_at=_utc(metadata["CreationDate"]),
+            description=metadata.get("Description", ""),
+            rotated_at=rotated_at,
+            fetched_at=self._clock(),
+        )
+
+    def _rotations(self, arn: str) -> tuple[datetime, ...]:
+        dates: list[datetime] = []
+        params = {"KeyId": arn, "Limit": 1000}
+        while True:
+            page = self._call("list_key_rotations", **params)
+            dates += (_utc(rotation["RotationDate"]) for rotation in page.get("Rotations", ()))
+            if not page.get("Truncated") or not page.get("NextMarker"):
+                return tuple(sorted(dates))
+            params["Marker"] = page["NextMarker"]
+
+    def _view(self, lookup: str, *, fresh: bool = False) -> _KeyView:
+        """Return the key's description, from the cache unless stale or ``fresh``."""
+        with self._views_lock:
+            cached = self._views.get(lookup)
+        if not fresh and cached is not None and self._clock() - cached.fetched_at < self.state_ttl:
+            return cached
+        view = self._fetch(lookup, cached)
+        if self.state_ttl > 0:
+            with self._views_lock:
+                if len(self._views) >= MAX_CACHED_KEYS:
+                    self._views.clear()
+                self._views[lookup] = view
+        return view
+
+    def _forget(self, key_arn: str) -> None:
+        """Drop every cached description of the key ``key_arn``."""
+        with self._views_lock:
+            for lookup in [lookup for lookup, view in self._views.items() if view.arn == key_arn]:
+                del self._views[lookup]
+
+    def _usable(self, key_id: str) -> _KeyView:
+        """The key's description, refusing with ``KeyDisabled`` unless it is Enabled."""
+        view = self._view(self._lookup(key_id))
+        if not view.enabled:
+            raise KeyDisabled(f"AWS KMS key {key_id!r} is {view.aws_state}")
+        return view
+
+    def _sealing_view(self, header: _Header) -> _KeyView:
+        """The description of the key a wrapper names, for opening it."""
+        try:
+            view = self._view(header.key_arn)
+        except (KeyNotFound, ConfigurationError):
+            raise InvalidCiphertext() from None
+        if view.arn != header.key_arn:
+            raise InvalidCiphertext()
+        if not view.enabled:
+            # Named by the ARN AWS confirmed, not by the (unauthenticated yet) reference.
+            raise KeyDisabled(f"AWS KMS key {view.arn} is {view.aws_state}")
+        return view
+
+    def _check_version(self, header: _Header, view: _KeyView) -> None:
+        """Refuse an (authentic) wrapper that names a version no listing knows."""
+        if header.version > view.current_version:
+            view = self._view(header.key_arn, fresh=True)
+            if header.version > view.current_version:
+                raise InvalidCiphertext()
+
+    # -- contexts and plaintexts ----------------------------------------
+
+    @staticmethod
+    def _caller_context(encryption_context: EncryptionContext | None, *, opening: bool) -> dict[str, str]:
+        try:
+            context = normalise_context(encryption_context)
+        except (TypeError, ValueError) as exc:
+            if opening:
+                raise InvalidCiphertext() from None
+            raise ConfigurationError(f"invalid encryption context: {exc}") from None
+        reserved = sorted(key for key in context if key.lower().startswith(CONTEXT_PREFIX))
+        if reserved:
+            if opening:
+                raise InvalidCiphertext()
+            raise ConfigurationError(
+                f"encryption context keys starting with {CONTEXT_PREFIX!r} are reserved by Keyvault: {reserved}"
+            )
+        return context
+
+    @staticmethod
+    def _plaintext(plaintext: object) -> bytes:
+        if not isinstance(plaintext, (bytes, bytearray, memoryview)):
+            raise ConfigurationError(f"plaintext must be bytes, not {type(plaintext).__name__}")
+        data = bytes(plaintext)
+        if len(data) > MAX_PLAINTEXT_BYTES:
+            raise UnsupportedOperation(
+                f"AWS KMS encrypts at most {MAX_PLAINTEXT_BYTES} bytes; use generate_data_key for larger data"
+            )
+        return data
+
+    # -- key lifecycle -------------------------------------------------
+
+    def create_key(self, key_id: str, *, description: str = "") -> KeyInfo:
+        if (
+            not isinstance(key_id, str)
+            or not _NAME.match(key_id)
+            or key_id.startswith(("aws/", "alias/"))
+            or _KEY_UUID.match(key_id)
+        ):
+            raise ConfigurationError(
+                f"invalid AWS KMS key name {key_id!r}: 1-250 characters of letters, digits and / _ -, "
+                "not starting with aws/ or alias/ and not shaped like a key id"
+            )
+        if not isinstance(description, str):
+            raise ConfigurationError("description must be a string")
+        alias = f"alias/{key_id}"
+        try:
+            self._call("describe_key", KeyId=alias)
+        except KeyNotFound:
+            pass
+        else:
+            raise ConfigurationError(f"AWS KMS key {key_id!r} already exists ({alias})")
+        metadata = self._call(
+            "create_key",
+            Description=description,
+            KeyUsage="ENCRYPT_DECRYPT",
+            KeySpec="SYMMETRIC_DEFAULT",
+            Tags=[{"TagKey": "keyvault:name", "TagValue": key_id}],
+        )["KeyMetadata"]
+        try:
+            self._call("create_alias", AliasName=alias, TargetKeyId=metadata["KeyId"])
+        except KMSError as exc:
+            # Someone took the name between our check and now: do not leave a nameless key behind.
+            try:
+                self._call("schedule_key_deletion", KeyId=metadata["KeyId"], PendingWindowInDays=MIN_PENDING_DAYS)
+            except KMSError:
+                pass
+            if isinstance(exc, ConfigurationError):
+                raise ConfigurationError(f"AWS KMS key {key_id!r} already exists ({alias})") from None
+            raise
+        return self._view(alias, fresh=True).info(key_id)
+
+    def describe_key(self, key_id: str) -> KeyInfo:
+        return self._view(self._lookup(key_id), fresh=True).info(key_id)
+
+    def rotate_key(self, key_id: str) -> KeyVersionInfo:
+        lookup = self._lookup(key_id)
+        view = self._view(lookup, fresh=True)
+        if not view.enabled:
+            raise KeyDisabled(f"AWS KMS key {key_id!r} is {view.aws_state}; only Enabled keys rotate")
+        before = view.current_version
+        try:
+            self._call("rotate_key_on_demand", KeyId=view.aws_key_id)
+        finally:
+            self._forget(view.arn)
+        deadline = time.monotonic() + self.rotation_wait
+        delay = 0.1
+        while True:
+            view = self._view(lookup, fresh=True)
+            if view.current_version > before:
+                return view.versions()[-1]
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                # Still running at AWS: this is the number it gets once ListKeyRotations shows it.
+                return KeyVersionInfo(version=before + 1, state=VersionState.ENABLED, created_at=datetime.now(UTC))
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, 2.0)
+
+    def set_key_version_state(self, key_id: str, version: int, state: VersionState) -> KeyVersionInfo:
+        raise UnsupportedOperation(
+            "AWS KMS cannot enable, disable or destroy one backing-key version: rewrap to the current "
+            "version, then disable or schedule deletion of the whole key"
+        )
+
+    def set_key_state(self, key_id: str, state: KeyState) -> KeyInfo:
+        try:
+            state = KeyState(state)
+        except ValueError:
+            raise ConfigurationError(f"unknown key state {state!r}") from None
+        if state is KeyState.PENDING_DELETION:
+            raise UnsupportedOperation("use schedule_key_deletion to schedule an AWS KMS key for deletion")
+        if state is KeyState.DESTROYED:
+            raise UnsupportedOperation("use destroy_key to destroy an AWS KMS key")
+        view = self._view(self._lookup(key_id), fresh=True)
+        if state is KeyState.ENABLED:
+            target, source, operation = "Enabled", "Disabled", "enable_key"
+        else:
+            target, source, operation = "Disabled", "Enabled", "disable_key"
+        if view.aws_state == target:
+            return view.info(key_id)
+        if view.aws_state != source:
+            hint = "; cancel_key_deletion first" if view.state is KeyState.PENDING_DELETION else ""
+            raise KeyDisabled(f"AWS KMS key {key_id!r} is {view.aws_state}{hint}")
+        try:
+            self._call(operation, KeyId=view.aws_key_id)
+        finally:
+            self._forget(view.arn)
+        return self.describe_key(key_id)
+
+    def schedule_key_deletion(self, key_id: str, *, pending_days: int = DEFAULT_PENDING_DAYS) -> datetime:
+        """Schedule the key's deletion after ``pending_days`` (7-30); every crypto call fails meanwhile.
+
+        :returns: when AWS will delete the key.
+        :raises ConfigurationError: ``pending_days`` outside 7-30.
+        :raises KeyDisabled: the key is already pending deletion.
+        :raises KeyNotFound, ProviderUnavailable, AccessDenied: as usual.
+        """
+        pending_days = _whole_days("pending_days", pending_days, MIN_PENDING_DAYS, MAX_PENDING_DAYS)
+        view = self._view(self._lookup(key_id), fresh=True)
+        if view.state is KeyState.PENDING_DELETION:
+            raise KeyDisabled(f"AWS KMS key {key_id!r} is already pending deletion")
+        try:
+            response = self._call("schedule_key_deletion", KeyId=view.aws_key_id, PendingWindowInDays=pending_days)
+        finally:
+            self._forget(view.arn)
+        return _utc(response["DeletionDate"])
+
+    def cancel_key_deletion(self, key_id: str) -> KeyInfo:
+        """Cancel a scheduled deletion; the key comes back **Disabled** (AWS's rule).
+
+        :raises KeyDisabled: the key is not pending deletion.
+        """
+        view = self._view(self._lookup(key_id), fresh=True)
+        if view.state is not KeyState.PENDING_DELETION:
+            raise KeyDisabled(f"AWS KMS key {key_id!r} is {view.aws_state}, not pending deletion")
+        try:
+            self._call("cancel_key_deletion", KeyId=view.aws_key_id)
+        finally:
+            self._forget(view.arn)
+        return self.describe_key(key_id)
+
+    def destroy_key(self, key_id: str) -> None:
+        """Schedule deletion with AWS's minimum window of 7 days (cancellable until then)."""
+        self.schedule_key_deletion(key_id, pending_days=MIN_PENDING_DAYS)
+
+    def enable_automatic_rotation(self, key_id: str, *, period_days: int = DEFAULT_ROTATION_DAYS) -> AutomaticRotation:
+        """Let AWS rotate the key every ``period_days`` (90-2560); on-demand rotations do not shift it.
+
+        :raises ConfigurationError: ``period_days`` outside 90-2560.
+        :raises KeyDisabled: the key is not Enabled.
+        """
+        period_days = _whole_days("period_days", period_days, MIN_ROTATION_DAYS, MAX_ROTATION_DAYS)
+        view = self._usable(key_id)
+        self._call("enable_key_rotation", KeyId=view.aws_key_id, RotationPeriodInDays=period_days)
+        return self.automatic_rotation(key_id)
+
+    def disable_automatic_rotation(self, key_id: str) -> AutomaticRotation:
+        """Stop automatic rotation (existing versions are kept, as always)."""
+        view = self._usable(key_id)
+        self._call("disable_key_rotation", KeyId=view.aws_key_id)
+        return self.automatic_rotation(key_id)
+
+    def automatic_rotation(self, key_id: str) -> AutomaticRotation:
+        """Return the key's automatic rotation setting."""
+        view = self._view(self._lookup(key_id))
+        status = self._call("get_key_rotation_status", KeyId=view.aws_key_id)
+        enabled = bool(status.get("KeyRotationEnabled"))
+        next_date = status.get("NextRotationDate")
+        return AutomaticRotation(
+            enabled=enabled,
+            period_days=status.get("RotationPeriodInDays") if enabled else None,
+            next_rotation_at=_utc(next_date) if enabled and next_date else None,
+        )
+
+    # -- cryptography --------------------------------------------------
+
+    def encrypt(
+        self, key_id: str, plaintext: bytes, *, encryption_context: EncryptionContext | None = None
+    ) -> EncryptResult:
+        context = self._caller_context(encryption_context, opening=False)
+        data = self._plaintext(plaintext)
+        view = self._usable(key_id)
+        payload = PAYLOAD_RAW if data else PAYLOAD_EMPTY
+        header = _Header(payload=payload, reference=key_id, key_arn=view.arn, version=view.current_version)
+        response = self._crypto(
+            "encrypt",
+            view.arn,
+            KeyId=view.arn,
+            Plaintext=data or EMPTY_FILLER,
+            EncryptionContext={**context, **header.context()},
+        )
+        if response.get("KeyId") != view.arn:
+            raise KMSError("AWS KMS encrypted under another key than the one asked for")
+        ciphertext = header.pack() + response["CiphertextBlob"]
+        return EncryptResult(ciphertext=ciphertext, key_id=key_id, key_version=header.version)
+
+    def decrypt(self, ciphertext: bytes, *, encryption_context: EncryptionContext | None = None) -> DecryptResult:
+        header, blob = _Header.unpack(ciphertext)
+        context = self._caller_context(encryption_context, opening=True)
+        view = self._sealing_view(header)
+        response = self._crypto(
+            "decrypt",
+            header.key_arn,
+            opening=True,
+            CiphertextBlob=blob,
+            KeyId=header.key_arn,
+            EncryptionContext={**context, **header.context()},
+        )
+        if response.get("KeyId") != header.key_arn:
+            raise InvalidCiphertext()
+        self._check_version(header, view)
+        plaintext = response["Plaintext"]
+        if header.payload == PAYLOAD_EMPTY:
+            if plaintext != EMPTY_FILLER:
+                raise InvalidCiphertext()
+            plaintext = b""
+        return DecryptResult(plaintext=plaintext, key_id=header.reference, key_version=header.version)
+
+    def generate_data_key(
+        self,
+        key_id: str,
+        *,
+        encryption_context: EncryptionContext | None = None,
+        key_spec: str = "AES_256",
+    ) -> DataKey:
+        length = self.key_length(key_spec)
+        context = self._caller_context(encryption_context, opening=False)
+        view = self._usable(key_id)
+        header = _Header(payload=PAYLOAD_RAW, reference=key_id, key_arn=view.arn, version=view.current_version)
+        response = self._crypto(
+            "generate_data_key",
+            view.arn,
+            KeyId=view.arn,
+            KeySpec=key_spec,
+            EncryptionContext={**context, **header.context()},
+        )
+        plaintext = bytearray(response["Plaintext"])
+        if len(plaintext) != length or response.get("KeyId") != view.arn:
+            plaintext[:] = bytes(len(plaintext))
+            raise KMSError("AWS KMS returned a data key that does not match the request")
+        return DataKey(
+            plaintext=plaintext,
+            ciphertext=header.pack() + response["CiphertextBlob"],
+            key_id=key_id,
+            key_version=header.version,
+        )
+
+    def rewrap(
+        self,
+        ciphertext: bytes,
+        *,
+        encryption_context: EncryptionContext | None = None,
+        key_id: str | None = None,
+    ) -> EncryptResult:
+        """Move a ciphertext to the current version of ``key_id`` (default: its own key) with ``ReEncrypt``."""
+        header, blob = _Header.unpack(ciphertext)
+        context = self._caller_context(encryption_context, opening=True)
+        source = self._sealing_view(header)
+        target_id = header.reference if key_id is None else key_id
+        target = self._usable(target_id)
+        new_header = _Header(
+            payload=header.payload, reference=target_id, key_arn=target.arn, version=target.current_version
+        )
+        response = self._crypto(
+            "re_encrypt",
+            header.key_arn,
+            opening=True,
+            CiphertextBlob=blob,
+            SourceKeyId=header.key_arn,
+            SourceEncryptionContext={**context, **header.context()},
+            DestinationKeyId=target.arn,
+            DestinationEncryptionContext={**context, **new_header.context()},
+        )
+        if response.get("SourceKeyId") != header.key_arn:
+            raise InvalidCiphertext()
+        if response.get("KeyId") != target.arn:
+            raise KMSError("AWS KMS re-encrypted under another key than the one asked for")
+        self._check_version(header, source)
+        return EncryptResult(
+            ciphertext=new_header.pack() + response["CiphertextBlob"], key_id=target_id, key_version=new_header.version
+        )
+
+    def health_check(self) -> HealthStatus:
+        where = self.endpoint_url or self._client.meta.region_name
+
+        def probe() -> str:
+            try:
+                self._client.list_keys(Limit=1)
+            except self._errors.ClientError as exc:
+                error = exc.response.get("Error", {})
+                if error.get("Code") == "AccessDeniedException":
+                    return f"AWS KMS at {where} answers; credentials accepted (kms:ListKeys not granted)"
+                raise self._translate(exc, "list_keys") from None
+            except self._errors.BotoCoreError as exc:
+                raise self._translate(exc, "list_keys") from None
+            return f"AWS KMS at {where} answers; credentials accepted"
+
+        return self.timed_health(probe)
+
+
+__all__ = ["AWSKMSProvider", "AutomaticRotation"]
