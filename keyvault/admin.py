@@ -1,0 +1,410 @@
+"""The security console: the Django admin over the key inventory and the audit log.
+
+Nothing here changes keys itself. KEK actions are custom views
+(``keyvault.admin_views``) that call ``keyvault.services``; the only generic
+admin write is the KEK settings form, saved through ``services.update_kek_settings``.
+Data keys, versions, audit events and checkpoints are read-only for everyone,
+superusers included, and nothing can be deleted.
+
+Large tables stay fast: no full ``COUNT(*)`` (estimated or capped counts instead),
+no facets, filters and sorting only on indexed columns, related rows joined.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC
+
+from django.contrib import admin
+from django.contrib.admin.options import ShowFacets
+from django.contrib.admin.utils import unquote
+from django.contrib.admin.views.main import ChangeList
+from django.core.paginator import Paginator
+from django.db import connections
+from django.db.models import Count, IntegerField, OuterRef, Subquery
+from django.db.models.functions import Coalesce
+from django.urls import reverse
+from django.utils.functional import cached_property
+from django.utils.html import format_html
+from django.utils.http import urlencode
+
+from keyvault import services
+from keyvault.admin_views import AuditChainViewsMixin, KEKActionViewsMixin, available_actions, kek_coverage
+from keyvault.audit import Actor
+from keyvault.models import AuditCheckpoint, AuditEvent, DataKey, KeyEncryptionKey, KeyVersion
+
+admin.site.site_header = "Keyvault security console"
+admin.site.site_title = "Keyvault"
+admin.site.index_title = "Key inventory and audit log"
+admin.site.site_url = None  # the console is the whole site
+
+CONSOLE_CSS = {"all": ("keyvault/console.css",)}
+
+
+# -- counting big tables -----------------------------------------------------------
+
+
+class EstimatedCountPaginator(Paginator):
+    """A paginator that never counts a big table row by row.
+
+    Unfiltered on PostgreSQL it takes the planner's estimate (``pg_class.reltuples``,
+    kept current by autovacuum's ANALYZE) when that is above ``exact_up_to``.
+    Otherwise it counts at most ``exact_up_to + 1`` rows: exact for small results,
+    "more than N" for big ones (pages beyond are reached by filtering).
+    """
+
+    exact_up_to = 10_000
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.count_is_estimate = False
+        self.count_is_lower_bound = False
+
+    def _postgres_estimate(self) -> int | None:
+        queryset = self.object_list
+        query = queryset.query
+        if query.where or query.distinct or query.combinator or query.is_sliced:
+            return None
+        connection = connections[queryset.db]
+        if connection.vendor != "postgresql":
+            return None
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass(%s)",
+                [connection.ops.quote_name(queryset.model._meta.db_table)],
+            )
+            row = cursor.fetchone()
+        return row[0] if row and row[0] is not None and row[0] >= 0 else None
+
+    @cached_property
+    def count(self) -> int:
+        estimate = self._postgres_estimate()
+        if estimate is not None and estimate > self.exact_up_to:
+            self.count_is_estimate = True
+            return estimate
+        capped = self.object_list.order_by()[: self.exact_up_to + 1].count()
+        if capped > self.exact_up_to:
+            self.count_is_lower_bound = True
+            return self.exact_up_to
+        return capped
+
+    @property
+    def count_text(self) -> str:
+        count = self.count
+        if self.count_is_estimate:
+            return f"about {count:,}"
+        if self.count_is_lower_bound:
+            return f"more than {count:,}"
+        return f"{count:,}"
+
+
+class ExactInputFilter(admin.ListFilter):
+    """A text box filtering one indexed column by exact value (no DISTINCT over a big table)."""
+
+    parameter_name: str = ""
+    template = "admin/keyvault/input_filter.html"
+
+    def __init__(self, request, params, model, model_admin) -> None:
+        super().__init__(request, params, model, model_admin)
+        if self.parameter_name in params:
+            self.used_parameters[self.parameter_name] = params.pop(self.parameter_name)[-1]
+
+    def value(self) -> str:
+        return self.used_parameters.get(self.parameter_name, "")
+
+    def has_output(self) -> bool:
+        return True
+
+    def expected_parameters(self) -> list[str]:
+        return [self.parameter_name]
+
+    def queryset(self, request, queryset):
+        value = self.value()
+        return queryset.filter(**{self.parameter_name: value}) if value else queryset
+
+    def choices(self, changelist):
+        other = {k: v for k, v in changelist.params.items() if k != self.parameter_name}
+        yield {
+            "parameter_name": self.parameter_name,
+            "value": self.value(),
+            "hidden": sorted(other.items()),
+            "clear_query_string": changelist.get_query_string(remove=[self.parameter_name]),
+        }
+
+
+class ActorFilter(ExactInputFilter):
+    title = "actor"
+    parameter_name = "actor"
+
+
+class TargetTypeFilter(ExactInputFilter):
+    title = "target type"
+    parameter_name = "target_type"
+
+
+class TargetIdFilter(ExactInputFilter):
+    title = "target"
+    parameter_name = "target_id"
+
+
+class OwnerFilter(ExactInputFilter):
+    title = "owner"
+    parameter_name = "owner_ref"
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Viewable by whoever has the view permission; nobody adds, changes or deletes."""
+
+    actions = None
+    show_full_result_count = False
+    show_facets = ShowFacets.NEVER
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+
+def _pretty_json(value) -> str:
+    return format_html('<pre class="kv-json">{}</pre>', json.dumps(value, indent=2, sort_keys=True))
+
+
+def _compact_time(value):
+    return format_html('<time datetime="{}">{}</time>', value.isoformat(),
+                       value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"))
+
+
+def _state_badge(state: str, label: str):
+    return format_html('<span class="kv-state kv-state-{}">{}</span>', state, label)
+
+
+# -- key-encryption keys -----------------------------------------------------------
+
+
+class KeyVersionInline(admin.TabularInline):
+    """A KEK's versions, newest first; changed only through the retire action."""
+
+    model = KeyVersion
+    fields = ("number", "state_display", "is_primary", "encrypt_count", "provider_version_ref", "created_at")
+    readonly_fields = fields
+    ordering = ("-number",)
+    extra = 0
+    max_num = 0
+    can_delete = False
+    show_change_link = False
+    verbose_name_plural = "versions"
+
+    @admin.display(description="state")
+    def state_display(self, obj: KeyVersion):
+        return _state_badge(obj.state, KeyVersion.State(obj.state).label)
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+
+def _dek_count():
+    per_kek = (
+        DataKey.objects.filter(kek=OuterRef("pk")).order_by().values("kek").annotate(n=Count("pk")).values("n")[:1]
+    )
+    return Coalesce(Subquery(per_kek, output_field=IntegerField()), 0)
+
+
+def _primary_number():
+    return Subquery(KeyVersion.objects.filter(kek=OuterRef("pk"), is_primary=True).values("number")[:1])
+
+
+class KEKChangeList(ChangeList):
+    def get_queryset(self, request, exclude_parameters=None):
+        # A correlated count per KEK: only the rows on the page are counted, each by
+        # an index-only range scan of datakey_kek_version_id.
+        return super().get_queryset(request, exclude_parameters).annotate(dek_count=_dek_count())
+
+
+@admin.register(KeyEncryptionKey)
+class KeyEncryptionKeyAdmin(KEKActionViewsMixin, admin.ModelAdmin):
+    list_display = ("name", "state_display", "provider", "primary_version", "last_rotated_at", "next_rotation_at",
+                    "data_key_count")
+    list_filter = ("state", "provider")
+    search_fields = ("name",)
+    show_full_result_count = False
+    show_facets = ShowFacets.NEVER
+    actions = None
+    inlines = [KeyVersionInline]
+    editable_fields = ("description", "rotation_period_days", "max_encryptions_per_version")
+    fieldsets = (
+        (None, {"fields": ("name", "state_display", "deletion_date", "description")}),
+        ("Provider", {"fields": ("provider", "provider_key_id")}),
+        ("Rotation", {"fields": ("primary_version", "rotation_period_days", "max_encryptions_per_version",
+                                 "last_rotated_at", "next_rotation_at")}),
+        ("Record", {"classes": ("collapse",), "fields": ("created_at", "updated_at")}),
+    )
+    readonly_fields = ("name", "state_display", "deletion_date", "provider", "provider_key_id", "primary_version",
+                       "last_rotated_at", "next_rotation_at", "created_at", "updated_at")
+
+    class Media:
+        css = CONSOLE_CSS
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).annotate(primary_number=_primary_number())
+
+    def get_changelist(self, request, **kwargs):
+        return KEKChangeList
+
+    @admin.display(description="state", ordering="state")
+    def state_display(self, obj: KeyEncryptionKey):
+        return _state_badge(obj.state, KeyEncryptionKey.State(obj.state).label)
+
+    @admin.display(description="primary version", ordering="primary_number")
+    def primary_version(self, obj: KeyEncryptionKey):
+        number = getattr(obj, "primary_number", None)
+        return f"v{number}" if number is not None else "—"
+
+    @admin.display(description="data keys", ordering="dek_count")
+    def data_key_count(self, obj: KeyEncryptionKey):
+        count = getattr(obj, "dek_count", None)
+        if count is None:
+            return "—"
+        url = reverse("admin:keyvault_datakey_changelist") + "?" + urlencode({"kek__id__exact": obj.pk})
+        return format_html('<a href="{}">{}</a>', url, f"{count:,}")
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False  # deletion is a scheduled state change, never a row delete
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        kek = self.get_object(request, unquote(object_id))
+        extra_context = {"show_save_and_add_another": False, **(extra_context or {})}
+        if kek is not None and self.has_view_or_change_permission(request, kek):
+            audit_url = reverse("admin:keyvault_auditevent_changelist") + "?" + urlencode(
+                {"target_type": "keyencryptionkey", "target_id": kek.name}
+            )
+            extra_context.update(
+                kek_actions=available_actions(request.user, kek, self.admin_site.name),
+                coverage=kek_coverage(kek, user=request.user, admin_site_name=self.admin_site.name),
+                audit_url=audit_url if request.user.has_perm("keyvault.view_auditevent") else "",
+            )
+        return super().change_view(request, object_id, form_url, extra_context)
+
+    def save_model(self, request, obj, form, change):
+        """Settings changes go through the service, which locks the row and audits them."""
+        if not change:  # the generic add view is replaced by the create view
+            raise ValueError("KEKs are created with services.create_kek")
+        data = form.cleaned_data
+        services.update_kek_settings(
+            obj,
+            actor=Actor.from_request(request),
+            description=data.get("description", obj.description),
+            rotation_period_days=data.get("rotation_period_days", obj.rotation_period_days),
+            max_encryptions_per_version=data.get("max_encryptions_per_version", obj.max_encryptions_per_version),
+        )
+        obj.refresh_from_db()
+
+    def save_related(self, request, form, formsets, change):
+        """Versions are read-only here: save nothing, report nothing added, changed or deleted."""
+        for formset in formsets:
+            formset.new_objects, formset.changed_objects, formset.deleted_objects = [], [], []
+
+
+# -- data keys ---------------------------------------------------------------------
+
+
+@admin.register(DataKey)
+class DataKeyAdmin(ReadOnlyAdmin):
+    list_display = ("id", "kek", "kek_version", "owner_ref", "created", "fingerprint")
+    list_filter = ("kek", OwnerFilter)
+    list_select_related = ("kek",)
+    sortable_by = ("id",)
+    paginator = EstimatedCountPaginator
+    fields = ("id", "kek", "kek_version", "fingerprint", "key_spec", "context_display", "purpose", "owner_ref",
+              "created_at", "last_rewrapped_at")
+    readonly_fields = fields
+
+    class Media:
+        css = CONSOLE_CSS
+
+    def get_queryset(self, request):
+        # The wrapped bytes are needed for the fingerprint only; nothing else reads them.
+        return super().get_queryset(request).select_related("kek")
+
+    @admin.display(description="created (UTC)")
+    def created(self, obj: DataKey):
+        return _compact_time(obj.created_at)
+
+    @admin.display(description="wrapped key fingerprint")
+    def fingerprint(self, obj: DataKey):
+        return format_html('<code class="kv-fingerprint">{}</code>', obj.fingerprint)
+
+    @admin.display(description="encryption context")
+    def context_display(self, obj: DataKey):
+        return _pretty_json(obj.encryption_context)
+
+
+# -- audit log ---------------------------------------------------------------------
+
+TARGET_LABELS = {"keyencryptionkey": "KEK", "datakey": "data key"}
+
+
+@admin.register(AuditEvent)
+class AuditEventAdmin(AuditChainViewsMixin, ReadOnlyAdmin):
+    list_display = ("sequence", "time", "actor", "action", "target", "outcome_display", "short_hash")
+    list_filter = (ActorFilter, "action", TargetTypeFilter, TargetIdFilter, ("timestamp", admin.DateFieldListFilter))
+    sortable_by = ("sequence", "timestamp")
+    paginator = EstimatedCountPaginator
+    fields = ("sequence", "timestamp", "actor", "action", "target_type", "target_id", "outcome", "request_id",
+              "ip_address", "details_display", "prev_hash", "hash")
+    readonly_fields = fields
+
+    class Media:
+        css = CONSOLE_CSS
+
+    @admin.display(description="time (UTC)", ordering="timestamp")
+    def time(self, obj: AuditEvent):
+        return _compact_time(obj.timestamp)
+
+    @admin.display(description="target")
+    def target(self, obj: AuditEvent):
+        """The target, linked to the log filtered to it (the audit_target_seq index)."""
+        if not obj.target_type:
+            return "—"
+        query = urlencode({"target_type": obj.target_type, "target_id": obj.target_id})
+        label = TARGET_LABELS.get(obj.target_type, obj.target_type)
+        return format_html('<a href="?{}" title="{}:{}">{} {}</a>', query, obj.target_type, obj.target_id,
+                           label, obj.target_id)
+
+    @admin.display(description="outcome")
+    def outcome_display(self, obj: AuditEvent):
+        return format_html('<span class="kv-outcome kv-outcome-{}">{}</span>', obj.outcome,
+                           AuditEvent.Outcome(obj.outcome).label)
+
+    @admin.display(description="hash")
+    def short_hash(self, obj: AuditEvent):
+        return format_html('<code title="{}">{}…</code>', obj.hash, obj.hash[:10])
+
+    @admin.display(description="details")
+    def details_display(self, obj: AuditEvent):
+        return _pretty_json(obj.details)
+
+
+@admin.register(AuditCheckpoint)
+class AuditCheckpointAdmin(ReadOnlyAdmin):
+    list_display = ("sequence", "signed_at", "short_event_hash", "short_public_key")
+    sortable_by = ("sequence",)
+    fields = ("sequence", "event_hash", "signed_at", "public_key", "prev_signature", "signature")
+    readonly_fields = fields
+
+    @admin.display(description="event hash")
+    def short_event_hash(self, obj: AuditCheckpoint):
+        return format_html('<code title="{}">{}…</code>', obj.event_hash, obj.event_hash[:12])
+
+    @admin.display(description="public key")
+    def short_public_key(self, obj: AuditCheckpoint):
+        return format_html('<code title="{}">{}…</code>', obj.public_key, obj.public_key[:12])

@@ -1,0 +1,650 @@
+"""The console's custom admin views: key actions and the audit chain status.
+
+Each action is a route added in ``get_urls()`` and wrapped in
+``admin_site.admin_view`` (login, staff, CSRF, never cached), the way
+``UserAdmin`` adds its password view. The view checks the action's permission
+itself (403 otherwise), validates a form and calls one function of
+``keyvault.services`` with ``Actor.from_request``; the service does the work and
+writes the audit event. Errors the services raise become form errors, never a 500.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from django import forms
+from django.contrib import messages
+from django.contrib.admin import helpers
+from django.contrib.admin.utils import unquote
+from django.core.cache import cache
+from django.core.exceptions import PermissionDenied
+from django.db import IntegrityError
+from django.http import Http404, HttpResponseRedirect
+from django.shortcuts import get_object_or_404
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
+from django.utils import timezone
+from django.utils.decorators import method_decorator
+from django.views.decorators.debug import sensitive_post_parameters
+
+from keyvault import audit, services
+from keyvault.audit import Actor
+from keyvault.exceptions import KeyvaultError
+from keyvault.forms import ConfirmForm, CreateKEKForm, DisableForm, RetireVersionForm, RotateForm, ScheduleDeletionForm
+from keyvault.kms.errors import KMSError
+from keyvault.models import AuditChainHead, AuditCheckpoint, AuditEvent, KeyEncryptionKey, KeyVersion
+
+logger = logging.getLogger(__name__)
+
+KEK = KeyEncryptionKey
+ACTION_TEMPLATE = "keyvault/action.html"
+
+#: What a service may raise for a request it refuses; shown to the user as a form error.
+SERVICE_ERRORS = (KeyvaultError, KMSError, ValueError)
+
+
+def runbook_for(action: str) -> None:
+    """The runbook steps to show beside an action's form (a later issue fills this in)."""
+    return None
+
+
+def service_error_message(exc: Exception) -> str:
+    """The text shown for a refused action: the service's message, which never holds key bytes."""
+    text = str(exc).strip()
+    return text or (type(exc).__doc__ or type(exc).__name__).strip().splitlines()[0]
+
+
+# -- KEK actions -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KEKAction:
+    """One button on the KEK page: who may press it, when it is offered, what it calls."""
+
+    slug: str
+    button: str
+    title: str
+    permission: str
+    states: frozenset[str]
+    form_class: type[forms.Form]
+    perform: Callable[[KeyEncryptionKey, dict, Actor], str]
+    explanation: str
+    danger: bool = False
+
+    @property
+    def url_name(self) -> str:
+        return f"keyvault_keyencryptionkey_{self.slug.replace('-', '_')}"
+
+
+def _rotate(kek: KeyEncryptionKey, data: dict, actor: Actor) -> str:
+    version = services.rotate_kek_version(kek, actor=actor, reason=data.get("reason", ""))
+    return (
+        f"Rotated {kek.name}: v{version.number} is now the primary version. Data keys on older versions "
+        "keep decrypting until they are rewrapped."
+    )
+
+
+def _disable(kek: KeyEncryptionKey, data: dict, actor: Actor) -> str:
+    services.disable_kek(kek, actor=actor, reason=data.get("reason", ""))
+    return f"Disabled {kek.name}: it refuses every encrypt and decrypt until enabled."
+
+
+def _enable(kek: KeyEncryptionKey, data: dict, actor: Actor) -> str:
+    services.enable_kek(kek, actor=actor)
+    return f"Enabled {kek.name}."
+
+
+def _schedule_deletion(kek: KeyEncryptionKey, data: dict, actor: Actor) -> str:
+    kek = services.schedule_kek_deletion(kek, actor=actor, waiting_days=data["waiting_days"])
+    return (
+        f"Scheduled {kek.name} for deletion on {kek.deletion_date:%Y-%m-%d %H:%M} UTC. "
+        "It refuses all cryptography now; cancel the deletion before that date to keep it."
+    )
+
+
+def _cancel_deletion(kek: KeyEncryptionKey, data: dict, actor: Actor) -> str:
+    services.cancel_kek_deletion(kek, actor=actor)
+    return f"Cancelled the deletion of {kek.name}. The key stays disabled until you enable it."
+
+
+KEK_ACTIONS: tuple[KEKAction, ...] = (
+    KEKAction(
+        slug="rotate",
+        button="Rotate now",
+        title="Rotate key-encryption key",
+        permission="keyvault.rotate_keyencryptionkey",
+        states=frozenset({KEK.State.ENABLED}),
+        form_class=RotateForm,
+        perform=_rotate,
+        explanation=(
+            "Creates a new version at the provider and makes it primary: new data keys are wrapped with it. "
+            "Older versions keep decrypting; the rotation engine rewraps their data keys. "
+            "The rotation schedule restarts from now."
+        ),
+    ),
+    KEKAction(
+        slug="disable",
+        button="Disable",
+        title="Disable key-encryption key",
+        permission="keyvault.change_state_keyencryptionkey",
+        states=frozenset({KEK.State.ENABLED}),
+        form_class=DisableForm,
+        perform=_disable,
+        explanation=(
+            "Every encrypt, decrypt, rewrap and data-key operation with this key fails until it is enabled again."
+        ),
+        danger=True,
+    ),
+    KEKAction(
+        slug="enable",
+        button="Enable",
+        title="Enable key-encryption key",
+        permission="keyvault.change_state_keyencryptionkey",
+        states=frozenset({KEK.State.DISABLED}),
+        form_class=ConfirmForm,
+        perform=_enable,
+        explanation="The key encrypts and decrypts again.",
+    ),
+    KEKAction(
+        slug="schedule-deletion",
+        button="Schedule deletion",
+        title="Schedule deletion of key-encryption key",
+        permission="keyvault.schedule_deletion_keyencryptionkey",
+        states=frozenset({KEK.State.ENABLED, KEK.State.DISABLED}),
+        form_class=ScheduleDeletionForm,
+        perform=_schedule_deletion,
+        explanation=(
+            "The key refuses all cryptography at once and is destroyed at the provider when the waiting period "
+            "ends. Data keys it wraps can then never be opened again."
+        ),
+        danger=True,
+    ),
+    KEKAction(
+        slug="cancel-deletion",
+        button="Cancel deletion",
+        title="Cancel deletion of key-encryption key",
+        permission="keyvault.schedule_deletion_keyencryptionkey",
+        states=frozenset({KEK.State.PENDING_DELETION}),
+        form_class=ConfirmForm,
+        perform=_cancel_deletion,
+        explanation="The key is kept. As with AWS KMS it stays disabled until someone enables it.",
+    ),
+)
+KEK_ACTIONS_BY_SLUG = {action.slug: action for action in KEK_ACTIONS}
+RETIRE_PERMISSION = "keyvault.retire_keyversion"
+
+
+@dataclass(frozen=True)
+class ActionLink:
+    label: str
+    url: str
+    danger: bool = False
+
+
+def available_actions(user, kek: KeyEncryptionKey, admin_site_name: str = "admin") -> list[ActionLink]:
+    """The action buttons ``user`` may press on ``kek`` in its current state."""
+    return [
+        ActionLink(action.button, reverse(f"{admin_site_name}:{action.url_name}", args=[kek.pk]), action.danger)
+        for action in KEK_ACTIONS
+        if kek.state in action.states and user.has_perm(action.permission)
+    ]
+
+
+@dataclass(frozen=True)
+class CoverageRow:
+    number: int
+    state: str
+    state_label: str
+    is_primary: bool
+    encrypt_count: int
+    data_keys: int
+    share: float
+    retire_url: str = ""
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """How many data keys each version wraps, and the primary version's share of them."""
+
+    rows: list[CoverageRow] = field(default_factory=list)
+    total: int = 0
+    primary_number: int | None = None
+    primary_share: float = 100.0
+
+    @property
+    def on_older_versions(self) -> int:
+        return sum(row.data_keys for row in self.rows if not row.is_primary)
+
+
+def kek_coverage(kek: KeyEncryptionKey, *, user=None, admin_site_name: str = "admin") -> Coverage:
+    """One grouped count over the (kek, kek_version, id) index, plus the versions."""
+    counts = services.version_coverage(kek)
+    total = sum(counts.values())
+    can_retire = user is not None and user.has_perm(RETIRE_PERMISSION)
+    rows = []
+    primary_number = None
+    for version in kek.versions.order_by("-number"):
+        count = counts.get(version.number, 0)
+        retirable = can_retire and not version.is_primary and version.state != KeyVersion.State.DESTROYED
+        retire_url = (
+            reverse(f"{admin_site_name}:keyvault_keyencryptionkey_retire_version", args=[kek.pk, version.number])
+            if retirable
+            else ""
+        )
+        rows.append(
+            CoverageRow(
+                number=version.number,
+                state=version.state,
+                state_label=KeyVersion.State(version.state).label,
+                is_primary=version.is_primary,
+                encrypt_count=version.encrypt_count,
+                data_keys=count,
+                share=round(100.0 * count / total, 1) if total else 0.0,
+                retire_url=retire_url,
+            )
+        )
+        if version.is_primary:
+            primary_number = version.number
+    primary_share = round(100.0 * counts.get(primary_number, 0) / total, 1) if total else 100.0
+    return Coverage(rows=rows, total=total, primary_number=primary_number, primary_share=primary_share)
+
+
+class KEKActionViewsMixin:
+    """Create, rotate, disable/enable, schedule/cancel deletion and retire-version views for KEKs."""
+
+    action_template = ACTION_TEMPLATE
+
+    def get_urls(self):
+        wrap = self.admin_site.admin_view
+        urls = [
+            path(
+                f"<path:object_id>/{action.slug}/",
+                wrap(self.kek_action_view),
+                {"action": action.slug},
+                name=action.url_name,
+            )
+            for action in KEK_ACTIONS
+        ]
+        urls.append(
+            path(
+                "<path:object_id>/versions/<int:number>/retire/",
+                wrap(self.retire_version_view),
+                name="keyvault_keyencryptionkey_retire_version",
+            )
+        )
+        return urls + super().get_urls()
+
+    # The generic "add" must not bypass services: it *is* the create view.
+    def add_view(self, request, form_url="", extra_context=None):
+        return self.create_kek_view(request)
+
+    def _change_url(self, kek: KeyEncryptionKey) -> str:
+        return reverse(f"{self.admin_site.name}:keyvault_keyencryptionkey_change", args=[kek.pk])
+
+    def _get_kek(self, request, object_id: str) -> KeyEncryptionKey:
+        kek = self.get_object(request, unquote(object_id))
+        if kek is None:
+            raise Http404("No key-encryption key with that id.")
+        return kek
+
+    def _render_action(self, request, *, action: str, title: str, form, kek=None, intro: str = "",
+                       submit_label: str, danger: bool = False, extra: dict | None = None):
+        fieldsets = [(None, {"fields": list(form.base_fields)})]
+        context = {
+            **self.admin_site.each_context(request),
+            "title": title,
+            "subtitle": str(kek) if kek else None,
+            "opts": self.opts,
+            "original": kek,
+            "form": form,
+            "adminform": helpers.AdminForm(form, fieldsets, {}),
+            "media": self.media + form.media,
+            "action": action,
+            "intro": intro,
+            "submit_label": submit_label,
+            "danger": danger,
+            "cancel_url": self._change_url(kek) if kek else reverse(
+                f"{self.admin_site.name}:keyvault_keyencryptionkey_changelist"
+            ),
+            "runbook": runbook_for(action),
+            **(extra or {}),
+        }
+        request.current_app = self.admin_site.name
+        return TemplateResponse(request, self.action_template, context)
+
+    @method_decorator(sensitive_post_parameters())
+    def create_kek_view(self, request):
+        if not self.has_add_permission(request):
+            raise PermissionDenied
+        if request.method == "POST":
+            form = CreateKEKForm(request.POST)
+            if form.is_valid():
+                data = form.cleaned_data
+                try:
+                    kek = services.create_kek(
+                        name=data["name"],
+                        actor=Actor.from_request(request),
+                        provider_name=data["provider"],
+                        description=data["description"],
+                        rotation_period_days=data["rotation_period_days"],
+                        max_encryptions_per_version=data["max_encryptions_per_version"],
+                    )
+                except IntegrityError:  # a concurrent create won the unique name
+                    form.add_error("name", "A key-encryption key with this name already exists.")
+                except SERVICE_ERRORS as exc:
+                    logger.warning("console: creating KEK %r refused: %s", data["name"], type(exc).__name__)
+                    form.add_error(None, service_error_message(exc))
+                else:
+                    messages.success(request, f"Created {kek.name} at provider {kek.provider}; v1 is primary.")
+                    return HttpResponseRedirect(self._change_url(kek))
+        else:
+            form = CreateKEKForm()
+        return self._render_action(
+            request,
+            action="create",
+            title="Create key-encryption key",
+            form=form,
+            intro="The key is created at the chosen provider; Keyvault stores only its reference.",
+            submit_label="Create key",
+        )
+
+    @method_decorator(sensitive_post_parameters())
+    def kek_action_view(self, request, object_id: str, action: str):
+        spec = KEK_ACTIONS_BY_SLUG[action]
+        if not request.user.has_perm(spec.permission):
+            raise PermissionDenied
+        kek = self._get_kek(request, object_id)
+        if request.method == "POST":
+            form = spec.form_class(request.POST, kek=kek)
+            if form.is_valid():
+                try:
+                    message = spec.perform(kek, form.cleaned_data, Actor.from_request(request))
+                except SERVICE_ERRORS as exc:
+                    logger.warning("console: %s of KEK %r refused: %s", spec.slug, kek.name, type(exc).__name__)
+                    form.add_error(None, service_error_message(exc))
+                else:
+                    messages.success(request, message)
+                    return HttpResponseRedirect(self._change_url(kek))
+        else:
+            form = spec.form_class(kek=kek)
+        unavailable = ""
+        if kek.state not in spec.states:
+            unavailable = f"This key is {KEK.State(kek.state).label.lower()}; this action does not apply in that state."
+        return self._render_action(
+            request,
+            action=spec.slug,
+            title=spec.title,
+            form=form,
+            kek=kek,
+            intro=spec.explanation,
+            submit_label=spec.button,
+            danger=spec.danger,
+            extra={"unavailable": unavailable},
+        )
+
+    @method_decorator(sensitive_post_parameters())
+    def retire_version_view(self, request, object_id: str, number: int):
+        if not request.user.has_perm(RETIRE_PERMISSION):
+            raise PermissionDenied
+        kek = self._get_kek(request, object_id)
+        version = get_object_or_404(KeyVersion, kek=kek, number=number)
+        if request.method == "POST":
+            form = RetireVersionForm(request.POST, kek=kek, version=version)
+            if form.is_valid():
+                state = KeyVersion.State(form.cleaned_data["state"])
+                try:
+                    services.set_version_state(
+                        kek, number, state, actor=Actor.from_request(request), reason=form.cleaned_data["reason"]
+                    )
+                except SERVICE_ERRORS as exc:
+                    logger.warning("console: v%s of KEK %r to %s refused: %s", number, kek.name, state,
+                                   type(exc).__name__)
+                    form.add_error(None, service_error_message(exc))
+                else:
+                    messages.success(request, f"v{number} of {kek.name} is now {state.label.lower()}.")
+                    return HttpResponseRedirect(self._change_url(kek))
+        else:
+            form = RetireVersionForm(kek=kek, version=version)
+        wrapped = services.version_coverage(kek).get(number, 0)
+        intro = (
+            f"v{number} is {KeyVersion.State(version.state).label.lower()}"
+            f"{' and primary' if version.is_primary else ''}; it wraps {wrapped} data key(s). "
+            "A retired version no longer decrypts, so Keyvault refuses to retire a version that still wraps "
+            "data keys: rewrap them first. Destroying removes the material for good."
+        )
+        return self._render_action(
+            request,
+            action="retire-version",
+            title=f"Retire version v{number}",
+            form=form,
+            kek=kek,
+            intro=intro,
+            submit_label="Change version state",
+            danger=True,
+            extra={"version": version, "unavailable": "" if not version.is_primary else
+                   "This is the primary version; rotate the key before retiring it."},
+        )
+
+
+# -- audit chain status ------------------------------------------------------------
+#
+# The changelist shows whether the hash chain verifies. A full ``audit.verify_chain``
+# reads every event (a million rows take minutes), so a page load never runs it.
+# Instead the console keeps a *verified anchor* (sequence, hash and last checkpoint
+# signature of the newest event it has verified) in the cache and, at most once a
+# minute, checks only the events appended since, at most INCREMENTAL_BUDGET of them
+# per page load. Events before the anchor are not re-read on page loads: catching an
+# edit there takes "Verify now" (a full verification by someone allowed to export
+# the log) or ``manage.py audit verify``; the banner says which kind of check it shows.
+# The event at the anchor is re-read each time, so a rewrite of the verified tip shows.
+
+CHAIN_STATUS_KEY = "keyvault:console:audit-chain-status"
+CHAIN_ANCHOR_KEY = "keyvault:console:audit-chain-anchor"
+CHAIN_BROKEN_KEY = "keyvault:console:audit-chain-broken"  # a break found by a full check stays shown
+CHAIN_STATUS_TTL = 60
+INCREMENTAL_BUDGET = 20_000
+EXPORT_PERMISSION = "keyvault.export_auditevent"
+
+
+@dataclass(frozen=True)
+class ChainAnchor:
+    sequence: int
+    hash: str
+    checkpoint_signature: str
+    verified_at: datetime
+    full_verified_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class ChainStatus:
+    """What the banner shows."""
+
+    ok: bool
+    verified_to: int
+    checked_at: datetime
+    pending: int = 0
+    broken_at: int | None = None
+    reason: str = ""
+    full_verified_at: datetime | None = None
+
+    def __str__(self) -> str:
+        if not self.ok:
+            return f"BROKEN at #{self.broken_at}: {self.reason}"
+        text = f"chain verified to #{self.verified_to} at {self.checked_at:%Y-%m-%d %H:%M:%S} UTC"
+        if self.pending:
+            text += f"; {self.pending} newer event(s) not verified yet"
+        return text
+
+
+def _genesis_anchor() -> ChainAnchor:
+    return ChainAnchor(0, audit.GENESIS_HASH, "", timezone.now())
+
+
+def _broken(sequence: int, reason: str, anchor: ChainAnchor) -> ChainStatus:
+    return ChainStatus(ok=False, verified_to=anchor.sequence, checked_at=timezone.now(), broken_at=sequence,
+                       reason=reason, full_verified_at=anchor.full_verified_at)
+
+
+def _checkpoint_problem(cp: AuditCheckpoint, event: AuditEvent, prev_signature: str) -> str:
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    if cp.event_hash != event.hash:
+        return "checkpoint hash differs from the event's hash"
+    if cp.prev_signature != prev_signature:
+        return "checkpoint does not chain to the previous checkpoint"
+    try:
+        Ed25519PublicKey.from_public_bytes(bytes.fromhex(cp.public_key)).verify(
+            bytes.fromhex(cp.signature), audit._checkpoint_message(cp.sequence, cp.event_hash, cp.prev_signature)
+        )
+    except (InvalidSignature, ValueError):
+        return "checkpoint signature is invalid"
+    if cp.public_key not in audit.trusted_public_keys():
+        return "checkpoint signed by a key that is not trusted"
+    return ""
+
+
+def verify_since(anchor: ChainAnchor, *, budget: int | None = None) -> tuple[ChainStatus, ChainAnchor]:
+    """Verify the events after ``anchor`` (at most ``budget``): hashes, links, checkpoints, head."""
+    budget = INCREMENTAL_BUDGET if budget is None else budget
+    head_row = AuditChainHead.objects.filter(pk=1).first()
+    if head_row is not None:
+        head_sequence, head_hash = head_row.last_sequence, head_row.last_hash
+    else:
+        head_sequence = AuditEvent.objects.order_by("-sequence").values_list("sequence", flat=True).first() or 0
+        head_hash = None
+    if anchor.sequence:
+        tip = AuditEvent.objects.filter(sequence=anchor.sequence).values_list("hash", flat=True).first()
+        if tip != anchor.hash:
+            return _broken(anchor.sequence, "event changed or removed since it was verified", anchor), anchor
+    if head_sequence < anchor.sequence:
+        return _broken(head_sequence + 1, f"chain head records #{head_sequence} but #{anchor.sequence} was verified "
+                       "(newest events removed)", anchor), anchor
+    target = min(head_sequence, anchor.sequence + budget)
+    checkpoints = {
+        cp.sequence: cp
+        for cp in AuditCheckpoint.objects.filter(sequence__gt=anchor.sequence, sequence__lte=target)
+    }
+    expected, prev_hash, prev_signature = anchor.sequence + 1, anchor.hash, anchor.checkpoint_signature
+    events = AuditEvent.objects.filter(sequence__gt=anchor.sequence, sequence__lte=target).order_by("sequence")
+    for event in events.iterator(chunk_size=audit.VERIFY_CHUNK):
+        if event.sequence != expected:
+            return _broken(expected, f"sequence jumps from #{expected - 1} to #{event.sequence} "
+                           "(event missing or inserted)", anchor), anchor
+        if event.prev_hash != prev_hash:
+            return _broken(event.sequence, "prev_hash does not match the previous event's hash "
+                           "(reordered, inserted or removed)", anchor), anchor
+        if audit.event_hash(event) != event.hash:
+            return _broken(event.sequence, "content does not match its hash (event edited)", anchor), anchor
+        cp = checkpoints.get(event.sequence)
+        if cp is not None:
+            problem = _checkpoint_problem(cp, event, prev_signature)
+            if problem:
+                return _broken(cp.sequence, problem, anchor), anchor
+            prev_signature = cp.signature
+        prev_hash = event.hash
+        expected += 1
+    if expected - 1 < target:
+        return _broken(expected, f"chain head records #{head_sequence} but the log ends at #{expected - 1} "
+                       "(newest events removed)", anchor), anchor
+    if target == head_sequence and head_hash is not None and head_sequence and prev_hash != head_hash:
+        return _broken(head_sequence, "chain head hash differs from the last event's hash", anchor), anchor
+    now = timezone.now()
+    new_anchor = ChainAnchor(target, prev_hash, prev_signature, now, anchor.full_verified_at)
+    status = ChainStatus(ok=True, verified_to=target, checked_at=now, pending=head_sequence - target,
+                         full_verified_at=anchor.full_verified_at)
+    return status, new_anchor
+
+
+def chain_status(*, budget: int | None = None) -> ChainStatus:
+    """The cached status if younger than a minute, else extend verification from the anchor.
+
+    A break found by a full verification is shown until a later full verification passes:
+    incremental checks start after the anchor and would not see it again.
+    """
+    status = cache.get(CHAIN_BROKEN_KEY) or cache.get(CHAIN_STATUS_KEY)
+    if status is not None:
+        return status
+    anchor = cache.get(CHAIN_ANCHOR_KEY) or _genesis_anchor()
+    status, anchor = verify_since(anchor, budget=budget)
+    cache.set(CHAIN_ANCHOR_KEY, anchor, timeout=None)
+    cache.set(CHAIN_STATUS_KEY, status, timeout=CHAIN_STATUS_TTL)
+    return status
+
+
+def verify_chain_now(*, actor: Actor) -> audit.VerifyResult:
+    """Walk the whole chain (``audit.verify_chain``), record that we did, refresh the banner."""
+    result = audit.verify_chain()
+    audit.record(
+        audit.Action.AUDIT_VERIFIED,
+        actor=actor,
+        outcome=audit.Outcome.SUCCESS if result.ok else audit.Outcome.FAILURE,
+        details={"ok": result.ok, "events": result.events, "last_sequence": result.last_sequence,
+                 "checkpoints": result.checkpoints, "broken_at": result.broken_at, "reason": result.reason},
+    )
+    now = timezone.now()
+    if result.ok:
+        last_cp = AuditCheckpoint.objects.filter(sequence__lte=result.last_sequence).order_by("-sequence").first()
+        anchor = ChainAnchor(result.last_sequence, result.last_hash, last_cp.signature if last_cp else "", now, now)
+        status = ChainStatus(ok=True, verified_to=result.last_sequence, checked_at=now, full_verified_at=now)
+        cache.set(CHAIN_ANCHOR_KEY, anchor, timeout=None)
+        cache.delete(CHAIN_BROKEN_KEY)
+    else:
+        previous = cache.get(CHAIN_ANCHOR_KEY)
+        status = ChainStatus(ok=False, verified_to=result.last_sequence, checked_at=now, broken_at=result.broken_at,
+                             reason=result.reason, full_verified_at=previous.full_verified_at if previous else None)
+        cache.set(CHAIN_BROKEN_KEY, status, timeout=None)
+    cache.set(CHAIN_STATUS_KEY, status, timeout=CHAIN_STATUS_TTL)
+    return result
+
+
+class AuditChainViewsMixin:
+    """The chain banner on the audit changelist and the "Verify now" view."""
+
+    def get_urls(self):
+        wrap = self.admin_site.admin_view
+        return [path("verify/", wrap(self.verify_chain_view), name="keyvault_auditevent_verify")] + super().get_urls()
+
+    def changelist_view(self, request, extra_context=None):
+        extra_context = {
+            "chain_status": chain_status(),
+            "can_verify_chain": request.user.has_perm(EXPORT_PERMISSION),
+            **(extra_context or {}),
+        }
+        return super().changelist_view(request, extra_context)
+
+    @method_decorator(sensitive_post_parameters())
+    def verify_chain_view(self, request):
+        if not request.user.has_perm(EXPORT_PERMISSION):
+            raise PermissionDenied
+        changelist = reverse(f"{self.admin_site.name}:keyvault_auditevent_changelist")
+        form = forms.Form(request.POST if request.method == "POST" else None)
+        if request.method == "POST" and form.is_valid():
+            result = verify_chain_now(actor=Actor.from_request(request))
+            if result.ok:
+                messages.success(request, f"Full verification: {result}")
+            else:
+                messages.error(request, f"Full verification: {result}")
+            return HttpResponseRedirect(changelist)
+        last_sequence, _ = audit.chain_position()
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Verify the audit chain",
+            "opts": self.opts,
+            "form": form,
+            "adminform": helpers.AdminForm(form, [(None, {"fields": []})], {}),
+            "action": "verify-audit-chain",
+            "intro": (
+                f"Recomputes the hash of every event (#1 to #{last_sequence}) and checks every signed checkpoint. "
+                "On a large log this takes a while. The result is recorded in the audit log."
+            ),
+            "submit_label": "Verify now",
+            "danger": False,
+            "cancel_url": changelist,
+            "runbook": runbook_for("verify-audit-chain"),
+        }
+        request.current_app = self.admin_site.name
+        return TemplateResponse(request, ACTION_TEMPLATE, context)

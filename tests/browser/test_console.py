@@ -1,0 +1,147 @@
+"""The console in a real browser: the role workflows end to end."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from playwright.sync_api import expect
+
+from keyvault.models import AuditEvent, KeyEncryptionKey, KeyVersion
+
+pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+
+def test_administrator_creates_a_key_and_an_operator_rotates_it(login_as, shots):
+    # given an administrator (operators may not create keys)
+    admin = login_as("administrator")
+    admin.click("text=Key-encryption keys")
+    admin.click("a.addlink")
+    expect(admin.locator("h1")).to_have_text("Create key-encryption key")
+    admin.fill("#id_name", "payments")
+    admin.fill("#id_description", "card numbers in the payments database")
+    admin.fill("#id_rotation_period_days", "90")
+    shots(admin, "create-form")
+
+    # when they create a key
+    admin.click("input[type=submit][value='Create key']")
+
+    # then its page shows version 1 as primary
+    expect(admin.locator(".messagelist")).to_contain_text("Created payments at provider local; v1 is primary.")
+    expect(admin.locator("#kv-coverage")).to_contain_text("v1 (primary)")
+    shots(admin, "created")
+    admin.click(".breadcrumbs >> text=Key-encryption keys")
+    row = admin.locator("#result_list tbody tr")
+    expect(row.locator("th")).to_have_text("payments")
+    expect(row.locator("td.field-state_display")).to_have_text("Enabled")
+    expect(row.locator("td.field-primary_version")).to_have_text("v1")
+    expect(row.locator("td.field-data_key_count")).to_have_text("0")
+    shots(admin, "key-list")
+
+    # given an operator on the same key
+    operator = login_as("operator")
+    operator.click("text=Key-encryption keys")
+    expect(operator.locator("a.addlink")).to_have_count(0)
+    operator.click("text=payments")
+    expect(operator.locator(".object-tools a")).to_have_text(["Rotate now", "Audit events", "History"])
+
+    # when the operator rotates it
+    operator.click("text=Rotate now")
+    operator.fill("#id_reason", "CHG-1234 quarterly rotation")
+    shots(operator, "rotate-form")
+    operator.click("input[type=submit][value='Rotate now']")
+
+    # then the page shows v2 as the new primary, and the audit log has both events
+    expect(operator.locator(".messagelist")).to_contain_text("v2 is now the primary version")
+    expect(operator.locator("#kv-coverage .kv-version-row").first).to_contain_text("v2 (primary)")
+    expect(operator.locator("#kv-coverage .kv-version-row")).to_have_count(2)
+    shots(operator, "rotated")
+    operator.click(".object-tools >> text=Audit events")
+    expect(operator.locator("#kv-chain-status")).to_contain_text("Audit chain verified to #")
+    rows = operator.locator("#result_list tbody tr")
+    expect(rows).to_have_count(2)
+    expect(rows.nth(0)).to_contain_text("user:operator")
+    expect(rows.nth(0)).to_contain_text("KEK rotated")
+    expect(rows.nth(1)).to_contain_text("user:administrator")
+    expect(rows.nth(1)).to_contain_text("KEK created")
+    shots(operator, "audit-log")
+    operator.locator("#result_list tbody tr").nth(0).locator("th a").click()
+    expect(operator.locator(".field-details_display pre")).to_contain_text('"reason": "CHG-1234 quarterly rotation"')
+    shots(operator, "audit-event")
+
+    kek = KeyEncryptionKey.objects.get(name="payments")
+    assert list(KeyVersion.objects.filter(kek=kek, is_primary=True).values_list("number", flat=True)) == [2]
+    assert list(AuditEvent.objects.order_by("sequence").values_list("action", "actor")) == [
+        ("kek.created", "user:administrator"), ("kek.rotated", "user:operator")]
+
+
+def test_auditor_reads_the_audit_log_but_cannot_rotate(login_as, shots, live_server):
+    # given a key with some history
+    from keyvault import services
+    from keyvault.audit import Actor
+
+    kek = services.create_kek(name="ledger", actor=Actor.system("bootstrap"))
+    data_key, plain = services.create_data_key(kek, actor=Actor.system("app"), encryption_context={"tenant": "7"},
+                                               owner_ref="ledger.entry.memo")
+    plain.wipe()
+    services.rotate_kek_version(kek, actor=Actor.system("rotation-sweep"))
+    auditor = login_as("auditor")
+
+    # when the auditor opens the audit log, then they see the events and the chain status
+    auditor.click("text=Audit events")
+    expect(auditor.locator("#kv-chain-status")).to_contain_text("Audit chain verified to #3")
+    expect(auditor.locator("#result_list tbody tr")).to_have_count(3)
+    shots(auditor, "audit-log")
+
+    # and may run a full verification, which is itself audited
+    auditor.click("#kv-chain-status input[type=submit]")
+    expect(auditor.locator(".messagelist")).to_contain_text("Full verification: OK: audit chain intact, 3 events")
+    expect(auditor.locator("#kv-chain-status")).to_contain_text("Last full verification")
+    shots(auditor, "verified")
+
+    # and sees data keys only by fingerprint
+    auditor.click("#nav-sidebar >> text=Data keys")
+    expect(auditor.locator("#result_list tbody tr")).to_contain_text([data_key.fingerprint])
+    shots(auditor, "data-keys")
+
+    # when they open the key, then there is no action button
+    auditor.goto("/keyvault/keyencryptionkey/")
+    auditor.click("text=ledger")
+    expect(auditor.locator("#kv-coverage")).to_contain_text("0.0% of 1 data key is wrapped by the primary version v2")
+    expect(auditor.locator(".object-tools a")).to_have_text(["Audit events", "History"])
+    expect(auditor.locator("input[name=_save]")).to_have_count(0)
+    shots(auditor, "key-read-only")
+
+    # and the rotate URL itself answers 403
+    response = auditor.goto(f"/keyvault/keyencryptionkey/{kek.pk}/rotate/")
+    assert response.status == 403
+    expect(auditor.locator("body")).to_contain_text(re.compile("403 Forbidden"))
+    shots(auditor, "rotate-forbidden")
+    assert KeyVersion.objects.filter(kek=kek).count() == 2
+    assert plain.plaintext == bytearray(32)  # wiped; nothing above could have shown it
+    assert AuditEvent.objects.filter(action="audit.verified", actor="user:auditor").count() == 1
+
+
+def test_schedule_deletion_asks_for_the_key_name(login_as, shots):
+    from keyvault import services
+    from keyvault.audit import Actor
+
+    kek = services.create_kek(name="old-reports", actor=Actor.system("bootstrap"))
+    admin = login_as("administrator")
+    admin.goto(f"/keyvault/keyencryptionkey/{kek.pk}/change/")
+    admin.click(".object-tools >> text=Schedule deletion")
+    admin.fill("#id_waiting_days", "7")
+    admin.fill("#id_confirm_name", "old-report")
+    admin.click("input[type=submit][value='Schedule deletion']")
+    expect(admin.locator(".errorlist")).to_contain_text("type old-reports exactly")
+    shots(admin, "mismatch")
+
+    admin.fill("#id_confirm_name", "old-reports")
+    admin.click("input[type=submit][value='Schedule deletion']")
+
+    expect(admin.locator(".messagelist")).to_contain_text("Scheduled old-reports for deletion on")
+    expect(admin.locator("div.field-state_display")).to_contain_text("Pending deletion")
+    expect(admin.locator(".object-tools a").first).to_have_text("Cancel deletion")
+    shots(admin, "scheduled")
+    kek.refresh_from_db()
+    assert kek.state == KeyEncryptionKey.State.PENDING_DELETION

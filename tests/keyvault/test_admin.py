@@ -1,0 +1,647 @@
+"""The security console: pages, custom action views, audit chain banner, big-table paging.
+
+Given keys made through the services, when a role user uses the console, then the
+state changes only through the services, each change has its audit event, refused
+actions become form errors, and no page ever shows key material.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from datetime import timedelta
+
+import pytest
+from django.conf import settings as django_settings
+from django.core.cache import cache
+from django.db import connection
+from django.test import Client
+from django.test.utils import CaptureQueriesContext
+from django.urls import reverse
+from django.utils import timezone
+
+from keyvault import admin_views, services
+from keyvault.admin import EstimatedCountPaginator
+from keyvault.audit import Actor
+from keyvault.models import AuditEvent, DataKey, KeyEncryptionKey, KeyVersion
+from tests.keyvault import build_world, make_role_user, use_temp_keyring
+
+pytestmark = pytest.mark.django_db
+
+KEK = KeyEncryptionKey
+
+
+@pytest.fixture(autouse=True)
+def _isolated(settings, tmp_path):
+    use_temp_keyring(settings, tmp_path)
+    cache.clear()
+
+
+@pytest.fixture
+def world():
+    return build_world()
+
+
+def client_as(role: str, *, csrf: bool = False) -> Client:
+    client = Client(enforce_csrf_checks=csrf)
+    client.force_login(make_role_user(role))
+    return client
+
+
+@pytest.fixture
+def administrator():
+    return client_as("administrator")
+
+
+@pytest.fixture
+def operator():
+    return client_as("operator")
+
+
+@pytest.fixture
+def auditor():
+    return client_as("auditor")
+
+
+def url(name: str, *args) -> str:
+    return reverse(f"admin:{name}", args=args)
+
+
+def events(action: str) -> list[AuditEvent]:
+    return list(AuditEvent.objects.filter(action=action).order_by("sequence"))
+
+
+def page_text(response) -> str:
+    return response.content.decode()
+
+
+def messages_of(response) -> list[str]:
+    return [str(m) for m in response.context["messages"]] if response.context else []
+
+
+# -- pages -------------------------------------------------------------------------
+
+
+def test_kek_list_shows_state_provider_primary_version_due_date_and_data_key_count(administrator, world):
+    response = administrator.get(url("keyvault_keyencryptionkey_changelist"))
+
+    assert response.status_code == 200
+    rows = {kek.name: kek for kek in response.context["cl"].result_list}
+    assert rows["alpha"].primary_number == 2 and rows["alpha"].dek_count == 2
+    assert rows["bravo"].primary_number == 1 and rows["bravo"].dek_count == 0
+    html = page_text(response)
+    assert 'kv-state-pending_deletion">Pending deletion' in html
+    assert f"{world.alpha.next_rotation_at:%Y}" in html
+
+
+def test_kek_list_query_count_does_not_grow_with_the_number_of_keys(administrator, world):
+    # given the three keys of the world, count the queries of one page
+    with CaptureQueriesContext(connection) as few:
+        administrator.get(url("keyvault_keyencryptionkey_changelist"))
+    # when ten more keys exist
+    for index in range(10):
+        services.create_kek(name=f"extra-{index}", actor=Actor.system("tests"))
+    with CaptureQueriesContext(connection) as many:
+        response = administrator.get(url("keyvault_keyencryptionkey_changelist"))
+
+    # then the page still takes the same number of queries (counts are annotated, not per row)
+    assert response.status_code == 200
+    assert len(response.context["cl"].result_list) == 13
+    assert len(many.captured_queries) == len(few.captured_queries)
+
+
+def test_kek_page_shows_versions_and_coverage_of_the_primary(auditor, world):
+    services.rotate_kek_version(world.alpha, actor=Actor.system("tests"))
+    services.create_data_key(world.alpha, actor=Actor.system("tests"))  # one key on the new primary v3
+
+    response = auditor.get(url("keyvault_keyencryptionkey_change", world.alpha.pk))
+
+    assert response.status_code == 200
+    coverage = response.context["coverage"]
+    assert [(row.number, row.data_keys, row.is_primary) for row in coverage.rows] == [
+        (3, 1, True), (2, 2, False), (1, 0, False)]
+    assert coverage.total == 3 and coverage.primary_share == 33.3 and coverage.on_older_versions == 2
+    html = page_text(response)
+    assert "33.3% of 3 data keys are wrapped by the primary version v3" in html
+    # the inline lists every version read-only
+    assert html.count('class="kv-state kv-state-enabled"') >= 3
+    assert 'name="versions-0-state"' not in html
+
+
+def test_action_buttons_follow_permissions_and_state(administrator, operator, auditor, world):
+    def buttons(client, kek):
+        response = client.get(url("keyvault_keyencryptionkey_change", kek.pk))
+        return [link.label for link in response.context["kek_actions"]], page_text(response)
+
+    admin_alpha, html = buttons(administrator, world.alpha)
+    assert admin_alpha == ["Rotate now", "Disable", "Schedule deletion"]
+    assert html.count("Retire…") == 1  # v1 only: v2 is primary
+    assert 'name="_save"' in html and 'name="_addanother"' not in html  # "add" is the create view
+    assert buttons(administrator, world.bravo)[0] == ["Enable", "Schedule deletion"]
+    assert buttons(administrator, world.charlie)[0] == ["Cancel deletion"]
+    operator_alpha, html = buttons(operator, world.alpha)
+    assert operator_alpha == ["Rotate now"]
+    assert "Retire…" not in html
+    assert buttons(operator, world.bravo)[0] == []
+    auditor_alpha, html = buttons(auditor, world.alpha)
+    assert auditor_alpha == []
+    assert "Rotate now" not in html and "Audit events" in html
+
+
+def test_data_key_pages_show_a_fingerprint_never_the_wrapped_bytes(auditor, world):
+    wrapped = bytes(world.data_key.wrapped_key)
+
+    listing = page_text(auditor.get(url("keyvault_datakey_changelist")))
+    detail = page_text(auditor.get(url("keyvault_datakey_change", world.data_key.pk)))
+
+    for html in (listing, detail):
+        assert world.data_key.fingerprint in html
+        for encoded in encodings(wrapped):
+            assert encoded not in html
+    assert "&quot;table&quot;: &quot;card&quot;" in detail  # the context, pretty-printed
+    assert 'name="wrapped_key"' not in detail
+
+
+def test_audit_log_is_read_only_even_for_a_superuser(admin_client, world):
+    event = AuditEvent.objects.order_by("sequence").first()
+
+    assert admin_client.get(url("keyvault_auditevent_add")).status_code == 403
+    assert admin_client.post(url("keyvault_auditevent_change", event.pk), {"actor": "x"}).status_code == 403
+    assert admin_client.post(url("keyvault_auditevent_delete", event.pk), {"post": "yes"}).status_code == 403
+    assert admin_client.get(url("keyvault_keyencryptionkey_delete", world.alpha.pk)).status_code == 403
+    page = page_text(admin_client.get(url("keyvault_auditevent_change", event.pk)))
+    assert 'name="actor"' not in page and "Save" not in page
+    assert AuditEvent.objects.filter(pk=event.pk, actor=event.actor).exists()
+
+
+def test_audit_event_page_shows_details_as_pretty_json(auditor, world):
+    event = events("kek.disabled")[0]
+
+    html = page_text(auditor.get(url("keyvault_auditevent_change", event.pk)))
+
+    assert '<pre class="kv-json">{\n  &quot;reason&quot;: &quot;setup&quot;\n}</pre>' in html
+
+
+def test_audit_log_filters_by_actor_action_target_and_date(auditor, world):
+    services.rotate_kek_version(world.alpha, actor=Actor(name="user:carol"))
+    changelist = url("keyvault_auditevent_changelist")
+
+    def sequences(**params):
+        response = auditor.get(changelist, params)
+        assert response.status_code == 200
+        return [event.sequence for event in response.context["cl"].result_list]
+
+    carol = sequences(actor="user:carol")
+    assert len(carol) == 1 and AuditEvent.objects.get(sequence=carol[0]).action == "kek.rotated"
+    rotated = sequences(action__exact="kek.rotated")
+    assert len(rotated) == 2
+    bravo = sequences(target_type="keyencryptionkey", target_id="bravo")
+    assert {AuditEvent.objects.get(sequence=s).action for s in bravo} == {"kek.created", "kek.disabled"}
+    today = timezone.now().replace(hour=0, minute=0, second=0, microsecond=0)
+    assert sequences(timestamp__gte=str(today + timedelta(days=1))) == []
+    assert len(sequences(timestamp__gte=str(today), timestamp__lt=str(today + timedelta(days=1)))) == (
+        AuditEvent.objects.count())
+    # the input filter keeps the other filters when it is submitted
+    html = page_text(auditor.get(changelist, {"action__exact": "kek.rotated"}))
+    assert '<input type="hidden" name="action__exact" value="kek.rotated">' in html
+
+
+# -- creating a KEK ----------------------------------------------------------------
+
+
+def test_add_is_the_create_view_and_creates_through_the_service(administrator):
+    form = administrator.get(url("keyvault_keyencryptionkey_add"))
+    assert form.status_code == 200
+    assert [choice[0] for choice in form.context["form"].fields["provider"].choices] == ["local"]
+
+    response = administrator.post(url("keyvault_keyencryptionkey_add"), {
+        "name": "orders", "provider": "local", "description": "orders table", "rotation_period_days": "90",
+        "max_encryptions_per_version": "1000000",
+    })
+
+    kek = KEK.objects.get(name="orders")
+    assert response.status_code == 302 and response["Location"] == url("keyvault_keyencryptionkey_change", kek.pk)
+    assert (kek.provider, kek.rotation_period_days, kek.max_encryptions_per_version) == ("local", 90, 1_000_000)
+    assert list(kek.versions.values_list("number", "is_primary")) == [(1, True)]
+    created = events("kek.created")
+    assert len(created) == 1 and created[0].actor == "user:administrator" and created[0].target_id == "orders"
+    assert created[0].ip_address == "127.0.0.1"
+    assert services.provider_for(kek).describe_key(kek.provider_key_id).primary_version == 1
+
+
+@pytest.mark.parametrize(("data", "field", "message"), [
+    ({"name": "alpha"}, "name", "already exists"),
+    ({"name": "-leading-hyphen"}, "name", "starting with a letter or digit"),
+    ({"provider": "aws"}, "provider", "Select a valid choice"),
+    ({"rotation_period_days": "0"}, "rotation_period_days", "greater than or equal to 1"),
+    ({"max_encryptions_per_version": str(2**32 + 1)}, "max_encryptions_per_version", "less than or equal to"),
+])
+def test_create_refuses_bad_input_as_form_errors(administrator, world, data, field, message):
+    posted = {"name": "new-key", "provider": "local", "rotation_period_days": "365", **data}
+
+    response = administrator.post(url("keyvault_keyencryptionkey_add"), posted)
+
+    assert response.status_code == 200
+    assert message in " ".join(response.context["form"].errors[field])
+    assert not events("kek.created")[3:]  # only the world's three keys were created
+
+
+def test_create_reports_a_provider_error_without_a_500(administrator, settings):
+    kms = dict(settings.KMS)
+    kms["providers"] = {**settings.KMS["providers"], "local": {**settings.KMS["providers"]["local"],
+                                                                "master_key": "not base64 at all"}}
+    settings.KMS = kms
+
+    response = administrator.post(url("keyvault_keyencryptionkey_add"), {
+        "name": "doomed", "provider": "local", "rotation_period_days": "365"})
+
+    assert response.status_code == 200
+    assert "HMD_LOCAL_KMS_MASTER_KEY must be 32 random bytes" in " ".join(response.context["form"].non_field_errors())
+    assert not KEK.objects.filter(name="doomed").exists()
+
+
+# -- the settings form -------------------------------------------------------------
+
+
+def settings_post(**changes) -> dict:
+    data = {"description": "payments database fields", "rotation_period_days": "365",
+            "max_encryptions_per_version": "", "versions-TOTAL_FORMS": "0", "versions-INITIAL_FORMS": "0",
+            "versions-MIN_NUM_FORMS": "0", "versions-MAX_NUM_FORMS": "0"}
+    data.update(changes)
+    return data
+
+
+def test_settings_form_saves_through_the_service_and_ignores_read_only_fields(administrator, world):
+    response = administrator.post(url("keyvault_keyencryptionkey_change", world.alpha.pk), settings_post(
+        description="card numbers", rotation_period_days="30", name="renamed", state="destroyed",
+        provider_key_id="other"))
+
+    assert response.status_code == 302
+    kek = KEK.objects.get(pk=world.alpha.pk)
+    assert (kek.name, kek.state, kek.provider_key_id) == ("alpha", "enabled", "alpha")
+    assert (kek.description, kek.rotation_period_days) == ("card numbers", 30)
+    assert kek.next_rotation_at == kek.last_rotated_at + timedelta(days=30)
+    updated = events("kek.updated")
+    assert len(updated) == 1
+    assert updated[0].details == {"description": "card numbers", "rotation_period_days": 30}
+    assert updated[0].actor == "user:administrator"
+
+
+def test_settings_form_refuses_a_zero_rotation_period(administrator, world):
+    response = administrator.post(url("keyvault_keyencryptionkey_change", world.alpha.pk),
+                                  settings_post(rotation_period_days="0"))
+
+    assert response.status_code == 200
+    assert response.context["adminform"].form.errors["rotation_period_days"]
+    assert not events("kek.updated")
+
+
+# -- rotate, disable, enable, delete, cancel ----------------------------------------
+
+
+def test_operator_rotates_a_key(operator, world):
+    response = operator.post(url("keyvault_keyencryptionkey_rotate", world.alpha.pk), {"reason": "CHG-42"})
+
+    assert response.status_code == 302
+    primary = KeyVersion.objects.get(kek=world.alpha, is_primary=True)
+    assert primary.number == 3
+    rotated = events("kek.rotated")[-1]
+    assert rotated.actor == "user:operator"
+    assert rotated.details == {"new_version": 3, "previous_version": 2, "reason": "CHG-42"}
+    follow = operator.get(response["Location"])
+    assert "v3 is now the primary version" in " ".join(messages_of(follow))
+
+
+def test_rotating_a_disabled_key_is_a_form_error_not_a_500(administrator, world):
+    before = AuditEvent.objects.count()
+
+    response = administrator.post(url("keyvault_keyencryptionkey_rotate", world.bravo.pk), {"reason": ""})
+
+    assert response.status_code == 200
+    assert "KEK 'bravo' is disabled" in " ".join(response.context["form"].non_field_errors())
+    assert "does not apply in that state" in page_text(response)
+    assert AuditEvent.objects.count() == before
+    assert world.bravo.versions.count() == 1
+
+
+def test_disable_then_enable(administrator, world):
+    administrator.post(url("keyvault_keyencryptionkey_disable", world.alpha.pk), {"reason": "incident 7"})
+    assert KEK.objects.get(pk=world.alpha.pk).state == KEK.State.DISABLED
+    assert events("kek.disabled")[-1].details == {"reason": "incident 7"}
+
+    response = administrator.post(url("keyvault_keyencryptionkey_enable", world.alpha.pk))
+
+    assert response.status_code == 302
+    assert KEK.objects.get(pk=world.alpha.pk).state == KEK.State.ENABLED
+    assert events("kek.enabled")[-1].actor == "user:administrator"
+
+
+def test_schedule_deletion_needs_the_typed_name(administrator, world):
+    response = administrator.post(url("keyvault_keyencryptionkey_schedule_deletion", world.alpha.pk),
+                                  {"waiting_days": "7", "confirm_name": "Alpha"})
+
+    assert response.status_code == 200
+    assert "does not match this key's name; type alpha exactly" in " ".join(
+        response.context["form"].errors["confirm_name"])
+    assert KEK.objects.get(pk=world.alpha.pk).state == KEK.State.ENABLED
+    assert len(events("kek.deletion_scheduled")) == 1  # the world's charlie only
+
+
+@pytest.mark.parametrize("days", ["6", "31", "x"])
+def test_schedule_deletion_waits_seven_to_thirty_days(administrator, world, days):
+    response = administrator.post(url("keyvault_keyencryptionkey_schedule_deletion", world.alpha.pk),
+                                  {"waiting_days": days, "confirm_name": "alpha"})
+
+    assert response.status_code == 200 and response.context["form"].errors["waiting_days"]
+    assert KEK.objects.get(pk=world.alpha.pk).state == KEK.State.ENABLED
+
+
+def test_schedule_deletion_then_cancel(administrator, world):
+    started = timezone.now()
+    response = administrator.post(url("keyvault_keyencryptionkey_schedule_deletion", world.alpha.pk),
+                                  {"waiting_days": "7", "confirm_name": "alpha"})
+
+    assert response.status_code == 302
+    kek = KEK.objects.get(pk=world.alpha.pk)
+    assert kek.state == KEK.State.PENDING_DELETION
+    assert started + timedelta(days=7) <= kek.deletion_date <= timezone.now() + timedelta(days=7)
+    scheduled = events("kek.deletion_scheduled")[-1]
+    assert (scheduled.target_id, scheduled.details["waiting_days"], scheduled.details["data_keys"]) == ("alpha", 7, 2)
+
+    administrator.post(url("keyvault_keyencryptionkey_cancel_deletion", world.alpha.pk))
+
+    kek.refresh_from_db()
+    assert (kek.state, kek.deletion_date) == (KEK.State.DISABLED, None)
+    assert events("kek.deletion_cancelled")[-1].actor == "user:administrator"
+
+
+# -- retiring versions -------------------------------------------------------------
+
+
+def test_retiring_a_version_that_still_wraps_data_keys_shows_the_service_error(administrator, world):
+    services.rotate_kek_version(world.alpha, actor=Actor.system("tests"))  # v2 is no longer primary
+
+    response = administrator.post(url("keyvault_keyencryptionkey_retire_version", world.alpha.pk, 2),
+                                  {"state": "disabled"})
+
+    assert response.status_code == 200
+    assert "v2 of 'alpha' still wraps 2 data key(s); rewrap them first" in " ".join(
+        response.context["form"].non_field_errors())
+    assert KeyVersion.objects.get(kek=world.alpha, number=2).state == KeyVersion.State.ENABLED
+    assert not events("version.state_changed")
+
+
+def test_retiring_the_primary_version_is_refused(administrator, world):
+    response = administrator.post(url("keyvault_keyencryptionkey_retire_version", world.alpha.pk, 2),
+                                  {"state": "disabled"})
+
+    assert response.status_code == 200
+    assert "primary version" in " ".join(response.context["form"].non_field_errors())
+
+
+def test_disable_then_destroy_an_empty_version(administrator, world):
+    retire = url("keyvault_keyencryptionkey_retire_version", world.alpha.pk, 1)
+
+    assert administrator.post(retire, {"state": "disabled", "reason": "superseded"}).status_code == 302
+    assert KeyVersion.objects.get(kek=world.alpha, number=1).state == KeyVersion.State.DISABLED
+
+    mismatch = administrator.post(retire, {"state": "destroyed", "confirm_name": "wrong"})
+    assert mismatch.status_code == 200 and mismatch.context["form"].errors["confirm_name"]
+
+    assert administrator.post(retire, {"state": "destroyed", "confirm_name": "alpha"}).status_code == 302
+    assert KeyVersion.objects.get(kek=world.alpha, number=1).state == KeyVersion.State.DESTROYED
+    changes = [(e.details["from"], e.details["to"], e.details["enforced_by"]) for e in events("version.state_changed")]
+    assert changes == [("enabled", "disabled", "provider"), ("disabled", "destroyed", "provider")]
+    assert administrator.get(retire).status_code == 200  # the page still renders for a destroyed version
+    assert administrator.get(url("keyvault_keyencryptionkey_retire_version", world.alpha.pk, 9)).status_code == 404
+
+
+# -- CSRF --------------------------------------------------------------------------
+
+ACTION_POSTS = [
+    ("keyvault_keyencryptionkey_add", None, {"name": "csrf-key", "provider": "local", "rotation_period_days": "7"}),
+    ("keyvault_keyencryptionkey_rotate", "alpha", {"reason": ""}),
+    ("keyvault_keyencryptionkey_disable", "alpha", {"reason": ""}),
+    ("keyvault_keyencryptionkey_enable", "bravo", {}),
+    ("keyvault_keyencryptionkey_schedule_deletion", "alpha", {"waiting_days": "30", "confirm_name": "alpha"}),
+    ("keyvault_keyencryptionkey_cancel_deletion", "charlie", {}),
+    ("keyvault_keyencryptionkey_retire_version", "alpha", {"state": "disabled"}),
+    ("keyvault_keyencryptionkey_change", "alpha", settings_post(description="csrf")),
+    ("keyvault_auditevent_verify", None, {}),
+]
+
+
+def action_url(world, name, kek_name):
+    if kek_name is None:
+        return url(name)
+    kek = getattr(world, kek_name)
+    return url(name, kek.pk, 1) if name.endswith("retire_version") else url(name, kek.pk)
+
+
+@pytest.mark.parametrize(("name", "kek_name", "data"), ACTION_POSTS, ids=[row[0] for row in ACTION_POSTS])
+def test_actions_need_the_csrf_token(world, name, kek_name, data):
+    client = client_as("administrator", csrf=True)
+    target = action_url(world, name, kek_name)
+    before = AuditEvent.objects.count()
+
+    refused = client.post(target, data)
+
+    assert refused.status_code == 403
+    assert AuditEvent.objects.count() == before
+    assert client.get(target).status_code == 200  # the form page sets the token
+    accepted = client.post(target, {**data, "csrfmiddlewaretoken": client.cookies["csrftoken"].value})
+    assert accepted.status_code == 302
+    assert AuditEvent.objects.count() > before
+
+
+# -- key material ------------------------------------------------------------------
+
+
+def encodings(secret: bytes) -> set[str]:
+    return {
+        secret.hex(), secret.hex().upper(),
+        base64.b64encode(secret).decode(), base64.b64encode(secret).decode().rstrip("="),
+        base64.urlsafe_b64encode(secret).decode().rstrip("="),
+    }
+
+
+def test_no_page_shows_key_material(world):
+    # given data keys whose plaintexts we kept, and the local provider's master key
+    secrets = set()
+    for plaintext in world.plaintexts:
+        secrets |= encodings(plaintext)
+    master = django_settings.LOCAL_KMS_MASTER_KEY
+    secrets |= {master} | encodings(base64.b64decode(master))
+    for data_key in DataKey.objects.all():
+        secrets |= encodings(bytes(data_key.wrapped_key))
+    assert all(len(s) >= 32 for s in secrets)
+    client = client_as("administrator")
+    event = AuditEvent.objects.order_by("-sequence").first()
+    pages = [
+        url("index"), url("app_list", "keyvault"),
+        url("keyvault_keyencryptionkey_changelist"), url("keyvault_keyencryptionkey_change", world.alpha.pk),
+        url("keyvault_keyencryptionkey_history", world.alpha.pk), url("keyvault_keyencryptionkey_add"),
+        url("keyvault_datakey_changelist"), url("keyvault_datakey_change", world.data_key.pk),
+        url("keyvault_auditevent_changelist"), url("keyvault_auditevent_change", event.pk),
+        url("keyvault_auditevent_verify"), url("keyvault_auditcheckpoint_changelist"),
+    ] + [action_url(world, name, kek) for name, kek, _ in ACTION_POSTS]
+
+    # when every page is rendered, then none holds any encoding of any secret
+    for page in pages:
+        response = client.get(page)
+        assert response.status_code == 200, page
+        html = page_text(response)
+        leaked = [s for s in secrets if s in html]
+        assert not leaked, f"{page} shows key material"
+    # and neither do the pages after actions that fail in the provider layer
+    failed = client.post(url("keyvault_keyencryptionkey_rotate", world.charlie.pk), {"reason": ""})
+    assert not [s for s in secrets if s in page_text(failed)]
+
+
+# -- audit chain banner ------------------------------------------------------------
+
+
+def tamper(sql: str, params=()) -> None:
+    """Change an audit row behind the application's back (the append-only trigger disabled on PostgreSQL)."""
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute("ALTER TABLE keyvault_auditevent DISABLE TRIGGER keyvault_audit_no_update_delete")
+        cursor.execute(sql, params)
+        if connection.vendor == "postgresql":
+            cursor.execute("ALTER TABLE keyvault_auditevent ENABLE TRIGGER keyvault_audit_no_update_delete")
+
+
+def banner(client) -> str:
+    html = page_text(client.get(url("keyvault_auditevent_changelist")))
+    match = re.search(r'<div class="kv-chain[^"]*"[^>]*>(.*?)</div>', html, re.S)
+    assert match, "no chain banner"
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", "", match.group(1))).strip()
+
+
+def test_banner_says_how_far_the_chain_is_verified(auditor, world):
+    last = AuditEvent.objects.order_by("-sequence").first().sequence
+
+    text = banner(auditor)
+
+    assert text.startswith(f"Audit chain verified to #{last} at ")
+    assert "Verify now" in page_text(auditor.get(url("keyvault_auditevent_changelist")))
+
+
+def test_banner_is_cached_then_extends_verification_incrementally(auditor, world, django_assert_max_num_queries):
+    first = AuditEvent.objects.order_by("-sequence").first().sequence
+    banner(auditor)
+    services.rotate_kek_version(world.alpha, actor=Actor.system("tests"))
+
+    # within the minute the cached status is shown
+    assert f"verified to #{first} " in banner(auditor)
+
+    # after it expires only the new events are read
+    cache.delete(admin_views.CHAIN_STATUS_KEY)
+    assert f"verified to #{first + 1} " in banner(auditor)
+    anchor = cache.get(admin_views.CHAIN_ANCHOR_KEY)
+    assert anchor.sequence == first + 1
+
+
+def test_banner_verifies_at_most_a_budget_per_page_view(auditor, world, monkeypatch):
+    monkeypatch.setattr(admin_views, "INCREMENTAL_BUDGET", 3)
+    last = AuditEvent.objects.order_by("-sequence").first().sequence
+
+    assert "verified to #3 " in banner(auditor)
+    assert f"{last - 3} newer events not verified yet" in banner(auditor)
+    cache.delete(admin_views.CHAIN_STATUS_KEY)
+    assert "verified to #6 " in banner(auditor)
+
+
+def test_banner_shows_where_a_new_event_was_edited(auditor, world):
+    banner(auditor)
+    services.rotate_kek_version(world.alpha, actor=Actor.system("tests"))
+    edited = AuditEvent.objects.order_by("-sequence").first().sequence
+    tamper("UPDATE keyvault_auditevent SET actor = %s WHERE sequence = %s", ["user:mallory", edited])
+    cache.delete(admin_views.CHAIN_STATUS_KEY)
+
+    text = banner(auditor)
+
+    assert text.startswith(f"Audit chain BROKEN at #{edited}: content does not match its hash (event edited)")
+
+
+def test_an_edit_before_the_verified_anchor_takes_verify_now(auditor, world):
+    # given a verified chain, and then an old event edited behind the console's back
+    banner(auditor)
+    tamper("UPDATE keyvault_auditevent SET actor = %s WHERE sequence = 2", ["user:mallory"])
+    cache.delete(admin_views.CHAIN_STATUS_KEY)
+    assert "verified to" in banner(auditor)  # page views check only new events (documented)
+
+    # when an auditor runs the full verification
+    response = auditor.post(url("keyvault_auditevent_verify"))
+
+    # then the banner shows the break, even after the status cache expires, and the verification is audited
+    assert response.status_code == 302
+    assert banner(auditor).startswith("Audit chain BROKEN at #2: content does not match its hash")
+    cache.delete(admin_views.CHAIN_STATUS_KEY)
+    assert banner(auditor).startswith("Audit chain BROKEN at #2")
+    verified = events("audit.verified")[-1]
+    assert (verified.outcome, verified.details["broken_at"], verified.actor) == ("failure", 2, "user:auditor")
+
+
+def test_verify_now_confirms_an_intact_chain(auditor, world):
+    response = auditor.post(url("keyvault_auditevent_verify"), follow=True)
+
+    assert "Full verification: OK: audit chain intact" in " ".join(messages_of(response))
+    verified = events("audit.verified")[-1]
+    assert verified.outcome == "success" and verified.details["ok"] is True
+    assert "Last full verification" in banner(auditor)
+
+
+def test_banner_catches_removed_newest_events(auditor, world):
+    banner(auditor)
+    last = AuditEvent.objects.order_by("-sequence").first().sequence
+    tamper("DELETE FROM keyvault_auditevent WHERE sequence = %s", [last])
+    cache.delete(admin_views.CHAIN_STATUS_KEY)
+
+    assert banner(auditor).startswith(f"Audit chain BROKEN at #{last}: event changed or removed since it was verified")
+
+
+# -- big tables --------------------------------------------------------------------
+
+
+def test_paginator_caps_the_count_of_a_filtered_table(world):
+    class Small(EstimatedCountPaginator):
+        exact_up_to = 1
+
+    capped = Small(DataKey.objects.filter(kek=world.alpha).order_by("-id"), 100)
+    exact = Small(DataKey.objects.filter(kek=world.bravo).order_by("-id"), 100)
+
+    assert (capped.count, capped.count_text) == (1, "more than 1")
+    assert (exact.count, exact.count_text) == (0, "0")
+
+
+def test_paginator_estimates_an_unfiltered_table(world):
+    class Small(EstimatedCountPaginator):
+        exact_up_to = 1
+
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute("ANALYZE keyvault_datakey")
+    paginator = Small(DataKey.objects.order_by("-id"), 100)
+
+    if connection.vendor == "postgresql":
+        # the planner's figure, not a count; reltuples after ANALYZE is exact for a tiny table
+        assert (paginator.count, paginator.count_text) == (2, "about 2")
+    else:
+        assert (paginator.count, paginator.count_text) == (1, "more than 1")
+
+
+@pytest.mark.parametrize(("changelist", "params", "noun"), [
+    ("keyvault_auditevent_changelist", {"actor": "system:tests"}, "audit events"),
+    ("keyvault_datakey_changelist", {"owner_ref__isnull": "False"}, "data keys"),
+])
+def test_big_changelists_never_count_the_whole_table(auditor, world, monkeypatch, changelist, params, noun):
+    monkeypatch.setattr(EstimatedCountPaginator, "exact_up_to", 1)
+
+    with CaptureQueriesContext(connection) as queries:
+        response = auditor.get(url(changelist), params)
+
+    assert response.status_code == 200
+    assert f"more than 1 {noun}" in page_text(response)
+    counts = [q["sql"] for q in queries.captured_queries if "COUNT(" in q["sql"].upper()]
+    assert counts and all("LIMIT" in sql.upper() for sql in counts), counts

@@ -1,0 +1,199 @@
+"""Who may open and use each console URL, as a table: add a row when you add a URL.
+
+Every row is requested by each role (users in the role groups, never superusers):
+anonymous must be sent to the login page, auditors read everything and act on
+nothing (except verifying the audit chain), operators may rotate, key
+administrators may do every key action. Nobody adds, changes or deletes data keys
+or audit events, and no role manages users.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+from django.core.cache import cache
+from django.urls import reverse
+
+from tests.keyvault import ROLES, World, build_world, make_role_user, use_temp_keyring
+
+LOGIN = "login"  # expected: a redirect to the login page
+
+VIEW = {"anonymous": LOGIN, "auditor": 200, "operator": 200, "administrator": 200}
+ADMIN_GET = {"anonymous": LOGIN, "auditor": 403, "operator": 403, "administrator": 200}
+ADMIN_POST = {"anonymous": LOGIN, "auditor": 403, "operator": 403, "administrator": 302}
+OPERATOR_GET = {"anonymous": LOGIN, "auditor": 403, "operator": 200, "administrator": 200}
+OPERATOR_POST = {"anonymous": LOGIN, "auditor": 403, "operator": 302, "administrator": 302}
+AUDITOR_GET = {"anonymous": LOGIN, "auditor": 200, "operator": 403, "administrator": 200}
+AUDITOR_POST = {"anonymous": LOGIN, "auditor": 302, "operator": 403, "administrator": 302}
+NOBODY = {"anonymous": LOGIN, "auditor": 403, "operator": 403, "administrator": 403}
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    method: str
+    url: Callable[[World], str]
+    expect: dict[str, int | str]
+    data: Callable[[World], dict] = lambda world: {}
+
+
+@dataclass(frozen=True)
+class admin_url:  # noqa: N801 - reads as a function in the table
+    """``admin:<name>`` reversed with arguments taken from the world when called."""
+
+    name: str
+    args: tuple = ()
+
+    def __init__(self, name: str, *args) -> None:
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "args", args)
+
+    def __call__(self, world: World) -> str:
+        return reverse(f"admin:{self.name}", args=[arg(world) if callable(arg) else arg for arg in self.args])
+
+
+def alpha(world):
+    return world.alpha.pk
+
+
+def bravo(world):
+    return world.bravo.pk
+
+
+def charlie(world):
+    return world.charlie.pk
+
+
+def data_key(world):
+    return world.data_key.pk
+
+
+def first_event(world):
+    from keyvault.models import AuditEvent
+
+    return AuditEvent.objects.order_by("sequence").values_list("pk", flat=True).first()
+
+
+def checkpoint(world):
+    from keyvault import audit
+
+    return audit.checkpoint(actor=audit.Actor.system("tests")).pk
+
+
+def kek_settings(world):
+    return {
+        "description": "changed by the matrix",
+        "rotation_period_days": "90",
+        "max_encryptions_per_version": "",
+        "versions-TOTAL_FORMS": "0",
+        "versions-INITIAL_FORMS": "0",
+        "versions-MIN_NUM_FORMS": "0",
+        "versions-MAX_NUM_FORMS": "0",
+    }
+
+
+MATRIX: tuple[Row, ...] = (
+    # pages
+    Row("index", "GET", admin_url("index"), VIEW),
+    Row("app index", "GET", admin_url("app_list", "keyvault"), VIEW),
+    Row("KEK list", "GET", admin_url("keyvault_keyencryptionkey_changelist"), VIEW),
+    Row("KEK page", "GET", admin_url("keyvault_keyencryptionkey_change", alpha), VIEW),
+    Row("KEK history", "GET", admin_url("keyvault_keyencryptionkey_history", alpha), VIEW),
+    Row("data key list", "GET", admin_url("keyvault_datakey_changelist"), VIEW),
+    Row("data key page", "GET", admin_url("keyvault_datakey_change", data_key), VIEW),
+    Row("audit log", "GET", admin_url("keyvault_auditevent_changelist"), VIEW),
+    Row("audit event page", "GET", admin_url("keyvault_auditevent_change", first_event), VIEW),
+    Row("checkpoint list", "GET", admin_url("keyvault_auditcheckpoint_changelist"), VIEW),
+    Row("checkpoint page", "GET", admin_url("keyvault_auditcheckpoint_change", checkpoint), VIEW),
+    # KEK actions
+    Row("KEK settings", "POST", admin_url("keyvault_keyencryptionkey_change", alpha), ADMIN_POST, kek_settings),
+    Row("create KEK form", "GET", admin_url("keyvault_keyencryptionkey_add"), ADMIN_GET),
+    Row("create KEK", "POST", admin_url("keyvault_keyencryptionkey_add"), ADMIN_POST,
+        lambda w: {"name": "delta", "provider": "local", "rotation_period_days": "30"}),
+    Row("rotate form", "GET", admin_url("keyvault_keyencryptionkey_rotate", alpha), OPERATOR_GET),
+    Row("rotate", "POST", admin_url("keyvault_keyencryptionkey_rotate", alpha), OPERATOR_POST,
+        lambda w: {"reason": "matrix"}),
+    Row("disable form", "GET", admin_url("keyvault_keyencryptionkey_disable", alpha), ADMIN_GET),
+    Row("disable", "POST", admin_url("keyvault_keyencryptionkey_disable", alpha), ADMIN_POST),
+    Row("enable form", "GET", admin_url("keyvault_keyencryptionkey_enable", bravo), ADMIN_GET),
+    Row("enable", "POST", admin_url("keyvault_keyencryptionkey_enable", bravo), ADMIN_POST),
+    Row("schedule deletion form", "GET", admin_url("keyvault_keyencryptionkey_schedule_deletion", alpha), ADMIN_GET),
+    Row("schedule deletion", "POST", admin_url("keyvault_keyencryptionkey_schedule_deletion", alpha), ADMIN_POST,
+        lambda w: {"waiting_days": "7", "confirm_name": "alpha"}),
+    Row("cancel deletion form", "GET", admin_url("keyvault_keyencryptionkey_cancel_deletion", charlie), ADMIN_GET),
+    Row("cancel deletion", "POST", admin_url("keyvault_keyencryptionkey_cancel_deletion", charlie), ADMIN_POST),
+    Row("retire version form", "GET", admin_url("keyvault_keyencryptionkey_retire_version", alpha, 1), ADMIN_GET),
+    Row("retire version", "POST", admin_url("keyvault_keyencryptionkey_retire_version", alpha, 1), ADMIN_POST,
+        lambda w: {"state": "disabled", "reason": "matrix"}),
+    Row("delete KEK", "GET", admin_url("keyvault_keyencryptionkey_delete", alpha), NOBODY),
+    Row("delete KEK (POST)", "POST", admin_url("keyvault_keyencryptionkey_delete", alpha), NOBODY,
+        lambda w: {"post": "yes"}),
+    # audit log
+    Row("verify chain form", "GET", admin_url("keyvault_auditevent_verify"), AUDITOR_GET),
+    Row("verify chain", "POST", admin_url("keyvault_auditevent_verify"), AUDITOR_POST),
+    Row("add audit event", "GET", admin_url("keyvault_auditevent_add"), NOBODY),
+    Row("change audit event", "POST", admin_url("keyvault_auditevent_change", first_event), NOBODY,
+        lambda w: {"actor": "user:mallory"}),
+    Row("delete audit event", "POST", admin_url("keyvault_auditevent_delete", first_event), NOBODY,
+        lambda w: {"post": "yes"}),
+    # data keys are made by the API and the CLI, never edited by hand
+    Row("add data key", "GET", admin_url("keyvault_datakey_add"), NOBODY),
+    Row("change data key", "POST", admin_url("keyvault_datakey_change", data_key), NOBODY,
+        lambda w: {"purpose": "tampered"}),
+    Row("delete data key", "GET", admin_url("keyvault_datakey_delete", data_key), NOBODY),
+    # no role manages users: that is for the bootstrap superuser
+    Row("user list", "GET", admin_url("auth_user_changelist"), NOBODY),
+    Row("group list", "GET", admin_url("auth_group_changelist"), NOBODY),
+)
+
+
+@pytest.fixture(autouse=True)
+def _isolated(settings, tmp_path):
+    use_temp_keyring(settings, tmp_path)
+    cache.clear()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("role", ROLES)
+@pytest.mark.parametrize("row", MATRIX, ids=lambda row: f"{row.method} {row.name}")
+def test_console_url_answers_each_role_as_expected(client, row, role):
+    # given the keys every action needs and a user in the role
+    world = build_world()
+    if role != "anonymous":
+        client.force_login(make_role_user(role))
+    url = row.url(world)
+
+    # when the role requests the URL
+    if row.method == "GET":
+        response = client.get(url)
+    else:
+        response = client.post(url, row.data(world))
+
+    # then it gets the expected answer
+    expected = row.expect[role]
+    if expected == LOGIN:
+        assert response.status_code == 302
+        assert response["Location"].startswith(reverse("admin:login") + "?next=")
+    else:
+        assert response.status_code == expected, f"{row.method} {url} as {role}"
+        if expected == 302:  # a successful action redirects to its result, never back to login
+            assert not response["Location"].startswith(reverse("admin:login"))
+
+
+def test_every_console_route_of_ours_is_in_the_matrix():
+    """A new custom view must get a row here before it ships."""
+    from django.contrib import admin
+
+    from keyvault.admin_views import KEK_ACTIONS
+
+    covered = {row.url.name for row in MATRIX}
+    ours = {f"{action.url_name}" for action in KEK_ACTIONS}
+    ours |= {"keyvault_keyencryptionkey_retire_version", "keyvault_auditevent_verify",
+             "keyvault_keyencryptionkey_add"}
+    for model_admin in admin.site._registry.values():
+        if model_admin.opts.app_label == "keyvault":
+            info = (model_admin.opts.app_label, model_admin.opts.model_name)
+            ours |= {f"{info[0]}_{info[1]}_changelist", f"{info[0]}_{info[1]}_change"}
+    assert ours <= covered, f"no matrix row for {sorted(ours - covered)}"
