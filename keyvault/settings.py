@@ -109,7 +109,7 @@ STATIC_ROOT = DATA_DIR / "static"
 LOGIN_URL = "admin:login"
 
 # -- Celery ------------------------------------------------------------------
-CELERY_BROKER_URL = env.str("HMD_BROKER_URL", default="filesystem://")
+CELERY_BROKER_URL = env.str("HMD_BROKER_URL", default="filesystem://localhost/")
 if CELERY_BROKER_URL.startswith("filesystem://"):
     _queue_dir = DATA_DIR / "broker"
     (_queue_dir / "queue").mkdir(parents=True, exist_ok=True)
@@ -130,7 +130,10 @@ CELERY_TIMEZONE = "UTC"
 CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
 # One periodic job selects everything due from our own tables; no per-key beat entries.
 CELERY_BEAT_SCHEDULE = {
-    "dispatch-due-rotations": {"task": "rotation.dispatch_due_rotations", "schedule": 60.0},
+    "dispatch-due-rotations": {
+        "task": "rotation.dispatch_due_rotations",
+        "schedule": env.float("HMD_ROTATION_SWEEP_SECONDS", default=60.0),
+    },
 }
 CELERY_TASK_DEFAULT_PRIORITY = 5
 

@@ -190,6 +190,9 @@ class RotationRun(models.Model):
     rewrap_started_at = models.DateTimeField("rewrap started", null=True, blank=True)
     finished_at = models.DateTimeField("finished", null=True, blank=True)
     heartbeat_at = models.DateTimeField("last progress", null=True, blank=True)
+    partitions_outstanding = models.IntegerField(
+        "partitions in flight", default=0, help_text="Rewrap tasks of the current round not yet finished."
+    )
     paused_reason = models.CharField("paused because", max_length=255, blank=True)
     last_error = models.TextField("last error", blank=True)
     celery_task_id = models.CharField("task id", max_length=64, blank=True)

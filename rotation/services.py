@@ -9,6 +9,7 @@ twice changes nothing the second time.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -17,8 +18,9 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.contrib.auth.models import Group
-from django.db import IntegrityError, connection, transaction
+from django.db import IntegrityError, InterfaceError, OperationalError, connection, transaction
 from django.db.models import F, Q
+from django.db.models.functions import Greatest
 from django.utils import timezone
 
 from keyvault import audit
@@ -133,7 +135,7 @@ def _transition(run: RotationRun, new_state: str, *, actor: Actor, note: str = "
 
 
 def _locked_run(run_id: int) -> RotationRun:
-    return RotationRun.objects.select_for_update().select_related("kek", "policy").get(pk=run_id)
+    return RotationRun.objects.select_for_update(of=("self",)).select_related("kek", "policy").get(pk=run_id)
 
 
 def tick(run: RotationRun, key: str, *, actor: Actor, evidence: str = "", status: str = RunStep.Status.DONE) -> None:
@@ -361,9 +363,10 @@ def execute_run(run_id: int, *, now: datetime | None = None) -> str:
         return run.state
     try:
         return handler(run_id, now)
-    except ProviderUnavailable:
-        raise
-    except (KMSError, KeyvaultError) as exc:
+    except (ProviderUnavailable, OperationalError, InterfaceError):
+        raise  # transient: the task retries with backoff, the run stays where it is
+    except Exception as exc:  # anything else fails the run visibly, old versions still enabled
+        log.exception("rotation run #%s failed", run_id)
         return _fail(run_id, exc)
 
 
@@ -433,7 +436,10 @@ def fan_out(run: RotationRun) -> int:
     high = bounds.order_by("-id").first() + 1
     partitions = max(1, min(setting("ROTATION_PARTITIONS", 4), high - low))
     step = -(-(high - low) // partitions)
-    for lo in range(low, high, step):
+    ranges = list(range(low, high, step))
+    # A new round replaces the count: partitions of a dead worker never report back.
+    RotationRun.objects.filter(pk=run.pk).update(partitions_outstanding=len(ranges))
+    for lo in ranges:
         dispatch("rewrap_partition", run.pk, lo, min(lo + step, high), priority=0 if run.kind == Run.Kind.EMERGENCY else None)
     return partitions
 
@@ -455,6 +461,7 @@ def rewrap_partition(run_id: int, lo: int, hi: int, *, batch_size: int | None = 
         done += count
         if count == 0:
             break
+    RotationRun.objects.filter(pk=run_id).update(partitions_outstanding=Greatest(F("partitions_outstanding") - 1, 0))
     _finish_rewrap_if_done(run_id)
     return done
 
@@ -559,6 +566,10 @@ def _finish_rewrap_if_done(run_id: int) -> str:
                        "the old version stays enabled")
             tick(run, "rewrap", actor=ENGINE, evidence=message, status=RunStep.Status.FAILED)
             _transition(run, S.FAILED, actor=ENGINE, note=message, last_error=message)
+        elif run.partitions_outstanding <= 0:
+            # Every partition of this round is done, yet keys remain (skipped while another
+            # worker held them): another round picks them up.
+            fan_out(run)
     return run.state
 
 
@@ -716,6 +727,18 @@ def resume_stalled_runs(*, now: datetime) -> list[int]:
 
 
 # -- synchronous driving (tests, the CLI's --inline, and benchmarks) ------------------------
+
+
+@contextlib.contextmanager
+def inline_dispatch():
+    """Within this block nothing is sent to Celery (use :func:`drive` to do the work here)."""
+    global _dispatcher
+    previous = _dispatcher
+    _dispatcher = lambda name, args, options: None  # noqa: E731
+    try:
+        yield
+    finally:
+        _dispatcher = previous
 
 
 def drive(run_id: int, *, now: datetime | None = None, max_phases: int = 1000) -> RotationRun:

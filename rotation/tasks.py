@@ -7,6 +7,7 @@ so a task whose worker dies is redelivered and simply continues from the databas
 from __future__ import annotations
 
 from celery import shared_task
+from django.db import InterfaceError, OperationalError
 from django.utils import timezone
 
 from keyvault.kms import ProviderUnavailable
@@ -31,7 +32,7 @@ def execute_run(self, run_id: int) -> str:
     """Advance one run by one phase."""
     try:
         return services.execute_run(run_id, now=timezone.now())
-    except ProviderUnavailable as exc:
+    except (ProviderUnavailable, OperationalError, InterfaceError) as exc:
         services.mark_paused(run_id, f"provider unavailable, retrying: {exc}")
         raise self.retry(exc=exc, countdown=_backoff(self.request.retries)) from None
 
@@ -41,6 +42,6 @@ def rewrap_partition(self, run_id: int, lo: int, hi: int) -> int:
     """Rewrap the run's remaining data keys with ids in [lo, hi)."""
     try:
         return services.rewrap_partition(run_id, lo, hi)
-    except ProviderUnavailable as exc:
+    except (ProviderUnavailable, OperationalError, InterfaceError) as exc:
         services.mark_paused(run_id, f"provider unavailable, retrying: {exc}")
         raise self.retry(exc=exc, countdown=_backoff(self.request.retries)) from None

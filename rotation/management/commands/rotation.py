@@ -1,0 +1,245 @@
+"""``manage.py rotation <subcommand>`` — start, watch, approve and stop rotation runs.
+
+The same services, approval rules and audit events as the console.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+
+from django.contrib.auth import get_user_model
+from django.core.management.base import CommandError
+
+from keyvault.management.commands._base import KeyvaultCommand
+from keyvault.management.commands.kms import kek_named
+from keyvault import services as key_services
+from rotation import services
+from rotation.models import RotationRun, format_period, parse_period
+
+S = RotationRun.State
+WAIT_DONE = {S.COMPLETED, S.RETIRING}
+WAIT_FAILED = {S.FAILED, S.CANCELLED, S.ROLLED_BACK}
+
+
+def run_numbered(run_id: int) -> RotationRun:
+    run = RotationRun.objects.select_related("kek", "policy").filter(pk=run_id).first()
+    if run is None:
+        raise CommandError(f"no rotation run #{run_id}")
+    return run
+
+
+def run_summary(run: RotationRun) -> dict:
+    coverage = key_services.version_coverage(run.kek) if run.kek_id else {}
+    return {
+        "id": run.pk,
+        "kek": run.kek.name if run.kek_id else None,
+        "kind": run.kind,
+        "state": run.state,
+        "initiator": run.initiator,
+        "reason": run.reason,
+        "incident_ref": run.incident_ref,
+        "previous_version": run.previous_version,
+        "target_version": run.target_version,
+        "total": run.total_deks,
+        "rewrapped": run.rewrapped,
+        "failed": run.failed_deks,
+        "remaining": run.remaining,
+        "percent": run.percent,
+        "coverage": {str(k): v for k, v in sorted(coverage.items())},
+        "retire_after": run.retire_after.isoformat() if run.retire_after else None,
+        "paused_reason": run.paused_reason,
+        "last_error": run.last_error,
+        "approvals": [
+            {"approver": a.approver.get_username(), "decision": a.decision, "break_glass": a.break_glass}
+            for a in run.approvals.select_related("approver")
+        ],
+        "steps": [
+            {"key": s.key, "section": s.section, "status": s.status, "automatic": s.automatic, "done_by": s.done_by}
+            for s in run.steps.all()
+        ],
+    }
+
+
+class Command(KeyvaultCommand):
+    help = "Start, follow, approve, cancel and roll back rotation runs."
+
+    def add_arguments(self, parser):
+        super().add_arguments(parser)
+        sub = parser.add_subparsers(dest="subcommand", required=True)
+
+        start = sub.add_parser("start", help="Start a rotation of a KEK; prints the run id.")
+        start.add_argument("--kek", required=True)
+        start.add_argument("--kind", default="on_demand", choices=[k.value for k in RotationRun.Kind])
+        start.add_argument("--reason", default="")
+        start.add_argument("--incident", default="", help="Incident or ticket reference (required for emergency).")
+        start.add_argument("--destination", help="Destination KEK (for --kind migrate).")
+        start.add_argument("--wait", action="store_true",
+                           help="Follow progress on stderr; exit 0 once everything is rewrapped and verified.")
+        start.add_argument("--inline", action="store_true",
+                           help="Do the work in this process instead of on Celery workers (one-shot jobs).")
+
+        status = sub.add_parser("status", help="State, counters and coverage of a run.")
+        status.add_argument("run_id", type=int)
+        status.add_argument("--json", action="store_true")
+
+        listing = sub.add_parser("list", help="Recent runs.")
+        listing.add_argument("--active", action="store_true")
+        listing.add_argument("--limit", type=int, default=20)
+
+        approve = sub.add_parser("approve", help="Approve (or --reject) a run, as --user.")
+        approve.add_argument("run_id", type=int)
+        approve.add_argument("--comment", required=True)
+        approve.add_argument("--reject", action="store_true")
+        approve.add_argument("--break-glass", action="store_true", help="Bypass missing approvals (break-glass group).")
+
+        for name, text in (("cancel", "Cancel a run that has not started rotating."),
+                           ("rollback", "Roll back a run before its old versions are retired."),
+                           ("resume", "Requeue a failed run.")):
+            p = sub.add_parser(name, help=text)
+            p.add_argument("run_id", type=int)
+            p.add_argument("--reason", default="")
+
+        tick = sub.add_parser("tick", help="Confirm a manual runbook step of a run.")
+        tick.add_argument("run_id", type=int)
+        tick.add_argument("step")
+        tick.add_argument("--evidence", default="")
+
+        work = sub.add_parser("work", help="Advance a run in this process until it is done or waiting.")
+        work.add_argument("run_id", type=int)
+
+        policy = sub.add_parser("policy", help="Show or change a KEK's rotation policy.")
+        policy.add_argument("--kek", required=True)
+        policy.add_argument("--period", help="e.g. 90d, 12h, 5m")
+        policy.add_argument("--grace", help="Grace period before old versions are disabled, e.g. 7d, 0s")
+        policy.add_argument("--approvals", type=int, choices=[0, 1, 2])
+        policy.add_argument("--usage-threshold", type=int)
+        policy.add_argument("--auto", dest="auto", action="store_true", default=None)
+        policy.add_argument("--manual", dest="auto", action="store_false")
+
+        sub.add_parser("sweep", help="Run the beat sweep once now (what Celery beat does every minute).")
+
+    def handle(self, *args, subcommand, **options):
+        return getattr(self, "_" + subcommand)(options)
+
+    def _user(self, options):
+        username = options.get("user")
+        if not username:
+            return None
+        return get_user_model().objects.get(username=username)
+
+    def _start(self, options):
+        destination = kek_named(options["destination"]) if options["destination"] else None
+        keep_here = services.inline_dispatch() if options["inline"] else contextlib.nullcontext()
+        with keep_here:
+            run = services.start_run(
+                kek=kek_named(options["kek"]), actor=self.actor(options), user=self._user(options),
+                kind=options["kind"], reason=options["reason"], incident_ref=options["incident"],
+                destination=destination,
+            )
+        self.stdout.write(str(run.pk))
+        self.stdout.flush()
+        if options["inline"]:
+            run = services.drive(run.pk)
+        if options["wait"] or options["inline"]:
+            self._follow(run.pk)
+
+    def _follow(self, run_id: int) -> None:
+        last = None
+        while True:
+            run = run_numbered(run_id)
+            line = f"run #{run.pk}: {run.get_state_display().lower()} {run.rewrapped}/{run.total_deks} ({run.percent}%)"
+            if run.paused_reason:
+                line += f" — paused: {run.paused_reason}"
+            if line != last:
+                self.stderr.write(line)
+                last = line
+            if run.state in WAIT_DONE:
+                if run.state == S.RETIRING and run.retire_after:
+                    self.stderr.write(f"all data keys rewrapped and verified; old versions retire after {run.retire_after:%Y-%m-%d %H:%M} UTC")
+                return
+            if run.state in WAIT_FAILED:
+                raise CommandError(f"run #{run.pk} ended {run.get_state_display().lower()}: {run.last_error or run.reason}")
+            time.sleep(1)
+
+    def _status(self, options):
+        summary = run_summary(run_numbered(options["run_id"]))
+        if options["json"]:
+            self.stdout.write(json.dumps(summary, indent=2))
+            return
+        self.stdout.write(
+            f"run #{summary['id']} {summary['kind']} of KEK {summary['kek']}: {summary['state']}\n"
+            f"  rewrapped {summary['rewrapped']}/{summary['total']} ({summary['percent']}%), failed {summary['failed']}\n"
+            f"  versions v{summary['previous_version']} -> v{summary['target_version']}, coverage {summary['coverage']}"
+        )
+        if summary["last_error"]:
+            self.stdout.write(f"  last error: {summary['last_error']}")
+
+    def _list(self, options):
+        runs = RotationRun.objects.select_related("kek").order_by("-pk")
+        if options["active"]:
+            runs = runs.filter(state__in=RotationRun.ACTIVE_STATES)
+        for run in runs[: options["limit"]]:
+            self.stdout.write(f"#{run.pk}\t{run.kek.name}\t{run.kind}\t{run.state}\t{run.rewrapped}/{run.total_deks}\t{run.created_at:%Y-%m-%d %H:%M}")
+
+    def _approve(self, options):
+        user = self._user(options)
+        if user is None:
+            raise CommandError("approve needs --user NAME (the approver)")
+        run = services.decide(
+            run_numbered(options["run_id"]), user=user, actor=self.actor(options), comment=options["comment"],
+            decision="reject" if options["reject"] else "approve", break_glass=options["break_glass"],
+        )
+        run.refresh_from_db()
+        self.stdout.write(f"run #{run.pk} is {run.get_state_display().lower()}")
+
+    def _cancel(self, options):
+        run = services.cancel(run_numbered(options["run_id"]), actor=self.actor(options), reason=options["reason"])
+        self.stdout.write(f"run #{run.pk} cancelled")
+
+    def _rollback(self, options):
+        run = services.rollback(run_numbered(options["run_id"]), actor=self.actor(options), reason=options["reason"])
+        self.stdout.write(f"run #{run.pk} rolled back")
+
+    def _resume(self, options):
+        run = services.resume(run_numbered(options["run_id"]), actor=self.actor(options))
+        self.stdout.write(f"run #{run.pk} queued again")
+
+    def _tick(self, options):
+        step = services.tick_manual_step(run_numbered(options["run_id"]), options["step"], actor=self.actor(options),
+                                         evidence=options["evidence"])
+        self.stdout.write(f"step {step.key} done by {step.done_by}")
+
+    def _work(self, options):
+        run = services.drive(run_numbered(options["run_id"]).pk)
+        self.stdout.write(f"run #{run.pk} is {run.get_state_display().lower()}")
+
+    def _policy(self, options):
+        kek = kek_named(options["kek"])
+        changes = {}
+        try:
+            if options["period"]:
+                changes["period"] = parse_period(options["period"])
+            if options["grace"]:
+                changes["grace_period"] = parse_period(options["grace"])
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+        if options["approvals"] is not None:
+            changes["approvals_required"] = options["approvals"]
+        if options["usage_threshold"] is not None:
+            changes["usage_threshold"] = options["usage_threshold"] or None
+        if options["auto"] is not None:
+            changes["auto"] = options["auto"]
+        policy = services.update_policy(kek, actor=self.actor(options), **changes) if changes else services.ensure_policy(kek)
+        self.stdout.write(
+            f"KEK {kek.name}: every {format_period(policy.period)}, grace {format_period(policy.grace_period)}, "
+            f"{policy.approvals_required} approval(s), {'automatic' if policy.auto else 'manual'}, "
+            f"next due {policy.next_due_at:%Y-%m-%d %H:%M} UTC"
+        )
+        for warning in policy.warnings():
+            self.stderr.write(f"warning: {warning}")
+
+    def _sweep(self, options):
+        started = services.dispatch_due_rotations()
+        self.stdout.write(f"started {len(started)} run(s)" + "".join(f"\n  #{r.pk} {r.kek.name}" for r in started))
