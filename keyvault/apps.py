@@ -15,6 +15,19 @@ def _reset_on_kms_change(*, setting: str, **kwargs) -> None:
         reset_providers()
 
 
+def _secret_sources_config() -> dict:
+    from django.conf import settings
+
+    return settings.SECRET_SOURCES
+
+
+def _reset_on_secret_sources_change(*, setting: str, **kwargs) -> None:
+    from keyvault.secrets import reset_sources
+
+    if setting == "SECRET_SOURCES":
+        reset_sources()
+
+
 class KeyvaultConfig(AppConfig):
     """Keys, data keys, audit log and the console."""
 
@@ -29,6 +42,10 @@ class KeyvaultConfig(AppConfig):
         from keyvault.roles import sync_roles_after_migrate
 
         set_config_loader(_kms_config)
+        from keyvault import secrets
+
+        secrets.set_config_loader(_secret_sources_config)
+        setting_changed.connect(_reset_on_secret_sources_change, dispatch_uid="keyvault.secrets.reset")
         setting_changed.connect(_reset_on_kms_change, dispatch_uid="keyvault.kms.reset")
         # After auth's own receiver (it is connected first) has created the permissions.
         post_migrate.connect(sync_roles_after_migrate, dispatch_uid="keyvault.roles.sync")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
 
-from keyvault.config import dev_secret, env, is_set, new_django_secret_key
+from keyvault.config import dev_secret, env, get_secret, is_set, new_django_secret_key, secret_sources_config
 from keyvault.kms.local import DEFAULT_MAX_ENCRYPTIONS, generate_master_key
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -22,12 +22,21 @@ DATA_DIR = Path(env.str("HMD_DATA_DIR", default=str(BASE_DIR / "var"))).resolve(
 
 
 def _secret(name: str, dev_file: str, make) -> str:
-    """A secret from the environment; generated into DATA_DIR in development only."""
-    if is_set(name):
-        return env.str(name)
+    """A secret from HMD_X_REF (any secret source), HMD_X or HMD_X_FILE; generated into DATA_DIR in development only."""
+    if is_set(name) or is_set(name + "_REF"):
+        return _get_secret(name)
     if DEBUG:
         return dev_secret(DATA_DIR, dev_file, make)
     raise ImproperlyConfigured(f"{name} (or {name}_FILE) must be set when HMD_DEBUG=false")
+
+
+def _get_secret(name: str) -> str:
+    from keyvault.secrets.base import SecretSourceError
+
+    try:
+        return get_secret(name)
+    except SecretSourceError as exc:
+        raise ImproperlyConfigured(str(exc)) from None
 
 
 SECRET_KEY = _secret("HMD_SECRET_KEY", "secret_key", new_django_secret_key)
@@ -89,6 +98,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     )
     # Tests use a file too (not shared-cache memory), so locking behaves as in production.
     DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / "test-keyvault.sqlite3")}
+if is_set("HMD_DATABASE_PASSWORD") or is_set("HMD_DATABASE_PASSWORD_REF"):
+    # The password can live in a secret source while the rest of the URL stays plain configuration.
+    DATABASES["default"]["PASSWORD"] = _get_secret("HMD_DATABASE_PASSWORD")
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [
@@ -146,7 +158,7 @@ ROTATION_BREAK_GLASS_GROUP = env.str("HMD_ROTATION_BREAK_GLASS_GROUP", default="
 # -- KMS providers -----------------------------------------------------------
 KMS_PROVIDER = env.str("HMD_KMS_PROVIDER", default="local")
 LOCAL_KMS_KEYRING = env.str("HMD_LOCAL_KMS_KEYRING", default=str(DATA_DIR / "local-kms.keyring"))
-if KMS_PROVIDER == "local" or is_set("HMD_LOCAL_KMS_MASTER_KEY") or DEBUG:
+if KMS_PROVIDER == "local" or is_set("HMD_LOCAL_KMS_MASTER_KEY") or is_set("HMD_LOCAL_KMS_MASTER_KEY_REF") or DEBUG:
     LOCAL_KMS_MASTER_KEY = _secret("HMD_LOCAL_KMS_MASTER_KEY", "local_kms_master_key", generate_master_key)
 else:
     LOCAL_KMS_MASTER_KEY = None
@@ -165,6 +177,9 @@ def _provider_options() -> dict[str, dict]:
             "connect_timeout": env.float("HMD_AWS_CONNECT_TIMEOUT", default=5.0),
             "read_timeout": env.float("HMD_AWS_READ_TIMEOUT", default=10.0),
             "max_attempts": env.int("HMD_AWS_MAX_ATTEMPTS", default=3),
+            # Seconds a key's state/version record is cached, and the longest wait for a rotation to show.
+            "state_ttl": env.float("HMD_AWS_STATE_TTL", default=10.0),
+            "rotation_wait": env.float("HMD_AWS_ROTATION_WAIT", default=30.0),
         },
         "gcp": {
             "project": env.str("HMD_GCP_PROJECT", default=""),
@@ -207,6 +222,12 @@ def _provider_options() -> dict[str, dict]:
 
 KMS = {"default": KMS_PROVIDER, "providers": _provider_options()}
 
+# Bearer token for Prometheus scrapes of /metrics (empty: only logged-in staff who may view KEKs).
+METRICS_TOKEN = env.str("HMD_METRICS_TOKEN", default="")
+
+# -- Secret sources (keyvault/secrets): where managed secrets live, and HMD_X_REF targets ---------
+SECRET_SOURCES = secret_sources_config(DATA_DIR)
+
 # Envelope encryption: the KEK that encrypted model fields use, and the DEK cache limits
 # (AWS Encryption SDK caching-CMM semantics; see keyvault/kms/cache.py).
 FIELD_ENCRYPTION_KEK = env.str("HMD_FIELD_ENCRYPTION_KEK", default="default")
@@ -241,3 +262,117 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env.str("HMD_LOG_LEVEL", default="INFO")},
 }
+
+# == Security hardening =========================================================
+# Two-factor login, login throttling, session expiry, security headers and
+# production static files. Variables are listed in docs/ops/production.md.
+# Everything defaults to the strict value when HMD_DEBUG=false.
+from datetime import timedelta  # noqa: E402
+
+from csp.constants import NONE, SELF  # noqa: E402
+
+INSTALLED_APPS += ["django_otp", "django_otp.plugins.otp_totp", "axes"]
+
+
+def _insert_after(anchor: str, *names: str) -> None:
+    """Put middleware right after ``anchor`` (others edit the list too: no fixed indexes)."""
+    position = MIDDLEWARE.index(anchor) + 1
+    MIDDLEWARE[position:position] = list(names)
+
+
+_insert_after("django.middleware.security.SecurityMiddleware",
+              "whitenoise.middleware.WhiteNoiseMiddleware", "csp.middleware.CSPMiddleware")
+_insert_after("django.contrib.auth.middleware.AuthenticationMiddleware",
+              "keyvault.security.DeniedAuditMiddleware",
+              "keyvault.security.SessionExpiryMiddleware",
+              "django_otp.middleware.OTPMiddleware",
+              "keyvault.otp.RequireOTPMiddleware")
+MIDDLEWARE.append("axes.middleware.AxesMiddleware")  # last, as django-axes requires
+
+# Two-factor login (TOTP, django-otp): required for every console page once DEBUG is off.
+REQUIRE_2FA = env.bool("HMD_REQUIRE_2FA", default=not DEBUG)
+OTP_TOTP_ISSUER = env.str("HMD_2FA_ISSUER", default="Keyvault")
+
+# Login throttling (django-axes): lock a username after N failures for a cool-off time.
+# Locking by username (not IP) stops password spraying from many addresses; the
+# cool-off bounds what an attacker who locks a user out on purpose can do.
+AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", "django.contrib.auth.backends.ModelBackend"]
+AXES_ENABLED = env.bool("HMD_LOGIN_THROTTLING", default=True)
+AXES_FAILURE_LIMIT = env.int("HMD_LOGIN_FAILURE_LIMIT", default=5)
+AXES_COOLOFF_TIME = timedelta(minutes=env.int("HMD_LOGIN_LOCKOUT_MINUTES", default=15))
+AXES_LOCKOUT_PARAMETERS = ["username"]
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_TEMPLATE = "keyvault/otp/locked_out.html"
+AXES_VERBOSE = False
+
+# Sessions end after an idle time and after an absolute lifetime (keyvault.security).
+SESSION_IDLE_SECONDS = env.int("HMD_SESSION_IDLE_SECONDS", default=1800)
+SESSION_ABSOLUTE_SECONDS = env.int("HMD_SESSION_ABSOLUTE_SECONDS", default=43200)
+SESSION_COOKIE_AGE = SESSION_ABSOLUTE_SECONDS
+SESSION_EXPIRE_AT_BROWSER_CLOSE = True
+
+# Cookies and transport. Plain-HTTP loopback runs (the load test) may turn off the
+# secure-only settings explicitly; nothing else should.
+_secure = env.bool("HMD_SECURE_COOKIES", default=not DEBUG)
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = _secure
+SESSION_COOKIE_HTTPONLY = CSRF_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = CSRF_COOKIE_SAMESITE = "Lax"
+SECURE_SSL_REDIRECT = env.bool("HMD_SECURE_SSL_REDIRECT", default=not DEBUG)
+SECURE_REDIRECT_EXEMPT = [r"^healthz$"]  # probes speak plain HTTP inside the cluster
+if is_set("HMD_SECURE_PROXY_SSL_HEADER"):  # e.g. "HTTP_X_FORWARDED_PROTO,https" behind a TLS proxy
+    SECURE_PROXY_SSL_HEADER = tuple(env.list("HMD_SECURE_PROXY_SSL_HEADER"))
+SECURE_HSTS_SECONDS = env.int("HMD_HSTS_SECONDS", default=0 if DEBUG else 31536000)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("HMD_HSTS_INCLUDE_SUBDOMAINS", default=not DEBUG)
+SECURE_HSTS_PRELOAD = env.bool("HMD_HSTS_PRELOAD", default=not DEBUG)
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+SECURE_CROSS_ORIGIN_OPENER_POLICY = "same-origin"
+X_FRAME_OPTIONS = "DENY"
+
+
+def _admin_inline_style_hashes() -> list[str]:
+    """CSP hashes of the one inline <style> block Django's admin renders (change_list.html).
+
+    Read from the installed Django so an upgrade keeps it right; scripts get no such
+    allowance: every script is a static file.
+    """
+    import base64
+    import hashlib
+    import re
+
+    import django
+
+    template = Path(django.__file__).parent / "contrib/admin/templates/admin/change_list.html"
+    try:
+        blocks = re.findall(r"<style>(.*?)</style>", template.read_text(), flags=re.S)
+    except OSError:
+        return []
+    return [f"'sha256-{base64.b64encode(hashlib.sha256(b.encode()).digest()).decode()}'" for b in blocks]
+
+
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": [SELF],
+        "script-src": [SELF],
+        "style-src": [SELF, *_admin_inline_style_hashes()],
+        "img-src": [SELF, "data:"],
+        "font-src": [SELF],
+        "connect-src": [SELF],
+        "object-src": [NONE],
+        "base-uri": [NONE],
+        "form-action": [SELF],
+        "frame-ancestors": [NONE],
+    },
+}
+
+# Static files: collected to STATIC_ROOT and served by WhiteNoise (hashed names, gzip/brotli)
+# in production; `manage.py collectstatic` runs before the web process starts (Procfile).
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {
+        "BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"
+        if DEBUG
+        else "whitenoise.storage.CompressedManifestStaticFilesStorage"
+    },
+}
+# == end of Security hardening ==================================================

@@ -1,0 +1,68 @@
+"""Secret sources: where managed secrets, and Keyvault's own, are stored.
+
+Public API::
+
+    from keyvault.secrets import get_source, SecretNotFound
+    source = get_source("vault")          # configured from settings.SECRET_SOURCES
+    current = source.read("payments/db#password")
+    source.write("payments/db#password", new_value)
+
+One module per backend behind :class:`SecretSource`: ``env`` (read-only),
+``file``, ``vault`` (KV v2), ``aws`` (Secrets Manager), ``gcp`` (Secret
+Manager), ``k8s`` (Kubernetes Secrets API). SDKs are imported lazily; a missing
+one is a :class:`SecretSourceConfigurationError` naming the package.
+"""
+
+from .base import (
+    FIELD_SEPARATOR,
+    CurrentVersionError,
+    InvalidSecretReference,
+    InvalidSecretValue,
+    ReadOnlySource,
+    SecretAccessDenied,
+    SecretConflict,
+    SecretNotFound,
+    SecretSource,
+    SecretSourceConfigurationError,
+    SecretSourceError,
+    SecretSourceUnavailable,
+    SecretVersion,
+    SecretVersionInfo,
+    split_field,
+)
+from .registry import (
+    BUILTIN_SOURCES,
+    build_source,
+    default_source_name,
+    get_source,
+    load_source_class,
+    reset_sources,
+    set_config_loader,
+    source_names,
+)
+
+__all__ = [
+    "BUILTIN_SOURCES",
+    "FIELD_SEPARATOR",
+    "CurrentVersionError",
+    "InvalidSecretReference",
+    "InvalidSecretValue",
+    "ReadOnlySource",
+    "SecretAccessDenied",
+    "SecretConflict",
+    "SecretNotFound",
+    "SecretSource",
+    "SecretSourceConfigurationError",
+    "SecretSourceError",
+    "SecretSourceUnavailable",
+    "SecretVersion",
+    "SecretVersionInfo",
+    "build_source",
+    "default_source_name",
+    "get_source",
+    "load_source_class",
+    "reset_sources",
+    "set_config_loader",
+    "source_names",
+    "split_field",
+]

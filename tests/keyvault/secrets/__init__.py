@@ -1,0 +1,1 @@
+"""Tests of the secret sources (keyvault/secrets) and keyvault.config.get_secret."""

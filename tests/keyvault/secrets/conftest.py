@@ -1,0 +1,55 @@
+"""Harnesses for the secret-source contract suite: one fixture per backend.
+
+Each ``<name>_secret_harness`` fixture yields a :class:`SecretHarness` around
+a real source talking to a real server (OpenBao, moto) or a local server
+(Cloud Secret Manager emulator, Kubernetes API server) on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+
+from keyvault.secrets import SecretSource
+from keyvault.secrets.env import EnvSource
+from keyvault.secrets.files import FileSource
+
+pytest_plugins = ["tests.servers.openbao", "tests.servers.moto"]
+
+
+@dataclass
+class SecretHarness:
+    source: SecretSource
+    #: Returns a path nobody used yet in this source.
+    new_path: Callable[[], str]
+    #: Puts a value in place from outside the source (for read-only sources).
+    seed: Callable[[str, str], None] | None = None
+    extra: dict = field(default_factory=dict)
+
+    def put(self, path: str, value: str) -> None:
+        if self.seed is not None:
+            self.seed(path, value)
+        else:
+            self.source.write(path, value)
+
+
+def unique(prefix: str = "s") -> str:
+    return f"{prefix}{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def env_secret_harness(monkeypatch):
+    source = EnvSource()
+    return SecretHarness(
+        source=source,
+        new_path=lambda: unique("TEST_").upper(),
+        seed=lambda path, value: monkeypatch.setenv(source.variable(path), value),
+    )
+
+
+@pytest.fixture
+def file_secret_harness(tmp_path):
+    return SecretHarness(source=FileSource(tmp_path / "secrets"), new_path=lambda: unique("app/"))
