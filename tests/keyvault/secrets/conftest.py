@@ -53,3 +53,15 @@ def env_secret_harness(monkeypatch):
 @pytest.fixture
 def file_secret_harness(tmp_path):
     return SecretHarness(source=FileSource(tmp_path / "secrets"), new_path=lambda: unique("app/"))
+
+
+@pytest.fixture
+def vault_secret_source(openbao_server):
+    from keyvault.secrets.vault_kv import VaultKVSource
+
+    return VaultKVSource.from_config({"addr": openbao_server.addr, "token": openbao_server.root_token})
+
+
+@pytest.fixture
+def vault_secret_harness(vault_secret_source):
+    return SecretHarness(source=vault_secret_source, new_path=lambda: unique("kvtest/") + "#password")

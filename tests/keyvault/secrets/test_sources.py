@@ -12,10 +12,10 @@ from keyvault.secrets import (
     SecretSourceError,
 )
 
-ALL_SOURCES = ["env", "file"]
-WRITABLE_SOURCES = ["file"]
+ALL_SOURCES = ["env", "file", "vault"]
+WRITABLE_SOURCES = ["file", "vault"]
 #: Sources that keep more than one version (Kubernetes keeps only the current one).
-VERSIONED_SOURCES = ["file"]
+VERSIONED_SOURCES = ["file", "vault"]
 
 
 def _harness(request, name):
