@@ -65,3 +65,15 @@ def vault_secret_source(openbao_server):
 @pytest.fixture
 def vault_secret_harness(vault_secret_source):
     return SecretHarness(source=vault_secret_source, new_path=lambda: unique("kvtest/") + "#password")
+
+
+@pytest.fixture
+def aws_secret_source(moto_server):
+    from keyvault.secrets.aws_sm import AWSSecretsManagerSource
+
+    return AWSSecretsManagerSource(region=moto_server.region, endpoint_url=moto_server.endpoint_url)
+
+
+@pytest.fixture
+def aws_secret_harness(aws_secret_source):
+    return SecretHarness(source=aws_secret_source, new_path=lambda: unique("kvtest/"))
