@@ -77,3 +77,25 @@ def aws_secret_source(moto_server):
 @pytest.fixture
 def aws_secret_harness(aws_secret_source):
     return SecretHarness(source=aws_secret_source, new_path=lambda: unique("kvtest/"))
+
+
+@pytest.fixture(scope="session")
+def secretmanager_emulator():
+    from tests.servers.gcp_secretmanager import SecretManagerEmulator
+
+    with SecretManagerEmulator() as emulator:
+        yield emulator
+
+
+@pytest.fixture
+def gcp_secret_source(secretmanager_emulator):
+    from keyvault.secrets.gcp_sm import GCPSecretManagerSource
+
+    return GCPSecretManagerSource(
+        "kv-test", endpoint=secretmanager_emulator.url, anonymous_credentials=True, timeout=5
+    )
+
+
+@pytest.fixture
+def gcp_secret_harness(gcp_secret_source):
+    return SecretHarness(source=gcp_secret_source, new_path=lambda: unique("kvtest-"))

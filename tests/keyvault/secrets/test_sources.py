@@ -12,10 +12,10 @@ from keyvault.secrets import (
     SecretSourceError,
 )
 
-ALL_SOURCES = ["env", "file", "vault", "aws"]
-WRITABLE_SOURCES = ["file", "vault", "aws"]
+ALL_SOURCES = ["env", "file", "vault", "aws", "gcp"]
+WRITABLE_SOURCES = ["file", "vault", "aws", "gcp"]
 #: Sources that keep more than one version (Kubernetes keeps only the current one).
-VERSIONED_SOURCES = ["file", "vault", "aws"]
+VERSIONED_SOURCES = ["file", "vault", "aws", "gcp"]
 
 
 def _harness(request, name):
