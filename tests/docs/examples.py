@@ -1,0 +1,64 @@
+"""Reading the runnable examples out of the operator docs.
+
+In ``docs/ops/*.md``:
+
+- a fenced block tagged ``console`` is executed, in order, by ``tests/docs/test_examples.py``
+  against a scratch instance (SQLite, the local provider, a real Celery worker on the
+  embedded broker). Lines are bash; ``# expect: TEXT`` asserts the block's output
+  contains TEXT; ``# expect-fail`` means the block must exit non-zero.
+- ``console openbao`` / ``console moto`` blocks run with a real OpenBao dev server /
+  moto server started by the test, and ``HMD_TEST_VAULT_ADDR``/``VAULT_TOKEN`` or
+  ``HMD_TEST_AWS_ENDPOINT`` exported for them.
+- ``json``, ``yaml`` and ``hcl`` blocks are parsed.
+- ``shell`` (or untagged) blocks are shown to people, never run (production-only steps).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = sorted((ROOT / "docs").rglob("*.md"))
+FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```\s*$", re.MULTILINE | re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Block:
+    path: Path
+    line: int
+    info: str
+    text: str
+
+    @property
+    def language(self) -> str:
+        return self.info.split()[0] if self.info.split() else ""
+
+    @property
+    def tags(self) -> set[str]:
+        return set(self.info.split()[1:])
+
+    @property
+    def expectations(self) -> list[str]:
+        return [m.group(1).strip() for m in re.finditer(r"#\s*expect:\s*(.+)$", self.text, re.MULTILINE)]
+
+    @property
+    def expect_failure(self) -> bool:
+        return bool(re.search(r"#\s*expect-fail\b", self.text))
+
+    def __str__(self) -> str:
+        return f"{self.path.relative_to(ROOT)}:{self.line}"
+
+
+def blocks(path: Path) -> list[Block]:
+    text = path.read_text()
+    found = []
+    for match in FENCE.finditer(text):
+        line = text.count("\n", 0, match.start()) + 1
+        found.append(Block(path=path, line=line, info=match.group(1).strip(), text=match.group(2)))
+    return found
+
+
+def all_blocks(language: str) -> list[Block]:
+    return [block for path in DOCS for block in blocks(path) if block.language == language]
