@@ -55,7 +55,7 @@ def file_secret_harness(tmp_path):
     return SecretHarness(source=FileSource(tmp_path / "secrets"), new_path=lambda: unique("app/"))
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def vault_secret_source(openbao_server):
     from keyvault.secrets.vault_kv import VaultKVSource
 
@@ -67,7 +67,7 @@ def vault_secret_harness(vault_secret_source):
     return SecretHarness(source=vault_secret_source, new_path=lambda: unique("kvtest/") + "#password")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def aws_secret_source(moto_server):
     from keyvault.secrets.aws_sm import AWSSecretsManagerSource
 
@@ -87,7 +87,7 @@ def secretmanager_emulator():
         yield emulator
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def gcp_secret_source(secretmanager_emulator):
     from keyvault.secrets.gcp_sm import GCPSecretManagerSource
 
@@ -99,3 +99,30 @@ def gcp_secret_source(secretmanager_emulator):
 @pytest.fixture
 def gcp_secret_harness(gcp_secret_source):
     return SecretHarness(source=gcp_secret_source, new_path=lambda: unique("kvtest-"))
+
+
+@pytest.fixture(scope="session")
+def k8s_api():
+    from tests.servers.k8s_api import K8sAPIServer
+
+    with K8sAPIServer() as server:
+        yield server
+
+
+@pytest.fixture
+def k8s_token_file(k8s_api, tmp_path):
+    path = tmp_path / "serviceaccount-token"
+    path.write_text(k8s_api.add_token({"keyvault", "other"}) + "\n")
+    return path
+
+
+@pytest.fixture
+def k8s_secret_source(k8s_api, k8s_token_file):
+    from keyvault.secrets.kubernetes import KubernetesSecretSource
+
+    return KubernetesSecretSource(k8s_api.url, namespace="keyvault", token_path=str(k8s_token_file), timeout=5)
+
+
+@pytest.fixture
+def k8s_secret_harness(k8s_secret_source):
+    return SecretHarness(source=k8s_secret_source, new_path=lambda: unique("kvtest-") + "#password")

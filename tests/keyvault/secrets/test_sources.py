@@ -12,8 +12,8 @@ from keyvault.secrets import (
     SecretSourceError,
 )
 
-ALL_SOURCES = ["env", "file", "vault", "aws", "gcp"]
-WRITABLE_SOURCES = ["file", "vault", "aws", "gcp"]
+ALL_SOURCES = ["env", "file", "vault", "aws", "gcp", "k8s"]
+WRITABLE_SOURCES = ["file", "vault", "aws", "gcp", "k8s"]
 #: Sources that keep more than one version (Kubernetes keeps only the current one).
 VERSIONED_SOURCES = ["file", "vault", "aws", "gcp"]
 
