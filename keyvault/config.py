@@ -204,8 +204,8 @@ def get_secret(name: str, default: object = _REQUIRED, *, sources: dict | None =
     """Return Keyvault's own secret ``name`` (``HMD_SECRET_KEY``; the ``HMD_`` prefix is optional).
 
     In order: ``HMD_X_REF`` (a reference, see :func:`parse_secret_ref`, read
-    through that source with its own ``HMD_*`` settings), then ``HMD_X``, then the
-    file named by ``HMD_X_FILE``, then ``default``.
+    through that source with its own ``HMD_*`` settings), then the file named by
+    ``HMD_X_FILE``, then ``HMD_X`` (django-environ's file-aware order), then ``default``.
 
     :raises keyvault.secrets.SecretNotFound: none is set and there is no default.
     :raises keyvault.secrets.SecretSourceError: the reference is invalid or its source failed;
