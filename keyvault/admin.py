@@ -408,3 +408,32 @@ class AuditCheckpointAdmin(ReadOnlyAdmin):
     @admin.display(description="public key")
     def short_public_key(self, obj: AuditCheckpoint):
         return format_html('<code title="{}">{}…</code>', obj.public_key, obj.public_key[:12])
+
+
+# -- the Providers page in the app list (index, app index, sidebar) -------------------
+
+_site_get_app_list = admin.site.get_app_list
+
+
+def _app_list_with_providers(request, app_label=None):
+    """The admin's app list, plus a "KMS providers" entry under Keyvault for who may see it."""
+    from keyvault.admin_views import PROVIDERS_PERMISSION
+
+    app_list = _site_get_app_list(request, app_label)
+    if not request.user.has_perm(PROVIDERS_PERMISSION):
+        return app_list
+    for app in app_list:
+        if app["app_label"] == "keyvault":
+            app["models"].append({
+                "model": None,
+                "name": "KMS providers",
+                "object_name": "KMSProviders",
+                "perms": {"add": False, "change": False, "delete": False, "view": True},
+                "admin_url": reverse("keyvault_providers"),
+                "add_url": None,
+                "view_only": True,
+            })
+    return app_list
+
+
+admin.site.get_app_list = _app_list_with_providers

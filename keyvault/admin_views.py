@@ -648,3 +648,33 @@ class AuditChainViewsMixin:
         }
         request.current_app = self.admin_site.name
         return TemplateResponse(request, ACTION_TEMPLATE, context)
+
+
+# -- KMS providers -------------------------------------------------------------------
+
+#: Who may see the Providers page (every console role, auditors included).
+PROVIDERS_PERMISSION = "keyvault.view_keyencryptionkey"
+
+
+def providers_view(request, admin_site=None):
+    """Every configured provider: health, latency, capabilities and the check of each of its KEKs.
+
+    Read-only; the checks run on each request (one ``health_check`` and one
+    ``describe_key`` per enabled KEK), as ``kms health --all`` does.
+    """
+    from django.contrib import admin as django_admin
+
+    from keyvault import health
+
+    if not request.user.has_perm(PROVIDERS_PERMISSION):
+        raise PermissionDenied
+    site = admin_site or django_admin.site
+    report = health.check_all()
+    context = {
+        **site.each_context(request),
+        "title": "KMS providers",
+        "report": report,
+        "kek_changelist": reverse(f"{site.name}:keyvault_keyencryptionkey_changelist"),
+    }
+    request.current_app = site.name
+    return TemplateResponse(request, "keyvault/providers.html", context)

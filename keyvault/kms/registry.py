@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from .base import KMSProvider
 from .errors import ConfigurationError
+from .metrics import instrument
 
 #: Built-in providers: registry name -> (dotted class path, pip package of its SDK).
 BUILTIN_PROVIDERS: dict[str, tuple[str, str | None]] = {
@@ -87,6 +88,7 @@ def get_provider(name: str | None = None) -> KMSProvider:
             return provider
     options = dict(config.get("providers", {}).get(name, {}))
     cls = load_provider_class(name, options.pop("class", None))
-    provider = cls.from_config(options)
+    # Every provider handed out is metered (calls, errors, latency; see metrics.py).
+    provider = instrument(cls.from_config(options), label=name)
     with _lock:
         return _instances.setdefault(name, provider)

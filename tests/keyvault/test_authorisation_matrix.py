@@ -54,6 +54,20 @@ class admin_url:  # noqa: N801 - reads as a function in the table
         return reverse(f"admin:{self.name}", args=[arg(world) if callable(arg) else arg for arg in self.args])
 
 
+@dataclass(frozen=True)
+class site_url:  # noqa: N801 - reads as a function in the table
+    """A URL outside the admin namespace (``keyvault/urls.py``), reversed by ``name``."""
+
+    name: str
+
+    def __call__(self, world: World) -> str:
+        return reverse(self.name)
+
+
+#: /metrics answers 401 (not a login redirect): scrapers cannot follow one.
+METRICS = {"anonymous": 401, "auditor": 200, "operator": 200, "administrator": 200}
+
+
 def alpha(world):
     return world.alpha.pk
 
@@ -143,6 +157,9 @@ MATRIX: tuple[Row, ...] = (
     Row("change data key", "POST", admin_url("keyvault_datakey_change", data_key), NOBODY,
         lambda w: {"purpose": "tampered"}),
     Row("delete data key", "GET", admin_url("keyvault_datakey_delete", data_key), NOBODY),
+    # KMS providers and metrics
+    Row("providers page", "GET", site_url("keyvault_providers"), VIEW),
+    Row("metrics", "GET", site_url("metrics"), METRICS),
     # no role manages users: that is for the bootstrap superuser
     Row("user list", "GET", admin_url("auth_user_changelist"), NOBODY),
     Row("group list", "GET", admin_url("auth_group_changelist"), NOBODY),
@@ -191,7 +208,7 @@ def test_every_console_route_of_ours_is_in_the_matrix():
     covered = {row.url.name for row in MATRIX}
     ours = {f"{action.url_name}" for action in KEK_ACTIONS}
     ours |= {"keyvault_keyencryptionkey_retire_version", "keyvault_auditevent_verify",
-             "keyvault_keyencryptionkey_add"}
+             "keyvault_keyencryptionkey_add", "keyvault_providers", "metrics"}
     for model_admin in admin.site._registry.values():
         if model_admin.opts.app_label == "keyvault":
             info = (model_admin.opts.app_label, model_admin.opts.model_name)

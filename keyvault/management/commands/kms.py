@@ -14,7 +14,6 @@ import sys
 from django.core.management.base import CommandError
 
 from keyvault import services
-from keyvault.kms import get_provider, provider_names
 from keyvault.models import KeyEncryptionKey
 
 from ._base import KeyvaultCommand
@@ -97,15 +96,25 @@ class Command(KeyvaultCommand):
     # -- subcommands ---------------------------------------------------------
 
     def _health(self, options):
-        names = provider_names() if options["all"] else [options["provider"] or None]
-        failed = False
-        for name in names:
-            status = get_provider(name).health_check()
-            word = "healthy" if status.healthy else "UNHEALTHY"
-            self.stdout.write(f"{status.provider}: {word} ({status.latency_ms:.1f} ms) — {status.detail}")
-            failed |= not status.healthy
-        if failed:
-            raise CommandError("a provider is unhealthy")
+        from keyvault import health
+
+        if options["all"]:
+            results = health.check_all().providers
+        else:
+            results = (health.check_provider(options["provider"] or None),)
+        for result in results:
+            word = "healthy" if result.reachable else "UNHEALTHY"
+            self.stdout.write(f"{result.name}: {word} ({result.latency_ms:.1f} ms) — {result.detail}")
+            if result.capabilities:
+                self.stdout.write(f"  capabilities: {', '.join(result.capabilities)}")
+            for check in result.keks:
+                mark = "ok" if check.ok else "FAILED"
+                self.stdout.write(f"  KEK {check.kek} ({check.provider_key_id}): {mark} — {check.detail}")
+            if result.unchecked_keks:
+                self.stdout.write(f"  {result.unchecked_keks} more enabled KEK(s) not checked")
+        unhealthy = [result.name for result in results if not result.healthy]
+        if unhealthy:
+            raise CommandError(f"unhealthy: {', '.join(unhealthy)}")
 
     def _create_key(self, options):
         kek = services.create_kek(
