@@ -32,6 +32,7 @@ from keyvault import services
 from keyvault.admin_views import AuditChainViewsMixin, KEKActionViewsMixin, available_actions, kek_coverage
 from keyvault.audit import Actor
 from keyvault.models import AuditCheckpoint, AuditEvent, DataKey, KeyEncryptionKey, KeyVersion
+from rotation.admin_views import kek_rotation_panel
 
 admin.site.site_header = "Keyvault security console"
 admin.site.site_title = "Keyvault"
@@ -291,6 +292,7 @@ class KeyEncryptionKeyAdmin(KEKActionViewsMixin, admin.ModelAdmin):
                 kek_actions=available_actions(request.user, kek, self.admin_site.name),
                 coverage=kek_coverage(kek, user=request.user, admin_site_name=self.admin_site.name),
                 audit_url=audit_url if request.user.has_perm("keyvault.view_auditevent") else "",
+                rotation=kek_rotation_panel(kek, user=request.user, admin_site_name=self.admin_site.name),
             )
         return super().change_view(request, object_id, form_url, extra_context)
 

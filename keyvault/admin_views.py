@@ -33,9 +33,10 @@ from django.views.decorators.debug import sensitive_post_parameters
 from keyvault import audit, services
 from keyvault.audit import Actor
 from keyvault.exceptions import KeyvaultError
-from keyvault.forms import ConfirmForm, CreateKEKForm, DisableForm, RetireVersionForm, RotateForm, ScheduleDeletionForm
+from keyvault.forms import ConfirmForm, CreateKEKForm, DisableForm, RetireVersionForm, ScheduleDeletionForm
 from keyvault.kms.errors import KMSError
 from keyvault.models import AuditChainHead, AuditCheckpoint, AuditEvent, KeyEncryptionKey, KeyVersion
+from rotation.forms import EmergencyRotationForm, MigrateForm, StartRotationForm
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +47,29 @@ ACTION_TEMPLATE = "keyvault/action.html"
 SERVICE_ERRORS = (KeyvaultError, KMSError, ValueError)
 
 
-def runbook_for(action: str) -> None:
-    """The runbook steps to show beside an action's form (a later issue fills this in)."""
-    return None
+#: Console action → runbook file (``rotation/runbooks/<slug>.md``), the one source of the panel beside it.
+ACTION_RUNBOOKS = {
+    "create": "kek-creation",
+    "rotate": "kek-rotation",
+    "emergency-rotate": "kek-emergency-rotation",
+    "migrate": "kek-migration",
+    "disable": "kek-disable",
+    "enable": "kek-disable",
+    "schedule-deletion": "kek-deletion",
+    "cancel-deletion": "kek-deletion",
+    "retire-version": "version-retirement",
+    "verify-audit-chain": "audit-verification",
+    "approve-run": "run-approval",
+    "edit-policy": "rotation-policy",
+}
+
+
+def runbook_for(action: str):
+    """The ``rotation.runbooks.Runbook`` shown beside an action's form (None for an unknown action)."""
+    from rotation import runbooks
+
+    slug = ACTION_RUNBOOKS.get(action)
+    return runbooks.get(slug) if slug else None
 
 
 def service_error_message(exc: Exception) -> str:
@@ -67,7 +88,7 @@ class KEKAction:
     slug: str
     button: str
     title: str
-    permission: str
+    permission: str | tuple[str, ...]
     states: frozenset[str]
     form_class: type[forms.Form]
     perform: Callable[[KeyEncryptionKey, dict, Actor], str]
@@ -78,13 +99,28 @@ class KEKAction:
     def url_name(self) -> str:
         return f"keyvault_keyencryptionkey_{self.slug.replace('-', '_')}"
 
+    def allowed(self, user) -> bool:
+        return user.has_perms((self.permission,) if isinstance(self.permission, str) else self.permission)
 
-def _rotate(kek: KeyEncryptionKey, data: dict, actor: Actor) -> str:
-    version = services.rotate_kek_version(kek, actor=actor, reason=data.get("reason", ""))
-    return (
-        f"Rotated {kek.name}: v{version.number} is now the primary version. Data keys on older versions "
-        "keep decrypting until they are rewrapped."
-    )
+
+@dataclass(frozen=True)
+class ActionOutcome:
+    """What an action did and which console page shows its result (default: the KEK's page)."""
+
+    message: str
+    url_name: str = ""
+    args: tuple = ()
+
+
+def _start_run(kind: str) -> Callable[[KeyEncryptionKey, dict, Actor], ActionOutcome]:
+    """Rotations are runs of the rotation engine: the action starts one and shows its page."""
+
+    def perform(kek: KeyEncryptionKey, data: dict, actor: Actor) -> ActionOutcome:
+        from rotation import admin_views as rotation_views  # rotation's console builds on this module
+
+        return rotation_views.start_from_console(kek, data, actor, kind=kind)
+
+    return perform
 
 
 def _disable(kek: KeyEncryptionKey, data: dict, actor: Actor) -> str:
@@ -115,14 +151,41 @@ KEK_ACTIONS: tuple[KEKAction, ...] = (
         slug="rotate",
         button="Rotate now",
         title="Rotate key-encryption key",
-        permission="keyvault.rotate_keyencryptionkey",
+        permission=("keyvault.rotate_keyencryptionkey", "rotation.add_rotationrun"),
         states=frozenset({KEK.State.ENABLED}),
-        form_class=RotateForm,
-        perform=_rotate,
+        form_class=StartRotationForm,
+        perform=_start_run("on_demand"),
         explanation=(
-            "Creates a new version at the provider and makes it primary: new data keys are wrapped with it. "
-            "Older versions keep decrypting; the rotation engine rewraps their data keys. "
-            "The rotation schedule restarts from now."
+            "Starts an on-demand rotation run: a new primary version at the provider, every data key on an older "
+            "version rewrapped, verified, and the old versions retired after the policy's grace period. If the "
+            "policy requires approvals, the run waits for them. The rotation schedule restarts from the rotation."
+        ),
+    ),
+    KEKAction(
+        slug="emergency-rotate",
+        button="Emergency rotate",
+        title="Emergency rotation of key-encryption key",
+        permission=("rotation.add_rotationrun", "rotation.emergency_rotationrun"),
+        states=frozenset({KEK.State.ENABLED}),
+        form_class=EmergencyRotationForm,
+        perform=_start_run("emergency"),
+        explanation=(
+            "For a suspected compromise: rotates at once, rewraps every data key at top priority and disables "
+            "the old versions as soon as coverage reaches 100%, with no grace period."
+        ),
+        danger=True,
+    ),
+    KEKAction(
+        slug="migrate",
+        button="Migrate to another KEK",
+        title="Migrate data keys to another key-encryption key",
+        permission=("rotation.add_rotationrun", "keyvault.change_state_keyencryptionkey"),
+        states=frozenset({KEK.State.ENABLED}),
+        form_class=MigrateForm,
+        perform=_start_run("migrate"),
+        explanation=(
+            "Starts a migration run: every data key wrapped by this key is unwrapped and wrapped by the "
+            "destination KEK in the worker, in resumable batches. This key stays enabled for rollback."
         ),
     ),
     KEKAction(
@@ -189,7 +252,7 @@ def available_actions(user, kek: KeyEncryptionKey, admin_site_name: str = "admin
     return [
         ActionLink(action.button, reverse(f"{admin_site_name}:{action.url_name}", args=[kek.pk]), action.danger)
         for action in KEK_ACTIONS
-        if kek.state in action.states and user.has_perm(action.permission)
+        if kek.state in action.states and action.allowed(user)
     ]
 
 
@@ -354,19 +417,24 @@ class KEKActionViewsMixin:
     @method_decorator(sensitive_post_parameters())
     def kek_action_view(self, request, object_id: str, action: str):
         spec = KEK_ACTIONS_BY_SLUG[action]
-        if not request.user.has_perm(spec.permission):
+        if not spec.allowed(request.user):
             raise PermissionDenied
         kek = self._get_kek(request, object_id)
         if request.method == "POST":
             form = spec.form_class(request.POST, kek=kek)
             if form.is_valid():
                 try:
-                    message = spec.perform(kek, form.cleaned_data, Actor.from_request(request))
+                    outcome = spec.perform(kek, form.cleaned_data, Actor.from_request(request))
                 except SERVICE_ERRORS as exc:
                     logger.warning("console: %s of KEK %r refused: %s", spec.slug, kek.name, type(exc).__name__)
                     form.add_error(None, service_error_message(exc))
                 else:
-                    messages.success(request, message)
+                    if isinstance(outcome, str):
+                        outcome = ActionOutcome(outcome)
+                    messages.success(request, outcome.message)
+                    if outcome.url_name:
+                        return HttpResponseRedirect(
+                            reverse(f"{self.admin_site.name}:{outcome.url_name}", args=outcome.args))
                     return HttpResponseRedirect(self._change_url(kek))
         else:
             form = spec.form_class(kek=kek)

@@ -134,7 +134,7 @@ def test_action_buttons_follow_permissions_and_state(administrator, operator, au
         return [link.label for link in response.context["kek_actions"]], page_text(response)
 
     admin_alpha, html = buttons(administrator, world.alpha)
-    assert admin_alpha == ["Rotate now", "Disable", "Schedule deletion"]
+    assert admin_alpha == ["Rotate now", "Emergency rotate", "Migrate to another KEK", "Disable", "Schedule deletion"]
     assert html.count("Retire…") == 1  # v1 only: v2 is primary
     assert 'name="_save"' in html and 'name="_addanother"' not in html  # "add" is the create view
     assert buttons(administrator, world.bravo)[0] == ["Enable", "Schedule deletion"]
@@ -300,16 +300,26 @@ def test_settings_form_refuses_a_zero_rotation_period(administrator, world):
 
 
 def test_operator_rotates_a_key(operator, world):
+    """Rotate now starts a rotation run (the engine makes the version); the console shows the run."""
+    from rotation import services as rotation_services
+    from rotation.models import RotationRun
+
     response = operator.post(url("keyvault_keyencryptionkey_rotate", world.alpha.pk), {"reason": "CHG-42"})
 
     assert response.status_code == 302
-    primary = KeyVersion.objects.get(kek=world.alpha, is_primary=True)
-    assert primary.number == 3
-    rotated = events("kek.rotated")[-1]
-    assert rotated.actor == "user:operator"
-    assert rotated.details == {"new_version": 3, "previous_version": 2, "reason": "CHG-42"}
+    run = RotationRun.objects.get(kek=world.alpha)
+    assert response["Location"] == url("rotation_rotationrun_change", run.pk)
+    assert (run.kind, run.state, run.initiator, run.reason) == ("on_demand", "queued", "user:operator", "CHG-42")
+    started = events("rotation.started")[-1]
+    assert started.actor == "user:operator" and started.details["run_id"] == run.pk
     follow = operator.get(response["Location"])
-    assert "v3 is now the primary version" in " ".join(messages_of(follow))
+    assert f"Started run #{run.pk} of alpha" in " ".join(messages_of(follow))
+
+    rotation_services.drive(run.pk)  # the worker's part
+
+    assert KeyVersion.objects.get(kek=world.alpha, is_primary=True).number == 3
+    rotated = events("kek.rotated")[-1]
+    assert rotated.details["new_version"] == 3 and rotated.details["previous_version"] == 2
 
 
 def test_rotating_a_disabled_key_is_a_form_error_not_a_500(administrator, world):

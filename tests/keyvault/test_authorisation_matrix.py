@@ -108,6 +108,59 @@ def kek_settings(world):
     }
 
 
+# -- rotation runs and policies: made on demand, one world per (row, role) ----------
+
+
+def pending_run(world):
+    """A run of alpha waiting for one approval, started by the system (so anyone may approve it)."""
+    if not hasattr(world, "pending_run"):
+        from keyvault.audit import Actor
+        from rotation import services as rotation
+
+        rotation.update_policy(world.alpha, actor=Actor.system("tests"), approvals_required=1)
+        world.pending_run = rotation.start_run(kek=world.alpha, actor=Actor.system("matrix"), reason="matrix")
+    return world.pending_run.pk
+
+
+def retiring_run(world):
+    """A run of alpha that rewrapped everything and waits for its grace period (it can be rolled back)."""
+    from keyvault.audit import Actor
+    from rotation import services as rotation
+
+    run = rotation.start_run(kek=world.alpha, actor=Actor.system("matrix"), reason="matrix")
+    return rotation.drive(run.pk).pk
+
+
+def failed_run(world):
+    """A run that failed: its KEK was disabled before the worker got to it."""
+    from keyvault import services
+    from keyvault.audit import Actor
+    from rotation import services as rotation
+
+    echo = services.create_kek(name="echo", actor=Actor.system("tests"))
+    run = rotation.start_run(kek=echo, actor=Actor.system("matrix"), reason="matrix")
+    services.disable_kek(echo, actor=Actor.system("tests"), reason="matrix")
+    return rotation.drive(run.pk).pk
+
+
+def alpha_policy(world):
+    from rotation import services as rotation
+
+    return rotation.ensure_policy(world.alpha).pk
+
+
+def migration_destination(world):
+    from keyvault import services
+    from keyvault.audit import Actor
+
+    return {"destination": str(services.create_kek(name="delta", actor=Actor.system("tests")).pk), "reason": "matrix"}
+
+
+def policy_settings(world):
+    return {"period": "90d", "grace_period": "7d", "approvals_required": "1", "auto": "on", "usage_threshold": "",
+            "window_weekdays": "", "window_start": "", "window_end": ""}
+
+
 MATRIX: tuple[Row, ...] = (
     # pages
     Row("index", "GET", admin_url("index"), VIEW),
@@ -160,6 +213,41 @@ MATRIX: tuple[Row, ...] = (
     # KMS providers and metrics
     Row("providers page", "GET", site_url("keyvault_providers"), VIEW),
     Row("metrics", "GET", site_url("metrics"), METRICS),
+    # rotation: runs are started from the KEK page, driven from the run page
+    Row("emergency rotate form", "GET", admin_url("keyvault_keyencryptionkey_emergency_rotate", alpha), ADMIN_GET),
+    Row("emergency rotate", "POST", admin_url("keyvault_keyencryptionkey_emergency_rotate", alpha), ADMIN_POST,
+        lambda w: {"incident_ref": "INC-1", "reason": "matrix"}),
+    Row("migrate form", "GET", admin_url("keyvault_keyencryptionkey_migrate", alpha), ADMIN_GET),
+    Row("migrate", "POST", admin_url("keyvault_keyencryptionkey_migrate", alpha), ADMIN_POST, migration_destination),
+    Row("rotation app index", "GET", admin_url("app_list", "rotation"), VIEW),
+    Row("run list", "GET", admin_url("rotation_rotationrun_changelist"), VIEW),
+    Row("run page", "GET", admin_url("rotation_rotationrun_change", pending_run), VIEW),
+    Row("run page (POST)", "POST", admin_url("rotation_rotationrun_change", pending_run), NOBODY,
+        lambda w: {"state": "completed"}),
+    Row("run history", "GET", admin_url("rotation_rotationrun_history", pending_run), VIEW),
+    Row("run progress", "GET", admin_url("rotation_rotationrun_progress", pending_run), VIEW),
+    Row("approve form", "GET", admin_url("rotation_rotationrun_approve", pending_run), OPERATOR_GET),
+    Row("approve", "POST", admin_url("rotation_rotationrun_approve", pending_run), OPERATOR_POST,
+        lambda w: {"decision": "approve", "comment": "matrix"}),
+    Row("tick step form", "GET", admin_url("rotation_rotationrun_tick", pending_run, "precheck.owners"), OPERATOR_GET),
+    Row("tick step", "POST", admin_url("rotation_rotationrun_tick", pending_run, "precheck.owners"), OPERATOR_POST,
+        lambda w: {"evidence": "told the owners"}),
+    Row("cancel run form", "GET", admin_url("rotation_rotationrun_cancel", pending_run), ADMIN_GET),
+    Row("cancel run", "POST", admin_url("rotation_rotationrun_cancel", pending_run), ADMIN_POST,
+        lambda w: {"reason": "matrix"}),
+    Row("roll back run form", "GET", admin_url("rotation_rotationrun_rollback", retiring_run), ADMIN_GET),
+    Row("roll back run", "POST", admin_url("rotation_rotationrun_rollback", retiring_run), ADMIN_POST,
+        lambda w: {"reason": "matrix"}),
+    Row("resume run form", "GET", admin_url("rotation_rotationrun_resume", failed_run), ADMIN_GET),
+    Row("resume run", "POST", admin_url("rotation_rotationrun_resume", failed_run), ADMIN_POST),
+    Row("add run", "GET", admin_url("rotation_rotationrun_add"), NOBODY),
+    Row("delete run", "POST", admin_url("rotation_rotationrun_delete", pending_run), NOBODY, lambda w: {"post": "yes"}),
+    Row("policy list", "GET", admin_url("rotation_rotationpolicy_changelist"), VIEW),
+    Row("policy page", "GET", admin_url("rotation_rotationpolicy_change", alpha_policy), VIEW),
+    Row("policy change", "POST", admin_url("rotation_rotationpolicy_change", alpha_policy), ADMIN_POST, policy_settings),
+    Row("add policy", "GET", admin_url("rotation_rotationpolicy_add"), NOBODY),
+    Row("delete policy", "POST", admin_url("rotation_rotationpolicy_delete", alpha_policy), NOBODY,
+        lambda w: {"post": "yes"}),
     # no role manages users: that is for the bootstrap superuser
     Row("user list", "GET", admin_url("auth_user_changelist"), NOBODY),
     Row("group list", "GET", admin_url("auth_group_changelist"), NOBODY),
@@ -204,13 +292,15 @@ def test_every_console_route_of_ours_is_in_the_matrix():
     from django.contrib import admin
 
     from keyvault.admin_views import KEK_ACTIONS
+    from rotation.admin_views import RUN_CONTROLS
 
     covered = {row.url.name for row in MATRIX}
     ours = {f"{action.url_name}" for action in KEK_ACTIONS}
     ours |= {"keyvault_keyencryptionkey_retire_version", "keyvault_auditevent_verify",
              "keyvault_keyencryptionkey_add", "keyvault_providers", "metrics"}
+    ours |= {f"rotation_rotationrun_{name}" for name in ("progress", "approve", "tick", *RUN_CONTROLS)}
     for model_admin in admin.site._registry.values():
-        if model_admin.opts.app_label == "keyvault":
+        if model_admin.opts.app_label in ("keyvault", "rotation"):
             info = (model_admin.opts.app_label, model_admin.opts.model_name)
             ours |= {f"{info[0]}_{info[1]}_changelist", f"{info[0]}_{info[1]}_change"}
     assert ours <= covered, f"no matrix row for {sorted(ours - covered)}"

@@ -1,0 +1,133 @@
+"""The rotation engine in the security console: policies and runs.
+
+Nothing here changes state itself. Policies are edited in a form saved through
+``rotation.services.update_policy`` (so the KEK's next rotation follows); runs are
+started from the KEK's page and driven from the run page (``rotation.admin_views``),
+each action calling one service. Policies are created for every KEK by
+``services.ensure_policy``, so there is no "add" and nothing is ever deleted here.
+"""
+
+from __future__ import annotations
+
+from django.contrib import admin
+from django.contrib.admin.options import ShowFacets
+from django.urls import reverse
+from django.utils.html import format_html, format_html_join
+
+from keyvault.admin_views import runbook_for
+from keyvault.audit import Actor
+from rotation import services
+from rotation.admin_views import RotationRunViewsMixin
+from rotation.forms import RotationPolicyForm
+from rotation.models import RotationPolicy, RotationRun, format_period
+
+CONSOLE_CSS = {"all": ("keyvault/console.css", "rotation/rotation.css")}
+
+
+def _state_badge(state: str, label: str):
+    return format_html('<span class="kv-state kv-run-state-{}">{}</span>', state, label)
+
+
+@admin.register(RotationPolicy)
+class RotationPolicyAdmin(admin.ModelAdmin):
+    form = RotationPolicyForm
+    list_display = ("target", "period_display", "next_due_at", "approvals_required", "auto", "warnings_display")
+    list_filter = ("auto", "approvals_required")
+    list_select_related = ("kek",)
+    search_fields = ("kek__name",)
+    ordering = ("kek__name",)
+    actions = None
+    show_facets = ShowFacets.NEVER
+    fieldsets = (
+        (None, {"fields": ("target", "warnings_display", "next_due_at")}),
+        ("Schedule", {"fields": ("period", "usage_threshold", "auto", "grace_period")}),
+        ("Approvals", {"fields": ("approvals_required",)}),
+        ("Window for automatic runs", {"fields": ("window_weekdays", "window_start", "window_end")}),
+    )
+    readonly_fields = ("target", "warnings_display", "next_due_at")
+
+    class Media:
+        css = CONSOLE_CSS
+
+    @admin.display(description="target", ordering="kek__name")
+    def target(self, obj: RotationPolicy):
+        if not obj.kek_id:
+            return "—"
+        url = reverse("admin:keyvault_keyencryptionkey_change", args=[obj.kek_id])
+        return format_html('<a href="{}">KEK {}</a>', url, obj.kek.name)
+
+    @admin.display(description="period", ordering="period")
+    def period_display(self, obj: RotationPolicy):
+        return format_period(obj.period)
+
+    @admin.display(description="NIST warnings")
+    def warnings_display(self, obj: RotationPolicy):
+        warnings = obj.warnings()
+        if not warnings:
+            return "—"
+        return format_html('<ul class="kv-warnings">{}</ul>', format_html_join("", "<li>{}</li>", ((w,) for w in warnings)))
+
+    def has_add_permission(self, request) -> bool:
+        return False  # every KEK gets its policy from services.ensure_policy
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        extra_context = {
+            "show_save_and_add_another": False,
+            "show_save_and_continue": True,
+            "runbook": runbook_for("edit-policy"),
+            **(extra_context or {}),
+        }
+        return super().change_view(request, object_id, form_url, extra_context)
+
+    def save_model(self, request, obj, form, change):
+        """Through the service: it locks the row, moves the next due date and audits the change."""
+        changes = {name: form.cleaned_data[name] for name in form.changed_data if name in services.POLICY_FIELDS}
+        if changes:
+            services.update_policy(obj.kek, actor=Actor.from_request(request), **changes)
+        obj.refresh_from_db()
+
+    def log_change(self, request, obj, message):
+        return None  # the audit log records the change (services.update_policy), not admin's LogEntry
+
+
+@admin.register(RotationRun)
+class RotationRunAdmin(RotationRunViewsMixin, admin.ModelAdmin):
+    list_display = ("run_id", "target", "kind", "state_display", "progress_display", "initiator", "created_at")
+    list_display_links = ("run_id",)
+    list_filter = ("state", "kind")
+    list_select_related = ("kek",)
+    search_fields = ("kek__name", "initiator", "incident_ref")
+    actions = None
+    show_facets = ShowFacets.NEVER
+    show_full_result_count = False
+
+    class Media:
+        css = CONSOLE_CSS
+
+    @admin.display(description="run", ordering="pk")
+    def run_id(self, obj: RotationRun):
+        return f"#{obj.pk}"
+
+    @admin.display(description="target", ordering="kek__name")
+    def target(self, obj: RotationRun):
+        return obj.target_label
+
+    @admin.display(description="state", ordering="state")
+    def state_display(self, obj: RotationRun):
+        return _state_badge(obj.state, RotationRun.State(obj.state).label)
+
+    @admin.display(description="progress")
+    def progress_display(self, obj: RotationRun):
+        return format_html('<progress max="100" value="{}">{}%</progress> {}%', obj.percent, obj.percent, obj.percent)
+
+    def has_add_permission(self, request) -> bool:
+        return False  # runs are started from a KEK's page (or the CLI / the beat sweep)
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False  # runs change only through their actions
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False

@@ -1,0 +1,471 @@
+"""The rotation engine's console views: starting runs from a KEK's page, the run page and its actions.
+
+As in ``keyvault.admin_views``, every view is a route added in ``get_urls()`` and
+wrapped in ``admin_site.admin_view`` (login, staff, CSRF, never cached); it checks
+its permission itself (403 otherwise), validates a form and calls one function of
+``rotation.services`` with ``Actor.from_request``. Refusals the services raise
+(``ApprovalRefused``, ``InvalidRunTransition`` …) become form errors, never a 500.
+
+The run page is polled by ``static/rotation/run.js`` through ``progress.json``,
+so its progress bar and checklist move without a reload.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from datetime import datetime
+
+from django.contrib import messages
+from django.contrib.admin import helpers
+from django.contrib.admin.utils import unquote
+from django.contrib.auth import get_user_model
+from django.core.exceptions import PermissionDenied
+from django.http import Http404, HttpResponseRedirect, JsonResponse
+from django.shortcuts import get_object_or_404
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
+from django.utils import timezone
+from django.utils.decorators import method_decorator
+from django.utils.html import format_html
+from django.utils.safestring import SafeString, mark_safe
+from django.views.decorators.debug import sensitive_post_parameters
+
+from keyvault.admin_views import ACTION_TEMPLATE, SERVICE_ERRORS, ActionOutcome, runbook_for, service_error_message
+from keyvault.audit import Actor
+from keyvault.models import AuditEvent, KeyEncryptionKey
+from rotation import runbooks, services
+from rotation.forms import DecisionForm, RunControlForm, TickStepForm
+from rotation.models import RotationPolicy, RotationRun, RunStep, format_period
+
+logger = logging.getLogger(__name__)
+
+S = RotationRun.State
+RUN_TEMPLATE = "admin/rotation/rotationrun/run.html"
+
+VIEW_PERMISSION = "rotation.view_rotationrun"
+START_PERMISSION = "rotation.add_rotationrun"
+APPROVE_PERMISSION = "rotation.approve_rotationrun"
+CANCEL_PERMISSION = "rotation.cancel_rotationrun"
+EMERGENCY_PERMISSION = "rotation.emergency_rotationrun"
+TICK_PERMISSION = "rotation.tick_runstep"
+POLICY_CHANGE_PERMISSION = "rotation.change_rotationpolicy"
+
+#: Audit actions that make up a run's state timeline (batches and step ticks are listed with the events).
+TIMELINE_ACTIONS = (
+    AuditEvent.Action.ROTATION_STARTED, AuditEvent.Action.ROTATION_STATE, AuditEvent.Action.ROTATION_APPROVED,
+    AuditEvent.Action.ROTATION_REJECTED, AuditEvent.Action.ROTATION_BREAK_GLASS,
+)
+#: How many of a run's audit events the run page lists (newest); the audit log has them all.
+RUN_EVENTS_SHOWN = 100
+
+
+# -- starting runs from the KEK page ------------------------------------------------
+
+
+def _initiating_user(actor: Actor):
+    return get_user_model().objects.filter(pk=actor.user_id).first() if actor.user_id else None
+
+
+def start_from_console(kek: KeyEncryptionKey, data: dict, actor: Actor, *, kind: str) -> ActionOutcome:
+    """The KEK page's Rotate now / Emergency rotate / Migrate: start a run and show its page."""
+    run = services.start_run(
+        kek=kek, actor=actor, user=_initiating_user(actor), kind=kind, reason=data.get("reason", ""),
+        incident_ref=data.get("incident_ref", ""), destination=data.get("destination"),
+    )
+    if run.state == S.PENDING_APPROVAL:
+        needed = run.policy.approvals_required if run.policy else 0
+        message = (f"Started run #{run.pk} of {kek.name}; it waits for {needed} approval{'s' if needed != 1 else ''} "
+                   "by someone other than you before it rotates.")
+    else:
+        message = f"Started run #{run.pk} of {kek.name}; a worker rotates the key and rewraps its data keys."
+    return ActionOutcome(message, "rotation_rotationrun_change", (run.pk,))
+
+
+@dataclass(frozen=True)
+class KEKRotationPanel:
+    """The rotation box on a KEK's page: its policy, NIST warnings, the active and recent runs."""
+
+    policy: RotationPolicy
+    period: str
+    grace_period: str
+    warnings: list[str]
+    edit_url: str
+    active_run: RotationRun | None
+    recent_runs: list[RotationRun]
+    runs_url: str
+
+
+def kek_rotation_panel(kek: KeyEncryptionKey, *, user, admin_site_name: str = "admin") -> KEKRotationPanel | None:
+    if not user.has_perm("rotation.view_rotationpolicy") and not user.has_perm(VIEW_PERMISSION):
+        return None
+    policy = services.ensure_policy(kek)
+    runs = list(RotationRun.objects.filter(kek=kek).order_by("-created_at")[:5]) if user.has_perm(VIEW_PERMISSION) else []
+    active = next((run for run in runs if run.is_active), None)
+    edit_url = ""
+    if user.has_perm(POLICY_CHANGE_PERMISSION):
+        edit_url = reverse(f"{admin_site_name}:rotation_rotationpolicy_change", args=[policy.pk])
+    runs_url = reverse(f"{admin_site_name}:rotation_rotationrun_changelist") + f"?kek__id__exact={kek.pk}"
+    return KEKRotationPanel(
+        policy=policy, period=format_period(policy.period), grace_period=format_period(policy.grace_period),
+        warnings=policy.warnings(), edit_url=edit_url, active_run=active, recent_runs=runs,
+        runs_url=runs_url if user.has_perm(VIEW_PERMISSION) else "",
+    )
+
+
+# -- the run page's data -----------------------------------------------------------
+
+
+def run_runbook(run: RotationRun) -> runbooks.Runbook | None:
+    return runbooks.for_run("kek", run.kind)
+
+
+def runbook_section_html(runbook: runbooks.Runbook | None, section: str) -> SafeString:
+    """One section of a runbook as HTML (the rollback section beside cancel / roll back / resume)."""
+    if runbook is None or section not in runbook.sections:
+        return mark_safe("")  # noqa: S308 - empty
+    title = runbooks.SECTION_TITLES[section]
+    body = runbooks.render_markdown(runbooks._untag(runbook.sections[section]))
+    return format_html('<h2 class="kv-runbook-title">{}: {}</h2>{}', title, runbook.title, body)
+
+
+def available_run_actions(run: RotationRun) -> set[str]:
+    """Which controls apply to the run in its current state (permissions are checked separately)."""
+    allowed = set()
+    if run.state == S.PENDING_APPROVAL:
+        allowed.add("approve")
+    if run.state in (S.PENDING_APPROVAL, S.QUEUED, S.FAILED):
+        allowed.add("cancel")
+    if S.ROLLED_BACK in services.TRANSITIONS[run.state]:
+        allowed.add("rollback")
+    if run.state == S.FAILED:
+        allowed.add("resume")
+    return allowed
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def run_progress(run: RotationRun, *, now: datetime | None = None) -> dict:
+    """State, counters, rate and ETA of a run, and its checklist (what ``progress.json`` returns)."""
+    now = now or timezone.now()
+    rate = None
+    if run.rewrap_started_at and run.rewrapped:
+        # While rewrapping the clock runs; afterwards the last batch's heartbeat ends the rewrap.
+        end = now if run.state == S.REWRAPPING else (run.heartbeat_at or run.finished_at or now)
+        elapsed = (end - run.rewrap_started_at).total_seconds()
+        rate = round(run.rewrapped / elapsed, 1) if elapsed > 0 else None
+    eta = math.ceil(run.remaining / rate) if rate and run.state == S.REWRAPPING else None
+    steps = [
+        {
+            "key": step.key, "section": step.section, "title": step.title, "automatic": step.automatic,
+            "status": step.status, "status_label": RunStep.Status(step.status).label, "done_by": step.done_by,
+            "done_at": _iso(step.done_at), "evidence": step.evidence,
+        }
+        for step in run.steps.order_by("order")
+    ]
+    return {
+        "id": run.pk,
+        "kek": run.kek.name if run.kek_id else None,
+        "kind": run.kind,
+        "state": run.state,
+        "state_label": S(run.state).label,
+        "active": run.is_active,
+        "total": run.total_deks,
+        "rewrapped": run.rewrapped,
+        "failed": run.failed_deks,
+        "remaining": run.remaining,
+        "percent": run.percent,
+        "rate": rate,
+        "eta_seconds": eta,
+        "previous_version": run.previous_version,
+        "target_version": run.target_version,
+        "retire_after": _iso(run.retire_after),
+        "paused_reason": run.paused_reason,
+        "last_error": run.last_error,
+        "actions": sorted(available_run_actions(run)),
+        "steps": steps,
+        "updated_at": now.isoformat(),
+    }
+
+
+def run_events(run: RotationRun):
+    """The run's audit events: the KEK's events (audit_target_seq index) whose details name the run."""
+    if not run.kek_id:
+        return AuditEvent.objects.none()
+    return AuditEvent.objects.filter(
+        target_type="keyencryptionkey", target_id=run.kek.name, details__run_id=run.pk
+    ).order_by("sequence")
+
+
+@dataclass(frozen=True)
+class TimelineEntry:
+    event: AuditEvent
+    label: str
+
+
+def run_timeline(run: RotationRun) -> list[TimelineEntry]:
+    entries = []
+    for event in run_events(run).filter(action__in=TIMELINE_ACTIONS):
+        details = event.details or {}
+        if event.action == AuditEvent.Action.ROTATION_STATE:
+            label = f"{S(details['from']).label} → {S(details['to']).label}"
+            if details.get("note"):
+                label += f" ({details['note']})"
+        elif event.action == AuditEvent.Action.ROTATION_STARTED:
+            label = f"Started ({RotationRun.Kind(details.get('kind', run.kind)).label.lower()})"
+        else:
+            label = f"{AuditEvent.Action(event.action).label}: {details.get('comment', '')}".rstrip(": ")
+        entries.append(TimelineEntry(event, label))
+    return entries
+
+
+@dataclass(frozen=True)
+class StepGroup:
+    section: str
+    title: str
+    steps: list[RunStep]
+
+
+def step_groups(run: RotationRun) -> list[StepGroup]:
+    steps = list(run.steps.order_by("order"))
+    return [
+        StepGroup(section, title, [step for step in steps if step.section == section])
+        for section, title in runbooks.SECTION_TITLES.items()
+        if any(step.section == section for step in steps)
+    ]
+
+
+# -- views -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunControl:
+    slug: str
+    title: str
+    button: str
+    explanation: str
+    danger: bool
+
+
+RUN_CONTROLS = {
+    "cancel": RunControl("cancel", "Cancel rotation run", "Cancel run",
+                         "The run stops before rotating (or after failing). Nothing is retired; a failed run's new "
+                         "version stays enabled and primary.", True),
+    "rollback": RunControl("rollback", "Roll back rotation run", "Roll back",
+                           "The run stops before retirement and the previous version becomes primary again where the "
+                           "provider supports it. Both versions stay enabled, so rewrapped data keys keep opening.",
+                           True),
+    "resume": RunControl("resume", "Resume rotation run", "Resume run",
+                         "The failed run is queued again and continues from what is left in the database.", False),
+}
+
+
+class RotationRunViewsMixin:
+    """The run page, its progress endpoint, approvals, manual steps and cancel / roll back / resume."""
+
+    def get_urls(self):
+        wrap = self.admin_site.admin_view
+        info = "rotation_rotationrun"
+        urls = [
+            path("<path:object_id>/progress.json", wrap(self.progress_view), name=f"{info}_progress"),
+            path("<path:object_id>/approve/", wrap(self.decide_view), name=f"{info}_approve"),
+            path("<path:object_id>/steps/<str:key>/tick/", wrap(self.tick_step_view), name=f"{info}_tick"),
+        ]
+        urls += [
+            path(f"<path:object_id>/{slug}/", wrap(self.control_view), {"control": slug}, name=f"{info}_{slug}")
+            for slug in RUN_CONTROLS
+        ]
+        return urls + super().get_urls()
+
+    def _get_run(self, request, object_id: str) -> RotationRun:
+        try:
+            pk = int(unquote(object_id))
+        except ValueError:
+            raise Http404("No rotation run with that id.") from None
+        run = RotationRun.objects.select_related("kek", "destination_kek", "policy", "initiated_by").filter(pk=pk).first()
+        if run is None:
+            raise Http404("No rotation run with that id.")
+        return run
+
+    def _run_url(self, run: RotationRun) -> str:
+        return reverse(f"{self.admin_site.name}:rotation_rotationrun_change", args=[run.pk])
+
+    def _require(self, request, permission: str) -> None:
+        if not request.user.has_perm(permission):
+            raise PermissionDenied
+
+    # the run page ------------------------------------------------------------------
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        self._require(request, VIEW_PERMISSION)
+        if request.method != "GET" and request.method != "HEAD":
+            raise PermissionDenied  # runs change only through their actions, never through a generic form
+        run = self._get_run(request, object_id)
+        user = request.user
+        site = self.admin_site.name
+        state_actions = available_run_actions(run)
+        controls = [
+            {"label": control.button, "url": reverse(f"{site}:rotation_rotationrun_{slug}", args=[run.pk]),
+             "slug": slug, "danger": control.danger}
+            for slug, control in RUN_CONTROLS.items()
+            if slug in state_actions and user.has_perm(CANCEL_PERMISSION)
+        ]
+        can_approve = user.has_perm(APPROVE_PERMISSION) and "approve" in state_actions
+        decision_form = None
+        if can_approve and not run.approvals.filter(approver=user).exists() and run.initiated_by_id != user.pk:
+            decision_form = DecisionForm(allow_break_glass=services._is_break_glass(user))
+        kek_url = reverse(f"{site}:keyvault_keyencryptionkey_change", args=[run.kek_id]) if run.kek_id else ""
+        audit_url = ""
+        if run.kek_id and user.has_perm("keyvault.view_auditevent"):
+            audit_url = reverse(f"{site}:keyvault_auditevent_changelist") + f"?target_type=keyencryptionkey&target_id={run.kek.name}"
+        events = list(run_events(run).order_by("-sequence")[:RUN_EVENTS_SHOWN]) if user.has_perm(
+            "keyvault.view_auditevent") else []
+        context = {
+            **self.admin_site.each_context(request),
+            "title": f"Rotation run #{run.pk}",
+            "subtitle": run.target_label,
+            "opts": self.opts,
+            "original": run,
+            "run": run,
+            "progress": run_progress(run),
+            "progress_url": reverse(f"{site}:rotation_rotationrun_progress", args=[run.pk]),
+            "kek_url": kek_url,
+            "audit_url": audit_url,
+            "timeline": run_timeline(run),
+            "approvals": list(run.approvals.select_related("approver")),
+            "approvals_required": run.policy.approvals_required if run.policy else 0,
+            "decision_form": decision_form,
+            "decide_url": reverse(f"{site}:rotation_rotationrun_approve", args=[run.pk]),
+            "is_initiator": run.initiated_by_id == user.pk,
+            "controls": controls,
+            "step_groups": step_groups(run),
+            "tick_form": TickStepForm() if user.has_perm(TICK_PERMISSION) else None,
+            "events": events,
+            "runbook": run_runbook(run),
+            **(extra_context or {}),
+        }
+        request.current_app = site
+        return TemplateResponse(request, RUN_TEMPLATE, context)
+
+    def progress_view(self, request, object_id: str):
+        self._require(request, VIEW_PERMISSION)
+        run = self._get_run(request, object_id)
+        return JsonResponse(run_progress(run))
+
+    # actions -----------------------------------------------------------------------
+
+    def _render_action(self, request, run: RotationRun, *, action: str, title: str, form, intro: str,
+                       submit_label: str, danger: bool = False, runbook=None, runbook_html: str = "",
+                       unavailable: str = ""):
+        context = {
+            **self.admin_site.each_context(request),
+            "title": title,
+            "subtitle": str(run),
+            "opts": self.opts,
+            "original": run,
+            "form": form,
+            "adminform": helpers.AdminForm(form, [(None, {"fields": list(form.fields)})], {}),
+            "media": self.media + form.media,
+            "action": action,
+            "intro": intro,
+            "submit_label": submit_label,
+            "danger": danger,
+            "cancel_url": self._run_url(run),
+            "runbook": runbook,
+            "runbook_html": runbook_html,
+            "unavailable": unavailable,
+        }
+        request.current_app = self.admin_site.name
+        return TemplateResponse(request, ACTION_TEMPLATE, context)
+
+    @method_decorator(sensitive_post_parameters())
+    def decide_view(self, request, object_id: str):
+        self._require(request, APPROVE_PERMISSION)
+        run = self._get_run(request, object_id)
+        allow_break_glass = services._is_break_glass(request.user)
+        if request.method == "POST":
+            form = DecisionForm(request.POST, allow_break_glass=allow_break_glass)
+            if form.is_valid():
+                data = form.cleaned_data
+                try:
+                    run = services.decide(run, user=request.user, actor=Actor.from_request(request),
+                                          comment=data["comment"], decision=data["decision"],
+                                          break_glass=data.get("break_glass", False))
+                except SERVICE_ERRORS as exc:
+                    logger.warning("console: decision on run #%s refused: %s", run.pk, type(exc).__name__)
+                    form.add_error(None, service_error_message(exc))
+                else:
+                    run.refresh_from_db()
+                    messages.success(request, f"Recorded your decision on run #{run.pk}; it is now "
+                                              f"{S(run.state).label.lower()}.")
+                    return HttpResponseRedirect(self._run_url(run))
+        else:
+            form = DecisionForm(allow_break_glass=allow_break_glass)
+        unavailable = "" if run.state == S.PENDING_APPROVAL else (
+            f"Run #{run.pk} is {S(run.state).label.lower()}; it is not waiting for approval.")
+        return self._render_action(
+            request, run, action="approve-run", title=f"Approve or reject run #{run.pk}", form=form,
+            intro=(f"{run} was started by {run.initiator}"
+                   f"{' because: ' + run.reason if run.reason else ''}. The initiator never approves their own run."),
+            submit_label="Record decision", runbook=runbook_for("approve-run"), unavailable=unavailable,
+        )
+
+    @method_decorator(sensitive_post_parameters())
+    def control_view(self, request, object_id: str, control: str):
+        spec = RUN_CONTROLS[control]
+        self._require(request, CANCEL_PERMISSION)
+        run = self._get_run(request, object_id)
+        perform = {"cancel": services.cancel, "rollback": services.rollback}.get(control)
+        if request.method == "POST":
+            form = RunControlForm(request.POST)
+            if form.is_valid():
+                actor = Actor.from_request(request)
+                try:
+                    if perform is not None:
+                        run = perform(run, actor=actor, reason=form.cleaned_data["reason"])
+                    else:
+                        run = services.resume(run, actor=actor)
+                except SERVICE_ERRORS as exc:
+                    logger.warning("console: %s of run #%s refused: %s", control, run.pk, type(exc).__name__)
+                    form.add_error(None, service_error_message(exc))
+                else:
+                    messages.success(request, f"Run #{run.pk} is now {S(run.state).label.lower()}.")
+                    return HttpResponseRedirect(self._run_url(run))
+        else:
+            form = RunControlForm()
+        done = {"cancel": "cancelled", "rollback": "rolled back", "resume": "resumed"}[control]
+        unavailable = "" if control in available_run_actions(run) else (
+            f"Run #{run.pk} is {S(run.state).label.lower()}; it cannot be {done} now.")
+        return self._render_action(
+            request, run, action=f"{control}-run", title=f"{spec.title} #{run.pk}", form=form,
+            intro=spec.explanation, submit_label=spec.button, danger=spec.danger,
+            runbook_html=runbook_section_html(run_runbook(run), "rollback"), unavailable=unavailable,
+        )
+
+    @method_decorator(sensitive_post_parameters())
+    def tick_step_view(self, request, object_id: str, key: str):
+        self._require(request, TICK_PERMISSION)
+        run = self._get_run(request, object_id)
+        step = get_object_or_404(RunStep, run=run, key=key)
+        if request.method == "POST":
+            form = TickStepForm(request.POST)
+            if form.is_valid():
+                try:
+                    services.tick_manual_step(run, key, actor=Actor.from_request(request),
+                                              evidence=form.cleaned_data["evidence"])
+                except SERVICE_ERRORS as exc:
+                    logger.warning("console: tick of %s on run #%s refused: %s", key, run.pk, type(exc).__name__)
+                    form.add_error(None, service_error_message(exc))
+                else:
+                    messages.success(request, f"Marked “{step.title}” done.")
+                    return HttpResponseRedirect(self._run_url(run) + f"#step-{key}")
+        else:
+            form = TickStepForm()
+        unavailable = "This step is ticked by the rotation engine, not by hand." if step.automatic else ""
+        return self._render_action(
+            request, run, action="tick-step", title=f"Mark step done on run #{run.pk}", form=form,
+            intro=step.title, submit_label="Mark done", runbook=run_runbook(run), unavailable=unavailable,
+        )
