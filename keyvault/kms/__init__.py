@@ -15,7 +15,9 @@ from .base import (
     KMSProvider,
     VersionState,
 )
+from .cache import DataKeyCache
 from .context import encode_context
+from .envelope import EnvelopeEncryptor, EnvelopeHeader, read_header
 from .errors import (
     AccessDenied,
     ConfigurationError,
@@ -33,8 +35,11 @@ __all__ = [
     "Capability",
     "ConfigurationError",
     "DataKey",
+    "DataKeyCache",
     "DecryptResult",
     "EncryptResult",
+    "EnvelopeEncryptor",
+    "EnvelopeHeader",
     "HealthStatus",
     "InvalidCiphertext",
     "KMSError",
@@ -50,6 +55,7 @@ __all__ = [
     "encode_context",
     "get_provider",
     "provider_names",
+    "read_header",
     "reset_providers",
     "set_config_loader",
 ]

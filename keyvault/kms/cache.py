@@ -60,6 +60,8 @@ DEFAULT_MAX_BYTES = 2**32
 DEFAULT_DECRYPT_TTL = 300.0
 DEFAULT_CAPACITY = 1000
 
+_NEVER = float("-inf")
+
 
 class CachedDataKey:
     """One unwrapped DEK with what is needed to use it, and its usage so far.
@@ -69,7 +71,20 @@ class CachedDataKey:
     never looks at them.
     """
 
-    __slots__ = ("key", "cipher", "kek_id", "kek_version", "wrapped", "header", "aad", "created_at", "messages", "bytes")
+    __slots__ = (
+        "key",
+        "cipher",
+        "kek_id",
+        "kek_version",
+        "wrapped",
+        "header",
+        "aad",
+        "created_at",
+        "expires_at",
+        "messages",
+        "bytes",
+        "referenced",
+    )
 
     def __init__(
         self,
@@ -89,8 +104,12 @@ class CachedDataKey:
         self.header = header
         self.aad = aad
         self.created_at = 0.0
+        #: clock reading from which the entry is unusable; ``-inf`` once evicted.
+        self.expires_at = _NEVER
         self.messages = 0
         self.bytes = 0
+        #: set by users that hold the entry between lookups (see :meth:`DataKeyCache.mark_used`).
+        self.referenced = False
 
     def wipe(self) -> None:
         """Zero the DEK in place.
@@ -98,6 +117,7 @@ class CachedDataKey:
         The cipher stays: another thread may be finishing a message it took
         before the eviction (its OpenSSL copy of the key goes with the entry).
         """
+        self.expires_at = _NEVER
         self.key[:] = bytes(len(self.key))
 
     def __repr__(self) -> str:
@@ -167,22 +187,31 @@ class DataKeyCache:
         """Return the partition's DEK with this message counted, or ``None`` if none may serve it.
 
         An entry that is too old, or that this message would take past
-        ``max_messages`` or ``max_bytes``, is evicted and wiped.
+        ``max_messages`` or ``max_bytes``, is evicted and wiped. A message
+        larger than ``max_bytes`` on its own bypasses the cache and leaves the
+        entry alone.
         """
-        with self._lock:
+        if plaintext_length > self.max_bytes:
+            return None
+        lock = self._lock
+        lock.acquire()
+        try:
             entry = self._encrypt.get(partition)
             if entry is None:
                 return None
             if (
-                self.clock() - entry.created_at < self.max_age
+                self.clock() < entry.expires_at
                 and entry.messages < self.max_messages
                 and entry.bytes + plaintext_length <= self.max_bytes
             ):
                 entry.messages += 1
                 entry.bytes += plaintext_length
                 self._encrypt.move_to_end(partition)
+                entry.referenced = False
                 return entry
             del self._encrypt[partition]
+        finally:
+            lock.release()
         entry.wipe()
         return None
 
@@ -195,6 +224,7 @@ class DataKeyCache:
         if plaintext_length > self.max_bytes:
             return False
         entry.created_at = self.clock()
+        entry.expires_at = entry.created_at + self.max_age
         entry.messages = 1
         entry.bytes = plaintext_length
         with self._lock:
@@ -207,20 +237,38 @@ class DataKeyCache:
 
     def get_for_decrypt(self, lookup: Hashable) -> CachedDataKey | None:
         """Return the unwrapped DEK stored under ``lookup``, unless its TTL has run out."""
-        with self._lock:
+        lock = self._lock
+        lock.acquire()
+        try:
             entry = self._decrypt.get(lookup)
             if entry is None:
                 return None
-            if self.clock() - entry.created_at < self.decrypt_ttl:
+            if self.clock() < entry.expires_at:
                 self._decrypt.move_to_end(lookup)
+                entry.referenced = False
                 return entry
             del self._decrypt[lookup]
+        finally:
+            lock.release()
         entry.wipe()
         return None
+
+    @staticmethod
+    def mark_used(entry: CachedDataKey) -> None:
+        """Record a use of an entry the caller kept from an earlier lookup.
+
+        Lookups move an entry to the young end of the LRU order; a caller
+        that reuses an entry it holds (the envelope's last-header memo) only
+        sets this flag, and eviction gives a flagged entry a second chance
+        (moves it to the young end, clears the flag) instead of evicting it.
+        Check ``entry.expires_at`` against the clock before using it.
+        """
+        entry.referenced = True
 
     def put_for_decrypt(self, lookup: Hashable, entry: CachedDataKey) -> None:
         """Remember an unwrapped DEK under ``lookup`` for ``decrypt_ttl`` seconds."""
         entry.created_at = self.clock()
+        entry.expires_at = entry.created_at + self.decrypt_ttl
         with self._lock:
             evicted = self._store(self._decrypt, lookup, entry)
         for old in evicted:
@@ -236,7 +284,12 @@ class DataKeyCache:
             evicted.append(previous)
         side[lookup] = entry
         while len(side) > self.capacity:
-            evicted.append(side.popitem(last=False)[1])
+            oldest_lookup, oldest = side.popitem(last=False)
+            if oldest.referenced:  # used since it last moved: a second chance
+                oldest.referenced = False
+                side[oldest_lookup] = oldest
+            else:
+                evicted.append(oldest)
         return evicted
 
     def clear(self) -> None:

@@ -31,6 +31,14 @@ can still swap the wrapped DEK and KEK version without touching the data:
   which the data's tag fails.
 
 Every failure to open a blob is the one opaque :class:`InvalidCiphertext`.
+
+A provider may offer ``decrypt_parts(ciphertext, encryption_context)`` returning
+``(plaintext, key_id, key_version)`` and ``generate_data_key_parts(key_id,
+encryption_context)`` returning ``(plaintext bytearray, ciphertext, key_version)``
+as the single implementation behind its ``decrypt`` and ``generate_data_key``
+(the local provider does). The envelope then calls them directly and skips
+building result objects; a subclass that overrides the public method is
+always called through it.
 """
 
 from __future__ import annotations
@@ -113,8 +121,39 @@ def _as_bytes(blob: object) -> bytes:
     return bytes(blob)
 
 
+_ZERO_DEK = bytes(DEK_BYTES)
+
+
 def _wipe(key: bytearray) -> None:
     key[:] = bytes(len(key))
+
+
+_fast_paths: dict[type, tuple[bool, bool]] = {}
+
+
+def _runs_through(cls: type, public: str, parts: str) -> bool:
+    """Whether ``cls.public`` is the method that comes with ``cls.parts`` (not overridden below it)."""
+    owner = next((klass for klass in cls.__mro__ if parts in vars(klass)), None)
+    public_owner = next((klass for klass in cls.__mro__ if public in vars(klass)), None)
+    return owner is not None and owner is public_owner
+
+
+def _provider_fast_paths(provider: KMSProvider) -> tuple:
+    """The provider's ``decrypt_parts`` and ``generate_data_key_parts`` where they are safe to call directly."""
+    cls = type(provider)
+    known = _fast_paths.get(cls)
+    if known is None:
+        known = _fast_paths[cls] = (
+            _runs_through(cls, "decrypt", "decrypt_parts"),
+            _runs_through(cls, "generate_data_key", "generate_data_key_parts"),
+        )
+    patched = getattr(provider, "__dict__", {})  # methods replaced on the instance
+    use_decrypt = known[0] and "decrypt" not in patched and "decrypt_parts" not in patched
+    use_generate = known[1] and "generate_data_key" not in patched and "generate_data_key_parts" not in patched
+    return (
+        provider.decrypt_parts if use_decrypt else None,
+        provider.generate_data_key_parts if use_generate else None,
+    )
 
 
 class EnvelopeEncryptor:
@@ -131,6 +170,7 @@ class EnvelopeEncryptor:
     Encryption contexts follow the provider contract: non-secret ``str`` pairs,
     bound to the blob; decryption needs exactly the same pairs in any order.
     A context that is not a mapping of ``str`` raises ``TypeError``.
+    Encryptors are cheap and thread-safe; all state worth sharing is in the cache.
     """
 
     def __init__(self, provider: KMSProvider, key_id: str, *, cache: DataKeyCache | None = None) -> None:
@@ -147,10 +187,45 @@ class EnvelopeEncryptor:
         #: magic ‖ format version ‖ L ‖ KEK id: both the blob's first bytes and the start of the data AAD.
         self._prefix = MAGIC + bytes((FORMAT_VERSION, len(key_bytes))) + key_bytes
         self._prefix_end = len(self._prefix)
+        self._empty_aad = self._prefix + EMPTY_CONTEXT
         self._empty_partition = (provider, key_id, EMPTY_CONTEXT)
+        self._decrypt_parts, self._generate_parts = _provider_fast_paths(provider)
+        #: (context, header, header length, cache entry, clock) of the last blob opened through the cache.
+        self._decrypt_memo: tuple | None = None
 
     def __repr__(self) -> str:
         return f"EnvelopeEncryptor(provider={self.provider.name!r}, key_id={self.key_id!r}, cached={self.cache is not None})"
+
+    # -- provider calls ----------------------------------------------
+
+    def _generate(self, encryption_context: EncryptionContext | None) -> tuple[bytearray, bytes, int]:
+        """A fresh DEK from the provider: (plaintext, wrapped, KEK version), checked to fit the format."""
+        if self._generate_parts is not None:
+            key, wrapped, version = self._generate_parts(self.key_id, encryption_context)
+        else:
+            data_key = self.provider.generate_data_key(self.key_id, encryption_context=encryption_context)
+            key, wrapped, version = data_key.plaintext, data_key.ciphertext, data_key.key_version
+        if len(key) != DEK_BYTES or not 0 < len(wrapped) <= MAX_WRAPPED_DEK_BYTES:
+            _wipe(key)
+            raise self._unfit_data_key()
+        return key, wrapped, version
+
+    def _unwrap(self, wrapped: bytes, kek_version: int, encryption_context: EncryptionContext | None) -> bytes:
+        """Have the provider open the wrapped DEK and check it names this blob's KEK and version."""
+        try:
+            if self._decrypt_parts is not None:
+                dek, key_id, version = self._decrypt_parts(wrapped, encryption_context)
+            else:
+                opened = self.provider.decrypt(wrapped, encryption_context=encryption_context)
+                dek, key_id, version = opened.plaintext, opened.key_id, opened.key_version
+        except KeyNotFound:
+            raise InvalidCiphertext() from None
+        if version != kek_version or key_id != self.key_id or len(dek) != DEK_BYTES:
+            raise InvalidCiphertext()
+        return dek
+
+    def _unfit_data_key(self) -> ConfigurationError:
+        return ConfigurationError(f"provider {self.provider.name!r} returned a data key the envelope format cannot hold")
 
     # -- encrypt -------------------------------------------------------
 
@@ -164,53 +239,50 @@ class EnvelopeEncryptor:
             raise TypeError("plaintext must be bytes")
         if encryption_context:
             context = encode_context(encryption_context)
-            partition = (self.provider, self.key_id, context)
+            aad = self._prefix + context
         else:
             context = EMPTY_CONTEXT
-            partition = self._empty_partition
+            aad = self._empty_aad
         cache = self.cache
         if cache is None:
-            entry = self._new_data_key(encryption_context, context)
+            # A fresh DEK for this one message (_generate, inlined for the hot path).
+            parts = self._generate_parts
+            if parts is None:
+                key, wrapped, version = self._generate(encryption_context)
+            else:
+                key, wrapped, version = parts(self.key_id, encryption_context)
+                if len(key) != DEK_BYTES or not 0 < len(wrapped) <= MAX_WRAPPED_DEK_BYTES:
+                    _wipe(key)
+                    raise self._unfit_data_key()
             try:
-                return self._seal(entry, plaintext)
+                nonce = os.urandom(NONCE_BYTES)
+                sealed = AESGCM(key).encrypt(nonce, plaintext, aad)
             finally:
-                entry.wipe()
+                key[:] = _ZERO_DEK  # same length: zeroed in place
+            return b"".join(
+                (self._prefix, _VERSION_AND_WRAPPED_LENGTH.pack(version, len(wrapped)), wrapped, nonce, sealed)
+            )
+        partition = self._empty_partition if context is EMPTY_CONTEXT else (self.provider, self.key_id, context)
         length = len(plaintext)
         entry = cache.get_for_encrypt(partition, length)
-        if entry is not None:
-            nonce = os.urandom(NONCE_BYTES)
-            return entry.header + nonce + entry.cipher.encrypt(nonce, plaintext, entry.aad)
-        entry = self._new_data_key(encryption_context, context)
-        if cache.put_for_encrypt(partition, entry, length):
-            return self._seal(entry, plaintext)
-        try:
-            return self._seal(entry, plaintext)
-        finally:
-            entry.wipe()
-
-    @staticmethod
-    def _seal(entry: CachedDataKey, plaintext: bytes) -> bytes:
+        if entry is None:
+            key, wrapped, version = self._generate(encryption_context)
+            entry = CachedDataKey(
+                key,
+                kek_id=self.key_id,
+                kek_version=version,
+                wrapped=wrapped,
+                header=self._prefix + _VERSION_AND_WRAPPED_LENGTH.pack(version, len(wrapped)) + wrapped,
+                aad=aad,
+            )
+            if not cache.put_for_encrypt(partition, entry, length):
+                try:  # too large to cache: this DEK serves this message only
+                    nonce = os.urandom(NONCE_BYTES)
+                    return entry.header + nonce + entry.cipher.encrypt(nonce, plaintext, aad)
+                finally:
+                    entry.wipe()
         nonce = os.urandom(NONCE_BYTES)
         return entry.header + nonce + entry.cipher.encrypt(nonce, plaintext, entry.aad)
-
-    def _new_data_key(self, encryption_context: EncryptionContext | None, context: bytes) -> CachedDataKey:
-        """Ask the provider for a fresh DEK and precompute this encryptor's header for it."""
-        data_key = self.provider.generate_data_key(self.key_id, encryption_context=encryption_context)
-        wrapped = data_key.ciphertext
-        if len(data_key.plaintext) != DEK_BYTES or not 1 <= len(wrapped) <= MAX_WRAPPED_DEK_BYTES:
-            _wipe(data_key.plaintext)
-            raise ConfigurationError(
-                f"provider {self.provider.name!r} returned a data key the envelope format cannot hold"
-            )
-        header = self._prefix + _VERSION_AND_WRAPPED_LENGTH.pack(data_key.key_version, len(wrapped)) + wrapped
-        return CachedDataKey(
-            data_key.plaintext,
-            kek_id=self.key_id,
-            kek_version=data_key.key_version,
-            wrapped=wrapped,
-            header=header,
-            aad=self._prefix + context,
-        )
 
     # -- decrypt -------------------------------------------------------
 
@@ -225,53 +297,69 @@ class EnvelopeEncryptor:
         """
         if type(blob) is not bytes:
             blob = _as_bytes(blob)
+        context = encode_context(encryption_context) if encryption_context else EMPTY_CONTEXT
+        memo = self._decrypt_memo
+        if memo is not None:
+            memo_context, memo_header, start, entry, clock = memo
+            if (
+                memo_context == context
+                and blob.startswith(memo_header)
+                and len(blob) >= start + NONCE_BYTES + TAG_BYTES
+                and clock() < entry.expires_at
+            ):
+                # Same header as the last blob this encryptor opened under this
+                # context (blobs sharing a cached DEK do): already verified, so
+                # only the data remains; the entry is still live in the cache.
+                entry.referenced = True  # DataKeyCache.mark_used, inlined
+                try:
+                    return entry.cipher.decrypt(blob[start : start + NONCE_BYTES], blob[start + NONCE_BYTES :], entry.aad)
+                except InvalidTag:
+                    raise InvalidCiphertext() from None
         prefix_end = self._prefix_end
         # One comparison checks magic, format version, KEK id length and KEK id.
-        if blob[:prefix_end] != self._prefix:
+        if not blob.startswith(self._prefix):
             raise InvalidCiphertext()
         try:
             kek_version, wrapped_length = _VERSION_AND_WRAPPED_LENGTH.unpack_from(blob, prefix_end)
         except StructError:
             raise InvalidCiphertext() from None
-        wrapped_start = prefix_end + _VERSION_AND_WRAPPED_LENGTH.size
-        start = wrapped_start + wrapped_length
+        start = prefix_end + _VERSION_AND_WRAPPED_LENGTH.size + wrapped_length
         if wrapped_length == 0 or len(blob) < start + NONCE_BYTES + TAG_BYTES:
             raise InvalidCiphertext()
-        wrapped = blob[wrapped_start:start]
-        context = encode_context(encryption_context) if encryption_context else EMPTY_CONTEXT
         cache = self.cache
         if cache is None:
-            cipher = AESGCM(self._unwrap(wrapped, kek_version, encryption_context))
-            aad = self._prefix + context
+            parts = self._decrypt_parts
+            if parts is None:
+                dek = self._unwrap(blob[start - wrapped_length : start], kek_version, encryption_context)
+            else:  # _unwrap, inlined for the hot path
+                try:
+                    dek, key_id, version = parts(blob[start - wrapped_length : start], encryption_context)
+                except KeyNotFound:
+                    raise InvalidCiphertext() from None
+                if version != kek_version or key_id != self.key_id or len(dek) != DEK_BYTES:
+                    raise InvalidCiphertext()
+            cipher = AESGCM(dek)
+            aad = self._empty_aad if context is EMPTY_CONTEXT else self._prefix + context
         else:
-            lookup = (self.provider, wrapped, context)
+            # The header holds KEK id, KEK version and wrapped DEK: one key for all three.
+            header = blob[:start]
+            lookup = (self.provider, header, context)
             entry = cache.get_for_decrypt(lookup)
             if entry is None:
+                dek = self._unwrap(blob[start - wrapped_length : start], kek_version, encryption_context)
                 entry = CachedDataKey(
-                    bytearray(self._unwrap(wrapped, kek_version, encryption_context)),
-                    kek_id=self.key_id,
-                    kek_version=kek_version,
-                    wrapped=wrapped,
-                    aad=self._prefix + context,
+                    bytearray(dek), kek_id=self.key_id, kek_version=kek_version, wrapped=header, aad=self._prefix + context
                 )
                 cache.put_for_decrypt(lookup, entry)
-            elif entry.kek_version != kek_version or entry.kek_id != self.key_id:
-                raise InvalidCiphertext()
+            # A hit needs no further check: the lookup holds the whole header
+            # (KEK id, KEK version, wrapped DEK), which _unwrap verified under
+            # this very context before the entry went in.
+            self._decrypt_memo = (context, header, start, entry, cache.clock)
             cipher, aad = entry.cipher, entry.aad
         try:
             return cipher.decrypt(blob[start : start + NONCE_BYTES], blob[start + NONCE_BYTES :], aad)
         except InvalidTag:
             raise InvalidCiphertext() from None
-
-    def _unwrap(self, wrapped: bytes, kek_version: int, encryption_context: EncryptionContext | None) -> bytes:
-        """Have the provider open the wrapped DEK and check it names this blob's KEK and version."""
-        try:
-            opened = self.provider.decrypt(wrapped, encryption_context=encryption_context)
-        except KeyNotFound:
-            raise InvalidCiphertext() from None
-        if opened.key_id != self.key_id or opened.key_version != kek_version or len(opened.plaintext) != DEK_BYTES:
-            raise InvalidCiphertext()
-        return opened.plaintext
 
     # -- rewrap --------------------------------------------------------
 
@@ -300,9 +388,7 @@ class EnvelopeEncryptor:
         rewrapped = self.provider.encrypt(self.key_id, dek, encryption_context=encryption_context)
         new_wrapped = rewrapped.ciphertext
         if rewrapped.key_id != self.key_id or not 1 <= len(new_wrapped) <= MAX_WRAPPED_DEK_BYTES:
-            raise ConfigurationError(
-                f"provider {self.provider.name!r} returned a data key the envelope format cannot hold"
-            )
+            raise self._unfit_data_key()
         return (
             self._prefix
             + _VERSION_AND_WRAPPED_LENGTH.pack(rewrapped.key_version, len(new_wrapped))

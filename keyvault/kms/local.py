@@ -47,6 +47,7 @@ import tempfile
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from struct import Struct
@@ -82,6 +83,8 @@ _KEY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,254}$")
 _KEYRING_MAGIC = b"KVKR\x01"
 _KEYRING_AAD = b"keyvault local keyring v1"
 _MIN_CIPHERTEXT = 2 + 1 + _VERSION.size + NONCE_BYTES + TAG_BYTES
+_HEADER_FIXED = 2 + _VERSION.size
+_TRAILER_MIN = NONCE_BYTES + TAG_BYTES
 _GENERATION = Struct(">Q")
 _GENERATION_SIZE = _GENERATION.size
 _monotonic = time.monotonic
@@ -112,50 +115,66 @@ def generate_master_key() -> str:
     return base64.b64encode(secrets.token_bytes(32)).decode("ascii")
 
 
-def _fast_constructor(cls, fields: tuple[str, str, str]):
-    """Return ``build(a, b, c)`` making a frozen slots dataclass without its ``__init__``.
+def _fast_constructor(cls, fields: tuple[str, ...]):
+    """Return ``build(*values)`` making a frozen slots dataclass without its ``__init__``.
 
     A frozen dataclass sets every field through ``object.__setattr__``, which
-    costs nearly as much as the AES-GCM call on the hot path; setting the slots
+    costs more than the AES-GCM call on the hot path; setting the slots
     through their descriptors builds the very same object. Falls back to the
-    class itself if it ever stops being a plain three-slot class.
+    class itself if it ever stops being a plain slots class with these fields.
     """
-    setters = [getattr(cls, name, None) for name in fields]
+    descriptors = [getattr(cls, name, None) for name in fields]
     if (
         getattr(cls, "__slots__", None) != fields
         or hasattr(cls, "__post_init__")
-        or any(type(setter).__name__ != "member_descriptor" for setter in setters)
+        or any(type(descriptor).__name__ != "member_descriptor" for descriptor in descriptors)
+        or len(fields) not in (3, 4)
     ):
         return cls
     new = object.__new__
-    set_a, set_b, set_c = (setter.__set__ for setter in setters)
+    setters = [descriptor.__set__ for descriptor in descriptors]
+    if len(fields) == 3:
+        set_a, set_b, set_c = setters
 
-    def build(a, b, c):
-        instance = new(cls)
-        set_a(instance, a)
-        set_b(instance, b)
-        set_c(instance, c)
-        return instance
+        def build(a, b, c):
+            instance = new(cls)
+            set_a(instance, a)
+            set_b(instance, b)
+            set_c(instance, c)
+            return instance
+
+    else:
+        set_a, set_b, set_c, set_d = setters
+
+        def build(a, b, c, d):
+            instance = new(cls)
+            set_a(instance, a)
+            set_b(instance, b)
+            set_c(instance, c)
+            set_d(instance, d)
+            return instance
 
     return build
 
 
 _encrypt_result = _fast_constructor(EncryptResult, ("ciphertext", "key_id", "key_version"))
 _decrypt_result = _fast_constructor(DecryptResult, ("plaintext", "key_id", "key_version"))
+_data_key = _fast_constructor(DataKey, ("plaintext", "ciphertext", "key_id", "key_version"))
 
 
 class _Reservation:
     """Encryptions this process may still make with one version before asking the file."""
 
-    __slots__ = ("granted", "_taken")
+    __slots__ = ("granted", "next_index")
 
     def __init__(self, granted: int) -> None:
         self.granted = granted
-        self._taken = itertools.count()
+        #: returns 0, 1, 2, ... ; one C call, so threads never get the same index.
+        self.next_index = itertools.count().__next__
 
     def take(self) -> bool:
-        """Count one encryption; ``False`` once the block is used up (thread-safe: ``next`` is atomic)."""
-        return next(self._taken) < self.granted
+        """Count one encryption; ``False`` once the block is used up."""
+        return self.next_index() < self.granted
 
 
 # A forked child must not spend its parent's reserved counts (both would make
@@ -211,10 +230,11 @@ class LocalKMSProvider(KMSProvider):
         self._ciphers: dict[tuple[str, int], AESGCM] = {}
         self._reservations: dict[tuple[str, int], _Reservation] = {}
         # Hot-path views of the keyring, rebuilt after every change:
-        # key id -> (primary version, cipher, ciphertext header, reservation)
-        self._encrypt_slots: dict[str, tuple[int, AESGCM, bytes, _Reservation]] = {}
-        # ciphertext header -> (key id, version, cipher or None if destroyed, refusal or None)
-        self._decrypt_slots: dict[bytes, tuple[str, int, AESGCM | None, str | None]] = {}
+        # key id -> (primary version, cipher, ciphertext header, reservation index, reservation size)
+        self._encrypt_slots: dict[str, tuple[int, AESGCM, bytes, Callable[[], int], int]] = {}
+        # ciphertext header -> (key id, version, cipher or None if destroyed, refusal or None,
+        #                       AAD for an empty context)
+        self._decrypt_slots: dict[bytes, tuple[str, int, AESGCM | None, str | None, bytes]] = {}
         self._generation_map: mmap.mmap | None = None
         self._seen_generation: bytes | None = None
         self._recheck_at = 0.0
@@ -332,7 +352,7 @@ class LocalKMSProvider(KMSProvider):
                 self._signature = signature
                 self._invalidate()
             self._seen_generation = generation
-            self._recheck_at = time.monotonic() + RECHECK_SECONDS
+            self._recheck_at = _monotonic() + RECHECK_SECONDS
 
     def _current(self) -> dict:
         """Return the keyring, reloading it when another process changed the file."""
@@ -539,7 +559,7 @@ class LocalKMSProvider(KMSProvider):
         self._reservations[(key_id, version)] = reservation
         return reservation
 
-    def _take_encryption(self, key_id: str) -> tuple[int, AESGCM, bytes, _Reservation]:
+    def _take_encryption(self, key_id: str) -> tuple[int, AESGCM, bytes, Callable[[], int], int]:
         """Return the primary version's slot, with one encryption counted against it."""
         generation_map = self._generation_map  # _refresh(), inlined for the hot path
         if (
@@ -549,7 +569,7 @@ class LocalKMSProvider(KMSProvider):
         ):
             self._reload()
         slot = self._encrypt_slots.get(key_id)
-        if slot is not None and slot[3].take():
+        if slot is not None and slot[3]() < slot[4]:
             return slot
         with self._mutex:
             key = self._key(self._current(), key_id)
@@ -563,7 +583,13 @@ class LocalKMSProvider(KMSProvider):
                 reservation = self._reserve_block(key_id, version)  # rebuilds the views
                 key = self._key(self._keyring, key_id)
                 record = key["versions"][str(version)]
-            slot = (version, self._cipher(key_id, version, record), self._header(key_id, version), reservation)
+            slot = (
+                version,
+                self._cipher(key_id, version, record),
+                self._header(key_id, version),
+                reservation.next_index,
+                reservation.granted,
+            )
             self._encrypt_slots[key_id] = slot
             return slot
 
@@ -572,26 +598,34 @@ class LocalKMSProvider(KMSProvider):
         key_bytes = key_id.encode("utf-8")
         return bytes((FORMAT_VERSION, len(key_bytes))) + key_bytes + _VERSION.pack(version)
 
-    def _seal(self, key_id: str, plaintext: bytes, encryption_context: EncryptionContext | None) -> tuple[bytes, int]:
-        version, cipher, header, _ = self._take_encryption(key_id)
-        nonce = os.urandom(NONCE_BYTES)
-        aad = header + (encode_context(encryption_context) if encryption_context else EMPTY_CONTEXT)
-        return header + nonce + cipher.encrypt(nonce, plaintext, aad), version
-
     def encrypt(
         self, key_id: str, plaintext: bytes, *, encryption_context: EncryptionContext | None = None
     ) -> EncryptResult:
-        ciphertext, version = self._seal(key_id, plaintext, encryption_context)
-        return _encrypt_result(ciphertext, key_id, version)
+        version, cipher, header, _, _ = self._take_encryption(key_id)
+        nonce = os.urandom(NONCE_BYTES)
+        aad = header + (encode_context(encryption_context) if encryption_context else EMPTY_CONTEXT)
+        return _encrypt_result(header + nonce + cipher.encrypt(nonce, plaintext, aad), key_id, version)
 
     def decrypt(self, ciphertext: bytes, *, encryption_context: EncryptionContext | None = None) -> DecryptResult:
+        plaintext, key_id, version = self.decrypt_parts(ciphertext, encryption_context)
+        return _decrypt_result(plaintext, key_id, version)
+
+    def decrypt_parts(
+        self, ciphertext: bytes, encryption_context: EncryptionContext | None = None
+    ) -> tuple[bytes, str, int]:
+        """:meth:`decrypt` as ``(plaintext, key_id, key_version)``, without building a result object.
+
+        The one implementation behind :meth:`decrypt`; the envelope calls it
+        directly on its hot path (see ``keyvault/kms/README.md``).
+        """
         if type(ciphertext) is not bytes:
             ciphertext = self._as_bytes(ciphertext)
-        if len(ciphertext) < _MIN_CIPHERTEXT:
-            raise InvalidCiphertext()
-        header_end = 2 + ciphertext[1] + _VERSION.size
-        if len(ciphertext) < header_end + NONCE_BYTES + TAG_BYTES:
-            raise InvalidCiphertext()
+        try:
+            header_end = ciphertext[1] + _HEADER_FIXED  # format version, key id length, version
+        except IndexError:
+            raise InvalidCiphertext() from None
+        if len(ciphertext) < header_end + _TRAILER_MIN:
+            raise InvalidCiphertext()  # (a zero key id length is refused by _decryption_slot)
         generation_map = self._generation_map  # _refresh(), inlined for the hot path
         if (
             generation_map is None
@@ -603,10 +637,10 @@ class LocalKMSProvider(KMSProvider):
         slot = self._decrypt_slots.get(header)
         if slot is None:
             slot = self._decryption_slot(header)
-        key_id, version, cipher, refusal = slot
+        key_id, version, cipher, refusal, empty_context_aad = slot
         if cipher is None:
             raise KeyDisabled(f"version {version} of {key_id!r} is destroyed")
-        aad = header + (encode_context(encryption_context) if encryption_context else EMPTY_CONTEXT)
+        aad = header + encode_context(encryption_context) if encryption_context else empty_context_aad
         try:
             plaintext = cipher.decrypt(
                 ciphertext[header_end : header_end + NONCE_BYTES], ciphertext[header_end + NONCE_BYTES :], aad
@@ -616,9 +650,9 @@ class LocalKMSProvider(KMSProvider):
         # Only an authentic ciphertext learns that its key or version is switched off.
         if refusal is not None:
             raise KeyDisabled(refusal)
-        return _decrypt_result(plaintext, key_id, version)
+        return plaintext, key_id, version
 
-    def _decryption_slot(self, header: bytes) -> tuple[str, int, AESGCM | None, str | None]:
+    def _decryption_slot(self, header: bytes) -> tuple[str, int, AESGCM | None, str | None, bytes]:
         """Validate a ciphertext header against the keyring and remember the outcome."""
         key_id, version = self._parse_header(header)
         key = self._keyring["keys"].get(key_id)
@@ -631,7 +665,7 @@ class LocalKMSProvider(KMSProvider):
         elif record["state"] != VersionState.ENABLED:
             refusal = f"version {version} of {key_id!r} is {record['state']}"
         cipher = None if record["material"] is None else self._cipher(key_id, version, record)
-        slot = (key_id, version, cipher, refusal)
+        slot = (key_id, version, cipher, refusal, header + EMPTY_CONTEXT)
         self._decrypt_slots[header] = slot
         return slot
 
@@ -661,10 +695,24 @@ class LocalKMSProvider(KMSProvider):
         encryption_context: EncryptionContext | None = None,
         key_spec: str = "AES_256",
     ) -> DataKey:
+        plaintext, ciphertext, version = self.generate_data_key_parts(key_id, encryption_context, key_spec)
+        return _data_key(plaintext, ciphertext, key_id, version)
+
+    def generate_data_key_parts(
+        self, key_id: str, encryption_context: EncryptionContext | None = None, key_spec: str = "AES_256"
+    ) -> tuple[bytearray, bytes, int]:
+        """:meth:`generate_data_key` as ``(plaintext, ciphertext, key_version)``; the caller wipes the plaintext.
+
+        The one implementation behind :meth:`generate_data_key`; the envelope
+        calls it directly on its hot path.
+        """
         length = KEY_SPECS.get(key_spec) or self.key_length(key_spec)  # the latter raises for unknown specs
-        plaintext = bytearray(os.urandom(length))
-        ciphertext, version = self._seal(key_id, plaintext, encryption_context)
-        return DataKey(plaintext, ciphertext, key_id, version)
+        version, cipher, header, _, _ = self._take_encryption(key_id)
+        random = os.urandom(length + NONCE_BYTES)  # one system call for the key and the nonce
+        plaintext = bytearray(random[:length])
+        nonce = random[length:]
+        aad = header + encode_context(encryption_context) if encryption_context else header + EMPTY_CONTEXT
+        return plaintext, header + nonce + cipher.encrypt(nonce, plaintext, aad), version
 
     def health_check(self) -> HealthStatus:
         def probe() -> str:

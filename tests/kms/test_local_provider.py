@@ -1,0 +1,305 @@
+"""What only the local provider has: its keyring file, master key, usage limits and sharing between processes.
+
+The behaviour every provider shares is in ``test_contract.py``.
+"""
+
+import base64
+import json
+import multiprocessing
+import os
+import shutil
+import stat
+
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from keyvault.kms import ConfigurationError, InvalidCiphertext, KeyDisabled, KeyState, VersionState
+from keyvault.kms import local as local_module
+from keyvault.kms.local import LocalKMSProvider, decode_master_key, generate_master_key
+
+
+@pytest.fixture
+def master_key():
+    return generate_master_key()
+
+
+@pytest.fixture
+def keyring(tmp_path):
+    return tmp_path / "kms" / "keyring"
+
+
+def open_keyring(path, master_key: str) -> dict:
+    """Decrypt a keyring file the way the provider does (magic, nonce, sealed JSON)."""
+    blob = path.read_bytes()
+    nonce, sealed = blob[5:17], blob[17:]
+    return json.loads(AESGCM(decode_master_key(master_key)).decrypt(nonce, sealed, b"keyvault local keyring v1"))
+
+
+# -- the keyring file --------------------------------------------------------
+
+
+def test_keyring_file_is_private_and_reveals_nothing(keyring, master_key):
+    provider = LocalKMSProvider(keyring, master_key)
+    provider.create_key("payroll-kek-7f3a", description="salaries of the board")
+    provider.rotate_key("payroll-kek-7f3a")
+
+    content = keyring.read_bytes()
+    assert stat.S_IMODE(os.stat(keyring).st_mode) == 0o600
+    assert content.startswith(b"KVKR\x01")
+    for secret in (b"payroll-kek-7f3a", b"salaries", b"material", b"versions"):
+        assert secret not in content
+    materials = [v["material"] for v in open_keyring(keyring, master_key)["keys"]["payroll-kek-7f3a"]["versions"].values()]
+    assert len(materials) == 2
+    for material in materials:
+        assert material.encode() not in content
+        assert base64.b64decode(material) not in content
+    # The sibling lock file holds only the 8-byte change counter.
+    lock = keyring.with_name("keyring.lock")
+    assert stat.S_IMODE(os.stat(lock).st_mode) == 0o600
+    assert len(lock.read_bytes()) == 8
+
+
+def test_keyring_is_rewritten_under_a_fresh_nonce(keyring, master_key):
+    provider = LocalKMSProvider(keyring, master_key)
+    provider.create_key("k")
+    before = keyring.read_bytes()
+
+    provider.rotate_key("k")
+
+    assert keyring.read_bytes()[5:17] != before[5:17]
+
+
+def test_wrong_master_key_is_configuration_error(keyring, master_key):
+    provider = LocalKMSProvider(keyring, master_key)
+    provider.create_key("k")
+    ciphertext = provider.encrypt("k", b"data").ciphertext
+
+    intruder = LocalKMSProvider(keyring, generate_master_key())
+
+    with pytest.raises(ConfigurationError, match="master key"):
+        intruder.describe_key("k")
+    with pytest.raises(ConfigurationError):
+        intruder.decrypt(ciphertext)
+    with pytest.raises(ConfigurationError):
+        intruder.encrypt("k", b"more")
+    with pytest.raises(ConfigurationError):
+        intruder.create_key("other")
+    assert not intruder.health_check().healthy
+    assert provider.decrypt(ciphertext).plaintext == b"data"
+
+
+@pytest.mark.parametrize("bad", ["not base64!", base64.b64encode(b"short").decode(), b"\x00" * 31])
+def test_malformed_master_key_is_configuration_error(keyring, bad):
+    with pytest.raises(ConfigurationError):
+        LocalKMSProvider(keyring, bad)
+
+
+def test_a_file_that_is_not_a_keyring_is_configuration_error(keyring, master_key):
+    keyring.parent.mkdir(parents=True)
+    keyring.write_bytes(b"just some file")
+
+    with pytest.raises(ConfigurationError, match="not a Keyvault keyring"):
+        LocalKMSProvider(keyring, master_key).describe_key("k")
+
+
+# -- the encryption limit ------------------------------------------------------
+
+
+def test_encryption_limit_disables_the_version_until_rotated(keyring, master_key):
+    provider = LocalKMSProvider(keyring, master_key, max_encryptions_per_version=5, reservation_block=2)
+    provider.create_key("k")
+    ciphertexts = [provider.encrypt("k", b"%d" % i).ciphertext for i in range(5)]
+
+    with pytest.raises(KeyDisabled, match="limit"):
+        provider.encrypt("k", b"one too many")
+    with pytest.raises(KeyDisabled):
+        provider.generate_data_key("k")
+    assert provider.describe_key("k").version(1).encrypt_count == 5
+    assert [provider.decrypt(c).plaintext for c in ciphertexts] == [b"0", b"1", b"2", b"3", b"4"]
+
+    provider.rotate_key("k")
+
+    assert provider.encrypt("k", b"fresh").key_version == 2
+    assert provider.describe_key("k").version(2).encrypt_count == 2  # one block reserved
+
+
+def test_counts_survive_reopening(keyring, master_key):
+    first = LocalKMSProvider(keyring, master_key, max_encryptions_per_version=5, reservation_block=1)
+    first.create_key("k")
+    for _ in range(3):
+        first.encrypt("k", b"x")
+
+    reopened = LocalKMSProvider(keyring, master_key, max_encryptions_per_version=5, reservation_block=1)
+
+    assert reopened.describe_key("k").version(1).encrypt_count == 3
+    reopened.encrypt("k", b"x")
+    reopened.generate_data_key("k")
+    with pytest.raises(KeyDisabled):
+        reopened.encrypt("k", b"x")
+
+
+def test_reserved_blocks_make_the_stored_count_an_upper_bound(keyring, master_key):
+    provider = LocalKMSProvider(keyring, master_key, reservation_block=100)
+    provider.create_key("k")
+
+    for _ in range(101):
+        provider.encrypt("k", b"x")
+
+    assert provider.describe_key("k").version(1).encrypt_count == 200
+
+
+# -- sharing the keyring ---------------------------------------------------------
+
+
+def test_changes_by_another_instance_are_seen_at_once(keyring, master_key):
+    admin = LocalKMSProvider(keyring, master_key)
+    worker = LocalKMSProvider(keyring, master_key)
+    admin.create_key("k")
+    old = worker.encrypt("k", b"v1")
+
+    admin.rotate_key("k")
+    assert worker.encrypt("k", b"v2").key_version == 2
+
+    admin.set_key_version_state("k", 1, VersionState.DISABLED)
+    with pytest.raises(KeyDisabled):
+        worker.decrypt(old.ciphertext)
+
+    admin.set_key_state("k", KeyState.DISABLED)
+    with pytest.raises(KeyDisabled):
+        worker.encrypt("k", b"no")
+
+
+def test_a_keyring_replaced_behind_the_providers_back_is_seen_within_a_second(keyring, master_key, monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(local_module, "_monotonic", lambda: now[0])
+    provider = LocalKMSProvider(keyring, master_key)
+    provider.create_key("k")
+    backup = keyring.with_name("backup")
+    shutil.copy2(keyring, backup)
+    provider.rotate_key("k")
+    assert provider.describe_key("k").primary_version == 2
+
+    os.replace(backup, keyring)  # restored from a backup: no change counter was bumped
+
+    assert provider.describe_key("k").primary_version == 2
+    now[0] += local_module.RECHECK_SECONDS
+    assert provider.describe_key("k").primary_version == 1
+
+
+def test_works_without_the_shared_change_counter(keyring, master_key, monkeypatch):
+    # Where the lock file cannot be mapped the provider stats the keyring on every call.
+    monkeypatch.setattr(LocalKMSProvider, "_open_generation_map", lambda self: None)
+    admin = LocalKMSProvider(keyring, master_key)
+    worker = LocalKMSProvider(keyring, master_key)
+    admin.create_key("k")
+    ciphertext = worker.encrypt("k", b"data").ciphertext
+
+    admin.rotate_key("k")
+
+    assert worker.encrypt("k", b"x").key_version == 2
+    assert worker.decrypt(ciphertext).plaintext == b"data"
+
+
+def _rotate_in_another_process(keyring, master_key) -> None:
+    LocalKMSProvider(keyring, master_key).rotate_key("k")
+
+
+def test_a_rotation_in_another_process_is_seen_at_once(keyring, master_key):
+    provider = LocalKMSProvider(keyring, master_key)
+    provider.create_key("k")
+    assert provider.encrypt("k", b"x").key_version == 1
+
+    child = multiprocessing.get_context("spawn").Process(target=_rotate_in_another_process, args=(keyring, master_key))
+    child.start()
+    child.join(timeout=60)
+
+    assert child.exitcode == 0
+    assert provider.encrypt("k", b"x").key_version == 2
+
+
+def _count_in_child(provider: LocalKMSProvider, queue) -> None:
+    provider.encrypt("k", b"child")
+    queue.put(provider.describe_key("k").version(1).encrypt_count)
+
+
+def test_a_forked_child_reserves_its_own_block(keyring, master_key):
+    provider = LocalKMSProvider(keyring, master_key, reservation_block=10)
+    provider.create_key("k")
+    provider.encrypt("k", b"parent")
+    assert provider.describe_key("k").version(1).encrypt_count == 10
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+
+    child = context.Process(target=_count_in_child, args=(provider, queue))
+    child.start()
+    count_seen_by_child = queue.get(timeout=30)
+    child.join(timeout=30)
+
+    assert child.exitcode == 0
+    assert count_seen_by_child == 20
+    assert provider.describe_key("k").version(1).encrypt_count == 20
+
+
+ROUNDS = 6
+
+
+def _hammer(keyring, master_key, worker: int, barrier, queue) -> None:
+    """One process: create keys, rotate the shared key and encrypt under everything."""
+    try:
+        provider = LocalKMSProvider(keyring, master_key, reservation_block=3)
+        barrier.wait(timeout=60)
+        made = []
+        rotated = []
+        for round_ in range(ROUNDS):
+            own = f"w{worker}-k{round_}"
+            provider.create_key(own)
+            rotated.append(provider.rotate_key("shared").version)
+            for key_id in (own, "shared"):
+                for n in range(4):
+                    plaintext = f"{worker}/{round_}/{key_id}/{n}".encode()
+                    result = provider.encrypt(key_id, plaintext, encryption_context={"w": str(worker)})
+                    made.append((result.ciphertext, plaintext, result.key_id, result.key_version))
+        queue.put((worker, rotated, made))
+    except BaseException as exc:  # report to the test instead of leaving it waiting
+        queue.put((worker, f"{type(exc).__name__}: {exc}", []))
+
+
+def test_processes_sharing_a_keyring_lose_no_key_version_or_ciphertext(keyring, master_key):
+    LocalKMSProvider(keyring, master_key).create_key("shared")
+    context = multiprocessing.get_context("spawn")
+    workers = 3
+    barrier = context.Barrier(workers)
+    queue = context.Queue()
+    processes = [
+        context.Process(target=_hammer, args=(keyring, master_key, n, barrier, queue)) for n in range(workers)
+    ]
+    for process in processes:
+        process.start()
+    reports = [queue.get(timeout=120) for _ in processes]
+    for process in processes:
+        process.join(timeout=60)
+    assert [rotated for _, rotated, _ in reports if isinstance(rotated, str)] == []
+    assert [process.exitcode for process in processes] == [0] * workers
+
+    provider = LocalKMSProvider(keyring, master_key)
+    shared = provider.describe_key("shared")
+    rotations = sorted(version for _, rotated, _ in reports for version in rotated)
+    # Every rotation got its own version number and every version is still there.
+    assert rotations == list(range(2, 2 + workers * ROUNDS))
+    assert [v.version for v in shared.versions] == list(range(1, 2 + workers * ROUNDS))
+    for worker in range(workers):
+        for round_ in range(ROUNDS):
+            assert provider.describe_key(f"w{worker}-k{round_}").primary_version == 1
+    made = [item for _, _, items in reports for item in items]
+    assert len(made) == workers * ROUNDS * 2 * 4
+    used: dict[tuple[str, int], int] = {}
+    for ciphertext, plaintext, key_id, version in made:
+        worker = plaintext.split(b"/")[0].decode()
+        opened = provider.decrypt(ciphertext, encryption_context={"w": worker})
+        assert (opened.plaintext, opened.key_id, opened.key_version) == (plaintext, key_id, version)
+        used[(key_id, version)] = used.get((key_id, version), 0) + 1
+    # No encryption went uncounted: each version's stored count covers what was made with it.
+    for (key_id, version), count in used.items():
+        assert provider.describe_key(key_id).version(version).encrypt_count >= count
+    with pytest.raises(InvalidCiphertext):
+        provider.decrypt(made[0][0], encryption_context={"w": "someone else"})
