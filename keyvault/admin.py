@@ -32,6 +32,16 @@ from keyvault import services
 from keyvault.admin_views import AuditChainViewsMixin, KEKActionViewsMixin, available_actions, kek_coverage
 from keyvault.audit import Actor
 from keyvault.models import AuditCheckpoint, AuditEvent, DataKey, KeyEncryptionKey, KeyVersion
+from django import forms
+from django.contrib.admin import helpers
+from django.core.exceptions import PermissionDenied
+from django.db import IntegrityError
+from django.template.response import TemplateResponse
+from django.utils.decorators import method_decorator
+from django.views.decorators.debug import sensitive_post_parameters
+
+from keyvault import siem
+from keyvault.models import SiemConsumer
 from rotation.admin_views import kek_rotation_panel
 
 admin.site.site_header = "Keyvault security console"
@@ -439,3 +449,66 @@ def _app_list_with_providers(request, app_label=None):
 
 
 admin.site.get_app_list = _app_list_with_providers
+
+
+# -- SIEM consumers (keyvault.siem) ------------------------------------------------------
+
+
+class SiemConsumerCreateForm(forms.Form):
+    name = forms.SlugField(max_length=100, help_text="Which collector this is, e.g. splunk-prod.")
+
+    def clean_name(self):
+        name = self.cleaned_data["name"]
+        if SiemConsumer.objects.filter(name=name).exists():
+            raise forms.ValidationError("A SIEM consumer with this name already exists.")
+        return name
+
+
+@admin.register(SiemConsumer)
+class SiemConsumerAdmin(admin.ModelAdmin):
+    """Key administrators add consumers (the token is shown once) and (de)activate them; nobody deletes them."""
+
+    list_display = ("name", "active", "created_by", "created_at", "last_used_at", "last_sequence")
+    fields = ("name", "active", "token_fingerprint", "created_by", "created_at", "last_used_at", "last_sequence")
+    readonly_fields = ("name", "token_fingerprint", "created_by", "created_at", "last_used_at", "last_sequence")
+    actions = None
+    show_facets = ShowFacets.NEVER
+
+    class Media:
+        css = CONSOLE_CSS
+
+    @admin.display(description="token fingerprint")
+    def token_fingerprint(self, obj: SiemConsumer):
+        return format_html('<code title="first characters of the token\'s SHA-256">{}…</code>', obj.token_hash[:12])
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False  # the audit log names consumers: deactivate instead
+
+    @method_decorator(sensitive_post_parameters())
+    def add_view(self, request, form_url="", extra_context=None):
+        """Create a consumer and show its token once; only its SHA-256 is kept."""
+        if not self.has_add_permission(request):
+            raise PermissionDenied
+        form = SiemConsumerCreateForm(request.POST if request.method == "POST" else None)
+        context = {**self.admin_site.each_context(request), "opts": self.opts, "title": "Add SIEM consumer"}
+        request.current_app = self.admin_site.name
+        if request.method == "POST" and form.is_valid():
+            try:
+                consumer, token = siem.create_consumer(name=form.cleaned_data["name"],
+                                                       actor=Actor.from_request(request), user=request.user)
+            except IntegrityError:
+                form.add_error("name", "A SIEM consumer with this name already exists.")
+            else:
+                return TemplateResponse(request, "keyvault/reports/siem_token.html",
+                                        {**context, "consumer": consumer, "token": token,
+                                         "title": f"SIEM consumer {consumer.name} created",
+                                         "endpoint": request.build_absolute_uri(reverse("siem-events"))})
+        return TemplateResponse(request, "keyvault/reports/siem_add.html",
+                                {**context, "form": form,
+                                 "adminform": helpers.AdminForm(form, [(None, {"fields": ["name"]})], {})})
+
+    def save_model(self, request, obj, form, change):
+        """Only ``active`` changes here, through the service that audits it."""
+        if not change:
+            raise ValueError("SIEM consumers are created with siem.create_consumer")
+        siem.set_active(obj, active=form.cleaned_data["active"], actor=Actor.from_request(request))

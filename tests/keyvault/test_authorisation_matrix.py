@@ -67,6 +67,22 @@ class site_url:  # noqa: N801 - reads as a function in the table
 #: /metrics answers 401 (not a login redirect): scrapers cannot follow one.
 METRICS = {"anonymous": 401, "auditor": 200, "operator": 200, "administrator": 200}
 
+#: Report exports answer the download itself (200); the SIEM endpoint knows only bearer tokens (401).
+EXPORT_POST = {"anonymous": LOGIN, "auditor": 200, "operator": 403, "administrator": 200}
+ADMIN_POST_PAGE = {"anonymous": LOGIN, "auditor": 403, "operator": 403, "administrator": 200}
+TOKEN_ONLY = {"anonymous": 401, "auditor": 401, "operator": 401, "administrator": 401}
+
+
+class named_url(admin_url):  # noqa: N801 - a non-admin URL with arguments (reports)
+    def __call__(self, world: World) -> str:
+        return reverse(self.name, args=[arg(world) if callable(arg) else arg for arg in self.args])
+
+
+def siem_consumer(world):
+    from keyvault import siem
+
+    return siem.create_consumer(name="matrix", actor=siem.Actor.system("tests"))[0].pk
+
 
 def alpha(world):
     return world.alpha.pk
@@ -248,6 +264,17 @@ MATRIX: tuple[Row, ...] = (
     Row("add policy", "GET", admin_url("rotation_rotationpolicy_add"), NOBODY),
     Row("delete policy", "POST", admin_url("rotation_rotationpolicy_delete", alpha_policy), NOBODY,
         lambda w: {"post": "yes"}),
+    # reports and SIEM consumers (keyvault.report_views, keyvault.siem)
+    Row("reports", "GET", named_url("reports:index"), VIEW),
+    Row("report page", "GET", named_url("reports:report", "rotations"), VIEW),
+    Row("report export", "POST", named_url("reports:export", "rotations", "csv"), EXPORT_POST),
+    Row("SIEM consumer list", "GET", admin_url("keyvault_siemconsumer_changelist"), VIEW),
+    Row("SIEM consumer page", "GET", admin_url("keyvault_siemconsumer_change", siem_consumer), VIEW),
+    Row("add SIEM consumer form", "GET", admin_url("keyvault_siemconsumer_add"), ADMIN_GET),
+    Row("add SIEM consumer", "POST", admin_url("keyvault_siemconsumer_add"), ADMIN_POST_PAGE,
+        lambda w: {"name": "collector"}),
+    Row("deactivate SIEM consumer", "POST", admin_url("keyvault_siemconsumer_change", siem_consumer), ADMIN_POST),
+    Row("SIEM events without a token", "GET", site_url("siem-events"), TOKEN_ONLY),
     # no role manages users: that is for the bootstrap superuser
     Row("user list", "GET", admin_url("auth_user_changelist"), NOBODY),
     Row("group list", "GET", admin_url("auth_group_changelist"), NOBODY),
@@ -298,6 +325,7 @@ def test_every_console_route_of_ours_is_in_the_matrix():
     ours = {f"{action.url_name}" for action in KEK_ACTIONS}
     ours |= {"keyvault_keyencryptionkey_retire_version", "keyvault_auditevent_verify",
              "keyvault_keyencryptionkey_add", "keyvault_providers", "metrics"}
+    ours |= {"keyvault_siemconsumer_add", "reports:index", "reports:report", "reports:export", "siem-events"}
     ours |= {f"rotation_rotationrun_{name}" for name in ("progress", "approve", "tick", *RUN_CONTROLS)}
     for model_admin in admin.site._registry.values():
         if model_admin.opts.app_label in ("keyvault", "rotation"):

@@ -46,9 +46,13 @@ class Command(KeyvaultCommand):
         export.add_argument("--since", help="Only events at or after this date/time (UTC).")
         export.add_argument("--until", help="Only events before this date/time (UTC).")
         sub.add_parser("checkpoint", help="Sign the chain head now.")
+        verify_export = sub.add_parser(
+            "verify-export", help="Check a report export: its body hash, the audit event recording it, the chain."
+        )
+        verify_export.add_argument("file", help="The exported file (CSV, JSON or HTML from the console or `report`).")
 
     def handle(self, *args, subcommand, **options):
-        return getattr(self, f"_{subcommand}")(options)
+        return getattr(self, f"_{subcommand.replace('-', '_')}")(options)
 
     def _verify(self, options):
         result = audit.verify_chain()
@@ -82,6 +86,22 @@ class Command(KeyvaultCommand):
             writer.writeheader()
             for row in rows:
                 writer.writerow({**row, "details": json.dumps(row["details"], sort_keys=True, separators=(",", ":"))})
+
+    def _verify_export(self, options):
+        from pathlib import Path
+
+        from keyvault import reports
+
+        try:
+            data = Path(options["file"]).read_bytes()
+        except OSError as exc:
+            raise CommandError(f"cannot read {options['file']}: {exc.strerror}") from None
+        try:
+            check = reports.verify_export(data)
+        except reports.ExportNotVerified as exc:
+            raise CommandError(f"export NOT verified: {exc}") from None
+        self._verify(options)  # the event only proves something if the chain holding it is intact
+        self.stdout.write(str(check))
 
     def _checkpoint(self, options):
         cp = audit.checkpoint(actor=self.actor(options))

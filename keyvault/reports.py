@@ -1,0 +1,656 @@
+"""Reports an auditor can hand to an assessor, and their tamper-evident exports.
+
+Each report is a plain function ``(filters, now) -> rows`` registered in
+:data:`REPORTS`; :func:`build` runs one and stamps it with the audit chain position
+it was produced at. :func:`export` serialises a report (CSV, JSON or HTML), records
+an ``audit.exported`` event carrying the SHA-256 of the exported body, and seals the
+file with a trailer naming that hash and event. :func:`verify_export` recomputes the
+hash of a file and finds its event, so an auditor can prove later that a file is the
+one Keyvault produced (``manage.py audit verify-export FILE``).
+
+The sealed formats:
+
+* CSV and HTML: the body, then one last line
+  ``# keyvault-export: body-sha256=<hex> audit-event=#<n> report=<name>`` (CSV) or the
+  same text inside ``<!-- … -->`` (HTML). The hash covers every byte before that line.
+* JSON: the body is one canonical JSON object (sorted keys, no spaces, ASCII); the
+  sealed file adds a last member ``"export": {"audit_event": n, "body_sha256": hex}``.
+  The hash covers the canonical serialisation of the object without ``export``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from django.db.models import Prefetch, Q
+from django.template.loader import render_to_string
+from django.utils import timezone
+from django.utils.dateparse import parse_date, parse_datetime
+
+from keyvault import audit, dashboard
+from keyvault.audit import Actor
+from keyvault.exceptions import KeyvaultError
+from keyvault.models import AuditEvent, KeyEncryptionKey, KeyVersion
+from rotation.models import NIST_MAX_ORIGINATOR_DAYS, Approval, RotationPolicy, RotationRun, RunStep
+
+#: The most rows one report returns; a longer result says it was truncated (narrow the period).
+MAX_ROWS = 50_000
+FORMATS = ("csv", "json", "html")
+CONTENT_TYPES = {"csv": "text/csv; charset=utf-8", "json": "application/json", "html": "text/html; charset=utf-8"}
+TRAILER = re.compile(
+    r"keyvault-export: body-sha256=(?P<sha>[0-9a-f]{64}) audit-event=#(?P<seq>\d+) report=(?P<report>[a-z_-]+)"
+)
+
+
+class InvalidReportRequest(KeyvaultError, ValueError):
+    """A report name, filter or format is not valid (shown to the user; a 400, never a 500)."""
+
+
+class ExportNotVerified(KeyvaultError):
+    """The file is not an intact Keyvault export, or no audit event records it."""
+
+
+# -- filters -------------------------------------------------------------------------
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if moment else None
+
+
+def parse_moment(value: str | None, *, name: str) -> datetime | None:
+    """``2026-01-31`` (midnight UTC) or an ISO 8601 date-time; naive values are UTC."""
+    if value is None or not str(value).strip():
+        return None
+    text = str(value).strip()
+    try:
+        parsed = parse_datetime(text)
+        if parsed is None:
+            day = parse_date(text)
+            if day is None:
+                raise ValueError
+            parsed = datetime(day.year, day.month, day.day)
+    except ValueError:
+        raise InvalidReportRequest(f"{name}: not a date (YYYY-MM-DD) or ISO 8601 date-time: {text[:40]!r}") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class Filters:
+    """What a report is narrowed to. ``until`` is exclusive, like ``audit export``."""
+
+    since: datetime | None = None
+    until: datetime | None = None
+    user: str = ""
+    kek: str = ""
+
+    def as_dict(self) -> dict:
+        return {"since": _iso(self.since), "until": _iso(self.until), "user": self.user or None,
+                "kek": self.kek or None}
+
+    def describe(self) -> str:
+        parts = [f"{k}={v}" for k, v in self.as_dict().items() if v]
+        return " ".join(parts) or "none"
+
+
+def parse_filters(data: Mapping, *, allowed: tuple[str, ...] = ("since", "until", "user", "kek")) -> Filters:
+    """Filters from a query dict or CLI options.
+
+    :raises InvalidReportRequest: a bad date, ``since`` not before ``until``, an unknown
+        KEK, an over-long user name, or a filter the report does not take.
+    """
+    values = {name: (data.get(name) or "") for name in ("since", "until", "user", "kek")}
+    values = {name: str(value).strip() for name, value in values.items()}
+    unsupported = [name for name, value in values.items() if value and name not in allowed]
+    if unsupported:
+        raise InvalidReportRequest(f"this report does not filter by {', '.join(unsupported)}")
+    since = parse_moment(values["since"], name="since")
+    until = parse_moment(values["until"], name="until")
+    if since and until and since >= until:
+        raise InvalidReportRequest("since must be before until")
+    user = values["user"]
+    if len(user) > 150 or any(ch.isspace() or not ch.isprintable() for ch in user):
+        raise InvalidReportRequest("user: not a user name")
+    kek = values["kek"]
+    if kek and not KeyEncryptionKey.objects.filter(name=kek).exists():
+        raise InvalidReportRequest(f"kek: no key-encryption key named {kek[:100]!r}")
+    return Filters(since=since, until=until, user=user, kek=kek)
+
+
+# -- reports ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Column:
+    key: str
+    label: str
+
+
+@dataclass
+class Report:
+    """A built report: rows (dicts of str/int/bool/None or lists of str) and what it was built from."""
+
+    name: str
+    title: str
+    description: str
+    columns: list[Column]
+    rows: list[dict]
+    filters: Filters
+    generated_at: datetime
+    chain_sequence: int
+    chain_hash: str
+    truncated: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def document(self, *, generated_by: str) -> dict:
+        """The JSON body (without the seal)."""
+        return {
+            "report": self.name,
+            "title": self.title,
+            "generated_at": _iso(self.generated_at),
+            "generated_by": generated_by,
+            "filters": self.filters.as_dict(),
+            "audit_chain_position": {"sequence": self.chain_sequence, "hash": self.chain_hash},
+            "columns": [column.key for column in self.columns],
+            "rows": self.rows,
+            "row_count": len(self.rows),
+            "truncated": self.truncated,
+            "notes": self.notes,
+        }
+
+
+@dataclass(frozen=True)
+class ReportSpec:
+    name: str
+    title: str
+    description: str
+    filters: tuple[str, ...]
+    columns: tuple[Column, ...]
+    rows: Callable[[Filters, datetime], tuple[list[dict], list[str]]]
+
+
+def _when(moment: datetime | None) -> str | None:
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if moment else None
+
+
+def _period(value: timedelta | None) -> str | None:
+    if value is None:
+        return None
+    from rotation.models import format_period
+
+    return format_period(value)
+
+
+def _user_filter_q(username: str) -> Q:
+    return Q(initiator=f"user:{username}") | Q(approvals__approver__username=username)
+
+
+# (1) key inventory with rotation history
+
+
+def inventory_rows(filters: Filters, now: datetime) -> tuple[list[dict], list[str]]:
+    """One row per KEK version: the key, the version's life, and the rotation that made it."""
+    versions = KeyVersion.objects.select_related("kek").order_by("kek__name", "number")
+    if filters.kek:
+        versions = versions.filter(kek__name=filters.kek)
+    if filters.since:
+        versions = versions.filter(created_at__gte=filters.since)
+    if filters.until:
+        versions = versions.filter(created_at__lt=filters.until)
+    policies = {p.kek_id: p for p in RotationPolicy.objects.filter(kek__isnull=False)}
+    runs = {}
+    for run in RotationRun.objects.filter(kek__isnull=False, target_version__isnull=False).order_by("created_at"):
+        runs[(run.kek_id, run.target_version)] = run
+    coverage_cache: dict[int, dict[int, int]] = {}
+    rows = []
+    for version in versions[: MAX_ROWS + 1]:
+        kek = version.kek
+        if kek.pk not in coverage_cache:
+            from keyvault import services
+
+            coverage_cache[kek.pk] = services.version_coverage(kek)
+        policy = policies.get(kek.pk)
+        run = runs.get((kek.pk, version.number))
+        if run is not None:
+            made_by = f"run #{run.pk} ({run.get_kind_display().lower()}, {run.get_state_display().lower()}) " \
+                      f"started by {run.initiator}"
+        elif version.number == 1:
+            made_by = "created with the key"
+        else:
+            made_by = "rotated directly (see audit log)"
+        rows.append({
+            "kek": kek.name,
+            "provider": kek.provider,
+            "kek_state": kek.state,
+            "kek_created_at": _when(kek.created_at),
+            "rotation_period": _period(policy.period) if policy else f"{kek.rotation_period_days}d",
+            "next_rotation_at": _when(policy.next_due_at if policy and policy.next_due_at else kek.next_rotation_at),
+            "version": version.number,
+            "version_state": version.state,
+            "primary": version.is_primary,
+            "version_created_at": _when(version.created_at),
+            "age_days": (now - version.created_at).days,
+            "data_keys": coverage_cache[kek.pk].get(version.number, 0),
+            "encryptions": version.encrypt_count,
+            "made_by": made_by,
+        })
+    return rows, []
+
+
+INVENTORY_COLUMNS = (
+    Column("kek", "KEK"), Column("provider", "Provider"), Column("kek_state", "KEK state"),
+    Column("kek_created_at", "KEK created (UTC)"), Column("rotation_period", "Rotation period"),
+    Column("next_rotation_at", "Next rotation (UTC)"), Column("version", "Version"),
+    Column("version_state", "Version state"), Column("primary", "Primary"),
+    Column("version_created_at", "Version created (UTC)"), Column("age_days", "Age (days)"),
+    Column("data_keys", "Data keys wrapped"), Column("encryptions", "Encryptions"),
+    Column("made_by", "Made by"),
+)
+
+
+# (2) rotations in a period, with approvers and evidence
+
+
+def rotation_rows(filters: Filters, now: datetime) -> tuple[list[dict], list[str]]:
+    """Every run created in the period, with its approvals and each runbook step's evidence."""
+    runs = RotationRun.objects.select_related("kek", "destination_kek").prefetch_related(
+        Prefetch("approvals", queryset=Approval.objects.select_related("approver").order_by("created_at")),
+        Prefetch("steps", queryset=RunStep.objects.order_by("order")),
+    ).order_by("created_at", "pk")
+    if filters.since:
+        runs = runs.filter(created_at__gte=filters.since)
+    if filters.until:
+        runs = runs.filter(created_at__lt=filters.until)
+    if filters.kek:
+        runs = runs.filter(kek__name=filters.kek)
+    if filters.user:
+        runs = runs.filter(_user_filter_q(filters.user)).distinct()
+    rows = []
+    for run in runs[: MAX_ROWS + 1]:
+        approvals = [
+            f"{a.approver.get_username()} {a.get_decision_display().lower()}d"
+            f"{' (break-glass)' if a.break_glass else ''} at {_when(a.created_at)}: {a.comment}"
+            for a in run.approvals.all()
+        ]
+        evidence = [
+            f"[{step.status}] {step.key}"
+            + (f" by {step.done_by} at {_when(step.done_at)}" if step.done_at else "")
+            + (f": {step.evidence}" if step.evidence else "")
+            for step in run.steps.all()
+        ]
+        rows.append({
+            "run": run.pk,
+            "target": run.target_label,
+            "kind": run.kind,
+            "state": run.state,
+            "initiator": run.initiator,
+            "reason": run.reason,
+            "incident_ref": run.incident_ref,
+            "created_at": _when(run.created_at),
+            "started_at": _when(run.started_at),
+            "finished_at": _when(run.finished_at),
+            "previous_version": run.previous_version,
+            "new_version": run.target_version,
+            "data_keys": run.total_deks,
+            "rewrapped": run.rewrapped,
+            "failed": run.failed_deks,
+            "approvals": approvals,
+            "break_glass": any(a.break_glass for a in run.approvals.all()),
+            "evidence": evidence,
+        })
+    return rows, []
+
+
+ROTATION_COLUMNS = (
+    Column("run", "Run"), Column("target", "Target"), Column("kind", "Kind"), Column("state", "State"),
+    Column("initiator", "Initiated by"), Column("reason", "Reason"), Column("incident_ref", "Incident"),
+    Column("created_at", "Requested (UTC)"), Column("started_at", "Started (UTC)"),
+    Column("finished_at", "Finished (UTC)"), Column("previous_version", "From version"),
+    Column("new_version", "To version"), Column("data_keys", "Data keys"), Column("rewrapped", "Rewrapped"),
+    Column("failed", "Failed"), Column("approvals", "Approvals"), Column("break_glass", "Break-glass"),
+    Column("evidence", "Runbook evidence"),
+)
+
+
+# (3) who did what: audit events by actor or by target
+
+
+def activity_rows(filters: Filters, now: datetime) -> tuple[list[dict], list[str]]:
+    """Audit events in chain order, by a user (as actor) and/or about a KEK (as target)."""
+    events = AuditEvent.objects.order_by("sequence")
+    if filters.user:
+        events = events.filter(actor=f"user:{filters.user}")
+    if filters.kek:
+        events = events.filter(target_type="keyencryptionkey", target_id=filters.kek)
+    if filters.since:
+        events = events.filter(timestamp__gte=filters.since)
+    if filters.until:
+        events = events.filter(timestamp__lt=filters.until)
+    notes = []
+    if not filters.user and not filters.kek:
+        notes.append("No user or KEK given: every event in the period is listed.")
+    rows = [
+        {
+            "sequence": event.sequence,
+            "timestamp": event.timestamp.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "actor": event.actor,
+            "action": event.action,
+            "target_type": event.target_type,
+            "target_id": event.target_id,
+            "outcome": event.outcome,
+            "ip_address": event.ip_address,
+            "request_id": event.request_id,
+            "details": json.dumps(event.details, sort_keys=True, separators=(",", ":")),
+            "hash": event.hash,
+        }
+        for event in events[: MAX_ROWS + 1]
+    ]
+    return rows, notes
+
+
+ACTIVITY_COLUMNS = (
+    Column("sequence", "#"), Column("timestamp", "Time (UTC)"), Column("actor", "Actor"), Column("action", "Action"),
+    Column("target_type", "Target type"), Column("target_id", "Target"), Column("outcome", "Outcome"),
+    Column("ip_address", "IP address"), Column("request_id", "Request id"), Column("details", "Details"),
+    Column("hash", "Event hash"),
+)
+
+
+# (4) overdue rotations and other violations
+
+
+def violation_rows(filters: Filters, now: datetime) -> tuple[list[dict], list[str]]:
+    """Overdue rotations, versions past their cryptoperiod, policies beyond NIST, failed or paused runs."""
+    rows = []
+    for item in dashboard.due_rotations(now=now, horizon_days=0, kek=filters.kek):
+        if not item.overdue:
+            continue
+        rows.append({
+            "kind": "overdue_rotation", "target": item.target, "since": _when(item.due_at),
+            "days": item.overdue_days,
+            "detail": f"rotation due {_when(item.due_at)} (every {_period(item.period)})"
+                      + (f"; run {item.active_run} in progress" if item.active_run else "; no run in progress"),
+        })
+    for item in dashboard.past_cryptoperiod(now=now, kek=filters.kek):
+        what = "primary version still encrypting" if item.rule == "originator" else "old version still decrypting"
+        rows.append({
+            "kind": f"past_{item.rule}_period", "target": f"KEK {item.kek} v{item.version}",
+            "since": _when(item.created_at + timedelta(days=item.limit_days)), "days": item.age_days - item.limit_days,
+            "detail": f"{what}: {item.age_days} days old, limit {item.limit_days} days ({item.source})",
+        })
+    policies = RotationPolicy.objects.select_related("kek").filter(kek__isnull=False).order_by("kek__name")
+    if filters.kek:
+        policies = policies.filter(kek__name=filters.kek)
+    for policy in policies:
+        for warning in policy.warnings():
+            rows.append({
+                "kind": "policy_beyond_nist", "target": policy.target_label, "since": _when(policy.updated_at),
+                "days": max(0, policy.period.days - NIST_MAX_ORIGINATOR_DAYS), "detail": warning,
+            })
+    for item in dashboard.problem_runs(since=filters.since, until=filters.until, kek=filters.kek):
+        rows.append({
+            "kind": "failed_run" if item.problem.startswith("failed") else "paused_run",
+            "target": f"{item.target} run #{item.run_id}", "since": _when(item.created_at),
+            "days": (now - item.created_at).days, "detail": item.problem,
+        })
+    notes = ["Rotations, cryptoperiods and policies are as of the report time; since/until narrow the runs only."]
+    return rows, notes
+
+
+VIOLATION_COLUMNS = (
+    Column("kind", "Finding"), Column("target", "Target"), Column("since", "Since (UTC)"),
+    Column("days", "Days"), Column("detail", "Detail"),
+)
+
+
+REPORTS: dict[str, ReportSpec] = {
+    spec.name: spec
+    for spec in (
+        ReportSpec("inventory", "Key inventory with rotation history",
+                   "Every KEK version: provider, state, age, data keys it wraps and the rotation that made it. "
+                   "since/until select versions created in the period.",
+                   ("since", "until", "kek"), INVENTORY_COLUMNS, inventory_rows),
+        ReportSpec("rotations", "Rotations in a period, with approvers and evidence",
+                   "Every rotation run requested in the period: who started it, who approved it, and each runbook "
+                   "step with its evidence. user: runs started or approved by that user.",
+                   ("since", "until", "user", "kek"), ROTATION_COLUMNS, rotation_rows),
+        ReportSpec("activity", "Who did what",
+                   "Audit events, with their hashes, by a user (actor) and/or about a KEK (target).",
+                   ("since", "until", "user", "kek"), ACTIVITY_COLUMNS, activity_rows),
+        ReportSpec("violations", "Overdue rotations and violations",
+                   "Overdue rotations, key versions past their cryptoperiod (policy period, else NIST SP 800-57), "
+                   "policies beyond NIST guidance, failed and paused rotation runs.",
+                   ("since", "until", "kek"), VIOLATION_COLUMNS, violation_rows),
+    )
+}
+
+
+def get_spec(name: str) -> ReportSpec:
+    try:
+        return REPORTS[name]
+    except KeyError:
+        raise InvalidReportRequest(f"no report named {name[:40]!r} (choose from {', '.join(REPORTS)})") from None
+
+
+def build(name: str, filters: Filters | Mapping | None = None, *, now: datetime | None = None) -> Report:
+    """Run report ``name``, stamped with the audit chain position it was produced at."""
+    spec = get_spec(name)
+    if not isinstance(filters, Filters):
+        filters = parse_filters(filters or {}, allowed=spec.filters)
+    now = now or timezone.now()
+    sequence, head_hash = audit.chain_position()  # taken first: the rows reflect at least this position
+    rows, notes = spec.rows(filters, now)
+    truncated = len(rows) > MAX_ROWS
+    if truncated:
+        rows = rows[:MAX_ROWS]
+        notes = [*notes, f"Only the first {MAX_ROWS:,} rows are included; narrow the period."]
+    return Report(name=spec.name, title=spec.title, description=spec.description, columns=list(spec.columns),
+                  rows=rows, filters=filters, generated_at=now, chain_sequence=sequence, chain_hash=head_hash,
+                  truncated=truncated, notes=notes)
+
+
+# -- exports -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Export:
+    """A sealed export: the bytes to hand over, and what the audit log recorded about them."""
+
+    report: str
+    format: str
+    content: bytes
+    body_sha256: str
+    event_sequence: int
+    rows: int
+
+    @property
+    def content_type(self) -> str:
+        return CONTENT_TYPES[self.format]
+
+    @property
+    def filename(self) -> str:
+        return f"keyvault-{self.report}-{self.event_sequence}.{self.format}"
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list):
+        return "\n".join(str(item) for item in value)
+    return str(value)
+
+
+def _csv_text(value: str) -> str:
+    # Spreadsheets run cells starting with = + - @ as formulas (CSV injection); quote them as text.
+    return "'" + value if value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
+
+
+def _one_line(value: str) -> str:
+    return " ".join(str(value).split())
+
+
+def render_csv(report: Report, *, generated_by: str) -> bytes:
+    out = io.StringIO()
+    out.write(f"# Keyvault report: {report.name} - {_one_line(report.title)}\n")
+    out.write(f"# generated_at: {_iso(report.generated_at)}\n")
+    out.write(f"# generated_by: {_one_line(generated_by)}\n")
+    out.write(f"# filters: {_one_line(report.filters.describe())}\n")
+    out.write(f"# audit_chain_position: sequence={report.chain_sequence} hash={report.chain_hash}\n")
+    out.write(f"# rows: {len(report.rows)}{' (truncated)' if report.truncated else ''}\n")
+    for note in report.notes:
+        out.write(f"# note: {_one_line(note)}\n")
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow([column.key for column in report.columns])
+    for row in report.rows:
+        values = []
+        for column in report.columns:
+            value = row.get(column.key)
+            text = _cell(value)
+            values.append(_csv_text(text) if isinstance(value, str | list) else text)
+        writer.writerow(values)
+    return out.getvalue().encode("utf-8")
+
+
+def canonical_json(document: Mapping) -> bytes:
+    return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+
+def render_html(report: Report, *, generated_by: str, standalone: bool = True) -> bytes:
+    context = {"report": report, "generated_by": generated_by, "table": table(report), "standalone": standalone,
+               "generated_iso": _iso(report.generated_at)}
+    text = render_to_string("keyvault/reports/export.html", context)
+    return (text if text.endswith("\n") else text + "\n").encode("utf-8")
+
+
+def table(report: Report) -> list[list[tuple[bool, object]]]:
+    """Rows as ``(is_list, value)`` cells in column order, for templates: lists stay lists, the rest is text."""
+    def cell(value):
+        if isinstance(value, list):
+            return True, [str(item) for item in value]
+        return False, "—" if value is None or value == "" else _cell(value)
+
+    return [[cell(row.get(column.key)) for column in report.columns] for row in report.rows]
+
+
+def _body(report: Report, fmt: str, generated_by: str) -> bytes:
+    if fmt == "csv":
+        return render_csv(report, generated_by=generated_by)
+    if fmt == "json":
+        return canonical_json(report.document(generated_by=generated_by))
+    if fmt == "html":
+        return render_html(report, generated_by=generated_by)
+    raise InvalidReportRequest(f"format: choose from {', '.join(FORMATS)}")
+
+
+def _seal(body: bytes, fmt: str, *, digest: str, sequence: int, report: str) -> bytes:
+    text = f"keyvault-export: body-sha256={digest} audit-event=#{sequence} report={report}"
+    if fmt == "json":
+        return body[:-1] + b',"export":' + canonical_json({"audit_event": sequence, "body_sha256": digest}) + b"}\n"
+    if fmt == "html":
+        return body + f"<!-- {text} -->\n".encode("ascii")
+    return body + f"# {text}\n".encode("ascii")
+
+
+def export(report: Report, *, fmt: str, actor: Actor) -> Export:
+    """Serialise ``report``, record the export in the audit log with the body's SHA-256, and seal the file.
+
+    The event is written before the bytes are handed out: if it cannot be written, there is no export.
+    """
+    if fmt not in FORMATS:
+        raise InvalidReportRequest(f"format: choose from {', '.join(FORMATS)}")
+    body = _body(report, fmt, actor.name)
+    digest = hashlib.sha256(body).hexdigest()
+    event = audit.record(
+        audit.Action.AUDIT_EXPORTED,
+        actor=actor,
+        target=("report", report.name),
+        details={
+            "report": report.name,
+            "format": fmt,
+            "filters": report.filters.as_dict(),
+            "rows": len(report.rows),
+            "truncated": report.truncated,
+            "chain_sequence": report.chain_sequence,
+            "chain_hash": report.chain_hash,
+            "body_sha256": digest,
+        },
+    )
+    return Export(report=report.name, format=fmt, content=_seal(body, fmt, digest=digest, sequence=event.sequence,
+                                                                  report=report.name),
+                  body_sha256=digest, event_sequence=event.sequence, rows=len(report.rows))
+
+
+# -- verifying an export -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExportCheck:
+    """A verified export: its body hash and the audit event that recorded it."""
+
+    body_sha256: str
+    event: AuditEvent
+
+    def __str__(self) -> str:
+        details = self.event.details
+        return (
+            f"OK: export body sha256 {self.body_sha256} matches audit event #{self.event.sequence} "
+            f"({details.get('report')} report, {details.get('format')}, {details.get('rows')} rows, "
+            f"by {self.event.actor} at {self.event.timestamp:%Y-%m-%d %H:%M:%S} UTC, "
+            f"produced at chain #{details.get('chain_sequence')})"
+        )
+
+
+def _split(data: bytes) -> tuple[bytes, str, int | None]:
+    """The body and the hash/event the file claims."""
+    stripped = data.lstrip()
+    if stripped.startswith(b"{"):
+        try:
+            document = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ExportNotVerified("not valid JSON") from None
+        seal = document.pop("export", None) if isinstance(document, dict) else None
+        if not isinstance(seal, dict) or not isinstance(seal.get("body_sha256"), str):
+            raise ExportNotVerified("no export seal in the JSON document")
+        try:
+            body = canonical_json(document)
+        except (TypeError, ValueError):
+            raise ExportNotVerified("the JSON document cannot be canonicalised") from None
+        sequence = seal.get("audit_event")
+        return body, seal["body_sha256"], sequence if isinstance(sequence, int) else None
+    trimmed = data.rstrip(b"\r\n")
+    cut = trimmed.rfind(b"\n") + 1
+    last = trimmed[cut:].decode("ascii", errors="replace")
+    match = TRAILER.search(last)
+    if match is None:
+        raise ExportNotVerified("no keyvault-export trailer on the last line (was the file edited or cut short?)")
+    return data[:cut], match["sha"], int(match["seq"])
+
+
+def verify_export(data: bytes) -> ExportCheck:
+    """Recompute the export's body hash and find the ``audit.exported`` event that recorded it.
+
+    :raises ExportNotVerified: the body does not match the seal, or no intact audit event records it.
+    """
+    body, claimed, sequence = _split(data)
+    actual = hashlib.sha256(body).hexdigest()
+    if actual != claimed:
+        raise ExportNotVerified(f"body sha256 is {actual}, the file's seal says {claimed}: the file was changed")
+    events = AuditEvent.objects.filter(action=audit.Action.AUDIT_EXPORTED)
+    event = events.filter(sequence=sequence).first() if sequence is not None else None
+    if event is None or event.details.get("body_sha256") != actual:
+        # The seal's event number may have been edited: look the hash up instead.
+        event = next((e for e in events.order_by("-sequence").iterator() if e.details.get("body_sha256") == actual),
+                     None)
+    if event is None:
+        raise ExportNotVerified(f"no audit.exported event records body sha256 {actual}")
+    if audit.event_hash(event) != event.hash:
+        raise ExportNotVerified(f"audit event #{event.sequence} does not match its own hash (edited)")
+    return ExportCheck(body_sha256=actual, event=event)

@@ -1,0 +1,208 @@
+"""The SIEM pull endpoint: read-only audit events for Splunk/Elastic collectors.
+
+``GET /siem/events?after=<sequence>&limit=<n>`` with ``Authorization: Bearer <token>``.
+Events come in chain order with ``hash`` and ``prev_hash``, so a collector can
+re-verify the chain itself (``keyvault.audit.canonical_bytes`` is the format);
+``next_after`` is the cursor for the next call. Paging is a keyset range on the
+unique ``sequence`` index, so every page costs the same however long the log is.
+
+Each consumer has its own token, managed in the console by key administrators.
+Only the token's SHA-256 is stored and compared (in constant time); a deactivated
+consumer's token gets 401 like an unknown one. Each call costs one UPDATE of the
+consumer row (last used, last sequence). Polling faster than
+``SIEM_RATE_LIMIT_PER_MINUTE`` gets 429 with ``Retry-After``; a caught-up page
+(``has_more`` false) carries a ``Retry-After`` hint too, so collectors back off
+instead of spinning. Pulls are not written to the audit log: a collector polling
+every few seconds would otherwise fill the log with its own reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from datetime import UTC
+
+from django.conf import settings
+from django.core.cache import cache
+from django.db import transaction
+from django.db.models.functions import Greatest
+from django.http import JsonResponse
+from django.utils import timezone
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET
+
+from keyvault import audit
+from keyvault.audit import Actor
+from keyvault.exceptions import KeyvaultError
+from keyvault.models import AuditEvent, SiemConsumer
+
+TOKEN_PREFIX = "kvsiem_"
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 1000
+CAUGHT_UP_RETRY_SECONDS = 30
+
+
+class InvalidSiemRequest(KeyvaultError, ValueError):
+    """A SIEM request parameter is not valid (400)."""
+
+
+class SiemAuthenticationFailed(KeyvaultError):
+    """No, unknown or deactivated SIEM token (401); deliberately one error for all three."""
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+# -- managing consumers (console and CLI call these) -----------------------------------
+
+
+def create_consumer(*, name: str, actor: Actor, user=None) -> tuple[SiemConsumer, str]:
+    """Create a consumer and its token. The token is returned once and never stored."""
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    with transaction.atomic():
+        consumer = SiemConsumer.objects.create(name=name, token_hash=hash_token(token), created_by=user)
+        audit.record(audit.Action.OTHER, actor=actor, target=consumer,
+                     details={"event": "siem.consumer_created", "consumer": consumer.name})
+    return consumer, token
+
+
+def set_active(consumer: SiemConsumer, *, active: bool, actor: Actor) -> SiemConsumer:
+    """Activate or deactivate a consumer (a deactivated token answers 401)."""
+    with transaction.atomic():
+        updated = SiemConsumer.objects.filter(pk=consumer.pk).exclude(active=active).update(active=active)
+        if updated:
+            audit.record(audit.Action.OTHER, actor=actor, target=consumer,
+                         details={"event": "siem.consumer_activated" if active else "siem.consumer_deactivated",
+                                  "consumer": consumer.name})
+    consumer.refresh_from_db()
+    return consumer
+
+
+# -- pulling events ------------------------------------------------------------------------
+
+
+def authenticate(header: str | None) -> SiemConsumer:
+    """The active consumer whose token is in ``Authorization: Bearer <token>``.
+
+    :raises SiemAuthenticationFailed: missing, malformed, unknown or deactivated token.
+    """
+    scheme, _, token = (header or "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or len(token) > 200:
+        raise SiemAuthenticationFailed("a bearer token is required")
+    digest = hash_token(token)
+    consumer = SiemConsumer.objects.filter(token_hash=digest).first()
+    # The lookup is by hash of a 256-bit random token; compare again in constant time anyway.
+    if consumer is None or not hmac.compare_digest(consumer.token_hash, digest) or not consumer.active:
+        raise SiemAuthenticationFailed("invalid or inactive token")
+    return consumer
+
+
+def parse_cursor(query) -> tuple[int, int]:
+    """``after`` (default 0) and ``limit`` (default 100, at most 1000) from the query string."""
+    def number(name: str, default: int) -> int:
+        raw = query.get(name)
+        if raw is None or raw == "":
+            return default
+        if not str(raw).isdigit() or len(str(raw)) > 19:
+            raise InvalidSiemRequest(f"{name} must be a non-negative integer")
+        return int(raw)
+
+    after = number("after", 0)
+    limit = number("limit", DEFAULT_LIMIT)
+    if limit < 1:
+        raise InvalidSiemRequest("limit must be at least 1")
+    return after, min(limit, MAX_LIMIT)
+
+
+def event_document(event: AuditEvent) -> dict:
+    """An event exactly as its hash covers it (see ``audit.canonical_bytes``), plus the hash."""
+    return {
+        "sequence": event.sequence,
+        "timestamp": event.timestamp.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "actor": event.actor,
+        "action": event.action,
+        "target_type": event.target_type,
+        "target_id": event.target_id,
+        "outcome": event.outcome,
+        "request_id": event.request_id,
+        "ip_address": event.ip_address,
+        "details": event.details,
+        "prev_hash": event.prev_hash,
+        "hash": event.hash,
+    }
+
+
+@dataclass(frozen=True)
+class Page:
+    events: list[dict]
+    next_after: int
+    has_more: bool
+    head_sequence: int
+    head_hash: str
+
+    def as_dict(self) -> dict:
+        return {"events": self.events, "next_after": self.next_after, "has_more": self.has_more,
+                "chain_head": {"sequence": self.head_sequence, "hash": self.head_hash}}
+
+
+def pull(consumer: SiemConsumer, *, after: int, limit: int) -> Page:
+    """Events with ``sequence > after`` in chain order, at most ``limit``; records the consumer's progress."""
+    head_sequence, head_hash = audit.chain_position()
+    events = list(AuditEvent.objects.filter(sequence__gt=after, sequence__lte=head_sequence)
+                  .order_by("sequence")[:limit])
+    next_after = events[-1].sequence if events else after
+    SiemConsumer.objects.filter(pk=consumer.pk).update(
+        last_used_at=timezone.now(), last_sequence=Greatest("last_sequence", next_after)
+    )
+    return Page(events=[event_document(e) for e in events], next_after=next_after,
+                has_more=next_after < head_sequence, head_sequence=head_sequence, head_hash=head_hash)
+
+
+def rate_limited(consumer: SiemConsumer) -> int:
+    """Seconds to wait if ``consumer`` exceeded its calls for this minute, else 0 (and count this call)."""
+    per_minute = getattr(settings, "SIEM_RATE_LIMIT_PER_MINUTE", 120)
+    if not per_minute:
+        return 0
+    now = int(timezone.now().timestamp())
+    window = now // 60
+    key = f"keyvault:siem:rate:{consumer.pk}:{window}"
+    cache.add(key, 0, timeout=120)
+    try:
+        calls = cache.incr(key)
+    except ValueError:  # evicted between add and incr
+        cache.set(key, 1, timeout=120)
+        calls = 1
+    return (60 - now % 60) if calls > per_minute else 0
+
+
+def _error(status: int, code: str, message: str, **headers) -> JsonResponse:
+    response = JsonResponse({"error": code, "message": message}, status=status)
+    for name, value in headers.items():
+        response[name.replace("_", "-")] = value
+    return response
+
+
+@never_cache
+@require_GET
+def events_view(request):
+    """``GET /siem/events``: one page of audit events for a bearer-token consumer."""
+    try:
+        consumer = authenticate(request.META.get("HTTP_AUTHORIZATION"))
+    except SiemAuthenticationFailed as exc:
+        return _error(401, "unauthorized", str(exc), WWW_Authenticate='Bearer realm="keyvault-siem"')
+    try:
+        after, limit = parse_cursor(request.GET)
+    except InvalidSiemRequest as exc:
+        return _error(400, "bad_request", str(exc))
+    wait = rate_limited(consumer)
+    if wait:
+        return _error(429, "rate_limited", f"too many requests; retry in {wait} s", Retry_After=str(wait))
+    page = pull(consumer, after=after, limit=limit)
+    response = JsonResponse(page.as_dict())
+    if not page.has_more:
+        response["Retry-After"] = str(CAUGHT_UP_RETRY_SECONDS)
+    return response
