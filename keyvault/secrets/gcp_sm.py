@@ -224,8 +224,13 @@ class GCPSecretManagerSource(SecretSource):
         else:
             value = text
         info = self._call("get_secret_version", {"name": f"{secret}/versions/{number}"})
-        latest = number if version is None else self._number(self._call("get_secret_version", {"name": f"{secret}/versions/latest"}).name)
-        return SecretVersion(path=path, version=number, value=value, created_at=_as_datetime(info.create_time), current=number == latest)
+        if version is None:
+            latest = number
+        else:
+            latest = self._number(self._call("get_secret_version", {"name": f"{secret}/versions/latest"}).name)
+        return SecretVersion(
+            path=path, version=number, value=value, created_at=_as_datetime(info.create_time), current=number == latest
+        )
 
     def write(self, path: str, value: str) -> SecretVersion:
         secret, field_name = self._split(path)
@@ -257,7 +262,11 @@ class GCPSecretManagerSource(SecretSource):
                     raise
             created = self._call("add_secret_version", request)
         return SecretVersion(
-            path=path, version=self._number(created.name), value=value, created_at=_as_datetime(created.create_time), current=True
+            path=path,
+            version=self._number(created.name),
+            value=value,
+            created_at=_as_datetime(created.create_time),
+            current=True,
         )
 
     def _versions(self, secret: str) -> list:

@@ -214,7 +214,8 @@ class KubernetesSecretSource(SecretSource):
         if secret is None or key not in (secret.get("data") or {}):
             raise SecretNotFound(f"no key {key!r} in Kubernetes Secret {namespace}/{name}")
         metadata = secret.get("metadata") or {}
-        return [SecretVersionInfo(str(metadata.get("resourceVersion")), _parse_time(metadata.get("creationTimestamp")), True)]
+        created = _parse_time(metadata.get("creationTimestamp"))
+        return [SecretVersionInfo(str(metadata.get("resourceVersion")), created, current=True)]
 
     def delete_version(self, path: str, version: str) -> None:
         namespace, name, _ = self._split(path)

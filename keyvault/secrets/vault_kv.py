@@ -217,7 +217,8 @@ class VaultKVSource(SecretSource):
             raise SecretNotFound(f"vault secret {self.mount}/{base} has no text field {field_name!r}")
         number = str(metadata.get("version"))
         current = version is None or self._metadata(base).get("current_version") == int(number)
-        return SecretVersion(path=path, version=number, value=value, created_at=_parse_time(metadata.get("created_time")), current=current)
+        created = _parse_time(metadata.get("created_time"))
+        return SecretVersion(path=path, version=number, value=value, created_at=created, current=current)
 
     def write(self, path: str, value: str) -> SecretVersion:
         base, field_name = self._split(path)
@@ -255,9 +256,8 @@ class VaultKVSource(SecretSource):
         infos = []
         for number, info in sorted((metadata.get("versions") or {}).items(), key=lambda item: int(item[0])):
             state = "destroyed" if info.get("destroyed") else "deleted" if info.get("deletion_time") else "enabled"
-            infos.append(
-                SecretVersionInfo(number, _parse_time(info.get("created_time")), current=int(number) == current, state=state)
-            )
+            created = _parse_time(info.get("created_time"))
+            infos.append(SecretVersionInfo(number, created, current=int(number) == current, state=state))
         return infos
 
     def delete_version(self, path: str, version: str) -> None:

@@ -17,7 +17,7 @@ from keyvault.secrets import SecretSource
 from keyvault.secrets.env import EnvSource
 from keyvault.secrets.files import FileSource
 
-pytest_plugins = ["tests.servers.openbao", "tests.servers.moto"]
+# openbao_server and moto_server come from tests.servers.*, loaded as plugins by the root conftest.
 
 
 @dataclass
