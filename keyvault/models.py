@@ -361,3 +361,121 @@ class SiemConsumer(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class ManagedSecret(models.Model):
+    """A secret Keyvault rotates or watches: where it lives, who owns it, when it expires.
+
+    Only references and non-secret configuration are stored here; the secret value
+    itself stays in its secret source (``keyvault.secrets``).
+    """
+
+    class Type(models.TextChoices):
+        COOKIE_SIGNING = "cookie_signing", "Cookie-signing keys"
+        DATABASE_CREDENTIAL = "database_credential", "PostgreSQL credential"
+        TLS_CERTIFICATE = "tls_certificate", "TLS certificate"
+        OAUTH_CLIENT_SECRET = "oauth_client_secret", "OAuth/OIDC client secret"
+        GENERIC = "generic", "Generic secret"
+
+    class Status(models.TextChoices):
+        ACTIVE = "active", "Active"
+        ROTATING = "rotating", "Rotating"
+        EXPIRING = "expiring", "Expiring soon"
+        OVERDUE = "overdue", "Rotation overdue"
+        EXPIRED = "expired", "Expired"
+        FAILED = "failed", "Last rotation failed"
+
+    #: Config keys that would hold a secret: configuration is shown in the console, so they are refused.
+    FORBIDDEN_CONFIG_KEYS = ("password", "secret", "private_key", "token", "client_secret", "api_key")
+
+    name = models.SlugField(
+        "name", max_length=100, unique=True, help_text="Unique name used in the console and the CLI (--secret NAME)."
+    )
+    secret_type = models.CharField(
+        "type", max_length=32, choices=Type.choices, db_index=True,
+        help_text="Decides which rotation executor and runbook apply.",
+    )
+    source = models.CharField(
+        "secret source", max_length=32,
+        help_text="Name of the configured secret source holding the value (file, env, vault, aws, gcp, k8s).",
+    )
+    path = models.CharField(
+        "path / ARN / name", max_length=1024,
+        help_text="Where the secret lives in its source: a path, an ARN or a secret name.",
+    )
+    owner = models.CharField("owner / team", max_length=150, blank=True, help_text="Who is told about expiry and failures.")
+    description = models.TextField("purpose", blank=True, help_text="What uses this secret.")
+    config = models.JSONField(
+        "configuration", default=dict, blank=True,
+        help_text="Non-secret, type-specific settings: DB host/port/dbname/usernames, TLS endpoint host:port, "
+        "OAuth token endpoint and client id. Never put a secret here.",
+    )
+    metadata = models.JSONField(
+        "observed metadata", default=dict, blank=True, editable=False,
+        help_text="What Keyvault last read about the secret (for certificates: subject, SANs, issuer, key type).",
+    )
+    status = models.CharField(
+        "status", max_length=16, choices=Status.choices, default=Status.ACTIVE, db_index=True,
+        help_text="Set by rotation runs and the daily expiry check.",
+    )
+    last_rotated_at = models.DateTimeField("last rotated", null=True, blank=True)
+    expires_at = models.DateTimeField(
+        "expires", null=True, blank=True, db_index=True,
+        help_text="When the secret stops working (TLS: the certificate's notAfter, read from the certificate).",
+    )
+    warn_before = models.DurationField(
+        "warn before expiry", null=True, blank=True,
+        help_text="Flag the secret this long before it expires (empty: 30 days for TLS certificates, 14 days otherwise).",
+    )
+    last_flagged_at = models.DateTimeField(
+        "last reminder", null=True, blank=True, help_text="When the daily check last reported this secret."
+    )
+    created_at = models.DateTimeField("created", auto_now_add=True)
+    updated_at = models.DateTimeField("updated", auto_now=True)
+
+    class Meta:
+        """Secrets are listed by name; rotating them is a separate permission."""
+
+        verbose_name = "managed secret"
+        verbose_name_plural = "managed secrets"
+        ordering = ["name"]
+        default_permissions = ("add", "change", "view")
+        permissions = [("rotate_managedsecret", "Can start rotations of managed secrets")]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.get_secret_type_display()})"
+
+    def clean(self) -> None:
+        from django.core.exceptions import ValidationError
+
+        if not isinstance(self.config, dict):
+            raise ValidationError({"config": "Configuration is a JSON object."})
+        bad = sorted(_secret_like_keys(self.config, self.FORBIDDEN_CONFIG_KEYS))
+        if bad:
+            raise ValidationError(
+                {"config": f"Configuration is not secret and is shown in the console; remove {', '.join(bad)} "
+                           "(store the value in a secret source and reference it)."}
+            )
+
+    @property
+    def effective_warn_before(self):
+        from datetime import timedelta
+
+        if self.warn_before is not None:
+            return self.warn_before
+        return timedelta(days=30 if self.secret_type == self.Type.TLS_CERTIFICATE else 14)
+
+
+def _secret_like_keys(value, forbidden, prefix: str = "") -> list[str]:
+    found = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            lowered = str(key).lower()
+            if any(lowered == word or lowered.endswith("_" + word) for word in forbidden):
+                found.append(prefix + str(key))
+            found.extend(_secret_like_keys(item, forbidden, prefix + str(key) + "."))
+    elif isinstance(value, list):
+        for item in value:
+            found.extend(_secret_like_keys(item, forbidden, prefix))
+    return found
+

@@ -39,8 +39,18 @@ def _get_secret(name: str) -> str:
         raise ImproperlyConfigured(str(exc)) from None
 
 
-SECRET_KEY = _secret("HMD_SECRET_KEY", "secret_key", new_django_secret_key)
-SECRET_KEY_FALLBACKS = env.list("HMD_SECRET_KEY_FALLBACKS", default=[])
+if is_set("HMD_SECRET_KEY_KEYRING") or is_set("HMD_SECRET_KEY_KEYRING_REF"):
+    # A keyring {"current": …, "previous": […]} that Keyvault rotates (secret type cookie_signing):
+    # current signs, previous only verify. Without it, HMD_SECRET_KEY(_FALLBACKS) as before.
+    from rotation.executors.keyring import KeyringError, parse as _parse_keyring
+
+    try:
+        SECRET_KEY, SECRET_KEY_FALLBACKS = _parse_keyring(_get_secret("HMD_SECRET_KEY_KEYRING"))
+    except KeyringError as _exc:
+        raise ImproperlyConfigured(f"HMD_SECRET_KEY_KEYRING: {_exc}") from None
+else:
+    SECRET_KEY = _secret("HMD_SECRET_KEY", "secret_key", new_django_secret_key)
+    SECRET_KEY_FALLBACKS = env.list("HMD_SECRET_KEY_FALLBACKS", default=[])
 ALLOWED_HOSTS = env.list("HMD_ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env.list("HMD_CSRF_TRUSTED_ORIGINS", default=[])
 
@@ -147,7 +157,18 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": env.float("HMD_ROTATION_SWEEP_SECONDS", default=60.0),
     },
 }
+CELERY_BEAT_SCHEDULE["flag-expiring-secrets"] = {
+    "task": "rotation.flag_expiring_secrets",
+    "schedule": 86400.0,  # daily: expiry and overdue reminders for managed secrets
+}
 CELERY_TASK_DEFAULT_PRIORITY = 5
+
+# -- Notifications (keyvault/notify.py): expiry reminders, failed rotations ---------
+NOTIFIERS = ["keyvault.notify.LogNotifier", "keyvault.notify.EmailNotifier", "keyvault.notify.WebhookNotifier"]
+NOTIFY_EMAIL_TO = env.list("HMD_NOTIFY_EMAIL_TO", default=[])
+NOTIFY_WEBHOOK_URL = env.str("HMD_NOTIFY_WEBHOOK_URL", default="")
+DEFAULT_FROM_EMAIL = "keyvault@localhost"
+vars().update(env.email_url("HMD_EMAIL_URL", default="consolemail://"))
 
 # -- Rotation engine -----------------------------------------------------------
 ROTATION_BATCH_SIZE = env.int("HMD_ROTATION_BATCH_SIZE", default=1000)

@@ -11,7 +11,7 @@ from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import Q
 
-from keyvault.models import KeyEncryptionKey
+from keyvault.models import KeyEncryptionKey, ManagedSecret
 
 #: NIST SP 800-57 Pt 1 Rev 5 §5.3.6: originator-usage period of symmetric data/key-wrapping keys, about 2 years.
 NIST_MAX_ORIGINATOR_DAYS = 730
@@ -54,6 +54,10 @@ class RotationPolicy(models.Model):
         KeyEncryptionKey, on_delete=models.CASCADE, related_name="rotation_policy", verbose_name="key-encryption key",
         null=True, blank=True, help_text="The KEK this policy rotates.",
     )
+    secret = models.OneToOneField(
+        ManagedSecret, on_delete=models.CASCADE, related_name="rotation_policy", verbose_name="managed secret",
+        null=True, blank=True, help_text="The managed secret this policy rotates (instead of a KEK).",
+    )
     period = models.DurationField(
         "period", default=timedelta(days=365), validators=[MinValueValidator(MIN_PERIOD)],
         help_text="Rotate this long after the last rotation (e.g. 365 days; as short as 1 minute for drills). "
@@ -87,14 +91,26 @@ class RotationPolicy(models.Model):
 
         verbose_name = "rotation policy"
         verbose_name_plural = "rotation policies"
-        constraints = [models.CheckConstraint(condition=Q(kek__isnull=False), name="rotationpolicy_has_target")]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(kek__isnull=False, secret__isnull=True) | Q(kek__isnull=True, secret__isnull=False),
+                name="rotationpolicy_has_target",
+            )
+        ]
 
     def __str__(self) -> str:
         return f"policy for {self.target_label}"
 
     @property
     def target_label(self) -> str:
-        return f"KEK {self.kek.name}" if self.kek_id else "?"
+        if self.kek_id:
+            return f"KEK {self.kek.name}"
+        return f"secret {self.secret.name}" if self.secret_id else "?"
+
+    @property
+    def target(self):
+        """The KEK or managed secret this policy (or run) is about."""
+        return self.kek if self.kek_id else self.secret
 
     def clean(self) -> None:
         if (self.window_start is None) != (self.window_end is None):
@@ -163,6 +179,15 @@ class RotationRun(models.Model):
         KeyEncryptionKey, on_delete=models.PROTECT, related_name="rotation_runs", verbose_name="key-encryption key",
         null=True, blank=True,
     )
+    secret = models.ForeignKey(
+        ManagedSecret, on_delete=models.PROTECT, related_name="rotation_runs", verbose_name="managed secret",
+        null=True, blank=True, help_text="The managed secret this run rotates (instead of a KEK).",
+    )
+    executor_state = models.JSONField(
+        "executor state", default=dict, blank=True,
+        help_text="Non-secret progress of a secret rotation (versions, active user, certificate fingerprints); "
+        "never a secret value.",
+    )
     destination_kek = models.ForeignKey(
         KeyEncryptionKey, on_delete=models.PROTECT, related_name="migration_runs", null=True, blank=True,
         verbose_name="destination KEK", help_text="For migrations: the KEK (on another provider) data keys move to.",
@@ -211,6 +236,17 @@ class RotationRun(models.Model):
                 ),
                 name="rotationrun_one_active_per_kek",
             ),
+            models.UniqueConstraint(
+                fields=["secret"],
+                condition=Q(
+                    state__in=["pending_approval", "queued", "rotating", "rewrapping", "verifying", "retiring"]
+                ),
+                name="rotationrun_one_active_per_secret",
+            ),
+            models.CheckConstraint(
+                condition=Q(kek__isnull=False, secret__isnull=True) | Q(kek__isnull=True, secret__isnull=False),
+                name="rotationrun_has_one_target",
+            ),
         ]
         permissions = [
             ("approve_rotationrun", "Can approve rotation runs"),
@@ -224,7 +260,14 @@ class RotationRun(models.Model):
 
     @property
     def target_label(self) -> str:
-        return f"KEK {self.kek.name}" if self.kek_id else "?"
+        if self.kek_id:
+            return f"KEK {self.kek.name}"
+        return f"secret {self.secret.name}" if self.secret_id else "?"
+
+    @property
+    def target(self):
+        """The KEK or managed secret this policy (or run) is about."""
+        return self.kek if self.kek_id else self.secret
 
     @property
     def is_active(self) -> bool:

@@ -29,7 +29,8 @@ from keyvault.audit import Action, Actor, Outcome
 from keyvault.exceptions import KeyvaultError
 from keyvault.fields import encrypted_fields, rewrap_field
 from keyvault.kms import Capability, KMSError, ProviderUnavailable, get_provider
-from keyvault.models import DataKey, KeyEncryptionKey, KeyVersion
+from keyvault.models import DataKey, KeyEncryptionKey, KeyVersion, ManagedSecret
+from keyvault.secrets.base import SecretSourceError, SecretSourceUnavailable
 from rotation import runbooks
 from rotation.exceptions import ApprovalRefused, InvalidRunTransition, RotationError, RunAlreadyActive
 from rotation.models import Approval, RotationPolicy, RotationRun, RunStep, format_period
@@ -53,6 +54,22 @@ TRANSITIONS: dict[str, set[str]] = {
     S.ROLLED_BACK: set(),
 }
 TERMINAL = {S.COMPLETED, S.CANCELLED, S.ROLLED_BACK}
+#: Secret runs have no rewrap: rotating → verifying directly; a run waiting for a person can be rolled back.
+SECRET_TRANSITIONS: dict[str, set[str]] = {
+    S.PENDING_APPROVAL: {S.QUEUED, S.CANCELLED},
+    S.QUEUED: {S.ROTATING, S.CANCELLED, S.FAILED},
+    S.ROTATING: {S.VERIFYING, S.FAILED, S.ROLLED_BACK},
+    S.VERIFYING: {S.RETIRING, S.FAILED, S.ROLLED_BACK},
+    S.RETIRING: {S.COMPLETED, S.FAILED, S.ROLLED_BACK},
+    S.FAILED: {S.QUEUED, S.ROLLED_BACK, S.CANCELLED},
+    S.COMPLETED: set(),
+    S.CANCELLED: set(),
+    S.ROLLED_BACK: set(),
+}
+
+
+def transitions_for(run: RotationRun) -> dict[str, set[str]]:
+    return SECRET_TRANSITIONS if run.secret_id else TRANSITIONS
 
 
 def setting(name: str, default):
@@ -115,7 +132,7 @@ def update_policy(kek: KeyEncryptionKey, *, actor: Actor, **changes) -> Rotation
 
 def _transition(run: RotationRun, new_state: str, *, actor: Actor, note: str = "", **fields) -> RotationRun:
     """Move a locked run to ``new_state`` (the one place transitions are checked) and audit it."""
-    if new_state not in TRANSITIONS[run.state]:
+    if new_state not in transitions_for(run)[run.state]:
         raise InvalidRunTransition(
             f"run #{run.pk} is {run.get_state_display().lower()}; it cannot become {S(new_state).label.lower()}"
         )
@@ -129,13 +146,13 @@ def _transition(run: RotationRun, new_state: str, *, actor: Actor, note: str = "
     details = {"run_id": run.pk, "from": previous, "to": new_state}
     if note:
         details["note"] = note[:500]
-    audit.record(Action.ROTATION_STATE, actor=actor, target=run.kek,
+    audit.record(Action.ROTATION_STATE, actor=actor, target=run.target,
                  outcome=Outcome.FAILURE if new_state == S.FAILED else Outcome.SUCCESS, details=details)
     return run
 
 
 def _locked_run(run_id: int) -> RotationRun:
-    return RotationRun.objects.select_for_update(of=("self",)).select_related("kek", "policy").get(pk=run_id)
+    return RotationRun.objects.select_for_update(of=("self",)).select_related("kek", "secret", "policy").get(pk=run_id)
 
 
 def tick(run: RotationRun, key: str, *, actor: Actor, evidence: str = "", status: str = RunStep.Status.DONE) -> None:
@@ -144,7 +161,7 @@ def tick(run: RotationRun, key: str, *, actor: Actor, evidence: str = "", status
         status=status, done_by=actor.name, done_at=timezone.now(), evidence=evidence[:4000]
     )
     if updated:
-        audit.record(Action.ROTATION_STEP, actor=actor, target=run.kek,
+        audit.record(Action.ROTATION_STEP, actor=actor, target=run.target,
                      details={"run_id": run.pk, "step": key, "status": status})
 
 
@@ -154,8 +171,13 @@ def tick_manual_step(run: RotationRun, key: str, *, actor: Actor, evidence: str 
         step = RunStep.objects.select_for_update().get(run=run, key=key)
         if step.automatic:
             raise RotationError(f"step {key!r} is ticked by the engine, not by hand")
+        if run.secret_id:
+            run = _locked_run(run.pk)
+            _secret_executor(run).before_manual_tick(run, key, now=timezone.now())
         tick(run, key, actor=actor, evidence=evidence)
         step.refresh_from_db()
+        if run.secret_id and run.state in (S.ROTATING, S.VERIFYING, S.RETIRING):
+            dispatch("execute_run", run.pk)  # the run may have been waiting for this step
     return step
 
 
@@ -164,7 +186,8 @@ def tick_manual_step(run: RotationRun, key: str, *, actor: Actor, evidence: str 
 
 def start_run(
     *,
-    kek: KeyEncryptionKey,
+    kek: KeyEncryptionKey | None = None,
+    secret: ManagedSecret | None = None,
     actor: Actor,
     kind: str = Run.Kind.ON_DEMAND,
     user=None,
@@ -177,8 +200,14 @@ def start_run(
     The run waits for approvals if its policy requires them, else it is queued and
     a worker picks it up. Concurrent requests for the same KEK produce one run:
     the database refuses a second active run (:class:`RunAlreadyActive`).
+    Give ``secret`` instead of ``kek`` to rotate a managed secret.
     """
     kind = Run.Kind(kind)
+    if (kek is None) == (secret is None):
+        raise RotationError("a run rotates exactly one target: a KEK or a managed secret")
+    if secret is not None:
+        return _start_secret_run(secret=secret, actor=actor, kind=kind, user=user, reason=reason,
+                                 incident_ref=incident_ref, destination=destination)
     if kind == Run.Kind.EMERGENCY and not incident_ref.strip():
         raise RotationError("an emergency rotation needs an incident or ticket reference")
     if kind == Run.Kind.MIGRATE:
@@ -257,10 +286,10 @@ def decide(
             raise ApprovalRefused(f"{user.get_username()} is not in the break-glass group")
         Approval.objects.create(run=run, approver=user, decision=decision, comment=comment.strip(), break_glass=break_glass)
         if decision == Approval.Decision.REJECT:
-            audit.record(Action.ROTATION_REJECTED, actor=actor, target=run.kek, details={"run_id": run.pk, "comment": comment})
+            audit.record(Action.ROTATION_REJECTED, actor=actor, target=run.target, details={"run_id": run.pk, "comment": comment})
             return _transition(run, S.CANCELLED, actor=actor, note=f"rejected: {comment}")
         action = Action.ROTATION_BREAK_GLASS if break_glass else Action.ROTATION_APPROVED
-        audit.record(action, actor=actor, target=run.kek, details={"run_id": run.pk, "comment": comment})
+        audit.record(action, actor=actor, target=run.target, details={"run_id": run.pk, "comment": comment})
         approvals = run.approvals.filter(decision=Approval.Decision.APPROVE).count()
         if break_glass or approvals >= run.policy.approvals_required:
             names = ", ".join(a.approver.get_username() for a in run.approvals.select_related("approver"))
@@ -292,8 +321,11 @@ def rollback(run: RotationRun, *, actor: Actor, reason: str = "") -> RotationRun
     """
     with transaction.atomic():
         run = _locked_run(run.pk)
-        if S.ROLLED_BACK not in TRANSITIONS[run.state]:
+        if S.ROLLED_BACK not in transitions_for(run)[run.state]:
             raise InvalidRunTransition(f"run #{run.pk} is {run.get_state_display().lower()}; it cannot be rolled back")
+        if run.secret_id:
+            note = _rollback_secret(run, reason)
+            return _transition(run, S.ROLLED_BACK, actor=actor, note=note)
         note = reason
         if run.kind != Run.Kind.MIGRATE and run.previous_version and run.target_version:
             kek = run.kek
@@ -352,6 +384,8 @@ def execute_run(run_id: int, *, now: datetime | None = None) -> str:
     """
     now = now or timezone.now()
     run = RotationRun.objects.select_related("kek").get(pk=run_id)
+    if run.secret_id:
+        return _execute_secret_run(run_id, now)
     handler = {
         S.QUEUED: _phase_start,
         S.ROTATING: _phase_start,
@@ -373,7 +407,7 @@ def execute_run(run_id: int, *, now: datetime | None = None) -> str:
 def _fail(run_id: int, exc: Exception) -> str:
     with transaction.atomic():
         run = _locked_run(run_id)
-        if S.FAILED not in TRANSITIONS[run.state]:
+        if S.FAILED not in transitions_for(run)[run.state]:
             return run.state
         message = f"{type(exc).__name__}: {exc}"
         _transition(run, S.FAILED, actor=ENGINE, note=message, last_error=message)
@@ -671,6 +705,7 @@ def dispatch_due_rotations(*, now: datetime | None = None) -> list[RotationRun]:
             continue
         except KeyvaultError as exc:
             log.warning("could not start planned rotation of %s: %s", policy.kek.name, exc)
+    started.extend(start_due_secret_rotations(now=now))
     resume_stalled_runs(now=now)
     for run in RotationRun.objects.filter(state=S.RETIRING, retire_after__lte=now):
         dispatch("execute_run", run.pk)
@@ -763,3 +798,376 @@ def drive(run_id: int, *, now: datetime | None = None, max_phases: int = 1000) -
     finally:
         _dispatcher = previous
     return RotationRun.objects.get(pk=run_id)
+
+
+# -- managed secrets ---------------------------------------------------------------------
+#
+# A secret run uses the same run, step, approval and audit machinery as a KEK run; the
+# work of each phase is done by the executor of the secret's type (rotation/executors/).
+
+#: Default policy per secret type: (period, grace period). Grace is how long the old
+#: credential keeps working after the switch (cookie keys: the session lifetime;
+#: OAuth: the overlap window before the old secret is revoked at the IdP).
+SECRET_POLICY_DEFAULTS: dict[str, tuple[timedelta, timedelta]] = {
+    ManagedSecret.Type.COOKIE_SIGNING: (timedelta(days=90), timedelta(seconds=1209600)),
+    ManagedSecret.Type.DATABASE_CREDENTIAL: (timedelta(days=30), timedelta(days=1)),
+    ManagedSecret.Type.TLS_CERTIFICATE: (timedelta(days=60), timedelta(days=1)),
+    ManagedSecret.Type.OAUTH_CLIENT_SECRET: (timedelta(days=180), timedelta(days=7)),
+    ManagedSecret.Type.GENERIC: (timedelta(days=90), timedelta(days=1)),
+}
+
+
+def _secret_executor(run_or_secret):
+    from rotation.executors import executor_for
+
+    secret = run_or_secret.secret if isinstance(run_or_secret, RotationRun) else run_or_secret
+    return executor_for(secret.secret_type)
+
+
+def _secret_event(secret: ManagedSecret, event: str, *, actor: Actor, outcome: str = Outcome.SUCCESS, **details) -> None:
+    audit.record(Action.SECRET, actor=actor, target=secret, outcome=outcome, details={"event": event, **details})
+
+
+def _notify_secret(secret: ManagedSecret, subject: str, body: str, *, severity: str = "warning", **data) -> None:
+    from keyvault import notify
+
+    notify.notify(notify.Notice(
+        subject=f"[Keyvault] {subject}", body=body, severity=severity, target=f"secret:{secret.name}",
+        owner=secret.owner, data={"secret": secret.name, "type": secret.secret_type, **data},
+    ))
+
+
+def _secret_due_at(secret: ManagedSecret, policy: RotationPolicy) -> datetime:
+    """Next rotation: a period after the last one, or ``warn_before`` ahead of expiry, whichever is sooner."""
+    anchor = secret.last_rotated_at or secret.created_at or timezone.now()
+    due = anchor + policy.period
+    if secret.expires_at:
+        due = min(due, secret.expires_at - secret.effective_warn_before)
+    return due
+
+
+def ensure_secret_policy(secret: ManagedSecret) -> RotationPolicy:
+    """The secret's policy, created with its type's defaults if it has none."""
+    policy = RotationPolicy.objects.filter(secret=secret).first()
+    if policy is not None:
+        return policy
+    period, grace = SECRET_POLICY_DEFAULTS[secret.secret_type]
+    if secret.secret_type == ManagedSecret.Type.COOKIE_SIGNING:
+        grace = timedelta(seconds=setting("SESSION_COOKIE_AGE", 1209600))
+    policy = RotationPolicy(secret=secret, period=period, grace_period=grace,
+                            auto=secret.secret_type != ManagedSecret.Type.OAUTH_CLIENT_SECRET)
+    policy.next_due_at = _secret_due_at(secret, policy)
+    policy.save()
+    return policy
+
+
+def update_secret_policy(secret: ManagedSecret, *, actor: Actor, **changes) -> RotationPolicy:
+    """Change a managed secret's rotation policy (same fields as a KEK's)."""
+    unknown = set(changes) - set(POLICY_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown policy fields: {sorted(unknown)}")
+    with transaction.atomic():
+        policy = RotationPolicy.objects.select_for_update().get(pk=ensure_secret_policy(secret).pk)
+        for name, value in changes.items():
+            setattr(policy, name, value)
+        policy.full_clean(exclude=["kek", "secret"])
+        policy.next_due_at = _secret_due_at(secret, policy)
+        policy.save()
+        audit.record(Action.POLICY_CHANGED, actor=actor, target=secret,
+                     details={k: str(v) if v is not None else None for k, v in changes.items()})
+    return policy
+
+
+def register_secret(
+    *, name: str, secret_type: str, source: str, path: str, actor: Actor, owner: str = "", description: str = "",
+    config: dict | None = None, warn_before: timedelta | None = None, inspect: bool = True,
+) -> ManagedSecret:
+    """Put a secret under management: validate its config, read what can be read, give it a policy.
+
+    :raises django.core.exceptions.ValidationError: bad name or config (secret-looking keys are refused).
+    :raises ExecutorError: the executor needs more configuration.
+    """
+    from rotation.executors import executor_for
+
+    secret = ManagedSecret(name=name, secret_type=secret_type, source=source, path=path, owner=owner,
+                           description=description, config=config or {}, warn_before=warn_before)
+    secret.full_clean()
+    executor_for(secret_type).validate_config(secret.config)
+    with transaction.atomic():
+        secret.save()
+        ensure_secret_policy(secret)
+        _secret_event(secret, "registered", actor=actor, type=secret_type, source=source, path=path, owner=owner)
+    if inspect:
+        try:
+            refresh_secret(secret, actor=actor)
+        except (SecretSourceError, KeyvaultError) as exc:
+            log.warning("registered %s but could not read it yet: %s", name, exc)
+    return secret
+
+
+def refresh_secret(secret: ManagedSecret, *, actor: Actor) -> ManagedSecret:
+    """Read the current value from its source and record non-secret facts (TLS: subject, SANs, expiry)."""
+    from rotation.executors.base import source_named
+
+    value = source_named(secret.source).read(secret.path)
+    facts = _secret_executor(secret).inspect(value.value)
+    expires_at = facts.pop("expires_at", None)
+    facts["version"] = value.version
+    ManagedSecret.objects.filter(pk=secret.pk).update(metadata=facts, expires_at=expires_at or secret.expires_at)
+    secret.refresh_from_db()
+    policy = ensure_secret_policy(secret)
+    RotationPolicy.objects.filter(pk=policy.pk).update(next_due_at=_secret_due_at(secret, policy))
+    return secret
+
+
+def _start_secret_run(*, secret, actor, kind, user, reason, incident_ref, destination) -> RotationRun:
+    if kind == Run.Kind.MIGRATE or destination is not None:
+        raise RotationError("managed secrets are rotated, not migrated between KEKs")
+    if kind == Run.Kind.EMERGENCY and not incident_ref.strip():
+        raise RotationError("an emergency rotation needs an incident or ticket reference")
+    runbook = runbooks.for_run(f"secret-{secret.secret_type}", kind)
+    if runbook is None:
+        raise RotationError(f"no runbook for {kind.label.lower()} rotation of {secret.get_secret_type_display()}")
+    try:
+        with transaction.atomic():
+            policy = ensure_secret_policy(secret)
+            needs_approval = policy.approvals_required > 0
+            run = RotationRun.objects.create(
+                secret=secret, policy=policy, kind=kind, state=S.PENDING_APPROVAL if needs_approval else S.QUEUED,
+                initiated_by=user, initiator=actor.name, reason=reason, incident_ref=incident_ref.strip(),
+            )
+            _create_steps(run, runbook)
+            if not needs_approval:
+                tick(run, "precheck.approvals", actor=Actor.system("engine"), evidence="policy requires no approvals")
+            audit.record(Action.ROTATION_STARTED, actor=actor, target=secret,
+                         details={"run_id": run.pk, "kind": kind.value, "reason": reason, "incident_ref": incident_ref,
+                                  "approvals_required": policy.approvals_required, "runbook": runbook.slug})
+            if not needs_approval:
+                enqueue_run(run)
+    except IntegrityError:
+        existing = RotationRun.objects.filter(secret=secret, state__in=Run.ACTIVE_STATES).first()
+        if existing is None:
+            raise
+        raise RunAlreadyActive(existing) from None
+    return run
+
+
+def _execute_secret_run(run_id: int, now: datetime) -> str:
+    """Advance a secret run through as many phases as it can now (idempotent, resumable)."""
+    from rotation.executors.base import Context, WaitingForPerson
+
+    run = RotationRun.objects.select_related("secret", "policy").get(pk=run_id)
+    if run.state not in (S.QUEUED, S.ROTATING, S.VERIFYING, S.RETIRING):
+        return run.state
+    executor = _secret_executor(run)
+    ctx = Context(run=run, secret=run.secret, now=now, state=dict(run.executor_state or {}))
+    try:
+        if run.state == S.QUEUED:
+            with transaction.atomic():
+                run = _locked_run(run_id)
+                if run.state != S.QUEUED:
+                    return run.state
+                _transition(run, S.ROTATING, actor=ENGINE, started_at=now, heartbeat_at=now)
+                ManagedSecret.objects.filter(pk=run.secret_id).update(status=ManagedSecret.Status.ROTATING)
+                chain = audit.verify_chain()
+                tick(run, "precheck.audit", actor=ENGINE, evidence=str(chain),
+                     status=RunStep.Status.DONE if chain.ok else RunStep.Status.FAILED)
+            ctx.run = run
+            if not ctx.state.get("prechecked"):
+                executor.precheck(ctx)
+                ctx.state["prechecked"] = True
+                ctx.save()
+        if run.state == S.ROTATING:
+            executor.rotate(ctx)
+            ctx.save()
+            with transaction.atomic():
+                run = _locked_run(run_id)
+                _transition(run, S.VERIFYING, actor=ENGINE, heartbeat_at=now, paused_reason="")
+            ctx.run = run
+        if run.state == S.VERIFYING:
+            executor.verify(ctx)
+            ctx.state["verified"] = True
+            ctx.save()
+            run = _finish_secret_switch(run_id, ctx, now)
+            ctx.run = run
+        if run.state == S.RETIRING:
+            if run.retire_after and run.retire_after > now:
+                return run.state
+            executor.retire(ctx)
+            ctx.save()
+            with transaction.atomic():
+                run = _locked_run(run_id)
+                _transition(run, S.COMPLETED, actor=ENGINE, paused_reason="")
+                ManagedSecret.objects.filter(pk=run.secret_id).update(status=ManagedSecret.Status.ACTIVE)
+        return run.state
+    except WaitingForPerson as waiting:
+        ctx.save()
+        reason = f"waiting for a person: {waiting}"
+        RotationRun.objects.filter(pk=run_id).update(paused_reason=reason[:255], heartbeat_at=now)
+        if ctx.state.get("announced_wait") != waiting.key:
+            ctx.state["announced_wait"] = waiting.key
+            ctx.save()
+            _notify_secret(run.secret, f"Rotation of {run.secret.name} needs you", f"Run #{run.pk}: {waiting}",
+                           severity="info", run_id=run.pk, step=waiting.key)
+        return run.state
+    except (ProviderUnavailable, SecretSourceUnavailable, OperationalError, InterfaceError):
+        ctx.save()
+        raise  # transient: the task retries with backoff
+    except Exception as exc:  # the run fails visibly; the executor makes sure the old credential still works
+        log.exception("rotation run #%s of secret %s failed", run_id, run.secret.name)
+        ctx.save()
+        note = executor.on_failure(ctx, exc)
+        ctx.save()
+        return _fail_secret_run(run_id, exc, note)
+
+
+def _finish_secret_switch(run_id: int, ctx, now: datetime) -> RotationRun:
+    """The new credential is live and verified: record it, schedule the next rotation and the retirement."""
+    with transaction.atomic():
+        run = _locked_run(run_id)
+        if run.state != S.VERIFYING:
+            return run
+        secret = ManagedSecret.objects.select_for_update().get(pk=run.secret_id)
+        facts = dict(ctx.state.get("facts") or {})
+        expires_at = facts.pop("expires_at", None)
+        secret.last_rotated_at = now
+        secret.status = ManagedSecret.Status.ROTATING
+        if facts:
+            secret.metadata = facts
+        if expires_at:
+            secret.expires_at = datetime.fromisoformat(expires_at)
+        secret.save(update_fields=["last_rotated_at", "status", "metadata", "expires_at", "updated_at"])
+        if run.policy_id:
+            RotationPolicy.objects.filter(pk=run.policy_id).update(next_due_at=_secret_due_at(secret, run.policy))
+        _transition(run, S.RETIRING, actor=ENGINE, retire_after=now + ctx.grace, paused_reason="")
+        _secret_event(secret, "rotated", actor=ENGINE, run_id=run.pk,
+                      new_version=str(ctx.state.get("new_version") or ""), retire_after=(now + ctx.grace).isoformat())
+    return run
+
+
+def _fail_secret_run(run_id: int, exc: Exception, note: str) -> str:
+    message = f"{type(exc).__name__}: {exc}"
+    with transaction.atomic():
+        run = _locked_run(run_id)
+        if S.FAILED not in SECRET_TRANSITIONS[run.state]:
+            return run.state
+        _transition(run, S.FAILED, actor=ENGINE, note=f"{message} — {note}", last_error=f"{message} ({note})")
+        ManagedSecret.objects.filter(pk=run.secret_id).update(status=ManagedSecret.Status.FAILED)
+        _secret_event(run.secret, "rotation_failed", actor=ENGINE, outcome=Outcome.FAILURE, run_id=run.pk,
+                      error=message[:500], recovery=note[:500])
+    _notify_secret(run.secret, f"Rotation of {run.secret.name} failed",
+                   f"Run #{run.pk} failed: {message}\n{note}\nThe previous credential is still valid.",
+                   severity="error", run_id=run.pk)
+    return S.FAILED
+
+
+def _rollback_secret(run: RotationRun, reason: str) -> str:
+    from rotation.executors.base import Context
+
+    ctx = Context(run=run, secret=run.secret, now=timezone.now(), state=dict(run.executor_state or {}))
+    note = _secret_executor(run).rollback(ctx)
+    ctx.save()
+    ManagedSecret.objects.filter(pk=run.secret_id).update(status=ManagedSecret.Status.ACTIVE)
+    return f"{reason} ({note})".strip() if reason else note
+
+
+def provide_secret_value(run: RotationRun, value: str, *, actor: Actor) -> RotationRun:
+    """A person hands over a new secret value the run cannot make itself (e.g. an OAuth client secret).
+
+    The value goes straight to the secret's source; only its new version id is kept.
+    """
+    from rotation.executors.base import Context
+
+    if not value or not value.strip():
+        raise RotationError("the new secret value is empty")
+    with transaction.atomic():
+        run = _locked_run(run.pk)
+        if not run.secret_id or run.state != S.ROTATING:
+            raise InvalidRunTransition(f"run #{run.pk} is not waiting for a new secret value")
+        ctx = Context(run=run, secret=run.secret, now=timezone.now(), state=dict(run.executor_state or {}))
+        _secret_executor(run).accept_value(ctx, value.strip(), actor=actor)
+        ctx.save()
+        dispatch("execute_run", run.pk)
+    return run
+
+
+# -- expiry and overdue reminders --------------------------------------------------------
+
+
+def secrets_needing_attention(now: datetime | None = None) -> list[tuple[ManagedSecret, list[str]]]:
+    """Secrets that are expired, expiring within their warning window, overdue for rotation, or failed."""
+    now = now or timezone.now()
+    found = []
+    for secret in ManagedSecret.objects.select_related("rotation_policy").order_by("name"):
+        reasons = []
+        if secret.expires_at and secret.expires_at <= now:
+            reasons.append(f"expired {secret.expires_at:%Y-%m-%d %H:%M} UTC")
+        elif secret.expires_at and secret.expires_at - secret.effective_warn_before <= now:
+            reasons.append(f"expires {secret.expires_at:%Y-%m-%d %H:%M} UTC (in {(secret.expires_at - now).days} days)")
+        policy = getattr(secret, "rotation_policy", None)
+        if policy and policy.next_due_at and policy.next_due_at <= now:
+            reasons.append(f"rotation overdue since {policy.next_due_at:%Y-%m-%d %H:%M} UTC")
+        if secret.status == ManagedSecret.Status.FAILED:
+            reasons.append("last rotation failed")
+        if reasons:
+            found.append((secret, reasons))
+    return found
+
+
+def _attention_status(secret: ManagedSecret, now: datetime) -> str:
+    if secret.status in (ManagedSecret.Status.FAILED, ManagedSecret.Status.ROTATING):
+        return secret.status
+    if secret.expires_at and secret.expires_at <= now:
+        return ManagedSecret.Status.EXPIRED
+    if secret.expires_at and secret.expires_at - secret.effective_warn_before <= now:
+        return ManagedSecret.Status.EXPIRING
+    policy = getattr(secret, "rotation_policy", None)
+    if policy and policy.next_due_at and policy.next_due_at <= now:
+        return ManagedSecret.Status.OVERDUE
+    return ManagedSecret.Status.ACTIVE
+
+
+def flag_expiring_secrets(*, now: datetime | None = None) -> list[ManagedSecret]:
+    """The daily check: set each secret's status, and audit and notify those needing attention.
+
+    Each secret is reported at most once per day, so running it twice is harmless.
+    """
+    now = now or timezone.now()
+    flagged = []
+    attention = dict((secret.pk, reasons) for secret, reasons in secrets_needing_attention(now))
+    for secret in ManagedSecret.objects.select_related("rotation_policy"):
+        status = _attention_status(secret, now)
+        if status != secret.status:
+            ManagedSecret.objects.filter(pk=secret.pk).update(status=status)
+        reasons = attention.get(secret.pk)
+        if not reasons or (secret.last_flagged_at and secret.last_flagged_at > now - timedelta(hours=20)):
+            continue
+        with transaction.atomic():
+            ManagedSecret.objects.filter(pk=secret.pk).update(last_flagged_at=now)
+            _secret_event(secret, "needs_attention", actor=Actor.system("beat"), outcome=Outcome.SUCCESS,
+                          status=status, reasons=reasons)
+        _notify_secret(secret, f"{secret.name}: {'; '.join(reasons)}",
+                       f"Managed secret {secret.name} ({secret.get_secret_type_display()}, owner "
+                       f"{secret.owner or 'unassigned'}) needs attention: {'; '.join(reasons)}.",
+                       severity="error" if status in ("expired", "failed") else "warning", reasons=reasons)
+        flagged.append(secret)
+    return flagged
+
+
+def start_due_secret_rotations(*, now: datetime) -> list[RotationRun]:
+    """Planned runs for automatic secret policies that are due and inside their window."""
+    started = []
+    candidates = (RotationPolicy.objects.select_related("secret")
+                  .filter(auto=True, secret__isnull=False, next_due_at__lte=now)
+                  .exclude(secret__rotation_runs__state__in=Run.ACTIVE_STATES))
+    for policy in candidates:
+        if not policy.in_window(now):
+            continue
+        try:
+            started.append(start_run(secret=policy.secret, actor=Actor.system("beat"), kind=Run.Kind.PLANNED,
+                                     reason=_due_reason(policy, now)))
+        except RunAlreadyActive:
+            continue
+        except KeyvaultError as exc:
+            log.warning("could not start planned rotation of secret %s: %s", policy.secret.name, exc)
+    return started

@@ -11,6 +11,7 @@ from django.db import InterfaceError, OperationalError
 from django.utils import timezone
 
 from keyvault.kms import ProviderUnavailable
+from keyvault.secrets import SecretSourceUnavailable
 from rotation import services
 
 #: Exponential backoff while a provider is down: 2, 4, 8 … seconds, at most this long between tries.
@@ -32,7 +33,7 @@ def execute_run(self, run_id: int) -> str:
     """Advance one run by one phase."""
     try:
         return services.execute_run(run_id, now=timezone.now())
-    except (ProviderUnavailable, OperationalError, InterfaceError) as exc:
+    except (ProviderUnavailable, SecretSourceUnavailable, OperationalError, InterfaceError) as exc:
         services.mark_paused(run_id, f"provider unavailable, retrying: {exc}")
         raise self.retry(exc=exc, countdown=_backoff(self.request.retries)) from None
 
@@ -45,3 +46,9 @@ def rewrap_partition(self, run_id: int, lo: int, hi: int) -> int:
     except (ProviderUnavailable, OperationalError, InterfaceError) as exc:
         services.mark_paused(run_id, f"provider unavailable, retrying: {exc}")
         raise self.retry(exc=exc, countdown=_backoff(self.request.retries)) from None
+
+
+@shared_task(name="rotation.flag_expiring_secrets", ignore_result=True)
+def flag_expiring_secrets() -> int:
+    """Daily (beat): audit and notify managed secrets that expire soon, are overdue or failed."""
+    return len(services.flag_expiring_secrets(now=timezone.now()))

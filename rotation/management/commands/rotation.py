@@ -16,6 +16,7 @@ from keyvault.management.commands._base import KeyvaultCommand
 from keyvault.management.commands.kms import kek_named
 from keyvault import services as key_services
 from rotation import services
+from keyvault.models import ManagedSecret
 from rotation.models import RotationRun, format_period, parse_period
 
 S = RotationRun.State
@@ -23,8 +24,15 @@ WAIT_DONE = {S.COMPLETED, S.RETIRING}
 WAIT_FAILED = {S.FAILED, S.CANCELLED, S.ROLLED_BACK}
 
 
+def secret_named(name: str) -> ManagedSecret:
+    secret = ManagedSecret.objects.filter(name=name).first()
+    if secret is None:
+        raise CommandError(f"no managed secret named {name!r}")
+    return secret
+
+
 def run_numbered(run_id: int) -> RotationRun:
-    run = RotationRun.objects.select_related("kek", "policy").filter(pk=run_id).first()
+    run = RotationRun.objects.select_related("kek", "secret", "policy").filter(pk=run_id).first()
     if run is None:
         raise CommandError(f"no rotation run #{run_id}")
     return run
@@ -35,6 +43,7 @@ def run_summary(run: RotationRun) -> dict:
     return {
         "id": run.pk,
         "kek": run.kek.name if run.kek_id else None,
+        "secret": run.secret.name if run.secret_id else None,
         "kind": run.kind,
         "state": run.state,
         "initiator": run.initiator,
@@ -69,8 +78,10 @@ class Command(KeyvaultCommand):
         super().add_arguments(parser)
         sub = parser.add_subparsers(dest="subcommand", required=True)
 
-        start = sub.add_parser("start", help="Start a rotation of a KEK; prints the run id.")
-        start.add_argument("--kek", required=True)
+        start = sub.add_parser("start", help="Start a rotation of a KEK or a managed secret; prints the run id.")
+        target = start.add_mutually_exclusive_group(required=True)
+        target.add_argument("--kek")
+        target.add_argument("--secret", help="Name of a managed secret (cookie keys, DB credential, TLS, OAuth).")
         start.add_argument("--kind", default="on_demand", choices=[k.value for k in RotationRun.Kind])
         start.add_argument("--reason", default="")
         start.add_argument("--incident", default="", help="Incident or ticket reference (required for emergency).")
@@ -133,8 +144,9 @@ class Command(KeyvaultCommand):
         destination = kek_named(options["destination"]) if options["destination"] else None
         keep_here = services.inline_dispatch() if options["inline"] else contextlib.nullcontext()
         with keep_here:
+            target = {"secret": secret_named(options["secret"])} if options["secret"] else {"kek": kek_named(options["kek"])}
             run = services.start_run(
-                kek=kek_named(options["kek"]), actor=self.actor(options), user=self._user(options),
+                **target, actor=self.actor(options), user=self._user(options),
                 kind=options["kind"], reason=options["reason"], incident_ref=options["incident"],
                 destination=destination,
             )
@@ -155,6 +167,8 @@ class Command(KeyvaultCommand):
             if line != last:
                 self.stderr.write(line)
                 last = line
+            if run.secret_id and run.paused_reason.startswith("waiting for a person"):
+                return  # a guided secret rotation: the run page / `rotation tick` continue it
             if run.state in WAIT_DONE:
                 if run.state == S.RETIRING and run.retire_after:
                     self.stderr.write(f"all data keys rewrapped and verified; old versions retire after {run.retire_after:%Y-%m-%d %H:%M} UTC")
@@ -169,7 +183,7 @@ class Command(KeyvaultCommand):
             self.stdout.write(json.dumps(summary, indent=2))
             return
         self.stdout.write(
-            f"run #{summary['id']} {summary['kind']} of KEK {summary['kek']}: {summary['state']}\n"
+            f"run #{summary['id']} {summary['kind']} of {run_numbered(options['run_id']).target_label}: {summary['state']}\n"
             f"  rewrapped {summary['rewrapped']}/{summary['total']} ({summary['percent']}%), failed {summary['failed']}\n"
             f"  versions v{summary['previous_version']} -> v{summary['target_version']}, coverage {summary['coverage']}"
         )
@@ -177,11 +191,11 @@ class Command(KeyvaultCommand):
             self.stdout.write(f"  last error: {summary['last_error']}")
 
     def _list(self, options):
-        runs = RotationRun.objects.select_related("kek").order_by("-pk")
+        runs = RotationRun.objects.select_related("kek", "secret").order_by("-pk")
         if options["active"]:
             runs = runs.filter(state__in=RotationRun.ACTIVE_STATES)
         for run in runs[: options["limit"]]:
-            self.stdout.write(f"#{run.pk}\t{run.kek.name}\t{run.kind}\t{run.state}\t{run.rewrapped}/{run.total_deks}\t{run.created_at:%Y-%m-%d %H:%M}")
+            self.stdout.write(f"#{run.pk}\t{run.target_label}\t{run.kind}\t{run.state}\t{run.rewrapped}/{run.total_deks}\t{run.created_at:%Y-%m-%d %H:%M}")
 
     def _approve(self, options):
         user = self._user(options)

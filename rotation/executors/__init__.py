@@ -1,0 +1,33 @@
+"""Rotation executors for managed secrets: one module per secret type.
+
+The rotation engine (``rotation.services``) runs a secret's run through the same
+states, steps, approvals and audit events as a KEK run, and asks the executor of
+the secret's type to do the work of each phase (see :mod:`rotation.executors.base`).
+This package's ``__init__`` imports nothing from Django, so settings can use
+:mod:`rotation.executors.keyring`.
+"""
+
+EXECUTORS = {
+    "cookie_signing": "rotation.executors.cookie.CookieSigningExecutor",
+    "database_credential": "rotation.executors.postgres.PostgresCredentialExecutor",
+    "tls_certificate": "rotation.executors.tls.TLSCertificateExecutor",
+    "oauth_client_secret": "rotation.executors.oauth.OAuthClientSecretExecutor",
+    "generic": "rotation.executors.generic.GenericSecretExecutor",
+}
+
+
+def executor_for(secret_type: str):
+    """An executor instance for ``secret_type``.
+
+    :raises ExecutorError: no executor for that type.
+    """
+    import importlib
+
+    from rotation.executors.base import ExecutorError
+
+    try:
+        dotted = EXECUTORS[secret_type]
+    except KeyError:
+        raise ExecutorError(f"no rotation executor for secret type {secret_type!r}") from None
+    module_name, _, class_name = dotted.rpartition(".")
+    return getattr(importlib.import_module(module_name), class_name)()

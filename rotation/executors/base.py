@@ -1,0 +1,203 @@
+"""The executor contract: what the rotation engine asks of each secret type.
+
+A secret run goes through the same states as a KEK run, minus the rewrap:
+
+``queued`` → ``rotating`` (:meth:`Executor.precheck`, then :meth:`Executor.rotate`)
+→ ``verifying`` (:meth:`Executor.verify`) → ``retiring`` (after the policy's grace
+period, :meth:`Executor.retire`) → ``completed``.
+
+Every phase must be idempotent: it records what it has done in ``ctx.state`` (the
+run's ``executor_state``, never a secret value) and skips that part when called
+again. A phase that needs a person raises :class:`WaitingForPerson`; the run stays
+where it is until the manual step is ticked. Any other exception fails the run; the
+engine then calls :meth:`Executor.on_failure`, which must leave the old credential
+valid (it is never destroyed before retirement anyway).
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from keyvault.secrets.base import SecretSource, SecretVersion
+from rotation.exceptions import RotationError
+
+log = logging.getLogger(__name__)
+_MISSING = object()
+
+
+class ExecutorError(RotationError):
+    """A step of a secret rotation failed; the old credential stays valid."""
+
+
+class SecretConfigError(ExecutorError):
+    """The managed secret's configuration is missing something its executor needs."""
+
+
+class VerificationFailed(ExecutorError):
+    """The new credential did not work when tried for real."""
+
+
+class WaitingForPerson(Exception):  # noqa: N818 - a pause, not an error
+    """The run waits for a manual runbook step (or for a value a person provides)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+def fingerprint(value: str | bytes) -> str:
+    """A short SHA-256 fingerprint to recognise a high-entropy key or certificate in evidence (never for passwords)."""
+    data = value.encode() if isinstance(value, str) else value
+    return "sha256:" + hashlib.sha256(data).hexdigest()[:16]
+
+
+@dataclass
+class Context:
+    """What a phase sees: the run, its secret, ``now`` and the engine's helpers."""
+
+    run: Any
+    secret: Any
+    now: datetime
+    state: dict = field(default_factory=dict)
+
+    # -- configuration --------------------------------------------------------------
+    def config(self, key: str, default=_MISSING):
+        value = self.secret.config.get(key, default)
+        if value is _MISSING or value in ("", None) and default is _MISSING:
+            raise SecretConfigError(f"secret {self.secret.name}: configuration needs {key!r}")
+        return value
+
+    @property
+    def grace(self) -> timedelta:
+        if self.run.kind == "emergency":
+            return timedelta(0)
+        return self.run.policy.grace_period if self.run.policy_id else timedelta(days=7)
+
+    # -- the secret source -----------------------------------------------------------
+    def source(self, name: str | None = None) -> SecretSource:
+        return source_named(name or self.secret.source)
+
+    def read(self, *, version: str | None = None) -> SecretVersion:
+        return self.source().read(self.secret.path, version=version)
+
+    def write(self, value: str) -> SecretVersion:
+        return self.source().write(self.secret.path, value)
+
+    def restore(self, version: str) -> SecretVersion:
+        """Make an earlier version current again, by writing its value as a new version."""
+        old = self.source().read(self.secret.path, version=version)
+        return self.source().write(self.secret.path, old.value)
+
+    # -- steps, persisted state, audit ---------------------------------------------------
+    def tick(self, key: str, evidence: str = "", *, failed: bool = False) -> None:
+        from rotation import services
+        from rotation.models import RunStep
+
+        services.tick(self.run, key, actor=services.ENGINE, evidence=evidence,
+                      status=RunStep.Status.FAILED if failed else RunStep.Status.DONE)
+
+    def step_done(self, key: str) -> bool:
+        from rotation.models import RunStep
+
+        return RunStep.objects.filter(run=self.run, key=key, status=RunStep.Status.DONE).exists()
+
+    def require(self, key: str, message: str) -> None:
+        """Stop here until a person ticks the manual step ``key``."""
+        if not self.step_done(key):
+            raise WaitingForPerson(key, message)
+
+    def save(self) -> None:
+        from rotation.models import RotationRun
+
+        RotationRun.objects.filter(pk=self.run.pk).update(executor_state=self.state)
+        self.run.executor_state = self.state
+
+    def event(self, event: str, *, outcome: str = "success", **details) -> None:
+        from keyvault import audit
+        from rotation import services
+
+        audit.record(audit.Action.SECRET, actor=services.ENGINE, target=self.secret, outcome=outcome,
+                     details={"event": event, "run_id": self.run.pk, **details})
+
+
+def source_named(name: str) -> SecretSource:
+    """The configured secret source ``name``.
+
+    :raises SecretSourceConfigurationError: unknown or unconfigured source.
+    """
+    from keyvault.secrets.registry import get_source
+
+    return get_source(name)
+
+
+class Executor(abc.ABC):
+    """Rotation of one secret type. Subclasses document their config keys in :attr:`config_help`."""
+
+    secret_type: str = ""
+    #: Runbook file (``rotation/runbooks/<slug>.md``) whose step keys this executor ticks.
+    runbook_slug: str = ""
+    #: Config keys: name -> help text (shown in the console's add form).
+    config_help: dict[str, str] = {}
+    required_config: tuple[str, ...] = ()
+
+    def validate_config(self, config: dict) -> None:
+        """:raises SecretConfigError: a required key is missing or a value is unusable."""
+        missing = [key for key in self.required_config if config.get(key) in (None, "")]
+        if missing:
+            raise SecretConfigError(f"configuration needs {', '.join(repr(k) for k in missing)}")
+
+    @abc.abstractmethod
+    def precheck(self, ctx: Context) -> None:
+        """Check the source, the target system and the current value before anything changes."""
+
+    @abc.abstractmethod
+    def rotate(self, ctx: Context) -> None:
+        """Make the new credential and install it (the old one stays valid)."""
+
+    @abc.abstractmethod
+    def verify(self, ctx: Context) -> None:
+        """Prove the new credential works, for real (a login, a handshake, a token request)."""
+
+    @abc.abstractmethod
+    def retire(self, ctx: Context) -> None:
+        """After the grace period: stop the old credential from working."""
+
+    def rollback(self, ctx: Context) -> str:
+        """Before retirement: make the previous credential current again. Returns a note for the audit trail."""
+        previous = ctx.state.get("previous_version")
+        if not previous or not ctx.state.get("new_version"):
+            return "nothing was installed; nothing to restore"
+        restored = ctx.restore(previous)
+        ctx.state["restored_version"] = restored.version
+        ctx.state.pop("new_version", None)  # a resumed run rotates afresh
+        ctx.tick("rollback.restore", f"version {previous} is current again (as version {restored.version})")
+        return f"previous version {previous} restored"
+
+    def on_failure(self, ctx: Context, exc: Exception) -> str:
+        """After an error: put the source back where it was if the new value was installed but never verified."""
+        if ctx.state.get("new_version") and not ctx.state.get("verified") and ctx.state.get("previous_version"):
+            try:
+                return self.rollback(ctx)
+            except Exception as restore_exc:  # report both; the old credential itself was never touched
+                log.exception("could not restore %s after a failed rotation", ctx.secret.name)
+                return f"restoring the previous version failed too: {type(restore_exc).__name__}: {restore_exc}"
+        return "the old credential was not changed"
+
+    def before_manual_tick(self, run, key: str, *, now: datetime) -> None:
+        """Refuse a manual tick that would break a rule (e.g. revoking before the overlap window ends).
+
+        :raises ExecutorError:
+        """
+
+    def accept_value(self, ctx: Context, value: str, *, actor) -> None:
+        """Store a value a person provides (types that cannot make their own). :raises ExecutorError:"""
+        raise ExecutorError(f"{ctx.secret.get_secret_type_display()} rotation makes its own values")
+
+    def inspect(self, value: str) -> dict:
+        """Non-secret facts about a value for the secret's metadata (``expires_at`` as a datetime if known)."""
+        return {}

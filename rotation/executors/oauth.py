@@ -1,0 +1,142 @@
+"""OAuth/OIDC client secrets: a guided rotation with an overlap window.
+
+Keyvault cannot make a client secret: the identity provider does. The run guides
+a person through the steps IdPs support for overlap (two secrets valid at once):
+
+1. create a second secret at the IdP (manual tick, with evidence);
+2. hand it to Keyvault (console or ``provide_secret_value``), which stores it in
+   the source as a new version;
+3. deploy: applications re-read the secret (manual tick);
+4. Keyvault verifies a real client-credentials token request with the new secret
+   against the configured token endpoint;
+5. after the overlap window (the policy's grace period) a person revokes the old
+   secret at the IdP; ticking that earlier is refused. Keyvault then checks that the
+   old secret is really refused by the token endpoint before completing.
+
+Config: ``token_endpoint`` (https, or http on localhost), ``client_id``, ``scope``
+(optional), ``auth_method``: ``client_secret_basic`` (default) or ``client_secret_post``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+
+from rotation.executors.base import Context, Executor, ExecutorError, SecretConfigError, VerificationFailed, WaitingForPerson
+
+TOKEN_TIMEOUT = 10.0
+_LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+def token_request(endpoint: str, client_id: str, client_secret: str, *, scope: str = "",
+                  auth_method: str = "client_secret_basic") -> tuple[bool, str]:
+    """A client-credentials grant; returns ``(accepted, detail)``. The secret never appears in ``detail``."""
+    form = {"grant_type": "client_credentials"}
+    if scope:
+        form["scope"] = scope
+    headers = {"Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"}
+    if auth_method == "client_secret_post":
+        form.update(client_id=client_id, client_secret=client_secret)
+    else:  # RFC 6749 §2.3.1: both parts form-urlencoded, then Basic
+        pair = f"{urllib.parse.quote(client_id, safe='')}:{urllib.parse.quote(client_secret, safe='')}"
+        headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
+    request = urllib.request.Request(endpoint, data=urllib.parse.urlencode(form).encode(), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=TOKEN_TIMEOUT) as response:  # noqa: S310 - configured endpoint
+            body = json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        try:
+            error = json.loads(exc.read() or b"{}").get("error", "")
+        except ValueError:
+            error = ""
+        return False, f"HTTP {exc.code} {error}".strip()
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise VerificationFailed(f"token endpoint unreachable: {getattr(exc, 'reason', exc)}") from None
+    if not body.get("access_token"):
+        return False, "HTTP 200 without an access_token"
+    return True, f"HTTP 200, token_type {body.get('token_type', '?')}, expires_in {body.get('expires_in', '?')}"
+
+
+class OAuthClientSecretExecutor(Executor):
+    secret_type = "oauth_client_secret"
+    runbook_slug = "secret-oauth_client_secret"
+    required_config = ("token_endpoint", "client_id")
+    config_help = {"token_endpoint": "IdP token URL", "client_id": "the client's id", "scope": "optional scope",
+                   "auth_method": "client_secret_basic (default) or client_secret_post"}
+
+    def validate_config(self, config: dict) -> None:
+        super().validate_config(config)
+        url = urllib.parse.urlsplit(str(config["token_endpoint"]))
+        if url.scheme != "https" and not (url.scheme == "http" and url.hostname in _LOCAL_HOSTS):
+            raise SecretConfigError("token_endpoint must be https (http only on localhost)")
+        if config.get("auth_method", "client_secret_basic") not in ("client_secret_basic", "client_secret_post"):
+            raise SecretConfigError("auth_method is client_secret_basic or client_secret_post")
+
+    def _request(self, ctx: Context, secret_value: str) -> tuple[bool, str]:
+        cfg = ctx.secret.config
+        return token_request(ctx.config("token_endpoint"), ctx.config("client_id"), secret_value,
+                             scope=cfg.get("scope", ""), auth_method=cfg.get("auth_method", "client_secret_basic"))
+
+    def precheck(self, ctx: Context) -> None:
+        current = ctx.read()
+        ctx.state["previous_version"] = current.version
+        ctx.tick("precheck.source", f"version {current.version} read from {ctx.secret.source}")
+        accepted, detail = self._request(ctx, current.value)
+        if not accepted:
+            raise ExecutorError(f"the current secret is already refused by the token endpoint ({detail})")
+        ctx.tick("precheck.token", f"token request with the current secret: {detail}")
+
+    def rotate(self, ctx: Context) -> None:
+        ctx.require("idp.create", "create a second client secret at the identity provider, then tick 'idp.create'")
+        if not ctx.state.get("new_version"):
+            raise WaitingForPerson("store", "hand the new client secret to Keyvault (Provide new value on the run)")
+        ctx.require("deploy", "deploy: let the applications re-read the secret, then tick 'deploy'")
+
+    def accept_value(self, ctx: Context, value: str, *, actor) -> None:
+        if not ctx.step_done("idp.create"):
+            raise ExecutorError("tick 'idp.create' (second secret created at the IdP) first")
+        if ctx.state.get("new_version"):
+            raise ExecutorError("the new secret is already stored; roll back the run to start again")
+        if ctx.read(version=ctx.state["previous_version"]).value == value:
+            raise ExecutorError("that is the current secret; create a new one at the IdP")
+        written = ctx.write(value)
+        ctx.state["new_version"] = written.version
+        from rotation import services
+
+        services.tick(ctx.run, "store", actor=actor, evidence=f"stored as version {written.version} by {actor.name}")
+
+    def verify(self, ctx: Context) -> None:
+        current = ctx.read()
+        if current.version != ctx.state.get("new_version"):
+            raise VerificationFailed("the source no longer holds the new secret as current")
+        accepted, detail = self._request(ctx, current.value)
+        if not accepted:
+            raise VerificationFailed(f"the token endpoint refused the new secret ({detail})")
+        ctx.tick("verify.token", f"token request with the new secret: {detail}")
+
+    def before_manual_tick(self, run, key: str, *, now) -> None:
+        if key == "deploy" and not (run.executor_state or {}).get("new_version"):
+            raise ExecutorError("store the new secret in Keyvault before deploying it")
+        if key == "idp.revoke":
+            if run.state != "retiring" or not run.retire_after:
+                raise ExecutorError("the old secret is revoked only after the new one is verified")
+            if run.retire_after > now:
+                raise ExecutorError(f"the overlap window lasts until {run.retire_after:%Y-%m-%d %H:%M} UTC; "
+                                    "revoke the old secret at the IdP after that")
+
+    def retire(self, ctx: Context) -> None:
+        ctx.require("idp.revoke", "the overlap window is over: revoke the old secret at the IdP, then tick 'idp.revoke'")
+        old = ctx.read(version=ctx.state["previous_version"])
+        accepted, detail = self._request(ctx, old.value)
+        if accepted:
+            from rotation.models import RunStep
+
+            RunStep.objects.filter(run=ctx.run, key="idp.revoke").update(status=RunStep.Status.PENDING)
+            raise WaitingForPerson("idp.revoke", "the IdP still accepts the old secret: revoke it, then tick 'idp.revoke' again")
+        ctx.tick("verify.revoked", f"token request with the old secret refused: {detail}")
+        if ctx.source().writable:
+            ctx.source().delete_version(ctx.secret.path, ctx.state["previous_version"])
+        ctx.tick("retire", f"old secret (version {ctx.state['previous_version']}) revoked and removed from the source")

@@ -1,0 +1,295 @@
+"""PostgreSQL credentials: zero-downtime two-user (blue/green) rotation, or single-user with a brief disruption.
+
+**Two users** (Infisical's dual-phase scheme): the secret holds the credentials of
+one of two roles with the same privileges, e.g. ``app_blue`` and ``app_green``.
+A rotation gives the *inactive* role a new strong password, logs in with it for
+real, and only then switches the secret to that role. The previously active role
+keeps working for the grace period (applications pick up the new secret at their
+own pace), then is locked (``NOLOGIN``, or a random password nobody knows). Each
+credential is thus valid for one period plus the grace period, and is never
+changed while it is in use.
+
+**Single user** (``mode: single``): the one role gets a new password and the
+secret is switched right away; connections already open keep working, but a new
+connection made with the old password fails until the application re-reads the
+secret — schedule it in a quiet window (see the runbook).
+
+Passwords never reach the server in clear text: ``ALTER ROLE … PASSWORD`` is sent
+a SCRAM-SHA-256 verifier computed here, so statement logs hold no password.
+Verification is a real login with the new password; where the privileged
+connection can read ``pg_authid`` (a superuser) the stored verifier is also
+checked against the new password, which still proves the change on servers that
+accept logins without a password (``trust``).
+
+Stored value (JSON, the shape AWS Secrets Manager uses for database secrets):
+``{"engine": "postgres", "host", "port", "dbname", "username", "password"}``.
+
+Config: ``host``, ``port`` (5432), ``dbname``, ``usernames`` (two roles) or
+``username`` with ``mode: single``; ``admin_dsn`` (a libpq connection string for a
+role with CREATEROLE, *without* a password) and optionally ``admin_password_ref``
+(``{"source": …, "path": …}``, where the admin password is kept); ``retire``:
+``nologin`` (default) or ``password``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+
+from rotation.executors.base import (
+    Context,
+    Executor,
+    ExecutorError,
+    SecretConfigError,
+    VerificationFailed,
+    source_named,
+)
+
+SCRAM_ITERATIONS = 4096
+CONNECT_TIMEOUT = 5
+#: 256 bits of randomness, URL-safe (no quoting trouble in connection strings).
+PASSWORD_BYTES = 32
+
+
+def scram_verifier(password: str, *, salt: bytes | None = None, iterations: int = SCRAM_ITERATIONS) -> str:
+    """The ``SCRAM-SHA-256$…`` verifier PostgreSQL stores for ``password`` (RFC 7677, ASCII passwords)."""
+    salt = salt or secrets.token_bytes(16)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    stored_key = hashlib.sha256(hmac.new(salted, b"Client Key", hashlib.sha256).digest()).digest()
+    server_key = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
+    b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
+    return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
+
+
+def scram_matches(verifier: str | None, password: str) -> bool:
+    """Whether a stored SCRAM-SHA-256 verifier is the one for ``password``."""
+    try:
+        scheme, rest = verifier.split("$", 1)
+        head, keys = rest.split("$", 1)
+        iterations, salt = head.split(":", 1)
+        if scheme != "SCRAM-SHA-256":
+            return False
+        expected = scram_verifier(password, salt=base64.b64decode(salt), iterations=int(iterations))
+    except (AttributeError, ValueError):
+        return False
+    return hmac.compare_digest(expected.rsplit("$", 1)[1], keys)
+
+
+def _psycopg():
+    try:
+        import psycopg
+        from psycopg import sql
+    except ModuleNotFoundError:
+        raise SecretConfigError("PostgreSQL rotation needs psycopg (pip install 'psycopg[binary]')") from None
+    return psycopg, sql
+
+
+class PostgresCredentialExecutor(Executor):
+    secret_type = "database_credential"
+    runbook_slug = "secret-database_credential"
+    required_config = ("host", "dbname", "admin_dsn")
+    config_help = {
+        "host": "database host", "port": "port (5432)", "dbname": "database the application connects to",
+        "usernames": "the two roles for blue/green, e.g. [\"app_blue\", \"app_green\"]",
+        "username": "the one role (mode: single)", "mode": "blue_green (default) or single",
+        "admin_dsn": "libpq connection string of a role with CREATEROLE, without password",
+        "admin_password_ref": "{\"source\": …, \"path\": …} holding the admin password (optional)",
+        "retire": "nologin (default) or password",
+    }
+
+    # -- configuration and connections --------------------------------------------------
+    def validate_config(self, config: dict) -> None:
+        super().validate_config(config)
+        psycopg, _ = _psycopg()
+        try:
+            admin = psycopg.conninfo.conninfo_to_dict(config["admin_dsn"])
+        except psycopg.ProgrammingError as exc:
+            raise SecretConfigError(f"admin_dsn is not a libpq connection string: {exc}") from None
+        if "password" in admin:
+            raise SecretConfigError("admin_dsn must not contain a password; use admin_password_ref")
+        if config.get("mode", "blue_green") == "single":
+            if not config.get("username"):
+                raise SecretConfigError("single-user mode needs 'username'")
+        else:
+            users = config.get("usernames")
+            if not isinstance(users, list) or len(users) != 2 or len(set(users)) != 2 or not all(users):
+                raise SecretConfigError("blue/green mode needs 'usernames': two different roles")
+        if config.get("retire", "nologin") not in ("nologin", "password"):
+            raise SecretConfigError("retire is 'nologin' or 'password'")
+
+    def _single(self, ctx: Context) -> bool:
+        return ctx.secret.config.get("mode", "blue_green") == "single"
+
+    def _admin(self, ctx: Context):
+        psycopg, _ = _psycopg()
+        password = None
+        ref = ctx.secret.config.get("admin_password_ref")
+        if ref:
+            password = source_named(ref["source"]).read(ref["path"]).value
+        try:
+            return psycopg.connect(ctx.config("admin_dsn"), password=password, autocommit=True,
+                                   connect_timeout=CONNECT_TIMEOUT)
+        except psycopg.OperationalError as exc:
+            raise ExecutorError(f"privileged connection failed: {_first_line(exc)}") from None
+
+    def _login(self, ctx: Context, username: str, password: str) -> str:
+        """A real login as ``username``; returns ``current_user`` as the server reports it."""
+        psycopg, _ = _psycopg()
+        cfg = ctx.secret.config
+        try:
+            with psycopg.connect(host=cfg["host"], port=int(cfg.get("port", 5432)), dbname=cfg["dbname"],
+                                 user=username, password=password, connect_timeout=CONNECT_TIMEOUT) as conn:
+                return conn.execute("SELECT current_user").fetchone()[0]
+        except psycopg.OperationalError as exc:
+            raise VerificationFailed(f"login as {username} failed: {_first_line(exc)}") from None
+
+    def _set_password(self, admin, username: str, password: str, *, login: bool = True) -> None:
+        _, sql = _psycopg()
+        statement = sql.SQL("ALTER ROLE {} WITH {} PASSWORD {}").format(
+            sql.Identifier(username), sql.SQL("LOGIN" if login else "NOLOGIN"), sql.Literal(scram_verifier(password)))
+        admin.execute(statement)
+
+    def _stored_verifier_matches(self, admin, username: str, password: str) -> bool | None:
+        """True/False if ``pg_authid`` is readable (superuser), else None."""
+        psycopg, _ = _psycopg()
+        try:
+            row = admin.execute("SELECT rolpassword FROM pg_authid WHERE rolname = %s", [username]).fetchone()
+        except psycopg.errors.InsufficientPrivilege:
+            return None
+        return bool(row) and scram_matches(row[0], password)
+
+    def _document(self, ctx: Context, username: str, password: str) -> str:
+        cfg = ctx.secret.config
+        return json.dumps({"engine": "postgres", "host": cfg["host"], "port": int(cfg.get("port", 5432)),
+                           "dbname": cfg["dbname"], "username": username, "password": password})
+
+    def _parse(self, value: str) -> dict:
+        try:
+            document = json.loads(value)
+            document["username"], document["password"]  # noqa: B018 - both required
+        except (ValueError, TypeError, KeyError):
+            raise ExecutorError("the stored value is not a JSON database secret with username and password") from None
+        return document
+
+    # -- phases -----------------------------------------------------------------------------
+    def precheck(self, ctx: Context) -> None:
+        current = ctx.read()
+        document = self._parse(current.value)
+        users = [ctx.config("username")] if self._single(ctx) else list(ctx.config("usernames"))
+        if document["username"] not in users:
+            raise ExecutorError(f"the secret holds role {document['username']!r}, not one of {users}")
+        ctx.state.update(previous_version=current.version, previous_user=document["username"])
+        ctx.tick("precheck.source", f"version {current.version} read; active role {document['username']}")
+        with self._admin(ctx) as admin:
+            rows = admin.execute(
+                "SELECT rolname FROM pg_roles WHERE rolname = ANY(%s)", [users]).fetchall()
+            missing = set(users) - {name for (name,) in rows}
+            if missing:
+                raise ExecutorError(f"role(s) {sorted(missing)} do not exist")
+            can = admin.execute(
+                "SELECT rolsuper OR rolcreaterole FROM pg_roles WHERE rolname = current_user").fetchone()[0]
+            if not can:
+                raise ExecutorError("the privileged connection's role lacks CREATEROLE")
+            me = admin.execute("SELECT current_user").fetchone()[0]
+        ctx.tick("precheck.admin", f"privileged connection as {me}; roles {', '.join(users)} exist")
+
+    def rotate(self, ctx: Context) -> None:
+        if ctx.state.get("new_version"):
+            return
+        if self._single(ctx):
+            return self._rotate_single(ctx)
+        users = list(ctx.config("usernames"))
+        previous = ctx.state["previous_user"]
+        target = users[1] if previous == users[0] else users[0]
+        password = secrets.token_urlsafe(PASSWORD_BYTES)
+        with self._admin(ctx) as admin:
+            self._set_password(admin, target, password)
+            ctx.tick("rotate.password", f"{target} has a new 256-bit password (sent as a SCRAM-SHA-256 verifier) and LOGIN")
+            stored = self._stored_verifier_matches(admin, target, password)
+        if stored is False:
+            raise VerificationFailed(f"pg_authid does not hold the new password of {target}")
+        user = self._login(ctx, target, password)
+        ctx.tick("rotate.login", f"logged in as {user} with the new password" +
+                 ("; pg_authid verifier matches" if stored else "; pg_authid not readable by the admin role"))
+        written = ctx.write(self._document(ctx, target, password))
+        ctx.state.update(new_user=target, new_version=written.version, verifier_checked=bool(stored))
+        ctx.tick("rotate.switch", f"version {written.version} makes {target} active; {previous} stays valid "
+                                  f"until retirement")
+
+    def _rotate_single(self, ctx: Context) -> None:
+        user = ctx.state["previous_user"]
+        password = secrets.token_urlsafe(PASSWORD_BYTES)
+        with self._admin(ctx) as admin:
+            self._set_password(admin, user, password)
+            ctx.state["password_changed"] = True
+            ctx.save()
+            ctx.tick("rotate.password", f"{user} has a new 256-bit password (sent as a SCRAM-SHA-256 verifier)")
+            stored = self._stored_verifier_matches(admin, user, password)
+        written = ctx.write(self._document(ctx, user, password))
+        ctx.state.update(new_user=user, new_version=written.version, verifier_checked=bool(stored))
+        ctx.tick("rotate.switch", f"version {written.version} holds the new password; new connections with the old one fail")
+        if stored is False:
+            raise VerificationFailed(f"pg_authid does not hold the new password of {user}")
+        ctx.tick("rotate.login", f"logged in as {self._login(ctx, user, password)} with the new password")
+
+    def verify(self, ctx: Context) -> None:
+        document = self._parse(ctx.read().value)
+        if document["username"] != ctx.state["new_user"]:
+            raise VerificationFailed("the source does not hold the new credential")
+        user = self._login(ctx, document["username"], document["password"])
+        with self._admin(ctx) as admin:
+            stored = self._stored_verifier_matches(admin, document["username"], document["password"])
+        if stored is False:
+            raise VerificationFailed("the password in the source is not the one PostgreSQL holds")
+        ctx.tick("verify.login", f"logged in as {user} with the credential read back from {ctx.secret.source}")
+
+    def retire(self, ctx: Context) -> None:
+        if self._single(ctx):
+            ctx.tick("retire", "single-user mode: the old password stopped working at the switch")
+            return
+        old = ctx.state["previous_user"]
+        if old == ctx.state.get("new_user"):
+            return
+        _, sql = _psycopg()
+        with self._admin(ctx) as admin:
+            if ctx.secret.config.get("retire", "nologin") == "password":
+                self._set_password(admin, old, secrets.token_urlsafe(PASSWORD_BYTES))
+                note = f"{old}'s password reset to a random value nobody holds"
+            else:
+                admin.execute(sql.SQL("ALTER ROLE {} WITH NOLOGIN").format(sql.Identifier(old)))
+                note = f"{old} set to NOLOGIN (it becomes the inactive role of the next rotation)"
+            can_login = admin.execute("SELECT rolcanlogin FROM pg_roles WHERE rolname = %s", [old]).fetchone()[0]
+        ctx.tick("retire", note + ("" if can_login else "; rolcanlogin is false"))
+
+    def rollback(self, ctx: Context) -> str:
+        if self._single(ctx) and ctx.state.get("password_changed"):
+            # The old password is in the source's previous version: give it back to the role.
+            old = self._parse(ctx.read(version=ctx.state["previous_version"]).value)
+            with self._admin(ctx) as admin:
+                self._set_password(admin, old["username"], old["password"])
+            ctx.state["password_changed"] = False
+            if not ctx.state.get("new_version"):
+                ctx.tick("rollback.restore", f"{old['username']} has its previous password again")
+                return "previous password restored"
+        note = super().rollback(ctx)
+        ctx.state.pop("new_version", None)
+        return note
+
+    def on_failure(self, ctx: Context, exc: Exception) -> str:
+        if self._single(ctx) and ctx.state.get("password_changed") and not ctx.state.get("verified"):
+            try:
+                return self.rollback(ctx)
+            except Exception as restore_exc:  # noqa: BLE001 - report it; a person must act now
+                return f"RESTORING THE OLD PASSWORD FAILED ({type(restore_exc).__name__}); reset it by hand"
+        if not self._single(ctx):
+            if ctx.state.get("new_version") and not ctx.state.get("verified"):
+                return super().on_failure(ctx, exc)
+            return f"the active role {ctx.state.get('previous_user', '?')} and its password were not changed"
+        return super().on_failure(ctx, exc)
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -1,0 +1,278 @@
+"""TLS certificates: track expiry, renew with a new private key, install, verify by a real handshake.
+
+A certificate lives in its secret source as a PEM bundle: the certificate (then
+any chain certificates) followed by the private key. Keyvault reads the
+certificate with ``cryptography`` (subject, SANs, issuer, notAfter, key type) and
+renews ``warn_before`` ahead of notAfter (30 days by default, like cert-manager's
+``renewBefore``) or when the policy's period is up.
+
+Renewal always makes a **new private key** (cert-manager's ``rotationPolicy:
+Always``) and a CSR, has it signed — by a configured internal CA (its PEM bundle
+in a secret source) or self-signed, for internal and development use — installs
+the new pair as a new version, and verifies with a real TLS handshake against the
+configured endpoint that the server now presents the new certificate. If it does
+not, the previous version is restored. Retirement deletes the old version (and
+with it the old private key) from the source.
+
+Config: ``common_name``, ``sans`` (DNS names / IP addresses), ``endpoint``
+(``host:port`` to verify), ``server_name`` (SNI, default the common name),
+``issuer``: ``self_signed`` (default) or ``internal_ca`` with ``ca_ref``
+(``{"source": …, "path": …}``), ``key_type``: ``ec`` (P-256, default) or ``rsa``
+(3072 bits), ``validity_days`` (90), ``verify_attempts`` (10, 0.3 s apart, for
+servers that reload their certificate on a timer).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+import ssl
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from rotation.executors.base import (
+    Context,
+    Executor,
+    ExecutorError,
+    SecretConfigError,
+    VerificationFailed,
+    source_named,
+)
+
+_KEY_BLOCK = re.compile(r"-----BEGIN ([A-Z ]*PRIVATE KEY)-----.+?-----END \1-----", re.S)
+HANDSHAKE_TIMEOUT = 5.0
+
+
+class PemBundle:
+    """Certificates and a private key parsed from PEM text (the key is never shown)."""
+
+    def __init__(self, text: str):
+        try:
+            self.certificates = x509.load_pem_x509_certificates(text.encode())
+        except ValueError:
+            raise ExecutorError("the stored value holds no PEM certificate") from None
+        match = _KEY_BLOCK.search(text)
+        self.key = None
+        if match:
+            try:
+                self.key = serialization.load_pem_private_key(match.group(0).encode(), password=None)
+            except (ValueError, TypeError):
+                raise ExecutorError("the stored private key cannot be read (encrypted or damaged)") from None
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        return self.certificates[0]
+
+    def key_matches(self) -> bool:
+        if self.key is None:
+            return False
+        public = serialization.PublicFormat.SubjectPublicKeyInfo
+        return (self.key.public_key().public_bytes(serialization.Encoding.DER, public)
+                == self.certificate.public_key().public_bytes(serialization.Encoding.DER, public))
+
+
+def certificate_facts(cert: x509.Certificate) -> dict:
+    """Non-secret facts about a certificate, for the console and the audit trail."""
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = [str(n.value) for n in sans]
+    except x509.ExtensionNotFound:
+        names = []
+    key = cert.public_key()
+    if isinstance(key, rsa.RSAPublicKey):
+        key_type = f"RSA {key.key_size}"
+    elif isinstance(key, ec.EllipticCurvePublicKey):
+        key_type = f"EC {key.curve.name}"
+    else:
+        key_type = type(key).__name__
+    return {
+        "subject": cert.subject.rfc4514_string(),
+        "issuer": cert.issuer.rfc4514_string(),
+        "sans": names,
+        "serial": format(cert.serial_number, "x"),
+        "not_before": cert.not_valid_before_utc.isoformat(),
+        "not_after": cert.not_valid_after_utc.isoformat(),
+        "key_type": key_type,
+        "fingerprint": "sha256:" + cert.fingerprint(hashes.SHA256()).hex(),
+        "expires_at": cert.not_valid_after_utc,
+    }
+
+
+def _pem(cert: x509.Certificate) -> str:
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def _key_pem(key) -> str:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption()).decode()
+
+
+def _general_names(names: list[str]) -> list[x509.GeneralName]:
+    result = []
+    for name in names:
+        try:
+            result.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            result.append(x509.DNSName(name))
+    return result
+
+
+def issue(*, common_name: str, sans: list[str], key_type: str = "ec", days: int = 90,
+          ca: PemBundle | None = None, now: datetime | None = None):
+    """A new private key, its CSR, and a certificate signed by ``ca`` (or self-signed). Returns (key, csr, cert)."""
+    now = now or datetime.now(UTC)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=3072) if key_type == "rsa" else ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    names = _general_names(sans or [common_name])
+    csr = (x509.CertificateSigningRequestBuilder().subject_name(subject)
+           .add_extension(x509.SubjectAlternativeName(names), critical=False).sign(key, hashes.SHA256()))
+    issuer_name, signing_key = (ca.certificate.subject, ca.key) if ca else (subject, key)
+    builder = (
+        x509.CertificateBuilder().subject_name(csr.subject).issuer_name(issuer_name).public_key(csr.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(csr.public_key()), critical=False)
+    )
+    if ca:
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.certificate.public_key()), critical=False)
+    return key, csr, builder.sign(signing_key, hashes.SHA256())
+
+
+def peer_certificate(host: str, port: int, *, server_name: str, trust_pem: str | None) -> x509.Certificate:
+    """Handshake with ``host:port`` and return the certificate it presents (verified against ``trust_pem`` if given)."""
+    if trust_pem:
+        context = ssl.create_default_context(cadata=trust_pem)
+    else:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE  # identity is checked by fingerprint below
+    with socket.create_connection((host, port), timeout=HANDSHAKE_TIMEOUT) as raw:
+        with context.wrap_socket(raw, server_hostname=server_name) as tls:
+            der = tls.getpeercert(binary_form=True)
+    return x509.load_der_x509_certificate(der)
+
+
+class TLSCertificateExecutor(Executor):
+    secret_type = "tls_certificate"
+    runbook_slug = "secret-tls_certificate"
+    required_config = ("common_name",)
+    config_help = {
+        "common_name": "certificate CN", "sans": "list of DNS names / IPs", "endpoint": "host:port to verify",
+        "server_name": "SNI name (default: common_name)", "issuer": "self_signed (default) or internal_ca",
+        "ca_ref": "{\"source\": …, \"path\": …} of the CA's PEM bundle", "key_type": "ec (default) or rsa",
+        "validity_days": "90",
+    }
+
+    def validate_config(self, config: dict) -> None:
+        super().validate_config(config)
+        if config.get("issuer", "self_signed") not in ("self_signed", "internal_ca"):
+            raise SecretConfigError("issuer is 'self_signed' or 'internal_ca'")
+        if config.get("issuer") == "internal_ca" and not isinstance(config.get("ca_ref"), dict):
+            raise SecretConfigError("issuer internal_ca needs ca_ref: {\"source\": …, \"path\": …}")
+        if config.get("key_type", "ec") not in ("ec", "rsa"):
+            raise SecretConfigError("key_type is 'ec' or 'rsa'")
+        if config.get("endpoint"):
+            self._endpoint(config)
+
+    @staticmethod
+    def _endpoint(config: dict) -> tuple[str, int]:
+        host, _, port = str(config["endpoint"]).rpartition(":")
+        if not host or not port.isdigit():
+            raise SecretConfigError("endpoint is host:port")
+        return host.strip("[]"), int(port)
+
+    def inspect(self, value: str) -> dict:
+        bundle = PemBundle(value)
+        facts = certificate_facts(bundle.certificate)
+        facts["key_matches"] = bundle.key_matches() if bundle.key is not None else None
+        return facts
+
+    def _ca(self, ctx: Context) -> PemBundle | None:
+        if ctx.secret.config.get("issuer", "self_signed") != "internal_ca":
+            return None
+        ref = ctx.config("ca_ref")
+        ca = PemBundle(source_named(ref["source"]).read(ref["path"]).value)
+        if ca.key is None or not ca.key_matches():
+            raise ExecutorError("the internal CA bundle needs the CA certificate and its private key")
+        return ca
+
+    def precheck(self, ctx: Context) -> None:
+        current = ctx.read()
+        facts = certificate_facts(PemBundle(current.value).certificate)
+        ctx.state.update(previous_version=current.version, previous_fingerprint=facts["fingerprint"])
+        ctx.tick("precheck.source", f"version {current.version}: {facts['subject']}, expires {facts['not_after']}")
+        ca = self._ca(ctx)
+        if ca is not None:
+            not_after = ca.certificate.not_valid_after_utc
+            if not_after <= ctx.now:
+                raise ExecutorError(f"the internal CA expired on {not_after:%Y-%m-%d}")
+            ctx.tick("precheck.issuer", f"internal CA {ca.certificate.subject.rfc4514_string()} valid until {not_after:%Y-%m-%d}")
+        else:
+            ctx.tick("precheck.issuer", "self-signed (internal / development use)")
+
+    def rotate(self, ctx: Context) -> None:
+        if ctx.state.get("new_version"):
+            return
+        cfg = ctx.secret.config
+        ca = self._ca(ctx)
+        key, csr, cert = issue(common_name=ctx.config("common_name"), sans=list(cfg.get("sans") or []),
+                               key_type=cfg.get("key_type", "ec"), days=int(cfg.get("validity_days", 90)),
+                               ca=ca, now=ctx.now)
+        facts = certificate_facts(cert)
+        ctx.tick("rotate.key", f"new {facts['key_type']} private key")
+        ctx.state["csr"] = csr.public_bytes(serialization.Encoding.PEM).decode()
+        ctx.tick("rotate.csr", f"CSR for {facts['subject']} with SANs {', '.join(facts['sans'])}")
+        ctx.tick("rotate.issue", f"issued by {facts['issuer']}, serial {facts['serial']}, valid until {facts['not_after']}")
+        chain = _pem(ca.certificate) if ca else ""
+        written = ctx.write(_pem(cert) + chain + _key_pem(key))
+        facts["expires_at"] = facts["expires_at"].isoformat()
+        ctx.state.update(new_version=written.version, new_fingerprint=facts["fingerprint"], facts=facts)
+        ctx.tick("rotate.install", f"version {written.version} holds the new pair ({facts['fingerprint']})")
+
+    def verify(self, ctx: Context) -> None:
+        bundle = PemBundle(ctx.read().value)
+        if not bundle.key_matches():
+            raise VerificationFailed("the installed private key does not match the certificate")
+        if certificate_facts(bundle.certificate)["fingerprint"] != ctx.state["new_fingerprint"]:
+            raise VerificationFailed("the source does not hold the new certificate")
+        if not ctx.secret.config.get("endpoint"):
+            ctx.tick("verify.handshake", "no endpoint configured: checked that key and certificate match only")
+            return
+        host, port = self._endpoint(ctx.secret.config)
+        server_name = ctx.secret.config.get("server_name") or ctx.config("common_name")
+        trust = _pem(bundle.certificates[-1]) if len(bundle.certificates) > 1 else _pem(bundle.certificate)
+        attempts = int(ctx.secret.config.get("verify_attempts", 10))
+        seen = None
+        for attempt in range(max(1, attempts)):
+            try:
+                seen = peer_certificate(host, port, server_name=server_name, trust_pem=trust)
+            except (OSError, ssl.SSLError) as exc:
+                seen = None
+                error = f"{type(exc).__name__}: {exc}"
+            else:
+                if "sha256:" + seen.fingerprint(hashes.SHA256()).hex() == ctx.state["new_fingerprint"]:
+                    ctx.tick("verify.handshake", f"{host}:{port} presents the new certificate (verified chain and "
+                                                 f"name {server_name}) after {attempt + 1} handshake(s)")
+                    return
+                error = "the endpoint still presents another certificate"
+            time.sleep(0.3)
+        raise VerificationFailed(f"TLS handshake with {host}:{port}: {error}")
+
+    def retire(self, ctx: Context) -> None:
+        previous = ctx.state.get("previous_version")
+        if previous and ctx.source().writable:
+            ctx.source().delete_version(ctx.secret.path, previous)
+            ctx.tick("retire", f"version {previous} (old certificate and private key) deleted from {ctx.secret.source}")
+        else:
+            ctx.tick("retire", "previous version kept (the source cannot delete versions)")

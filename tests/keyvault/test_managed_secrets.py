@@ -1,0 +1,166 @@
+"""Managed secrets: the inventory model, expiry/overdue reminders, notifiers and the CLI."""
+
+from __future__ import annotations
+
+import json
+import threading
+from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from django.core.exceptions import ValidationError
+from django.core.management import call_command
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from keyvault import notify
+from keyvault.models import AuditEvent, ManagedSecret
+from rotation import services
+from rotation.exceptions import RunAlreadyActive
+from rotation.executors import keyring
+from rotation.models import RotationPolicy, RotationRun
+from tests.rotation.executors.conftest import file_source  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.django_db
+
+
+def make(name, secret_type="generic", **kwargs):
+    return ManagedSecret.objects.create(name=name, secret_type=secret_type, source="file", path=f"x/{name}", **kwargs)
+
+
+def test_config_that_looks_secret_is_refused():
+    secret = ManagedSecret(name="db", secret_type="database_credential", source="file", path="db",
+                           config={"host": "h", "nested": {"admin_password": "pw"}, "client_secret": "s"})
+    with pytest.raises(ValidationError) as info:
+        secret.full_clean()
+    assert "nested.admin_password" in str(info.value) and "client_secret" in str(info.value)
+    assert "pw" not in str(info.value).replace("password", "")
+
+
+def test_a_policy_and_a_run_name_exactly_one_target(system_actor):
+    secret = make("one")
+    services.ensure_secret_policy(secret)
+    with pytest.raises(IntegrityError), transaction.atomic():
+        RotationPolicy.objects.create()
+    with pytest.raises(IntegrityError), transaction.atomic():
+        RotationRun.objects.create(initiator="x")
+
+
+def test_only_one_active_run_per_secret(file_source, system_actor):  # noqa: F811
+    file_source.write("x/solo", "v1")
+    secret = services.register_secret(name="solo", secret_type="generic", source="file", path="x/solo",
+                                      actor=system_actor)
+    services.update_secret_policy(secret, actor=system_actor, approvals_required=1)
+    first = services.start_run(secret=secret, actor=system_actor)
+    with pytest.raises(RunAlreadyActive, match="secret solo already has an active run"):
+        services.start_run(secret=secret, actor=system_actor)
+    assert first.state == "pending_approval"
+
+
+def test_daily_check_flags_expiring_and_overdue_secrets_once_and_tells_the_owner(system_actor, mailoutbox, settings):
+    # given: a certificate expiring in 20 days (TLS warns 30 days ahead), a cookie keyring overdue by a day,
+    # and a generic secret that is fine
+    now = timezone.now()
+    settings.NOTIFY_EMAIL_TO = ["secops@example.com"]
+    cert = make("api-cert", "tls_certificate", owner="platform@example.com", expires_at=now + timedelta(days=20))
+    cookies = make("cookies", "cookie_signing", owner="web")
+    fine = make("fine", "generic", expires_at=now + timedelta(days=200))
+    for secret in (cert, cookies, fine):
+        services.ensure_secret_policy(secret)
+    RotationPolicy.objects.filter(secret=cookies).update(next_due_at=now - timedelta(days=1))
+    RotationPolicy.objects.filter(secret=fine).update(next_due_at=now + timedelta(days=30))
+
+    # when
+    attention = {s.name: reasons for s, reasons in services.secrets_needing_attention(now)}
+    flagged = services.flag_expiring_secrets(now=now)
+    again = services.flag_expiring_secrets(now=now + timedelta(hours=1))
+
+    # then
+    assert set(attention) == {"api-cert", "cookies"}
+    assert "expires" in attention["api-cert"][0] and "overdue" in attention["cookies"][0]
+    assert {s.name for s in flagged} == {"api-cert", "cookies"} and again == []
+    assert ManagedSecret.objects.get(name="api-cert").status == "expiring"
+    assert ManagedSecret.objects.get(name="cookies").status == "overdue"
+    assert ManagedSecret.objects.get(name="fine").status == "active"
+    events = AuditEvent.objects.filter(action="secret", details__event="needs_attention")
+    assert sorted(e.target_id for e in events) == ["api-cert", "cookies"]
+    recipients = sorted(tuple(m.to) for m in mailoutbox)
+    assert recipients == [("secops@example.com",), ("secops@example.com", "platform@example.com")]
+
+
+def test_expired_secrets_are_flagged_as_expired(system_actor):
+    now = timezone.now()
+    secret = make("old-cert", "tls_certificate", expires_at=now - timedelta(hours=1))
+    services.ensure_secret_policy(secret)
+    services.flag_expiring_secrets(now=now)
+    assert ManagedSecret.objects.get(pk=secret.pk).status == "expired"
+
+
+class Hook:
+    def __init__(self, status=204):
+        self.bodies = []
+        hook = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                hook.bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(status)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_webhook_notifier_posts_json_and_a_broken_one_does_not_stop_the_others(settings, mailoutbox):
+    hook = Hook()
+    try:
+        settings.NOTIFY_WEBHOOK_URL = hook.url
+        settings.NOTIFY_EMAIL_TO = ["ops@example.com"]
+        results = notify.notify(notify.Notice(subject="s1", body="b", target="secret:x", data={"secret": "x"}))
+        assert results == {"log": "sent", "email": "sent", "webhook": "sent"}
+        assert hook.bodies[0]["subject"] == "s1" and hook.bodies[0]["data"] == {"secret": "x"}
+
+        settings.NOTIFY_WEBHOOK_URL = "http://127.0.0.1:9/nothing-listens"
+        results = notify.notify(notify.Notice(subject="s2", body="b"))
+        assert results["webhook"].startswith("URLError") and results["email"] == "sent"
+        assert [m.subject for m in mailoutbox] == ["s1", "s2"]
+    finally:
+        hook.close()
+
+
+def test_cli_starts_a_secret_rotation(file_source, system_actor, capsys):  # noqa: F811
+    file_source.write("web/keyring", keyring.dump(keyring.new_key(), []))
+    services.register_secret(name="web-cookies", secret_type="cookie_signing", source="file", path="web/keyring",
+                             actor=system_actor)
+    call_command("rotation", "start", "--secret", "web-cookies", "--inline")
+    run_id = int(capsys.readouterr().out.strip().splitlines()[0])
+    run = RotationRun.objects.get(pk=run_id)
+    assert run.secret.name == "web-cookies" and run.state == "retiring"
+    assert len(keyring.parse(file_source.read("web/keyring").value)[1]) == 1
+    call_command("rotation", "list")
+    assert f"#{run_id}\tsecret web-cookies" in capsys.readouterr().out
+
+
+def test_cli_names_an_unknown_secret(capsys):
+    from django.core.management.base import CommandError
+
+    with pytest.raises(CommandError, match="no managed secret named 'nope'"):
+        call_command("rotation", "start", "--secret", "nope")
+
+
+def test_beat_sweep_starts_due_automatic_secret_rotations(file_source, system_actor):  # noqa: F811
+    file_source.write("x/auto", "v1")
+    secret = services.register_secret(name="auto", secret_type="generic", source="file", path="x/auto",
+                                      actor=system_actor)
+    RotationPolicy.objects.filter(secret=secret).update(next_due_at=timezone.now() - timedelta(minutes=1))
+    with services.inline_dispatch():
+        started = services.dispatch_due_rotations()
+    assert [run.secret_id for run in started] == [secret.pk] and started[0].kind == "planned"
