@@ -304,24 +304,27 @@ def _insert_after(anchor: str, *names: str) -> None:
 _insert_after("django.middleware.security.SecurityMiddleware",
               "whitenoise.middleware.WhiteNoiseMiddleware", "csp.middleware.CSPMiddleware")
 _insert_after("django.contrib.auth.middleware.AuthenticationMiddleware",
-              "keyvault.security.DeniedAuditMiddleware",
-              "keyvault.security.SessionExpiryMiddleware",
-              "django_otp.middleware.OTPMiddleware",
-              "keyvault.otp.RequireOTPMiddleware")
+              "keyvault.security.DeniedAuditMiddleware", "django_otp.middleware.OTPMiddleware")
+_insert_after("django.contrib.messages.middleware.MessageMiddleware",  # both may leave a message
+              "keyvault.security.SessionExpiryMiddleware", "keyvault.otp.RequireOTPMiddleware")
 MIDDLEWARE.append("axes.middleware.AxesMiddleware")  # last, as django-axes requires
 
 # Two-factor login (TOTP, django-otp): required for every console page once DEBUG is off.
 REQUIRE_2FA = env.bool("HMD_REQUIRE_2FA", default=not DEBUG)
 OTP_TOTP_ISSUER = env.str("HMD_2FA_ISSUER", default="Keyvault")
 
-# Login throttling (django-axes): lock a username after N failures for a cool-off time.
-# Locking by username (not IP) stops password spraying from many addresses; the
-# cool-off bounds what an attacker who locks a user out on purpose can do.
+# Login throttling (django-axes): after N failures for one username, or from one client
+# address, that username (or address) is locked for a cool-off time. The username lock
+# stops guessing from many addresses; the address lock stops spraying many usernames.
+# Behind a reverse proxy set HMD_TRUSTED_PROXY_COUNT so the client address is taken
+# from X-Forwarded-For instead of the proxy's own (keyvault.security.client_ip).
 AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", "django.contrib.auth.backends.ModelBackend"]
 AXES_ENABLED = env.bool("HMD_LOGIN_THROTTLING", default=True)
 AXES_FAILURE_LIMIT = env.int("HMD_LOGIN_FAILURE_LIMIT", default=5)
 AXES_COOLOFF_TIME = timedelta(minutes=env.int("HMD_LOGIN_LOCKOUT_MINUTES", default=15))
-AXES_LOCKOUT_PARAMETERS = ["username"]
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
+AXES_CLIENT_IP_CALLABLE = "keyvault.security.client_ip"
+TRUSTED_PROXY_COUNT = env.int("HMD_TRUSTED_PROXY_COUNT", default=0)
 AXES_RESET_ON_SUCCESS = True
 AXES_LOCKOUT_TEMPLATE = "keyvault/otp/locked_out.html"
 AXES_VERBOSE = False
@@ -349,6 +352,7 @@ SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
 SECURE_CROSS_ORIGIN_OPENER_POLICY = "same-origin"
 X_FRAME_OPTIONS = "DENY"
+CSRF_FAILURE_VIEW = "keyvault.security.csrf_failure"  # not audited as a denial (see there)
 
 
 def _admin_inline_style_hashes() -> list[str]:
@@ -386,6 +390,7 @@ CONTENT_SECURITY_POLICY = {
     },
 }
 
+STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # WhiteNoise warns at start-up about a missing root
 # Static files: collected to STATIC_ROOT and served by WhiteNoise (hashed names, gzip/brotli)
 # in production; `manage.py collectstatic` runs before the web process starts (Procfile).
 STORAGES = {

@@ -3,10 +3,17 @@ from django.urls import include, path
 
 from keyvault import report_views, siem
 from keyvault.admin_views import providers_view
+from keyvault.healthz import healthz
 from keyvault.metrics import metrics_view
+from keyvault.otp import enrol_view, register_device_admin, verify_view
+
+register_device_admin()  # django-otp's own device admin would show the TOTP secret
 
 urlpatterns = [
     path("metrics", metrics_view, name="metrics"),
+    path("healthz", healthz, name="healthz"),
+    path("otp/enrol/", enrol_view, name="otp-enrol"),
+    path("otp/verify/", verify_view, name="otp-verify"),
     path("keyvault/providers/", admin.site.admin_view(providers_view), name="keyvault_providers"),
     path("siem/events", siem.events_view, name="siem-events"),
     path("reports/", include(report_views.urlpatterns())),

@@ -1,0 +1,221 @@
+"""Console hardening that is not two-factor login: session expiry and audited denials.
+
+* :class:`SessionExpiryMiddleware` ends a session after ``SESSION_IDLE_SECONDS``
+  without a request and ``SESSION_ABSOLUTE_SECONDS`` after login, whatever the
+  activity (Django's own ``SESSION_COOKIE_AGE`` only knows one of the two).
+* :class:`DeniedAuditMiddleware` writes an ``auth.access_denied`` audit event for
+  every 403 a signed-in user gets (permission refusals and CSRF failures alike).
+* Failed logins and lockouts (django-axes) are audited by the signal receivers at
+  the bottom, through :mod:`keyvault.audit` like every other event.
+
+Audit details name the path and method, never form data: a password typed into
+the wrong field must not end up in the log.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth import get_user_model, logout
+from django.contrib.auth.signals import user_logged_in, user_login_failed
+from django.dispatch import receiver
+from django.contrib.auth.views import redirect_to_login
+from django.urls import reverse
+
+from keyvault import audit
+from keyvault.audit import Action, Actor, Outcome
+
+logger = logging.getLogger(__name__)
+
+#: Session keys (epoch seconds) written at login and on activity.
+STARTED_KEY = "_keyvault_session_started"
+SEEN_KEY = "_keyvault_session_seen"
+
+
+def _now() -> float:
+    return time.time()
+
+
+def _activity_write_interval() -> float:
+    """Write the last-seen time at most this often: one session save per minute, not per request."""
+    return min(60.0, settings.SESSION_IDLE_SECONDS / 10)
+
+
+class SessionExpiryMiddleware:
+    """Log out sessions that were idle too long or are older than the absolute limit."""
+
+    def __init__(self, get_response) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request):
+        user = getattr(request, "user", None)
+        if user is not None and user.is_authenticated:
+            expired = self._expired(request)
+            if expired:
+                logout(request)
+                messages.info(request, f"Your session ended ({expired}). Please sign in again.")
+                return redirect_to_login(request.get_full_path(), reverse("admin:login"))
+        return self.get_response(request)
+
+    @staticmethod
+    def _expired(request) -> str:
+        session = request.session
+        now = _now()
+        started = session.get(STARTED_KEY)
+        seen = session.get(SEEN_KEY)
+        if started is None or seen is None:  # a session from before this middleware: start counting now
+            session[STARTED_KEY] = session.get(STARTED_KEY, now)
+            session[SEEN_KEY] = now
+            return ""
+        if now - float(started) > settings.SESSION_ABSOLUTE_SECONDS:
+            return "maximum session length reached"
+        if now - float(seen) > settings.SESSION_IDLE_SECONDS:
+            return "inactive for too long"
+        if now - float(seen) >= _activity_write_interval():
+            session[SEEN_KEY] = now
+        return ""
+
+
+@receiver(user_logged_in, dispatch_uid="keyvault.security.session_started")
+def _session_started(sender, request, user, **kwargs) -> None:
+    if request is not None and hasattr(request, "session"):
+        now = _now()
+        request.session[STARTED_KEY] = now
+        request.session[SEEN_KEY] = now
+
+
+def _request_actor(request) -> Actor:
+    user = getattr(request, "user", None)
+    if user is not None and user.is_authenticated:
+        return Actor.from_request(request)
+    return Actor(name="anonymous", ip_address=client_ip(request),
+                 request_id=request.META.get("HTTP_X_REQUEST_ID", "")[:64])
+
+
+def csrf_failure(request, reason: str = ""):
+    """Django's CSRF failure page, marked so the 403 is not audited as an access denial.
+
+    A missing or stale token is a broken form post (or a forged one, which Django
+    already logs on ``django.security.csrf``), not a permission decision; and a
+    refused forged post must leave the audit log untouched.
+    """
+    from django.views.csrf import csrf_failure as django_csrf_failure
+
+    request.keyvault_csrf_failure = True
+    return django_csrf_failure(request, reason=reason)
+
+
+class DeniedAuditMiddleware:
+    """Audit each permission 403 answered to a signed-in user.
+
+    Anonymous 403s and CSRF failures are not audited, so nobody can fill the audit
+    log without an account and a valid form.
+    """
+
+    def __init__(self, get_response) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request):
+        response = self.get_response(request)
+        user = getattr(request, "user", None)
+        if (response.status_code == 403 and user is not None and user.is_authenticated
+                and not getattr(request, "keyvault_csrf_failure", False)):
+            try:
+                audit.record(
+                    Action.ACCESS_DENIED,
+                    actor=Actor.from_request(request),
+                    target=("url", request.path[:255]),
+                    outcome=Outcome.DENIED,
+                    details={"method": request.method[:10], "path": request.path[:500]},
+                )
+            except Exception:  # the refusal stands even if it could not be recorded; say so loudly
+                logger.exception("could not audit a 403 for %s", user.get_username())
+        return response
+
+
+# -- failed logins and lockouts ---------------------------------------------------------
+
+
+def client_ip(request) -> str | None:
+    """The client's address: ``REMOTE_ADDR``, or with ``TRUSTED_PROXY_COUNT`` = N proxies in
+    front, the address the outermost of them saw (N-th from the right in X-Forwarded-For).
+    Entries left of that are client-supplied and never trusted."""
+    count = settings.TRUSTED_PROXY_COUNT
+    if count > 0:
+        hops = [hop.strip() for hop in request.META.get("HTTP_X_FORWARDED_FOR", "").split(",") if hop.strip()]
+        if len(hops) >= count and _is_ip(hops[-count]):
+            return hops[-count]
+    return request.META.get("REMOTE_ADDR") or None
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _attempted_name(username: str | None) -> tuple[str, bool]:
+    """The attempted username if such a user exists, else its HMAC.
+
+    People type passwords into the username field; an unknown name is recorded
+    only as an HMAC so the audit log never holds one in clear.
+    """
+    username = (username or "")[:150]
+    if username and get_user_model().objects.filter(**{get_user_model().USERNAME_FIELD: username}).exists():
+        return username, True
+    return audit.hmac_value(username), False
+
+
+@receiver(user_login_failed, dispatch_uid="keyvault.security.login_failed")
+def _audit_login_failed(sender, credentials, request=None, **kwargs) -> None:
+    if request is None:
+        return
+    name, known = _attempted_name(credentials.get("username"))
+    actor = _request_actor(request)
+    audit.record(
+        Action.LOGIN_FAILED,
+        actor=Actor(name=f"user:{name}" if known else "anonymous", ip_address=actor.ip_address,
+                    request_id=actor.request_id),
+        target=("user", name),
+        outcome=Outcome.FAILURE,
+        details={"factor": "password", "known_user": known},
+    )
+
+
+def _audit_locked_out(sender, request, username, ip_address, **kwargs) -> None:
+    name, known = _attempted_name(username)
+    audit.record(
+        Action.ACCESS_DENIED,
+        actor=Actor(name=f"user:{name}" if known else "anonymous", ip_address=ip_address or None),
+        target=("user", name),
+        outcome=Outcome.DENIED,
+        details={"reason": "locked_out", "known_user": known,
+                 "failure_limit": settings.AXES_FAILURE_LIMIT,
+                 "cooloff_seconds": int(settings.AXES_COOLOFF_TIME.total_seconds())},
+    )
+
+
+def _connect_axes() -> None:
+    from axes.signals import user_locked_out
+
+    user_locked_out.connect(_audit_locked_out, dispatch_uid="keyvault.security.locked_out")
+
+
+_connect_axes()
+
+
+def audit_otp_failure(request, *, reason: str) -> None:
+    """A wrong or throttled second factor for a password-authenticated user."""
+    audit.record(
+        Action.LOGIN_FAILED,
+        actor=Actor.from_request(request),
+        target=("user", request.user.get_username()),
+        outcome=Outcome.FAILURE,
+        details={"factor": "totp", "reason": reason},
+    )

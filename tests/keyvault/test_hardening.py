@@ -1,0 +1,404 @@
+"""Console hardening: two-factor login, lockout, session expiry, headers, deploy checks, /healthz.
+
+Everything runs through the real middleware stack with Django's test client; the
+production checks run ``manage.py`` in a subprocess with HMD_DEBUG=false.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from django.core.cache import cache
+from django.urls import reverse
+from django_otp.oath import totp
+from django_otp.plugins.otp_totp.models import TOTPDevice
+
+from keyvault.audit import Action, Outcome
+from keyvault.models import AuditEvent
+from keyvault.security import SEEN_KEY, STARTED_KEY
+from tests.keyvault import make_role_user, use_temp_keyring
+
+ROOT = Path(__file__).resolve().parents[2]
+PASSWORD = "correct horse battery staple"
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture(autouse=True)
+def _isolated(settings, tmp_path):
+    use_temp_keyring(settings, tmp_path)
+    cache.clear()
+
+
+def token_for(device: TOTPDevice, *, steps_ahead: int = 0) -> str:
+    """The device's TOTP code, computed with django-otp's own ``totp`` (``steps_ahead`` for a later login)."""
+    code = totp(device.bin_key, step=device.step, t0=device.t0, digits=device.digits, drift=steps_ahead)
+    return f"{code:0{device.digits}d}"
+
+
+def password_login(client, username: str, password: str = PASSWORD):
+    return client.post(reverse("admin:login"), {"username": username, "password": password, "next": "/"})
+
+
+# -- two-factor login -------------------------------------------------------------------
+
+
+def test_password_alone_reaches_no_console_page_when_2fa_is_required(client, settings):
+    # given 2FA required and an administrator who signed in with a password only
+    settings.REQUIRE_2FA = True
+    make_role_user("administrator", password=PASSWORD)
+    assert password_login(client, "administrator").status_code == 302
+
+    # when they request console pages and post an action
+    pages = [reverse("admin:index"), reverse("admin:keyvault_keyencryptionkey_changelist"),
+             reverse("admin:keyvault_auditevent_changelist")]
+    responses = [client.get(url) for url in pages]
+    posted = client.post(reverse("admin:keyvault_keyencryptionkey_add"), {"name": "sneaky", "provider": "local"})
+
+    # then every one is sent to enrolment, and nothing was created
+    for response in [*responses, posted]:
+        assert response.status_code == 302
+        assert response["Location"].startswith(reverse("otp-enrol") + "?next=")
+    from keyvault.models import KeyEncryptionKey
+
+    assert not KeyEncryptionKey.objects.filter(name="sneaky").exists()
+
+
+def test_enrolment_then_token_at_every_login(client, settings):
+    # given 2FA required and a user without a device, signed in with a password
+    settings.REQUIRE_2FA = True
+    user = make_role_user("administrator", password=PASSWORD)
+    password_login(client, "administrator")
+
+    # when they open the enrolment page
+    page = client.get(reverse("otp-enrol"), {"next": "/"})
+
+    # then it shows the otpauth URI and a server-rendered SVG QR code, no script
+    assert page.status_code == 200
+    html = page.content.decode()
+    device = TOTPDevice.objects.get(user=user, confirmed=False)
+    assert device.config_url.replace("&", "&amp;") in html
+    assert "<svg" in html and "<script>" not in html
+
+    # when they confirm with the current code
+    confirmed = client.post(reverse("otp-enrol"), {"token": token_for(device), "next": "/"})
+
+    # then the device is confirmed and the console opens
+    assert confirmed.status_code == 302 and confirmed["Location"] == "/"
+    device.refresh_from_db()
+    assert device.confirmed
+    assert client.get(reverse("admin:index")).status_code == 200
+    assert AuditEvent.objects.filter(action=Action.OTHER, details__event="2fa.enrolled").count() == 1
+
+    # when they sign out and back in with the password
+    client.post(reverse("admin:logout"))
+    password_login(client, "administrator")
+
+    # then the console asks for a token (not enrolment), and the secret is never shown again
+    assert client.get("/")["Location"].startswith(reverse("otp-verify"))
+    again = client.get(reverse("otp-enrol"))
+    assert again.status_code == 302 and again["Location"].startswith(reverse("otp-verify"))
+    verify_page = client.get(reverse("otp-verify"))
+    assert device.key not in verify_page.content.decode()
+
+    # when they give the next code, the console opens again
+    ok = client.post(reverse("otp-verify"), {"token": token_for(device, steps_ahead=1), "next": "/"})
+    assert ok.status_code == 302
+    assert client.get(reverse("admin:index")).status_code == 200
+
+
+def test_wrong_token_is_refused_and_audited(client, settings):
+    # given a user with a confirmed device, signed in with a password
+    settings.REQUIRE_2FA = True
+    user = make_role_user("operator", password=PASSWORD)
+    device = TOTPDevice.objects.create(user=user, name="console", confirmed=True)
+    password_login(client, "operator")
+    good = token_for(device)
+
+    # when they give a wrong code
+    wrong = "000000" if good != "000000" else "111111"
+    response = client.post(reverse("otp-verify"), {"token": wrong})
+
+    # then the form shows an error, the console stays closed and the failure is audited
+    assert response.status_code == 200 and b"not valid" in response.content
+    assert client.get(reverse("admin:index")).status_code == 302
+    event = AuditEvent.objects.get(action=Action.LOGIN_FAILED)
+    assert event.actor == "user:operator" and event.details["factor"] == "totp"
+
+
+def test_2fa_is_off_in_debug_by_default():
+    # (on in production: test_production_cookies_and_transport_settings)
+    assert _settings_in_subprocess({**_production_env(), "HMD_DEBUG": "true"}, "REQUIRE_2FA") is False
+
+
+def test_device_admin_never_shows_the_secret(admin_client, settings):
+    # given a confirmed device
+    from django.contrib.auth.models import User
+
+    device = TOTPDevice.objects.create(user=User.objects.create_user("dora"), name="console", confirmed=True)
+
+    # when a superuser opens the device list and page
+    listing = admin_client.get(reverse("admin:otp_totp_totpdevice_changelist"))
+    page = admin_client.get(reverse("admin:otp_totp_totpdevice_change", args=[device.pk]))
+
+    # then neither holds the key, and there is no add page
+    for response in (listing, page):
+        assert response.status_code == 200
+        assert device.key not in response.content.decode()
+    assert admin_client.get(reverse("admin:otp_totp_totpdevice_add")).status_code == 403
+
+
+# -- lockout -------------------------------------------------------------------------------
+
+
+def test_lockout_after_failures_is_audited(client, settings):
+    # given a failure limit of 3 and a real user
+    settings.AXES_FAILURE_LIMIT = 3
+    make_role_user("auditor", password=PASSWORD)
+
+    # when someone tries 3 wrong passwords, then the right one
+    answers = [password_login(client, "auditor", "wrong password").status_code for _ in range(3)]
+    after = password_login(client, "auditor")
+
+    # then the third attempt locks the account and the right password no longer works
+    assert answers[:2] == [200, 200]
+    assert answers[2] == 429
+    assert after.status_code == 429
+    assert client.get(reverse("admin:index")).status_code == 302  # not signed in
+    # and each failure and the lockout are in the audit log
+    failed = AuditEvent.objects.filter(action=Action.LOGIN_FAILED, actor="user:auditor")
+    assert failed.count() >= 3
+    locked = AuditEvent.objects.filter(action=Action.ACCESS_DENIED, details__reason="locked_out").first()
+    assert locked is not None  # one per refused attempt while locked
+    assert locked.target_id == "auditor" and locked.outcome == Outcome.DENIED
+    assert "wrong password" not in json.dumps(list(AuditEvent.objects.values_list("details", flat=True)))
+
+
+def test_unknown_usernames_are_audited_as_hmac_only(client):
+    # given no such user; someone types a password into the username field
+    password_login(client, "Hunter2-My-Password", "x")
+
+    # then the failure is audited without the typed name
+    event = AuditEvent.objects.get(action=Action.LOGIN_FAILED)
+    assert event.target_id.startswith("hmac-sha256:")
+    assert "Hunter2" not in json.dumps([event.actor, event.target_id, event.details])
+
+
+def test_permission_refusals_are_audited(client):
+    # given an auditor, who may not create keys
+    client.force_login(make_role_user("auditor"))
+
+    # when they open the create page
+    response = client.get(reverse("admin:keyvault_keyencryptionkey_add"))
+
+    # then it is refused and the refusal is in the audit log
+    assert response.status_code == 403
+    event = AuditEvent.objects.get(action=Action.ACCESS_DENIED)
+    assert event.actor == "user:auditor" and event.details["path"] == reverse("admin:keyvault_keyencryptionkey_add")
+
+
+# -- session expiry ------------------------------------------------------------------------
+
+
+def _age_session(client, *, started_ago: float, seen_ago: float) -> None:
+    session = client.session
+    now = time.time()
+    session[STARTED_KEY] = now - started_ago
+    session[SEEN_KEY] = now - seen_ago
+    session.save()
+
+
+@pytest.mark.parametrize(
+    ("started_ago", "seen_ago", "expired"),
+    [
+        (60, 10, False),  # fresh
+        (3600, 1801, True),  # idle longer than 30 minutes
+        (43201, 5, True),  # active, but older than 12 hours
+        (43000, 1700, False),  # just inside both limits
+    ],
+)
+def test_sessions_end_when_idle_or_too_old(client, started_ago, seen_ago, expired):
+    # given a signed-in auditor whose session has this age and idle time
+    client.force_login(make_role_user("auditor"))
+    _age_session(client, started_ago=started_ago, seen_ago=seen_ago)
+
+    # when they open the console
+    response = client.get(reverse("admin:index"))
+
+    # then an expired session is signed out and sent to the login page
+    if expired:
+        assert response.status_code == 302 and response["Location"].startswith(reverse("admin:login"))
+        assert client.get(reverse("admin:index")).status_code == 302  # and stays signed out
+    else:
+        assert response.status_code == 200
+
+
+def test_session_limits_are_configurable(client, settings):
+    settings.SESSION_IDLE_SECONDS = 5
+    client.force_login(make_role_user("auditor"))
+    _age_session(client, started_ago=7, seen_ago=6)
+    assert client.get(reverse("admin:index")).status_code == 302
+
+
+def test_login_starts_the_session_clock(client):
+    make_role_user("auditor", password=PASSWORD)
+    before = time.time()
+    password_login(client, "auditor")
+    assert before <= client.session[STARTED_KEY] <= time.time()
+
+
+# -- headers and cookies ---------------------------------------------------------------------
+
+
+def test_security_headers_on_console_pages(client, settings):
+    # given HSTS configured as in production
+    settings.SECURE_HSTS_SECONDS = 31536000
+
+    # when the login page is fetched over HTTPS
+    response = client.get(reverse("admin:login"), secure=True)
+
+    # then every header is there, and scripts may only come from our own origin
+    csp = response["Content-Security-Policy"]
+    script_src = re.search(r"script-src ([^;]*)", csp).group(1)
+    assert script_src.strip() == "'self'"
+    assert "unsafe-inline" not in csp and "unsafe-eval" not in csp
+    assert "frame-ancestors 'none'" in csp and "object-src 'none'" in csp
+    assert response["X-Frame-Options"] == "DENY"
+    assert response["Referrer-Policy"] == "same-origin"
+    assert response["X-Content-Type-Options"] == "nosniff"
+    assert response["Strict-Transport-Security"].startswith("max-age=31536000")
+
+
+def test_no_template_of_ours_has_inline_script():
+    """CSP allows no inline script: every script must be a static file."""
+    offenders = []
+    for template in [*ROOT.glob("keyvault/templates/**/*.html"), *ROOT.glob("rotation/templates/**/*.html")]:
+        for tag in re.findall(r"<script\b[^>]*>", template.read_text()):
+            if "src=" not in tag:
+                offenders.append(f"{template.relative_to(ROOT)}: {tag}")
+    assert not offenders, f"inline <script> blocked by CSP: {offenders}"
+
+
+def test_production_cookies_and_transport_settings():
+    values = _settings_in_subprocess(_production_env(), [
+        "SESSION_COOKIE_SECURE", "CSRF_COOKIE_SECURE", "SESSION_COOKIE_HTTPONLY", "CSRF_COOKIE_HTTPONLY",
+        "SESSION_COOKIE_SAMESITE", "SECURE_SSL_REDIRECT", "SECURE_HSTS_SECONDS", "X_FRAME_OPTIONS", "DEBUG",
+        "REQUIRE_2FA",
+    ])
+    assert values == [True, True, True, True, "Lax", True, 31536000, "DENY", False, True]
+
+
+def _production_env(tmp: str | None = None) -> dict:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+
+    import base64
+    import secrets
+
+    from keyvault.kms.local import generate_master_key
+
+    test_only = {"DJANGO_SETTINGS_MODULE", "DJANGO_ALLOW_ASYNC_UNSAFE"}  # the browser harness sets the latter
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HMD_") and k not in test_only}
+    signing = Ed25519PrivateKey.generate().private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+    env.update(
+        DJANGO_SETTINGS_MODULE="keyvault.settings",
+        HMD_DEBUG="false",
+        HMD_DATA_DIR=os.environ.get("HMD_DATA_DIR", str(ROOT / "var")),
+        HMD_SECRET_KEY=secrets.token_urlsafe(50),
+        HMD_AUDIT_HMAC_KEY=secrets.token_urlsafe(50),
+        HMD_AUDIT_SIGNING_KEY=base64.b64encode(signing).decode(),
+        HMD_LOCAL_KMS_MASTER_KEY=generate_master_key(),
+        HMD_ALLOWED_HOSTS="keyvault.example.com",
+    )
+    return env
+
+
+def _settings_in_subprocess(env: dict, names):
+    single = isinstance(names, str)
+    wanted = [names] if single else list(names)
+    code = (
+        "import json, django; django.setup(); from django.conf import settings; "
+        f"print(json.dumps([getattr(settings, n) for n in {wanted!r}]))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    values = json.loads(done.stdout.strip().splitlines()[-1])
+    return values[0] if single else values
+
+
+def test_check_deploy_is_clean_with_production_settings():
+    # given production settings (HMD_DEBUG=false, real secrets, allowed hosts)
+    env = _production_env()
+
+    # when Django's deployment checks run, failing on any warning
+    done = subprocess.run(
+        [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )
+
+    # then there is not one issue
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "System check identified no issues" in done.stdout
+
+
+# -- /healthz --------------------------------------------------------------------------------
+
+
+def test_healthz_ok_without_login(client):
+    response = client.get(reverse("healthz"))
+    assert response.status_code == 200, response.content
+    body = response.json()
+    assert body["status"] == "ok"
+    assert {name: check["ok"] for name, check in body["checks"].items()} == {
+        "database": True, "broker": True, "kms": True}
+
+
+def test_healthz_503_when_the_kms_provider_cannot_read_its_keyring(client, settings, tmp_path):
+    # given the local provider's keyring path is a directory: it cannot be read
+    unreadable = tmp_path / "not-a-keyring"
+    unreadable.mkdir()
+    kms = {**settings.KMS, "providers": {**settings.KMS["providers"]}}
+    kms["providers"]["local"] = {**kms["providers"]["local"], "keyring_path": str(unreadable)}
+    settings.KMS = kms
+
+    # when the probe asks
+    response = client.get(reverse("healthz"))
+
+    # then 503, the KMS check failed, and the body names no path or secret
+    assert response.status_code == 503
+    body = response.json()
+    assert body["status"] == "unavailable"
+    assert body["checks"]["kms"] == {"ok": False, "error": "ProviderUnhealthy",
+                                     "latency_ms": body["checks"]["kms"]["latency_ms"]}
+    assert body["checks"]["database"]["ok"] is True
+    text = response.content.decode()
+    assert str(tmp_path) not in text and settings.LOCAL_KMS_MASTER_KEY not in text
+
+
+def test_healthz_503_when_the_broker_is_down(client, settings):
+    # given a broker URL where nothing listens (with a password that must not leak)
+    settings.CELERY_BROKER_URL = "redis://:s3cret-broker-pass@127.0.0.1:1/0"
+
+    # when the probe asks
+    started = time.monotonic()
+    response = client.get(reverse("healthz"))
+
+    # then 503 quickly, naming only the error class
+    assert response.status_code == 503
+    assert time.monotonic() - started < 10
+    broker = response.json()["checks"]["broker"]
+    assert broker["ok"] is False and broker["error"]
+    assert b"s3cret" not in response.content and b"127.0.0.1" not in response.content
+
+
+def test_healthz_needs_no_second_factor(client, settings):
+    settings.REQUIRE_2FA = True
+    client.force_login(make_role_user("auditor"))
+    assert client.get(reverse("healthz")).status_code == 200
