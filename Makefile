@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt | cksum | cut -d' ' -f1)
 
-.PHONY: run test venv bench clean
+.PHONY: run test venv bench loadtest clean
 
 venv: $(STAMP)
 
@@ -24,6 +24,11 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -r bench/requirements.txt
 	$(BIN)/python bench/envelope.py
+
+# 50 console users with 2FA browse for 60 s against gunicorn + PostgreSQL while rotations run.
+LOADTEST_DB ?= postgres://postgres@127.0.0.1:5432/kv_loadtest
+loadtest: $(STAMP)
+	$(BIN)/python bench/loadtest.py --users 50 --duration 60 --database-url $(LOADTEST_DB)
 
 clean:
 	rm -rf $(VENV) var artifacts
