@@ -512,3 +512,7 @@ class SiemConsumerAdmin(admin.ModelAdmin):
         if not change:
             raise ValueError("SIEM consumers are created with siem.create_consumer")
         siem.set_active(obj, active=form.cleaned_data["active"], actor=Actor.from_request(request))
+
+
+from keyvault import secrets_admin  # noqa: E402,F401 - registers the managed-secret pages
+

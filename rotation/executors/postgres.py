@@ -253,6 +253,10 @@ class PostgresCredentialExecutor(Executor):
         old = ctx.state["previous_user"]
         if old == ctx.state.get("new_user"):
             return
+        if self._parse(ctx.read().value)["username"] == old:
+            # A later (emergency) run switched back to this role: locking it now would cut off the live credential.
+            ctx.tick("retire", f"skipped: {old} is the active role again (a later rotation switched back)")
+            return
         _, sql = _psycopg()
         with self._admin(ctx) as admin:
             if ctx.secret.config.get("retire", "nologin") == "password":

@@ -164,3 +164,64 @@ def test_beat_sweep_starts_due_automatic_secret_rotations(file_source, system_ac
     with services.inline_dispatch():
         started = services.dispatch_due_rotations()
     assert [run.secret_id for run in started] == [secret.pk] and started[0].kind == "planned"
+
+
+# -- console ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def admin_console(client):
+    from tests.keyvault import make_role_user
+
+    client.force_login(make_role_user("administrator"))
+    return client
+
+
+def test_console_lists_secrets_with_badges_and_starts_a_rotation_beside_its_runbook(
+    admin_console, file_source, system_actor  # noqa: F811
+):
+    # given: a generic secret overdue for rotation
+    file_source.write("x/api-key", "v1")
+    secret = services.register_secret(name="api-key", secret_type="generic", source="file", path="x/api-key",
+                                      owner="team-a", actor=system_actor)
+    RotationPolicy.objects.filter(secret=secret).update(next_due_at=timezone.now() - timedelta(days=2))
+
+    # when / then: the list shows type, owner and an overdue badge; the attention filter keeps it
+    page = admin_console.get("/keyvault/managedsecret/?attention=yes").content.decode()
+    assert "api-key" in page and "team-a" in page and "overdue since" in page
+    # the change page shows the policy and the start-rotation link
+    change = admin_console.get(f"/keyvault/managedsecret/{secret.pk}/change/").content.decode()
+    assert "every 90d" in change and "Start rotation" in change
+    # the rotate page has the runbook panel of the secret's type
+    rotate = admin_console.get(f"/keyvault/managedsecret/{secret.pk}/rotate/").content.decode()
+    assert "Runbook: Generic secret rotation" in rotate
+    # an emergency without an incident is refused with a form error, not a 500
+    refused = admin_console.post(f"/keyvault/managedsecret/{secret.pk}/rotate/", {"kind": "emergency"})
+    assert refused.status_code == 200 and "incident" in refused.content.decode()
+    with services.inline_dispatch():
+        started = admin_console.post(f"/keyvault/managedsecret/{secret.pk}/rotate/", {"kind": "on_demand", "reason": "drill"})
+    run = RotationRun.objects.get(secret=secret)
+    assert started.status_code == 302 and started["Location"].endswith(f"/rotation/rotationrun/{run.pk}/change/")
+
+
+def test_console_add_form_registers_a_postgres_credential_and_refuses_a_password_in_config(admin_console):
+    base = {"name": "orders-db", "secret_type": "database_credential", "source": "file", "path": "orders/db",
+            "owner": "orders", "description": ""}
+    bad = admin_console.post("/keyvault/managedsecret/add/", {**base, "config": json.dumps(
+        {"host": "db", "dbname": "orders", "usernames": ["a", "b"], "admin_dsn": "host=db password=hunter2"})})
+    assert bad.status_code == 200 and "must not contain a password" in bad.content.decode()
+    assert "hunter2" not in bad.content.decode().split("<textarea")[0]
+    good = admin_console.post("/keyvault/managedsecret/add/", {**base, "config": json.dumps(
+        {"host": "db", "dbname": "orders", "usernames": ["orders_blue", "orders_green"], "admin_dsn": "host=db user=postgres"})})
+    assert good.status_code == 302
+    secret = ManagedSecret.objects.get(name="orders-db")
+    assert secret.rotation_policy.period == timedelta(days=30)
+    assert AuditEvent.objects.filter(action="secret", target_id="orders-db", details__event="registered").exists()
+
+
+def test_operators_cannot_reach_the_rotate_page(client, system_actor):
+    from tests.keyvault import make_role_user
+
+    secret = make("locked")
+    client.force_login(make_role_user("auditor"))
+    assert client.get(f"/keyvault/managedsecret/{secret.pk}/rotate/").status_code == 403

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from django.core import signing
@@ -16,6 +17,7 @@ from rotation.executors import keyring
 from tests.rotation.executors.conftest import rotate, steps
 
 pytestmark = pytest.mark.django_db
+SETTINGS_FILE = str(Path(__file__).resolve().parents[3] / "keyvault" / "settings.py")
 
 
 @pytest.fixture
@@ -138,7 +140,7 @@ def test_settings_read_secret_key_and_fallbacks_from_a_keyring(tmp_path, monkeyp
     # when: the settings module is evaluated afresh
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("kv_settings_probe", "keyvault/settings.py")
+    spec = importlib.util.spec_from_file_location("kv_settings_probe", SETTINGS_FILE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
 
@@ -153,7 +155,7 @@ def test_a_broken_keyring_stops_settings_with_a_clear_error(tmp_path, monkeypatc
     monkeypatch.setenv("HMD_DATA_DIR", str(tmp_path))
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("kv_settings_probe2", "keyvault/settings.py")
+    spec = importlib.util.spec_from_file_location("kv_settings_probe2", SETTINGS_FILE)
     module = importlib.util.module_from_spec(spec)
     with pytest.raises(ImproperlyConfigured, match="HMD_SECRET_KEY_KEYRING: keyring needs"):
         spec.loader.exec_module(module)

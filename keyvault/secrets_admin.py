@@ -1,0 +1,253 @@
+"""Managed secrets in the security console: inventory, badges, start-rotation and provide-value actions.
+
+Like the KEK pages, nothing here changes a secret itself: registration goes through
+``rotation.services.register_secret``, rotations through ``start_run`` and a value a
+person hands over (OAuth) through ``provide_secret_value``. Runs are shown on the
+rotation run pages (``rotation.admin``); this page links to them.
+"""
+
+from __future__ import annotations
+
+import json
+
+from django import forms
+from django.contrib import admin, messages
+from django.contrib.admin.options import ShowFacets
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.http import HttpResponseRedirect
+from django.shortcuts import get_object_or_404
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
+from django.utils import timezone
+from django.utils.decorators import method_decorator
+from django.utils.html import format_html, format_html_join
+from django.views.decorators.debug import sensitive_post_parameters
+
+from keyvault.admin_views import SERVICE_ERRORS, service_error_message
+from keyvault.audit import Actor
+from keyvault.models import ManagedSecret
+from keyvault.secrets import SecretSourceError
+
+ACTION_TEMPLATE = "keyvault/action.html"
+ROTATE_PERMISSION = "keyvault.rotate_managedsecret"
+
+
+def _runbook(secret_type: str, kind: str = "on_demand"):
+    from rotation import runbooks
+
+    return runbooks.for_run(f"secret-{secret_type}", kind)
+
+
+class AttentionFilter(admin.SimpleListFilter):
+    title = "attention"
+    parameter_name = "attention"
+
+    def lookups(self, request, model_admin):
+        return (("yes", "Needs attention"),)
+
+    def queryset(self, request, queryset):
+        if self.value() == "yes":
+            from rotation.services import secrets_needing_attention
+
+            return queryset.filter(pk__in=[s.pk for s, _ in secrets_needing_attention(timezone.now())])
+        return queryset
+
+
+class ManagedSecretForm(forms.ModelForm):
+    """Add/change form; the configuration is JSON, checked by the type's executor."""
+
+    config = forms.JSONField(required=False, initial=dict, widget=forms.Textarea(attrs={"rows": 8, "cols": 80}),
+                             help_text=ManagedSecret._meta.get_field("config").help_text)
+
+    class Meta:
+        model = ManagedSecret
+        fields = ("name", "secret_type", "source", "path", "owner", "description", "config", "warn_before")
+
+    def clean(self):
+        from rotation.executors import executor_for
+
+        data = super().clean()
+        if data.get("secret_type"):
+            try:
+                executor_for(data["secret_type"]).validate_config(data.get("config") or {})
+            except SERVICE_ERRORS as exc:
+                raise ValidationError({"config": service_error_message(exc)}) from None
+        return data
+
+
+class StartSecretRotationForm(forms.Form):
+    kind = forms.ChoiceField(choices=(("on_demand", "On demand"), ("emergency", "Emergency (no grace period)")),
+                             initial="on_demand")
+    reason = forms.CharField(widget=forms.Textarea(attrs={"rows": 2}), required=False)
+    incident_ref = forms.CharField(label="Incident / ticket", required=False, max_length=100,
+                                   help_text="Required for emergency rotations.")
+
+
+class ProvideValueForm(forms.Form):
+    value = forms.CharField(label="New secret value", strip=True, widget=forms.PasswordInput(render_value=False),
+                            help_text="Stored straight in the secret's source; Keyvault keeps only its version id.")
+
+
+@admin.register(ManagedSecret)
+class ManagedSecretAdmin(admin.ModelAdmin):
+    form = ManagedSecretForm
+    list_display = ("name", "secret_type", "source", "owner", "expires_at", "status_badge", "due_badge", "last_rotated_at")
+    list_filter = (AttentionFilter, "secret_type", "status", "source")
+    search_fields = ("name", "owner", "path")
+    actions = None
+    show_facets = ShowFacets.NEVER
+    readonly_fields = ("status", "last_rotated_at", "expires_at", "metadata_display", "policy_display", "runs_display")
+
+    class Media:
+        css = {"all": ("keyvault/console.css",)}
+
+    def get_fieldsets(self, request, obj=None):
+        main = ("name", "secret_type", "source", "path", "owner", "description", "config", "warn_before")
+        if obj is None:
+            return ((None, {"fields": main}),)
+        return (
+            (None, {"fields": main}),
+            ("State", {"fields": ("status", "last_rotated_at", "expires_at", "metadata_display")}),
+            ("Rotation", {"fields": ("policy_display", "runs_display")}),
+        )
+
+    def get_readonly_fields(self, request, obj=None):
+        if obj is None:
+            return ()
+        return (*self.readonly_fields, "name", "secret_type")
+
+    @admin.display(description="status", ordering="status")
+    def status_badge(self, obj: ManagedSecret):
+        return format_html('<span class="kv-state kv-secret-{}">{}</span>', obj.status, obj.get_status_display())
+
+    @admin.display(description="due")
+    def due_badge(self, obj: ManagedSecret):
+        policy = getattr(obj, "rotation_policy", None)
+        if not policy or not policy.next_due_at:
+            return "—"
+        now = timezone.now()
+        if policy.next_due_at <= now:
+            return format_html('<span class="kv-state kv-overdue">overdue since {}</span>', f"{policy.next_due_at:%Y-%m-%d}")
+        if policy.next_due_at <= now + obj.effective_warn_before:
+            return format_html('<span class="kv-state kv-due">due {}</span>', f"{policy.next_due_at:%Y-%m-%d}")
+        return f"{policy.next_due_at:%Y-%m-%d}"
+
+    @admin.display(description="observed")
+    def metadata_display(self, obj: ManagedSecret):
+        if not obj.metadata:
+            return "—"
+        return format_html("<pre>{}</pre>", json.dumps(obj.metadata, indent=2, default=str))
+
+    @admin.display(description="policy")
+    def policy_display(self, obj: ManagedSecret):
+        from rotation.models import format_period
+        from rotation.services import ensure_secret_policy
+
+        policy = ensure_secret_policy(obj)
+        url = reverse("admin:rotation_rotationpolicy_change", args=[policy.pk])
+        return format_html(
+            '<a href="{}">every {}, grace {}, {} approval(s), {}</a>; next due {}', url, format_period(policy.period),
+            format_period(policy.grace_period), policy.approvals_required, "automatic" if policy.auto else "manual",
+            f"{policy.next_due_at:%Y-%m-%d %H:%M} UTC" if policy.next_due_at else "—")
+
+    @admin.display(description="recent runs")
+    def runs_display(self, obj: ManagedSecret):
+        runs = obj.rotation_runs.order_by("-created_at")[:5]
+        rows = format_html_join(
+            "", '<li><a href="{}">run #{}</a> {} — {}{}</li>',
+            ((reverse("admin:rotation_rotationrun_change", args=[r.pk]), r.pk, r.get_kind_display().lower(),
+              r.get_state_display().lower(), f" ({r.paused_reason})" if r.paused_reason else "") for r in runs))
+        rotate_url = reverse("admin:keyvault_managedsecret_rotate", args=[obj.pk])
+        return format_html('<ul>{}</ul><a class="button" href="{}">Start rotation…</a>', rows or "none yet", rotate_url)
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).select_related("rotation_policy")
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+    def save_model(self, request, obj, form, change):
+        """New secrets through ``register_secret`` (validation, policy, audit); edits of references and config as usual."""
+        from rotation import services
+
+        if change:
+            super().save_model(request, obj, form, change)
+            return
+        data = form.cleaned_data
+        created = services.register_secret(
+            name=data["name"], secret_type=data["secret_type"], source=data["source"], path=data["path"],
+            owner=data.get("owner", ""), description=data.get("description", ""), config=data.get("config") or {},
+            warn_before=data.get("warn_before"), actor=Actor.from_request(request))
+        obj.pk = created.pk
+
+    def log_addition(self, request, obj, message):
+        return None  # audited by register_secret
+
+    # -- custom views ---------------------------------------------------------------------
+    def get_urls(self):
+        wrap = self.admin_site.admin_view
+        return [
+            path("<path:object_id>/rotate/", wrap(self.rotate_view), name="keyvault_managedsecret_rotate"),
+            path("<path:object_id>/provide-value/", wrap(self.provide_value_view),
+                 name="keyvault_managedsecret_provide_value"),
+            *super().get_urls(),
+        ]
+
+    def _render(self, request, secret, *, title, intro, form, action, submit_label, runbook, danger=False):
+        context = {
+            **self.admin_site.each_context(request), "opts": self.opts, "original": secret, "title": title,
+            "intro": intro, "form": form, "adminform": [admin.helpers.Fieldset(form, fields=list(form.fields))],
+            "submit_label": submit_label, "danger": danger, "action": action, "runbook": runbook,
+            "cancel_url": reverse("admin:keyvault_managedsecret_change", args=[secret.pk]), "media": self.media + form.media,
+        }
+        request.current_app = self.admin_site.name
+        return TemplateResponse(request, ACTION_TEMPLATE, context)
+
+    def rotate_view(self, request, object_id):
+        from rotation import services
+
+        secret = get_object_or_404(ManagedSecret, pk=object_id) if str(object_id).isdigit() else None
+        if secret is None:
+            raise PermissionDenied
+        if not request.user.has_perm(ROTATE_PERMISSION):
+            raise PermissionDenied
+        form = StartSecretRotationForm(request.POST or None)
+        if request.method == "POST" and form.is_valid():
+            data = form.cleaned_data
+            try:
+                run = services.start_run(secret=secret, actor=Actor.from_request(request), user=request.user,
+                                         kind=data["kind"], reason=data["reason"], incident_ref=data["incident_ref"])
+            except SERVICE_ERRORS as exc:
+                form.add_error(None, service_error_message(exc))
+            else:
+                messages.success(request, f"Started run #{run.pk} of {secret.name}.")
+                return HttpResponseRedirect(reverse("admin:rotation_rotationrun_change", args=[run.pk]))
+        return self._render(request, secret, title=f"Rotate {secret.name}", form=form, action="rotate-secret",
+                            intro=f"{secret.get_secret_type_display()} in {secret.source}:{secret.path}.",
+                            submit_label="Start rotation", runbook=_runbook(secret.secret_type))
+
+    @method_decorator(sensitive_post_parameters("value"))
+    def provide_value_view(self, request, object_id):
+        from rotation import services
+        from rotation.models import RotationRun
+
+        secret = get_object_or_404(ManagedSecret, pk=object_id) if str(object_id).isdigit() else None
+        if secret is None or not request.user.has_perm("rotation.tick_runstep"):
+            raise PermissionDenied
+        run = RotationRun.objects.filter(secret=secret, state=RotationRun.State.ROTATING).first()
+        form = ProvideValueForm(request.POST or None)
+        if run is None:
+            messages.error(request, f"No run of {secret.name} is waiting for a value.")
+            return HttpResponseRedirect(reverse("admin:keyvault_managedsecret_change", args=[secret.pk]))
+        if request.method == "POST" and form.is_valid():
+            try:
+                services.provide_secret_value(run, form.cleaned_data["value"], actor=Actor.from_request(request))
+            except (*SERVICE_ERRORS, SecretSourceError) as exc:
+                form.add_error(None, service_error_message(exc))
+            else:
+                messages.success(request, f"The new value of {secret.name} is stored (run #{run.pk}).")
+                return HttpResponseRedirect(reverse("admin:rotation_rotationrun_change", args=[run.pk]))
+        return self._render(request, secret, title=f"Provide the new value of {secret.name}", form=form,
+                            action="provide-secret-value", submit_label="Store new value",
+                            intro=f"Run #{run.pk} waits for the value you created at the identity provider.",
+                            runbook=_runbook(secret.secret_type, run.kind))
