@@ -1,44 +1,90 @@
-"""Every HMD_* variable the code reads is in README's configuration table, and nothing else is.
+"""Every HMD_* variable the code reads is in the configuration table, and nothing else is.
 
-Adding a setting without documenting it fails here.
+The table lives twice, identically: in README.md and in docs/ops/secrets.md (between
+``<!-- env-table:start -->`` and ``<!-- env-table:end -->``). Adding a setting without
+documenting it fails here, and so does documenting it in one place only.
 """
 
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
-CODE_DIRS = ("keyvault", "rotation")
+CODE_DIRS = ("keyvault", "rotation", "deploy")
+#: Process definitions read variables as shell expansions (``${HMD_X:-default}``).
+SHELL_FILES = ("Procfile",)
+SHELL_VARIABLE = re.compile(r"\$\{?(HMD_[A-Z0-9_]*[A-Z0-9])")
+TABLES = (ROOT / "README.md", ROOT / "docs" / "ops" / "secrets.md")
 VARIABLE = re.compile(r"""["'](HMD_[A-Z0-9_]*[A-Z0-9])["']""")
 ROW = re.compile(r"^\| `(HMD_[A-Z0-9_]+)` \|", re.MULTILINE)
+#: Settings read through ``get_secret`` (settings.py's ``_secret`` / ``_get_secret``): these accept ``HMD_X_REF``.
+SECRET_READ = re.compile(r"""\b_?(?:get_)?secret\(\s*["'](HMD_[A-Z0-9_]+)["']""")
+
+
+def _code() -> list[str]:
+    return [path.read_text() for folder in CODE_DIRS for path in (ROOT / folder).rglob("*.py")]
 
 
 def variables_in_code() -> set[str]:
     found = set()
-    for folder in CODE_DIRS:
-        for path in (ROOT / folder).rglob("*.py"):
-            found |= set(VARIABLE.findall(path.read_text()))
-    # HMD_X_FILE is implied by HMD_X (every variable can come from a file).
-    return {name for name in found if not (name.endswith("_FILE") and name[: -len("_FILE")] in found)}
+    for text in _code():
+        found |= set(VARIABLE.findall(text))
+    for name in SHELL_FILES:
+        found |= set(SHELL_VARIABLE.findall((ROOT / name).read_text()))
+    # HMD_X_FILE (every variable) and HMD_X_REF (secrets) are variants of HMD_X, documented with it.
+    return {
+        name
+        for name in found
+        if not any(name.endswith(suffix) and name[: -len(suffix)] in found for suffix in ("_FILE", "_REF"))
+    }
+
+
+def secret_variables_in_code() -> set[str]:
+    return {name for text in _code() for name in SECRET_READ.findall(text)}
+
+
+def table(path: Path) -> str:
+    text = path.read_text()
+    assert "<!-- env-table:start -->" in text and "<!-- env-table:end -->" in text, f"{path.name} has no env table"
+    return text.split("<!-- env-table:start -->", 1)[1].split("<!-- env-table:end -->", 1)[0]
 
 
 def documented(path: Path) -> list[str]:
-    text = path.read_text()
-    table = text.split("<!-- env-table:start -->", 1)[1].split("<!-- env-table:end -->", 1)[0]
-    return ROW.findall(table)
+    return ROW.findall(table(path))
 
 
-def test_readme_documents_every_variable_the_code_reads():
-    in_readme = documented(ROOT / "README.md")
+@pytest.mark.parametrize("path", TABLES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_the_table_documents_every_variable_the_code_reads(path):
+    in_table = documented(path)
 
-    missing = variables_in_code() - set(in_readme)
-    stale = set(in_readme) - variables_in_code()
+    missing = variables_in_code() - set(in_table)
+    stale = set(in_table) - variables_in_code()
 
-    assert not missing, f"add these to README.md's configuration table: {sorted(missing)}"
-    assert not stale, f"README.md documents variables the code no longer reads: {sorted(stale)}"
-    assert len(in_readme) == len(set(in_readme)), "a variable is listed twice"
+    assert not missing, f"add these to {path.name}'s configuration table: {sorted(missing)}"
+    assert not stale, f"{path.name} documents variables the code no longer reads: {sorted(stale)}"
+    assert len(in_table) == len(set(in_table)), "a variable is listed twice"
+
+
+def test_readme_and_secrets_doc_carry_the_same_table():
+    readme, secrets_doc = (table(path).strip() for path in TABLES)
+
+    assert readme == secrets_doc, "copy README.md's env table into docs/ops/secrets.md (or back): they must be identical"
+
+
+def test_every_secret_setting_says_it_takes_a_reference():
+    rows = {match.group(1): line for line in table(TABLES[0]).splitlines() if (match := ROW.match(line))}
+
+    secrets = secret_variables_in_code()
+
+    assert {"HMD_SECRET_KEY", "HMD_DATABASE_PASSWORD", "HMD_LOCAL_KMS_MASTER_KEY"} <= secrets
+    unmarked = sorted(name for name in secrets if "`_REF`" not in rows.get(name, ""))
+    assert not unmarked, f"mark these rows 'Secret: also `_FILE` or `_REF`': {unmarked}"
 
 
 def test_the_scan_finds_variables():
     names = variables_in_code()
 
     assert {"HMD_DEBUG", "HMD_SECRET_KEY", "HMD_DATABASE_URL", "HMD_KMS_PROVIDER"} <= names
+    assert "HMD_DATABASE_PASSWORD_REF" not in names and "HMD_DATABASE_PASSWORD" in names
+    assert {"HMD_WEB_WORKERS", "HMD_WORKER_CONCURRENCY"} <= names  # deploy/ and the Procfile count too
