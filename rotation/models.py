@@ -174,6 +174,9 @@ class RotationRun(models.Model):
     ACTIVE_STATES = (
         State.PENDING_APPROVAL, State.QUEUED, State.ROTATING, State.REWRAPPING, State.VERIFYING, State.RETIRING,
     )
+    #: States that keep another run of the same target from starting. A run waiting out its
+    #: grace period (retiring) does not: an emergency must be possible during those days.
+    BLOCKING_STATES = ACTIVE_STATES[:-1]
 
     kek = models.ForeignKey(
         KeyEncryptionKey, on_delete=models.PROTECT, related_name="rotation_runs", verbose_name="key-encryption key",
@@ -231,16 +234,12 @@ class RotationRun(models.Model):
         constraints = [
             models.UniqueConstraint(
                 fields=["kek"],
-                condition=Q(
-                    state__in=["pending_approval", "queued", "rotating", "rewrapping", "verifying", "retiring"]
-                ),
+                condition=Q(state__in=["pending_approval", "queued", "rotating", "rewrapping", "verifying"]),
                 name="rotationrun_one_active_per_kek",
             ),
             models.UniqueConstraint(
                 fields=["secret"],
-                condition=Q(
-                    state__in=["pending_approval", "queued", "rotating", "rewrapping", "verifying", "retiring"]
-                ),
+                condition=Q(state__in=["pending_approval", "queued", "rotating", "rewrapping", "verifying"]),
                 name="rotationrun_one_active_per_secret",
             ),
             models.CheckConstraint(

@@ -237,7 +237,7 @@ def start_run(
             if not needs_approval:
                 enqueue_run(run)
     except IntegrityError:
-        existing = RotationRun.objects.filter(kek=kek, state__in=Run.ACTIVE_STATES).first()
+        existing = RotationRun.objects.filter(kek=kek, state__in=Run.BLOCKING_STATES).first()
         if existing is None:
             raise
         raise RunAlreadyActive(existing) from None
@@ -326,6 +326,9 @@ def rollback(run: RotationRun, *, actor: Actor, reason: str = "") -> RotationRun
         if run.secret_id:
             note = _rollback_secret(run, reason)
             return _transition(run, S.ROLLED_BACK, actor=actor, note=note)
+        newer = RotationRun.objects.filter(kek=run.kek, target_version__gt=run.target_version or 0).exclude(pk=run.pk)
+        if run.kek_id and run.target_version and newer.exists():
+            raise InvalidRunTransition(f"run #{run.pk} was followed by a newer rotation of {run.kek.name}; roll that one back")
         note = reason
         if run.kind != Run.Kind.MIGRATE and run.previous_version and run.target_version:
             kek = run.kek
@@ -718,7 +721,7 @@ def due_policies(now: datetime) -> list[RotationPolicy]:
     candidates = (
         RotationPolicy.objects.select_related("kek")
         .filter(auto=True, kek__state=KeyEncryptionKey.State.ENABLED)
-        .exclude(kek__rotation_runs__state__in=Run.ACTIVE_STATES)
+        .exclude(kek__rotation_runs__state__in=Run.BLOCKING_STATES)
     )
     due = []
     for policy in candidates.filter(Q(next_due_at__lte=now) | Q(usage_threshold__isnull=False)):
@@ -945,7 +948,7 @@ def _start_secret_run(*, secret, actor, kind, user, reason, incident_ref, destin
             if not needs_approval:
                 enqueue_run(run)
     except IntegrityError:
-        existing = RotationRun.objects.filter(secret=secret, state__in=Run.ACTIVE_STATES).first()
+        existing = RotationRun.objects.filter(secret=secret, state__in=Run.BLOCKING_STATES).first()
         if existing is None:
             raise
         raise RunAlreadyActive(existing) from None
@@ -1159,7 +1162,7 @@ def start_due_secret_rotations(*, now: datetime) -> list[RotationRun]:
     started = []
     candidates = (RotationPolicy.objects.select_related("secret")
                   .filter(auto=True, secret__isnull=False, next_due_at__lte=now)
-                  .exclude(secret__rotation_runs__state__in=Run.ACTIVE_STATES))
+                  .exclude(secret__rotation_runs__state__in=Run.BLOCKING_STATES))
     for policy in candidates:
         if not policy.in_window(now):
             continue

@@ -117,6 +117,9 @@ class Command(KeyvaultCommand):
         tick.add_argument("step")
         tick.add_argument("--evidence", default="")
 
+        wait = sub.add_parser("wait", help="Follow a run on stderr; exit 0 once it is rewrapped and verified.")
+        wait.add_argument("run_id", type=int)
+
         work = sub.add_parser("work", help="Advance a run in this process until it is done or waiting.")
         work.add_argument("run_id", type=int)
 
@@ -224,6 +227,9 @@ class Command(KeyvaultCommand):
         step = services.tick_manual_step(run_numbered(options["run_id"]), options["step"], actor=self.actor(options),
                                          evidence=options["evidence"])
         self.stdout.write(f"step {step.key} done by {step.done_by}")
+
+    def _wait(self, options):
+        self._follow(run_numbered(options["run_id"]).pk)
 
     def _work(self, options):
         run = services.drive(run_numbered(options["run_id"]).pk)
