@@ -319,50 +319,6 @@ class AuditCheckpoint(models.Model):
         return f"checkpoint at #{self.sequence}"
 
 
-from django.conf import settings  # noqa: E402 - kept beside the one model that needs it
-
-
-class SiemConsumer(models.Model):
-    """A SIEM collector (Splunk, Elastic…) allowed to pull the audit log over HTTP with its own token.
-
-    Only the SHA-256 of the token is stored: the token is shown once, when the
-    consumer is created. Deactivating a consumer makes its token answer 401.
-    """
-
-    name = models.SlugField(
-        "name", max_length=100, unique=True, help_text="Which collector this is, e.g. splunk-prod."
-    )
-    token_hash = models.CharField(
-        "token SHA-256", max_length=64, unique=True, editable=False,
-        help_text="SHA-256 (hex) of the bearer token; the token itself is never stored.",
-    )
-    created_by = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+",
-        editable=False,
-        verbose_name="created by",
-    )
-    created_at = models.DateTimeField("created", auto_now_add=True)
-    last_used_at = models.DateTimeField(
-        "last used", null=True, blank=True, editable=False, help_text="When the collector last pulled events."
-    )
-    last_sequence = models.PositiveBigIntegerField(
-        "last sequence delivered", default=0, editable=False,
-        help_text="The highest audit event sequence the collector has been sent.",
-    )
-    active = models.BooleanField("active", default=True, help_text="Inactive consumers' tokens are refused (401).")
-
-    class Meta:
-        """Managed by key administrators; never deleted, only deactivated (the audit log names them)."""
-
-        verbose_name = "SIEM consumer"
-        verbose_name_plural = "SIEM consumers"
-        ordering = ["name"]
-        default_permissions = ("add", "change", "view")
-
-    def __str__(self) -> str:
-        return self.name
-
-
 class ManagedSecret(models.Model):
     """A secret Keyvault rotates or watches: where it lives, who owns it, when it expires.
 
@@ -479,3 +435,46 @@ def _secret_like_keys(value, forbidden, prefix: str = "") -> list[str]:
             found.extend(_secret_like_keys(item, forbidden, prefix))
     return found
 
+
+from django.conf import settings  # noqa: E402 - kept beside the one model that needs it
+
+
+class SiemConsumer(models.Model):
+    """A SIEM collector (Splunk, Elastic…) allowed to pull the audit log over HTTP with its own token.
+
+    Only the SHA-256 of the token is stored: the token is shown once, when the
+    consumer is created. Deactivating a consumer makes its token answer 401.
+    """
+
+    name = models.SlugField(
+        "name", max_length=100, unique=True, help_text="Which collector this is, e.g. splunk-prod."
+    )
+    token_hash = models.CharField(
+        "token SHA-256", max_length=64, unique=True, editable=False,
+        help_text="SHA-256 (hex) of the bearer token; the token itself is never stored.",
+    )
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+",
+        editable=False,
+        verbose_name="created by",
+    )
+    created_at = models.DateTimeField("created", auto_now_add=True)
+    last_used_at = models.DateTimeField(
+        "last used", null=True, blank=True, editable=False, help_text="When the collector last pulled events."
+    )
+    last_sequence = models.PositiveBigIntegerField(
+        "last sequence delivered", default=0, editable=False,
+        help_text="The highest audit event sequence the collector has been sent.",
+    )
+    active = models.BooleanField("active", default=True, help_text="Inactive consumers' tokens are refused (401).")
+
+    class Meta:
+        """Managed by key administrators; never deleted, only deactivated (the audit log names them)."""
+
+        verbose_name = "SIEM consumer"
+        verbose_name_plural = "SIEM consumers"
+        ordering = ["name"]
+        default_permissions = ("add", "change", "view")
+
+    def __str__(self) -> str:
+        return self.name
