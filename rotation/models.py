@@ -28,9 +28,12 @@ def parse_period(text: str) -> timedelta:
     from django.utils.dateparse import parse_duration
 
     match = _SHORT_DURATION.match(text or "")
-    if match:
-        return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
-    parsed = parse_duration((text or "").strip())
+    try:
+        if match:
+            return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+        parsed = parse_duration((text or "").strip())
+    except OverflowError:
+        raise ValueError(f"duration out of range: {text[:40]!r}") from None
     if parsed is None:
         raise ValueError(f"not a duration: {text!r} (use e.g. 90d, 12h, 5m or P90D)")
     return parsed
