@@ -20,6 +20,7 @@ ROLES: dict[str, tuple[str, ...]] = {
         "keyvault.view_*",
         "keyvault.rotate_keyencryptionkey",
         "keyvault.add_datakey",
+        "keyvault.rotate_managedsecret",
         "rotation.view_*",
         "rotation.add_rotationrun",
         "rotation.approve_rotationrun",

@@ -118,7 +118,18 @@ def kek_rotation_panel(kek: KeyEncryptionKey, *, user, admin_site_name: str = "a
 
 
 def run_runbook(run: RotationRun) -> runbooks.Runbook | None:
+    if run.secret_id:
+        return runbooks.for_run(f"secret-{run.secret.secret_type}", run.kind)
     return runbooks.for_run("kek", run.kind)
+
+
+def _audit_target(run: RotationRun) -> tuple[str, str] | None:
+    """(target_type, target_id) of the run's events in the audit log."""
+    if run.kek_id:
+        return "keyencryptionkey", run.kek.name
+    if run.secret_id:
+        return "managedsecret", run.secret.name
+    return None
 
 
 def runbook_section_html(runbook: runbooks.Runbook | None, section: str) -> SafeString:
@@ -192,12 +203,11 @@ def run_progress(run: RotationRun, *, now: datetime | None = None) -> dict:
 
 
 def run_events(run: RotationRun):
-    """The run's audit events: the KEK's events (audit_target_seq index) whose details name the run."""
-    if not run.kek_id:
+    """The run's audit events: its target's events (audit_target_seq index) whose details name the run."""
+    target = _audit_target(run)
+    if target is None:
         return AuditEvent.objects.none()
-    return AuditEvent.objects.filter(
-        target_type="keyencryptionkey", target_id=run.kek.name, details__run_id=run.pk
-    ).order_by("sequence")
+    return AuditEvent.objects.filter(target_type=target[0], target_id=target[1], details__run_id=run.pk).order_by("sequence")
 
 
 @dataclass(frozen=True)
@@ -316,11 +326,12 @@ class RotationRunViewsMixin:
         can_approve = user.has_perm(APPROVE_PERMISSION) and "approve" in state_actions
         decision_form = None
         if can_approve and not run.approvals.filter(approver=user).exists() and run.initiated_by_id != user.pk:
-            decision_form = DecisionForm(allow_break_glass=services._is_break_glass(user))
+            decision_form = DecisionForm(allow_break_glass=services.is_break_glass(user))
         kek_url = reverse(f"{site}:keyvault_keyencryptionkey_change", args=[run.kek_id]) if run.kek_id else ""
         audit_url = ""
-        if run.kek_id and user.has_perm("keyvault.view_auditevent"):
-            audit_url = reverse(f"{site}:keyvault_auditevent_changelist") + f"?target_type=keyencryptionkey&target_id={run.kek.name}"
+        target = _audit_target(run)
+        if target and user.has_perm("keyvault.view_auditevent"):
+            audit_url = reverse(f"{site}:keyvault_auditevent_changelist") + f"?target_type={target[0]}&target_id={target[1]}"
         events = list(run_events(run).order_by("-sequence")[:RUN_EVENTS_SHOWN]) if user.has_perm(
             "keyvault.view_auditevent") else []
         context = {
@@ -385,7 +396,7 @@ class RotationRunViewsMixin:
     def decide_view(self, request, object_id: str):
         self._require(request, APPROVE_PERMISSION)
         run = self._get_run(request, object_id)
-        allow_break_glass = services._is_break_glass(request.user)
+        allow_break_glass = services.is_break_glass(request.user)
         if request.method == "POST":
             form = DecisionForm(request.POST, allow_break_glass=allow_break_glass)
             if form.is_valid():

@@ -253,7 +253,7 @@ def _create_steps(run: RotationRun, runbook) -> None:
     )
 
 
-def _is_break_glass(user) -> bool:
+def is_break_glass(user) -> bool:
     group = setting("ROTATION_BREAK_GLASS_GROUP", "Break glass")
     return bool(group) and user.groups.filter(name=group).exists()
 
@@ -282,7 +282,7 @@ def decide(
             raise ApprovalRefused("the initiator of a run cannot approve it")
         if run.approvals.filter(approver=user).exists():
             raise ApprovalRefused(f"{user.get_username()} has already decided on run #{run.pk}")
-        if break_glass and not _is_break_glass(user):
+        if break_glass and not is_break_glass(user):
             raise ApprovalRefused(f"{user.get_username()} is not in the break-glass group")
         Approval.objects.create(run=run, approver=user, decision=decision, comment=comment.strip(), break_glass=break_glass)
         if decision == Approval.Decision.REJECT:

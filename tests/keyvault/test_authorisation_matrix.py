@@ -28,6 +28,8 @@ OPERATOR_POST = {"anonymous": LOGIN, "auditor": 403, "operator": 302, "administr
 AUDITOR_GET = {"anonymous": LOGIN, "auditor": 200, "operator": 403, "administrator": 200}
 AUDITOR_POST = {"anonymous": LOGIN, "auditor": 302, "operator": 403, "administrator": 302}
 NOBODY = {"anonymous": LOGIN, "auditor": 403, "operator": 403, "administrator": 403}
+#: Allowed, but there is nothing to do: sent back with a message.
+OPERATOR_REDIRECT = {"anonymous": LOGIN, "auditor": 403, "operator": 302, "administrator": 302}
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,18 @@ def siem_consumer(world):
     from keyvault import siem
 
     return siem.create_consumer(name="matrix", actor=siem.Actor.system("tests"))[0].pk
+
+
+def managed_secret(world):
+    from keyvault.audit import Actor
+    from keyvault.models import ManagedSecret
+    from rotation import services
+
+    existing = ManagedSecret.objects.filter(name="matrix-secret").first()
+    if existing is None:
+        existing = services.register_secret(name="matrix-secret", secret_type="generic", source="file",
+                                            path="matrix-secret", actor=Actor.system("tests"), inspect=False)
+    return existing.pk
 
 
 def alpha(world):
@@ -275,6 +289,15 @@ MATRIX: tuple[Row, ...] = (
         lambda w: {"name": "collector"}),
     Row("deactivate SIEM consumer", "POST", admin_url("keyvault_siemconsumer_change", siem_consumer), ADMIN_POST),
     Row("SIEM events without a token", "GET", site_url("siem-events"), TOKEN_ONLY),
+    # managed secrets (keyvault.secrets_admin)
+    Row("secret list", "GET", admin_url("keyvault_managedsecret_changelist"), VIEW),
+    Row("secret page", "GET", admin_url("keyvault_managedsecret_change", managed_secret), VIEW),
+    Row("add secret form", "GET", admin_url("keyvault_managedsecret_add"), ADMIN_GET),
+    Row("rotate secret form", "GET", admin_url("keyvault_managedsecret_rotate", managed_secret), OPERATOR_GET),
+    Row("rotate secret", "POST", admin_url("keyvault_managedsecret_rotate", managed_secret), OPERATOR_POST,
+        lambda w: {"kind": "on_demand", "reason": "matrix"}),
+    Row("provide secret value (no run waiting)", "GET",
+        admin_url("keyvault_managedsecret_provide_value", managed_secret), OPERATOR_REDIRECT),
     # no role manages users: that is for the bootstrap superuser
     Row("user list", "GET", admin_url("auth_user_changelist"), NOBODY),
     Row("group list", "GET", admin_url("auth_group_changelist"), NOBODY),
@@ -326,6 +349,7 @@ def test_every_console_route_of_ours_is_in_the_matrix():
     ours |= {"keyvault_keyencryptionkey_retire_version", "keyvault_auditevent_verify",
              "keyvault_keyencryptionkey_add", "keyvault_providers", "metrics"}
     ours |= {"keyvault_siemconsumer_add", "reports:index", "reports:report", "reports:export", "siem-events"}
+    ours |= {"keyvault_managedsecret_add", "keyvault_managedsecret_rotate", "keyvault_managedsecret_provide_value"}
     ours |= {f"rotation_rotationrun_{name}" for name in ("progress", "approve", "tick", *RUN_CONTROLS)}
     for model_admin in admin.site._registry.values():
         if model_admin.opts.app_label in ("keyvault", "rotation"):
