@@ -243,6 +243,12 @@ MATRIX: tuple[Row, ...] = (
     # KMS providers and metrics
     Row("providers page", "GET", site_url("keyvault_providers"), VIEW),
     Row("metrics", "GET", site_url("metrics"), METRICS),
+    # hardening: the health probe is open; two-factor enrolment needs a password login first
+    Row("healthz", "GET", site_url("healthz"), {"anonymous": 200, "auditor": 200, "operator": 200,
+                                                "administrator": 200}),
+    Row("2FA enrolment", "GET", site_url("otp-enrol"), VIEW),
+    Row("2FA token form", "GET", site_url("otp-verify"), {"anonymous": LOGIN, "auditor": 302, "operator": 302,
+                                                          "administrator": 302}),  # no device yet: to enrol
     # rotation: runs are started from the KEK page, driven from the run page
     Row("emergency rotate form", "GET", admin_url("keyvault_keyencryptionkey_emergency_rotate", alpha), ADMIN_GET),
     Row("emergency rotate", "POST", admin_url("keyvault_keyencryptionkey_emergency_rotate", alpha), ADMIN_POST,
