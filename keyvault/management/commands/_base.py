@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from django.contrib.auth import get_user_model
@@ -35,6 +36,15 @@ class KeyvaultCommand(BaseCommand):
         return Actor.system(f"cli:{getpass.getuser()}")
 
     _from_command_line = False
+
+    def create_parser(self, prog_name, subcommand, **kwargs):
+        parser = super().create_parser(prog_name, subcommand, **kwargs)
+        # ``--user`` may also follow the subcommand (``rotation approve 3 --user bella``).
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for choice in action.choices.values():
+                    choice.add_argument("--user", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        return parser
 
     def run_from_argv(self, argv):
         self._from_command_line = True
