@@ -10,6 +10,11 @@ def main(kind: str, url: str) -> int:
 
             with psycopg.connect(url.replace("/keyvault", "/postgres"), connect_timeout=3) as conn:
                 conn.execute("select 1")
+        elif kind == "amqp":
+            from kombu import Connection
+
+            with Connection(url, connect_timeout=3) as conn:
+                conn.ensure_connection(max_retries=1)
         elif kind == "redis":
             import redis
 

@@ -9,8 +9,12 @@ if command -v redis-server >/dev/null && ! redis-cli -h 127.0.0.1 ping >/dev/nul
   redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
     --dir /var/lib/redis --logfile /var/log/redis/ci.log || true
 fi
-for _ in $(seq 1 30); do
-  pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null && redis-cli -h 127.0.0.1 ping >/dev/null 2>&1 && exit 0
+if command -v rabbitmq-server >/dev/null && command -v rabbitmqctl >/dev/null && ! rabbitmqctl -q status >/dev/null 2>&1; then
+  rabbitmq-server -detached || true
+fi
+rabbit_up() { ! command -v rabbitmqctl >/dev/null || rabbitmqctl -q status >/dev/null 2>&1; }
+for _ in $(seq 1 60); do
+  pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null && redis-cli -h 127.0.0.1 ping >/dev/null 2>&1 && rabbit_up && exit 0
   sleep 1
 done
 exit 1

@@ -13,18 +13,22 @@ export HMD_DATA_DIR="${HMD_TEST_DATA_DIR:-$(mktemp -d -t keyvault-test-XXXXXX)}"
 export HMD_DEBUG=true
 PG_URL="${HMD_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/keyvault}"
 REDIS_URL="${HMD_TEST_REDIS_URL:-redis://127.0.0.1:6379/15}"
+AMQP_URL="${HMD_TEST_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672//}"
+export HMD_TEST_REDIS_URL="$REDIS_URL" HMD_TEST_AMQP_URL="$AMQP_URL"
 
-have_pg=false; have_redis=false
+have_pg=false; have_redis=false; have_amqp=false
 $BIN/python scripts/reachable.py postgres "$PG_URL" && have_pg=true
 $BIN/python scripts/reachable.py redis "$REDIS_URL" && have_redis=true
-if [ "${CI:-}" = "true" ] && { ! $have_pg || ! $have_redis; }; then
-  echo "CI needs PostgreSQL ($PG_URL) and Redis ($REDIS_URL); one is not reachable" >&2
+$BIN/python scripts/reachable.py amqp "$AMQP_URL" && have_amqp=true
+if [ "${CI:-}" = "true" ] && { ! $have_pg || ! $have_redis || ! $have_amqp; }; then
+  echo "CI needs PostgreSQL ($PG_URL), Redis ($REDIS_URL) and RabbitMQ ($AMQP_URL); one is not reachable" >&2
   exit 1
 fi
 
 deselect=()
 $have_pg || { echo "notice: PostgreSQL not reachable: its tests are deselected" >&2; deselect+=("not postgres"); }
 $have_redis || { echo "notice: Redis not reachable: its tests are deselected" >&2; deselect+=("not redis"); }
+$have_amqp || { echo "notice: RabbitMQ not reachable: its tests are deselected" >&2; deselect+=("not rabbitmq"); }
 marker_expr() { local IFS='&'; local joined="${*}"; echo "${joined//&/ and }"; }
 
 status=0
