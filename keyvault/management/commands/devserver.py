@@ -29,6 +29,9 @@ class Command(BaseCommand):
 
     def handle(self, *args, addr, no_worker, **options):
         call_command("migrate", interactive=False, verbosity=0)
+        if not settings.DEBUG:
+            # Without DEBUG, runserver serves no static files: WhiteNoise serves the collected ones.
+            call_command("collectstatic", interactive=False, verbosity=0)
         result = bootstrap(admin_password=env.str("HMD_ADMIN_PASSWORD", default="") or None)
         if result.admin_created:
             if result.generated_password:
