@@ -6,9 +6,11 @@ In ``docs/ops/*.md``:
   against a scratch instance (SQLite, the local provider, a real Celery worker on the
   embedded broker). Lines are bash; ``# expect: TEXT`` asserts the block's output
   contains TEXT; ``# expect-fail`` means the block must exit non-zero.
-- ``console openbao`` / ``console moto`` blocks run with a real OpenBao dev server /
-  moto server started by the test, and ``HMD_TEST_VAULT_ADDR``/``VAULT_TOKEN`` or
-  ``HMD_TEST_AWS_ENDPOINT`` exported for them.
+- a document with ``console openbao`` / ``console moto`` blocks gets its own fresh OpenBao
+  dev server (KV v2 at ``secret/``, nothing else enabled) / moto server, and every block
+  of it sees ``HMD_TEST_VAULT_ADDR`` and ``HMD_TEST_VAULT_TOKEN`` / ``HMD_TEST_AWS_ENDPOINT``
+  plus fake AWS credentials; real ``AWS_*`` profiles, ``VAULT_*``/``BAO_*`` and
+  ``GOOGLE_*`` variables are removed. Each block is a separate ``bash -euo pipefail``.
 - ``json``, ``yaml`` and ``hcl`` blocks are parsed.
 - ``shell`` (or untagged) blocks are shown to people, never run (production-only steps).
 """
