@@ -27,7 +27,7 @@ def _secret(name: str, dev_file: str, make) -> str:
         return _get_secret(name)
     if DEBUG:
         return dev_secret(DATA_DIR, dev_file, make)
-    raise ImproperlyConfigured(f"{name} (or {name}_FILE) must be set when HMD_DEBUG=false")
+    raise ImproperlyConfigured(f"{name} (or {name}_FILE, or {name}_REF) must be set when HMD_DEBUG=false")
 
 
 def _get_secret(name: str) -> str:

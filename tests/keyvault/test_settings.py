@@ -39,7 +39,7 @@ def test_production_without_secret_key_is_a_clear_startup_error(tmp_path):
     result = load_settings(tmp_path, HMD_DEBUG="false")
 
     assert result.returncode != 0
-    assert "HMD_SECRET_KEY (or HMD_SECRET_KEY_FILE) must be set when HMD_DEBUG=false" in result.stderr
+    assert "HMD_SECRET_KEY (or HMD_SECRET_KEY_FILE, or HMD_SECRET_KEY_REF) must be set when HMD_DEBUG=false" in result.stderr
     assert not (tmp_path / "data" / "secret_key").exists()
 
 

@@ -141,7 +141,10 @@ class Command(KeyvaultCommand):
         username = options.get("user")
         if not username:
             return None
-        return get_user_model().objects.get(username=username)
+        user = get_user_model().objects.filter(username=username).first()
+        if user is None:
+            raise CommandError(f"no such user: {username}")
+        return user
 
     def _start(self, options):
         destination = kek_named(options["destination"]) if options["destination"] else None
