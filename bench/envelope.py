@@ -2,7 +2,7 @@
 """Envelope encryption throughput: Keyvault against the raw AES-GCM floor and two peers, in one run.
 
     .venv/bin/pip install -r bench/requirements.txt
-    .venv/bin/python bench/envelope.py [--seconds 0.25] [--rounds 5]
+    .venv/bin/python bench/envelope.py [--seconds 0.02] [--rounds 80] [--strict]
 
 Measures encrypt and decrypt of 32 B and 1 KiB messages, no encryption context:
 
@@ -18,10 +18,11 @@ Measures encrypt and decrypt of 32 B and 1 KiB messages, no encryption context:
 * ``aws-sdk``        aws-encryption-sdk with a raw AES keyring and the non-signing,
                      key-committing suite AES_256_GCM_HKDF_SHA512_COMMIT_KEY.
 
-Each figure is the best of ``--rounds`` timed batches (interleaved across all
-variants), which is the least disturbed by other load on the machine. Decrypt
-cycles through 64 distinct blobs per variant. Prints ops/s, then the ratios
-against the targets of Keyvault issue 2.
+Each figure is the best of ``--rounds`` short timed batches (interleaved across
+all variants), timed in this thread's CPU time: the least disturbed by other load
+on the machine. Decrypt cycles through 64 distinct blobs per variant (8 for the AWS
+SDK). Prints ops/s, then the ratios against the targets of Keyvault issue 2; exits 0
+unless ``--strict`` and a target is missed. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -45,9 +46,6 @@ from keyvault.kms.local import LocalKMSProvider, generate_master_key  # noqa: E4
 SIZES = (32, 1024)
 BLOBS = 64
 KEK = "bench-kek"
-
-# (name, direction, size) -> callable(n) running the operation n times
-Loops = dict[tuple[str, str, int], "callable"]
 
 
 def _cycle_decrypt(decrypt, blobs):
@@ -159,13 +157,18 @@ def aws_loops(size: int) -> dict | str:
     return {"encrypt": encrypt, "decrypt": decrypt}
 
 
+# CPU time of this thread: time the scheduler gives to other processes is not counted,
+# so a busy machine slows the run down but distorts the figures much less.
+clock = time.thread_time
+
+
 def calibrate(loop, budget: float) -> int:
     """Return how many operations take about ``budget`` seconds."""
     n = 1
     while True:
-        started = time.perf_counter()
+        started = clock()
         loop(n)
-        elapsed = time.perf_counter() - started
+        elapsed = clock() - started
         if elapsed >= budget / 4 or n >= 1 << 22:
             return max(1, int(n * budget / max(elapsed, 1e-9)))
         n *= 4
@@ -177,16 +180,17 @@ def measure(loops: dict, seconds: float, rounds: int) -> dict:
     best = {key: float("inf") for key in loops}
     for _ in range(rounds):
         for key, loop in loops.items():
-            started = time.perf_counter()
+            started = clock()
             loop(sizes[key])
-            best[key] = min(best[key], (time.perf_counter() - started) / sizes[key])
+            best[key] = min(best[key], (clock() - started) / sizes[key])
     return best
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--seconds", type=float, default=0.2, help="length of one timed batch (default 0.2)")
-    parser.add_argument("--rounds", type=int, default=5, help="timed batches per variant (default 5)")
+    parser.add_argument("--seconds", type=float, default=0.02, help="length of one timed batch (default 0.02)")
+    parser.add_argument("--rounds", type=int, default=80, help="timed batches per variant (default 80)")
+    parser.add_argument("--strict", action="store_true", help="exit with status 1 if a target is missed")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     started = time.perf_counter()
@@ -231,11 +235,23 @@ def main() -> int:
     for size in SIZES:
         for direction in ("encrypt", "decrypt"):
             targets.append((f"keyvault / tink, {direction} {size} B", ratio("keyvault", "tink", direction, size), 1.5))
-        targets.append((f"keyvault+cache / floor, encrypt {size} B", ratio("keyvault+cache", "aesgcm floor", "encrypt", size), 0.5))
-        targets.append((f"keyvault+cache / floor, decrypt {size} B", ratio("keyvault+cache", "aesgcm floor", "decrypt", size), 0.4))
+        targets.append(
+            (f"keyvault+cache / floor, encrypt {size} B", ratio("keyvault+cache", "aesgcm floor", "encrypt", size), 0.5)
+        )
+        targets.append(
+            (f"keyvault+cache / floor, decrypt {size} B", ratio("keyvault+cache", "aesgcm floor", "decrypt", size), 0.4)
+        )
         for direction in ("encrypt", "decrypt"):
-            targets.append((f"keyvault+cache / aws-sdk, {direction} {size} B", ratio("keyvault+cache", "aws-sdk", direction, size), 100))
-            targets.append((f"keyvault / aws-sdk, {direction} {size} B", ratio("keyvault", "aws-sdk", direction, size), 100))
+            targets.append(
+                (
+                    f"keyvault+cache / aws-sdk, {direction} {size} B",
+                    ratio("keyvault+cache", "aws-sdk", direction, size),
+                    100,
+                )
+            )
+            targets.append(
+                (f"keyvault / aws-sdk, {direction} {size} B", ratio("keyvault", "aws-sdk", direction, size), 100)
+            )
 
     print(f"\n{'ratio (ops/s over ops/s)':<44}{'measured':>10}{'target':>9}  result")
     met = 0
@@ -246,9 +262,11 @@ def main() -> int:
         ok = value >= target
         met += ok
         print(f"{label:<44}{value:>10.2f}{'≥' + format(target, 'g'):>9}  {'met' if ok else 'MISSED'}")
-    print(f"\n{met}/{len(targets)} targets met in {time.perf_counter() - started:.0f} s "
-          f"(python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f})")
-    return 0
+    print(
+        f"\n{met}/{len(targets)} targets met in {time.perf_counter() - started:.0f} s "
+        f"(python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f})"
+    )
+    return 1 if args.strict and met < len(targets) else 0
 
 
 if __name__ == "__main__":

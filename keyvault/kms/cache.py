@@ -6,10 +6,11 @@ Modelled on the AWS Encryption SDK's caching cryptographic materials manager:
   encryption context), for up to ``max_age`` seconds, ``max_messages``
   messages and ``max_bytes`` plaintext bytes, whichever comes first. Then the
   entry is evicted and the next message gets a fresh DEK from the provider.
-* **Decryption** remembers unwrapped DEKs for ``decrypt_ttl`` seconds, looked
-  up by the exact wrapped-DEK bytes together with the provider and the
-  canonical context (so a hit never skips a check the provider would have made
-  for *that* context).
+* **Decryption** remembers unwrapped DEKs for ``decrypt_ttl`` seconds. The
+  envelope looks them up by the provider, the blob's whole header (KEK id,
+  KEK version and the exact wrapped-DEK bytes: an exact match, stronger than a
+  digest and cheaper) and the canonical context, so a hit never skips a check
+  the provider would have made for *that* blob and context.
 
 Defaults, and why:
 
@@ -33,8 +34,9 @@ must take effect at once.
 Evicted keys are wiped: the ``bytearray`` holding the DEK is zeroed. The
 ``AESGCM`` object built from it keeps its own copy inside OpenSSL, which
 Python cannot reach; it is released with the entry, once no thread still
-finishing a message holds it. The cache is thread-safe
-(one lock; entries are never mutated outside it) and takes an injectable
+finishing a message holds it. The cache is thread-safe (one lock guards the
+maps and the usage counts; the only write made outside it is the single-store
+``referenced`` flag of :meth:`DataKeyCache.mark_used`) and takes an injectable
 ``clock`` (seconds, monotonic) for tests.
 """
 
@@ -199,15 +201,12 @@ class DataKeyCache:
             entry = self._encrypt.get(partition)
             if entry is None:
                 return None
-            if (
-                self.clock() < entry.expires_at
-                and entry.messages < self.max_messages
-                and entry.bytes + plaintext_length <= self.max_bytes
-            ):
-                entry.messages += 1
-                entry.bytes += plaintext_length
-                self._encrypt.move_to_end(partition)
+            messages, total = entry.messages, entry.bytes + plaintext_length
+            if messages < self.max_messages and total <= self.max_bytes and self.clock() < entry.expires_at:
+                entry.messages = messages + 1
+                entry.bytes = total
                 entry.referenced = False
+                self._encrypt.move_to_end(partition)
                 return entry
             del self._encrypt[partition]
         finally:

@@ -44,6 +44,7 @@ always called through it.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from struct import Struct
 from struct import error as StructError
@@ -64,6 +65,9 @@ DEK_BYTES = 32
 MAX_WRAPPED_DEK_BYTES = 0xFFFF
 
 _VERSION_AND_WRAPPED_LENGTH = Struct(">IH")
+_unpack_frame = _VERSION_AND_WRAPPED_LENGTH.unpack_from
+_pack_frame = _VERSION_AND_WRAPPED_LENGTH.pack
+_TRAILER = NONCE_BYTES + TAG_BYTES  # the least that follows the wrapped DEK
 # magic, format version, KEK id length: the part every blob starts with.
 _FIXED_PREFIX = len(MAGIC) + 2
 
@@ -182,11 +186,12 @@ class EnvelopeEncryptor:
         if not 1 <= len(key_bytes) <= 255:
             raise ConfigurationError("the envelope KEK id must be 1-255 bytes of UTF-8 text")
         self.provider = provider
-        self.key_id = key_id
+        self.key_id = sys.intern(key_id)
         self.cache = cache
         #: magic ‖ format version ‖ L ‖ KEK id: both the blob's first bytes and the start of the data AAD.
         self._prefix = MAGIC + bytes((FORMAT_VERSION, len(key_bytes))) + key_bytes
         self._prefix_end = len(self._prefix)
+        self._frame_end = self._prefix_end + _VERSION_AND_WRAPPED_LENGTH.size  # where the wrapped DEK starts
         self._empty_aad = self._prefix + EMPTY_CONTEXT
         self._empty_partition = (provider, key_id, EMPTY_CONTEXT)
         self._decrypt_parts, self._generate_parts = _provider_fast_paths(provider)
@@ -194,7 +199,8 @@ class EnvelopeEncryptor:
         self._decrypt_memo: tuple | None = None
 
     def __repr__(self) -> str:
-        return f"EnvelopeEncryptor(provider={self.provider.name!r}, key_id={self.key_id!r}, cached={self.cache is not None})"
+        cached = self.cache is not None
+        return f"EnvelopeEncryptor(provider={self.provider.name!r}, key_id={self.key_id!r}, cached={cached})"
 
     # -- provider calls ----------------------------------------------
 
@@ -225,7 +231,9 @@ class EnvelopeEncryptor:
         return dek
 
     def _unfit_data_key(self) -> ConfigurationError:
-        return ConfigurationError(f"provider {self.provider.name!r} returned a data key the envelope format cannot hold")
+        return ConfigurationError(
+            f"provider {self.provider.name!r} returned a data key the envelope format cannot hold"
+        )
 
     # -- encrypt -------------------------------------------------------
 
@@ -237,52 +245,62 @@ class EnvelopeEncryptor:
         """
         if type(plaintext) is not bytes and not isinstance(plaintext, (bytearray, memoryview)):
             raise TypeError("plaintext must be bytes")
-        if encryption_context:
-            context = encode_context(encryption_context)
-            aad = self._prefix + context
-        else:
-            context = EMPTY_CONTEXT
-            aad = self._empty_aad
         cache = self.cache
-        if cache is None:
-            # A fresh DEK for this one message (_generate, inlined for the hot path).
-            parts = self._generate_parts
-            if parts is None:
-                key, wrapped, version = self._generate(encryption_context)
+        if cache is not None:
+            if encryption_context:
+                context = encode_context(encryption_context)
+                partition = (self.provider, self.key_id, context)
             else:
-                key, wrapped, version = parts(self.key_id, encryption_context)
-                if len(key) != DEK_BYTES or not 0 < len(wrapped) <= MAX_WRAPPED_DEK_BYTES:
-                    _wipe(key)
-                    raise self._unfit_data_key()
-            try:
-                nonce = os.urandom(NONCE_BYTES)
-                sealed = AESGCM(key).encrypt(nonce, plaintext, aad)
-            finally:
-                key[:] = _ZERO_DEK  # same length: zeroed in place
-            return b"".join(
-                (self._prefix, _VERSION_AND_WRAPPED_LENGTH.pack(version, len(wrapped)), wrapped, nonce, sealed)
-            )
-        partition = self._empty_partition if context is EMPTY_CONTEXT else (self.provider, self.key_id, context)
-        length = len(plaintext)
-        entry = cache.get_for_encrypt(partition, length)
-        if entry is None:
+                context = EMPTY_CONTEXT
+                partition = self._empty_partition
+            entry = cache.get_for_encrypt(partition, len(plaintext))
+            if entry is None:
+                entry = self._cache_new_data_key(partition, plaintext, encryption_context, context)
+                if entry is None:  # too large to cache: a DEK for this message only
+                    return self._encrypt_once(plaintext, encryption_context, context)
+            nonce = os.urandom(NONCE_BYTES)
+            return entry.header + nonce + entry.cipher.encrypt(nonce, plaintext, entry.aad)
+        return self._encrypt_once(plaintext, encryption_context, None)
+
+    def _encrypt_once(
+        self, plaintext: bytes, encryption_context: EncryptionContext | None, context: bytes | None
+    ) -> bytes:
+        """Encrypt under a fresh DEK used for this message only (the path without a cache)."""
+        if context is None:
+            context = encode_context(encryption_context) if encryption_context else EMPTY_CONTEXT
+        aad = self._empty_aad if context is EMPTY_CONTEXT else self._prefix + context
+        parts = self._generate_parts
+        if parts is None:
             key, wrapped, version = self._generate(encryption_context)
-            entry = CachedDataKey(
-                key,
-                kek_id=self.key_id,
-                kek_version=version,
-                wrapped=wrapped,
-                header=self._prefix + _VERSION_AND_WRAPPED_LENGTH.pack(version, len(wrapped)) + wrapped,
-                aad=aad,
-            )
-            if not cache.put_for_encrypt(partition, entry, length):
-                try:  # too large to cache: this DEK serves this message only
-                    nonce = os.urandom(NONCE_BYTES)
-                    return entry.header + nonce + entry.cipher.encrypt(nonce, plaintext, aad)
-                finally:
-                    entry.wipe()
-        nonce = os.urandom(NONCE_BYTES)
-        return entry.header + nonce + entry.cipher.encrypt(nonce, plaintext, entry.aad)
+        else:  # _generate, inlined for the hot path
+            key, wrapped, version = parts(self.key_id, encryption_context)
+            if len(key) != DEK_BYTES or not 0 < len(wrapped) <= MAX_WRAPPED_DEK_BYTES:
+                _wipe(key)
+                raise self._unfit_data_key()
+        try:
+            nonce = os.urandom(NONCE_BYTES)
+            sealed = AESGCM(key).encrypt(nonce, plaintext, aad)
+        finally:
+            key[:] = _ZERO_DEK  # same length: zeroed in place
+        return b"".join((self._prefix, _pack_frame(version, len(wrapped)), wrapped, nonce, sealed))
+
+    def _cache_new_data_key(
+        self, partition: tuple, plaintext: bytes, encryption_context: EncryptionContext | None, context: bytes
+    ) -> CachedDataKey | None:
+        """Put a fresh DEK in the cache for ``partition``, this message counted; ``None`` if it may not be cached."""
+        if len(plaintext) > self.cache.max_bytes:
+            return None
+        key, wrapped, version = self._generate(encryption_context)
+        entry = CachedDataKey(
+            key,
+            kek_id=self.key_id,
+            kek_version=version,
+            wrapped=wrapped,
+            header=self._prefix + _pack_frame(version, len(wrapped)) + wrapped,
+            aad=self._prefix + context,
+        )
+        self.cache.put_for_encrypt(partition, entry, len(plaintext))
+        return entry
 
     # -- decrypt -------------------------------------------------------
 
@@ -298,13 +316,14 @@ class EnvelopeEncryptor:
         if type(blob) is not bytes:
             blob = _as_bytes(blob)
         context = encode_context(encryption_context) if encryption_context else EMPTY_CONTEXT
-        memo = self._decrypt_memo
+        cache = self.cache
+        memo = self._decrypt_memo  # (always None without a cache)
         if memo is not None:
             memo_context, memo_header, start, entry, clock = memo
             if (
                 memo_context == context
                 and blob.startswith(memo_header)
-                and len(blob) >= start + NONCE_BYTES + TAG_BYTES
+                and len(blob) >= start + _TRAILER
                 and clock() < entry.expires_at
             ):
                 # Same header as the last blob this encryptor opened under this
@@ -312,28 +331,29 @@ class EnvelopeEncryptor:
                 # only the data remains; the entry is still live in the cache.
                 entry.referenced = True  # DataKeyCache.mark_used, inlined
                 try:
-                    return entry.cipher.decrypt(blob[start : start + NONCE_BYTES], blob[start + NONCE_BYTES :], entry.aad)
+                    return entry.cipher.decrypt(
+                        blob[start : start + NONCE_BYTES], blob[start + NONCE_BYTES :], entry.aad
+                    )
                 except InvalidTag:
                     raise InvalidCiphertext() from None
-        prefix_end = self._prefix_end
         # One comparison checks magic, format version, KEK id length and KEK id.
         if not blob.startswith(self._prefix):
             raise InvalidCiphertext()
         try:
-            kek_version, wrapped_length = _VERSION_AND_WRAPPED_LENGTH.unpack_from(blob, prefix_end)
+            kek_version, wrapped_length = _unpack_frame(blob, self._prefix_end)
         except StructError:
             raise InvalidCiphertext() from None
-        start = prefix_end + _VERSION_AND_WRAPPED_LENGTH.size + wrapped_length
-        if wrapped_length == 0 or len(blob) < start + NONCE_BYTES + TAG_BYTES:
+        frame_end = self._frame_end
+        start = frame_end + wrapped_length
+        if wrapped_length == 0 or len(blob) < start + _TRAILER:
             raise InvalidCiphertext()
-        cache = self.cache
         if cache is None:
             parts = self._decrypt_parts
             if parts is None:
-                dek = self._unwrap(blob[start - wrapped_length : start], kek_version, encryption_context)
+                dek = self._unwrap(blob[frame_end:start], kek_version, encryption_context)
             else:  # _unwrap, inlined for the hot path
                 try:
-                    dek, key_id, version = parts(blob[start - wrapped_length : start], encryption_context)
+                    dek, key_id, version = parts(blob[frame_end:start], encryption_context)
                 except KeyNotFound:
                     raise InvalidCiphertext() from None
                 if version != kek_version or key_id != self.key_id or len(dek) != DEK_BYTES:
@@ -346,9 +366,13 @@ class EnvelopeEncryptor:
             lookup = (self.provider, header, context)
             entry = cache.get_for_decrypt(lookup)
             if entry is None:
-                dek = self._unwrap(blob[start - wrapped_length : start], kek_version, encryption_context)
+                dek = self._unwrap(blob[frame_end:start], kek_version, encryption_context)
                 entry = CachedDataKey(
-                    bytearray(dek), kek_id=self.key_id, kek_version=kek_version, wrapped=header, aad=self._prefix + context
+                    bytearray(dek),
+                    kek_id=self.key_id,
+                    kek_version=kek_version,
+                    wrapped=header,
+                    aad=self._prefix + context,
                 )
                 cache.put_for_decrypt(lookup, entry)
             # A hit needs no further check: the lookup holds the whole header

@@ -250,8 +250,10 @@ def test_expired_decrypt_entry_is_wiped(clock):
 def test_capacity_evicts_the_least_recently_used_and_wipes_it(clock, side):
     cache = DataKeyCache(capacity=2, clock=clock)
     keys = {name: bytearray(os.urandom(32)) for name in "abc"}
-    put = (lambda name: cache.put_for_encrypt(name, entry(keys[name]), 1)) if side == "encrypt" else (
-        lambda name: cache.put_for_decrypt(name, entry(keys[name]))
+    put = (
+        (lambda name: cache.put_for_encrypt(name, entry(keys[name]), 1))
+        if side == "encrypt"
+        else (lambda name: cache.put_for_decrypt(name, entry(keys[name])))
     )
     get = (lambda name: cache.get_for_encrypt(name, 1)) if side == "encrypt" else cache.get_for_decrypt
 

@@ -647,7 +647,9 @@ def test_known_answer_envelope_blobs_still_decrypt(vector_provider, vector):
 
 @pytest.mark.parametrize("vector", load_vectors("local_v1.json"), ids=lambda v: v["name"])
 def test_known_answer_local_ciphertexts_still_decrypt(vector_provider, vector):
-    opened = vector_provider.decrypt(bytes.fromhex(vector["ciphertext_hex"]), encryption_context=vector["encryption_context"])
+    opened = vector_provider.decrypt(
+        bytes.fromhex(vector["ciphertext_hex"]), encryption_context=vector["encryption_context"]
+    )
 
     assert opened.plaintext.hex() == vector["plaintext_hex"]
     assert (opened.key_id, opened.key_version) == (vector["key_id"], vector["key_version"])

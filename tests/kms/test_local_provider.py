@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import shutil
 import stat
+import sys
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -48,15 +49,18 @@ def test_keyring_file_is_private_and_reveals_nothing(keyring, master_key):
     assert content.startswith(b"KVKR\x01")
     for secret in (b"payroll-kek-7f3a", b"salaries", b"material", b"versions"):
         assert secret not in content
-    materials = [v["material"] for v in open_keyring(keyring, master_key)["keys"]["payroll-kek-7f3a"]["versions"].values()]
+    materials = [
+        v["material"] for v in open_keyring(keyring, master_key)["keys"]["payroll-kek-7f3a"]["versions"].values()
+    ]
     assert len(materials) == 2
     for material in materials:
         assert material.encode() not in content
         assert base64.b64decode(material) not in content
-    # The sibling lock file holds only the 8-byte change counter.
+    # The sibling lock file holds only the 8-byte change counter: one bump per change.
     lock = keyring.with_name("keyring.lock")
     assert stat.S_IMODE(os.stat(lock).st_mode) == 0o600
     assert len(lock.read_bytes()) == 8
+    assert int.from_bytes(lock.read_bytes(), sys.byteorder) == 2  # create_key, rotate_key
 
 
 def test_keyring_is_rewritten_under_a_fresh_nonce(keyring, master_key):
@@ -188,7 +192,7 @@ def test_a_keyring_replaced_behind_the_providers_back_is_seen_within_a_second(ke
 
 def test_works_without_the_shared_change_counter(keyring, master_key, monkeypatch):
     # Where the lock file cannot be mapped the provider stats the keyring on every call.
-    monkeypatch.setattr(LocalKMSProvider, "_open_generation_map", lambda self: None)
+    monkeypatch.setattr(LocalKMSProvider, "_open_generation", lambda self: None)
     admin = LocalKMSProvider(keyring, master_key)
     worker = LocalKMSProvider(keyring, master_key)
     admin.create_key("k")
@@ -270,9 +274,7 @@ def test_processes_sharing_a_keyring_lose_no_key_version_or_ciphertext(keyring, 
     workers = 3
     barrier = context.Barrier(workers)
     queue = context.Queue()
-    processes = [
-        context.Process(target=_hammer, args=(keyring, master_key, n, barrier, queue)) for n in range(workers)
-    ]
+    processes = [context.Process(target=_hammer, args=(keyring, master_key, n, barrier, queue)) for n in range(workers)]
     for process in processes:
         process.start()
     reports = [queue.get(timeout=120) for _ in processes]

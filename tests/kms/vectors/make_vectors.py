@@ -58,7 +58,9 @@ def main(folder: Path) -> None:
             blob=first.rewrap(before_rotation, encryption_context=context),
         )
     )
-    envelope.append(envelope_vector("still-version-1", first, b"written under version 1", context, blob=before_rotation))
+    envelope.append(
+        envelope_vector("still-version-1", first, b"written under version 1", context, blob=before_rotation)
+    )
     local = []
     for name, key_id, plaintext, ctx in [
         ("no-context", KEKS[0], b"local provider vector", None),
