@@ -140,6 +140,21 @@ class DeniedAuditMiddleware:
 # -- failed logins and lockouts ---------------------------------------------------------
 
 
+#: Longest username recorded for throttling: the user model's own limit (axes' column holds 255).
+MAX_USERNAME_LENGTH = 150
+
+
+def axes_username(request, credentials: dict | None = None) -> str | None:
+    """The username django-axes throttles on, cut to a length its table can hold.
+
+    An overlong username cannot belong to an account, so cutting it loses nothing,
+    and a hostile 10 kB username becomes a failed login instead of a database error.
+    """
+    source = credentials if credentials else getattr(request, "POST", {})
+    username = source.get("username") if source else None
+    return username[:MAX_USERNAME_LENGTH] if isinstance(username, str) else username
+
+
 def client_ip(request) -> str | None:
     """The client's address: ``REMOTE_ADDR``, or with ``TRUSTED_PROXY_COUNT`` = N proxies in
     front, the address the outermost of them saw (N-th from the right in X-Forwarded-For).

@@ -325,6 +325,7 @@ AXES_FAILURE_LIMIT = env.int("HMD_LOGIN_FAILURE_LIMIT", default=5)
 AXES_COOLOFF_TIME = timedelta(minutes=env.int("HMD_LOGIN_LOCKOUT_MINUTES", default=15))
 AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
 AXES_CLIENT_IP_CALLABLE = "keyvault.security.client_ip"
+AXES_USERNAME_CALLABLE = "keyvault.security.axes_username"
 TRUSTED_PROXY_COUNT = env.int("HMD_TRUSTED_PROXY_COUNT", default=0)
 AXES_RESET_ON_SUCCESS = True
 AXES_LOCKOUT_TEMPLATE = "keyvault/otp/locked_out.html"
