@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 
-from django.core.validators import MaxValueValidator, MinValueValidator
+from django.core.validators import MinValueValidator
 from django.db import models
 from django.db.models import Q
 

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.contrib.auth.models import Group
 from django.db import IntegrityError, InterfaceError, OperationalError, connection, transaction
 from django.db.models import F, Q
 from django.db.models.functions import Greatest
@@ -28,7 +27,7 @@ from keyvault import services as key_services
 from keyvault.audit import Action, Actor, Outcome
 from keyvault.exceptions import KeyvaultError
 from keyvault.fields import encrypted_fields, rewrap_field
-from keyvault.kms import Capability, KMSError, ProviderUnavailable, get_provider
+from keyvault.kms import Capability, KMSError, ProviderUnavailable
 from keyvault.models import DataKey, KeyEncryptionKey, KeyVersion, ManagedSecret
 from keyvault.secrets.base import SecretSourceError, SecretSourceUnavailable
 from rotation import runbooks
@@ -427,13 +426,15 @@ def _phase_start(run_id: int, now: datetime) -> str:
         status = provider.health_check()
         if not status.healthy:
             raise ProviderUnavailable(f"{provider.name}: {status.detail}")
+    # Walk the chain before taking any lock: recording an event locks the chain head, and a
+    # long walk inside that transaction would stall every audited operation meanwhile.
+    chain = audit.verify_chain() if RotationRun.objects.filter(pk=run_id, state=S.QUEUED).exists() else None
     with transaction.atomic():
         run = _locked_run(run_id)
-        if run.state == S.QUEUED:
+        if run.state == S.QUEUED and chain is not None:
             _transition(run, S.ROTATING, actor=ENGINE, started_at=now)
             tick(run, "precheck.provider", actor=ENGINE, evidence="; ".join(
                 f"{p.name}: healthy" for p in providers))
-            chain = audit.verify_chain()
             tick(run, "precheck.audit", actor=ENGINE, evidence=str(chain),
                  status=RunStep.Status.DONE if chain.ok else RunStep.Status.FAILED)
         if run.state != S.ROTATING:
@@ -966,13 +967,13 @@ def _execute_secret_run(run_id: int, now: datetime) -> str:
     ctx = Context(run=run, secret=run.secret, now=now, state=dict(run.executor_state or {}))
     try:
         if run.state == S.QUEUED:
+            chain = audit.verify_chain()  # before the lock: see _phase_start
             with transaction.atomic():
                 run = _locked_run(run_id)
                 if run.state != S.QUEUED:
                     return run.state
                 _transition(run, S.ROTATING, actor=ENGINE, started_at=now, heartbeat_at=now)
                 ManagedSecret.objects.filter(pk=run.secret_id).update(status=ManagedSecret.Status.ROTATING)
-                chain = audit.verify_chain()
                 tick(run, "precheck.audit", actor=ENGINE, evidence=str(chain),
                      status=RunStep.Status.DONE if chain.ok else RunStep.Status.FAILED)
             ctx.run = run

@@ -28,7 +28,6 @@ import ipaddress
 import re
 import socket
 import ssl
-import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 

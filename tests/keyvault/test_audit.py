@@ -2,6 +2,10 @@
 
 import hashlib
 import json
+from datetime import UTC, datetime, timedelta, timezone
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import pytest
 from django.db import DatabaseError, connection, transaction
@@ -256,3 +260,23 @@ def test_export_rows_reverify_offline():
         assert fields["prev_hash"] == previous
         assert hashlib.sha256(audit.canonical_bytes(**fields)).hexdigest() == row["hash"]
         previous = row["hash"]
+
+
+_TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=30)
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**63) | _TEXT,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_TEXT, inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    sequence=st.integers(min_value=1, max_value=2**62),
+    timestamp=st.datetimes(min_value=datetime(1970, 1, 2), max_value=datetime(2999, 1, 1), timezones=st.sampled_from([UTC, timezone(timedelta(hours=5, minutes=30))])),
+    actor=_TEXT, action=_TEXT, target_type=_TEXT, target_id=_TEXT, outcome=_TEXT, request_id=_TEXT,
+    ip_address=st.none() | st.ip_addresses().map(str), details=st.dictionaries(_TEXT, _JSON, max_size=5),
+    prev_hash=_TEXT,
+)
+def test_fast_canonical_bytes_equal_the_definition(**event):
+    assert audit.fast_canonical_bytes(*event.values()) == audit.canonical_bytes(**event)
