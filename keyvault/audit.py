@@ -391,17 +391,22 @@ def export_rows(*, since: datetime | None = None, until: datetime | None = None)
     if until:
         queryset = queryset.filter(timestamp__lt=until)
     for event in queryset.iterator(chunk_size=VERIFY_CHUNK):
-        yield {
-            "sequence": event.sequence,
-            "timestamp": event.timestamp.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-            "actor": event.actor,
-            "action": event.action,
-            "target_type": event.target_type,
-            "target_id": event.target_id,
-            "outcome": event.outcome,
-            "request_id": event.request_id,
-            "ip_address": event.ip_address,
-            "details": event.details,
-            "prev_hash": event.prev_hash,
-            "hash": event.hash,
-        }
+        yield event_document(event)
+
+
+def event_document(event: AuditEvent) -> dict:
+    """An event exactly as its hash covers it (see :func:`canonical_bytes`), plus the hash."""
+    return {
+        "sequence": event.sequence,
+        "timestamp": event.timestamp.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "actor": event.actor,
+        "action": event.action,
+        "target_type": event.target_type,
+        "target_id": event.target_id,
+        "outcome": event.outcome,
+        "request_id": event.request_id,
+        "ip_address": event.ip_address,
+        "details": event.details,
+        "prev_hash": event.prev_hash,
+        "hash": event.hash,
+    }

@@ -22,7 +22,6 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
-from datetime import UTC
 
 from django.conf import settings
 from django.core.cache import cache
@@ -118,22 +117,7 @@ def parse_cursor(query) -> tuple[int, int]:
     return after, min(limit, MAX_LIMIT)
 
 
-def event_document(event: AuditEvent) -> dict:
-    """An event exactly as its hash covers it (see ``audit.canonical_bytes``), plus the hash."""
-    return {
-        "sequence": event.sequence,
-        "timestamp": event.timestamp.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-        "actor": event.actor,
-        "action": event.action,
-        "target_type": event.target_type,
-        "target_id": event.target_id,
-        "outcome": event.outcome,
-        "request_id": event.request_id,
-        "ip_address": event.ip_address,
-        "details": event.details,
-        "prev_hash": event.prev_hash,
-        "hash": event.hash,
-    }
+event_document = audit.event_document  # the chain's own serialisation, one definition
 
 
 @dataclass(frozen=True)
