@@ -125,6 +125,24 @@ def test_expiring_certificates_come_from_managed_secrets_when_installed(fleet):
     assert [(item.name, item.days_left) for item in items] == [("web", 10)]
 
 
+def test_overdue_secret_rotation_and_expiring_certificate_show_on_the_console_home(client, fleet, system_actor):
+    from keyvault.models import ManagedSecret
+
+    now = fleet["now"]
+    secret = rotation.register_secret(name="cookie-key", secret_type="generic", source="file", path="cookie-key",
+                                      actor=system_actor, inspect=False)
+    RotationPolicy.objects.filter(secret=secret).update(next_due_at=now - timedelta(days=4))
+    ManagedSecret.objects.create(name="api-tls", secret_type="tls_certificate", source="file", path="/tls",
+                                 expires_at=now + timedelta(days=6))
+
+    due = {item.target: item for item in dashboard.due_rotations(now=now)}
+    client.force_login(make_role_user("auditor"))
+    page = client.get(reverse("admin:index")).content.decode()
+
+    assert due["secret cookie-key"].overdue and due["secret cookie-key"].overdue_days == 4
+    assert "cookie-key" in page and "api-tls" in page
+
+
 # -- charts ---------------------------------------------------------------------------------------
 
 
