@@ -437,6 +437,10 @@ def _phase_start(run_id: int, now: datetime) -> str:
                 f"{p.name}: healthy" for p in providers))
             tick(run, "precheck.audit", actor=ENGINE, evidence=str(chain),
                  status=RunStep.Status.DONE if chain.ok else RunStep.Status.FAILED)
+    # A second transaction: the provider call below must not run while this one holds the
+    # chain-head lock its audit events took (AWS may take seconds to list a rotation).
+    with transaction.atomic():
+        run = _locked_run(run_id)
         if run.state != S.ROTATING:
             return run.state
         if run.kind == Run.Kind.MIGRATE:
