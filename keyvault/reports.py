@@ -335,23 +335,16 @@ def activity_rows(filters: Filters, now: datetime) -> tuple[list[dict], list[str
     notes = []
     if not filters.user and not filters.kek:
         notes.append("No user or KEK given: every event in the period is listed.")
-    rows = [
-        {
-            "sequence": event.sequence,
-            "timestamp": event.timestamp.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-            "actor": event.actor,
-            "action": event.action,
-            "target_type": event.target_type,
-            "target_id": event.target_id,
-            "outcome": event.outcome,
-            "ip_address": event.ip_address,
-            "request_id": event.request_id,
-            "details": json.dumps(event.details, sort_keys=True, separators=(",", ":")),
-            "hash": event.hash,
-        }
-        for event in events[: MAX_ROWS + 1]
-    ]
+    rows = [_activity_row(event) for event in events[: MAX_ROWS + 1]]
     return rows, notes
+
+
+def _activity_row(event: AuditEvent) -> dict:
+    """The chain's own serialisation of the event (``audit.event_document``), details as one JSON cell."""
+    row = audit.event_document(event)
+    del row["prev_hash"]
+    row["details"] = json.dumps(row["details"], sort_keys=True, separators=(",", ":"))
+    return row
 
 
 ACTIVITY_COLUMNS = (

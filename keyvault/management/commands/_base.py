@@ -25,7 +25,10 @@ class KeyvaultCommand(BaseCommand):
         )
 
     def actor(self, options) -> Actor:
-        username = options.get("user")
+        return self.actor_named(options.get("user"))
+
+    def actor_named(self, username: str | None) -> Actor:
+        """The console user ``username``, or the operating-system user when none is named."""
         if username:
             user = get_user_model().objects.filter(username=username).first()
             if user is None:

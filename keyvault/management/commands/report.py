@@ -7,12 +7,9 @@ that records it, and can be checked later with ``manage.py audit verify-export F
 
 from __future__ import annotations
 
-import getpass
 import sys
 from pathlib import Path
 
-from django.contrib.auth import get_user_model
-from django.core.management.base import CommandError
 
 from keyvault import reports
 from keyvault.audit import Actor
@@ -36,13 +33,8 @@ class Command(KeyvaultCommand):
                             help="Record the export as this console user (default: the operating-system user).")
 
     def actor(self, options) -> Actor:
-        username = options.get("as_user")
-        if username:
-            user = get_user_model().objects.filter(username=username).first()
-            if user is None:
-                raise CommandError(f"no such user: {username}")
-            return Actor.user(user)
-        return Actor.system(f"cli:{getpass.getuser()}")
+        # ``--user`` filters the report here; the acting user is ``--as-user``.
+        return self.actor_named(options.get("as_user"))
 
     def handle(self, *args, name, **options):
         spec = reports.get_spec(name)
