@@ -19,7 +19,7 @@ import hmac
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -27,6 +27,8 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from keyvault import audit_walk
+from keyvault.audit_walk import ROW_FIELDS as _ROW_FIELDS
 from keyvault.models import AuditChainHead, AuditCheckpoint, AuditEvent
 
 GENESIS_HASH = "0" * 64
@@ -262,86 +264,61 @@ class VerifyResult:
         return f"BROKEN at #{self.broken_at}: {self.reason}"
 
 
-_ROW_FIELDS = (
-    "sequence", "timestamp", "actor", "action", "target_type", "target_id", "outcome", "request_id",
-    "ip_address", "details", "prev_hash", "hash",
-)
-_json_str = json.encoder.encode_basestring_ascii
-_json_details = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode
-_ZERO = timedelta(0)
+def verify_chain(*, jobs: int | None = None) -> VerifyResult:
+    """Walk every event and checkpoint; report OK or the first broken position and why.
 
-
-def _utc_text(timestamp: datetime) -> str:
-    if timestamp.utcoffset() != _ZERO:
-        timestamp = timestamp.astimezone(UTC)
-    return timestamp.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
-
-
-def fast_canonical_bytes(sequence, timestamp, actor, action, target_type, target_id, outcome, request_id,
-                         ip_address, details, prev_hash) -> bytes:
-    """Exactly :func:`canonical_bytes`, assembled by hand for the verifier's hot loop.
-
-    Keys in sorted order, the same JSON escaping (ASCII only); a test holds the two
-    byte-equal on arbitrary events.
+    Reading is :mod:`keyvault.audit_walk`'s job (on PostgreSQL, ``jobs`` connections
+    sharing one snapshot); every hash, link and signature is checked here, in Python.
     """
-    return (
-        '{"action":' + _json_str(action)
-        + ',"actor":' + _json_str(actor)
-        + ',"details":' + _json_details(details)
-        + ',"ip_address":' + ("null" if ip_address is None else _json_str(ip_address))
-        + ',"outcome":' + _json_str(outcome)
-        + ',"prev_hash":' + _json_str(prev_hash)
-        + ',"request_id":' + _json_str(request_id)
-        + ',"sequence":' + str(int(sequence))
-        + ',"target_id":' + _json_str(target_id)
-        + ',"target_type":' + _json_str(target_type)
-        + ',"timestamp":"' + _utc_text(timestamp) + '"}'
-    ).encode("ascii")
-
-
-def _rows_in_order(chunk: int = VERIFY_CHUNK):
-    """Events as plain tuples (no model instances: a million of them is the verifier's cost), by sequence."""
-    last = 0
-    while True:
-        batch = list(
-            AuditEvent.objects.filter(sequence__gt=last).order_by("sequence").values_list(*_ROW_FIELDS)[:chunk]
-        )
-        if not batch:
-            return
-        yield from batch
-        last = batch[-1][0]
-
-
-def verify_chain() -> VerifyResult:
-    """Walk every event and checkpoint; report OK or the first broken position and why."""
-    expected_prev = GENESIS_HASH
-    expected_sequence = 1
-    hashes_at_checkpoints: dict[int, str] = {}
-    checkpoint_sequences = set(AuditCheckpoint.objects.values_list("sequence", flat=True))
-    count = 0
-    sha256 = hashlib.sha256
-    for row in _rows_in_order():
-        sequence, prev_hash, stored_hash = row[0], row[10], row[11]
-        if sequence != expected_sequence:
-            return _broken(count, expected_sequence, f"sequence jumps from #{expected_sequence - 1} to #{sequence} (event missing or inserted)")
-        if prev_hash != expected_prev:
-            return _broken(count, sequence, "prev_hash does not match the previous event's hash (reordered, inserted or removed)")
-        if sha256(fast_canonical_bytes(*row[:11])).hexdigest() != stored_hash:
-            return _broken(count, sequence, "content does not match its hash (event edited)")
-        if sequence in checkpoint_sequences:
-            hashes_at_checkpoints[sequence] = stored_hash
-        expected_prev = stored_hash
-        expected_sequence += 1
-        count += 1
-    last_sequence = expected_sequence - 1
-    head = AuditChainHead.objects.filter(pk=1).first()
-    if head is not None and (head.last_sequence, head.last_hash) != (last_sequence, expected_prev):
-        return _broken(count, last_sequence + 1 if head.last_sequence > last_sequence else head.last_sequence,
-                       f"chain head records #{head.last_sequence} but the log ends at #{last_sequence} (newest events removed or edited)")
-    checked, problem = _verify_checkpoints(hashes_at_checkpoints, last_sequence)
+    with audit_walk.consistent_view() as view:
+        checkpoint_sequences = set(AuditCheckpoint.objects.values_list("sequence", flat=True))
+        segments = view.segments(checkpoint_sequences, jobs)
+        expected_sequence, expected_prev = 1, GENESIS_HASH
+        hashes_at_checkpoints: dict[int, str] = {}
+        for segment in segments:
+            problem = _segment_problem(segment, expected_sequence, expected_prev)
+            if problem:
+                return _broken(problem[0] - 1, *problem)
+            if segment.last:
+                expected_sequence, expected_prev = segment.last[0] + 1, segment.last[1]
+            hashes_at_checkpoints.update(segment.checkpoint_hashes)
+        last_sequence = expected_sequence - 1
+        count = sum(segment.events for segment in segments)
+        head = AuditChainHead.objects.filter(pk=1).first()
+        if head is not None and (head.last_sequence, head.last_hash) != (last_sequence, expected_prev):
+            return _broken(count, last_sequence + 1 if head.last_sequence > last_sequence else head.last_sequence,
+                           f"chain head records #{head.last_sequence} but the log ends at #{last_sequence} "
+                           "(newest events removed or edited)")
+        checked, problem = _verify_checkpoints(hashes_at_checkpoints, last_sequence)
     if problem:
         return _broken(count, problem[0], problem[1])
     return VerifyResult(ok=True, events=count, checkpoints=checked, last_sequence=last_sequence, last_hash=expected_prev)
+
+
+def _segment_problem(segment: audit_walk.Segment, expected_sequence: int, expected_prev: str) -> tuple[int, str] | None:
+    """The first break in a segment, given where the previous one ended, in chain order."""
+    if segment.first is not None:
+        first_sequence, first_prev = segment.first
+        if first_sequence != expected_sequence:
+            return expected_sequence, audit_walk.sequence_jump(expected_sequence - 1, first_sequence)
+        if first_prev != expected_prev:
+            return first_sequence, audit_walk.LINK_BROKEN
+    edited = _first_edited(segment.suspects)
+    if edited is not None:
+        return edited, "content does not match its hash (event edited)"
+    return segment.failure
+
+
+def _first_edited(sequences: list[int]) -> int | None:
+    """The first of these events whose canonical bytes (the definition, not a rendering) miss its hash."""
+    for start in range(0, len(sequences), 500):
+        batch = AuditEvent.objects.filter(sequence__in=sequences[start:start + 500]).order_by("sequence")
+        for row in audit_walk.load_rows(batch):
+            if len(row) < len(_ROW_FIELDS):  # a value Django cannot even load
+                return row[0]
+            if hashlib.sha256(canonical_bytes(**dict(zip(_ROW_FIELDS, row[:11])))).hexdigest() != row[11]:
+                return row[0]
+    return None
 
 
 def _verify_checkpoints(hashes: dict[int, str], last_sequence: int) -> tuple[int, tuple[int, str] | None]:
@@ -373,6 +350,7 @@ def trusted_public_keys() -> set[str]:
 
 
 def _broken(events: int, sequence: int, reason: str) -> VerifyResult:
+    """A failed verification; ``events`` verified before the break."""
     return VerifyResult(ok=False, events=events, checkpoints=0, last_sequence=sequence - 1, last_hash="",
                         broken_at=sequence, reason=reason)
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import pytest
 from django.db import DatabaseError, connection, transaction
 
-from keyvault import audit, services
+from keyvault import audit, audit_walk, services
 from keyvault.audit import Action, Actor
 from keyvault.exceptions import AuditWriteRefused
 from keyvault.models import AuditCheckpoint, AuditEvent, KeyEncryptionKey
@@ -279,4 +279,4 @@ _JSON = st.recursive(
     prev_hash=_TEXT,
 )
 def test_fast_canonical_bytes_equal_the_definition(**event):
-    assert audit.fast_canonical_bytes(*event.values()) == audit.canonical_bytes(**event)
+    assert audit_walk.fast_canonical_text(*event.values()).encode() == audit.canonical_bytes(**event)

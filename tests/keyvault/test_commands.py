@@ -99,6 +99,14 @@ def test_audit_checkpoint(scratch):
     assert verified and int(verified.group(1)) >= 1
 
 
+def test_audit_verify_takes_a_number_of_jobs(scratch):
+    verify = scratch.run("audit", "verify", "--jobs", "2")
+    refused = scratch.run("audit", "verify", "--jobs", "0", check=False)
+
+    assert verify.stdout.decode().startswith("OK: audit chain intact")
+    assert refused.returncode == 2 and "--jobs: expected a whole number of at least 1" in refused.stderr.decode()
+
+
 def test_bad_date_is_a_clear_error(scratch):
     result = scratch.run("audit", "export", "--since", "yesterday", check=False)
 
