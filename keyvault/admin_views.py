@@ -13,29 +13,26 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 
 from django import forms
 from django.contrib import messages
 from django.contrib.admin import helpers
 from django.contrib.admin.utils import unquote
-from django.core.cache import cache
 from django.core.exceptions import PermissionDenied
 from django.db import IntegrityError
 from django.http import Http404, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
-from django.utils import timezone
 from django.utils.decorators import method_decorator
 from django.views.decorators.debug import sensitive_post_parameters
 
-from keyvault import audit, services
+from keyvault import audit, audit_status, services
 from keyvault.audit import Actor
 from keyvault.exceptions import KeyvaultError
 from keyvault.forms import ConfirmForm, CreateKEKForm, DisableForm, RetireVersionForm, ScheduleDeletionForm
 from keyvault.kms.errors import KMSError
-from keyvault.models import AuditChainHead, AuditCheckpoint, AuditEvent, KeyEncryptionKey, KeyVersion
+from keyvault.models import KeyEncryptionKey, KeyVersion
 from rotation.forms import EmergencyRotationForm, MigrateForm, StartRotationForm
 
 logger = logging.getLogger(__name__)
@@ -499,174 +496,9 @@ class KEKActionViewsMixin:
 
 # -- audit chain status ------------------------------------------------------------
 #
-# The changelist shows whether the hash chain verifies. A full ``audit.verify_chain``
-# reads every event (a million rows take minutes), so a page load never runs it.
-# Instead the console keeps a *verified anchor* (sequence, hash and last checkpoint
-# signature of the newest event it has verified) in the cache and, at most once a
-# minute, checks only the events appended since, at most INCREMENTAL_BUDGET of them
-# per page load. Events before the anchor are not re-read on page loads: catching an
-# edit there takes "Verify now" (a full verification by someone allowed to export
-# the log) or ``manage.py audit verify``; the banner says which kind of check it shows.
-# The event at the anchor is re-read each time, so a rewrite of the verified tip shows.
+# The banner's state and its incremental checks live in keyvault.audit_status.
 
-CHAIN_STATUS_KEY = "keyvault:console:audit-chain-status"
-CHAIN_ANCHOR_KEY = "keyvault:console:audit-chain-anchor"
-CHAIN_BROKEN_KEY = "keyvault:console:audit-chain-broken"  # a break found by a full check stays shown
-CHAIN_STATUS_TTL = 60
-INCREMENTAL_BUDGET = 20_000
 EXPORT_PERMISSION = "keyvault.export_auditevent"
-
-
-@dataclass(frozen=True)
-class ChainAnchor:
-    sequence: int
-    hash: str
-    checkpoint_signature: str
-    verified_at: datetime
-    full_verified_at: datetime | None = None
-
-
-@dataclass(frozen=True)
-class ChainStatus:
-    """What the banner shows."""
-
-    ok: bool
-    verified_to: int
-    checked_at: datetime
-    pending: int = 0
-    broken_at: int | None = None
-    reason: str = ""
-    full_verified_at: datetime | None = None
-
-    def __str__(self) -> str:
-        if not self.ok:
-            return f"BROKEN at #{self.broken_at}: {self.reason}"
-        text = f"chain verified to #{self.verified_to} at {self.checked_at:%Y-%m-%d %H:%M:%S} UTC"
-        if self.pending:
-            text += f"; {self.pending} newer event(s) not verified yet"
-        return text
-
-
-def _genesis_anchor() -> ChainAnchor:
-    return ChainAnchor(0, audit.GENESIS_HASH, "", timezone.now())
-
-
-def _broken(sequence: int, reason: str, anchor: ChainAnchor) -> ChainStatus:
-    return ChainStatus(ok=False, verified_to=anchor.sequence, checked_at=timezone.now(), broken_at=sequence,
-                       reason=reason, full_verified_at=anchor.full_verified_at)
-
-
-def _checkpoint_problem(cp: AuditCheckpoint, event: AuditEvent, prev_signature: str) -> str:
-    from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-    if cp.event_hash != event.hash:
-        return "checkpoint hash differs from the event's hash"
-    if cp.prev_signature != prev_signature:
-        return "checkpoint does not chain to the previous checkpoint"
-    try:
-        Ed25519PublicKey.from_public_bytes(bytes.fromhex(cp.public_key)).verify(
-            bytes.fromhex(cp.signature), audit._checkpoint_message(cp.sequence, cp.event_hash, cp.prev_signature)
-        )
-    except (InvalidSignature, ValueError):
-        return "checkpoint signature is invalid"
-    if cp.public_key not in audit.trusted_public_keys():
-        return "checkpoint signed by a key that is not trusted"
-    return ""
-
-
-def verify_since(anchor: ChainAnchor, *, budget: int | None = None) -> tuple[ChainStatus, ChainAnchor]:
-    """Verify the events after ``anchor`` (at most ``budget``): hashes, links, checkpoints, head."""
-    budget = INCREMENTAL_BUDGET if budget is None else budget
-    head_row = AuditChainHead.objects.filter(pk=1).first()
-    if head_row is not None:
-        head_sequence, head_hash = head_row.last_sequence, head_row.last_hash
-    else:
-        head_sequence = AuditEvent.objects.order_by("-sequence").values_list("sequence", flat=True).first() or 0
-        head_hash = None
-    if anchor.sequence:
-        tip = AuditEvent.objects.filter(sequence=anchor.sequence).values_list("hash", flat=True).first()
-        if tip != anchor.hash:
-            return _broken(anchor.sequence, "event changed or removed since it was verified", anchor), anchor
-    if head_sequence < anchor.sequence:
-        return _broken(head_sequence + 1, f"chain head records #{head_sequence} but #{anchor.sequence} was verified "
-                       "(newest events removed)", anchor), anchor
-    target = min(head_sequence, anchor.sequence + budget)
-    checkpoints = {
-        cp.sequence: cp
-        for cp in AuditCheckpoint.objects.filter(sequence__gt=anchor.sequence, sequence__lte=target)
-    }
-    expected, prev_hash, prev_signature = anchor.sequence + 1, anchor.hash, anchor.checkpoint_signature
-    events = AuditEvent.objects.filter(sequence__gt=anchor.sequence, sequence__lte=target).order_by("sequence")
-    for event in events.iterator(chunk_size=audit.VERIFY_CHUNK):
-        if event.sequence != expected:
-            return _broken(expected, f"sequence jumps from #{expected - 1} to #{event.sequence} "
-                           "(event missing or inserted)", anchor), anchor
-        if event.prev_hash != prev_hash:
-            return _broken(event.sequence, "prev_hash does not match the previous event's hash "
-                           "(reordered, inserted or removed)", anchor), anchor
-        if audit.event_hash(event) != event.hash:
-            return _broken(event.sequence, "content does not match its hash (event edited)", anchor), anchor
-        cp = checkpoints.get(event.sequence)
-        if cp is not None:
-            problem = _checkpoint_problem(cp, event, prev_signature)
-            if problem:
-                return _broken(cp.sequence, problem, anchor), anchor
-            prev_signature = cp.signature
-        prev_hash = event.hash
-        expected += 1
-    if expected - 1 < target:
-        return _broken(expected, f"chain head records #{head_sequence} but the log ends at #{expected - 1} "
-                       "(newest events removed)", anchor), anchor
-    if target == head_sequence and head_hash is not None and head_sequence and prev_hash != head_hash:
-        return _broken(head_sequence, "chain head hash differs from the last event's hash", anchor), anchor
-    now = timezone.now()
-    new_anchor = ChainAnchor(target, prev_hash, prev_signature, now, anchor.full_verified_at)
-    status = ChainStatus(ok=True, verified_to=target, checked_at=now, pending=head_sequence - target,
-                         full_verified_at=anchor.full_verified_at)
-    return status, new_anchor
-
-
-def chain_status(*, budget: int | None = None) -> ChainStatus:
-    """The cached status if younger than a minute, else extend verification from the anchor.
-
-    A break found by a full verification is shown until a later full verification passes:
-    incremental checks start after the anchor and would not see it again.
-    """
-    status = cache.get(CHAIN_BROKEN_KEY) or cache.get(CHAIN_STATUS_KEY)
-    if status is not None:
-        return status
-    anchor = cache.get(CHAIN_ANCHOR_KEY) or _genesis_anchor()
-    status, anchor = verify_since(anchor, budget=budget)
-    cache.set(CHAIN_ANCHOR_KEY, anchor, timeout=None)
-    cache.set(CHAIN_STATUS_KEY, status, timeout=CHAIN_STATUS_TTL)
-    return status
-
-
-def verify_chain_now(*, actor: Actor) -> audit.VerifyResult:
-    """Walk the whole chain (``audit.verify_chain``), record that we did, refresh the banner."""
-    result = audit.verify_chain()
-    audit.record(
-        audit.Action.AUDIT_VERIFIED,
-        actor=actor,
-        outcome=audit.Outcome.SUCCESS if result.ok else audit.Outcome.FAILURE,
-        details={"ok": result.ok, "events": result.events, "last_sequence": result.last_sequence,
-                 "checkpoints": result.checkpoints, "broken_at": result.broken_at, "reason": result.reason},
-    )
-    now = timezone.now()
-    if result.ok:
-        last_cp = AuditCheckpoint.objects.filter(sequence__lte=result.last_sequence).order_by("-sequence").first()
-        anchor = ChainAnchor(result.last_sequence, result.last_hash, last_cp.signature if last_cp else "", now, now)
-        status = ChainStatus(ok=True, verified_to=result.last_sequence, checked_at=now, full_verified_at=now)
-        cache.set(CHAIN_ANCHOR_KEY, anchor, timeout=None)
-        cache.delete(CHAIN_BROKEN_KEY)
-    else:
-        previous = cache.get(CHAIN_ANCHOR_KEY)
-        status = ChainStatus(ok=False, verified_to=result.last_sequence, checked_at=now, broken_at=result.broken_at,
-                             reason=result.reason, full_verified_at=previous.full_verified_at if previous else None)
-        cache.set(CHAIN_BROKEN_KEY, status, timeout=None)
-    cache.set(CHAIN_STATUS_KEY, status, timeout=CHAIN_STATUS_TTL)
-    return result
 
 
 class AuditChainViewsMixin:
@@ -678,7 +510,7 @@ class AuditChainViewsMixin:
 
     def changelist_view(self, request, extra_context=None):
         extra_context = {
-            "chain_status": chain_status(),
+            "chain_status": audit_status.chain_status(),
             "can_verify_chain": request.user.has_perm(EXPORT_PERMISSION),
             **(extra_context or {}),
         }
@@ -691,7 +523,7 @@ class AuditChainViewsMixin:
         changelist = reverse(f"{self.admin_site.name}:keyvault_auditevent_changelist")
         form = forms.Form(request.POST if request.method == "POST" else None)
         if request.method == "POST" and form.is_valid():
-            result = verify_chain_now(actor=Actor.from_request(request))
+            result = audit_status.verify_fully(actor=Actor.from_request(request))
             if result.ok:
                 messages.success(request, f"Full verification: {result}")
             else:

@@ -276,7 +276,7 @@ def verify_chain(*, jobs: int | None = None) -> VerifyResult:
         expected_sequence, expected_prev = 1, GENESIS_HASH
         hashes_at_checkpoints: dict[int, str] = {}
         for segment in segments:
-            problem = _segment_problem(segment, expected_sequence, expected_prev)
+            problem = segment_problem(segment, expected_sequence, expected_prev)
             if problem:
                 return _broken(problem[0] - 1, *problem)
             if segment.last:
@@ -295,8 +295,8 @@ def verify_chain(*, jobs: int | None = None) -> VerifyResult:
     return VerifyResult(ok=True, events=count, checkpoints=checked, last_sequence=last_sequence, last_hash=expected_prev)
 
 
-def _segment_problem(segment: audit_walk.Segment, expected_sequence: int, expected_prev: str) -> tuple[int, str] | None:
-    """The first break in a segment, given where the previous one ended, in chain order."""
+def segment_problem(segment: audit_walk.Segment, expected_sequence: int, expected_prev: str) -> tuple[int, str] | None:
+    """The first break in a segment (sequence, reason), given where the chain before it ended."""
     if segment.first is not None:
         first_sequence, first_prev = segment.first
         if first_sequence != expected_sequence:
@@ -327,21 +327,29 @@ def _verify_checkpoints(hashes: dict[int, str], last_sequence: int) -> tuple[int
     for cp in AuditCheckpoint.objects.order_by("sequence"):
         if cp.sequence > last_sequence:
             return checked, (cp.sequence, f"checkpoint covers #{cp.sequence} but the log ends at #{last_sequence} (events removed)")
-        if hashes.get(cp.sequence) != cp.event_hash:
-            return checked, (cp.sequence, "checkpoint hash differs from the event's hash")
-        if cp.prev_signature != prev_signature:
-            return checked, (cp.sequence, "checkpoint does not chain to the previous checkpoint")
-        try:
-            Ed25519PublicKey.from_public_bytes(bytes.fromhex(cp.public_key)).verify(
-                bytes.fromhex(cp.signature), _checkpoint_message(cp.sequence, cp.event_hash, cp.prev_signature)
-            )
-        except (InvalidSignature, ValueError):
-            return checked, (cp.sequence, "checkpoint signature is invalid")
-        if cp.public_key not in trusted_public_keys():
-            return checked, (cp.sequence, "checkpoint signed by a key that is not trusted")
+        problem = checkpoint_problem(cp, hashes.get(cp.sequence), prev_signature)
+        if problem:
+            return checked, (cp.sequence, problem)
         prev_signature = cp.signature
         checked += 1
     return checked, None
+
+
+def checkpoint_problem(cp: AuditCheckpoint, event_hash: str | None, prev_signature: str) -> str:
+    """Why a checkpoint does not vouch for the event hash at its sequence ("" if it does)."""
+    if cp.event_hash != event_hash:
+        return "checkpoint hash differs from the event's hash"
+    if cp.prev_signature != prev_signature:
+        return "checkpoint does not chain to the previous checkpoint"
+    try:
+        Ed25519PublicKey.from_public_bytes(bytes.fromhex(cp.public_key)).verify(
+            bytes.fromhex(cp.signature), _checkpoint_message(cp.sequence, cp.event_hash, cp.prev_signature)
+        )
+    except (InvalidSignature, ValueError):
+        return "checkpoint signature is invalid"
+    if cp.public_key not in trusted_public_keys():
+        return "checkpoint signed by a key that is not trusted"
+    return ""
 
 
 def trusted_public_keys() -> set[str]:

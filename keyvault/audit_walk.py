@@ -147,6 +147,15 @@ def _rendered_rows(cursor, after: int, before: int | None) -> Iterator[tuple]:
         after = rows[-1][0]
 
 
+def walk_range(after: int, before: int | None, checkpoint_sequences: set[int]) -> Segment:
+    """Walk the events ``after < sequence < before`` (``None``: to the end) on this connection."""
+    if connection.vendor != "postgresql":
+        return walk(_python_rendered_rows(after, before), checkpoint_sequences)
+    # In a transaction of its own when there is none, or the JIT setting would not hold.
+    with transaction.atomic(), connection.cursor() as cursor, _jit_off(cursor):
+        return walk(_rendered_rows(cursor, after, before), checkpoint_sequences)
+
+
 def _range_bounds(cursor, jobs: int, min_per_job: int) -> list[tuple[int, int | None]]:
     """Up to ``jobs`` (after, before) sequence ranges covering every event, the last one open-ended."""
     cursor.execute(f"SELECT min(sequence), max(sequence) FROM {_TABLE}")
@@ -221,15 +230,13 @@ class _ChainReader:
 
     def segments(self, checkpoint_sequences: set[int], jobs: int | None = None) -> list[Segment]:
         """The whole log as segments in sequence order (one, unless read in parallel)."""
-        if connection.vendor != "postgresql":
-            return [walk(_python_rendered_rows(), checkpoint_sequences)]
+        if not self.snapshot:
+            return [walk_range(-1, None, checkpoint_sequences)]
         with connection.cursor() as cursor:
             # A chain too short to be worth splitting is read in one go unless jobs are asked for.
-            bounds = (_range_bounds(cursor, jobs or default_jobs(), 1 if jobs else PAGE_SIZE)
-                      if self.snapshot else [(-1, None)])
-            if len(bounds) == 1:
-                with _jit_off(cursor):
-                    return [walk(_rendered_rows(cursor, -1, None), checkpoint_sequences)]
+            bounds = _range_bounds(cursor, jobs or default_jobs(), 1 if jobs else PAGE_SIZE)
+        if len(bounds) == 1:
+            return [walk_range(-1, None, checkpoint_sequences)]
         with ThreadPoolExecutor(max_workers=len(bounds), thread_name_prefix="audit-verify") as pool:
             futures = [pool.submit(_walk_range_in_snapshot, self.snapshot, after, before, checkpoint_sequences)
                        for after, before in bounds]
@@ -291,11 +298,14 @@ def load_rows(events: QuerySet) -> list[tuple]:
     return rows
 
 
-def _python_rendered_rows() -> Iterator[tuple[int, str, str, str | None]]:
-    """Events as (sequence, prev_hash, hash, document) in sequence order, rendered here."""
-    last = -1
+def _python_rendered_rows(after: int, before: int | None) -> Iterator[tuple[int, str, str, str | None]]:
+    """Events ``after < sequence < before`` as (sequence, prev_hash, hash, document), rendered here."""
+    events = AuditEvent.objects.order_by("sequence")
+    if before is not None:
+        events = events.filter(sequence__lt=before)
+    last = after
     while True:
-        page = load_rows(AuditEvent.objects.filter(sequence__gt=last).order_by("sequence")[:PAGE_SIZE])
+        page = load_rows(events.filter(sequence__gt=last)[:PAGE_SIZE])
         if not page:
             return
         for row in page:

@@ -319,9 +319,9 @@ def build(*, now: datetime | None = None, chain_status: bool = True) -> Dashboar
     certificates = expiring_certificates(now=now)
     status = None
     if chain_status:
-        from keyvault.admin_views import chain_status as cached_chain_status
+        from keyvault.audit_status import chain_status as recorded_chain_status
 
-        status = cached_chain_status()
+        status = recorded_chain_status()
     by_state = keys_by_state()
     return Dashboard(
         now=now,

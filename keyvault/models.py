@@ -297,6 +297,31 @@ class AuditChainHead(models.Model):
         default_permissions = ()
 
 
+class AuditVerification(models.Model):
+    """How far the console has verified the chain (one row, shared by every process): the banner's state."""
+
+    id = models.PositiveSmallIntegerField(primary_key=True, default=1)
+    anchor_sequence = models.PositiveBigIntegerField(
+        "verified to", default=0, help_text="Newest event verified; page views check only the events after it.")
+    anchor_hash = models.CharField("hash at the anchor", max_length=64,
+                                   help_text="Re-read on every check, so a rewrite of the verified tip shows.")
+    anchor_checkpoint_signature = models.CharField(
+        "last checkpoint signature", max_length=128, blank=True,
+        help_text="Signature of the newest checkpoint up to the anchor; the next one must chain to it.")
+    checked_at = models.DateTimeField("checked at", null=True, help_text="When this status was computed.")
+    pending = models.PositiveBigIntegerField("events not verified yet", default=0)
+    broken_at = models.PositiveBigIntegerField("broken at", null=True, help_text="First broken event, if any.")
+    reason = models.CharField("why broken", max_length=500, blank=True)
+    broken_by_full_check = models.BooleanField(
+        "break found by a full verification", default=False,
+        help_text="Shown until a full verification passes: page views only check events after the anchor.")
+    full_verified_at = models.DateTimeField("last full verification", null=True)
+
+    class Meta:
+        verbose_name = "audit chain verification status"
+        default_permissions = ()
+
+
 class AuditCheckpoint(models.Model):
     """An Ed25519-signed statement of the chain's position, chained like CloudTrail digests."""
 
