@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from django.db import DataError, connection, connections, transaction
+from django.db import DataError, connection, transaction
 from django.db.models import QuerySet
 
 from keyvault.models import AuditEvent
@@ -168,18 +168,20 @@ def _range_bounds(cursor, jobs: int, min_per_job: int) -> list[tuple[int, int | 
 
 
 def _walk_range_in_snapshot(snapshot: str, after: int, before: int | None, checkpoint_sequences: set[int]) -> Segment:
-    """One range, read on a connection of its own that imports the verifier's snapshot."""
-    db = connections.create_connection(connection.alias)
+    """One range, on this worker thread's own connection, in a transaction that imports the verifier's snapshot."""
     try:
-        with db.cursor() as cursor:
-            cursor.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            cursor.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
-            cursor.execute(_JIT_OFF, ["off"])
-            segment = walk(_rendered_rows(cursor, after, before), checkpoint_sequences)
-            cursor.execute("COMMIT")
-        return segment
+        with transaction.atomic():
+            with connection.cursor() as cursor:
+                _begin_repeatable_read(cursor)
+                cursor.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
+            return walk_range(after, before, checkpoint_sequences)
     finally:
-        db.close()
+        connection.close()
+
+
+def _begin_repeatable_read(cursor) -> None:
+    """The first statement of the transaction: one read-only view of the log for all its reads."""
+    cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
 
 
 # The rendering looks expensive to the planner, which then JIT-compiles every
@@ -216,7 +218,7 @@ def consistent_view():
         return
     with transaction.atomic():
         with connection.cursor() as cursor:
-            cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            _begin_repeatable_read(cursor)
             cursor.execute("SELECT pg_export_snapshot()")
             (snapshot,) = cursor.fetchone()
         if not _SNAPSHOT_ID.match(snapshot):  # it is spliced into SQL below
