@@ -184,17 +184,23 @@ class DataKey(models.Model):
         return hashlib.sha256(bytes(self.wrapped_key)).hexdigest()[:16]
 
 
-class AuditQuerySet(models.QuerySet):
-    """Audit events can be read and appended, never changed or removed."""
+class AppendOnlyQuerySet(models.QuerySet):
+    """Rows that can be read and appended, never changed or removed (the database refuses it too)."""
+
+    refusal = "audit events are append-only"
 
     def update(self, **kwargs):
-        raise AuditWriteRefused("audit events are append-only")
+        raise AuditWriteRefused(self.refusal)
 
     def delete(self):
-        raise AuditWriteRefused("audit events are append-only")
+        raise AuditWriteRefused(self.refusal)
 
     def bulk_update(self, *args, **kwargs):
-        raise AuditWriteRefused("audit events are append-only")
+        raise AuditWriteRefused(self.refusal)
+
+
+class AuditQuerySet(AppendOnlyQuerySet):
+    """Audit events can be read and appended, never changed or removed."""
 
 
 class AuditEvent(models.Model):
@@ -285,6 +291,28 @@ class AuditEvent(models.Model):
         raise AuditWriteRefused("audit events are append-only")
 
 
+class AuditChainHeadQuerySet(models.QuerySet):
+    """The head is created once and then only moved forward by ``keyvault.audit.record``.
+
+    ``update`` may set the position (``last_sequence`` and ``last_hash`` together) and
+    nothing else; the database triggers (migration 0008) refuse moving it backwards or to
+    an event that does not exist.
+    """
+
+    ADVANCE_FIELDS = frozenset({"last_sequence", "last_hash"})
+
+    def update(self, **kwargs):
+        if set(kwargs) != self.ADVANCE_FIELDS:
+            raise AuditWriteRefused("the audit chain head only moves forward (last_sequence and last_hash together)")
+        return super().update(**kwargs)
+
+    def delete(self):
+        raise AuditWriteRefused("the audit chain head cannot be removed")
+
+    def bulk_update(self, *args, **kwargs):
+        raise AuditWriteRefused("the audit chain head only moves forward through keyvault.audit")
+
+
 class AuditChainHead(models.Model):
     """The chain's tip, one row, locked by every writer so the chain never forks."""
 
@@ -292,9 +320,19 @@ class AuditChainHead(models.Model):
     last_sequence = models.PositiveBigIntegerField(default=0)
     last_hash = models.CharField(max_length=64)
 
+    objects = AuditChainHeadQuerySet.as_manager()
+
     class Meta:
         verbose_name = "audit chain head"
         default_permissions = ()
+
+    def save(self, *args, **kwargs):
+        if not kwargs.get("force_insert"):
+            raise AuditWriteRefused("the audit chain head is created once and moved only by keyvault.audit")
+        super().save(*args, **kwargs)
+
+    def delete(self, *args, **kwargs):
+        raise AuditWriteRefused("the audit chain head cannot be removed")
 
 
 class AuditVerification(models.Model):
@@ -322,6 +360,12 @@ class AuditVerification(models.Model):
         default_permissions = ()
 
 
+class AuditCheckpointQuerySet(AppendOnlyQuerySet):
+    """Checkpoints can be read and appended, never changed or removed."""
+
+    refusal = "audit checkpoints are append-only"
+
+
 class AuditCheckpoint(models.Model):
     """An Ed25519-signed statement of the chain's position, chained like CloudTrail digests."""
 
@@ -331,6 +375,8 @@ class AuditCheckpoint(models.Model):
     public_key = models.CharField("public key", max_length=64, help_text="Hex Ed25519 public key that signed.")
     prev_signature = models.CharField("previous signature", max_length=128, blank=True)
     signature = models.CharField("signature", max_length=128, help_text="Hex Ed25519 signature.")
+
+    objects = AuditCheckpointQuerySet.as_manager()
 
     class Meta:
         """Checkpoints in chain order."""
@@ -342,6 +388,14 @@ class AuditCheckpoint(models.Model):
 
     def __str__(self) -> str:
         return f"checkpoint at #{self.sequence}"
+
+    def save(self, *args, **kwargs):
+        if self.pk is not None or not kwargs.get("force_insert"):
+            raise AuditWriteRefused("audit checkpoints are written only through keyvault.audit and never changed")
+        super().save(*args, **kwargs)
+
+    def delete(self, *args, **kwargs):
+        raise AuditWriteRefused("audit checkpoints are append-only")
 
 
 class ManagedSecret(models.Model):

@@ -24,6 +24,7 @@ from keyvault import audit_status, services
 from keyvault.admin import EstimatedCountPaginator
 from keyvault.audit import Actor
 from keyvault.models import AuditEvent, AuditVerification, DataKey, KeyEncryptionKey, KeyVersion
+from tests.audit_owner import as_table_owner
 from tests.keyvault import build_world, make_role_user, use_temp_keyring
 
 pytestmark = pytest.mark.django_db
@@ -512,13 +513,9 @@ def test_no_page_shows_key_material(world):
 
 
 def tamper(sql: str, params=()) -> None:
-    """Change an audit row behind the application's back (the append-only trigger disabled on PostgreSQL)."""
-    with connection.cursor() as cursor:
-        if connection.vendor == "postgresql":
-            cursor.execute("ALTER TABLE keyvault_auditevent DISABLE TRIGGER keyvault_audit_no_update_delete")
+    """Change an audit row behind the application's back, as the tables' owner could (tests/audit_owner.py)."""
+    with as_table_owner() as cursor:
         cursor.execute(sql, params)
-        if connection.vendor == "postgresql":
-            cursor.execute("ALTER TABLE keyvault_auditevent ENABLE TRIGGER keyvault_audit_no_update_delete")
 
 
 def expire_banner() -> None:
