@@ -1,0 +1,201 @@
+"""The runtime role of docs/ops/production.md, on a real PostgreSQL server: it appends, it cannot rewrite.
+
+The roles and grants are the ``sql`` blocks of the document itself (only the role and
+database names are made unique for the run), so the document cannot drift from what is
+proven here. Roles are cluster-wide: every test drops what it created.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import psycopg
+import pytest
+from django.core import checks
+from django.db import connection, transaction
+
+from keyvault import audit, checks_audit
+from keyvault.audit import Action, Actor
+from keyvault.models import AuditChainHead, AuditCheckpoint, AuditEvent
+from tests.audit_owner import AUDIT_TABLES
+from tests.conftest import is_postgres
+from tests.docs.examples import ROOT, blocks
+
+PRODUCTION_DOC = ROOT / "docs" / "ops" / "production.md"
+DOCUMENTED_ROLES = ("keyvault_owner", "keyvault_app")
+
+
+def documented_sql(tag: str) -> str:
+    [block] = [b for b in blocks(PRODUCTION_DOC) if b.language == "sql" and tag in b.tags]
+    return block.text
+
+
+@dataclass(frozen=True)
+class Roles:
+    owner: str
+    app: str
+    database: str
+
+    def adapt(self, sql: str) -> str:
+        """The documented SQL with this run's role and database names."""
+        sql = re.sub(r"\bkeyvault_owner\b", self.owner, sql)
+        sql = re.sub(r"\bkeyvault_app\b", self.app, sql)
+        return re.sub(r"\bDATABASE keyvault\b", f'DATABASE "{self.database}"', sql)
+
+
+@pytest.fixture
+def documented_roles(transactional_db) -> Iterator[Roles]:
+    """The migration and runtime roles, created and granted exactly as production.md says."""
+    if not is_postgres():
+        pytest.fail("postgres-marked tests run only on PostgreSQL (scripts/test.sh deselects them elsewhere)")
+    suffix = uuid.uuid4().hex[:10]
+    roles = Roles(owner=f"kv_owner_{suffix}", app=f"kv_app_{suffix}", database=connection.settings_dict["NAME"])
+    with connection.cursor() as cursor:
+        cursor.execute(roles.adapt(documented_sql("runtime-role-setup")))
+        try:
+            cursor.execute(roles.adapt(documented_sql("runtime-role-grants")))
+            yield roles
+        finally:
+            cursor.execute(f'GRANT CONNECT ON DATABASE "{roles.database}" TO PUBLIC')
+            for role in (roles.app, roles.owner):
+                cursor.execute(f'DROP OWNED BY "{role}"')
+                cursor.execute(f'DROP ROLE "{role}"')
+
+
+@contextmanager
+def login(role: str) -> Iterator[psycopg.Connection]:
+    """A connection of its own as ``role``, as web or a worker would open with the runtime URL."""
+    settings = connection.settings_dict
+    with psycopg.connect(host=settings["HOST"] or "127.0.0.1", port=settings["PORT"] or 5432,
+                         dbname=settings["NAME"], user=role, autocommit=True) as conn:
+        yield conn
+
+
+def refused(conn: psycopg.Connection, *statements: str, match: str | None = None) -> None:
+    """All of ``statements`` in one transaction must fail for lack of privilege (SQLSTATE 42501)."""
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match=match):
+        with conn.transaction():
+            for statement in statements:
+                conn.execute(statement)
+
+
+def head() -> tuple[int, str]:
+    return AuditChainHead.objects.values_list("last_sequence", "last_hash").get(pk=1)
+
+
+@pytest.mark.postgres
+def test_runtime_role_runs_the_append_path(documented_roles, settings):
+    # given the documented runtime role, as the current role of the application's connection
+    settings.AUDIT_CHECKPOINT_INTERVAL = 3
+    actor = Actor.system("tests")
+
+    # when the application records events (creating the genesis head), and signs checkpoints
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute(f'SET LOCAL ROLE "{documented_roles.app}"')
+            events = [audit.record(Action.OTHER, actor=actor, target=("thing", i)) for i in range(4)]
+            audit.checkpoint(actor=actor)
+            # and the deploy check, as that role, is silent
+            problems = checks_audit.check_audit_tables_out_of_reach()
+            cursor.execute("SELECT current_user")
+            [(current_user,)] = cursor.fetchall()
+
+    # then everything was written as the runtime role, and the chain is intact
+    assert current_user == documented_roles.app
+    assert problems == []
+    assert head() == (5, AuditEvent.objects.get(sequence=5).hash)
+    assert events[-1].sequence == 4
+    assert list(AuditCheckpoint.objects.order_by("sequence").values_list("sequence", flat=True)) == [3, 5]
+    assert audit.verify_chain().ok
+
+
+@pytest.mark.postgres
+def test_runtime_role_cannot_switch_the_triggers_off_or_rewrite_the_trail(documented_roles, settings):
+    # given a chain of six events with checkpoints at #3 and #6
+    settings.AUDIT_CHECKPOINT_INTERVAL = 3
+    events = [audit.record(Action.OTHER, actor=Actor.system("tests"), target=("thing", i)) for i in range(6)]
+
+    with login(documented_roles.app) as conn:
+        # the documented grants let it log in and read
+        assert conn.execute("SELECT count(*) FROM keyvault_auditevent").fetchone() == (6,)
+
+        # it cannot switch the append-only triggers off, in any of the ways an owner or superuser can
+        for table in AUDIT_TABLES:
+            refused(conn, f"ALTER TABLE {table} DISABLE TRIGGER USER", match="owner")
+            refused(conn, f"ALTER TABLE {table} OWNER TO {documented_roles.app}", match="owner")
+        refused(conn, "DROP TRIGGER keyvault_audit_no_update_delete ON keyvault_auditevent", match="owner")
+        refused(conn, "SET session_replication_role = replica", match="permission denied")
+
+        # the bypass any session once had is gone
+        refused(conn, "SET LOCAL keyvault.allow_audit_truncate = 'on'", "TRUNCATE keyvault_auditevent")
+
+        # it cannot change or remove events or checkpoints
+        for table in ("keyvault_auditevent", "keyvault_auditcheckpoint"):
+            refused(conn, f"UPDATE {table} SET sequence = sequence + 100")
+            refused(conn, f"DELETE FROM {table}")
+            refused(conn, f"TRUNCATE {table}")
+
+        # it may move the head, but only forward to a recorded event: the trigger refuses the rest
+        refused(conn, f"UPDATE keyvault_auditchainhead SET last_sequence = 4, last_hash = '{events[3].hash}'",
+                match="append-only")
+        refused(conn, "UPDATE keyvault_auditchainhead SET last_sequence = 7, last_hash = repeat('a', 64)",
+                match="append-only")
+        refused(conn, "DELETE FROM keyvault_auditchainhead")
+        refused(conn, "TRUNCATE keyvault_auditchainhead")
+
+    # then the trail is as it was
+    assert AuditEvent.objects.count() == 6 and AuditCheckpoint.objects.count() == 2
+    assert head() == (6, events[-1].hash)
+    assert audit.verify_chain().ok
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db
+def test_deploy_check_warns_when_the_database_user_owns_the_audit_tables():
+    # given the test database's user: it created (owns) the tables and is a superuser
+    if not is_postgres():
+        pytest.fail("postgres-marked tests run only on PostgreSQL")
+
+    # when the deploy checks run
+    found = checks.run_checks(include_deployment_checks=True, tags=[checks.Tags.security])
+
+    # then both the ownership and the superuser warnings are given, and they name the remedy
+    ids = {message.id for message in found}
+    assert {checks_audit.OWNER_ID, checks_audit.SUPERUSER_ID} <= ids
+    owner = next(message for message in found if message.id == checks_audit.OWNER_ID)
+    assert "keyvault_auditevent" in owner.msg and "production.md" in owner.hint
+    assert checks_audit.TRIGGERS_ID not in ids
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db
+def test_deploy_check_warns_when_an_append_only_trigger_is_off():
+    if not is_postgres():
+        pytest.fail("postgres-marked tests run only on PostgreSQL")
+
+    # given an owner who switched one trigger off and forgot it (rolled back with the test)
+    with connection.cursor() as cursor:
+        cursor.execute("ALTER TABLE keyvault_auditcheckpoint DISABLE TRIGGER keyvault_auditcheckpoint_no_truncate")
+
+    found = checks_audit.check_audit_tables_out_of_reach()
+
+    [off] = [message for message in found if message.id == checks_audit.TRIGGERS_ID]
+    assert "keyvault_auditcheckpoint.keyvault_auditcheckpoint_no_truncate" in off.msg
+
+
+def test_the_check_runs_with_check_deploy():
+    assert checks_audit.check_audit_tables_out_of_reach in checks.registry.registry.get_checks(
+        include_deployment_checks=True)
+    assert checks_audit.check_audit_tables_out_of_reach not in checks.registry.registry.get_checks()
+
+
+@pytest.mark.django_db
+def test_the_check_has_nothing_to_say_on_sqlite():
+    if is_postgres():
+        pytest.skip("PostgreSQL has roles: the tests above cover it")
+
+    assert checks_audit.check_audit_tables_out_of_reach() == []
