@@ -29,7 +29,7 @@ from django.views.decorators.debug import sensitive_post_parameters
 
 from keyvault import audit, audit_status, services
 from keyvault.audit import Actor
-from keyvault.exceptions import KeyvaultError
+from keyvault.exceptions import AuditVerificationTooSoon, KeyvaultError
 from keyvault.forms import ConfirmForm, CreateKEKForm, DisableForm, RetireVersionForm, ScheduleDeletionForm
 from keyvault.kms.errors import KMSError
 from keyvault.models import KeyEncryptionKey, KeyVersion
@@ -523,7 +523,11 @@ class AuditChainViewsMixin:
         changelist = reverse(f"{self.admin_site.name}:keyvault_auditevent_changelist")
         form = forms.Form(request.POST if request.method == "POST" else None)
         if request.method == "POST" and form.is_valid():
-            result = audit_status.verify_fully(actor=Actor.from_request(request))
+            try:
+                result = audit_status.verify_fully(actor=Actor.from_request(request))
+            except AuditVerificationTooSoon as exc:
+                messages.warning(request, f"Full verification not started: {exc}.")
+                return HttpResponseRedirect(changelist)
             if result.ok:
                 messages.success(request, f"Full verification: {result}")
             else:

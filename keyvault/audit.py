@@ -6,9 +6,13 @@ workers append one after another and the chain never forks. An event is written
 in the caller's transaction: if it cannot be written, the operation it records
 fails too (fail-closed, as Vault refuses requests its audit devices cannot log).
 
-Every ``AUDIT_CHECKPOINT_INTERVAL`` events (and on demand) the head is signed with
-the Ed25519 audit signing key; each checkpoint also signs the previous checkpoint's
-signature, so the checkpoints form a chain of their own, like CloudTrail digests.
+Every ``AUDIT_CHECKPOINT_INTERVAL`` events, every ``AUDIT_CHECKPOINT_SECONDS`` when
+the head has moved (beat) and on demand, the head is signed with the Ed25519 audit
+signing key; each checkpoint also signs the previous checkpoint's signature, so the
+checkpoints form a chain of their own, like CloudTrail digests. Each checkpoint is
+also written outside the database (:mod:`keyvault.audit_witness`) once its
+transaction commits, and verification requires both: checkpoints at the configured
+density from genesis, and every witnessed checkpoint still in the database.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -27,9 +32,12 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from keyvault import audit_walk
+from keyvault import audit_walk, audit_witness
 from keyvault.audit_walk import ROW_FIELDS as _ROW_FIELDS
+from keyvault.audit_witness import WitnessEntry
+from keyvault.exceptions import AuditWitnessUnavailable
 from keyvault.models import AuditChainHead, AuditCheckpoint, AuditEvent
+from keyvault.request_meta import client_ip, request_id
 
 GENESIS_HASH = "0" * 64
 VERIFY_CHUNK = 5000
@@ -57,11 +65,8 @@ class Actor:
 
     @classmethod
     def from_request(cls, request) -> Actor:
-        return cls.user(
-            request.user,
-            ip_address=request.META.get("REMOTE_ADDR") or None,
-            request_id=request.META.get("HTTP_X_REQUEST_ID", "")[:64],
-        )
+        """The signed-in user, from the real client address (through trusted proxies) and a checked request id."""
+        return cls.user(request.user, ip_address=client_ip(request), request_id=request_id(request))
 
     def __str__(self) -> str:
         return self.name
@@ -222,7 +227,7 @@ def _sign_checkpoint(sequence: int, digest: str) -> AuditCheckpoint:
     previous = AuditCheckpoint.objects.order_by("-sequence").first()
     prev_signature = previous.signature if previous else ""
     signature = _signing_key().sign(_checkpoint_message(sequence, digest, prev_signature)).hex()
-    return AuditCheckpoint.objects.create(
+    cp = AuditCheckpoint.objects.create(
         sequence=sequence,
         event_hash=digest,
         signed_at=timezone.now(),
@@ -230,6 +235,9 @@ def _sign_checkpoint(sequence: int, digest: str) -> AuditCheckpoint:
         prev_signature=prev_signature,
         signature=signature,
     )
+    # Only a committed checkpoint is witnessed: a rolled-back one would read as "missing from the database".
+    transaction.on_commit(partial(audit_witness.publish, WitnessEntry.of(cp)), robust=True)
+    return cp
 
 
 def checkpoint(*, actor: Actor) -> AuditCheckpoint:
@@ -238,6 +246,20 @@ def checkpoint(*, actor: Actor) -> AuditCheckpoint:
         event = record(Action.AUDIT_CHECKPOINT, actor=actor)
         existing = AuditCheckpoint.objects.filter(sequence=event.sequence).first()
         return existing or _sign_checkpoint(event.sequence, event.hash)
+
+
+def checkpoint_if_moved() -> AuditCheckpoint | None:
+    """Sign the head if events were appended since the newest checkpoint (beat, every ``AUDIT_CHECKPOINT_SECONDS``).
+
+    No event is recorded for it, so an idle chain stays as it is; the checkpoint
+    keeps the part of the chain no witness has seen to a few seconds' worth of events.
+    """
+    with transaction.atomic():
+        head = _locked_head()  # writers wait: the head cannot move between reading it and signing it
+        newest = AuditCheckpoint.objects.order_by("-sequence").values_list("sequence", flat=True).first()
+        if head.last_sequence == 0 or (newest is not None and newest >= head.last_sequence):
+            return None
+        return _sign_checkpoint(head.last_sequence, head.last_hash)
 
 
 # -- verification --------------------------------------------------------------
@@ -254,22 +276,32 @@ class VerifyResult:
     last_hash: str
     broken_at: int | None = None
     reason: str = ""
+    witness: str = ""  # what the witness check found, e.g. "witnessed to #9 by /var/lib/keyvault/audit-witness.jsonl"
 
     def __str__(self) -> str:
         if self.ok:
             return (
                 f"OK: audit chain intact, {self.events} events to #{self.last_sequence} "
                 f"(hash {self.last_hash[:16]}…), {self.checkpoints} signed checkpoints verified"
+                + (f"; {self.witness}" if self.witness else "")
             )
         return f"BROKEN at #{self.broken_at}: {self.reason}"
 
 
-def verify_chain(*, jobs: int | None = None) -> VerifyResult:
+def verify_chain(*, jobs: int | None = None, witness: str | None = None, use_witness: bool = True) -> VerifyResult:
     """Walk every event and checkpoint; report OK or the first broken position and why.
 
     Reading is :mod:`keyvault.audit_walk`'s job (on PostgreSQL, ``jobs`` connections
     sharing one snapshot); every hash, link and signature is checked here, in Python.
+    Then the checkpoints must be dense enough (:func:`density_problem`) and hold
+    everything a witness saw (:func:`witness_problem`): ``witness`` names a copy
+    (file, http(s) URL, ``s3://``) to check instead of the configured witness
+    files; ``use_witness=False`` skips the witness (``audit verify --no-witness``).
     """
+    # Read the witness before the database: everything in it was committed before this
+    # snapshot starts, so a checkpoint committed (and witnessed) during a long walk is
+    # not mistaken for one the database lost.
+    witnessed = _read_witnesses(witness) if use_witness else None
     with audit_walk.consistent_view() as view:
         checkpoint_sequences = set(AuditCheckpoint.objects.values_list("sequence", flat=True))
         segments = view.segments(checkpoint_sequences, jobs)
@@ -289,10 +321,16 @@ def verify_chain(*, jobs: int | None = None) -> VerifyResult:
             return _broken(count, last_sequence + 1 if head.last_sequence > last_sequence else head.last_sequence,
                            f"chain head records #{head.last_sequence} but the log ends at #{last_sequence} "
                            "(newest events removed or edited)")
-        checked, problem = _verify_checkpoints(hashes_at_checkpoints, last_sequence)
+        checked, problem, signed = _verify_checkpoints(hashes_at_checkpoints, last_sequence)
+        if not problem and witnessed is not None:
+            problem, witness_note = witness_problem(witnessed, signed, last_sequence)
+        else:
+            witness_note = "witness not checked (--no-witness)"
+    problem = problem or density_problem(signed, last_sequence, settings.AUDIT_CHECKPOINT_INTERVAL)
     if problem:
         return _broken(count, problem[0], problem[1])
-    return VerifyResult(ok=True, events=count, checkpoints=checked, last_sequence=last_sequence, last_hash=expected_prev)
+    return VerifyResult(ok=True, events=count, checkpoints=checked, last_sequence=last_sequence, last_hash=expected_prev,
+                        witness=witness_note)
 
 
 def segment_problem(segment: audit_walk.Segment, expected_sequence: int, expected_prev: str) -> tuple[int, str] | None:
@@ -321,18 +359,119 @@ def _first_edited(sequences: list[int]) -> int | None:
     return None
 
 
-def _verify_checkpoints(hashes: dict[int, str], last_sequence: int) -> tuple[int, tuple[int, str] | None]:
+def _verify_checkpoints(hashes: dict[int, str], last_sequence: int) -> tuple[int, tuple[int, str] | None, list[int]]:
+    """How many checkpoints verified, the first problem, and the sequences of those verified."""
     prev_signature = ""
-    checked = 0
-    for cp in AuditCheckpoint.objects.order_by("sequence"):
+    signed: list[int] = []
+    for cp in AuditCheckpoint.objects.order_by("sequence").iterator(chunk_size=VERIFY_CHUNK):
         if cp.sequence > last_sequence:
-            return checked, (cp.sequence, f"checkpoint covers #{cp.sequence} but the log ends at #{last_sequence} (events removed)")
+            return len(signed), (cp.sequence, f"checkpoint covers #{cp.sequence} but the log ends at #{last_sequence} "
+                                 "(events removed)"), signed
         problem = checkpoint_problem(cp, hashes.get(cp.sequence), prev_signature)
         if problem:
-            return checked, (cp.sequence, problem)
+            return len(signed), (cp.sequence, problem), signed
         prev_signature = cp.signature
-        checked += 1
-    return checked, None
+        signed.append(cp.sequence)
+    return len(signed), None, signed
+
+
+def density_problem(signed: list[int], last_sequence: int, interval: int) -> tuple[int, str] | None:
+    """The first place more than ``interval`` events go without a checkpoint (``interval`` 0: never).
+
+    Every ``interval``-th event is signed as it is written, so no two consecutive
+    checkpoints (counting genesis as #0) are more than ``interval`` apart, and fewer
+    than ``interval`` events follow the last one. Time-based and on-demand checkpoints
+    only add more. Deleting checkpoints to hide a rewrite leaves a gap: reported
+    here as a missing checkpoint, never OK.
+    """
+    if not interval:
+        return None
+    previous = 0
+    for sequence in signed:
+        if sequence - previous > interval:
+            return previous + interval, (f"missing checkpoint: none between #{previous} and #{sequence}, "
+                                         f"one is signed every {interval} events (checkpoints deleted?)")
+        previous = sequence
+    if last_sequence - previous >= interval:
+        return previous + interval, (f"missing checkpoint: none after #{previous} although the log ends at "
+                                     f"#{last_sequence}, one is signed every {interval} events (checkpoints deleted?)")
+    return None
+
+
+@dataclass(frozen=True)
+class _Witnessed:
+    """What the witnesses held when verification began (``missing``: configured files that do not exist)."""
+
+    entries: list[WitnessEntry]
+    sources: list[str]
+    missing: list[str]
+    unreadable: str = ""
+
+
+def _read_witnesses(spec: str | None) -> _Witnessed:
+    try:
+        witnesses = [audit_witness.destination(spec)] if spec else audit_witness.local_files()
+    except AuditWitnessUnavailable as exc:
+        return _Witnessed([], [], [], unreadable=str(exc))
+    entries, sources, missing = [], [], []
+    for witness in witnesses:
+        if spec is None and not witness.exists():
+            missing.append(witness.description)
+            continue
+        try:
+            entries.extend(witness.read())
+        except AuditWitnessUnavailable as exc:
+            return _Witnessed([], [], [], unreadable=str(exc))
+        sources.append(witness.description)
+    return _Witnessed(entries, sources, missing)
+
+
+def witness_problem(witnessed: _Witnessed, signed: list[int], last_sequence: int) -> tuple[tuple[int, str] | None, str]:
+    """Whether the database still holds every checkpoint the witnesses saw, byte for byte; and a note for OK.
+
+    The witnessed checkpoints must be validly signed by trusted keys and agree with each
+    other; the newest must not lie beyond the end of the log ("chain shorter than
+    witnessed"); each must be in the database exactly. The database's checkpoints chain
+    to each other and to their events (checked before this), so the chain reaches them.
+    A configured witness file that is missing while checkpoints exist is a break too:
+    an operator must not lose the witness without noticing (``--no-witness`` skips it).
+    """
+    newest_signed = signed[-1] if signed else 0
+    if witnessed.unreadable:
+        return (max(newest_signed, 1), witnessed.unreadable), ""
+    if witnessed.missing and signed:
+        return (newest_signed, f"witness missing: {', '.join(witnessed.missing)} does not exist but the database "
+                f"holds {len(signed)} signed checkpoints (restore it from a copy, or verify with --witness)"), ""
+    if not witnessed.sources:
+        return None, "no witness configured"
+    by_sequence: dict[int, WitnessEntry] = {}
+    for entry in witnessed.entries:
+        known = by_sequence.setdefault(entry.sequence, entry)
+        if known != entry:
+            return (entry.sequence, f"the witness holds two different checkpoints for #{entry.sequence}"), ""
+        problem = _signature_problem(entry.sequence, entry.event_hash, entry.prev_signature, entry.signature,
+                                     entry.public_key)
+        if problem:
+            return (entry.sequence, f"witnessed checkpoint #{entry.sequence}: {problem}"), ""
+    where = ", ".join(witnessed.sources)
+    if not by_sequence:
+        if signed:
+            return (newest_signed, f"the witness ({where}) holds no checkpoint but the database holds {len(signed)}"), ""
+        return None, f"witness {where} empty (no checkpoints yet)"
+    newest = max(by_sequence)
+    if newest > last_sequence:
+        return (last_sequence + 1, f"chain shorter than witnessed: the witness holds a checkpoint at #{newest} "
+                f"but the log ends at #{last_sequence} (events removed)"), ""
+    sequences = sorted(by_sequence)
+    for start in range(0, len(sequences), VERIFY_CHUNK):
+        batch = sequences[start:start + VERIFY_CHUNK]
+        stored = {cp.sequence: WitnessEntry.of(cp) for cp in AuditCheckpoint.objects.filter(sequence__in=batch)}
+        for sequence in batch:
+            if sequence not in stored:
+                return (sequence, f"witnessed checkpoint #{sequence} is missing from the database"), ""
+            if stored[sequence] != by_sequence[sequence]:
+                return (sequence, f"checkpoint #{sequence} differs from the witnessed one"), ""
+    return None, f"witnessed to #{newest} ({len(by_sequence)} checkpoints in {where})"
 
 
 def checkpoint_problem(cp: AuditCheckpoint, event_hash: str | None, prev_signature: str) -> str:
@@ -341,13 +480,18 @@ def checkpoint_problem(cp: AuditCheckpoint, event_hash: str | None, prev_signatu
         return "checkpoint hash differs from the event's hash"
     if cp.prev_signature != prev_signature:
         return "checkpoint does not chain to the previous checkpoint"
+    return _signature_problem(cp.sequence, cp.event_hash, cp.prev_signature, cp.signature, cp.public_key)
+
+
+def _signature_problem(sequence: int, event_hash: str, prev_signature: str, signature: str, public_key: str) -> str:
+    """Why a checkpoint's signature does not hold ("" if it is valid and by a trusted key)."""
     try:
-        Ed25519PublicKey.from_public_bytes(bytes.fromhex(cp.public_key)).verify(
-            bytes.fromhex(cp.signature), _checkpoint_message(cp.sequence, cp.event_hash, cp.prev_signature)
+        Ed25519PublicKey.from_public_bytes(bytes.fromhex(public_key)).verify(
+            bytes.fromhex(signature), _checkpoint_message(sequence, event_hash, prev_signature)
         )
-    except (InvalidSignature, ValueError):
+    except (InvalidSignature, ValueError, UnicodeEncodeError):
         return "checkpoint signature is invalid"
-    if cp.public_key not in trusted_public_keys():
+    if public_key not in trusted_public_keys():
         return "checkpoint signed by a key that is not trusted"
     return ""
 

@@ -15,6 +15,13 @@ so every web process and host shows the same banner: a break found by a full
 verification in one process is shown by all of them until a full verification
 passes. Plain columns, not a pickled cache entry: whoever can write the database
 must not be able to run code in the web process through it.
+
+"Verify now" runs at most once per ``AUDIT_VERIFY_NOW_SECONDS`` (a full walk is
+seconds of database work per million events; repeated clicks must not turn into a
+denial of service): across processes through the cache (shared once ``HMD_CACHE_URL``
+points at Redis) and through the last recorded full verification, which every
+process sees in the audit log. The banner also says when the newest checkpoint could
+not be written to an external witness (:mod:`keyvault.audit_witness`).
 """
 
 from __future__ import annotations
@@ -22,14 +29,18 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
+from django.conf import settings
+from django.core.cache import cache
 from django.utils import timezone
 
-from keyvault import audit, audit_walk
+from keyvault import audit, audit_walk, audit_witness
 from keyvault.audit import Actor
+from keyvault.exceptions import AuditVerificationTooSoon
 from keyvault.models import AuditChainHead, AuditCheckpoint, AuditEvent, AuditVerification
 
 CHAIN_STATUS_TTL = timedelta(seconds=60)
 INCREMENTAL_BUDGET = 20_000
+VERIFY_NOW_CACHE_KEY = "keyvault:audit:verify-now"
 
 
 @dataclass(frozen=True)
@@ -52,6 +63,7 @@ class ChainStatus:
     broken_at: int | None = None
     reason: str = ""
     full_verified_at: datetime | None = None
+    witness_problem: str = ""  # the newest checkpoint could not be written to an external witness
 
     def __str__(self) -> str:
         if not self.ok:
@@ -104,7 +116,7 @@ def chain_status(*, budget: int | None = None) -> ChainStatus:
     record = _record()
     fresh = record.checked_at is not None and timezone.now() - record.checked_at < CHAIN_STATUS_TTL
     if record.broken_by_full_check or fresh:
-        return _status_of(record)
+        return replace(_status_of(record), witness_problem=audit_witness.last_failure())
     status, anchor = verify_since(ChainAnchor(record.anchor_sequence, record.anchor_hash,
                                               record.anchor_checkpoint_signature), budget=budget)
     # Never over a break a full check found, never moving the anchor back (another process may be ahead).
@@ -112,11 +124,16 @@ def chain_status(*, budget: int | None = None) -> ChainStatus:
         anchor_sequence=anchor.sequence, anchor_hash=anchor.hash, anchor_checkpoint_signature=anchor.checkpoint_signature,
         checked_at=status.checked_at, pending=status.pending, broken_at=status.broken_at, reason=status.reason[:500],
     )
-    return replace(status, full_verified_at=record.full_verified_at)
+    return replace(status, full_verified_at=record.full_verified_at, witness_problem=audit_witness.last_failure())
 
 
 def verify_fully(*, actor: Actor) -> audit.VerifyResult:
-    """Walk the whole chain (``audit.verify_chain``), record that we did, and set the banner from the result."""
+    """Walk the whole chain (``audit.verify_chain``), record that we did, and set the banner from the result.
+
+    :raises AuditVerificationTooSoon: a full verification started less than
+        ``AUDIT_VERIFY_NOW_SECONDS`` ago (here, or recorded by any process).
+    """
+    _claim_verify_slot()
     result = audit.verify_chain()
     audit.record(
         audit.Action.AUDIT_VERIFIED,
@@ -139,6 +156,21 @@ def verify_fully(*, actor: Actor) -> audit.VerifyResult:
             checked_at=now, broken_at=result.broken_at, reason=result.reason[:500], broken_by_full_check=True,
         )
     return result
+
+
+def _claim_verify_slot() -> None:
+    """Take the one full verification allowed per ``AUDIT_VERIFY_NOW_SECONDS``, or refuse with the wait."""
+    seconds = settings.AUDIT_VERIFY_NOW_SECONDS
+    if seconds <= 0:
+        return
+    now = timezone.now()
+    latest = (AuditEvent.objects.filter(action=audit.Action.AUDIT_VERIFIED, timestamp__gt=now - timedelta(seconds=seconds))
+              .order_by("-timestamp").values_list("timestamp", flat=True).first())
+    if latest is not None or not cache.add(VERIFY_NOW_CACHE_KEY, now.isoformat(), timeout=seconds):
+        since = latest or now
+        wait = max(1, int(seconds - (now - since).total_seconds()))
+        raise AuditVerificationTooSoon(
+            f"a full verification ran less than {seconds} s ago; try again in {wait} s", retry_after=wait)
 
 
 def _record() -> AuditVerification:

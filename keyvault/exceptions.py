@@ -25,3 +25,15 @@ class AuditChainBroken(KeyvaultError):
 
 class AuditWriteRefused(KeyvaultError):
     """Audit events are append-only: they cannot be changed or deleted."""
+
+
+class AuditWitnessUnavailable(KeyvaultError):
+    """An audit witness (file, URL, bucket) cannot be read or written, or holds lines that are not checkpoints."""
+
+
+class AuditVerificationTooSoon(KeyvaultError):
+    """A full verification of the audit chain ran moments ago; try again later."""
+
+    def __init__(self, message: str, *, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after

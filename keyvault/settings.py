@@ -12,13 +12,22 @@ from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
 
-from keyvault.config import dev_secret, env, get_secret, is_set, new_django_secret_key, secret_sources_config
+from keyvault.config import (
+    dev_secret,
+    env,
+    get_secret,
+    is_set,
+    new_django_secret_key,
+    private_data_dir,
+    secret_sources_config,
+)
 from keyvault.kms.local import DEFAULT_MAX_ENCRYPTIONS, generate_master_key
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 DEBUG = env.bool("HMD_DEBUG", default=True)
-DATA_DIR = Path(env.str("HMD_DATA_DIR", default=str(BASE_DIR / "var"))).resolve()
+# 0700, and the process umask 077, before anything (secrets, SQLite, broker) writes there.
+DATA_DIR = private_data_dir(Path(env.str("HMD_DATA_DIR", default=str(BASE_DIR / "var"))).resolve())
 
 
 def _secret(name: str, dev_file: str, make) -> str:
@@ -250,6 +259,10 @@ METRICS_TOKEN = env.str("HMD_METRICS_TOKEN", default="")
 # -- Secret sources (keyvault/secrets): where managed secrets live, and HMD_X_REF targets ---------
 SECRET_SOURCES = secret_sources_config(DATA_DIR)
 
+# Endpoints rotation executors may contact (OAuth token URLs, TLS endpoints, PostgreSQL hosts): host, host:port,
+# scheme://host[:port], *.suffix or CIDR entries (rotation/executors/outbound.py). Production: nothing unless listed.
+OUTBOUND_ALLOWLIST = env.list("HMD_OUTBOUND_ALLOWLIST", default=["localhost", "127.0.0.0/8", "::1"] if DEBUG else [])
+
 # Envelope encryption: the KEK that encrypted model fields use, and the DEK cache limits
 # (AWS Encryption SDK caching-CMM semantics; see keyvault/kms/cache.py).
 FIELD_ENCRYPTION_KEK = env.str("HMD_FIELD_ENCRYPTION_KEK", default="default")
@@ -275,6 +288,16 @@ AUDIT_HMAC_KEY = _secret("HMD_AUDIT_HMAC_KEY", "audit_hmac_key", new_django_secr
 AUDIT_SIGNING_KEY = _secret("HMD_AUDIT_SIGNING_KEY", "audit_signing_key", _new_ed25519_key)
 AUDIT_TRUSTED_PUBLIC_KEYS = env.list("HMD_AUDIT_TRUSTED_PUBLIC_KEYS", default=[])
 AUDIT_CHECKPOINT_INTERVAL = env.int("HMD_AUDIT_CHECKPOINT_INTERVAL", default=1000)
+# Checkpoints also go outside the database (keyvault/audit_witness.py): file paths, https://
+# webhooks, syslog:// and s3:// buckets; "none" turns the witness off (not for production).
+AUDIT_WITNESS = env.list("HMD_AUDIT_WITNESS", default=[str(DATA_DIR / "audit-witness.jsonl")])
+AUDIT_WITNESS_S3_LOCK_MODE = env.str("HMD_AUDIT_WITNESS_S3_LOCK_MODE", default="").upper()
+AUDIT_WITNESS_S3_RETAIN_DAYS = env.int("HMD_AUDIT_WITNESS_S3_RETAIN_DAYS", default=400)
+AUDIT_CHECKPOINT_SECONDS = env.float("HMD_AUDIT_CHECKPOINT_SECONDS", default=60.0)
+AUDIT_VERIFY_NOW_SECONDS = env.int("HMD_AUDIT_VERIFY_NOW_SECONDS", default=60)
+if AUDIT_CHECKPOINT_SECONDS > 0:
+    # Signs the head when it moved since the last checkpoint, so the unwitnessed tail stays short.
+    CELERY_BEAT_SCHEDULE["audit-checkpoint"] = {"task": "keyvault.audit_checkpoint", "schedule": AUDIT_CHECKPOINT_SECONDS}
 
 # -- Logging -----------------------------------------------------------------
 LOGGING = {
@@ -293,7 +316,8 @@ from datetime import timedelta  # noqa: E402
 
 from csp.constants import NONE, SELF  # noqa: E402
 
-INSTALLED_APPS += ["django_otp", "django_otp.plugins.otp_totp", "axes"]
+# TOTP devices are keyvault.TOTPDevice (secret encrypted); django-otp's own TOTP app (secret in clear) is not installed.
+INSTALLED_APPS += ["django_otp", "axes"]
 
 
 def _insert_after(anchor: str, *names: str) -> None:
@@ -303,7 +327,8 @@ def _insert_after(anchor: str, *names: str) -> None:
 
 
 _insert_after("django.middleware.security.SecurityMiddleware",
-              "whitenoise.middleware.WhiteNoiseMiddleware", "csp.middleware.CSPMiddleware")
+              "whitenoise.middleware.WhiteNoiseMiddleware", "csp.middleware.CSPMiddleware",
+              "keyvault.request_guard.RejectMalformedRequestMiddleware")  # 400 before any view or query
 _insert_after("django.contrib.auth.middleware.AuthenticationMiddleware",
               "keyvault.security.DeniedAuditMiddleware", "django_otp.middleware.OTPMiddleware")
 _insert_after("django.contrib.messages.middleware.MessageMiddleware",  # both may leave a message
@@ -314,24 +339,31 @@ MIDDLEWARE.append("axes.middleware.AxesMiddleware")  # last, as django-axes requ
 REQUIRE_2FA = env.bool("HMD_REQUIRE_2FA", default=not DEBUG)
 OTP_TOTP_ISSUER = env.str("HMD_2FA_ISSUER", default="Keyvault")
 
-# Login throttling (django-axes): after N failures for one username, or from one client
-# address, that username (or address) is locked for a cool-off time. The username lock
-# stops guessing from many addresses; the address lock stops spraying many usernames.
+# Login throttling (django-axes): after N failures for one username from one client
+# address, that pair is locked for a cool-off time. Not per address alone: behind a
+# proxy or NAT many users share one, and five random usernames locked all of them out.
+# Not per username alone either: anyone could then lock a known user out from anywhere.
+# Guessing one password from many addresses is left to what a password alone cannot
+# pass: the second factor (required when HMD_DEBUG=false) and the password validators;
+# every failure is still audited, aggregated per address and minute (keyvault.security).
 # Behind a reverse proxy set HMD_TRUSTED_PROXY_COUNT so the client address is taken
-# from X-Forwarded-For instead of the proxy's own (keyvault.security.client_ip).
+# from X-Forwarded-For instead of the proxy's own (keyvault.request_meta.client_ip).
 AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", "django.contrib.auth.backends.ModelBackend"]
 AXES_ENABLED = env.bool("HMD_LOGIN_THROTTLING", default=True)
 AXES_FAILURE_LIMIT = env.int("HMD_LOGIN_FAILURE_LIMIT", default=5)
 AXES_COOLOFF_TIME = timedelta(minutes=env.int("HMD_LOGIN_LOCKOUT_MINUTES", default=15))
-AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
-AXES_CLIENT_IP_CALLABLE = "keyvault.security.client_ip"
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_CLIENT_IP_CALLABLE = "keyvault.request_meta.client_ip"
 AXES_USERNAME_CALLABLE = "keyvault.security.axes_username"
 TRUSTED_PROXY_COUNT = env.int("HMD_TRUSTED_PROXY_COUNT", default=0)
 AXES_RESET_ON_SUCCESS = True
 AXES_LOCKOUT_TEMPLATE = "keyvault/otp/locked_out.html"
 AXES_VERBOSE = False
 
-# Sessions end after an idle time and after an absolute lifetime (keyvault.security).
+# Sessions are stored under an HMAC of their cookie value (keyvault.sessions), so a copy
+# of the database holds no usable session. They end after an idle time and after an
+# absolute lifetime (keyvault.security).
+SESSION_ENGINE = "keyvault.sessions"
 SESSION_IDLE_SECONDS = env.int("HMD_SESSION_IDLE_SECONDS", default=1800)
 SESSION_ABSOLUTE_SECONDS = env.int("HMD_SESSION_ABSOLUTE_SECONDS", default=43200)
 SESSION_COOKIE_AGE = SESSION_ABSOLUTE_SECONDS
@@ -403,4 +435,27 @@ STORAGES = {
         else "whitenoise.storage.CompressedManifestStaticFilesStorage"
     },
 }
+
+# Shared state for every process on every host (the SIEM rate limit, login-failure
+# aggregation, django-axes): Redis through HMD_CACHE_URL in production. `make run`
+# falls back to files under DATA_DIR, which every process on this host shares (a
+# per-process memory cache would let each worker count on its own).
+if is_set("HMD_CACHE_URL"):
+    CACHES = {"default": env.cache_url("HMD_CACHE_URL")}
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
+                          "LOCATION": str(DATA_DIR / "cache")}}
+CACHES["default"].setdefault("KEY_PREFIX", "keyvault")
+
+# After login without a safe ?next=, open the console, not Django's /accounts/profile/.
+LOGIN_REDIRECT_URL = "console-home"
+
+# SQLite keeps sessions, TOTP secrets and the audit log in one local file: production
+# runs on PostgreSQL unless the operator opts in, knowingly (check --deploy still warns).
+if (not DEBUG and DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3"
+        and not env.bool("HMD_ALLOW_SQLITE_IN_PRODUCTION", default=False)):
+    raise ImproperlyConfigured(
+        "HMD_DEBUG=false needs HMD_DATABASE_URL (PostgreSQL); to run production on SQLite anyway, "
+        "set HMD_ALLOW_SQLITE_IN_PRODUCTION=true"
+    )
 # == end of Security hardening ==================================================

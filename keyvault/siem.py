@@ -3,7 +3,10 @@
 ``GET /siem/events?after=<sequence>&limit=<n>`` with ``Authorization: Bearer <token>``.
 Events come in chain order with ``hash`` and ``prev_hash``, so a collector can
 re-verify the chain itself (``keyvault.audit.canonical_bytes`` is the format);
-``next_after`` is the cursor for the next call. Paging is a keyset range on the
+``next_after`` is the cursor for the next call. Each page also carries the signed
+checkpoints in its range (``checkpoints``, the same JSON as the external witness
+file, :class:`keyvault.audit_witness.WitnessEntry`), so the SIEM keeps its own copy of
+how far the chain had got and can check a later ``audit verify --witness`` against it. Paging is a keyset range on the
 unique ``sequence`` index, so every page costs the same however long the log is.
 
 Each consumer has its own token, managed in the console by key administrators.
@@ -32,14 +35,16 @@ from django.utils import timezone
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
-from keyvault import audit
+from keyvault import accounts, audit
 from keyvault.audit import Actor
 from keyvault.exceptions import KeyvaultError
-from keyvault.models import AuditEvent, SiemConsumer
+from keyvault.audit_witness import WitnessEntry
+from keyvault.models import AuditCheckpoint, AuditEvent, SiemConsumer
 
 TOKEN_PREFIX = "kvsiem_"
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
+MAX_SEQUENCE = 2**63 - 1  #: the largest audit sequence (a bigint); a larger cursor is a bad request
 CAUGHT_UP_RETRY_SECONDS = 30
 
 
@@ -58,24 +63,25 @@ def hash_token(token: str) -> str:
 # -- managing consumers (console and CLI call these) -----------------------------------
 
 
+# Audited by keyvault.accounts (``siem.consumer_created`` / ``siem.consumer_changed``, before and
+# after; the token only as an HMAC of its hash), like every other change of who may read what.
+
+
 def create_consumer(*, name: str, actor: Actor, user=None) -> tuple[SiemConsumer, str]:
     """Create a consumer and its token. The token is returned once and never stored."""
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    with transaction.atomic():
+    with accounts.recording(actor):
         consumer = SiemConsumer.objects.create(name=name, token_hash=hash_token(token), created_by=user)
-        audit.record(audit.Action.OTHER, actor=actor, target=consumer,
-                     details={"event": "siem.consumer_created", "consumer": consumer.name})
     return consumer, token
 
 
 def set_active(consumer: SiemConsumer, *, active: bool, actor: Actor) -> SiemConsumer:
     """Activate or deactivate a consumer (a deactivated token answers 401)."""
-    with transaction.atomic():
-        updated = SiemConsumer.objects.filter(pk=consumer.pk).exclude(active=active).update(active=active)
-        if updated:
-            audit.record(audit.Action.OTHER, actor=actor, target=consumer,
-                         details={"event": "siem.consumer_activated" if active else "siem.consumer_deactivated",
-                                  "consumer": consumer.name})
+    with accounts.recording(actor):
+        locked = SiemConsumer.objects.select_for_update().get(pk=consumer.pk)
+        if locked.active != active:
+            locked.active = active
+            locked.save(update_fields=["active"])
     consumer.refresh_from_db()
     return consumer
 
@@ -106,9 +112,12 @@ def parse_cursor(query) -> tuple[int, int]:
         raw = query.get(name)
         if raw is None or raw == "":
             return default
-        if not str(raw).isdigit() or len(str(raw)) > 19:
-            raise InvalidSiemRequest(f"{name} must be a non-negative integer")
-        return int(raw)
+        # str.isdigit() also accepts '²' and other non-ASCII digits int() refuses; and a sequence is a
+        # PostgreSQL bigint, so anything past 2**63 - 1 would overflow the query rather than match nothing.
+        text = str(raw)
+        if not (text.isascii() and text.isdigit()) or len(text) > 19 or int(text) > MAX_SEQUENCE:
+            raise InvalidSiemRequest(f"{name} must be an integer from 0 to {MAX_SEQUENCE}")
+        return int(text)
 
     after = number("after", 0)
     limit = number("limit", DEFAULT_LIMIT)
@@ -127,10 +136,12 @@ class Page:
     has_more: bool
     head_sequence: int
     head_hash: str
+    checkpoints: list[dict]
 
     def as_dict(self) -> dict:
         return {"events": self.events, "next_after": self.next_after, "has_more": self.has_more,
-                "chain_head": {"sequence": self.head_sequence, "hash": self.head_hash}}
+                "chain_head": {"sequence": self.head_sequence, "hash": self.head_hash},
+                "checkpoints": self.checkpoints}
 
 
 def pull(consumer: SiemConsumer, *, after: int, limit: int) -> Page:
@@ -139,11 +150,13 @@ def pull(consumer: SiemConsumer, *, after: int, limit: int) -> Page:
     events = list(AuditEvent.objects.filter(sequence__gt=after, sequence__lte=head_sequence)
                   .order_by("sequence")[:limit])
     next_after = events[-1].sequence if events else after
+    checkpoints = AuditCheckpoint.objects.filter(sequence__gt=after, sequence__lte=next_after).order_by("sequence")
     SiemConsumer.objects.filter(pk=consumer.pk).update(
         last_used_at=timezone.now(), last_sequence=Greatest("last_sequence", next_after)
     )
     return Page(events=[event_document(e) for e in events], next_after=next_after,
-                has_more=next_after < head_sequence, head_sequence=head_sequence, head_hash=head_hash)
+                has_more=next_after < head_sequence, head_sequence=head_sequence, head_hash=head_hash,
+                checkpoints=[WitnessEntry.of(cp).as_dict() for cp in checkpoints])
 
 
 def rate_limited(consumer: SiemConsumer) -> int:

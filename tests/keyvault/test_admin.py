@@ -605,6 +605,23 @@ def test_verify_now_confirms_an_intact_chain(auditor, world):
     assert "Last full verification" in banner(auditor)
 
 
+def test_verify_now_twice_within_the_limit_answers_with_a_message_not_a_500(auditor, world, settings):
+    # given "Verify now" limited to once a minute (issue 12, finding 12) and one verification just run
+    settings.AUDIT_VERIFY_NOW_SECONDS = 60
+    cache.clear()
+    auditor.post(url("keyvault_auditevent_verify"))
+
+    # when the auditor presses it again
+    response = auditor.post(url("keyvault_auditevent_verify"), follow=True)
+
+    # then it is refused with the wait, and no second full walk is recorded
+    assert response.status_code == 200
+    assert any("Full verification not started: a full verification ran less than 60 s ago" in text
+               for text in messages_of(response))
+    assert len(events("audit.verified")) == 1
+    cache.clear()
+
+
 def test_banner_catches_removed_newest_events(auditor, world):
     banner(auditor)
     last = AuditEvent.objects.order_by("-sequence").first().sequence

@@ -277,3 +277,118 @@ _JSON = st.recursive(
 )
 def test_fast_canonical_bytes_equal_the_definition(**event):
     assert audit_walk.fast_canonical_text(*event.values()).encode() == audit.canonical_bytes(**event)
+
+
+# -- rewriting the chain as a database owner (issue 12, finding 1) -------------------------------
+#
+# An attacker who can write the database recomputes every later hash with the project's own
+# canonical_bytes, moves the chain head and removes the checkpoints that would give them away.
+# Only the signing key (not in the database) and the checkpoint density catch it here; the
+# external witness (tests/keyvault/test_audit_witness.py) catches what density cannot.
+
+def owner_sql(*statements):
+    """Run statements as the tables' owner would (PostgreSQL: user triggers disabled around them)."""
+    with as_table_owner() as cursor:
+        for sql, params in statements:
+            cursor.execute(sql, params)
+
+
+def rehash_from(sequence):
+    """Recompute hash and prev_hash of every event from ``sequence`` on, and move the head to the last one."""
+    previous = AuditEvent.objects.filter(sequence=sequence - 1).values_list("hash", flat=True).first()
+    previous = previous or audit.GENESIS_HASH
+    statements = []
+    for row in AuditEvent.objects.filter(sequence__gte=sequence).order_by("sequence").values_list(*audit_walk.ROW_FIELDS):
+        fields = dict(zip(audit_walk.ROW_FIELDS, row[:11]), prev_hash=previous)
+        digest = hashlib.sha256(audit.canonical_bytes(**fields)).hexdigest()
+        statements.append(("UPDATE keyvault_auditevent SET prev_hash = %s, hash = %s WHERE sequence = %s",
+                           [previous, digest, fields["sequence"]]))
+        last, previous = fields["sequence"], digest
+    statements.append(("UPDATE keyvault_auditchainhead SET last_sequence = %s, last_hash = %s", [last, previous]))
+    owner_sql(*statements)
+
+
+def attack_edit_and_rehash():
+    """Edit #2, recompute every later hash, move the head, delete every checkpoint."""
+    owner_sql(("UPDATE keyvault_auditevent SET actor = 'user:mallory' WHERE sequence = 2", []))
+    rehash_from(2)
+    owner_sql(("DELETE FROM keyvault_auditcheckpoint", []))
+
+
+def attack_delete_and_renumber():
+    """Delete #5, renumber the later events down by one, recompute their hashes, delete every checkpoint."""
+    last = AuditEvent.objects.order_by("-sequence").values_list("sequence", flat=True).first()
+    owner_sql(("DELETE FROM keyvault_auditevent WHERE sequence = 5", []),
+              *[("UPDATE keyvault_auditevent SET sequence = %s WHERE sequence = %s", [s - 1, s])
+                for s in range(6, last + 1)])
+    rehash_from(5)
+    owner_sql(("DELETE FROM keyvault_auditcheckpoint", []))
+
+
+def test_rewriting_the_chain_and_deleting_checkpoints_is_a_missing_checkpoint(settings):
+    # given a chain with a checkpoint every 3 events (#3, #6, #9), rewritten from #2 by a database owner
+    settings.AUDIT_CHECKPOINT_INTERVAL = 3
+    record_events(10)
+    attack_edit_and_rehash()
+
+    # when it is verified
+    result = audit.verify_chain()
+
+    # then the missing checkpoints give it away (before the fix: "OK ... 0 signed checkpoints verified")
+    assert not result.ok, str(result)
+    assert result.broken_at == 3 and "missing checkpoint" in result.reason
+
+
+def test_deleting_an_event_and_renumbering_is_a_missing_checkpoint(settings):
+    settings.AUDIT_CHECKPOINT_INTERVAL = 3
+    record_events(10)
+    attack_delete_and_renumber()
+
+    result = audit.verify_chain()
+
+    assert not result.ok, str(result)
+    assert "missing checkpoint" in result.reason
+
+
+def test_deleting_checkpoints_after_an_edit_beyond_the_last_kept_one_is_a_missing_checkpoint(settings):
+    # given checkpoints #3 #6 #9; the owner edits #8 and deletes only #9, which no longer matches
+    settings.AUDIT_CHECKPOINT_INTERVAL = 3
+    record_events(10)
+    owner_sql(("UPDATE keyvault_auditevent SET actor = 'user:mallory' WHERE sequence = 8", []))
+    rehash_from(8)
+    owner_sql(("DELETE FROM keyvault_auditcheckpoint WHERE sequence = 9", []))
+
+    result = audit.verify_chain()
+
+    assert not result.ok and result.broken_at == 9 and "missing checkpoint" in result.reason
+
+
+def test_density_allows_extra_checkpoints_and_a_short_unsigned_tail(settings):
+    # given on-demand checkpoints between the regular ones, and fewer than INTERVAL events after the last
+    settings.AUDIT_CHECKPOINT_INTERVAL = 4
+    record_events(2)
+    audit.checkpoint(actor=Actor.system("tests"))  # #3, on demand
+    record_events(4)  # #4 (regular), #5..#7
+
+    result = audit.verify_chain()
+
+    assert result.ok, str(result)
+    assert result.checkpoints == 2
+
+
+def test_density_counts_the_unsigned_tail(settings):
+    # given a regular checkpoint at #4 and #8, and #8 removed by the owner: 4 events after #4 unsigned
+    settings.AUDIT_CHECKPOINT_INTERVAL = 4
+    record_events(9)
+    owner_sql(("DELETE FROM keyvault_auditcheckpoint WHERE sequence = 8", []))
+
+    result = audit.verify_chain()
+
+    assert not result.ok and result.broken_at == 8 and "missing checkpoint" in result.reason
+
+
+def test_checkpoint_interval_zero_turns_the_density_check_off(settings):
+    settings.AUDIT_CHECKPOINT_INTERVAL = 0
+    record_events(10)
+
+    assert audit.verify_chain().ok

@@ -45,7 +45,9 @@ def test_only_the_token_hash_is_stored(consumer):
     assert record.token_hash == hashlib.sha256(token.encode()).hexdigest()
     assert token not in str(SiemConsumer.objects.filter(pk=record.pk).values().get())
     event = AuditEvent.objects.filter(target_type="siemconsumer").get()
-    assert event.details == {"event": "siem.consumer_created", "consumer": "splunk"} and token not in str(event.details)
+    assert event.action == audit.Action.SIEM_CONSUMER_CREATED and event.target_id == "splunk"
+    assert event.details["before"] is None and event.details["after"]["active"] is True
+    assert token not in str(event.details) and record.token_hash not in str(event.details)
 
 
 def test_pages_follow_the_cursor_to_the_head(client, consumer, events):
@@ -66,9 +68,29 @@ def test_pages_follow_the_cursor_to_the_head(client, consumer, events):
     assert response["Retry-After"] == str(siem.CAUGHT_UP_RETRY_SECONDS)
 
     empty = get(client, token, after=7).json()
-    assert empty == {"events": [], "next_after": 7, "has_more": False, "chain_head": {"sequence": 7, "hash": head_hash}}
+    assert empty == {"events": [], "next_after": 7, "has_more": False, "chain_head": {"sequence": 7, "hash": head_hash},
+                     "checkpoints": []}
     record.refresh_from_db()
     assert record.last_sequence == 7 and record.last_used_at is not None
+
+
+def test_pages_carry_the_checkpoints_in_their_range(client, consumer, settings):
+    # given checkpoints at #2, #4 and #6 (issue 12: the SIEM keeps its own copy of how far the chain got)
+    from keyvault.audit_witness import WitnessEntry
+    from keyvault.models import AuditCheckpoint
+
+    settings.AUDIT_CHECKPOINT_INTERVAL = 2
+    record, token = consumer
+    for i in range(6):
+        audit.record(audit.Action.OTHER, actor=Actor.system("tests"), details={"i": i})
+
+    first = get(client, token, after=0, limit=3).json()
+    second = get(client, token, after=3, limit=3).json()
+
+    # then each page holds the checkpoints of exactly its events, in the witness file's format
+    witnessed = {cp.sequence: WitnessEntry.of(cp).as_dict() for cp in AuditCheckpoint.objects.all()}
+    assert first["checkpoints"] == [witnessed[2]]
+    assert second["checkpoints"] == [witnessed[4], witnessed[6]]
 
 
 def test_collector_can_reverify_the_chain_from_the_events(client, consumer, events):
@@ -112,7 +134,8 @@ def test_missing_wrong_and_deactivated_tokens_get_401(client, consumer):
     siem.set_active(record, active=False, actor=Actor.system("tests"))
 
     assert get(client, token).status_code == 401
-    assert AuditEvent.objects.filter(details__event="siem.consumer_deactivated").count() == 1
+    changed = AuditEvent.objects.get(action=audit.Action.SIEM_CONSUMER_CHANGED)
+    assert (changed.details["before"], changed.details["after"]) == ({"active": True}, {"active": False})
 
 
 def test_a_console_session_is_not_a_token(client, consumer):
@@ -182,7 +205,8 @@ def test_administrator_deactivates_a_consumer_through_the_service(client, consum
     assert response.status_code == 302
     record.refresh_from_db()
     assert record.active is False
-    assert AuditEvent.objects.filter(details__event="siem.consumer_deactivated", actor="user:administrator").exists()
+    assert AuditEvent.objects.filter(action=audit.Action.SIEM_CONSUMER_CHANGED, actor="user:administrator",
+                                     details__after={"active": False}).exists()
     assert get(client, token).status_code == 401
 
 

@@ -53,6 +53,16 @@ class Command(KeyvaultCommand):
             help="PostgreSQL: database connections reading the chain at once, all from one snapshot "
                  "(default: the CPU count, at most 4). Ignored on SQLite.",
         )
+        witness = verify.add_mutually_exclusive_group()
+        witness.add_argument(
+            "--witness", metavar="FILE|URL",
+            help="Check against this copy of the witness (a JSON-lines file, an http(s) URL serving one, or "
+                 "s3://bucket/prefix) instead of the configured witness files (HMD_AUDIT_WITNESS).",
+        )
+        witness.add_argument(
+            "--no-witness", action="store_true",
+            help="Do not check any witness (e.g. while a lost witness file is being restored). Not for audits.",
+        )
         export = sub.add_parser("export", help="Stream events with their hashes (CSV or JSON lines) to stdout.")
         export.add_argument("--format", choices=["csv", "jsonl"], default="jsonl")
         export.add_argument("--since", help="Only events at or after this date/time (UTC).")
@@ -67,12 +77,14 @@ class Command(KeyvaultCommand):
         return getattr(self, f"_{subcommand.replace('-', '_')}")(options)
 
     def _verify(self, options):
-        result = audit.verify_chain(jobs=options.get("jobs"))
+        result = audit.verify_chain(jobs=options.get("jobs"), witness=options.get("witness") or None,
+                                    use_witness=not options.get("no_witness"))
         audit.record(
             audit.Action.AUDIT_VERIFIED,
             actor=self.actor(options),
             outcome=audit.Outcome.SUCCESS if result.ok else audit.Outcome.FAILURE,
-            details={"ok": result.ok, "events": result.events, "broken_at": result.broken_at, "reason": result.reason},
+            details={"ok": result.ok, "events": result.events, "broken_at": result.broken_at, "reason": result.reason,
+                     "witness": result.witness if result.ok else ""},
         )
         if not result.ok:
             raise CommandError(str(result))
