@@ -18,6 +18,14 @@ these triggers, are what prove the log intact against an owner.
 SQLite has no roles and no TRUNCATE; the same rules are SQLite triggers, which stop the
 application's own connection (and anyone without write access to the file) from
 rewriting the trail. The models and their querysets refuse the same changes (models.py).
+
+A later migration that alters one of these tables must keep the triggers: on SQLite
+Django alters a table by rebuilding it, which drops the table's triggers, and the
+rebuild of ``keyvault_auditevent`` fails while the head's trigger names it. On SQLite
+such a migration drops ``SQLITE_TRIGGERS`` before its operations and runs
+``SQLITE_INSTALL`` after (``importlib.import_module`` this module; PostgreSQL alters
+tables in place and keeps them). tests/keyvault/test_audit_append_only.py fails if a
+trigger is missing.
 """
 
 from django.db import migrations

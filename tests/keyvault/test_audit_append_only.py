@@ -202,4 +202,4 @@ def test_every_append_only_trigger_is_installed_and_enabled():
             expected = SQLITE_TRIGGERS
         installed = set(cursor.fetchall())
 
-    assert expected <= installed
+    assert expected <= installed, f"missing or disabled: {sorted(expected - installed)} (see migration 0008)"

@@ -7,7 +7,10 @@ proven here. Roles are cluster-wide: every test drops what it created.
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,8 +32,8 @@ PRODUCTION_DOC = ROOT / "docs" / "ops" / "production.md"
 DOCUMENTED_ROLES = ("keyvault_owner", "keyvault_app")
 
 
-def documented_sql(tag: str) -> str:
-    [block] = [b for b in blocks(PRODUCTION_DOC) if b.language == "sql" and tag in b.tags]
+def documented(tag: str, language: str = "sql") -> str:
+    [block] = [b for b in blocks(PRODUCTION_DOC) if b.language == language and tag in b.tags]
     return block.text
 
 
@@ -44,7 +47,7 @@ class Roles:
         """The documented SQL with this run's role and database names."""
         sql = re.sub(r"\bkeyvault_owner\b", self.owner, sql)
         sql = re.sub(r"\bkeyvault_app\b", self.app, sql)
-        return re.sub(r"\bDATABASE keyvault\b", f'DATABASE "{self.database}"', sql)
+        return re.sub(r"\bkeyvault\b", self.database, sql)  # what is left is the database name
 
 
 @pytest.fixture
@@ -55,9 +58,9 @@ def documented_roles(transactional_db) -> Iterator[Roles]:
     suffix = uuid.uuid4().hex[:10]
     roles = Roles(owner=f"kv_owner_{suffix}", app=f"kv_app_{suffix}", database=connection.settings_dict["NAME"])
     with connection.cursor() as cursor:
-        cursor.execute(roles.adapt(documented_sql("runtime-role-setup")))
+        cursor.execute(roles.adapt(documented("runtime-role-setup")))
         try:
-            cursor.execute(roles.adapt(documented_sql("runtime-role-grants")))
+            cursor.execute(roles.adapt(documented("runtime-role-grants")))
             yield roles
         finally:
             cursor.execute(f'GRANT CONNECT ON DATABASE "{roles.database}" TO PUBLIC')
@@ -185,6 +188,56 @@ def test_deploy_check_warns_when_an_append_only_trigger_is_off():
 
     [off] = [message for message in found if message.id == checks_audit.TRIGGERS_ID]
     assert "keyvault_auditcheckpoint.keyvault_auditcheckpoint_no_truncate" in off.msg
+
+
+def manage(*args: str, role: str, database: str, data_dir) -> subprocess.CompletedProcess:
+    """``python manage.py ARGS`` with ``HMD_DATABASE_URL`` naming ``role``, as a deployment would run it."""
+    settings = connection.settings_dict
+    url = f"postgres://{role}@{settings['HOST'] or '127.0.0.1'}:{settings['PORT'] or 5432}/{database}"
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "keyvault.settings", "HMD_DATABASE_URL": url,
+           "HMD_DATA_DIR": str(data_dir), "HMD_DEBUG": "true"}
+    return subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=240)
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+@pytest.mark.django_db
+def test_the_documented_procedure_end_to_end(tmp_path):
+    """Roles, a database owned by the migration role, migrate as it, grants as it: production.md, verbatim."""
+    if not is_postgres():
+        pytest.fail("postgres-marked tests run only on PostgreSQL")
+    suffix = uuid.uuid4().hex[:10]
+    roles = Roles(owner=f"kv_owner_{suffix}", app=f"kv_app_{suffix}", database=f"kv_roles_{suffix}")
+    settings = connection.settings_dict
+    server = {"PGHOST": settings["HOST"] or "127.0.0.1", "PGPORT": str(settings["PORT"] or 5432)}
+    superuser = psycopg.connect(host=server["PGHOST"], port=server["PGPORT"], dbname=settings["NAME"],
+                                user=settings["USER"], autocommit=True)
+    try:
+        # given the roles and the database, created as the document says
+        superuser.execute(roles.adapt(documented("runtime-role-setup")))
+        subprocess.run(["bash", "-euo", "pipefail", "-c", roles.adapt(documented("runtime-role-database", "shell"))],
+                       env={**os.environ, **server}, check=True, capture_output=True, timeout=60)
+
+        # when the migration role migrates and grants, and each role runs check --deploy
+        migrated = manage("migrate", "--no-input", role=roles.owner, database=roles.database, data_dir=tmp_path)
+        assert migrated.returncode == 0, migrated.stderr[-2000:]
+        with psycopg.connect(host=server["PGHOST"], port=server["PGPORT"], dbname=roles.database, user=roles.owner,
+                             autocommit=True) as owner:
+            owner.execute(roles.adapt(documented("runtime-role-grants")))
+        as_owner = manage("check", "--deploy", role=roles.owner, database=roles.database, data_dir=tmp_path)
+        as_app = manage("check", "--deploy", role=roles.app, database=roles.database, data_dir=tmp_path)
+        appended = manage("audit", "checkpoint", role=roles.app, database=roles.database, data_dir=tmp_path)
+
+        # then the owner is warned about, the runtime role is not, and the runtime role appends
+        assert checks_audit.OWNER_ID in as_owner.stdout + as_owner.stderr
+        assert "keyvault.W30" not in as_app.stdout + as_app.stderr, as_app.stderr[-2000:]
+        assert appended.returncode == 0 and "signed checkpoint at #1" in appended.stdout, appended.stderr[-2000:]
+    finally:
+        superuser.execute(f'DROP DATABASE IF EXISTS "{roles.database}" WITH (FORCE)')
+        for role in (roles.app, roles.owner):
+            superuser.execute(f'DROP ROLE IF EXISTS "{role}"')
+        superuser.close()
 
 
 def test_the_check_runs_with_check_deploy():
