@@ -78,6 +78,8 @@ def production_env(data_dir: Path, database_url: str) -> dict[str, str]:
     }
     if database_url:
         env["HMD_DATABASE_URL"] = database_url
+    else:
+        env["HMD_ALLOW_SQLITE_IN_PRODUCTION"] = "true"  # the smoke run's scratch SQLite file, on purpose
     return env
 
 

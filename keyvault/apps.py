@@ -38,6 +38,7 @@ class KeyvaultConfig(AppConfig):
     def ready(self) -> None:
         from django.db.models.signals import post_migrate
 
+        from keyvault import checks  # noqa: F401  (registers the deploy checks)
         from keyvault import checks_audit  # noqa: F401  (registers the audit-table ownership check)
         from keyvault.kms import set_config_loader
         from keyvault.roles import sync_roles_after_migrate

@@ -4,6 +4,9 @@ import os
 
 from celery import Celery
 
+from keyvault.config import PRIVATE_UMASK
+
+os.umask(PRIVATE_UMASK)  # the beat schedule, broker messages, SQLite files: owner-only
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "keyvault.settings")
 
 app = Celery("keyvault")

@@ -38,6 +38,53 @@ def is_set(name: str) -> bool:
     return bool(os.environ.get(name)) or bool(os.environ.get(name + "_FILE"))
 
 
+#: Process umask: files Keyvault creates (SQLite and its -wal/-shm files, broker messages, the keyring,
+#: the beat schedule, cache entries) are readable by their owner only. SQLite gives -wal/-shm the main
+#: file's mode, so the umask must be in force before the first connection.
+PRIVATE_UMASK = 0o077
+
+#: Names Keyvault itself writes into HMD_DATA_DIR: an existing folder holding one of them is ours to tighten.
+DATA_DIR_MARKERS = ("keyvault.sqlite3", "secret_key", "local-kms.keyring", "broker", "celerybeat-schedule", "cache")
+
+
+def private_data_dir(data_dir: Path) -> Path:
+    """Set the private umask and make ``data_dir`` 0700 with no group/other bits on what it holds.
+
+    A folder we create is 0700. An existing one is tightened only when it is plainly
+    Keyvault's (it holds one of :data:`DATA_DIR_MARKERS`, or is empty) and owned by us,
+    so a mistaken ``HMD_DATA_DIR=/srv`` never rewrites the modes of a shared folder;
+    ``manage.py check --deploy`` reports whatever is left loose (keyvault/checks.py).
+    Entries inside lose their group/other bits (files become 0600, folders 0700); the
+    folder itself being 0700 already keeps their contents out of other users' reach.
+    """
+    os.umask(PRIVATE_UMASK)
+    try:
+        data_dir.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        pass
+    try:
+        info = data_dir.stat()
+        entries = list(os.scandir(data_dir))
+    except OSError:
+        return data_dir  # an unreadable folder: start-up reports it where it is used
+    ours = not entries or any(entry.name.startswith(DATA_DIR_MARKERS) for entry in entries)
+    if not ours or info.st_uid != os.geteuid():
+        return data_dir
+    _tighten(data_dir, info.st_mode)
+    for entry in entries:
+        try:
+            if not entry.is_symlink():
+                _tighten(entry.path, entry.stat(follow_symlinks=False).st_mode)
+        except OSError:
+            continue  # removed meanwhile, or another user's: the deploy check names it
+    return data_dir
+
+
+def _tighten(path, mode: int) -> None:
+    if mode & 0o077:
+        os.chmod(path, mode & 0o7700)
+
+
 def dev_secret(data_dir: Path, filename: str, make) -> str:
     """Return a development secret stored in ``data_dir/filename``, creating it once.
 
@@ -45,7 +92,7 @@ def dev_secret(data_dir: Path, filename: str, make) -> str:
     (web, worker, beat, ``manage.py``) sees the same value.
     """
     path = data_dir / filename
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:

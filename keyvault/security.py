@@ -6,7 +6,8 @@
 * :class:`DeniedAuditMiddleware` writes an ``auth.access_denied`` audit event for
   every 403 a signed-in user gets (permission refusals and CSRF failures alike).
 * Failed logins and lockouts (django-axes) are audited by the signal receivers at
-  the bottom, through :mod:`keyvault.audit` like every other event.
+  the bottom, through :mod:`keyvault.audit` like every other event: the first per
+  client address and minute in full, the rest of that minute as one counted summary.
 
 Audit details name the path and method, never form data: a password typed into
 the wrong field must not end up in the log.
@@ -14,9 +15,10 @@ the wrong field must not end up in the log.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import time
+from collections.abc import Callable
+from datetime import UTC, datetime
 
 from django.conf import settings
 from django.contrib import messages
@@ -24,10 +26,12 @@ from django.contrib.auth import get_user_model, logout
 from django.contrib.auth.signals import user_logged_in, user_login_failed
 from django.dispatch import receiver
 from django.contrib.auth.views import redirect_to_login
+from django.core.cache import cache
 from django.urls import reverse
 
 from keyvault import audit
 from keyvault.audit import Action, Actor, Outcome
+from keyvault.request_meta import client_ip, request_id
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +96,7 @@ def _request_actor(request) -> Actor:
     user = getattr(request, "user", None)
     if user is not None and user.is_authenticated:
         return Actor.from_request(request)
-    return Actor(name="anonymous", ip_address=client_ip(request),
-                 request_id=request.META.get("HTTP_X_REQUEST_ID", "")[:64])
+    return Actor(name="anonymous", ip_address=client_ip(request), request_id=request_id(request))
 
 
 def csrf_failure(request, reason: str = ""):
@@ -155,26 +158,6 @@ def axes_username(request, credentials: dict | None = None) -> str | None:
     return username[:MAX_USERNAME_LENGTH] if isinstance(username, str) else username
 
 
-def client_ip(request) -> str | None:
-    """The client's address: ``REMOTE_ADDR``, or with ``TRUSTED_PROXY_COUNT`` = N proxies in
-    front, the address the outermost of them saw (N-th from the right in X-Forwarded-For).
-    Entries left of that are client-supplied and never trusted."""
-    count = settings.TRUSTED_PROXY_COUNT
-    if count > 0:
-        hops = [hop.strip() for hop in request.META.get("HTTP_X_FORWARDED_FOR", "").split(",") if hop.strip()]
-        if len(hops) >= count and _is_ip(hops[-count]):
-            return hops[-count]
-    return request.META.get("REMOTE_ADDR") or None
-
-
-def _is_ip(value: str) -> bool:
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        return False
-    return True
-
-
 def _attempted_name(username: str | None) -> tuple[str, bool]:
     """The attempted username if such a user exists, else its HMAC.
 
@@ -191,29 +174,123 @@ def _attempted_name(username: str | None) -> tuple[str, bool]:
 def _audit_login_failed(sender, credentials, request=None, **kwargs) -> None:
     if request is None:
         return
-    name, known = _attempted_name(credentials.get("username"))
     actor = _request_actor(request)
-    audit.record(
-        Action.LOGIN_FAILED,
-        actor=Actor(name=f"user:{name}" if known else "anonymous", ip_address=actor.ip_address,
-                    request_id=actor.request_id),
-        target=("user", name),
-        outcome=Outcome.FAILURE,
-        details={"factor": "password", "known_user": known},
-    )
+
+    def record_first() -> None:
+        name, known = _attempted_name(credentials.get("username"))
+        audit.record(
+            Action.LOGIN_FAILED,
+            actor=Actor(name=f"user:{name}" if known else "anonymous", ip_address=actor.ip_address,
+                        request_id=actor.request_id),
+            target=("user", name),
+            outcome=Outcome.FAILURE,
+            details={"factor": "password", "known_user": known},
+        )
+
+    audit_unauthenticated_failure(LOGIN_FAILED, actor.ip_address, record_first)
 
 
 def _audit_locked_out(sender, request, username, ip_address, **kwargs) -> None:
-    name, known = _attempted_name(username)
+    rid = request_id(request) if request is not None else ""
+
+    def record_first() -> None:
+        name, known = _attempted_name(username)
+        audit.record(
+            Action.ACCESS_DENIED,
+            actor=Actor(name=f"user:{name}" if known else "anonymous", ip_address=ip_address or None,
+                        request_id=rid),
+            target=("user", name),
+            outcome=Outcome.DENIED,
+            details={"reason": "locked_out", "known_user": known,
+                     "failure_limit": settings.AXES_FAILURE_LIMIT,
+                     "cooloff_seconds": int(settings.AXES_COOLOFF_TIME.total_seconds())},
+        )
+
+    audit_unauthenticated_failure(LOCKED_OUT, ip_address or None, record_first)
+
+
+# -- aggregating what anyone can trigger without an account ---------------------------------
+#
+# A failed login and a refusal while locked out can be produced by anyone, as fast as they
+# can post. The first of each kind from a client address in a minute is audited at once,
+# in full; later ones in that minute only count, in the shared cache (every worker and host
+# sees the same count). When the minute is over, one summary event records the count: it is
+# written before the next such event from anywhere, or at the next successful login.
+
+#: Length of an aggregation window.
+FAILURE_WINDOW_SECONDS = 60
+#: How long counts wait in the cache for their summary.
+FAILURE_COUNT_TTL = 86400
+LOGIN_FAILED = "login_failed"
+LOCKED_OUT = "locked_out"
+_SUMMARY = {
+    LOGIN_FAILED: (Action.LOGIN_FAILED, Outcome.FAILURE),
+    LOCKED_OUT: (Action.ACCESS_DENIED, Outcome.DENIED),
+}
+_PREFIX = "keyvault:auth-failures"
+
+
+def audit_unauthenticated_failure(kind: str, address: str | None, record_first: Callable[[], None]) -> None:
+    """Audit one failure of ``kind`` from ``address``: the first in its window at once, the rest as a count."""
+    source = address or "unknown"
+    window = int(_now()) // FAILURE_WINDOW_SECONDS
+    if _increment(f"{_PREFIX}:count:{kind}:{source}:{window}") != 1:
+        return
+    position = _increment(f"{_PREFIX}:windows", timeout=None)  # outlives the cursor's entries
+    cache.set(f"{_PREFIX}:window:{position}", (kind, source, window), timeout=FAILURE_COUNT_TTL)
+    flush_failure_summaries()
+    record_first()
+
+
+def flush_failure_summaries(*, now: float | None = None) -> int:
+    """Write the summary of every finished window that counted more than its first event; return how many.
+
+    Windows are visited in the order they opened, from a cursor in the cache; a summary
+    is claimed with ``cache.add`` so two processes flushing at once write it once.
+    """
+    current = int(_now() if now is None else now) // FAILURE_WINDOW_SECONDS
+    done = cache.get(f"{_PREFIX}:flushed", 0)
+    last = cache.get(f"{_PREFIX}:windows", 0)
+    written = 0
+    for position in range(done + 1, last + 1):
+        entry = cache.get(f"{_PREFIX}:window:{position}")
+        if entry is not None:
+            kind, source, window = entry
+            if window >= current:
+                break  # still open; so are the ones registered after it
+            count = cache.get(f"{_PREFIX}:count:{kind}:{source}:{window}", 0)
+            if count > 1 and cache.add(f"{_PREFIX}:summarised:{kind}:{source}:{window}", 1, FAILURE_COUNT_TTL):
+                _record_summary(kind, source, window, count)
+                written += 1
+        cache.set(f"{_PREFIX}:flushed", position, timeout=None)
+    return written
+
+
+def _record_summary(kind: str, source: str, window: int, count: int) -> None:
+    action, outcome = _SUMMARY[kind]
+    start = datetime.fromtimestamp(window * FAILURE_WINDOW_SECONDS, tz=UTC)
     audit.record(
-        Action.ACCESS_DENIED,
-        actor=Actor(name=f"user:{name}" if known else "anonymous", ip_address=ip_address or None),
-        target=("user", name),
-        outcome=Outcome.DENIED,
-        details={"reason": "locked_out", "known_user": known,
-                 "failure_limit": settings.AXES_FAILURE_LIMIT,
-                 "cooloff_seconds": int(settings.AXES_COOLOFF_TIME.total_seconds())},
+        action,
+        actor=Actor(name="anonymous", ip_address=None if source == "unknown" else source),
+        target=("address", source),
+        outcome=outcome,
+        details={"reason": f"{kind}_summary", "window_start": start.isoformat(),
+                 "window_seconds": FAILURE_WINDOW_SECONDS, "count": count, "recorded_individually": 1},
     )
+
+
+def _increment(key: str, *, timeout: int | None = FAILURE_COUNT_TTL) -> int:
+    cache.add(key, 0, timeout=timeout)
+    try:
+        return cache.incr(key)
+    except ValueError:  # evicted between add and incr
+        cache.set(key, 1, timeout=timeout)
+        return 1
+
+
+@receiver(user_logged_in, dispatch_uid="keyvault.security.flush_failure_summaries")
+def _flush_on_login(sender, request, user, **kwargs) -> None:
+    flush_failure_summaries()
 
 
 def _connect_axes() -> None:

@@ -43,8 +43,8 @@ def token_for(device: TOTPDevice, *, steps_ahead: int = 0) -> str:
     return f"{code:0{device.digits}d}"
 
 
-def password_login(client, username: str, password: str = PASSWORD):
-    return client.post(reverse("admin:login"), {"username": username, "password": password, "next": "/"})
+def password_login(client, username: str, password: str = PASSWORD, **extra):
+    return client.post(reverse("admin:login"), {"username": username, "password": password, "next": "/"}, **extra)
 
 
 # -- two-factor login -------------------------------------------------------------------
@@ -172,11 +172,12 @@ def test_lockout_after_failures_is_audited(client, settings):
     assert answers[2] == 429
     assert after.status_code == 429
     assert client.get(reverse("admin:index")).status_code == 302  # not signed in
-    # and each failure and the lockout are in the audit log
+    # and the first failure and the lockout are in the audit log at once (the rest are counted:
+    # test_repeated_failures_are_audited_as_one_count_per_address_and_minute)
     failed = AuditEvent.objects.filter(action=Action.LOGIN_FAILED, actor="user:auditor")
-    assert failed.count() >= 3
+    assert failed.count() == 1 and failed.get().target_id == "auditor"
     locked = AuditEvent.objects.filter(action=Action.ACCESS_DENIED, details__reason="locked_out").first()
-    assert locked is not None  # one per refused attempt while locked
+    assert locked is not None
     assert locked.target_id == "auditor" and locked.outcome == Outcome.DENIED
     assert "wrong password" not in json.dumps(list(AuditEvent.objects.values_list("details", flat=True)))
 
@@ -202,6 +203,163 @@ def test_permission_refusals_are_audited(client):
     assert response.status_code == 403
     event = AuditEvent.objects.get(action=Action.ACCESS_DENIED)
     assert event.actor == "user:auditor" and event.details["path"] == reverse("admin:keyvault_keyencryptionkey_add")
+
+
+def test_random_usernames_from_one_address_do_not_lock_out_a_real_user(client, settings):
+    # given the default failure limit and a real user behind the same proxy address as an attacker
+    settings.AXES_FAILURE_LIMIT = 5
+    make_role_user("auditor", password=PASSWORD)
+
+    # when the attacker posts five random usernames from that address
+    answers = [password_login(client, f"nobody-{n}", "guess").status_code for n in range(5)]
+
+    # then nobody is locked out: the user signs in from the same address with the right password
+    assert answers == [200] * 5
+    response = password_login(client, "auditor")
+    assert response.status_code == 302
+    assert client.get(reverse("admin:index")).status_code == 200
+
+
+def test_the_lock_holds_a_username_and_address_pair_only(settings):
+    # given a failure limit of 3 and a real user whose password is guessed from one address
+    from django.test import Client
+
+    settings.AXES_FAILURE_LIMIT = 3
+    make_role_user("auditor", password=PASSWORD)
+    attacker, owner = Client(REMOTE_ADDR="203.0.113.7"), Client(REMOTE_ADDR="198.51.100.9")
+    for _ in range(3):
+        password_login(attacker, "auditor", "wrong password")
+
+    # when the right password is given from the attacker's address, and from the owner's
+    from_attacker = password_login(attacker, "auditor")
+    from_owner = password_login(owner, "auditor")
+
+    # then the pair is locked, the user elsewhere is not
+    assert from_attacker.status_code == 429
+    assert from_owner.status_code == 302
+
+
+@pytest.mark.parametrize(("proxies", "expected"), [(0, "10.0.0.2"), (1, "198.51.100.23"), (2, "192.0.2.1")])
+def test_forwarded_for_is_trusted_only_as_configured(rf, settings, proxies, expected):
+    # given a request through proxies whose X-Forwarded-For starts with a client-supplied value
+    from keyvault.request_meta import client_ip
+
+    settings.TRUSTED_PROXY_COUNT = proxies
+    request = rf.get("/", REMOTE_ADDR="10.0.0.2", HTTP_X_FORWARDED_FOR="6.6.6.6, 192.0.2.1, 198.51.100.23")
+
+    # then the address is REMOTE_ADDR with no proxy, else the one the outermost trusted proxy saw
+    assert client_ip(request) == expected
+
+
+def test_lockout_behind_a_proxy_follows_the_forwarded_client(settings):
+    # given one trusted proxy, and an attacker who locked themselves out through it
+    from django.test import Client
+
+    settings.TRUSTED_PROXY_COUNT = 1
+    settings.AXES_FAILURE_LIMIT = 3
+    make_role_user("auditor", password=PASSWORD)
+    through_proxy = Client(REMOTE_ADDR="10.0.0.2")
+    for _ in range(3):
+        password_login(through_proxy, "auditor", "wrong", HTTP_X_FORWARDED_FOR="203.0.113.7")
+
+    # when the user signs in through the same proxy from their own address
+    response = password_login(through_proxy, "auditor", HTTP_X_FORWARDED_FOR="198.51.100.9")
+
+    # then they get in, and the failures were audited under the attacker's address
+    assert response.status_code == 302
+    failed = AuditEvent.objects.filter(action=Action.LOGIN_FAILED).first()
+    assert failed.ip_address == "203.0.113.7"
+
+
+def test_audit_events_carry_the_real_client_address_and_a_checked_request_id(client, settings):
+    # given a signed-in auditor behind one trusted proxy
+    settings.TRUSTED_PROXY_COUNT = 1
+    client.force_login(make_role_user("auditor"))
+    page = reverse("admin:keyvault_keyencryptionkey_add")  # refused to auditors, and the refusal is audited
+    via_proxy = {"REMOTE_ADDR": "10.0.0.2", "HTTP_X_FORWARDED_FOR": "203.0.113.50"}
+
+    # when they are refused once with a well-formed request id and once with a hostile one
+    client.get(page, HTTP_X_REQUEST_ID="req-123.abc:1", **via_proxy)
+    client.get(page, HTTP_X_REQUEST_ID="<script>\nforged log line " + "x" * 100, **via_proxy)
+
+    # then both events name the client's address, the good id is kept and the bad one replaced
+    kept, replaced = AuditEvent.objects.filter(action=Action.ACCESS_DENIED).order_by("sequence")
+    assert kept.ip_address == replaced.ip_address == "203.0.113.50"
+    assert kept.request_id == "req-123.abc:1"
+    assert re.fullmatch(r"[0-9a-f]{32}", replaced.request_id)
+
+
+def test_login_with_an_unsafe_next_opens_the_console(client):
+    # given a user who follows a login link whose next points elsewhere
+    make_role_user("auditor", password=PASSWORD)
+
+    # when they sign in
+    response = client.post(reverse("admin:login"),
+                           {"username": "auditor", "password": PASSWORD, "next": "https://evil.example/"})
+
+    # then they land on the console home, which exists (not /accounts/profile/)
+    assert response.status_code == 302 and response["Location"] == reverse("console-home")
+    assert client.get(response["Location"]).status_code == 200
+
+
+def _failure_events():
+    return AuditEvent.objects.filter(action__in=[Action.LOGIN_FAILED, Action.ACCESS_DENIED]).order_by("sequence")
+
+
+def test_repeated_failures_are_audited_as_one_count_per_address_and_minute(client, settings, monkeypatch):
+    # given a clock at the start of a minute and a real user
+    from keyvault import security
+
+    clock = [1_800_000_000.0]  # a whole minute
+    monkeypatch.setattr(security, "_now", lambda: clock[0])
+    settings.AXES_FAILURE_LIMIT = 5
+    make_role_user("auditor", password=PASSWORD)
+    make_role_user("operator", password=PASSWORD)
+
+    # when one wrong password is posted, the failure is in the log at once
+    first = password_login(client, "auditor", "wrong")
+    assert first.status_code == 200
+    assert [e.target_id for e in _failure_events()] == ["auditor"]
+
+    # when 29 more follow within the minute (the account locks after the fifth)
+    answers = [password_login(client, "auditor", "wrong").status_code for _ in range(29)]
+    assert answers[:3] == [200] * 3 and set(answers[3:]) == {429}
+
+    # then only the first failure and the first lockout refusal were written (not 74 events)
+    assert [e.action for e in _failure_events()] == [Action.LOGIN_FAILED, Action.ACCESS_DENIED]
+
+    # when the minute is over and someone signs in (the summaries are written then)
+    clock[0] += security.FAILURE_WINDOW_SECONDS
+    assert password_login(client, "operator").status_code == 302
+
+    # then one summary per kind records the count: 30 failed logins in all, every refusal while locked
+    events = list(_failure_events())
+    assert len(events) == 4
+    summaries = {e.details["reason"]: e for e in events if str(e.details.get("reason", "")).endswith("_summary")}
+    assert set(summaries) == {"login_failed_summary", "locked_out_summary"}
+    failed = summaries["login_failed_summary"]
+    assert failed.action == Action.LOGIN_FAILED and failed.details["count"] == 30
+    assert failed.target_type == "address" and failed.ip_address == "127.0.0.1"
+    assert summaries["locked_out_summary"].details["count"] >= answers.count(429)
+    assert "wrong" not in json.dumps([e.details for e in events])
+
+
+def test_failure_summaries_are_written_once(client, monkeypatch):
+    # given two failures from one address in a minute that is now over
+    from keyvault import security
+
+    clock = [1_800_000_000.0]
+    monkeypatch.setattr(security, "_now", lambda: clock[0])
+    password_login(client, "nobody", "x")
+    password_login(client, "nobody", "x")
+    clock[0] += 60
+
+    # when two processes flush at once (here: one after the other)
+    written = [security.flush_failure_summaries(), security.flush_failure_summaries()]
+
+    # then one summary exists
+    assert written == [1, 0]
+    assert AuditEvent.objects.filter(details__reason="login_failed_summary").count() == 1
 
 
 # -- session expiry ------------------------------------------------------------------------
@@ -316,6 +474,9 @@ def _production_env(tmp: str | None = None) -> dict:
         HMD_AUDIT_SIGNING_KEY=base64.b64encode(signing).decode(),
         HMD_LOCAL_KMS_MASTER_KEY=generate_master_key(),
         HMD_ALLOWED_HOSTS="keyvault.example.com",
+        # Production runs on PostgreSQL (SQLite is refused). The maintenance database holds no
+        # Keyvault tables, so the deploy checks that connect find nothing of ours to judge.
+        HMD_DATABASE_URL="postgres://postgres@127.0.0.1:5432/postgres",
     )
     return env
 
@@ -333,6 +494,7 @@ def _settings_in_subprocess(env: dict, names):
     return values[0] if single else values
 
 
+@pytest.mark.postgres  # production runs on PostgreSQL; some deploy checks connect to it
 def test_check_deploy_is_clean_with_production_settings():
     # given production settings (HMD_DEBUG=false, real secrets, allowed hosts)
     env = _production_env()
@@ -346,6 +508,49 @@ def test_check_deploy_is_clean_with_production_settings():
     # then there is not one issue
     assert done.returncode == 0, done.stdout + done.stderr
     assert "System check identified no issues" in done.stdout
+
+
+def test_production_on_sqlite_is_refused_unless_allowed_and_then_warned_about(tmp_path):
+    # given production settings without HMD_DATABASE_URL
+    env = {k: v for k, v in _production_env().items() if k != "HMD_DATABASE_URL"}
+    env["HMD_DATA_DIR"] = str(tmp_path / "data")
+    check = [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"]
+
+    # when the process starts
+    refused = subprocess.run(check, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+    # then it stops, naming both ways out
+    assert refused.returncode != 0
+    assert "HMD_DATABASE_URL" in refused.stderr and "HMD_ALLOW_SQLITE_IN_PRODUCTION=true" in refused.stderr
+
+    # when the operator accepts SQLite explicitly, it starts, and the deploy check still warns
+    allowed = subprocess.run(check, cwd=ROOT, env={**env, "HMD_ALLOW_SQLITE_IN_PRODUCTION": "true"},
+                             capture_output=True, text=True, timeout=60)
+    assert "keyvault.W001" in allowed.stdout + allowed.stderr
+    assert "keyvault.W002" not in allowed.stdout + allowed.stderr  # the data folder it made is private
+
+
+def test_deploy_check_names_group_or_world_readable_state(settings, tmp_path):
+    # given a data folder with a copy of the database someone made readable to all
+    from keyvault import checks
+
+    data = tmp_path / "data"
+    (data / "backup").mkdir(parents=True)
+    data.chmod(0o700)
+    (data / "backup").chmod(0o700)
+    loose = data / "backup" / "keyvault.sqlite3"
+    loose.write_bytes(b"SQLite format 3\0")
+    loose.chmod(0o644)
+    settings.DATA_DIR = data
+
+    # when the deploy checks run
+    warnings = checks.check_data_dir_modes()
+
+    # then the file is named with its mode; once fixed, there is nothing to report
+    assert [w.id for w in warnings] == ["keyvault.W002"]
+    assert f"{loose} (0644)" in warnings[0].msg
+    loose.chmod(0o600)
+    assert checks.check_data_dir_modes() == []
 
 
 # -- /healthz --------------------------------------------------------------------------------

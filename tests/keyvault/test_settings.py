@@ -77,3 +77,62 @@ def test_database_url_and_provider_selection(tmp_path):
     assert loaded["db"] == "django.db.backends.postgresql"
     assert loaded["kms"] == "vault"
     assert "vault" in loaded["providers"]
+
+
+# Runs as web, worker and beat would: writes the database (WAL on), the keyring, a broker
+# message and the beat schedule, then lists the mode of everything in HMD_DATA_DIR while
+# the database connection (and so its -wal and -shm files) is still open.
+WRITE_STATE_AND_LIST_MODES = """
+import json, os, shelve, stat, django
+django.setup()
+from django.conf import settings
+from django.db import connection
+from keyvault.bootstrap import bootstrap
+from keyvault.celery import app
+bootstrap(admin_password="correct horse battery staple")
+app.send_task("keyvault.no_such_task")
+shelve.open(settings.CELERY_BEAT_SCHEDULE_FILENAME).close()
+with connection.cursor() as cursor:
+    cursor.execute("SELECT COUNT(*) FROM auth_user")
+modes = {}
+for folder, dirs, files in os.walk(settings.DATA_DIR):
+    for name in [".", *dirs, *files]:
+        path = os.path.normpath(os.path.join(folder, name))
+        modes[os.path.relpath(path, settings.DATA_DIR)] = stat.S_IMODE(os.lstat(path).st_mode)
+print(json.dumps(modes))
+"""
+
+
+def _as_a_shell_would(umask: int = 0o022):
+    """Start the child with a usual login umask, not this test process's own."""
+    return lambda: os.umask(umask)
+
+
+def test_data_dir_is_0700_and_everything_in_it_0600(tmp_path):
+    # given a data folder an older version left open to all, with a world-readable database
+    data = tmp_path / "data"
+    data.mkdir()
+    data.chmod(0o755)
+    (data / "keyvault.sqlite3").touch()
+    (data / "keyvault.sqlite3").chmod(0o644)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HMD_")}
+    env.update(DJANGO_SETTINGS_MODULE="keyvault.settings", HMD_DATA_DIR=str(data), HMD_DEBUG="true")
+    env.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
+
+    # when Keyvault migrates and then runs (web, worker and beat write their state)
+    migrated = subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=180, preexec_fn=_as_a_shell_would())
+    assert migrated.returncode == 0, migrated.stderr
+    ran = subprocess.run([sys.executable, "-c", WRITE_STATE_AND_LIST_MODES], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=180, preexec_fn=_as_a_shell_would())
+    assert ran.returncode == 0, ran.stderr
+    modes = json.loads(ran.stdout.strip().splitlines()[-1])
+
+    # then the folder and every folder in it are 0700, every file 0600
+    assert {"keyvault.sqlite3", "keyvault.sqlite3-wal", "keyvault.sqlite3-shm", "local-kms.keyring",
+            "secret_key", "audit_hmac_key", "broker/queue"} <= set(modes), sorted(modes)
+    assert any(name.startswith("celerybeat-schedule") for name in modes)
+    assert any(name.startswith("broker/queue/") for name in modes), "no broker message was written"
+    folders = {name for name in modes if (data / name).is_dir()}
+    assert {name: oct(mode) for name, mode in modes.items() if name in folders and mode != 0o700} == {}
+    assert {name: oct(mode) for name, mode in modes.items() if name not in folders and mode & 0o077} == {}

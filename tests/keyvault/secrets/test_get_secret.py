@@ -253,6 +253,7 @@ def test_production_settings_with_master_key_from_a_reference(tmp_path, openbao_
     result = _settings(
         tmp_path,
         HMD_DEBUG="false",
+        HMD_ALLOW_SQLITE_IN_PRODUCTION="true",  # this test is about the references, not the database
         HMD_SECRET_KEY_REF=f"vault:secret/{path}#django",
         HMD_LOCAL_KMS_MASTER_KEY_REF=f"vault:secret/{path}#master",
         HMD_AUDIT_HMAC_KEY="h" * 40,
