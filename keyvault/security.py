@@ -28,6 +28,7 @@ from django.dispatch import receiver
 from django.contrib.auth.views import redirect_to_login
 from django.core.cache import cache
 from django.urls import reverse
+from redis.exceptions import RedisError
 
 from keyvault import audit
 from keyvault.audit import Action, Actor, Outcome
@@ -228,17 +229,23 @@ _SUMMARY = {
     LOCKED_OUT: (Action.ACCESS_DENIED, Outcome.DENIED),
 }
 _PREFIX = "keyvault:auth-failures"
+#: What the shared cache raises when it is unreachable: Redis errors, or I/O errors of the file cache.
+CACHE_ERRORS = (RedisError, OSError)
 
 
 def audit_unauthenticated_failure(kind: str, address: str | None, record_first: Callable[[], None]) -> None:
     """Audit one failure of ``kind`` from ``address``: the first in its window at once, the rest as a count."""
     source = address or "unknown"
     window = int(_now()) // FAILURE_WINDOW_SECONDS
-    if _increment(f"{_PREFIX}:count:{kind}:{source}:{window}") != 1:
-        return
-    position = _increment(f"{_PREFIX}:windows", timeout=None)  # outlives the cursor's entries
-    cache.set(f"{_PREFIX}:window:{position}", (kind, source, window), timeout=FAILURE_COUNT_TTL)
-    flush_failure_summaries()
+    try:
+        if _increment(f"{_PREFIX}:count:{kind}:{source}:{window}") != 1:
+            return
+        position = _increment(f"{_PREFIX}:windows", timeout=None)  # outlives the cursor's entries
+        cache.set(f"{_PREFIX}:window:{position}", (kind, source, window), timeout=FAILURE_COUNT_TTL)
+        flush_failure_summaries()
+    except CACHE_ERRORS:  # the cache (Redis) is down: audit every failure rather than lose any
+        logger.warning("login-failure counts unavailable (cache error); auditing this failure in full",
+                       exc_info=True)
     record_first()
 
 
@@ -290,7 +297,10 @@ def _increment(key: str, *, timeout: int | None = FAILURE_COUNT_TTL) -> int:
 
 @receiver(user_logged_in, dispatch_uid="keyvault.security.flush_failure_summaries")
 def _flush_on_login(sender, request, user, **kwargs) -> None:
-    flush_failure_summaries()
+    try:
+        flush_failure_summaries()
+    except CACHE_ERRORS:  # a cache outage must not stop a login; the counts wait for the next flush
+        logger.warning("could not write login-failure summaries (cache error)", exc_info=True)
 
 
 def _connect_axes() -> None:

@@ -443,8 +443,9 @@ STORAGES = {
 if is_set("HMD_CACHE_URL"):
     CACHES = {"default": env.cache_url("HMD_CACHE_URL")}
 else:
+    # Django culls a file cache past 300 entries, which would drop live counters under load.
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
-                          "LOCATION": str(DATA_DIR / "cache")}}
+                          "LOCATION": str(DATA_DIR / "cache"), "OPTIONS": {"MAX_ENTRIES": 10000}}}
 CACHES["default"].setdefault("KEY_PREFIX", "keyvault")
 
 # After login without a safe ?next=, open the console, not Django's /accounts/profile/.

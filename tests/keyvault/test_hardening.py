@@ -362,6 +362,23 @@ def test_failure_summaries_are_written_once(client, monkeypatch):
     assert AuditEvent.objects.filter(details__reason="login_failed_summary").count() == 1
 
 
+def test_failed_logins_are_audited_in_full_while_the_cache_is_down(client, monkeypatch):
+    # given a shared cache that cannot be reached
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    def unreachable(*args, **kwargs):
+        raise RedisConnectionError("cache down")
+
+    monkeypatch.setattr(cache, "add", unreachable)
+
+    # when two wrong passwords are posted
+    answers = [password_login(client, "nobody", "x").status_code for _ in range(2)]
+
+    # then the login page answers as usual and neither failure is lost
+    assert answers == [200, 200]
+    assert AuditEvent.objects.filter(action=Action.LOGIN_FAILED).count() == 2
+
+
 # -- session expiry ------------------------------------------------------------------------
 
 
