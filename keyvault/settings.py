@@ -448,6 +448,12 @@ else:
                           "LOCATION": str(DATA_DIR / "cache"), "OPTIONS": {"MAX_ENTRIES": 10000}}}
 CACHES["default"].setdefault("KEY_PREFIX", "keyvault")
 
+# Failed logins beyond the first per address and minute are counted (keyvault.security);
+# beat writes each finished minute's count to the audit log, even if no login follows.
+CELERY_BEAT_SCHEDULE["flush-login-failure-summaries"] = {
+    "task": "keyvault.flush_login_failure_summaries", "schedule": 60.0,
+}
+
 # After login without a safe ?next=, open the console, not Django's /accounts/profile/.
 LOGIN_REDIRECT_URL = "console-home"
 

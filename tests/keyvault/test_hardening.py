@@ -362,6 +362,24 @@ def test_failure_summaries_are_written_once(client, monkeypatch):
     assert AuditEvent.objects.filter(details__reason="login_failed_summary").count() == 1
 
 
+def test_beat_writes_the_summary_when_no_login_follows(client, monkeypatch):
+    # given three failures from one address in a minute that is now over, and nothing since
+    from keyvault import security, tasks
+
+    clock = [1_800_000_000.0]
+    monkeypatch.setattr(security, "_now", lambda: clock[0])
+    for _ in range(3):
+        password_login(client, "nobody", "x")
+    clock[0] += 60
+
+    # when beat runs its minute task
+    written = tasks.flush_login_failure_summaries()
+
+    # then the count is in the audit log
+    assert written == 1
+    assert AuditEvent.objects.get(details__reason="login_failed_summary").details["count"] == 3
+
+
 def test_failed_logins_are_audited_in_full_while_the_cache_is_down(client, monkeypatch):
     # given a shared cache that cannot be reached
     from redis.exceptions import ConnectionError as RedisConnectionError
