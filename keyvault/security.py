@@ -215,8 +215,8 @@ def _audit_locked_out(sender, request, username, ip_address, **kwargs) -> None:
 # A failed login and a refusal while locked out can be produced by anyone, as fast as they
 # can post. The first of each kind from a client address in a minute is audited at once,
 # in full; later ones in that minute only count, in the shared cache (every worker and host
-# sees the same count). When the minute is over, one summary event records the count: it is
-# written before the next such event from anywhere, or at the next successful login.
+# sees the same count). When the minute is over, one summary event records the count: beat
+# writes it within a minute (keyvault.tasks), or sooner the next such event or login does.
 
 #: Length of an aggregation window.
 FAILURE_WINDOW_SECONDS = 60
