@@ -14,7 +14,7 @@ from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.options import ShowFacets
 from django.core.exceptions import PermissionDenied, ValidationError
-from django.http import HttpResponseRedirect
+from django.http import Http404, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
@@ -27,9 +27,12 @@ from keyvault.admin_views import SERVICE_ERRORS, service_error_message
 from keyvault.audit import Actor
 from keyvault.models import ManagedSecret
 from keyvault.secrets import SecretSourceError
+from rotation.admin_views import EMERGENCY_PERMISSION  # as for KEKs: no grace period needs this too
 
 ACTION_TEMPLATE = "keyvault/action.html"
 ROTATE_PERMISSION = "keyvault.rotate_managedsecret"
+#: Largest primary key (BigAutoField): a larger number in a URL is a 404, not a database error.
+MAX_ID = 2**63 - 1
 
 
 def _runbook(secret_type: str, kind: str = "on_demand"):
@@ -64,12 +67,28 @@ class ManagedSecretForm(forms.ModelForm):
         fields = ("name", "secret_type", "source", "path", "owner", "description", "config", "warn_before")
 
     def clean(self):
+        from rotation import services
         from rotation.executors import executor_for
 
         data = super().clean()
+        if self.instance.pk is not None:
+            # A change: everything update_secret would refuse (a run in progress, the allowlist, own secrets).
+            changes = {name: data[name] for name in services.SECRET_FIELDS if name in data}
+            if changes.get("config") is None and "config" in changes:
+                changes["config"] = {}
+            try:
+                services.check_secret_change(self.instance, **changes)
+            except ValidationError:
+                pass  # the model's own validation reports these on the fields
+            except SERVICE_ERRORS as exc:
+                raise ValidationError(service_error_message(exc)) from None
+            return data
         if data.get("secret_type"):
             try:
                 executor_for(data["secret_type"]).validate_config(data.get("config") or {})
+                services.check_secret_references(ManagedSecret(
+                    secret_type=data["secret_type"], source=data.get("source") or "", path=data.get("path") or "",
+                    config=data.get("config") or {}))
             except SERVICE_ERRORS as exc:
                 raise ValidationError({"config": service_error_message(exc)}) from None
         return data
@@ -81,6 +100,18 @@ class StartSecretRotationForm(forms.Form):
     reason = forms.CharField(widget=forms.Textarea(attrs={"rows": 2}), required=False)
     incident_ref = forms.CharField(label="Incident / ticket", required=False, max_length=100,
                                    help_text="Required for emergency rotations.")
+
+    def __init__(self, *args, emergency: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not emergency:  # offered only to those with rotation.emergency_rotationrun
+            self.fields["kind"].choices = [("on_demand", "On demand")]
+
+
+def _secret_or_404(object_id: str) -> ManagedSecret:
+    """The secret with this id; anything but a plain in-range number is a 404, never a 500."""
+    if not (object_id.isascii() and object_id.isdigit()) or int(object_id) > MAX_ID:
+        raise Http404("no such managed secret")
+    return get_object_or_404(ManagedSecret, pk=int(object_id))
 
 
 class ProvideValueForm(forms.Form):
@@ -167,13 +198,16 @@ class ManagedSecretAdmin(admin.ModelAdmin):
         return False
 
     def save_model(self, request, obj, form, change):
-        """New secrets through ``register_secret`` (validation, policy, audit); edits of references and config as usual."""
+        """New secrets through ``register_secret``, changes through ``update_secret``: validated and audited there."""
         from rotation import services
 
-        if change:
-            super().save_model(request, obj, form, change)
-            return
         data = form.cleaned_data
+        if change:
+            changes = {name: data[name] for name in services.SECRET_FIELDS if name in data}
+            if "config" in changes and changes["config"] is None:
+                changes["config"] = {}
+            services.update_secret(ManagedSecret.objects.get(pk=obj.pk), actor=Actor.from_request(request), **changes)
+            return
         created = services.register_secret(
             name=data["name"], secret_type=data["secret_type"], source=data["source"], path=data["path"],
             owner=data.get("owner", ""), description=data.get("description", ""), config=data.get("config") or {},
@@ -181,7 +215,10 @@ class ManagedSecretAdmin(admin.ModelAdmin):
         obj.pk = created.pk
 
     def log_addition(self, request, obj, message):
-        return None  # audited by register_secret
+        return None  # audited in the chain by register_secret
+
+    def log_change(self, request, obj, message):
+        return None  # audited in the chain, with before and after, by update_secret
 
     # -- custom views ---------------------------------------------------------------------
     def get_urls(self):
@@ -206,12 +243,13 @@ class ManagedSecretAdmin(admin.ModelAdmin):
     def rotate_view(self, request, object_id):
         from rotation import services
 
-        secret = get_object_or_404(ManagedSecret, pk=object_id) if str(object_id).isdigit() else None
-        if secret is None:
-            raise PermissionDenied
+        secret = _secret_or_404(object_id)
         if not request.user.has_perm(ROTATE_PERMISSION):
             raise PermissionDenied
-        form = StartSecretRotationForm(request.POST or None)
+        emergency_allowed = request.user.has_perm(EMERGENCY_PERMISSION)
+        if request.method == "POST" and request.POST.get("kind") == "emergency" and not emergency_allowed:
+            raise PermissionDenied  # as for a KEK: no grace period needs the emergency permission
+        form = StartSecretRotationForm(request.POST or None, emergency=emergency_allowed)
         if request.method == "POST" and form.is_valid():
             data = form.cleaned_data
             try:
@@ -231,8 +269,8 @@ class ManagedSecretAdmin(admin.ModelAdmin):
         from rotation import services
         from rotation.models import RotationRun
 
-        secret = get_object_or_404(ManagedSecret, pk=object_id) if str(object_id).isdigit() else None
-        if secret is None or not request.user.has_perm("rotation.tick_runstep"):
+        secret = _secret_or_404(object_id)
+        if not request.user.has_perm("rotation.tick_runstep"):
             raise PermissionDenied
         run = RotationRun.objects.filter(secret=secret, state=RotationRun.State.ROTATING).first()
         form = ProvideValueForm(request.POST or None)

@@ -21,3 +21,7 @@ class RunAlreadyActive(RotationError):
 
 class ApprovalRefused(RotationError):
     """The approval breaks a rule (self-approval, same person twice, no permission, no reason)."""
+
+
+class RunNotPermitted(RotationError):
+    """The user lacks a permission this kind of run needs (an emergency rotation, for one)."""

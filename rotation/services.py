@@ -31,7 +31,7 @@ from keyvault.kms import Capability, KMSError, ProviderUnavailable
 from keyvault.models import DataKey, KeyEncryptionKey, KeyVersion, ManagedSecret
 from keyvault.secrets.base import SecretSourceError, SecretSourceUnavailable
 from rotation import runbooks
-from rotation.exceptions import ApprovalRefused, InvalidRunTransition, RotationError, RunAlreadyActive
+from rotation.exceptions import ApprovalRefused, InvalidRunTransition, RotationError, RunAlreadyActive, RunNotPermitted
 from rotation.models import Approval, RotationPolicy, RotationRun, RunStep, format_period
 
 log = logging.getLogger(__name__)
@@ -207,6 +207,7 @@ def start_run(
     if secret is not None:
         return _start_secret_run(secret=secret, actor=actor, kind=kind, user=user, reason=reason,
                                  incident_ref=incident_ref, destination=destination)
+    require_run_permission(user, target="kek", kind=kind)
     if kind == Run.Kind.EMERGENCY and not incident_ref.strip():
         raise RotationError("an emergency rotation needs an incident or ticket reference")
     if kind == Run.Kind.MIGRATE:
@@ -281,6 +282,10 @@ def decide(
             raise ApprovalRefused("the initiator of a run cannot approve it")
         if run.approvals.filter(approver=user).exists():
             raise ApprovalRefused(f"{user.get_username()} has already decided on run #{run.pk}")
+        repointed = repointed_event(run.secret) if run.secret_id and run.started_at is None else None
+        if repointed is not None and repointed.actor == Actor.user(user).name:
+            raise ApprovalRefused(f"{user.get_username()} re-pointed secret {run.secret.name}; "
+                                  "someone else must approve its next run")
         if break_glass and not is_break_glass(user):
             raise ApprovalRefused(f"{user.get_username()} is not in the break-glass group")
         Approval.objects.create(run=run, approver=user, decision=decision, comment=comment.strip(), break_glass=break_glass)
@@ -290,7 +295,7 @@ def decide(
         action = Action.ROTATION_BREAK_GLASS if break_glass else Action.ROTATION_APPROVED
         audit.record(action, actor=actor, target=run.target, details={"run_id": run.pk, "comment": comment})
         approvals = run.approvals.filter(decision=Approval.Decision.APPROVE).count()
-        if break_glass or approvals >= run.policy.approvals_required:
+        if break_glass or approvals >= approvals_required(run):
             names = ", ".join(a.approver.get_username() for a in run.approvals.select_related("approver"))
             tick(run, "precheck.approvals", actor=actor,
                  evidence=("break-glass: " + comment) if break_glass else f"approved by {names}")
@@ -901,6 +906,7 @@ def register_secret(
                            description=description, config=config or {}, warn_before=warn_before)
     secret.full_clean()
     executor_for(secret_type).validate_config(secret.config)
+    check_secret_references(secret)
     with transaction.atomic():
         secret.save()
         ensure_secret_policy(secret)
@@ -915,9 +921,9 @@ def register_secret(
 
 def refresh_secret(secret: ManagedSecret, *, actor: Actor) -> ManagedSecret:
     """Read the current value from its source and record non-secret facts (TLS: subject, SANs, expiry)."""
-    from rotation.executors.base import source_named
+    from rotation.executors.base import source_for
 
-    value = source_named(secret.source).read(secret.path)
+    value = source_for(secret).read(secret.path)
     facts = _secret_executor(secret).inspect(value.value)
     expires_at = facts.pop("expires_at", None)
     facts["version"] = value.version
@@ -928,7 +934,172 @@ def refresh_secret(secret: ManagedSecret, *, actor: Actor) -> ManagedSecret:
     return secret
 
 
+#: Fields of a managed secret a console user may change (name and type are fixed at registration).
+SECRET_FIELDS = ("source", "path", "config", "owner", "description", "warn_before")
+#: Fields that decide where the value is read from and where executors send it: changing one re-points the secret.
+POINTER_FIELDS = ("source", "path", "config")
+
+
+def check_secret_references(secret: ManagedSecret) -> None:
+    """Refuse a source/path, or a ``{"source", "path"}`` reference in the config, that leads to Keyvault's own secrets.
+
+    :raises SecretConfigError: one line naming the variable it would reach, never a value.
+    """
+    from rotation.executors.base import SecretConfigError, source_for, source_named
+
+    what = "source"
+    try:
+        references = [(source_for(secret), secret.path, "path")]
+        for key, ref in (secret.config or {}).items():
+            if isinstance(ref, dict) and "source" in ref and "path" in ref:
+                references.append((source_named(str(ref["source"])), str(ref["path"]), key))
+        for source, path, what in references:
+            source.check(path)
+    except SecretSourceError as exc:
+        raise SecretConfigError(f"{what}: {exc}" if what not in ("source", "path") else str(exc)) from None
+
+
+def _audited_value(key: str, value):
+    """A changed field's value as the audit trail keeps it: secret-looking configuration values are HMACed."""
+    if isinstance(value, timedelta):
+        return str(value)
+    if key != "config" or not isinstance(value, dict):
+        return value
+    return _audited_config(value)
+
+
+def _audited_config(value, key: str = ""):
+    lowered = key.lower()
+    if any(lowered == word or lowered.endswith("_" + word) for word in ManagedSecret.FORBIDDEN_CONFIG_KEYS):
+        return audit.hmac_value(str(value))
+    if isinstance(value, dict):
+        return {str(k): _audited_config(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_audited_config(item, key) for item in value]
+    if isinstance(value, str) and "password" in value.lower():
+        return audit.hmac_value(value)  # e.g. a DSN with a password someone pasted in
+    return value
+
+
+def repointed_event(secret: ManagedSecret):
+    """The latest ``repointed`` audit event of ``secret`` since its last run started, or None.
+
+    The audit chain is the record of the re-pointing: its newest event decides whether the
+    next run needs a second person (see :func:`update_secret`).
+    """
+    from keyvault.models import AuditEvent
+
+    last_started = (RotationRun.objects.filter(secret=secret, started_at__isnull=False)
+                    .order_by("-started_at").values_list("started_at", flat=True).first())
+    events = AuditEvent.objects.filter(action=Action.SECRET, target_type=ManagedSecret._meta.model_name,
+                                       target_id=secret.name, details__event="repointed")
+    if last_started is not None:
+        events = events.filter(timestamp__gt=last_started)
+    return events.order_by("-sequence").first()
+
+
+def approvals_required(run: RotationRun) -> int:
+    """Approvals ``run`` needs: its policy's, and at least one for a secret re-pointed since its last run."""
+    required = run.policy.approvals_required if run.policy_id else 0
+    if run.secret_id and run.started_at is None and repointed_event(run.secret) is not None:
+        required = max(required, 1)
+    return required
+
+
+def update_secret(secret: ManagedSecret, *, actor: Actor, **changes) -> ManagedSecret:
+    """Change a managed secret (:data:`SECRET_FIELDS`), audited in the chain with before and after values.
+
+    Re-pointing — a new ``source``, ``path`` or ``config`` (which names endpoints and
+    references) — is the change that could turn a rotation into a way to send a credential
+    elsewhere, so it gets the same control as rotating, by two people:
+
+    * it is refused while the secret has an active or resumable (failed) run, which would
+      carry on with the new pointer without a new approval;
+    * the new pointer is checked as at registration (executor configuration, the outbound
+      allowlist, never one of Keyvault's own secrets);
+    * it is audited as ``repointed`` with before/after, and the secret's next run then
+      needs at least one approval (its policy's count if higher) from someone who is
+      neither its initiator nor the person who re-pointed it (:func:`decide`).
+
+    A change request approved before it takes effect would need its own model and pages;
+    gating the next run gives the same two-person guarantee for what matters — nothing
+    is read or sent through the new pointer until a second person agrees — and the
+    re-pointing itself is visible in the chain and the SIEM feed the moment it happens.
+
+    :raises ValueError: unknown field. :raises ValidationError: bad values.
+    :raises SecretConfigError: the executor refuses the configuration or the path is Keyvault's own.
+    :raises RotationError: a run is active or failed.
+    """
+    with transaction.atomic():
+        locked = ManagedSecret.objects.select_for_update().get(pk=secret.pk)
+        changed = {name: value for name, value in changes.items() if getattr(locked, name) != value}
+        if not changed:
+            return locked
+        before = {name: getattr(locked, name) for name in changed}
+        repointed = _apply_secret_change(locked, changed)
+        locked.save()
+        _secret_event(locked, "repointed" if repointed else "changed", actor=actor,
+                      changes={name: {"before": _audited_value(name, before[name]),
+                                      "after": _audited_value(name, value)} for name, value in changed.items()},
+                      next_run_needs_approval=repointed)
+    secret.refresh_from_db()
+    return locked
+
+
+def check_secret_change(secret: ManagedSecret, **changes) -> None:
+    """Everything :func:`update_secret` would refuse, without saving (for forms). Same errors."""
+    copy = ManagedSecret.objects.get(pk=secret.pk)
+    _apply_secret_change(copy, {name: value for name, value in changes.items() if getattr(copy, name) != value})
+
+
+def _apply_secret_change(secret: ManagedSecret, changed: dict) -> bool:
+    """Set the changed fields on ``secret`` and check them; returns whether it is re-pointed."""
+    from rotation.executors import executor_for
+
+    unknown = set(changed) - set(SECRET_FIELDS)
+    if unknown:
+        raise ValueError(f"managed secret fields that cannot be changed: {sorted(unknown)}")
+    for name, value in changed.items():
+        setattr(secret, name, value)
+    secret.full_clean()
+    repointed = bool(set(changed) & set(POINTER_FIELDS))
+    if repointed:
+        busy = (RotationRun.objects.filter(secret=secret, state__in=(*Run.ACTIVE_STATES, S.FAILED))
+                .order_by("-pk").first())
+        if busy is not None:
+            raise RotationError(f"secret {secret.name} has run #{busy.pk} ({busy.get_state_display().lower()}); "
+                                "complete, cancel or roll it back before changing its source, path or configuration")
+        executor_for(secret.secret_type).validate_config(secret.config)
+        check_secret_references(secret)
+    return repointed
+
+
+def require_run_permission(user, *, target: str, kind: str) -> None:
+    """Refuse a console or CLI user who may not start a run of this kind on this type of target.
+
+    The console checks the same permissions before it calls :func:`start_run`; checking
+    them here too keeps every caller (``rotation start --user``) under the same rule:
+    an emergency run (no grace period) needs ``rotation.emergency_rotationrun`` whatever
+    it rotates. ``user=None`` is the engine, beat or an operator at the shell.
+
+    :raises RunNotPermitted:
+    """
+    if user is None:
+        return
+    needed = {"kek": ["keyvault.rotate_keyencryptionkey", "rotation.add_rotationrun"],
+              "secret": ["keyvault.rotate_managedsecret"]}[target]
+    if kind == Run.Kind.EMERGENCY:
+        needed.append("rotation.emergency_rotationrun")
+    elif kind == Run.Kind.MIGRATE:
+        needed.append("keyvault.change_state_keyencryptionkey")
+    missing = [permission for permission in needed if not user.has_perm(permission)]
+    if missing:
+        raise RunNotPermitted(f"{user.get_username()} may not start {Run.Kind(kind).label.lower()} runs "
+                              f"of a {'KEK' if target == 'kek' else 'managed secret'} (needs {', '.join(missing)})")
+
+
 def _start_secret_run(*, secret, actor, kind, user, reason, incident_ref, destination) -> RotationRun:
+    require_run_permission(user, target="secret", kind=kind)
     if kind == Run.Kind.MIGRATE or destination is not None:
         raise RotationError("managed secrets are rotated, not migrated between KEKs")
     if kind == Run.Kind.EMERGENCY and not incident_ref.strip():
@@ -939,7 +1110,8 @@ def _start_secret_run(*, secret, actor, kind, user, reason, incident_ref, destin
     try:
         with transaction.atomic():
             policy = ensure_secret_policy(secret)
-            needs_approval = policy.approvals_required > 0
+            repointed = repointed_event(secret) is not None
+            needs_approval = policy.approvals_required > 0 or repointed
             run = RotationRun.objects.create(
                 secret=secret, policy=policy, kind=kind, state=S.PENDING_APPROVAL if needs_approval else S.QUEUED,
                 initiated_by=user, initiator=actor.name, reason=reason, incident_ref=incident_ref.strip(),
@@ -949,7 +1121,8 @@ def _start_secret_run(*, secret, actor, kind, user, reason, incident_ref, destin
                 tick(run, "precheck.approvals", actor=Actor.system("engine"), evidence="policy requires no approvals")
             audit.record(Action.ROTATION_STARTED, actor=actor, target=secret,
                          details={"run_id": run.pk, "kind": kind.value, "reason": reason, "incident_ref": incident_ref,
-                                  "approvals_required": policy.approvals_required, "runbook": runbook.slug})
+                                  "approvals_required": approvals_required(run), "runbook": runbook.slug,
+                                  "repointed_since_last_run": repointed})
             if not needs_approval:
                 enqueue_run(run)
     except IntegrityError:

@@ -11,6 +11,9 @@ One module per backend behind :class:`SecretSource`: ``env`` (read-only),
 ``file``, ``vault`` (KV v2), ``aws`` (Secrets Manager), ``gcp`` (Secret
 Manager), ``k8s`` (Kubernetes Secrets API). SDKs are imported lazily; a missing
 one is a :class:`SecretSourceConfigurationError` naming the package.
+
+Managed secrets use the sources only through :func:`managed_source`, which never
+reaches Keyvault's own secrets (:mod:`keyvault.secrets.managed`).
 """
 
 from .base import (
@@ -30,6 +33,7 @@ from .base import (
     SecretVersionInfo,
     split_field,
 )
+from .managed import MANAGED_ENV_PREFIX, OwnSecretRefused, managed_source
 from .registry import (
     BUILTIN_SOURCES,
     build_source,
@@ -47,6 +51,8 @@ __all__ = [
     "CurrentVersionError",
     "InvalidSecretReference",
     "InvalidSecretValue",
+    "MANAGED_ENV_PREFIX",
+    "OwnSecretRefused",
     "ReadOnlySource",
     "SecretAccessDenied",
     "SecretConflict",
@@ -61,6 +67,7 @@ __all__ = [
     "default_source_name",
     "get_source",
     "load_source_class",
+    "managed_source",
     "reset_sources",
     "set_config_loader",
     "source_names",

@@ -6,13 +6,17 @@ upper-cased, anything else but digits becomes ``_``). As everywhere in
 Keyvault's configuration, ``HMD_X_FILE=/path`` supplies ``HMD_X`` from a file;
 such files are reread when they change (see :mod:`keyvault.secrets.files`).
 The environment has no history: its one version is ``"current"``.
+
+Managed secrets get this source with the prefix ``HMD_MANAGED_`` and a guard on
+``_FILE`` paths (:mod:`keyvault.secrets.managed`), so they never read one of
+Keyvault's own settings.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 
 from .base import (
@@ -36,11 +40,15 @@ class EnvSource(SecretSource):
     name = "env"
     writable = False
 
-    def __init__(self, prefix: str = "HMD_", *, environ: Mapping[str, str] | None = None) -> None:
+    def __init__(self, prefix: str = "HMD_", *, environ: Mapping[str, str] | None = None,
+                 file_guard: Callable[[str], None] | None = None) -> None:
+        """:param file_guard: called with a ``_FILE`` variable's path before it is read; raises to refuse it
+            (managed secrets refuse Keyvault's own files, :mod:`keyvault.secrets.managed`)."""
         if not isinstance(prefix, str) or _UNSAFE.search(prefix.upper()):
             raise SecretSourceConfigurationError("the env secret source prefix must be letters, digits and _")
         self.prefix = prefix.upper()
         self._environ = os.environ if environ is None else environ
+        self._file_guard = file_guard
 
     def __repr__(self) -> str:
         return f"<EnvSource prefix={self.prefix!r}>"
@@ -57,6 +65,8 @@ class EnvSource(SecretSource):
             return value, None
         file_name = self._environ.get(variable + "_FILE")
         if file_name:
+            if self._file_guard is not None:
+                self._file_guard(file_name)
             return read_text_cached(file_name)[0], None
         raise SecretNotFound(f"{variable} (or {variable}_FILE) is not set")
 

@@ -48,6 +48,11 @@ def source_names() -> list[str]:
     return sorted(_config_loader().get("sources", {}))
 
 
+def source_options(name: str) -> dict:
+    """The configured options of source ``name`` (empty if it is not configured)."""
+    return dict(_config_loader().get("sources", {}).get(name) or {})
+
+
 def default_source_name() -> str:
     """Return the name of the source used when none is named (``HMD_SECRET_SOURCE``)."""
     return _config_loader().get("default") or "env"

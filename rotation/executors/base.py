@@ -24,6 +24,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from keyvault.secrets.base import SecretSource, SecretVersion
+from keyvault.secrets.managed import OWN_COOKIE_KEYRING, ManagedSource, managed_source
 from rotation.exceptions import RotationError
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ class Context:
 
     # -- the secret source -----------------------------------------------------------
     def source(self, name: str | None = None) -> SecretSource:
-        return source_named(name or self.secret.source)
+        return source_for(self.secret) if name is None else source_named(name)
 
     def read(self, *, version: str | None = None) -> SecretVersion:
         return self.source().read(self.secret.path, version=version)
@@ -125,14 +126,22 @@ class Context:
                      details={"event": event, "run_id": self.run.pk, **details})
 
 
-def source_named(name: str) -> SecretSource:
-    """The configured secret source ``name``.
+def source_for(secret) -> ManagedSource:
+    """The source holding ``secret``'s own value.
+
+    Keyvault's own cookie keyring (``HMD_SECRET_KEY_KEYRING``) is rotated as a cookie-signing
+    secret, whose executor never sends a value anywhere; no other type may reach it.
+    """
+    allow = (OWN_COOKIE_KEYRING,) if secret.secret_type == "cookie_signing" else ()
+    return source_named(secret.source, allow_own=allow)
+
+
+def source_named(name: str, *, allow_own: tuple[str, ...] = ()) -> ManagedSource:
+    """The configured secret source ``name`` as managed secrets use it: Keyvault's own secrets are out of reach.
 
     :raises SecretSourceConfigurationError: unknown or unconfigured source.
     """
-    from keyvault.secrets.registry import get_source
-
-    return get_source(name)
+    return managed_source(name, allow_own=allow_own)
 
 
 class Executor(abc.ABC):

@@ -13,7 +13,8 @@ a person through the steps IdPs support for overlap (two secrets valid at once):
    secret at the IdP; ticking that earlier is refused. Keyvault then checks that the
    old secret is really refused by the token endpoint before completing.
 
-Config: ``token_endpoint`` (https, or http on localhost), ``client_id``, ``scope``
+Config: ``token_endpoint`` (https, or http on localhost; either way listed in
+``HMD_OUTBOUND_ALLOWLIST``, see :mod:`rotation.executors.outbound`), ``client_id``, ``scope``
 (optional), ``auth_method``: ``client_secret_basic`` (default) or ``client_secret_post``.
 """
 
@@ -25,6 +26,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+from rotation.executors import outbound
 from rotation.executors.base import Context, Executor, ExecutorError, SecretConfigError, VerificationFailed, WaitingForPerson
 
 TOKEN_TIMEOUT = 10.0
@@ -74,9 +76,12 @@ class OAuthClientSecretExecutor(Executor):
             raise SecretConfigError("token_endpoint must be https (http only on localhost)")
         if config.get("auth_method", "client_secret_basic") not in ("client_secret_basic", "client_secret_post"):
             raise SecretConfigError("auth_method is client_secret_basic or client_secret_post")
+        outbound.require_url(config["token_endpoint"], what="token_endpoint")
 
-    def _request(self, ctx: Context, secret_value: str) -> tuple[bool, str]:
+    def _request(self, ctx: Context, secret_value: str, *, step: str) -> tuple[bool, str]:
         cfg = ctx.secret.config
+        # Checked again before every request: the allowlist may have shrunk since the secret was saved.
+        outbound.require_url(ctx.config("token_endpoint"), what="token_endpoint", ctx=ctx, step=step)
         return token_request(ctx.config("token_endpoint"), ctx.config("client_id"), secret_value,
                              scope=cfg.get("scope", ""), auth_method=cfg.get("auth_method", "client_secret_basic"))
 
@@ -84,7 +89,7 @@ class OAuthClientSecretExecutor(Executor):
         current = ctx.read()
         ctx.state["previous_version"] = current.version
         ctx.tick("precheck.source", f"version {current.version} read from {ctx.secret.source}")
-        accepted, detail = self._request(ctx, current.value)
+        accepted, detail = self._request(ctx, current.value, step="precheck.token")
         if not accepted:
             raise ExecutorError(f"the current secret is already refused by the token endpoint ({detail})")
         ctx.tick("precheck.token", f"token request with the current secret: {detail}")
@@ -112,7 +117,7 @@ class OAuthClientSecretExecutor(Executor):
         current = ctx.read()
         if current.version != ctx.state.get("new_version"):
             raise VerificationFailed("the source no longer holds the new secret as current")
-        accepted, detail = self._request(ctx, current.value)
+        accepted, detail = self._request(ctx, current.value, step="verify.token")
         if not accepted:
             raise VerificationFailed(f"the token endpoint refused the new secret ({detail})")
         ctx.tick("verify.token", f"token request with the new secret: {detail}")
@@ -130,7 +135,7 @@ class OAuthClientSecretExecutor(Executor):
     def retire(self, ctx: Context) -> None:
         ctx.require("idp.revoke", "the overlap window is over: revoke the old secret at the IdP, then tick 'idp.revoke'")
         old = ctx.read(version=ctx.state["previous_version"])
-        accepted, detail = self._request(ctx, old.value)
+        accepted, detail = self._request(ctx, old.value, step="verify.revoked")
         if accepted:
             from rotation.models import RunStep
 

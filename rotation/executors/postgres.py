@@ -28,7 +28,8 @@ Config: ``host``, ``port`` (5432), ``dbname``, ``usernames`` (two roles) or
 ``username`` with ``mode: single``; ``admin_dsn`` (a libpq connection string for a
 role with CREATEROLE, *without* a password) and optionally ``admin_password_ref``
 (``{"source": …, "path": …}``, where the admin password is kept); ``retire``:
-``nologin`` (default) or ``password``.
+``nologin`` (default) or ``password``. Every host named (``host`` and those of
+``admin_dsn``) must be listed in ``HMD_OUTBOUND_ALLOWLIST`` (:mod:`rotation.executors.outbound`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import hmac
 import json
 import secrets
 
+from rotation.executors import outbound
 from rotation.executors.base import (
     Context,
     Executor,
@@ -119,12 +121,45 @@ class PostgresCredentialExecutor(Executor):
                 raise SecretConfigError("blue/green mode needs 'usernames': two different roles")
         if config.get("retire", "nologin") not in ("nologin", "password"):
             raise SecretConfigError("retire is 'nologin' or 'password'")
+        for what, host, port in self._endpoints(config, admin):
+            outbound.require("postgresql", host, port, what=what)
+
+    @staticmethod
+    def _endpoints(config: dict, admin: dict) -> list[tuple[str, str, int | None]]:
+        """Every server the logins may reach: ``host``/``port``, and each host of ``admin_dsn``.
+
+        A Unix socket (a host starting with ``/``, or none: libpq's default) is this machine: ``localhost``.
+        :raises SecretConfigError: ``admin_dsn`` names a ``service`` (its hosts are in a file we cannot check).
+        """
+        if "service" in admin:
+            raise SecretConfigError("admin_dsn must name its host, not a service (HMD_OUTBOUND_ALLOWLIST is checked)")
+        try:
+            found = [("host", str(config["host"]), int(config.get("port", 5432)))]
+            addresses = [a for a in (admin.get("hostaddr") or "").split(",") if a]
+            # libpq connects to hostaddr when given (host then only names the server for TLS and passwords).
+            hosts = [] if addresses else (admin.get("host") or "").split(",")
+            ports = [int(p) if p else 5432 for p in (admin.get("port") or "").split(",")]
+        except (TypeError, ValueError):
+            raise SecretConfigError("port is a number") from None
+        for i, host in enumerate(hosts):
+            port = ports[i] if i < len(ports) else ports[-1]
+            found.append(("admin_dsn host", "localhost" if not host or host.startswith("/") else host, port))
+        found += [("admin_dsn hostaddr", address, ports[0]) for address in addresses]
+        return found
+
+    def _check_outbound(self, ctx: Context, *, admin: bool, step: str) -> None:
+        psycopg, _ = _psycopg()
+        dsn = psycopg.conninfo.conninfo_to_dict(ctx.config("admin_dsn"))
+        for what, host, port in self._endpoints(ctx.secret.config, dsn):
+            if admin == what.startswith("admin_dsn"):
+                outbound.require("postgresql", host, port, what=what, ctx=ctx, step=step)
 
     def _single(self, ctx: Context) -> bool:
         return ctx.secret.config.get("mode", "blue_green") == "single"
 
-    def _admin(self, ctx: Context):
+    def _admin(self, ctx: Context, *, step: str = ""):
         psycopg, _ = _psycopg()
+        self._check_outbound(ctx, admin=True, step=step)
         password = None
         ref = ctx.secret.config.get("admin_password_ref")
         if ref:
@@ -139,6 +174,7 @@ class PostgresCredentialExecutor(Executor):
         """A real login as ``username``; returns ``current_user`` as the server reports it."""
         psycopg, _ = _psycopg()
         cfg = ctx.secret.config
+        self._check_outbound(ctx, admin=False, step="")
         try:
             with psycopg.connect(host=cfg["host"], port=int(cfg.get("port", 5432)), dbname=cfg["dbname"],
                                  user=username, password=password, connect_timeout=CONNECT_TIMEOUT) as conn:

@@ -15,7 +15,7 @@ not, the previous version is restored. Retirement deletes the old version (and
 with it the old private key) from the source.
 
 Config: ``common_name``, ``sans`` (DNS names / IP addresses), ``endpoint``
-(``host:port`` to verify), ``server_name`` (SNI, default the common name),
+(``host:port`` to verify, listed in ``HMD_OUTBOUND_ALLOWLIST``), ``server_name`` (SNI, default the common name),
 ``issuer``: ``self_signed`` (default) or ``internal_ca`` with ``ca_ref``
 (``{"source": …, "path": …}``), ``key_type``: ``ec`` (P-256, default) or ``rsa``
 (3072 bits), ``validity_days`` (90), ``verify_attempts`` (10, 0.3 s apart, for
@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from rotation.executors import outbound
 from rotation.executors.base import (
     Context,
     Executor,
@@ -182,7 +183,8 @@ class TLSCertificateExecutor(Executor):
         if config.get("key_type", "ec") not in ("ec", "rsa"):
             raise SecretConfigError("key_type is 'ec' or 'rsa'")
         if config.get("endpoint"):
-            self._endpoint(config)
+            host, port = self._endpoint(config)
+            outbound.require("tls", host, port, what="endpoint")
 
     @staticmethod
     def _endpoint(config: dict) -> tuple[str, int]:
@@ -249,6 +251,7 @@ class TLSCertificateExecutor(Executor):
             ctx.tick("verify.handshake", "no endpoint configured: checked that key and certificate match only")
             return
         host, port = self._endpoint(ctx.secret.config)
+        outbound.require("tls", host, port, what="endpoint", ctx=ctx, step="verify.handshake")
         server_name = ctx.secret.config.get("server_name") or ctx.config("common_name")
         trust = _pem(bundle.certificates[-1]) if len(bundle.certificates) > 1 else _pem(bundle.certificate)
         attempts = int(ctx.secret.config.get("verify_attempts", 10))

@@ -30,6 +30,8 @@ AUDITOR_POST = {"anonymous": LOGIN, "auditor": 302, "operator": 403, "administra
 NOBODY = {"anonymous": LOGIN, "auditor": 403, "operator": 403, "administrator": 403}
 #: Allowed, but there is nothing to do: sent back with a message.
 OPERATOR_REDIRECT = {"anonymous": LOGIN, "auditor": 403, "operator": 302, "administrator": 302}
+#: Allowed to ask, but the form refuses the request (200 with an error).
+OPERATOR_FORM_ERROR = {"anonymous": LOGIN, "auditor": 403, "operator": 200, "administrator": 200}
 
 
 @dataclass(frozen=True)
@@ -302,6 +304,14 @@ MATRIX: tuple[Row, ...] = (
     Row("rotate secret form", "GET", admin_url("keyvault_managedsecret_rotate", managed_secret), OPERATOR_GET),
     Row("rotate secret", "POST", admin_url("keyvault_managedsecret_rotate", managed_secret), OPERATOR_POST,
         lambda w: {"kind": "on_demand", "reason": "matrix"}),
+    # issue 12 #6: an emergency rotation (no grace period) needs the emergency permission, as for a KEK
+    Row("emergency rotate secret", "POST", admin_url("keyvault_managedsecret_rotate", managed_secret), ADMIN_POST,
+        lambda w: {"kind": "emergency", "incident_ref": "INC-1", "reason": "matrix"}),
+    # kinds the secret page does not offer: a form error for those who may rotate, never a run
+    Row("planned rotate secret (not offered)", "POST", admin_url("keyvault_managedsecret_rotate", managed_secret),
+        OPERATOR_FORM_ERROR, lambda w: {"kind": "planned", "reason": "matrix"}),
+    Row("migrate secret (not offered)", "POST", admin_url("keyvault_managedsecret_rotate", managed_secret),
+        OPERATOR_FORM_ERROR, lambda w: {"kind": "migrate", "reason": "matrix"}),
     Row("provide secret value (no run waiting)", "GET",
         admin_url("keyvault_managedsecret_provide_value", managed_secret), OPERATOR_REDIRECT),
     # no role manages users: that is for the bootstrap superuser
@@ -362,3 +372,57 @@ def test_every_console_route_of_ours_is_in_the_matrix():
             info = (model_admin.opts.app_label, model_admin.opts.model_name)
             ours |= {f"{info[0]}_{info[1]}_changelist", f"{info[0]}_{info[1]}_change"}
     assert ours <= covered, f"no matrix row for {sorted(ours - covered)}"
+
+
+# -- starting runs: every run kind x target type x role, through the service the console and CLI share ---------
+
+#: Who may start each kind of run on each type of target (the console pages and ``rotation start --user``).
+#: "invalid": allowed to ask, but that kind does not apply to the target (a RotationError, not a permission one).
+RUN_STARTS: dict[tuple[str, str], dict[str, str]] = {
+    ("kek", "on_demand"): {"auditor": "refused", "operator": "allowed", "administrator": "allowed"},
+    ("kek", "planned"): {"auditor": "refused", "operator": "allowed", "administrator": "allowed"},
+    ("kek", "emergency"): {"auditor": "refused", "operator": "refused", "administrator": "allowed"},
+    ("kek", "migrate"): {"auditor": "refused", "operator": "refused", "administrator": "allowed"},
+    ("secret", "on_demand"): {"auditor": "refused", "operator": "allowed", "administrator": "allowed"},
+    ("secret", "planned"): {"auditor": "refused", "operator": "allowed", "administrator": "allowed"},
+    ("secret", "emergency"): {"auditor": "refused", "operator": "refused", "administrator": "allowed"},
+    ("secret", "migrate"): {"auditor": "refused", "operator": "refused", "administrator": "invalid"},
+}
+
+
+def test_the_run_start_table_covers_every_kind_and_target():
+    from rotation.models import RotationRun
+
+    assert set(RUN_STARTS) == {(target, kind) for target in ("kek", "secret") for kind in RotationRun.Kind.values}
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("role", [role for role in ROLES if role != "anonymous"])
+@pytest.mark.parametrize("target,kind", sorted(RUN_STARTS))
+def test_starting_a_run_answers_each_role_as_expected(target, kind, role):
+    from keyvault.audit import Actor
+    from rotation import services as rotation
+    from rotation.exceptions import RotationError, RunNotPermitted
+
+    # given a KEK (and a destination for migrations) or a managed secret, and a user in the role
+    world = build_world()
+    user = make_role_user(role)
+    target_kwargs = {"kek": world.alpha} if target == "kek" else {"secret": rotation.ManagedSecret.objects.get(
+        pk=managed_secret(world))}
+    if kind == "migrate" and target == "kek":
+        from keyvault import services
+
+        target_kwargs["destination"] = services.create_kek(name="delta", actor=Actor.system("tests"))
+
+    # when the user starts the run, as the console and the CLI do
+    try:
+        rotation.start_run(**target_kwargs, actor=Actor.user(user), user=user, kind=kind, reason="matrix",
+                           incident_ref="INC-1")
+        outcome = "allowed"
+    except RunNotPermitted:
+        outcome = "refused"
+    except RotationError:
+        outcome = "invalid"
+
+    # then
+    assert outcome == RUN_STARTS[(target, kind)][role], f"{kind} run of a {target} by {role}"

@@ -165,3 +165,16 @@ def test_login_flow_posts_need_the_csrf_token(settings, name):
     client = Client(enforce_csrf_checks=True, raise_request_exception=False)
     client.force_login(make_role_user("auditor"))
     assert client.post(reverse(name), {"token": "123456"}).status_code == 403
+
+
+# -- managed secrets: odd ids in the rotate and provide-value URLs are a 404 (issue 12, #12) --------------------
+
+
+@pytest.mark.parametrize("object_id", ["%C2%B2", "%F0%9D%9F%98", "-1", "abc", str(2**63), str(10**30)])
+@pytest.mark.parametrize("action", ["rotate", "provide-value"])
+def test_managed_secret_actions_answer_404_for_odd_ids(administrator_client, object_id, action):
+    # when an administrator (who may do both) asks for a secret by an id that is not a plain in-range number
+    response = administrator_client.get(f"/keyvault/managedsecret/{object_id}/{action}/")
+
+    # then there is no such secret: 404, not a 500 (int('²') fails although '²'.isdigit() is true)
+    assert response.status_code == 404, f"{action} {object_id}: {response.status_code}"

@@ -204,15 +204,19 @@ def test_console_lists_secrets_with_badges_and_starts_a_rotation_beside_its_runb
     assert started.status_code == 302 and started["Location"].endswith(f"/rotation/rotationrun/{run.pk}/change/")
 
 
-def test_console_add_form_registers_a_postgres_credential_and_refuses_a_password_in_config(admin_console):
+def test_console_add_form_registers_a_postgres_credential_and_refuses_a_password_in_config(admin_console, settings):
     base = {"name": "orders-db", "secret_type": "database_credential", "source": "file", "path": "orders/db",
             "owner": "orders", "description": ""}
     bad = admin_console.post("/keyvault/managedsecret/add/", {**base, "config": json.dumps(
         {"host": "db", "dbname": "orders", "usernames": ["a", "b"], "admin_dsn": "host=db password=hunter2"})})
     assert bad.status_code == 200 and "must not contain a password" in bad.content.decode()
     assert "hunter2" not in bad.content.decode().split("<textarea")[0]
-    good = admin_console.post("/keyvault/managedsecret/add/", {**base, "config": json.dumps(
-        {"host": "db", "dbname": "orders", "usernames": ["orders_blue", "orders_green"], "admin_dsn": "host=db user=postgres"})})
+    config = json.dumps({"host": "db", "dbname": "orders", "usernames": ["orders_blue", "orders_green"],
+                         "admin_dsn": "host=db user=postgres"})
+    unlisted = admin_console.post("/keyvault/managedsecret/add/", {**base, "config": config})
+    assert unlisted.status_code == 200 and "postgresql://db:5432 is not in HMD_OUTBOUND_ALLOWLIST" in unlisted.content.decode()
+    settings.OUTBOUND_ALLOWLIST = ["postgresql://db:5432"]
+    good = admin_console.post("/keyvault/managedsecret/add/", {**base, "config": config})
     assert good.status_code == 302
     secret = ManagedSecret.objects.get(name="orders-db")
     assert secret.rotation_policy.period == timedelta(days=30)
@@ -225,3 +229,126 @@ def test_operators_cannot_reach_the_rotate_page(client, system_actor):
     secret = make("locked")
     client.force_login(make_role_user("auditor"))
     assert client.get(f"/keyvault/managedsecret/{secret.pk}/rotate/").status_code == 403
+
+
+# -- issue 12: changes are audited, re-pointing needs a second person, emergencies need their permission ----------
+
+
+@pytest.fixture
+def registered(file_source, system_actor):  # noqa: F811
+    file_source.write("x/api", "v1")
+    file_source.write("x/other", "v1")
+    return services.register_secret(name="api", secret_type="generic", source="file", path="x/api", owner="team-a",
+                                    config={"length": 32}, actor=system_actor)
+
+
+def test_console_edit_of_a_secret_is_audited_in_the_chain_with_before_and_after(admin_console, registered):
+    # given: a registered secret
+    url = f"/keyvault/managedsecret/{registered.pk}/change/"
+    form = {"source": "file", "path": "x/other", "owner": "team-b", "description": "", "warn_before": "",
+            "config": json.dumps({"length": 48, "note": "dsn host=db password=hunter2"})}
+
+    # when: an administrator re-points it in the console
+    response = admin_console.post(url, form)
+
+    # then: saved, and one chained event holds before and after (secret-looking values HMACed)
+    assert response.status_code == 302
+    secret = ManagedSecret.objects.get(pk=registered.pk)
+    assert (secret.path, secret.owner) == ("x/other", "team-b")
+    event = AuditEvent.objects.get(action="secret", target_id="api", details__event="repointed")
+    changes = event.details["changes"]
+    assert changes["path"] == {"before": "x/api", "after": "x/other"}
+    assert changes["owner"] == {"before": "team-a", "after": "team-b"}
+    assert changes["config"]["before"] == {"length": 32}
+    assert changes["config"]["after"]["length"] == 48
+    assert changes["config"]["after"]["note"].startswith("hmac-sha256:") and "hunter2" not in json.dumps(event.details)
+    assert event.actor == "user:administrator" and event.details["next_run_needs_approval"] is True
+
+
+def test_a_change_that_does_not_re_point_is_audited_as_a_change(registered, system_actor):
+    services.update_secret(registered, actor=system_actor, owner="team-c")
+    event = AuditEvent.objects.get(action="secret", target_id="api", details__event="changed")
+    assert event.details["changes"] == {"owner": {"before": "team-a", "after": "team-c"}}
+    # and the next run needs no extra approval
+    with services.inline_dispatch():
+        run = services.start_run(secret=registered, actor=system_actor)
+    assert run.state != "pending_approval"
+
+
+def test_the_run_after_a_re_pointing_waits_for_someone_other_than_the_re_pointer(registered, system_actor):
+    from django.contrib.auth.models import Group, User
+
+    from keyvault.audit import Actor
+    from keyvault.roles import KEY_ADMINISTRATORS, KEY_OPERATORS
+    from rotation.exceptions import ApprovalRefused
+
+    mallory = User.objects.create_user("mallory", is_staff=True)
+    mallory.groups.add(Group.objects.get(name=KEY_ADMINISTRATORS))
+    bella = User.objects.create_user("bella", is_staff=True)
+    bella.groups.add(Group.objects.get(name=KEY_OPERATORS))
+    # given: a policy without approvals, and an administrator who re-points the secret
+    services.update_secret(registered, actor=Actor.user(mallory), path="x/other")
+
+    # when: a rotation is started (by anyone, here a colleague)
+    run = services.start_run(secret=registered, actor=Actor.user(bella), user=bella, reason="routine")
+
+    # then: it waits for an approval; the re-pointer cannot give it, the initiator cannot either
+    assert run.state == "pending_approval"
+    with pytest.raises(ApprovalRefused, match="mallory re-pointed secret api"):
+        services.decide(run, user=mallory, actor=Actor.user(mallory), comment="fine")
+    with pytest.raises(ApprovalRefused, match="initiator"):
+        services.decide(run, user=bella, actor=Actor.user(bella), comment="fine")
+    # a third person's approval queues it, and later runs need no extra approval
+    adam = User.objects.create_user("adam", is_staff=True)
+    adam.groups.add(Group.objects.get(name=KEY_ADMINISTRATORS))
+    with services.inline_dispatch():
+        services.decide(run, user=adam, actor=Actor.user(adam), comment="checked the new path")
+    run = services.drive(run.pk)
+    assert run.state in ("retiring", "completed")
+    next_run = services.start_run(secret=registered, actor=system_actor, kind="emergency", incident_ref="INC-9")
+    assert next_run.state != "pending_approval"
+
+
+def test_re_pointing_is_refused_while_a_run_is_active_or_failed(registered, system_actor):
+    from rotation.exceptions import RotationError
+
+    services.update_secret_policy(registered, actor=system_actor, approvals_required=1)
+    run = services.start_run(secret=registered, actor=system_actor)
+    with pytest.raises(RotationError, match=f"run #{run.pk} \\(pending approval\\)"):
+        services.update_secret(registered, actor=system_actor, path="x/other")
+    assert ManagedSecret.objects.get(pk=registered.pk).path == "x/api"
+    assert not AuditEvent.objects.filter(action="secret", details__event="repointed").exists()
+
+
+def test_re_pointing_at_keyvaults_own_secret_is_refused(registered, system_actor, monkeypatch, settings):
+    from rotation.executors.base import SecretConfigError
+
+    monkeypatch.setenv("HMD_AUDIT_HMAC_KEY", "own")
+    settings.SECRET_SOURCES = {"default": "file", "sources": {**settings.SECRET_SOURCES["sources"], "env": {}}}
+    with pytest.raises(SecretConfigError, match="HMD_AUDIT_HMAC_KEY is one of Keyvault's own settings"):
+        services.update_secret(registered, actor=system_actor, source="env", path="AUDIT_HMAC_KEY")
+    assert ManagedSecret.objects.get(pk=registered.pk).source == "file"
+
+
+def test_an_operator_gets_403_for_an_emergency_secret_rotation_as_for_a_kek(client, registered):
+    from tests.keyvault import make_role_user
+
+    client.force_login(make_role_user("operator"))
+    url = f"/keyvault/managedsecret/{registered.pk}/rotate/"
+    assert b"Emergency" not in client.get(url).content  # not offered
+    refused = client.post(url, {"kind": "emergency", "incident_ref": "INC-1", "reason": "leak"})
+    assert refused.status_code == 403 and not RotationRun.objects.filter(secret=registered).exists()
+
+
+def test_cli_emergency_rotation_of_a_secret_needs_the_emergency_permission(registered):
+    from django.contrib.auth.models import Group, User
+    from django.core.management.base import CommandError
+
+    from keyvault.roles import KEY_OPERATORS
+
+    olivia = User.objects.create_user("olivia", is_staff=True)
+    olivia.groups.add(Group.objects.get(name=KEY_OPERATORS))
+    with pytest.raises(CommandError, match="olivia may not start emergency runs of a managed secret"):
+        call_command("rotation", "start", "--secret", "api", "--kind", "emergency", "--incident", "INC-1",
+                     "--user", "olivia")
+    assert not RotationRun.objects.filter(secret=registered).exists()

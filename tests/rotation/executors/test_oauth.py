@@ -24,6 +24,8 @@ class TokenEndpoint:
 
     def __init__(self, client_id: str, valid: set[str]):
         self.client_id, self.valid, self.requests = client_id, valid, []
+        #: every client secret it was sent, valid or not (what an attacker's endpoint would keep)
+        self.secrets: list[str] = []
         endpoint = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -33,6 +35,7 @@ class TokenEndpoint:
                 client, _, secret = base64.b64decode(encoded).decode().partition(":") if scheme == "Basic" else ("", "", "")
                 client, secret = urllib.parse.unquote(client), urllib.parse.unquote(secret)
                 endpoint.requests.append(form.get("grant_type"))
+                endpoint.secrets += [secret] if secret else form.get("client_secret", [])
                 ok = (form.get("grant_type") == ["client_credentials"] and client == endpoint.client_id
                       and secret in endpoint.valid)
                 body = {"access_token": "at-123", "token_type": "Bearer", "expires_in": 300} if ok else {"error": "invalid_client"}

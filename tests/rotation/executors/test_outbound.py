@@ -1,0 +1,57 @@
+"""HMD_OUTBOUND_ALLOWLIST: which endpoints rotation executors may contact (issue 12, finding 3)."""
+
+from __future__ import annotations
+
+import pytest
+
+from rotation.executors import executor_for, outbound
+from rotation.executors.base import SecretConfigError
+
+
+@pytest.mark.parametrize("entries,scheme,host,port,allowed", [
+    (["idp.example.com"], "https", "IDP.example.com.", 443, True),
+    (["idp.example.com"], "https", "evil.example.com", 443, False),
+    (["idp.example.com:8443"], "https", "idp.example.com", 443, False),
+    (["https://idp.example.com"], "http", "idp.example.com", 80, False),
+    (["https://idp.example.com:443"], "https", "idp.example.com", 443, True),
+    (["*.corp.example"], "postgresql", "db1.corp.example", 5432, True),
+    (["*.corp.example"], "postgresql", "corp.example", 5432, False),
+    (["*.corp.example"], "postgresql", "evilcorp.example", 5432, False),
+    (["10.0.0.0/8"], "tls", "10.1.2.3", 443, True),
+    (["10.0.0.0/8"], "tls", "11.1.2.3", 443, False),
+    (["[::1]:8443"], "tls", "::1", 8443, True),
+    (["127.0.0.1"], "http", "127.0.0.1", 8450, True),
+    ([], "http", "127.0.0.1", 8450, False),
+    (["*"], "https", "anything.example", 443, True),
+])
+def test_entries_match_as_documented(settings, entries, scheme, host, port, allowed):
+    settings.OUTBOUND_ALLOWLIST = entries
+    assert outbound.is_allowed(scheme, host, port) is allowed
+
+
+@pytest.mark.parametrize("entry", ["https://", "host:99999", "a*b.example", "300.0.0.0/8", "https://h/path"])
+def test_a_bad_entry_is_a_clear_configuration_error(entry):
+    with pytest.raises(SecretConfigError, match="HMD_OUTBOUND_ALLOWLIST entry"):
+        outbound.parse_rule(entry)
+
+
+def test_every_executor_endpoint_is_checked_when_the_config_is_validated(settings):
+    # given: an allowlist with one IdP, one TLS endpoint and one database host
+    settings.OUTBOUND_ALLOWLIST = ["https://idp.example.com", "tls://web.example.com:443", "postgresql://db:5432"]
+
+    # then: those validate, anything else is refused by name
+    executor_for("oauth_client_secret").validate_config({"token_endpoint": "https://idp.example.com/t", "client_id": "c"})
+    executor_for("tls_certificate").validate_config({"common_name": "web", "endpoint": "web.example.com:443"})
+    pg = {"host": "db", "dbname": "d", "usernames": ["a", "b"], "admin_dsn": "host=db user=postgres"}
+    executor_for("database_credential").validate_config(pg)
+    for secret_type, config, shown in [
+        ("oauth_client_secret", {"token_endpoint": "https://evil.example/t", "client_id": "c"}, "https://evil.example:443"),
+        ("tls_certificate", {"common_name": "web", "endpoint": "evil.example:443"}, "tls://evil.example:443"),
+        ("database_credential", {**pg, "host": "evil"}, "postgresql://evil:5432"),
+        ("database_credential", {**pg, "admin_dsn": "host=db,evil user=postgres"}, "postgresql://evil:5432"),
+        ("database_credential", {**pg, "admin_dsn": "hostaddr=203.0.113.9 user=postgres"}, "postgresql://203.0.113.9"),
+    ]:
+        with pytest.raises(outbound.OutboundNotAllowed, match=shown.replace(".", r"\.")):
+            executor_for(secret_type).validate_config(config)
+    with pytest.raises(SecretConfigError, match="not a service"):
+        executor_for("database_credential").validate_config({**pg, "admin_dsn": "service=prod user=postgres"})
