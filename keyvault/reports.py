@@ -118,7 +118,8 @@ def parse_filters(data: Mapping, *, allowed: tuple[str, ...] = ("since", "until"
     if len(user) > 150 or any(ch.isspace() or not ch.isprintable() for ch in user):
         raise InvalidReportRequest("user: not a user name")
     kek = values["kek"]
-    if kek and not KeyEncryptionKey.objects.filter(name=kek).exists():
+    # A name with NUL or control characters names no key, and PostgreSQL would refuse it as a parameter.
+    if kek and (not kek.isprintable() or not KeyEncryptionKey.objects.filter(name=kek).exists()):
         raise InvalidReportRequest(f"kek: no key-encryption key named {kek[:100]!r}")
     return Filters(since=since, until=until, user=user, kek=kek)
 
