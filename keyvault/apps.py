@@ -51,3 +51,6 @@ class KeyvaultConfig(AppConfig):
         setting_changed.connect(_reset_on_kms_change, dispatch_uid="keyvault.kms.reset")
         # After auth's own receiver (it is connected first) has created the permissions.
         post_migrate.connect(sync_roles_after_migrate, dispatch_uid="keyvault.roles.sync")
+        from keyvault import accounts
+
+        accounts.connect_signals()  # every change to users, groups, devices, SIEM consumers is audited

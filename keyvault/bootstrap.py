@@ -6,10 +6,9 @@ import secrets
 from dataclasses import dataclass
 
 from django.contrib.auth import get_user_model
-from django.contrib.auth.models import Group
 from django.db import transaction
 
-from keyvault import services
+from keyvault import accounts, services
 from keyvault.audit import Actor
 from keyvault.models import KeyEncryptionKey
 from keyvault.roles import KEY_ADMINISTRATORS
@@ -37,8 +36,8 @@ def bootstrap(*, admin_username: str = "admin", admin_password: str | None = Non
     with transaction.atomic():
         if not User.objects.exists():
             generated = None if admin_password else secrets.token_urlsafe(16)
-            user = User.objects.create_superuser(admin_username, email="", password=admin_password or generated)
-            user.groups.add(Group.objects.get(name=KEY_ADMINISTRATORS))
+            accounts.create_user(username=admin_username, actor=actor, password=admin_password or generated,
+                                 is_superuser=True, groups=[KEY_ADMINISTRATORS])
             admin_created = True
     kek_created = False
     if not KeyEncryptionKey.objects.exists():

@@ -12,21 +12,41 @@ health and metrics endpoints, which have their own access rules):
 3. a correct token marks the session verified (``django_otp.login``); every new
    login asks again.
 
-The TOTP secret lives in django-otp's ``TOTPDevice.key`` (hex, not encrypted at
-rest: django-otp has no hook for it). It is shown once, during enrolment, and
+Passing the second factor cycles the session id, so an id seen before the code
+was entered (a fixated or sniffed cookie) is worth nothing afterwards.
+
+The TOTP secret lives in :class:`keyvault.models.TOTPDevice`, envelope-encrypted
+(django-otp's own table held it in clear). It is shown once, during enrolment, and
 never again: the device admin below omits it and the enrolment page refuses a
 user who already has a confirmed device. Losing a phone means a superuser
-deletes the device, and the user enrols again.
+deletes the device (console, or ``manage.py otp reset-device USER``), and the user
+enrols again. Every device change is audited (:mod:`keyvault.accounts`).
+
+Wrong codes are counted three ways, so that someone who has only a password
+cannot lock the owner out:
+
+* per session: ``OTP_SESSION_ATTEMPTS`` (5) wrong codes, then this session gets no
+  more tries (sign in again);
+* per client address: ``OTP_ADDRESS_ATTEMPTS`` (10) wrong codes per
+  ``OTP_ADDRESS_WINDOW_SECONDS`` (900), counted in the shared cache;
+* per device: django-otp's exponential back-off, but only after
+  ``OTP_DEVICE_GRACE_FAILURES`` (10) failures, more than one address may make.
+
+A refused attempt never reaches the device. If a device is backed off anyway (an
+attacker with many addresses), an administrator clears it: the TOTP device admin's
+"Reset throttling" action or ``manage.py otp reset-throttle USER``, both audited.
 """
 
 from __future__ import annotations
 
+import time
 from urllib.parse import urlencode
 
 import segno
 from django import forms
 from django.conf import settings
-from django.contrib import admin
+from django.contrib import admin, messages
+from django.core.cache import cache
 from django.core.exceptions import ValidationError
 from django.http import HttpResponseRedirect
 from django.shortcuts import redirect
@@ -39,15 +59,21 @@ from django.views.decorators.debug import sensitive_post_parameters
 from django.views.decorators.http import require_http_methods
 from django_otp import login as otp_login
 from django_otp import user_has_device
-from django_otp.plugins.otp_totp.models import TOTPDevice
 
-from keyvault import audit
-from keyvault.audit import Action, Actor
-from keyvault.security import audit_otp_failure
+from keyvault import accounts
+from keyvault.audit import Actor
+from keyvault.models import TOTPDevice
+from keyvault.security import audit_otp_failure, client_ip
 
 #: Views a password-only session may reach (URL names; the admin's under ``admin:``).
-EXEMPT_VIEWS = frozenset({"admin:login", "admin:logout", "otp-enrol", "otp-verify", "healthz", "metrics"})
-DEVICE_NAME = "console"
+#: ``/metrics`` is not one: a scraper's bearer token needs no session, and a session needs both factors.
+EXEMPT_VIEWS = frozenset({"admin:login", "admin:logout", "otp-enrol", "otp-verify", "healthz"})
+
+SESSION_ATTEMPTS = 5
+ADDRESS_ATTEMPTS = 10
+ADDRESS_WINDOW_SECONDS = 900
+#: Wrong codes made in this session (kept in the session itself).
+SESSION_FAILURES_KEY = "_keyvault_otp_failures"
 
 
 def _is_exempt(request) -> bool:
@@ -118,6 +144,45 @@ def qr_svg(uri: str) -> str:
     return segno.make(uri, error="m").svg_inline(scale=4, dark="#000", light="#fff", omitsize=False)
 
 
+# -- attempt budgets: per session and per address, before the device is asked ----------------
+
+
+def _limit(name: str, default: int) -> int:
+    return int(getattr(settings, name, default))
+
+
+def _address_key(request) -> str:
+    window = int(time.time()) // _limit("OTP_ADDRESS_WINDOW_SECONDS", ADDRESS_WINDOW_SECONDS)
+    return f"keyvault:otp:address:{client_ip(request) or 'unknown'}:{window}"
+
+
+def attempts_left(request) -> bool:
+    """Whether this session and this client address may still try a code."""
+    if request.session.get(SESSION_FAILURES_KEY, 0) >= _limit("OTP_SESSION_ATTEMPTS", SESSION_ATTEMPTS):
+        return False
+    return (cache.get(_address_key(request)) or 0) < _limit("OTP_ADDRESS_ATTEMPTS", ADDRESS_ATTEMPTS)
+
+
+def count_failure(request) -> None:
+    request.session[SESSION_FAILURES_KEY] = request.session.get(SESSION_FAILURES_KEY, 0) + 1
+    key = _address_key(request)
+    cache.add(key, 0, timeout=_limit("OTP_ADDRESS_WINDOW_SECONDS", ADDRESS_WINDOW_SECONDS) * 2)
+    try:
+        cache.incr(key)
+    except ValueError:  # evicted between add and incr
+        cache.set(key, 1, timeout=_limit("OTP_ADDRESS_WINDOW_SECONDS", ADDRESS_WINDOW_SECONDS) * 2)
+
+
+def _second_factor_passed(request, device: TOTPDevice) -> None:
+    otp_login(request, device)
+    request.session.pop(SESSION_FAILURES_KEY, None)
+    # A new session id once both factors are in: an id known before (fixated, sniffed) is now worthless.
+    request.session.cycle_key()
+
+
+TOO_MANY = "Too many wrong codes from this session or address. Sign in again later, or ask an administrator."
+
+
 def _login_required(view):
     def wrapped(request, *args, **kwargs):
         if not request.user.is_authenticated:
@@ -138,20 +203,20 @@ def enrol_view(request):
     user = request.user
     if user_has_device(user, confirmed=True):
         return redirect(f"{reverse('otp-verify')}?{urlencode({'next': _next_url(request)})}")
-    device = TOTPDevice.objects.filter(user=user, confirmed=False).order_by("pk").first()
-    if device is None:
-        device = TOTPDevice.objects.create(user=user, name=DEVICE_NAME, confirmed=False)
+    device = accounts.pending_device(user, actor=Actor.from_request(request))
     form = TokenForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
-        if device.verify_token(form.cleaned_data["token"]):
-            device.confirmed = True
-            device.save(update_fields=["confirmed"])
-            otp_login(request, device)
-            audit.record(Action.OTHER, actor=Actor.from_request(request), target=("user", user.get_username()),
-                         details={"event": "2fa.enrolled", "device": "totp"})
+        if not attempts_left(request):
+            audit_otp_failure(request, reason="attempt budget spent")
+            form.add_error("token", TOO_MANY)
+        elif device.verify_token(form.cleaned_data["token"]):
+            accounts.confirm_device(device, actor=Actor.from_request(request))
+            _second_factor_passed(request, device)
             return redirect(_next_url(request))
-        audit_otp_failure(request, reason="enrolment token rejected")
-        form.add_error("token", "That code is not valid. Check the time on your phone and try the current code.")
+        else:
+            count_failure(request)
+            audit_otp_failure(request, reason="enrolment token rejected")
+            form.add_error("token", "That code is not valid. Check the time on your phone and try the current code.")
     uri = device.config_url
     return TemplateResponse(request, "keyvault/otp/enrol.html", _context(
         request, title="Set up two-factor login", form=form, otpauth_uri=uri, qr_code=mark_safe(qr_svg(uri)),
@@ -172,13 +237,18 @@ def verify_view(request):
         return redirect(f"{reverse('otp-enrol')}?{urlencode({'next': _next_url(request)})}")
     form = TokenForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
-        for device in devices:
-            allowed, _ = device.verify_is_allowed()
-            if allowed and device.verify_token(form.cleaned_data["token"]):
-                otp_login(request, device)
-                return redirect(_next_url(request))
-        audit_otp_failure(request, reason="token rejected")
-        form.add_error("token", "That code is not valid (or too many attempts: wait a little and retry).")
+        if not attempts_left(request):
+            audit_otp_failure(request, reason="attempt budget spent")
+            form.add_error("token", TOO_MANY)
+        else:
+            for device in devices:
+                allowed, _ = device.verify_is_allowed()
+                if allowed and device.verify_token(form.cleaned_data["token"]):
+                    _second_factor_passed(request, device)
+                    return redirect(_next_url(request))
+            count_failure(request)
+            audit_otp_failure(request, reason="token rejected")
+            form.add_error("token", "That code is not valid (or too many attempts: wait a little and retry).")
     return TemplateResponse(request, "keyvault/otp/verify.html", _context(
         request, title="Two-factor login", form=form,
     ))
@@ -188,12 +258,25 @@ def verify_view(request):
 
 
 class TOTPDeviceAdmin(admin.ModelAdmin):
-    """Superusers list and delete devices (a lost phone); the secret is never shown."""
+    """Superusers list and delete devices (a lost phone) and reset throttling; the secret is never shown."""
 
-    list_display = ("user", "name", "confirmed", "created_at", "last_used_at")
-    fields = ("user", "name", "confirmed", "created_at", "last_used_at")
+    list_display = ("user", "name", "confirmed", "throttling_failure_count", "created_at", "last_used_at")
+    fields = ("user", "name", "confirmed", "throttling_failure_count", "throttling_failure_timestamp",
+              "created_at", "last_used_at")
     readonly_fields = fields
+    list_filter = ("confirmed",)
     search_fields = ("user__username",)
+    list_select_related = ("user",)
+    actions = ("reset_throttle",)
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).defer("key")  # a list of devices decrypts no secret
+
+    def has_view_permission(self, request, obj=None) -> bool:
+        return request.user.is_superuser  # no role holds device permissions (keyvault.roles)
+
+    def has_module_permission(self, request) -> bool:
+        return request.user.is_superuser
 
     def has_add_permission(self, request) -> bool:
         return False  # devices are made by enrolling, where the user sees the secret once
@@ -204,9 +287,26 @@ class TOTPDeviceAdmin(admin.ModelAdmin):
     def has_delete_permission(self, request, obj=None) -> bool:
         return request.user.is_superuser
 
+    def has_reset_throttle_permission(self, request) -> bool:
+        return request.user.is_superuser
+
+    @admin.action(description="Reset throttling (after repeated wrong codes)", permissions=["reset_throttle"])
+    def reset_throttle(self, request, queryset):
+        actor = Actor.from_request(request)
+        users = {device.user for device in queryset.select_related("user")}
+        reset = sum(accounts.reset_throttle(user, actor=actor) for user in users)
+        self.message_user(request, f"Throttling reset on {reset} device(s).", messages.SUCCESS)
+
+    def delete_model(self, request, obj) -> None:
+        accounts.delete_device(obj, actor=Actor.from_request(request))
+
+    def delete_queryset(self, request, queryset) -> None:
+        actor = Actor.from_request(request)
+        for device in queryset.select_related("user"):
+            accounts.delete_device(device, actor=actor)
+
 
 def register_device_admin(site=admin.site) -> None:
-    """Replace django-otp's device admin (which shows and QR-encodes the key) with ours."""
-    if site.is_registered(TOTPDevice):
-        site.unregister(TOTPDevice)
-    site.register(TOTPDevice, TOTPDeviceAdmin)
+    """Register the device admin (django-otp's TOTP app, whose admin shows the key, is not installed)."""
+    if not site.is_registered(TOTPDevice):
+        site.register(TOTPDevice, TOTPDeviceAdmin)

@@ -30,8 +30,16 @@ ROLES: dict[str, tuple[str, ...]] = {
 }
 
 
+#: Never part of a role, whatever the patterns say: second factors are the superuser's (a lost phone),
+#: and a role that could delete a colleague's device could make them enrol one it sees.
+NOT_IN_ANY_ROLE = ("keyvault.*_totpdevice",)
+
+
 def permission_matches(app_label: str, codename: str, patterns: tuple[str, ...]) -> bool:
-    return any(fnmatchcase(f"{app_label}.{codename}", pattern) for pattern in patterns)
+    label = f"{app_label}.{codename}"
+    if any(fnmatchcase(label, pattern) for pattern in NOT_IN_ANY_ROLE):
+        return False
+    return any(fnmatchcase(label, pattern) for pattern in patterns)
 
 
 def sync_roles(group_model, permission_model) -> None:

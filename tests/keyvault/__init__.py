@@ -25,12 +25,12 @@ def use_temp_keyring(settings, directory) -> None:
 
 
 def make_role_user(role: str, *, password: str | None = None):
-    """A staff user (not a superuser) in the role's group."""
-    from django.contrib.auth.models import Group, User
+    """A staff user (not a superuser) in the role's group, made by the accounts service (one audit event)."""
+    from keyvault import accounts
+    from keyvault.audit import Actor
 
-    user = User.objects.create_user(username=role, password=password, is_staff=True)
-    user.groups.add(Group.objects.get(name=ROLE_GROUPS[role]))
-    return user
+    return accounts.create_user(username=role, actor=Actor.system("tests"), password=password, is_staff=True,
+                                groups=[ROLE_GROUPS[role]])
 
 
 @dataclass

@@ -88,6 +88,25 @@ def siem_consumer(world):
     return siem.create_consumer(name="matrix", actor=siem.Actor.system("tests"))[0].pk
 
 
+def a_user(world):
+    from django.contrib.auth.models import User
+
+    return User.objects.get_or_create(username="victor", defaults={"is_staff": True})[0].pk
+
+
+def totp_device(world):
+    from keyvault import accounts
+    from keyvault.audit import Actor
+    from keyvault.models import TOTPDevice
+
+    existing = TOTPDevice.objects.filter(user__username="victor").first()
+    if existing is None:
+        from django.contrib.auth.models import User
+
+        existing = accounts.create_device(User.objects.get(pk=a_user(world)), actor=Actor.system("tests"))
+    return existing.pk
+
+
 def managed_secret(world):
     from keyvault.audit import Actor
     from keyvault.models import ManagedSecret
@@ -317,6 +336,17 @@ MATRIX: tuple[Row, ...] = (
     # no role manages users: that is for the bootstrap superuser
     Row("user list", "GET", admin_url("auth_user_changelist"), NOBODY),
     Row("group list", "GET", admin_url("auth_group_changelist"), NOBODY),
+    # issue 12 #4: granting rights is for the superuser only, whatever the role (and audited when done)
+    Row("make a user superuser", "POST", admin_url("auth_user_change", a_user), NOBODY,
+        lambda w: {"username": "victor", "is_active": "on", "is_staff": "on", "is_superuser": "on"}),
+    Row("add a group", "POST", admin_url("auth_group_add"), NOBODY, lambda w: {"name": "Everything"}),
+    # issue 12 #9: TOTP devices (secret encrypted) are listed and deleted by the superuser only
+    Row("TOTP device list", "GET", admin_url("keyvault_totpdevice_changelist"), NOBODY),
+    Row("TOTP device page", "GET", admin_url("keyvault_totpdevice_change", totp_device), NOBODY),
+    Row("delete TOTP device", "POST", admin_url("keyvault_totpdevice_delete", totp_device), NOBODY,
+        lambda w: {"post": "yes"}),
+    Row("reset TOTP throttling", "POST", admin_url("keyvault_totpdevice_changelist"), NOBODY,
+        lambda w: {"action": "reset_throttle", "_selected_action": [totp_device(w)]}),
 )
 
 

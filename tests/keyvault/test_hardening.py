@@ -18,10 +18,9 @@ import pytest
 from django.core.cache import cache
 from django.urls import reverse
 from django_otp.oath import totp
-from django_otp.plugins.otp_totp.models import TOTPDevice
 
 from keyvault.audit import Action, Outcome
-from keyvault.models import AuditEvent
+from keyvault.models import AuditEvent, TOTPDevice
 from keyvault.security import SEEN_KEY, STARTED_KEY
 from tests.keyvault import make_role_user, use_temp_keyring
 
@@ -95,7 +94,7 @@ def test_enrolment_then_token_at_every_login(client, settings):
     device.refresh_from_db()
     assert device.confirmed
     assert client.get(reverse("admin:index")).status_code == 200
-    assert AuditEvent.objects.filter(action=Action.OTHER, details__event="2fa.enrolled").count() == 1
+    assert AuditEvent.objects.filter(action=Action.DEVICE_CONFIRMED, target_id="administrator").count() == 1
 
     # when they sign out and back in with the password
     client.post(reverse("admin:logout"))
@@ -145,14 +144,14 @@ def test_device_admin_never_shows_the_secret(admin_client, settings):
     device = TOTPDevice.objects.create(user=User.objects.create_user("dora"), name="console", confirmed=True)
 
     # when a superuser opens the device list and page
-    listing = admin_client.get(reverse("admin:otp_totp_totpdevice_changelist"))
-    page = admin_client.get(reverse("admin:otp_totp_totpdevice_change", args=[device.pk]))
+    listing = admin_client.get(reverse("admin:keyvault_totpdevice_changelist"))
+    page = admin_client.get(reverse("admin:keyvault_totpdevice_change", args=[device.pk]))
 
     # then neither holds the key, and there is no add page
     for response in (listing, page):
         assert response.status_code == 200
         assert device.key not in response.content.decode()
-    assert admin_client.get(reverse("admin:otp_totp_totpdevice_add")).status_code == 403
+    assert admin_client.get(reverse("admin:keyvault_totpdevice_add")).status_code == 403
 
 
 # -- lockout -------------------------------------------------------------------------------
@@ -642,3 +641,193 @@ def test_healthz_needs_no_second_factor(client, settings):
     settings.REQUIRE_2FA = True
     client.force_login(make_role_user("auditor"))
     assert client.get(reverse("healthz")).status_code == 200
+
+
+# -- issue 12: second factor (throttling, session id, /metrics) and changelist lookups ------------
+
+
+def _verified_by_password_and_code(client, username: str, device, *, address: str = "127.0.0.1"):
+    password_login(client, username, REMOTE_ADDR=address)
+    return client.post(reverse("otp-verify"), {"token": token_for(device), "next": "/"}, REMOTE_ADDR=address)
+
+
+def test_a_password_only_attacker_cannot_throttle_the_victims_device(settings):
+    # given 2FA required, a victim with a device, and an attacker who knows only the password
+    from django.test import Client
+
+    settings.REQUIRE_2FA = True
+    victim = make_role_user("administrator", password=PASSWORD)
+    device = TOTPDevice.objects.create(user=victim, name="console", confirmed=True)
+    attacker = Client()
+    password_login(attacker, "administrator", REMOTE_ADDR="198.51.100.7")
+    wrong = "000000" if token_for(device) != "000000" else "111111"
+
+    # when the attacker posts 8 wrong codes from their session (django-otp alone backs the device off 128 s)
+    answers = [attacker.post(reverse("otp-verify"), {"token": wrong}, REMOTE_ADDR="198.51.100.7")
+               for _ in range(8)]
+
+    # then the victim, signing in from elsewhere with a fresh session, gets in with the right code...
+    victim_client = Client()
+    response = _verified_by_password_and_code(victim_client, "administrator", device, address="203.0.113.9")
+    assert response.status_code == 302 and response["Location"] == "/"
+    assert victim_client.get(reverse("admin:index"), REMOTE_ADDR="203.0.113.9").status_code == 200
+    # ...because the attacker's own session ran out of tries after five, before the device did
+    assert all(a.status_code == 200 for a in answers) and b"Too many wrong codes" in answers[-1].content
+    assert AuditEvent.objects.filter(action=Action.LOGIN_FAILED, details__reason="attempt budget spent").count() == 3
+
+
+def test_new_sessions_from_one_address_share_that_addresses_budget(settings):
+    # given 2FA required and a user with a device
+    from django.test import Client
+
+    settings.REQUIRE_2FA = True
+    user = make_role_user("operator", password=PASSWORD)
+    device = TOTPDevice.objects.create(user=user, name="console", confirmed=True)
+    wrong = "000000" if token_for(device) != "000000" else "111111"
+
+    # when an attacker signs in again and again from one address, five wrong codes each time
+    for _ in range(3):
+        session = Client()
+        password_login(session, "operator", REMOTE_ADDR="198.51.100.7")
+        for _ in range(5):
+            session.post(reverse("otp-verify"), {"token": wrong}, REMOTE_ADDR="198.51.100.7")
+
+    # then the address stopped at its budget: the device counted 10, not 15, and is not backed off
+    device.refresh_from_db()
+    assert device.throttling_failure_count == 10
+    assert device.verify_is_allowed() == (True, None)
+    refused = Client()
+    password_login(refused, "operator", REMOTE_ADDR="198.51.100.7")
+    right = refused.post(reverse("otp-verify"), {"token": token_for(device)}, REMOTE_ADDR="198.51.100.7")
+    assert right.status_code == 200 and b"Too many wrong codes" in right.content
+
+
+def test_a_device_backed_off_by_many_addresses_is_recovered_by_an_audited_command(settings, capsys):
+    # given a device backed off by more failures than any address may make
+    from django.core.management import call_command
+    from django.test import Client
+    from django.utils import timezone
+
+    settings.REQUIRE_2FA = True
+    user = make_role_user("operator", password=PASSWORD)
+    device = TOTPDevice.objects.create(user=user, name="console", confirmed=True)
+    TOTPDevice.objects.filter(pk=device.pk).update(throttling_failure_count=30,
+                                                   throttling_failure_timestamp=timezone.now())
+    device.refresh_from_db()
+    assert device.verify_is_allowed()[0] is False
+
+    # when an administrator resets it from the command line
+    call_command("otp", "reset-throttle", "operator")
+
+    # then the user can verify again, and the reset is in the audit chain
+    assert "Throttling reset on 1 device(s) of operator." in capsys.readouterr().out
+    response = _verified_by_password_and_code(Client(), "operator", device)
+    assert response.status_code == 302
+    event = AuditEvent.objects.get(action=Action.DEVICE_THROTTLE_RESET)
+    assert event.target_id == "operator" and event.actor.startswith("system:cli:")
+    assert event.details["before"] == {"failures": 30}
+
+    # when the phone is lost instead, the device is deleted and the user enrols again
+    call_command("otp", "reset-device", "operator")
+    assert not TOTPDevice.objects.filter(user=user).exists()
+    assert AuditEvent.objects.filter(action=Action.DEVICE_DELETED, target_id="operator").count() == 1
+
+
+def test_passing_the_second_factor_cycles_the_session_id(client, settings):
+    # given a password-only session of a user with a device
+    settings.REQUIRE_2FA = True
+    user = make_role_user("auditor", password=PASSWORD)
+    device = TOTPDevice.objects.create(user=user, name="console", confirmed=True)
+    password_login(client, "auditor")
+    before = client.cookies["sessionid"].value
+
+    # when they pass the second factor
+    response = client.post(reverse("otp-verify"), {"token": token_for(device), "next": "/"})
+
+    # then the session id changed, the old one is worth nothing, the new one opens the console
+    assert response.status_code == 302
+    after = client.cookies["sessionid"].value
+    assert after != before
+    from django.test import Client
+
+    stale = Client()
+    stale.cookies["sessionid"] = before
+    assert stale.get(reverse("admin:index")).status_code == 302
+    assert client.get(reverse("admin:index")).status_code == 200
+
+
+def test_enrolment_also_cycles_the_session_id(client, settings):
+    settings.REQUIRE_2FA = True
+    user = make_role_user("auditor", password=PASSWORD)
+    password_login(client, "auditor")
+    client.get(reverse("otp-enrol"))
+    before = client.cookies["sessionid"].value
+    device = TOTPDevice.objects.get(user=user, confirmed=False)
+
+    client.post(reverse("otp-enrol"), {"token": token_for(device), "next": "/"})
+
+    assert client.cookies["sessionid"].value != before
+    assert client.get(reverse("admin:index")).status_code == 200
+
+
+def test_metrics_need_a_verified_session_or_a_bearer_token(client, settings):
+    # given 2FA required, a metrics token, and a Key operator signed in with a password only
+    settings.REQUIRE_2FA = True
+    settings.METRICS_TOKEN = "scrape-token-for-tests"
+    user = make_role_user("operator", password=PASSWORD)
+    TOTPDevice.objects.create(user=user, name="console", confirmed=True)
+    password_login(client, "operator")
+
+    # when the password-only session asks for /metrics, it is sent to the second factor
+    response = client.get(reverse("metrics"))
+    assert response.status_code == 302 and response["Location"].startswith(reverse("otp-verify"))
+
+    # and a scraper with the bearer token and no session still gets the metrics
+    from django.test import Client
+
+    scraped = Client().get(reverse("metrics"), HTTP_AUTHORIZATION="Bearer scrape-token-for-tests")
+    assert scraped.status_code == 200 and b"# HELP" in scraped.content
+
+
+def test_metrics_answer_a_verified_session(client, settings):
+    settings.REQUIRE_2FA = True
+    user = make_role_user("operator", password=PASSWORD)
+    device = TOTPDevice.objects.create(user=user, name="console", confirmed=True)
+    _verified_by_password_and_code(client, "operator", device)
+    assert client.get(reverse("metrics")).status_code == 200
+
+
+@pytest.mark.parametrize("url_name, query", [
+    ("admin:keyvault_totpdevice_changelist", "key__regex=^[0-7]"),
+    ("admin:keyvault_totpdevice_changelist", "user__password__startswith=pbkdf2"),
+    ("admin:keyvault_totpdevice_changelist", "confirmed__exact=1&user__password__regex=."),
+    ("admin:auth_user_changelist", "password__startswith=pbkdf2_sha256"),
+    ("admin:auth_user_changelist", "groups__name__regex=^Key"),
+    ("admin:keyvault_siemconsumer_changelist", "token_hash__startswith=a"),
+    ("admin:keyvault_auditevent_changelist", "details__icontains=secret"),
+    ("admin:keyvault_datakey_changelist", "wrapped_key__isnull=False"),
+    ("admin:keyvault_keyencryptionkey_changelist", "provider_key_id__regex=."),
+])
+def test_changelists_refuse_lookups_they_do_not_declare(admin_client, url_name, query):
+    # given a device and a user whose columns nobody shows
+    from django.contrib.auth.models import User
+
+    TOTPDevice.objects.create(user=User.objects.create_user("dora", password=PASSWORD), name="console")
+
+    # when a superuser's browser asks a changelist to filter on an undeclared lookup
+    response = admin_client.get(f"{reverse(url_name)}?{query}")
+
+    # then it is refused (400), never a filtered list
+    assert response.status_code == 400
+
+
+@pytest.mark.parametrize("url_name, query", [
+    ("admin:keyvault_totpdevice_changelist", "confirmed__exact=1"),
+    ("admin:auth_user_changelist", "is_superuser__exact=1"),
+    ("admin:auth_user_changelist", "q=dora"),
+    ("admin:keyvault_keyencryptionkey_changelist", "state__exact=enabled"),
+    ("admin:keyvault_auditevent_changelist", "actor=user%3Adora&target_type=user"),
+    ("admin:keyvault_datakey_changelist", "kek__id__exact=1"),
+])
+def test_declared_filters_still_work(admin_client, url_name, query):
+    assert admin_client.get(f"{reverse(url_name)}?{query}").status_code == 200

@@ -35,10 +35,12 @@ pytestmark = pytest.mark.django_db(transaction=True)  # committed rows, so pg_du
 
 
 def forms_of(secret: bytes) -> set[str]:
-    """Every text form a leaked key would take: hex (both cases) and base64 (standard, URL-safe, unpadded)."""
+    """Every text form a leaked key would take: hex (both cases), base64 (standard, URL-safe, unpadded)
+    and base32 (how authenticator apps read a TOTP secret)."""
     std = base64.b64encode(secret).decode()
     url = base64.urlsafe_b64encode(secret).decode()
-    return {secret.hex(), secret.hex().upper(), std, url, std.rstrip("="), url.rstrip("=")}
+    b32 = base64.b32encode(secret).decode()
+    return {secret.hex(), secret.hex().upper(), std, url, std.rstrip("="), url.rstrip("="), b32, b32.rstrip("=")}
 
 
 def hits(secrets: dict[str, bytes], haystack: str | bytes, where: str) -> list[str]:
@@ -142,6 +144,15 @@ def test_no_plaintext_key_material_in_database_logs_or_pages(admin_client, syste
         assert finished.state not in (RotationRun.State.FAILED, RotationRun.State.PENDING_APPROVAL), finished.state
     assert [c.national_id for c in Customer.objects.order_by("name")] == ["ID-0", "ID-1", "ID-2"]
 
+    # and TOTP devices, one enrolled and one pending (issue 12 #9: the secrets were a plain hex column)
+    from django.contrib.auth.models import User
+
+    from keyvault import accounts
+
+    for name, confirmed in (("totp-confirmed", True), ("totp-pending", False)):
+        device = accounts.create_device(User.objects.create_user(name), actor=system_actor, confirmed=confirmed)
+        secrets[f"TOTP secret of {name}"] = device.bin_key
+
     # and the KEK material and master key, read from the local keyring (test only)
     provider = get_provider("local")
     for key_id, key in provider._read_keyring()["keys"].items():
@@ -164,3 +175,5 @@ def test_no_plaintext_key_material_in_database_logs_or_pages(admin_client, syste
     assert found == []
     # (the scan itself works: a secret planted in a page is found)
     assert hits({"probe": secrets["DEK card.0"]}, secrets["DEK card.0"].hex(), "probe") == ["probe in probe"]
+    totp = secrets["TOTP secret of totp-confirmed"]
+    assert hits({"probe": totp}, base64.b32encode(totp).decode(), "probe") == ["probe in probe"]
