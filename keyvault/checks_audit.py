@@ -36,18 +36,14 @@ SELECT current_user,
        r.rolsuper,
        COALESCE((SELECT array_agg(c.relname::text ORDER BY c.relname) FROM pg_class c
                  WHERE c.oid = ANY(%(tables)s::regclass[]) AND pg_has_role(current_user, c.relowner, 'MEMBER')),
-                '{}'),
-       current_setting('server_version_num')::int >= 150000
-           AND has_parameter_privilege('session_replication_role', 'SET')
+                '{}')
 FROM pg_roles r WHERE r.rolname = current_user
 """
-_ROLE_SQL_BEFORE_15 = _ROLE_SQL.replace(
-    """current_setting('server_version_num')::int >= 150000
-           AND has_parameter_privilege('session_replication_role', 'SET')""", "false")
 
+# 'O' fires in ordinary sessions, 'A' always; 'D' is disabled and 'R' fires only in replica mode.
 _TRIGGERS_SQL = """
 SELECT c.relname, t.tgname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
-WHERE c.oid = ANY(%(tables)s::regclass[]) AND NOT t.tgisinternal AND t.tgenabled <> 'D'
+WHERE c.oid = ANY(%(tables)s::regclass[]) AND NOT t.tgisinternal AND t.tgenabled IN ('O', 'A')
 """
 
 
@@ -70,8 +66,12 @@ def _problems(cursor, server_version: int) -> list[Warning]:
     if not present:
         return []  # not migrated yet: nothing to protect
     tables = {"tables": present}
-    cursor.execute(_ROLE_SQL if server_version >= 150000 else _ROLE_SQL_BEFORE_15, tables)
-    user, superuser, owned, sets_replication_role = cursor.fetchone()
+    cursor.execute(_ROLE_SQL, tables)
+    user, superuser, owned = cursor.fetchone()
+    sets_replication_role = False  # before PostgreSQL 15 only superusers may
+    if server_version >= 150000:
+        cursor.execute("SELECT has_parameter_privilege('session_replication_role', 'SET')")
+        [(sets_replication_role,)] = cursor.fetchall()
     found = []
     if owned:
         found.append(Warning(

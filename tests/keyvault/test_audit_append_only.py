@@ -194,7 +194,7 @@ def test_every_append_only_trigger_is_installed_and_enabled():
         if is_postgres():
             cursor.execute(
                 "SELECT c.relname, t.tgname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
-                " WHERE NOT t.tgisinternal AND t.tgenabled <> 'D' AND c.relname LIKE 'keyvault_audit%%'"
+                " WHERE NOT t.tgisinternal AND t.tgenabled IN ('O', 'A') AND c.relname LIKE 'keyvault_audit%%'"
             )
             expected = POSTGRES_TRIGGERS
         else:

@@ -158,6 +158,26 @@ def test_runtime_role_cannot_switch_the_triggers_off_or_rewrite_the_trail(docume
     assert audit.verify_chain().ok
 
 
+class _RolledBack(Exception):
+    """Raised to roll a test's grants back."""
+
+
+@pytest.mark.postgres
+def test_deploy_check_warns_when_the_runtime_role_may_set_the_replication_role(documented_roles):
+    # given a runtime role someone allowed to set session_replication_role (PostgreSQL 15+), in a
+    # transaction rolled back afterwards
+    with pytest.raises(_RolledBack), transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(f'GRANT SET ON PARAMETER session_replication_role TO "{documented_roles.app}"')
+        cursor.execute(f'SET LOCAL ROLE "{documented_roles.app}"')
+
+        # when the deploy check runs as that role
+        found = checks_audit.check_audit_tables_out_of_reach()
+        raise _RolledBack
+
+    # then it says the triggers can be bypassed
+    assert [message.id for message in found] == [checks_audit.SUPERUSER_ID]
+
+
 @pytest.mark.postgres
 @pytest.mark.django_db
 def test_deploy_check_warns_when_the_database_user_owns_the_audit_tables():
