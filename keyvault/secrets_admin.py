@@ -62,6 +62,9 @@ class ManagedSecretForm(forms.ModelForm):
     config = forms.JSONField(required=False, initial=dict, widget=forms.Textarea(attrs={"rows": 8, "cols": 80}),
                              help_text=ManagedSecret._meta.get_field("config").help_text)
 
+    #: Who is filling the form in (set by ``ManagedSecretAdmin.get_form``): refusals of Keyvault's own secrets are audited.
+    actor: Actor | None = None
+
     class Meta:
         model = ManagedSecret
         fields = ("name", "secret_type", "source", "path", "owner", "description", "config", "warn_before")
@@ -77,7 +80,7 @@ class ManagedSecretForm(forms.ModelForm):
             if changes.get("config") is None and "config" in changes:
                 changes["config"] = {}
             try:
-                services.check_secret_change(self.instance, **changes)
+                services.check_secret_change(self.instance, actor=self.actor, **changes)
             except ValidationError:
                 pass  # the model's own validation reports these on the fields
             except SERVICE_ERRORS as exc:
@@ -87,8 +90,8 @@ class ManagedSecretForm(forms.ModelForm):
             try:
                 executor_for(data["secret_type"]).validate_config(data.get("config") or {})
                 services.check_secret_references(ManagedSecret(
-                    secret_type=data["secret_type"], source=data.get("source") or "", path=data.get("path") or "",
-                    config=data.get("config") or {}))
+                    name=data.get("name") or "", secret_type=data["secret_type"], source=data.get("source") or "",
+                    path=data.get("path") or "", config=data.get("config") or {}), actor=self.actor)
             except SERVICE_ERRORS as exc:
                 raise ValidationError({"config": service_error_message(exc)}) from None
         return data
@@ -141,6 +144,10 @@ class ManagedSecretAdmin(admin.ModelAdmin):
             ("State", {"fields": ("status", "last_rotated_at", "expires_at", "metadata_display")}),
             ("Rotation", {"fields": ("policy_display", "runs_display")}),
         )
+
+    def get_form(self, request, obj=None, change=False, **kwargs):
+        form = super().get_form(request, obj, change=change, **kwargs)
+        return type(form.__name__, (form,), {"actor": Actor.from_request(request)})
 
     def get_readonly_fields(self, request, obj=None):
         if obj is None:

@@ -906,7 +906,7 @@ def register_secret(
                            description=description, config=config or {}, warn_before=warn_before)
     secret.full_clean()
     executor_for(secret_type).validate_config(secret.config)
-    check_secret_references(secret)
+    check_secret_references(secret, actor=actor)
     with transaction.atomic():
         secret.save()
         ensure_secret_policy(secret)
@@ -940,11 +940,15 @@ SECRET_FIELDS = ("source", "path", "config", "owner", "description", "warn_befor
 POINTER_FIELDS = ("source", "path", "config")
 
 
-def check_secret_references(secret: ManagedSecret) -> None:
+def check_secret_references(secret: ManagedSecret, *, actor: Actor | None = None) -> None:
     """Refuse a source/path, or a ``{"source", "path"}`` reference in the config, that leads to Keyvault's own secrets.
+
+    With ``actor``, a refusal is also audited (``secret`` / ``own_secret_refused``, outcome denied):
+    pointing a secret at Keyvault's own is what an attacker with a console account would try.
 
     :raises SecretConfigError: one line naming the variable it would reach, never a value.
     """
+    from keyvault.secrets import OwnSecretRefused
     from rotation.executors.base import SecretConfigError, source_for, source_named
 
     what = "source"
@@ -956,7 +960,11 @@ def check_secret_references(secret: ManagedSecret) -> None:
         for source, path, what in references:
             source.check(path)
     except SecretSourceError as exc:
-        raise SecretConfigError(f"{what}: {exc}" if what not in ("source", "path") else str(exc)) from None
+        error = SecretConfigError(f"{what}: {exc}" if what not in ("source", "path") else str(exc))
+        if actor is not None and isinstance(exc, OwnSecretRefused):
+            _secret_event(secret, "own_secret_refused", actor=actor, outcome=Outcome.DENIED,
+                          source=secret.source, path=secret.path, field=what, error=str(error)[:500])
+        raise error from None
 
 
 def _audited_value(key: str, value):
@@ -1030,6 +1038,7 @@ def update_secret(secret: ManagedSecret, *, actor: Actor, **changes) -> ManagedS
     :raises SecretConfigError: the executor refuses the configuration or the path is Keyvault's own.
     :raises RotationError: a run is active or failed.
     """
+    check_secret_change(secret, actor=actor, **changes)  # audits a refused pointer, outside the rollback below
     with transaction.atomic():
         locked = ManagedSecret.objects.select_for_update().get(pk=secret.pk)
         changed = {name: value for name, value in changes.items() if getattr(locked, name) != value}
@@ -1046,13 +1055,17 @@ def update_secret(secret: ManagedSecret, *, actor: Actor, **changes) -> ManagedS
     return locked
 
 
-def check_secret_change(secret: ManagedSecret, **changes) -> None:
-    """Everything :func:`update_secret` would refuse, without saving (for forms). Same errors."""
+def check_secret_change(secret: ManagedSecret, *, actor: Actor | None = None, **changes) -> None:
+    """Everything :func:`update_secret` would refuse, without saving (for forms). Same errors.
+
+    With ``actor``, a pointer at Keyvault's own secrets is audited as refused (:func:`check_secret_references`).
+    """
     copy = ManagedSecret.objects.get(pk=secret.pk)
-    _apply_secret_change(copy, {name: value for name, value in changes.items() if getattr(copy, name) != value})
+    _apply_secret_change(copy, {name: value for name, value in changes.items() if getattr(copy, name) != value},
+                         actor=actor)
 
 
-def _apply_secret_change(secret: ManagedSecret, changed: dict) -> bool:
+def _apply_secret_change(secret: ManagedSecret, changed: dict, *, actor: Actor | None = None) -> bool:
     """Set the changed fields on ``secret`` and check them; returns whether it is re-pointed."""
     from rotation.executors import executor_for
 
@@ -1070,7 +1083,7 @@ def _apply_secret_change(secret: ManagedSecret, changed: dict) -> bool:
             raise RotationError(f"secret {secret.name} has run #{busy.pk} ({busy.get_state_display().lower()}); "
                                 "complete, cancel or roll it back before changing its source, path or configuration")
         executor_for(secret.secret_type).validate_config(secret.config)
-        check_secret_references(secret)
+        check_secret_references(secret, actor=actor)
     return repointed
 
 

@@ -328,6 +328,9 @@ def test_re_pointing_at_keyvaults_own_secret_is_refused(registered, system_actor
     with pytest.raises(SecretConfigError, match="HMD_AUDIT_HMAC_KEY is one of Keyvault's own settings"):
         services.update_secret(registered, actor=system_actor, source="env", path="AUDIT_HMAC_KEY")
     assert ManagedSecret.objects.get(pk=registered.pk).source == "file"
+    refused = AuditEvent.objects.get(action="secret", target_id="api", details__event="own_secret_refused")
+    assert refused.outcome == "denied" and refused.details["path"] == "AUDIT_HMAC_KEY"
+    assert not AuditEvent.objects.filter(action="secret", target_id="api", details__event="repointed").exists()
 
 
 def test_an_operator_gets_403_for_an_emergency_secret_rotation_as_for_a_kek(client, registered):

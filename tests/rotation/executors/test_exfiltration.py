@@ -70,8 +70,11 @@ def attack(administrator, attacker, *, source: str, path: str, name: str = "exfi
 def assert_refused_and_audited(added, run, attacker, signing_key):
     # nothing reached the attacker, in any form
     assert signing_key not in attacker.secrets and attacker.secrets == []
-    # the console said why (one line, naming the setting, never the value)
+    # the console said why (one line, naming the setting, never the value), and the attempt is in the chain
     assert added.status_code == 200 and "one of Keyvault&#x27;s own" in added.content.decode()
+    attempt = AuditEvent.objects.get(action="secret", target_id="exfil", details__event="own_secret_refused")
+    assert attempt.outcome == "denied" and attempt.actor == "user:administrator"
+    assert "HMD_AUDIT_SIGNING_KEY" in attempt.details["error"] and signing_key not in str(attempt.details)
     # the worker refused too, and the refusal is in the audit chain
     assert run.state == "failed" and "OwnSecretRefused" in run.last_error and signing_key not in run.last_error
     failed = AuditEvent.objects.get(action="secret", target_id="exfil", details__event="rotation_failed")
