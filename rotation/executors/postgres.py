@@ -219,7 +219,7 @@ class PostgresCredentialExecutor(Executor):
             raise ExecutorError(f"the secret holds role {document['username']!r}, not one of {users}")
         ctx.state.update(previous_version=current.version, previous_user=document["username"])
         ctx.tick("precheck.source", f"version {current.version} read; active role {document['username']}")
-        with self._admin(ctx) as admin:
+        with self._admin(ctx, step="precheck.admin") as admin:
             rows = admin.execute(
                 "SELECT rolname FROM pg_roles WHERE rolname = ANY(%s)", [users]).fetchall()
             missing = set(users) - {name for (name,) in rows}

@@ -55,3 +55,54 @@ def test_every_executor_endpoint_is_checked_when_the_config_is_validated(setting
             executor_for(secret_type).validate_config(config)
     with pytest.raises(SecretConfigError, match="not a service"):
         executor_for("database_credential").validate_config({**pg, "admin_dsn": "service=prod user=postgres"})
+
+
+# -- at connect time: a secret saved under an older, wider allowlist is still refused ---------------------------
+
+
+@pytest.fixture
+def narrowed(settings):
+    """Shrink the allowlist after registration, as an operator tightening it would."""
+    def narrow():
+        settings.OUTBOUND_ALLOWLIST = ["https://idp.example.com"]
+    return narrow
+
+
+def _failed_with(run, step: str):
+    from keyvault.models import AuditEvent
+
+    assert run.state == "failed" and "OutboundNotAllowed" in run.last_error
+    assert run.steps.get(key=step).status == "failed"
+    assert AuditEvent.objects.filter(action="secret", details__event="outbound_refused", outcome="denied").exists()
+
+
+@pytest.mark.django_db
+def test_tls_verification_handshake_is_refused_at_connect_time(file_source, system_actor, narrowed):
+    from rotation import services
+    from rotation.executors.tls import issue, _key_pem, _pem
+    from tests.rotation.executors.conftest import rotate
+
+    key, _, cert = issue(common_name="web.internal", sans=["web.internal"])
+    file_source.write("pki/web", _pem(cert) + _key_pem(key))
+    secret = services.register_secret(name="web-cert", secret_type="tls_certificate", source="file", path="pki/web",
+                                      config={"common_name": "web.internal", "endpoint": "127.0.0.1:9"},
+                                      actor=system_actor)
+    narrowed()
+    _failed_with(rotate(secret, actor=system_actor), "verify.handshake")
+
+
+@pytest.mark.django_db
+def test_postgres_connections_are_refused_at_connect_time(file_source, system_actor, narrowed):
+    import json
+
+    from rotation import services
+    from tests.rotation.executors.conftest import rotate
+
+    file_source.write("db/app", json.dumps({"engine": "postgres", "host": "127.0.0.1", "port": 5432, "dbname": "app",
+                                            "username": "app_blue", "password": "p"}))
+    secret = services.register_secret(
+        name="app-db", secret_type="database_credential", source="file", path="db/app", actor=system_actor,
+        config={"host": "127.0.0.1", "dbname": "app", "usernames": ["app_blue", "app_green"],
+                "admin_dsn": "host=127.0.0.1 user=postgres dbname=postgres"})
+    narrowed()
+    _failed_with(rotate(secret, actor=system_actor), "precheck.admin")
