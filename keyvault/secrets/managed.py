@@ -35,7 +35,8 @@ cookie-signing keyring as a managed secret of type *cookie signing*, whose execu
 never sends a value anywhere. :func:`managed_source` lets only that type's own path
 reach it (``allow_own``).
 
-Like the rest of this package, nothing here imports Django.
+Like the rest of this package, nothing here needs Django's settings: Keyvault's own
+secrets are found in the environment, read the way :mod:`keyvault.config` reads them.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def own_secrets(environ: Mapping[str, str] | None = None,
     :param reference_options: returns ``{source: options}`` as ``HMD_X_REF`` references use them
         (``keyvault.config.all_secret_source_options``); by default the managed sources' options.
     """
-    from keyvault.config import PREFIX, parse_secret_ref  # no Django: config only reads the environment
+    from keyvault.config import PREFIX, parse_secret_ref  # config reads only the environment
 
     environ = os.environ if environ is None else environ
     own = OwnSecrets()
