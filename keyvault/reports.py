@@ -482,13 +482,64 @@ def _cell(value) -> str:
     return str(value)
 
 
-def _csv_text(value: str) -> str:
-    # Spreadsheets run cells starting with = + - @ as formulas (CSV injection); quote them as text.
-    return "'" + value if value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
+# -- CSV for spreadsheets (OWASP "CSV Injection") -------------------------------------------------
+#
+# A spreadsheet runs a cell that starts with = + - @ (or tab or CR) as a formula. It does not only
+# start cells at the commas we write: depending on its import settings it splits on ; tab | or line
+# breaks too, and skips spaces and quotes before the content. So ``x;=1+1`` in one CSV cell becomes
+# the formula ``=1+1`` in a spreadsheet that splits on ';'. Every trigger that could start a cell
+# however the file is split gets an apostrophe in front (the spreadsheets' "this is text" mark).
+
+#: What makes a spreadsheet read a cell as a formula.
+FORMULA_TRIGGERS = frozenset("=+-@\t\r")
+#: What a spreadsheet may start a new cell or line after.
+CELL_SEPARATORS = frozenset(",;\t|\r\n")
+#: What a spreadsheet may skip before a cell's content.
+_SKIPPED_BEFORE_CONTENT = frozenset(' "')
+
+
+def neutralise_formulas(text: str) -> str:
+    """``text`` with an apostrophe before every formula trigger that could start a spreadsheet cell.
+
+    Nothing else changes: removing the added apostrophes gives ``text`` back.
+    """
+    if not FORMULA_TRIGGERS.intersection(text):
+        return text
+    out = []
+    may_start_cell = True
+    for char in text:
+        if may_start_cell and char in FORMULA_TRIGGERS:
+            out.append("'")
+        out.append(char)
+        if char in CELL_SEPARATORS:
+            may_start_cell = True
+        elif char not in _SKIPPED_BEFORE_CONTENT:
+            may_start_cell = False
+    return "".join(out)
+
+
+class SpreadsheetSafeWriter:
+    """``csv.writer`` whose text cells pass through :func:`neutralise_formulas` (numbers stay numbers).
+
+    Every CSV Keyvault writes (reports, ``audit export --format csv``) goes through this. Text cells
+    are always quoted, as OWASP advises: with minimal quoting a lone CR inside a cell is written bare
+    and splits the row when read back.
+    """
+
+    def __init__(self, out, *, lineterminator: str = "\n") -> None:
+        self._writer = csv.writer(out, lineterminator=lineterminator, quoting=csv.QUOTE_NONNUMERIC)
+        self._header_writer = csv.writer(out, lineterminator=lineterminator)
+
+    def writeheader(self, names) -> None:
+        """The column names: our own identifiers, written bare."""
+        self._header_writer.writerow(names)
+
+    def writerow(self, values) -> None:
+        self._writer.writerow([neutralise_formulas(value) if isinstance(value, str) else value for value in values])
 
 
 def _one_line(value: str) -> str:
-    return " ".join(str(value).split())
+    return neutralise_formulas(" ".join(str(value).split()))
 
 
 def render_csv(report: Report, *, generated_by: str) -> bytes:
@@ -501,16 +552,16 @@ def render_csv(report: Report, *, generated_by: str) -> bytes:
     out.write(f"# rows: {len(report.rows)}{' (truncated)' if report.truncated else ''}\n")
     for note in report.notes:
         out.write(f"# note: {_one_line(note)}\n")
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow([column.key for column in report.columns])
+    writer = SpreadsheetSafeWriter(out)
+    writer.writeheader([column.key for column in report.columns])
     for row in report.rows:
-        values = []
-        for column in report.columns:
-            value = row.get(column.key)
-            text = _cell(value)
-            values.append(_csv_text(text) if isinstance(value, str | list) else text)
-        writer.writerow(values)
+        writer.writerow([_csv_value(row.get(column.key)) for column in report.columns])
     return out.getvalue().encode("utf-8")
+
+
+def _csv_value(value):
+    """A number as it is (a spreadsheet reads -5 as a number, not a formula); anything else as text."""
+    return value if isinstance(value, int | float) and not isinstance(value, bool) else _cell(value)
 
 
 def canonical_json(document: Mapping) -> bytes:

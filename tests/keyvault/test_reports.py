@@ -6,11 +6,15 @@ import csv
 import hashlib
 import io
 import json
+import re
 from datetime import timedelta
 from io import StringIO
 
 import pytest
 from django.core.cache import cache
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.urls import reverse
@@ -261,6 +265,72 @@ def test_csv_cells_that_look_like_formulas_are_neutralised(system_actor):
     text = reports.render_csv(report, generated_by="tests").decode()
 
     assert "'=HYPERLINK" in text
+
+
+# -- CSV for spreadsheets: formula triggers after any separator are neutralised (issue 12, #12) ----------
+
+SPREADSHEET_DELIMITERS = (",", ";", "\t", "|")
+
+
+def _cells_a_spreadsheet_may_see(text: str):
+    """Every cell of ``text`` as the csv module reads it with each delimiter, and as a naive
+    splitter sees it (lines, then any separator), with the spaces and quotes spreadsheets skip."""
+    for delimiter in SPREADSHEET_DELIMITERS:
+        for row in csv.reader(io.StringIO(text, newline=""), delimiter=delimiter):
+            yield from row
+    yield from re.split(r"[,;\t|\r\n]", text)
+
+
+def _starts_a_formula(cell: str) -> bool:
+    return cell.lstrip(' "')[:1] in reports.FORMULA_TRIGGERS
+
+
+@pytest.mark.parametrize("text", ["x;=1+1", "x|@SUM(A1)", "a,-2+3", "tab\t=cmd", "line\n+1", "x; =1", 'x;"=1',
+                                  "=HYPERLINK(1)", "\t=1", "\r\r@"])
+def test_formula_after_any_separator_is_neutralised(text):
+    # when a cell holding a formula behind a separator is written
+    out = io.StringIO()
+    reports.SpreadsheetSafeWriter(out).writerow([text, 1])
+
+    # then no cell, however a spreadsheet splits the line, starts with a formula trigger
+    assert not [cell for cell in _cells_a_spreadsheet_may_see(out.getvalue()) if _starts_a_formula(cell)]
+
+
+@hypothesis_settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cells=st.lists(st.text(alphabet=st.sampled_from(list("=+-@\t\r\n,;|\" 'ax1")) | st.characters(),
+                               max_size=30), min_size=1, max_size=4))
+def test_no_spreadsheet_cell_of_a_written_row_starts_a_formula(cells):
+    # given arbitrary text cells, written as Keyvault writes every CSV
+    out = io.StringIO()
+    reports.SpreadsheetSafeWriter(out).writerow(cells)
+    written = out.getvalue()
+
+    # then read back with any delimiter, or split naively, no cell starts with a formula trigger
+    assert not [cell for cell in _cells_a_spreadsheet_may_see(written) if _starts_a_formula(cell)]
+    # and read back as written, each cell is the original with apostrophes added, and only where needed
+    (read,) = list(csv.reader(io.StringIO(written, newline="")))
+    assert read == [reports.neutralise_formulas(cell) for cell in cells]
+    for original, cell in zip(cells, read, strict=True):
+        assert cell.replace("'", "") == original.replace("'", "")
+        if not _starts_a_formula(original) and not re.search(r"[,;\t|\r\n][ \"]*[=+\-@\t\r]", original):
+            assert cell == original
+
+
+def test_every_csv_export_neutralises_formulas_after_separators(seeded, tmp_path):
+    # given an audit event and a report row carrying ``x;=1+1`` behind a separator
+    audit.record(audit.Action.OTHER, actor=Actor.system("x;=1+1"), target=("report", "x|@SUM(A1)"),
+                 details={"note": "a,-2+3"})
+    report = reports.build("activity", {})
+
+    # when the report's CSV and the audit CSV export are written
+    report_csv = reports.render_csv(report, generated_by="x;=cmd").decode()
+    audit_csv = StringIO()
+    call_command("audit", "export", "--format", "csv", stdout=audit_csv)
+
+    # then neither holds a cell that starts a formula, whatever the spreadsheet splits on
+    for text in (report_csv, audit_csv.getvalue()):
+        assert "x;'=1+1" in text
+        assert not [cell for cell in _cells_a_spreadsheet_may_see(text) if _starts_a_formula(cell)]
 
 
 # -- command line ----------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from datetime import datetime
@@ -12,7 +11,7 @@ from django.core.management.base import CommandError
 from django.utils.dateparse import parse_date, parse_datetime
 from django.utils.timezone import make_aware
 
-from keyvault import audit
+from keyvault import audit, reports
 
 from ._base import KeyvaultCommand
 
@@ -106,15 +105,15 @@ class Command(KeyvaultCommand):
             for row in rows:
                 out.write(json.dumps(row, sort_keys=True, separators=(",", ":")) + "\n")
         else:
-            writer = csv.DictWriter(out, fieldnames=EXPORT_FIELDS)
-            writer.writeheader()
+            # For spreadsheets: cells that could run as formulas are neutralised (jsonl is the exact record).
+            writer = reports.SpreadsheetSafeWriter(out, lineterminator="\r\n")
+            writer.writeheader(EXPORT_FIELDS)
             for row in rows:
-                writer.writerow({**row, "details": json.dumps(row["details"], sort_keys=True, separators=(",", ":"))})
+                row = {**row, "details": json.dumps(row["details"], sort_keys=True, separators=(",", ":"))}
+                writer.writerow([row.get(name, "") for name in EXPORT_FIELDS])
 
     def _verify_export(self, options):
         from pathlib import Path
-
-        from keyvault import reports
 
         try:
             data = Path(options["file"]).read_bytes()
