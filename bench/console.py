@@ -105,9 +105,10 @@ def create_admin() -> tuple[str, str, object]:
     user = User.objects.create_user("bench-admin", password=password, is_staff=True)
     user.groups.add(Group.objects.get(name=KEY_ADMINISTRATORS))
     token = None
-    if "django_otp.plugins.otp_totp" in settings.INSTALLED_APPS:
+    if "django_otp" in settings.INSTALLED_APPS:
         from django_otp.oath import totp
-        from django_otp.plugins.otp_totp.models import TOTPDevice
+
+        from keyvault.models import TOTPDevice
 
         device = TOTPDevice.objects.create(user=user, name="console", confirmed=True)
 

@@ -90,12 +90,10 @@ def setup_world(users: int, data_keys: int) -> tuple[list[tuple[str, bytes]], in
     django.setup()
     from django.contrib.auth.models import Group, User
     from django.core.management import call_command
-    from django_otp.plugins.otp_totp.models import TOTPDevice
-
     from keyvault import services
     from keyvault.audit import Actor
     from keyvault.kms import get_provider
-    from keyvault.models import DataKey
+    from keyvault.models import DataKey, TOTPDevice
     from keyvault.roles import AUDITORS, KEY_ADMINISTRATORS, KEY_OPERATORS
 
     call_command("migrate", verbosity=0)
