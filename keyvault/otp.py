@@ -2,7 +2,8 @@
 
 With ``REQUIRE_2FA`` (default: on when ``HMD_DEBUG=false``) a password alone
 reaches nothing but the login, enrolment, token and logout pages (and the
-health and metrics endpoints, which have their own access rules):
+health endpoint; ``/metrics`` answers a bearer token without a session, or a
+session that passed both factors):
 
 1. the user signs in with a password on the admin login page;
 2. :class:`RequireOTPMiddleware` sends a user without a confirmed device to
