@@ -99,7 +99,12 @@ def kek_named(name: str) -> _KekView:
 
 
 def kek_for_blob(blob: bytes) -> _KekView:
-    """The enabled KEK a blob names; ``InvalidCiphertext`` if the blob names none we know."""
+    """The enabled KEK a blob names.
+
+    :raises InvalidCiphertext: the blob names no KEK we know, or a retired (disabled or destroyed)
+        version of one.
+    :raises KeyNotUsable: the KEK is disabled or pending deletion.
+    """
     header = read_header(blob)
     try:
         view = _lookup(
@@ -108,9 +113,9 @@ def kek_for_blob(blob: bytes) -> _KekView:
         )
     except KeyNotUsable:
         raise InvalidCiphertext() from None
-    _usable(view)
+    _usable(view)  # the KEK's own state may be said (as AWS KMS does); a version's never
     if header.kek_version in view.retired_versions:
-        raise KeyNotUsable(f"v{header.kek_version} of KEK {view.name!r} is retired")
+        raise InvalidCiphertext()  # anyone can write a version number: see keyvault/kms/README.md
     return view
 
 

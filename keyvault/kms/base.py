@@ -262,8 +262,11 @@ class KMSProvider(abc.ABC):
         """Decrypt a ciphertext produced by :meth:`encrypt` of this provider.
 
         :raises InvalidCiphertext: for every failure to open it (malformed, tampered,
-            wrong context, unknown key or version); never says which.
-        :raises KeyDisabled: the version that encrypted it is disabled or destroyed.
+            wrong context, unknown key, a version that is unknown, disabled or destroyed);
+            never says which.
+        :raises KeyDisabled: the *key* (never one version) is disabled or pending deletion;
+            where the backend can, only once the ciphertext authenticates (README:
+            "What a failed decrypt reveals").
         :raises ProviderUnavailable: the backend could not be reached.
         """
 

@@ -95,7 +95,7 @@ canonical ``error.status`` of the response body decides:
 Cloud KMS status                                   Keyvault error
 =================================================  =======================================
 NOT_FOUND                                          ``KeyNotFound`` (``InvalidCiphertext`` on decrypt)
-FAILED_PRECONDITION (version disabled/destroyed)   ``KeyDisabled``
+FAILED_PRECONDITION (version disabled/destroyed)   ``KeyDisabled`` (``InvalidCiphertext`` on decrypt)
 INVALID_ARGUMENT                                   ``InvalidCiphertext`` on decrypt, else ``ConfigurationError``
 ALREADY_EXISTS                                     ``ConfigurationError`` (``create_key``)
 PERMISSION_DENIED, UNAUTHENTICATED                 ``AccessDenied``
@@ -104,8 +104,9 @@ RESOURCE_EXHAUSTED, connection errors, timeouts
 =================================================  =======================================
 
 Cloud KMS checks a version's state before it authenticates the ciphertext, so
-a ciphertext of a disabled or destroyed version reads as ``KeyDisabled`` even
-if it was tampered with; every other failure to open one is ``InvalidCiphertext``.
+its answer for a disabled or destroyed version would reach tampered ciphertexts
+too: decrypt reports it as ``InvalidCiphertext``, like every other failure to
+open one (``keyvault/kms/README.md``, "What a failed decrypt reveals").
 An answer that is not Cloud KMS JSON (a confused proxy) is ``ProviderUnavailable``.
 
 Idempotent calls (reads, encrypt, decrypt, state changes) are retried on the
@@ -227,7 +228,10 @@ _STATUS_ERRORS: dict[str, type[KMSError]] = {
     "RESOURCE_EXHAUSTED": ProviderUnavailable,
     "ABORTED": ProviderUnavailable,
 }
-_DECRYPT_ERRORS: dict[str, type[KMSError]] = {"NOT_FOUND": InvalidCiphertext, "INVALID_ARGUMENT": InvalidCiphertext}
+# FAILED_PRECONDITION on decrypt is a version's state (a key has none), checked before the ciphertext is
+# authenticated: opaque, like every other failure to open one.
+_DECRYPT_ERRORS: dict[str, type[KMSError]] = {"NOT_FOUND": InvalidCiphertext, "INVALID_ARGUMENT": InvalidCiphertext,
+                                              "FAILED_PRECONDITION": InvalidCiphertext}
 # Canonical status for an HTTP answer whose body does not name one.
 _HTTP_STATUSES = {
     400: "INVALID_ARGUMENT",

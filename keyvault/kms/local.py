@@ -233,8 +233,8 @@ class LocalKMSProvider(KMSProvider):
         # key id -> (primary version, cipher, ciphertext header, reservation index, reservation size,
         #            AAD for an empty context)
         self._encrypt_slots: dict[str, tuple[int, AESGCM, bytes, Callable[[], int], int, bytes]] = {}
-        # ciphertext header -> (key id, version, cipher or None if destroyed, refusal or None,
-        #                       AAD for an empty context)
+        # ciphertext header -> (key id, version, cipher or None if the version is not enabled,
+        #                       key-state refusal or None, AAD for an empty context)
         self._decrypt_slots: dict[bytes, tuple[str, int, AESGCM | None, str | None, bytes]] = {}
         # The lock file's change counter, mapped and read as one native u64 (see _open_generation).
         self._generation: memoryview | None = None
@@ -644,8 +644,8 @@ class LocalKMSProvider(KMSProvider):
             key_id, version, cipher, refusal, empty_context_aad = self._decrypt_slots[header]
         except KeyError:
             key_id, version, cipher, refusal, empty_context_aad = self._decryption_slot(header)
-        if cipher is None:
-            raise KeyDisabled(f"version {version} of {key_id!r} is destroyed")
+        if cipher is None:  # no such material to open it with: a destroyed, disabled or unknown version
+            raise InvalidCiphertext()
         aad = header + encode_context(encryption_context) if encryption_context else empty_context_aad
         try:
             plaintext = cipher.decrypt(
@@ -653,7 +653,7 @@ class LocalKMSProvider(KMSProvider):
             )
         except InvalidTag:
             raise InvalidCiphertext() from None
-        # Only an authentic ciphertext learns that its key or version is switched off.
+        # Only an authentic ciphertext learns that its key is switched off (never a version's state).
         if refusal is not None:
             raise KeyDisabled(refusal)
         return plaintext, key_id, version
@@ -669,9 +669,10 @@ class LocalKMSProvider(KMSProvider):
         refusal = None
         if key["state"] != KeyState.ENABLED:
             refusal = f"local key {key_id!r} is {key['state'].replace('_', ' ')}"
-        elif record["state"] != VersionState.ENABLED:
-            refusal = f"version {version} of {key_id!r} is {record['state']}"
-        cipher = None if record["material"] is None else self._cipher(key_id, version, record)
+        # A version that is not enabled opens nothing, and says so only as InvalidCiphertext: the version
+        # number in a header is anyone's to write (keyvault/kms/README.md, "What a failed decrypt reveals").
+        usable = record["material"] is not None and record["state"] == VersionState.ENABLED
+        cipher = self._cipher(key_id, version, record) if usable else None
         slot = (key_id, version, cipher, refusal, header + EMPTY_CONTEXT)
         self._decrypt_slots[header] = slot
         return slot

@@ -57,8 +57,8 @@ token makes a data object's value read-only, so records are written once and
 never updated; the kind is told apart by ``CKA_APPLICATION`` (key ids may
 contain ``:``, so labels alone could collide). Version records are never
 deleted: a version record without a secret key is a **destroyed** version,
-which is how ``describe_key`` still lists it and why decrypt can answer
-``KeyDisabled`` instead of "unknown". Versions are numbered without gaps.
+which is how ``describe_key`` still lists it (decrypt answers ``InvalidCiphertext``
+for it, as for an unknown version). Versions are numbered without gaps.
 
 *Key state.* **Disabled** is the presence of the ``keyvault/disabled`` marker
 (creating or destroying one object is atomic); it is enforced by this provider,
@@ -112,8 +112,9 @@ An enabled version is used only after the tag verifies; only then does an
 authentic ciphertext learn that its *key* is disabled (as in the local
 provider). A disabled or destroyed *version* cannot verify anything (the token
 refuses the key, or the material is gone), so a ciphertext whose header names
-one gets :class:`KeyDisabled` without authentication. The header is not
-secret (it names a key and a version), so this tells nothing about the data.
+one gets :class:`InvalidCiphertext`, exactly as one naming a version that never
+existed: anyone can write a version number into a header, and the answer must not
+tell them which versions exist or were retired (``keyvault/kms/README.md``).
 
 Sessions, login and threads
 ===========================
@@ -846,13 +847,11 @@ class PKCS11Provider(KMSProvider):
 
         def work(p11: Any, session: Any) -> DecryptResult:
             key = self._version_key(p11, session, key_id, version)
-            if key is None:
-                if self._record(p11, session, APPLICATION_VERSION, version_label(key_id, version)) is not None:
-                    raise KeyDisabled(f"version {version} of {key_id!r} is destroyed")
+            if key is None:  # unknown or destroyed: the same answer (README: "What a failed decrypt reveals")
                 self._assert_logged_in(p11, session)
                 raise InvalidCiphertext()
-            if not key[p11.Attribute.DECRYPT]:
-                raise KeyDisabled(f"version {version} of {key_id!r} is disabled")
+            if not key[p11.Attribute.DECRYPT]:  # a disabled version opens nothing, and does not say why
+                raise InvalidCiphertext()
             try:
                 plaintext = key.decrypt(
                     sealed,

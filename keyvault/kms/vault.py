@@ -96,7 +96,7 @@ Authentication (options from ``HMD_VAULT_*``)
 
 Errors
     Decrypt/rewrap: HTTP 400 → :class:`InvalidCiphertext` (also an unknown key
-    name), except "disallowed by policy (too old)" → :class:`KeyDisabled`.
+    name, and "disallowed by policy (too old)": a retired version).
     403 → :class:`AccessDenied`; an unknown key → :class:`KeyNotFound`
     (``encrypt`` checks the key exists first: Vault would otherwise *create* a
     missing key on encrypt when the token may); 5xx, 429, sealed and
@@ -105,9 +105,10 @@ Errors
 
 Limits worth knowing
     * Vault checks a ciphertext's version against ``min_decryption_version``
-      before authenticating it, so a tampered version number that lands on a
-      retired version reports :class:`KeyDisabled`, not
-      :class:`InvalidCiphertext`. It reveals only that the version is retired.
+      before authenticating it, so "too old" is said to tampered version numbers
+      too. We report it as :class:`InvalidCiphertext`, like every refusal to open
+      a ciphertext, so nobody learns which versions are retired
+      (``keyvault/kms/README.md``, "What a failed decrypt reveals").
     * The existence check before ``encrypt`` is cached for
       :data:`KEY_CHECK_SECONDS`. If another client deletes the key in that
       window and this token has ``create`` on ``encrypt/``, Vault re-creates
@@ -884,19 +885,16 @@ class VaultTransitProvider(KMSProvider):
             plaintext=plaintext, ciphertext=ciphertext, key_id=name, key_version=unpack_ciphertext(ciphertext)[1]
         )
 
-    @staticmethod
-    def _ciphertext_error(name: str, version: int, errors: Sequence[str]) -> KMSError:
-        if any(_TOO_OLD in error for error in errors):
-            return KeyDisabled(f"version {version} of {name!r} is retired (below min_decryption_version)")
-        return InvalidCiphertext()
-
     def _open(self, operation: str, ciphertext: bytes, encryption_context: EncryptionContext | None):
         name, version, vault_ciphertext = unpack_ciphertext(ciphertext)
         payload = {"ciphertext": vault_ciphertext, "context": _context(encryption_context)}
         try:
             data = self._request("POST", f"{self.mount}/{operation}/{name}", payload).get("data") or {}
-        except _VaultRefusal as refusal:
-            raise self._ciphertext_error(name, version, refusal.errors) from None
+        except _VaultRefusal:
+            # Every refusal, "too old" (below min_decryption_version) included, is the one opaque error:
+            # Vault checks the version before it authenticates the ciphertext (README: "What a failed
+            # decrypt reveals").
+            raise InvalidCiphertext() from None
         return name, version, data
 
     def decrypt(self, ciphertext: bytes, *, encryption_context: EncryptionContext | None = None) -> DecryptResult:
@@ -932,13 +930,13 @@ class VaultTransitProvider(KMSProvider):
         items: Sequence[tuple[bytes, EncryptionContext | None]],
         *,
         batch_size: int = REWRAP_BATCH_SIZE,
-    ) -> list[EncryptResult | InvalidCiphertext | KeyDisabled]:
+    ) -> list[EncryptResult | InvalidCiphertext]:
         """Rewrap many ``(ciphertext, encryption_context)`` pairs, ``batch_size`` per request.
 
         Each ciphertext stays with its own key (moved to that key's latest
         version). One bad item does not spoil the others: the result list is
         aligned with ``items`` and holds an :class:`EncryptResult` or the
-        ``InvalidCiphertext`` / ``KeyDisabled`` for that item.
+        ``InvalidCiphertext`` for that item.
 
         :raises AccessDenied, ProviderUnavailable: the whole call failed; retry it.
         :raises ConfigurationError: Vault refused the request itself (e.g. too large).
@@ -963,7 +961,7 @@ class VaultTransitProvider(KMSProvider):
                         rewrapped = pack_ciphertext(name, outcome)
                         results[index] = EncryptResult(rewrapped, name, unpack_ciphertext(rewrapped)[1])
                     else:
-                        results[index] = self._ciphertext_error(name, version, outcome)
+                        results[index] = InvalidCiphertext()
         return results
 
     def _rewrap_chunk(self, name: str, chunk: list[tuple[int, int, dict]]) -> list[str | list[str]]:

@@ -13,6 +13,7 @@ from keyvault.kms import (
     InvalidCiphertext,
     KeyDisabled,
     KeyNotFound,
+    KMSError,
     KeyState,
     UnsupportedOperation,
     VersionState,
@@ -161,9 +162,9 @@ def test_disabled_version_refuses_decrypt_until_enabled(provider, key_id):
 
     provider.set_key_version_state(key_id, 1, VersionState.DISABLED)
     assert provider.describe_key(key_id).version(1).state is VersionState.DISABLED
-    with pytest.raises(KeyDisabled):
+    with pytest.raises(InvalidCiphertext):  # a version's state is never said (keyvault/kms/README.md)
         provider.decrypt(old.ciphertext)
-    with pytest.raises(KeyDisabled):
+    with pytest.raises(InvalidCiphertext):
         provider.rewrap(old.ciphertext)
 
     provider.set_key_version_state(key_id, 1, VersionState.ENABLED)
@@ -188,10 +189,67 @@ def test_destroyed_version_is_gone_for_good(provider, key_id):
 
     provider.set_key_version_state(key_id, 1, VersionState.DESTROYED)
     assert provider.describe_key(key_id).version(1).state in (VersionState.DESTROYED, VersionState.DESTROY_SCHEDULED)
-    with pytest.raises(KeyDisabled):
+    with pytest.raises(InvalidCiphertext):
         provider.decrypt(old.ciphertext)
     with pytest.raises(KeyDisabled):
         provider.set_key_version_state(key_id, 1, VersionState.ENABLED)
+
+
+# -- what a failed decrypt reveals (keyvault/kms/README.md): a version's state, never ------------------
+
+
+def _forged(ciphertext: bytes) -> bytes:
+    """The ciphertext with its last byte changed: its header still names the same key and version."""
+    return ciphertext[:-1] + bytes([ciphertext[-1] ^ 0x01])
+
+
+def _refusal(call) -> str:
+    with pytest.raises(KMSError) as raised:
+        call()
+    return f"{type(raised.value).__name__}: {raised.value}"
+
+
+@pytest.mark.parametrize(("state", "capability"), [(VersionState.DISABLED, Capability.DISABLE_VERSION),
+                                                   (VersionState.DESTROYED, Capability.DESTROY_VERSION)],
+                         ids=["disabled", "destroyed"])
+def test_forged_blob_naming_a_retired_version_gets_the_one_opaque_error(provider, key_id, state, capability):
+    # given a ciphertext of version 1, then version 2 primary, and a forged blob naming version 2
+    old = provider.encrypt(key_id, b"v1 data", encryption_context=CONTEXT).ciphertext
+    provider.rotate_key(key_id)
+    current = provider.encrypt(key_id, b"v2 data", encryption_context=CONTEXT).ciphertext
+    baseline = _refusal(lambda: provider.decrypt(_forged(current), encryption_context=CONTEXT))
+    assert baseline == f"InvalidCiphertext: {InvalidCiphertext()}"
+    if not provider.supports(capability):
+        return
+
+    # when version 1 is retired, and forged and authentic blobs naming it are opened and rewrapped
+    provider.set_key_version_state(key_id, 1, state)
+    answers = {
+        _refusal(lambda: provider.decrypt(_forged(old), encryption_context=CONTEXT)),
+        _refusal(lambda: provider.decrypt(old, encryption_context=CONTEXT)),
+        _refusal(lambda: provider.rewrap(_forged(old), encryption_context=CONTEXT)),
+        _refusal(lambda: provider.rewrap(old, encryption_context=CONTEXT)),
+    }
+
+    # then each answer is word for word the one a forged blob naming a live version gets
+    assert answers == {baseline}
+
+
+def test_forged_blob_naming_a_live_version_of_a_disabled_key_learns_nothing(provider, key_id):
+    # given an authentic ciphertext of a key that is then disabled (where the backend can)
+    ciphertext = provider.encrypt(key_id, b"data", encryption_context=CONTEXT).ciphertext
+    if not provider.supports(Capability.DISABLE_KEY):
+        return
+    provider.set_key_state(key_id, KeyState.DISABLED)
+
+    # when a forged blob naming it is opened, and the authentic one
+    forged = _refusal(lambda: provider.decrypt(_forged(ciphertext), encryption_context=CONTEXT))
+    authentic = _refusal(lambda: provider.decrypt(ciphertext, encryption_context=CONTEXT))
+
+    # then the authentic blob may learn the key is disabled; the forged one learns it only where the
+    # provider says the key's own state before opening (aws, as AWS KMS does), never anything else
+    assert authentic.startswith("KeyDisabled: ")
+    assert forged in (f"InvalidCiphertext: {InvalidCiphertext()}", authentic)
 
 
 def test_disabled_key_refuses_crypto_until_enabled(provider, key_id):
