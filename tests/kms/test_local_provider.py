@@ -305,3 +305,25 @@ def test_processes_sharing_a_keyring_lose_no_key_version_or_ciphertext(keyring, 
         assert provider.describe_key(key_id).version(version).encrypt_count >= count
     with pytest.raises(InvalidCiphertext):
         provider.decrypt(made[0][0], encryption_context={"w": "someone else"})
+
+
+# -- what a failed decrypt reveals (keyvault/kms/README.md) ------------------------------------------
+
+
+@pytest.mark.parametrize("named", [3, 99, 2**32 - 1], ids=["next", "far", "largest"])
+def test_a_header_naming_a_version_that_never_existed_gets_the_one_opaque_error(keyring, master_key, named):
+    # given a key with versions 1 (destroyed) and 2, and a ciphertext of v2 whose header is made to name another
+    provider = LocalKMSProvider(keyring, master_key)
+    provider.create_key("k")
+    provider.rotate_key("k")
+    provider.set_key_version_state("k", 1, VersionState.DESTROYED)
+    ciphertext = provider.encrypt("k", b"v2 data").ciphertext
+    at = 2 + ciphertext[1]  # format version, key id length, key id, then the u32 version
+    forged = ciphertext[:at] + named.to_bytes(4, "big") + ciphertext[at + 4:]
+    destroyed = ciphertext[:at] + (1).to_bytes(4, "big") + ciphertext[at + 4:]
+
+    # when both are opened, then each gets exactly the error any tampered ciphertext gets
+    for blob in (forged, destroyed):
+        with pytest.raises(InvalidCiphertext) as raised:
+            provider.decrypt(blob)
+        assert type(raised.value) is InvalidCiphertext and str(raised.value) == str(InvalidCiphertext())
