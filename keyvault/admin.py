@@ -528,6 +528,7 @@ class SiemConsumerAdmin(admin.ModelAdmin):
 
 from django.contrib.auth import admin as auth_admin  # noqa: E402 - registers User and Group, replaced below
 from django.contrib.auth.models import Group, User  # noqa: E402
+from django.core.exceptions import FieldDoesNotExist  # noqa: E402
 
 from keyvault import accounts  # noqa: E402
 
@@ -621,7 +622,21 @@ def declared_lookup_allowed(model_admin, lookup: str, value, request=None) -> bo
     for path in declared_lookups(model_admin, request):
         if lookup == path or (lookup.startswith(path + "__") and lookup[len(path) + 2:] in FILTER_SUFFIXES):
             return True
-    return False
+    return _by_related_key(model_admin.model, lookup)
+
+
+#: "Rows of this related object", by its primary key (which pages show anyway), as links make them.
+RELATED_KEY_SUFFIXES = frozenset({"id__exact", "pk__exact", "id__in", "pk__in", "exact", "in"})
+
+
+def _by_related_key(model, lookup: str) -> bool:
+    """``kek__id__exact=3``: a foreign key compared with a primary key says nothing a page does not."""
+    name, _, rest = lookup.partition("__")
+    try:
+        field = model._meta.get_field(name)
+    except FieldDoesNotExist:
+        return False
+    return bool(field.many_to_one) and rest in RELATED_KEY_SUFFIXES
 
 
 def restrict_lookups(site=admin.site) -> None:

@@ -807,6 +807,7 @@ def test_metrics_answer_a_verified_session(client, settings):
     ("admin:keyvault_auditevent_changelist", "details__icontains=secret"),
     ("admin:keyvault_datakey_changelist", "wrapped_key__isnull=False"),
     ("admin:keyvault_keyencryptionkey_changelist", "provider_key_id__regex=."),
+    ("admin:rotation_rotationrun_changelist", "kek__provider_key_id__regex=."),
 ])
 def test_changelists_refuse_lookups_they_do_not_declare(admin_client, url_name, query):
     # given a device and a user whose columns nobody shows
@@ -828,6 +829,7 @@ def test_changelists_refuse_lookups_they_do_not_declare(admin_client, url_name, 
     ("admin:keyvault_keyencryptionkey_changelist", "state__exact=enabled"),
     ("admin:keyvault_auditevent_changelist", "actor=user%3Adora&target_type=user"),
     ("admin:keyvault_datakey_changelist", "kek__id__exact=1"),
+    ("admin:rotation_rotationrun_changelist", "kek__id__exact=1"),  # the KEK page's "runs" link
 ])
 def test_declared_filters_still_work(admin_client, url_name, query):
     assert admin_client.get(f"{reverse(url_name)}?{query}").status_code == 200
