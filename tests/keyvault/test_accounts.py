@@ -90,6 +90,36 @@ def test_console_making_a_user_superuser_and_key_administrator_is_one_event_with
     assert event.details["after"] == {"groups": sorted([KEY_ADMINISTRATORS, KEY_OPERATORS]), "is_superuser": True}
 
 
+def test_console_creating_a_user_is_one_event_without_the_password(client, root):
+    start = head()
+
+    response = client.post(reverse("admin:auth_user_add"), {
+        "username": "frank", "password1": "a long enough passphrase 9", "password2": "a long enough passphrase 9",
+        "usable_password": "true"})
+
+    assert response.status_code == 302
+    [event] = events_after(start)
+    assert (event.action, event.target_id, event.actor) == (Action.USER_CREATED, "frank", "user:root")
+    assert event.details["before"] is None and event.details["after"]["is_superuser"] is False
+    assert event.details["after"]["password"] == audit.hmac_value(User.objects.get(username="frank").password)
+    assert "passphrase" not in str(event.details)
+
+
+def test_a_privilege_change_reaches_the_siem_feed(client, bob):
+    # given a SIEM consumer that has read everything so far
+    consumer, token = siem.create_consumer(name="splunk", actor=Actor.system("tests"))
+    start = head()
+
+    # when bob is made superuser
+    accounts.update_user(bob, actor=Actor.system("tests"), is_superuser=True)
+
+    # then the collector's next page carries the event, chained
+    page = client.get("/siem/events", {"after": start}, HTTP_AUTHORIZATION=f"Bearer {token}").json()
+    [event] = page["events"]
+    assert event["action"] == "user.changed" and event["target_id"] == "bob"
+    assert event["details"]["after"] == {"is_superuser": True}
+
+
 def test_console_adding_a_member_from_the_group_page_is_a_user_change(client, root, bob):
     # given the Key administrators group without bob
     start = head()
