@@ -212,7 +212,7 @@ def _refusal(call) -> str:
 @pytest.mark.parametrize(("state", "capability"), [(VersionState.DISABLED, Capability.DISABLE_VERSION),
                                                    (VersionState.DESTROYED, Capability.DESTROY_VERSION)],
                          ids=["disabled", "destroyed"])
-def test_forged_blob_naming_a_retired_version_gets_the_one_opaque_error(provider, key_id, state, capability):
+def test_forged_blob_naming_a_retired_version_gets_the_one_opaque_error(provider, harness, key_id, state, capability):
     # given a ciphertext of version 1, then version 2 primary, and a forged blob naming version 2
     old = provider.encrypt(key_id, b"v1 data", encryption_context=CONTEXT).ciphertext
     provider.rotate_key(key_id)
@@ -224,8 +224,10 @@ def test_forged_blob_naming_a_retired_version_gets_the_one_opaque_error(provider
 
     # when version 1 is retired, and forged and authentic blobs naming it are opened and rewrapped
     provider.set_key_version_state(key_id, 1, state)
+    renamed = harness.name_version(current, 1)  # a real v2 ciphertext whose header now names v1
     answers = {
         _refusal(lambda: provider.decrypt(_forged(old), encryption_context=CONTEXT)),
+        _refusal(lambda: provider.decrypt(renamed, encryption_context=CONTEXT)),
         _refusal(lambda: provider.decrypt(old, encryption_context=CONTEXT)),
         _refusal(lambda: provider.rewrap(_forged(old), encryption_context=CONTEXT)),
         _refusal(lambda: provider.rewrap(old, encryption_context=CONTEXT)),
@@ -233,6 +235,21 @@ def test_forged_blob_naming_a_retired_version_gets_the_one_opaque_error(provider
 
     # then each answer is word for word the one a forged blob naming a live version gets
     assert answers == {baseline}
+
+
+@pytest.mark.parametrize("named", [3, 99])
+def test_forged_blob_naming_a_version_that_never_existed_gets_the_one_opaque_error(provider, harness, key_id, named):
+    # given a key with versions 1 and 2, and a real v2 ciphertext whose header is made to name another version
+    provider.rotate_key(key_id)
+    current = provider.encrypt(key_id, b"v2 data", encryption_context=CONTEXT).ciphertext
+    baseline = _refusal(lambda: provider.decrypt(_forged(current), encryption_context=CONTEXT))
+    forged = harness.name_version(current, named)
+    assert forged != current
+
+    # when it is opened and rewrapped, then the answer is the one any forged blob gets
+    assert _refusal(lambda: provider.decrypt(forged, encryption_context=CONTEXT)) == baseline
+    assert _refusal(lambda: provider.rewrap(forged, encryption_context=CONTEXT)) == baseline
+    assert baseline == f"InvalidCiphertext: {InvalidCiphertext()}"
 
 
 def test_forged_blob_naming_a_live_version_of_a_disabled_key_learns_nothing(provider, key_id):

@@ -8,7 +8,7 @@ exercise the provider's own state checks (see ``tests/kms/test_aws.py``).
 import pytest
 
 from keyvault.kms.aws import AWSKMSProvider
-from tests.kms.harness import Harness
+from tests.kms.harness import Harness, aws_version
 
 pytest_plugins = ["tests.servers.moto"]
 
@@ -35,4 +35,4 @@ def aws_harness(moto_server):
             max_attempts=1,
         )
 
-    yield Harness(provider=moto_provider(moto_server), broken_provider=broken)
+    yield Harness(provider=moto_provider(moto_server), broken_provider=broken, name_version=aws_version)

@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from keyvault.kms.gcp import GCPKMSProvider
-from tests.kms.harness import Harness
+from tests.kms.harness import Harness, version_after_key_id
 from tests.servers.gcp_kms import CloudKMSEmulator
 
 NAME = "gcp"
@@ -52,6 +52,6 @@ def gcp_harness(gcp_emulator):
         )
 
     try:
-        yield Harness(provider=provider, broken_provider=broken)
+        yield Harness(provider=provider, broken_provider=broken, name_version=version_after_key_id)
     finally:
         closed.close()

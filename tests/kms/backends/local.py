@@ -3,7 +3,7 @@
 import pytest
 
 from keyvault.kms.local import LocalKMSProvider, generate_master_key
-from tests.kms.harness import Harness
+from tests.kms.harness import Harness, version_after_key_id
 
 NAME = "local"
 
@@ -20,4 +20,4 @@ def local_harness(tmp_path_factory):
         unreadable.mkdir(exist_ok=True)
         return LocalKMSProvider(unreadable, master_key)
 
-    yield Harness(provider=provider, broken_provider=broken)
+    yield Harness(provider=provider, broken_provider=broken, name_version=version_after_key_id)

@@ -3,7 +3,7 @@
 import pytest
 
 from keyvault.kms.pkcs11 import PKCS11Provider
-from tests.kms.harness import Harness
+from tests.kms.harness import Harness, version_after_key_id
 
 pytest_plugins = ["tests.servers.softhsm"]
 
@@ -19,4 +19,4 @@ def pkcs11_harness(softhsm):
         # The real module, but no token by that label: like an HSM partition that is gone.
         return PKCS11Provider(softhsm.library, "keyvault-no-such-token", token.pin)
 
-    yield Harness(provider=provider, broken_provider=broken)
+    yield Harness(provider=provider, broken_provider=broken, name_version=version_after_key_id)

@@ -8,7 +8,7 @@ proves that policy is sufficient. ``broken_provider`` points at a closed port.
 import pytest
 
 from keyvault.kms.vault import TokenAuth, VaultTransitProvider, policy_hcl
-from tests.kms.harness import Harness
+from tests.kms.harness import Harness, vault_version
 
 pytest_plugins = ["tests.servers.openbao"]
 
@@ -33,4 +33,4 @@ def vault_policy_token(openbao_server) -> str:
 @pytest.fixture(scope="session")
 def vault_harness(openbao_server, vault_policy_token):
     provider = VaultTransitProvider(openbao_server.addr, TokenAuth(vault_policy_token), timeout=5)
-    yield Harness(provider=provider, broken_provider=closed_port_provider)
+    yield Harness(provider=provider, broken_provider=closed_port_provider, name_version=vault_version)

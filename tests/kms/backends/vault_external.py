@@ -24,7 +24,7 @@ import urllib.request
 import pytest
 
 from keyvault.kms.vault import VaultTransitProvider
-from tests.kms.harness import Harness
+from tests.kms.harness import Harness, vault_version
 
 NAME = "vault_external"
 ADDR = os.environ.get("HMD_TEST_VAULT_ADDR", "")
@@ -66,7 +66,8 @@ def vault_external_harness():
     from tests.kms.backends.vault import closed_port_provider  # imported late: loaded as a plugin first
 
     options = _options()
-    harness = Harness(provider=VaultTransitProvider.from_config(options), broken_provider=closed_port_provider)
+    harness = Harness(provider=VaultTransitProvider.from_config(options), broken_provider=closed_port_provider,
+                      name_version=vault_version)
     yield harness
     for name in _list_keys(options):
         if name.startswith(harness.key_prefix + "-"):
