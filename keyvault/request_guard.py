@@ -46,7 +46,7 @@ class RejectMalformedRequestMiddleware:
     def __call__(self, request):
         reason = malformation(request)
         if reason is not None:
-            logger.warning("refused a malformed request to %s: %s", request.path_info[:200].replace("\x00", "\\0"),
-                           reason)
+            # repr: a path or parameter name with a line break cannot forge a log line
+            logger.warning("refused a malformed request to %r: %r", request.path_info[:200], reason)
             return HttpResponseBadRequest(f"Bad request: {reason}.\n", content_type="text/plain; charset=utf-8")
         return self.get_response(request)
