@@ -213,7 +213,7 @@ def enrol_view(request):
         elif device.verify_token(form.cleaned_data["token"]):
             accounts.confirm_device(device, actor=Actor.from_request(request))
             _second_factor_passed(request, device)
-            return redirect(_next_url(request))
+            return HttpResponseRedirect(_next_url(request))
         else:
             count_failure(request)
             audit_otp_failure(request, reason="enrolment token rejected")
@@ -232,7 +232,7 @@ def verify_view(request):
     """Ask for the current TOTP code of the user's confirmed device."""
     user = request.user
     if user.is_verified():
-        return redirect(_next_url(request))
+        return HttpResponseRedirect(_next_url(request))
     devices = list(TOTPDevice.objects.filter(user=user, confirmed=True))
     if not devices:
         return redirect(f"{reverse('otp-enrol')}?{urlencode({'next': _next_url(request)})}")
@@ -246,7 +246,7 @@ def verify_view(request):
                 allowed, _ = device.verify_is_allowed()
                 if allowed and device.verify_token(form.cleaned_data["token"]):
                     _second_factor_passed(request, device)
-                    return redirect(_next_url(request))
+                    return HttpResponseRedirect(_next_url(request))
             count_failure(request)
             audit_otp_failure(request, reason="token rejected")
             form.add_error("token", "That code is not valid (or too many attempts: wait a little and retry).")
