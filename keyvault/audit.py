@@ -443,7 +443,9 @@ def witness_problem(witnessed: _Witnessed, signed: list[int], last_sequence: int
         return (newest_signed, f"witness missing: {', '.join(witnessed.missing)} does not exist but the database "
                 f"holds {len(signed)} signed checkpoints (restore it from a copy, or verify with --witness)"), ""
     if not witnessed.sources:
-        return None, "no witness configured"
+        if witnessed.missing:  # configured, but nothing signed yet to write there
+            return None, f"witness {', '.join(witnessed.missing)} not started (no checkpoints yet)"
+        return None, "no local witness file configured (check off-host copies with --witness)"
     by_sequence: dict[int, WitnessEntry] = {}
     for entry in witnessed.entries:
         known = by_sequence.setdefault(entry.sequence, entry)
