@@ -88,7 +88,7 @@ class KEKAction:
     permission: str | tuple[str, ...]
     states: frozenset[str]
     form_class: type[forms.Form]
-    perform: Callable[[KeyEncryptionKey, dict, Actor], str]
+    perform: Callable[[KeyEncryptionKey, dict, Actor], ActionOutcome]
     explanation: str
     danger: bool = False
 
@@ -120,27 +120,27 @@ def _start_run(kind: str) -> Callable[[KeyEncryptionKey, dict, Actor], ActionOut
     return perform
 
 
-def _disable(kek: KeyEncryptionKey, data: dict, actor: Actor) -> str:
+def _disable(kek: KeyEncryptionKey, data: dict, actor: Actor) -> ActionOutcome:
     services.disable_kek(kek, actor=actor, reason=data.get("reason", ""))
-    return f"Disabled {kek.name}: it refuses every encrypt and decrypt until enabled."
+    return ActionOutcome(f"Disabled {kek.name}: it refuses every encrypt and decrypt until enabled.")
 
 
-def _enable(kek: KeyEncryptionKey, data: dict, actor: Actor) -> str:
+def _enable(kek: KeyEncryptionKey, data: dict, actor: Actor) -> ActionOutcome:
     services.enable_kek(kek, actor=actor)
-    return f"Enabled {kek.name}."
+    return ActionOutcome(f"Enabled {kek.name}.")
 
 
-def _schedule_deletion(kek: KeyEncryptionKey, data: dict, actor: Actor) -> str:
+def _schedule_deletion(kek: KeyEncryptionKey, data: dict, actor: Actor) -> ActionOutcome:
     kek = services.schedule_kek_deletion(kek, actor=actor, waiting_days=data["waiting_days"])
-    return (
+    return ActionOutcome(
         f"Scheduled {kek.name} for deletion on {kek.deletion_date:%Y-%m-%d %H:%M} UTC. "
         "It refuses all cryptography now; cancel the deletion before that date to keep it."
     )
 
 
-def _cancel_deletion(kek: KeyEncryptionKey, data: dict, actor: Actor) -> str:
+def _cancel_deletion(kek: KeyEncryptionKey, data: dict, actor: Actor) -> ActionOutcome:
     services.cancel_kek_deletion(kek, actor=actor)
-    return f"Cancelled the deletion of {kek.name}. The key stays disabled until you enable it."
+    return ActionOutcome(f"Cancelled the deletion of {kek.name}. The key stays disabled until you enable it.")
 
 
 KEK_ACTIONS: tuple[KEKAction, ...] = (
@@ -426,8 +426,6 @@ class KEKActionViewsMixin:
                     logger.warning("console: %s of KEK %r refused: %s", spec.slug, kek.name, type(exc).__name__)
                     form.add_error(None, service_error_message(exc))
                 else:
-                    if isinstance(outcome, str):
-                        outcome = ActionOutcome(outcome)
                     messages.success(request, outcome.message)
                     if outcome.url_name:
                         return HttpResponseRedirect(

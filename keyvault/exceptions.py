@@ -19,10 +19,6 @@ class CoverageIncomplete(KeyvaultError):
     """A key version still protects data keys, so it cannot be retired yet."""
 
 
-class AuditChainBroken(KeyvaultError):
-    """The audit chain failed verification."""
-
-
 class AuditWriteRefused(KeyvaultError):
     """Audit events are append-only: they cannot be changed or deleted."""
 

@@ -89,10 +89,6 @@ class ConfirmForm(KEKActionForm):
     """An action without options: the POST itself is the confirmation."""
 
 
-class RotateForm(KEKActionForm):
-    reason = _reason_field("Recorded in the audit log, e.g. a ticket number or 'suspected exposure'.")
-
-
 class DisableForm(KEKActionForm):
     reason = _reason_field(
         "Recorded in the audit log. Every encrypt and decrypt with this key fails until it is enabled."

@@ -89,10 +89,6 @@ class KeyEncryptionKey(models.Model):
     def __str__(self) -> str:
         return self.name
 
-    @property
-    def is_usable(self) -> bool:
-        return self.state == self.State.ENABLED
-
 
 class KeyVersion(models.Model):
     """One version of a KEK. Exactly one version per KEK is primary and encrypts."""
