@@ -14,7 +14,7 @@ a person through the steps IdPs support for overlap (two secrets valid at once):
    old secret is really refused by the token endpoint before completing.
 
 Config: ``token_endpoint`` (https, or http on localhost; either way listed in
-``HMD_OUTBOUND_ALLOWLIST``, see :mod:`rotation.executors.outbound`), ``client_id``, ``scope``
+``HMD_OUTBOUND_ALLOWLIST``, see :mod:`rotation.executors.outbound`; a redirect is refused, never followed), ``client_id``, ``scope``
 (optional), ``auth_method``: ``client_secret_basic`` (default) or ``client_secret_post``.
 """
 
@@ -33,6 +33,17 @@ TOKEN_TIMEOUT = 10.0
 _LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect is the endpoint's answer, never followed: urllib would repeat the request (and its
+    ``Authorization`` header) to wherever ``Location`` points, outside ``HMD_OUTBOUND_ALLOWLIST``."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+_opener = urllib.request.build_opener(_NoRedirect)
+
+
 def token_request(endpoint: str, client_id: str, client_secret: str, *, scope: str = "",
                   auth_method: str = "client_secret_basic") -> tuple[bool, str]:
     """A client-credentials grant; returns ``(accepted, detail)``. The secret never appears in ``detail``."""
@@ -47,7 +58,7 @@ def token_request(endpoint: str, client_id: str, client_secret: str, *, scope: s
         headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
     request = urllib.request.Request(endpoint, data=urllib.parse.urlencode(form).encode(), headers=headers, method="POST")
     try:
-        with urllib.request.urlopen(request, timeout=TOKEN_TIMEOUT) as response:  # noqa: S310 - configured endpoint
+        with _opener.open(request, timeout=TOKEN_TIMEOUT) as response:  # noqa: S310 - allowlisted endpoint, no redirects
             body = json.loads(response.read() or b"{}")
     except urllib.error.HTTPError as exc:
         try:

@@ -106,3 +106,68 @@ def test_postgres_connections_are_refused_at_connect_time(file_source, system_ac
                 "admin_dsn": "host=127.0.0.1 user=postgres dbname=postgres"})
     narrowed()
     _failed_with(rotate(secret, actor=system_actor), "precheck.admin")
+
+
+# -- redirects: an allowed endpoint cannot send a credential on to one that is not ---------------------------
+
+
+class _Recorder:
+    """An HTTP server on 127.0.0.1 that answers every request with ``respond(handler)`` and keeps its headers."""
+
+    def __init__(self, respond):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.seen: list[dict] = []
+        recorder = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _any(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                recorder.seen.append({"method": self.command, "authorization": self.headers.get("Authorization"),
+                                      "body": self.rfile.read(length).decode() if length else ""})
+                respond(self)
+
+            do_GET = do_POST = _any  # noqa: N815
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_an_allowed_token_endpoint_redirecting_elsewhere_gets_no_credential_through(settings, status):
+    from rotation.executors.oauth import token_request
+
+    # given: the attacker's server, outside the allowlist, and an allowed endpoint that redirects to it
+    def refuse(handler):
+        handler.send_response(401)
+        handler.end_headers()
+
+    attacker = _Recorder(refuse)
+
+    def redirect(handler):
+        handler.send_response(status)
+        handler.send_header("Location", f"http://127.0.0.1:{attacker.port}/steal")
+        handler.end_headers()
+
+    allowed = _Recorder(redirect)
+    settings.OUTBOUND_ALLOWLIST = [f"http://127.0.0.1:{allowed.port}"]
+    try:
+        # when: a token request goes to the allowed endpoint, with either client authentication
+        for method in ("client_secret_basic", "client_secret_post"):
+            accepted, detail = token_request(f"http://127.0.0.1:{allowed.port}/token", "app", "s3cret-value",
+                                             auth_method=method)
+            # then: the redirect is an answer, not followed: refused, and the attacker never hears of it
+            assert not accepted and f"HTTP {status}" in detail
+        assert attacker.seen == [] and len(allowed.seen) == 2
+    finally:
+        attacker.close()
+        allowed.close()
