@@ -515,6 +515,24 @@ def chain_position() -> tuple[int, str]:
     return (head.last_sequence, head.last_hash) if head else (0, GENESIS_HASH)
 
 
+def export(*, actor: Actor, format: str, since: datetime | None = None, until: datetime | None = None,
+           since_text: str | None = None, until_text: str | None = None) -> Iterator[dict]:
+    """Record an export (with the chain position it starts from), then yield its rows.
+
+    The export is itself an audited event, recorded before streaming starts, so a copy
+    of the log always says who took it. ``since_text``/``until_text`` are the bounds
+    as the person gave them, for the record.
+    """
+    sequence, head_hash = chain_position()
+    record(
+        Action.AUDIT_EXPORTED,
+        actor=actor,
+        details={"format": format, "since": since_text, "until": until_text,
+                 "chain_sequence": sequence, "chain_hash": head_hash},
+    )
+    return export_rows(since=since, until=until)
+
+
 def export_rows(*, since: datetime | None = None, until: datetime | None = None) -> Iterator[dict]:
     """Events in chain order as plain dicts, with their hashes, for offline re-verification."""
     queryset = AuditEvent.objects.order_by("sequence")

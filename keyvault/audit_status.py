@@ -127,21 +127,31 @@ def chain_status(*, budget: int | None = None) -> ChainStatus:
     return replace(status, full_verified_at=record.full_verified_at, witness_problem=audit_witness.last_failure())
 
 
-def verify_fully(*, actor: Actor) -> audit.VerifyResult:
+def verify_fully(*, actor: Actor, jobs: int | None = None, witness: str | None = None, use_witness: bool = True,
+                 throttle: bool = True) -> audit.VerifyResult:
     """Walk the whole chain (``audit.verify_chain``), record that we did, and set the banner from the result.
 
-    :raises AuditVerificationTooSoon: a full verification started less than
+    The console's "Verify now" and ``manage.py audit verify`` both come here. Only the
+    console is throttled (``throttle``): an operator's shell is not an anonymous button.
+    A pass that skipped the witness (``use_witness=False``) does not refresh the banner's
+    verified anchor; a break found any way is always recorded.
+
+    :raises AuditVerificationTooSoon: ``throttle`` and a full verification started less than
         ``AUDIT_VERIFY_NOW_SECONDS`` ago (here, or recorded by any process).
     """
-    _claim_verify_slot()
-    result = audit.verify_chain()
+    if throttle:
+        _claim_verify_slot()
+    result = audit.verify_chain(jobs=jobs, witness=witness, use_witness=use_witness)
     audit.record(
         audit.Action.AUDIT_VERIFIED,
         actor=actor,
         outcome=audit.Outcome.SUCCESS if result.ok else audit.Outcome.FAILURE,
         details={"ok": result.ok, "events": result.events, "last_sequence": result.last_sequence,
-                 "checkpoints": result.checkpoints, "broken_at": result.broken_at, "reason": result.reason},
+                 "checkpoints": result.checkpoints, "broken_at": result.broken_at, "reason": result.reason,
+                 "witness": result.witness if result.ok and use_witness else ""},
     )
+    if result.ok and not use_witness:
+        return result
     now = timezone.now()
     _record()
     if result.ok:

@@ -24,6 +24,7 @@ from django.utils import timezone
 from keyvault import audit, envelopes
 from keyvault.audit import Action, Actor, Outcome
 from keyvault.exceptions import CoverageIncomplete, InvalidStateTransition, KeyNotUsable
+from keyvault.fields import rewrap_field
 from keyvault.kms import Capability, KeyState, KMSProvider, UnsupportedOperation, VersionState, get_provider
 from keyvault.kms import DataKey as PlainDataKey
 from keyvault.kms.context import normalise_context
@@ -463,3 +464,15 @@ def decrypt_with_kek_ciphertext(ciphertext: bytes, *, actor: Actor, provider_nam
     audit.record(Action.CRYPTO_DECRYPT, actor=actor, target=kek or ("provider-key", opened.key_id),
                  details={"version": opened.key_version, "bytes": len(opened.plaintext)})
     return opened.plaintext
+
+
+def rewrap_field_values(model, field_name: str, *, actor: Actor, batch_size: int) -> int:
+    """Move one encrypted model field's values to their KEKs' primary versions, and audit how many moved.
+
+    :raises django.core.exceptions.FieldError: the field is not encrypted.
+    """
+    count = rewrap_field(model, field_name, batch_size=batch_size)
+    label = f"{model._meta.label_lower}.{field_name}"
+    audit.record(Action.DATA_KEY_REWRAPPED, actor=actor, target=("field", label),
+                 details={"field": label, "rewrapped": count})
+    return count

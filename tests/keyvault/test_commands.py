@@ -99,6 +99,18 @@ def test_audit_checkpoint(scratch):
     assert verified and int(verified.group(1)) >= 1
 
 
+def test_audit_verify_sets_the_consoles_chain_banner(scratch):
+    """The CLI and the console's "Verify now" are one service: a CLI pass is the banner's full verification."""
+    read_banner = ("from keyvault.models import AuditVerification as V; v = V.objects.filter(pk=1).first(); "
+                   "print(v.full_verified_at is not None if v else False, v.anchor_sequence if v else 0)")
+    scratch.run("kms", "encrypt", "--key", "default", input=b"x")
+
+    scratch.run("audit", "verify")
+    verified, anchor = scratch.run("shell", "-c", read_banner).stdout.decode().splitlines()[-1].split()
+
+    assert verified == "True" and int(anchor) > 0
+
+
 def test_audit_verify_takes_a_number_of_jobs(scratch):
     verify = scratch.run("audit", "verify", "--jobs", "2")
     refused = scratch.run("audit", "verify", "--jobs", "0", check=False)

@@ -11,7 +11,7 @@ from django.core.management.base import CommandError
 from django.utils.dateparse import parse_date, parse_datetime
 from django.utils.timezone import make_aware
 
-from keyvault import audit, reports
+from keyvault import audit, audit_status, reports
 
 from ._base import KeyvaultCommand
 
@@ -76,30 +76,17 @@ class Command(KeyvaultCommand):
         return getattr(self, f"_{subcommand.replace('-', '_')}")(options)
 
     def _verify(self, options):
-        result = audit.verify_chain(jobs=options.get("jobs"), witness=options.get("witness") or None,
-                                    use_witness=not options.get("no_witness"))
-        audit.record(
-            audit.Action.AUDIT_VERIFIED,
-            actor=self.actor(options),
-            outcome=audit.Outcome.SUCCESS if result.ok else audit.Outcome.FAILURE,
-            details={"ok": result.ok, "events": result.events, "broken_at": result.broken_at, "reason": result.reason,
-                     "witness": result.witness if result.ok else ""},
-        )
+        result = audit_status.verify_fully(actor=self.actor(options), jobs=options.get("jobs"),
+                                           witness=options.get("witness") or None,
+                                           use_witness=not options.get("no_witness"), throttle=False)
         if not result.ok:
             raise CommandError(str(result))
         self.stdout.write(str(result))
 
     def _export(self, options):
         since, until = parse_when(options["since"]), parse_when(options["until"])
-        sequence, head_hash = audit.chain_position()
-        # The export is itself an audited event, recorded before streaming starts.
-        audit.record(
-            audit.Action.AUDIT_EXPORTED,
-            actor=self.actor(options),
-            details={"format": options["format"], "since": options["since"], "until": options["until"],
-                     "chain_sequence": sequence, "chain_hash": head_hash},
-        )
-        rows = audit.export_rows(since=since, until=until)
+        rows = audit.export(actor=self.actor(options), format=options["format"], since=since, until=until,
+                            since_text=options["since"], until_text=options["until"])
         out = self.stdout._out if hasattr(self.stdout, "_out") else sys.stdout
         if options["format"] == "jsonl":
             for row in rows:

@@ -3,9 +3,8 @@
 from django.apps import apps
 from django.core.management.base import CommandError
 
-from keyvault import audit
-from keyvault.audit import Action
-from keyvault.fields import encrypted_fields, rewrap_field
+from keyvault import services
+from keyvault.fields import encrypted_fields
 
 from ._base import KeyvaultCommand
 
@@ -26,8 +25,6 @@ class Command(KeyvaultCommand):
         actor = self.actor(options)
         for model in selected:
             for field in encrypted_fields(model):
-                count = rewrap_field(model, field.name, batch_size=batch_size)
+                count = services.rewrap_field_values(model, field.name, actor=actor, batch_size=batch_size)
                 label = f"{model._meta.label_lower}.{field.name}"
-                audit.record(Action.DATA_KEY_REWRAPPED, actor=actor, target=("field", label),
-                             details={"field": label, "rewrapped": count})
                 self.stdout.write(f"{label}: {count} rewrapped")
