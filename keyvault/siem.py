@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 from django.conf import settings
 from django.core.cache import cache
-from django.db import transaction
 from django.db.models.functions import Greatest
 from django.http import JsonResponse
 from django.utils import timezone

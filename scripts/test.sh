@@ -6,6 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
 
+echo "== lint (ruff, rules in ruff.toml) =="
+$BIN/ruff check --no-cache .
+
 scripts/system-deps.sh
 scripts/services.sh || true
 

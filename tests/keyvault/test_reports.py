@@ -202,7 +202,7 @@ def test_csv_export_is_stamped_recorded_and_sealed(seeded):
     text = body.decode()
     assert f"# audit_chain_position: sequence={position[0]} hash={position[1]}\n" in text
     assert "# filters: kek=payments\n" in text
-    rows = list(csv.DictReader(io.StringIO("".join(l for l in text.splitlines(True) if not l.startswith("#")))))
+    rows = list(csv.DictReader(io.StringIO("".join(line for line in text.splitlines(True) if not line.startswith("#")))))
     assert [row["run"] for row in rows] == [str(seeded["run"].pk)]
     assert list(rows[0]) == [c.key for c in reports.ROTATION_COLUMNS]
     assert "adam approved at" in rows[0]["approvals"]

@@ -104,7 +104,7 @@ def test_killed_workers_lose_nothing(worker_env, tmp_path):
         for fraction in KILL_AT:
             threshold = int(N_KEYS * fraction)
             done = wait_for(
-                lambda: (r := RotationRun.objects.get(pk=run_id)).rewrapped >= threshold and r.rewrapped,
+                lambda threshold=threshold: (r := RotationRun.objects.get(pk=run_id)).rewrapped >= threshold and r.rewrapped,
                 timeout=120, what=f"{threshold} rewrapped",
             )
             worker.kill()

@@ -140,7 +140,7 @@ class K8sAPIServer:
             namespace, name = match.group("ns"), match.groupdict().get("name")
             verb = {"GET": "get", "PUT": "update", "POST": "create"}.get(method)
             if verb is None or (name is None) != (method == "POST"):
-                raise _Failure(405, "MethodNotAllowed", f"the server does not allow this method on the requested resource")
+                raise _Failure(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
             allowed = self.tokens[token]
             if "*" not in allowed and namespace not in allowed:
                 subject = f"secrets \"{name}\" is forbidden: " if name else "secrets is forbidden: "
