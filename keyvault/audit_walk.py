@@ -76,7 +76,8 @@ CASE WHEN e.timestamp >= '1000-01-01 00:00:00+00' AND e.timestamp < '10000-01-01
 END"""
 
 _TABLE = '"%s"' % AuditEvent._meta.db_table
-_PAGE_SQL = f"SELECT e.sequence, e.prev_hash, e.hash, {DOCUMENT_SQL} FROM {_TABLE} AS e WHERE e.sequence > %s"
+# ``{table}``: the events table, schema-qualified (the rendering runs with search_path = pg_catalog, see _pinned).
+_PAGE_SQL = f"SELECT e.sequence, e.prev_hash, e.hash, {DOCUMENT_SQL} FROM {{table}} AS e WHERE e.sequence > %s"
 _PAGE_ORDER = " ORDER BY e.sequence LIMIT %s"
 # What loading a tampered value can raise: bad JSON, a date Python cannot hold.
 _UNLOADABLE = (ValueError, TypeError, OverflowError, DataError)
@@ -134,9 +135,9 @@ def walk(rows: Iterable[tuple[int, str, str, str | None]], checkpoint_sequences:
 # -- reading on PostgreSQL -----------------------------------------------------
 
 
-def _rendered_rows(cursor, after: int, before: int | None) -> Iterator[tuple]:
+def _rendered_rows(cursor, table: str, after: int, before: int | None) -> Iterator[tuple]:
     """Rows ``after < sequence < before`` with their SQL-rendered documents, in keyset pages."""
-    sql = _PAGE_SQL + ("" if before is None else " AND e.sequence < %s") + _PAGE_ORDER
+    sql = _PAGE_SQL.replace("{table}", table) + ("" if before is None else " AND e.sequence < %s") + _PAGE_ORDER
     while True:
         params = [after, PAGE_SIZE] if before is None else [after, before, PAGE_SIZE]
         cursor.execute(sql, params)
@@ -151,9 +152,9 @@ def walk_range(after: int, before: int | None, checkpoint_sequences: set[int]) -
     """Walk the events ``after < sequence < before`` (``None``: to the end) on this connection."""
     if connection.vendor != "postgresql":
         return walk(_python_rendered_rows(after, before), checkpoint_sequences)
-    # In a transaction of its own when there is none, or the JIT setting would not hold.
-    with transaction.atomic(), connection.cursor() as cursor, _jit_off(cursor):
-        return walk(_rendered_rows(cursor, after, before), checkpoint_sequences)
+    # In a transaction of its own when there is none, or the settings would not hold.
+    with transaction.atomic(), connection.cursor() as cursor, _pinned(cursor) as table:
+        return walk(_rendered_rows(cursor, table, after, before), checkpoint_sequences)
 
 
 def _range_bounds(cursor, jobs: int, min_per_job: int) -> list[tuple[int, int | None]]:
@@ -186,17 +187,32 @@ def _begin_repeatable_read(cursor) -> None:
 
 # The rendering looks expensive to the planner, which then JIT-compiles every
 # page: ~200 ms of compiling for ~100 ms of work. Off for the verifier's transaction.
-_JIT_OFF = "SELECT set_config('jit', %s, true)"
+# And the rendering must use PostgreSQL's own functions and operators only: the tables'
+# owner can add an exact-type overload (``public.to_json(text)``) or an operator that
+# the default search_path prefers, and make an edited event render as the original
+# document, whose hash then matches. With search_path = pg_catalog nothing else is
+# visible (temporary schemas are never searched for functions or operators).
+_SET_LOCAL = "SELECT pg_catalog.set_config(%s, %s, true)"
+_PINNED = {"jit": "off", "search_path": "pg_catalog"}
 
 
 @contextmanager
-def _jit_off(cursor):
-    """JIT off for the current transaction, then back to what it was (it may be the caller's)."""
-    cursor.execute("SELECT current_setting('jit')")
-    (previous,) = cursor.fetchone()
-    cursor.execute(_JIT_OFF, ["off"])
-    yield
-    cursor.execute(_JIT_OFF, [previous])  # after an error the transaction, and the setting, roll back anyway
+def _pinned(cursor):
+    """JIT off and search_path pg_catalog for the current transaction, then back to what they were (it may be
+    the caller's). Yields the events table's schema-qualified name, as the caller's search_path found it."""
+    cursor.execute("SELECT pg_catalog.to_regclass(%s)::pg_catalog.oid", [AuditEvent._meta.db_table])
+    (table_oid,) = cursor.fetchone()
+    previous = {}
+    for name, value in _PINNED.items():
+        cursor.execute("SELECT pg_catalog.current_setting(%s)", [name])
+        (previous[name],) = cursor.fetchone()
+        cursor.execute(_SET_LOCAL, [name, value])
+    # Not visible on search_path any more, so regclass names it with its schema.
+    cursor.execute("SELECT %s::pg_catalog.oid::pg_catalog.regclass::pg_catalog.text", [table_oid])
+    (table,) = cursor.fetchone()
+    yield table
+    for name, value in previous.items():  # after an error the transaction, and the settings, roll back anyway
+        cursor.execute(_SET_LOCAL, [name, value])
 
 
 def default_jobs() -> int:

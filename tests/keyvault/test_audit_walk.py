@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from keyvault import audit, audit_walk
 from keyvault.audit import Action, Actor
 from keyvault.models import AuditEvent
+from tests.audit_owner import as_table_owner
 from tests.conftest import is_postgres
 from tests.keyvault.test_audit import record_events, tamper
 
@@ -98,8 +99,8 @@ def test_events_the_database_cannot_render_are_checked_in_python(settings):
     ]
     record_events(12)
 
-    with connection.cursor() as cursor:
-        segment = audit_walk.walk(audit_walk._rendered_rows(cursor, -1, None), set())
+    with transaction.atomic(), connection.cursor() as cursor, audit_walk._pinned(cursor) as table:
+        segment = audit_walk.walk(audit_walk._rendered_rows(cursor, table, -1, None), set())
     assert segment.suspects == [event.sequence for event in unusual]
     assert both_walks().ok
 
@@ -276,3 +277,35 @@ def test_the_sql_rendering_is_exact_for_ascii_text_and_flat_details(event, year)
 
     assert rendered is not None and rendered.encode() == canonical
 
+
+
+# -- the database formats, it never vouches: not even through functions the owner adds ---------------------
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db
+@pytest.mark.parametrize("shadow", [
+    # an exact-type overload in public beats pg_catalog's polymorphic to_json(anyelement), whatever search_path says
+    "CREATE FUNCTION public.to_json(value text) RETURNS json LANGUAGE sql IMMUTABLE AS "
+    "$$ SELECT pg_catalog.to_json(CASE WHEN value = 'user:mallory' THEN 'system:tests' ELSE value END) $$",
+    # or an operator of the owner's for text || text, ahead of pg_catalog (ALTER DATABASE … SET search_path)
+    "SET search_path = public, pg_catalog; CREATE FUNCTION public.kv_cat(a text, b text) RETURNS text LANGUAGE sql IMMUTABLE AS "
+    "$$ SELECT pg_catalog.textcat(a, pg_catalog.replace(b, '\"user:mallory\"', '\"system:tests\"')) $$; "
+    "CREATE OPERATOR public.|| (LEFTARG = text, RIGHTARG = text, FUNCTION = public.kv_cat)",
+])
+def test_an_owner_shadowing_the_rendering_functions_cannot_hide_an_edit(shadow):
+    if not is_postgres():
+        pytest.fail("postgres-marked tests run only on PostgreSQL (scripts/test.sh deselects them elsewhere)")
+
+    # given: a chain, then an owner who edits an event in place (hash untouched) and adds a function in public
+    # that renders the edited value as the original, so the document the database hands back still hashes right
+    record_events(3)
+    with as_table_owner() as cursor:
+        cursor.execute("UPDATE keyvault_auditevent SET actor = 'user:mallory' WHERE sequence = 2")
+        cursor.execute(shadow)
+
+    # when: the chain is verified
+    result = audit.verify_chain(use_witness=False)
+
+    # then: the edit is found; the rendering used only the catalogue's own functions and operators
+    assert not result.ok and result.broken_at == 2 and "edited" in result.reason
