@@ -128,23 +128,30 @@ class PostgresCredentialExecutor(Executor):
     def _endpoints(config: dict, admin: dict) -> list[tuple[str, str, int | None]]:
         """Every server the logins may reach: ``host``/``port``, and each host of ``admin_dsn``.
 
-        A Unix socket (a host starting with ``/``, or none: libpq's default) is this machine: ``localhost``.
+        Both are read as libpq reads them: a comma-separated list of hosts, each tried in turn
+        with the port at the same place (or the one port). A Unix socket (a host starting with
+        ``/``, or none: libpq's default) is this machine: ``localhost``.
         :raises SecretConfigError: ``admin_dsn`` names a ``service`` (its hosts are in a file we cannot check).
         """
         if "service" in admin:
             raise SecretConfigError("admin_dsn must name its host, not a service (HMD_OUTBOUND_ALLOWLIST is checked)")
         try:
-            found = [("host", str(config["host"]), int(config.get("port", 5432)))]
-            addresses = [a for a in (admin.get("hostaddr") or "").split(",") if a]
-            # libpq connects to hostaddr when given (host then only names the server for TLS and passwords).
-            hosts = [] if addresses else (admin.get("host") or "").split(",")
+            port = int(config.get("port", 5432))
+            found = [("host", host, port) for host in _local(str(config["host"]).split(","))]
+            hosts = (admin.get("host") or "").split(",")
+            addresses = (admin.get("hostaddr") or "").split(",") if admin.get("hostaddr") else []
             ports = [int(p) if p else 5432 for p in (admin.get("port") or "").split(",")]
         except (TypeError, ValueError):
             raise SecretConfigError("port is a number") from None
-        for i, host in enumerate(hosts):
+        for i in range(max(len(hosts), len(addresses))):
             port = ports[i] if i < len(ports) else ports[-1]
-            found.append(("admin_dsn host", "localhost" if not host or host.startswith("/") else host, port))
-        found += [("admin_dsn hostaddr", address, ports[0]) for address in addresses]
+            # libpq connects to a slot's hostaddr when given (its host then only names the server for TLS and
+            # passwords); a slot with an empty hostaddr connects to its host.
+            address = addresses[i] if i < len(addresses) else ""
+            if address:
+                found.append(("admin_dsn hostaddr", address, port))
+            else:
+                found += [("admin_dsn host", host, port) for host in _local([hosts[i] if i < len(hosts) else ""])]
         return found
 
     def _check_outbound(self, ctx: Context, *, admin: bool, step: str) -> None:
@@ -333,3 +340,8 @@ class PostgresCredentialExecutor(Executor):
 
 def _first_line(exc: Exception) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _local(hosts: list[str]) -> list[str]:
+    """Hosts as the allowlist sees them: a Unix socket folder, or no host (libpq's default), is ``localhost``."""
+    return ["localhost" if not host or host.startswith("/") else host for host in hosts]

@@ -57,6 +57,25 @@ def test_every_executor_endpoint_is_checked_when_the_config_is_validated(setting
         executor_for("database_credential").validate_config({**pg, "admin_dsn": "service=prod user=postgres"})
 
 
+@pytest.mark.parametrize("changes,shown", [
+    # libpq connects to the host of a slot whose hostaddr is empty: that host must be checked, with its own port
+    ({"admin_dsn": "host=evil.example,db hostaddr=,10.0.0.5 port=6666,5432 user=postgres"}, "postgresql://evil.example:6666"),
+    ({"admin_dsn": "host=db,db hostaddr=10.0.0.5,10.0.0.5 port=5432,6666 user=postgres"}, "postgresql://10.0.0.5:6666"),
+    # a comma in the login's host is a list of hosts to libpq, tried in order: each one is checked
+    ({"host": "evil.example,db.corp.example"}, "postgresql://evil.example:5432"),
+])
+def test_every_host_libpq_would_try_is_checked(settings, changes, shown):
+    # given: an allowlist of one database network, one sub-domain and one address:port
+    settings.OUTBOUND_ALLOWLIST = ["postgresql://*.corp.example", "postgresql://10.0.0.5:5432"]
+    pg = {"host": "db.corp.example", "dbname": "d", "usernames": ["a", "b"],
+          "admin_dsn": "host=db hostaddr=10.0.0.5 user=postgres"}
+    executor_for("database_credential").validate_config(pg)
+
+    # when/then: a configuration that also names a server outside it is refused, naming that server
+    with pytest.raises(outbound.OutboundNotAllowed, match=shown.replace(".", r"\.")):
+        executor_for("database_credential").validate_config({**pg, **changes})
+
+
 # -- at connect time: a secret saved under an older, wider allowlist is still refused ---------------------------
 
 
