@@ -238,6 +238,23 @@ def test_the_lock_holds_a_username_and_address_pair_only(settings):
     assert from_owner.status_code == 302
 
 
+def test_spellings_of_a_username_that_sign_in_as_it_share_its_lock(client, settings):
+    # given a failure limit of 3, a real user, and their username guessed until it is locked from one address
+    settings.AXES_FAILURE_LIMIT = 3
+    make_role_user("auditor", password=PASSWORD)
+    for _ in range(3):
+        password_login(client, "auditor", "wrong password")
+
+    # when the guessing goes on under spellings the login form reads as the same user (spaces, compatibility forms)
+    spellings = [" auditor", "auditor ", "  auditor\t", "\uff41uditor", "\u2003auditor"]
+    answers = [password_login(client, spelling, "wrong password").status_code for spelling in spellings]
+    after = [password_login(client, spelling).status_code for spelling in spellings]
+
+    # then each is the locked user: no more guesses, and the right password does not sign in either
+    assert answers == [429] * len(spellings) and after == [429] * len(spellings)
+    assert client.get(reverse("admin:index")).status_code == 302
+
+
 @pytest.mark.parametrize(("proxies", "expected"), [(0, "10.0.0.2"), (1, "198.51.100.23"), (2, "192.0.2.1")])
 def test_forwarded_for_is_trusted_only_as_configured(rf, settings, proxies, expected):
     # given a request through proxies whose X-Forwarded-For starts with a client-supplied value
