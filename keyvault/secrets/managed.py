@@ -138,8 +138,7 @@ def own_secrets(environ: Mapping[str, str] | None = None,
                 continue
             if options is None:
                 options = reference_options() if reference_options else {}
-            location = _location(scheme, path, {**(options.get(scheme) or {}), **overrides})
-            if location is not None:
+            for location in _locations(scheme, path, {**(options.get(scheme) or {}), **overrides}, own=True):
                 own.locations[location] = variable
             continue
         path = _path_value(value)
@@ -208,13 +207,42 @@ def check_file(path: str | os.PathLike, own: OwnSecrets, *, root: str | os.PathL
         raise OwnSecretRefused(f"that path is one of Keyvault's own files ({variable}); managed secrets cannot use it")
 
 
+def _locations(scheme: str, path: str, options: Mapping, *, own: bool = False) -> set[tuple]:
+    """Keys under which ``path`` is compared: :func:`_location`, and what the provider may also read it as.
+
+    An ARN's name may or may not end in the six-character suffix AWS adds (a name such as
+    ``prod/kv-signer`` looks like one, and AWS resolves the partial ARN ``…:secret:prod/kv-signer``
+    to it), so both readings count. A GCP project may be named by its number, which cannot be
+    told from its id here: a numbered project on either side matches the same secret id in any
+    project (``own``: the keys Keyvault's own reference is stored under).
+    """
+    location = _location(scheme, path, options)
+    if location is None:
+        return set()
+    found = {location}
+    base, _ = split_field(path)
+    if scheme == "aws" and _AWS_ARN.match(base):
+        found.add(("aws", base.partition(":secret:")[2]))
+    if scheme == "gcp":
+        _, project, secret = location
+        if own:
+            found.add(("gcp", "*", secret))
+            if project.isdigit():
+                found.add(("gcp", "#", secret))
+        else:
+            found.add(("gcp", "#", secret))
+            if project.isdigit():
+                found.add(("gcp", "*", secret))
+    return found
+
+
 def check_location(scheme: str, path: str, options: Mapping, own: OwnSecrets) -> None:
     """Refuse a path of source ``scheme`` naming a secret one of Keyvault's own references points at.
 
     :raises OwnSecretRefused:
     """
-    location = _location(scheme, path, options)
-    variable = own.locations.get(location) if location is not None else None
+    candidates = sorted(_locations(scheme, path, options), key=repr)
+    variable = next((own.locations[c] for c in candidates if c in own.locations), None)
     if variable is not None:
         raise OwnSecretRefused(f"that secret is one of Keyvault's own ({variable}); managed secrets cannot use it")
 

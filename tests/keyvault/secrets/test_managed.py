@@ -18,6 +18,12 @@ def own(environ, options=None):
     ("vault:secret/keyvault", "vault", "/keyvault/", {"mount": "secret"}),
     ("aws:prod/keyvault#signing", "aws", "prod/keyvault", {}),
     ("aws:prod/keyvault", "aws", "arn:aws:secretsmanager:eu-west-1:123456789012:secret:prod/keyvault-AbCdEf#x", {}),
+    # a name ending in '-' and six letters looks like an ARN's random suffix: AWS resolves the partial ARN to it
+    ("aws:prod/kv-signer", "aws", "arn:aws:secretsmanager:eu-west-1:123456789012:secret:prod/kv-signer", {}),
+    ("aws:arn:aws:secretsmanager:eu-west-1:123456789012:secret:prod/kv-signer", "aws", "prod/kv-signer", {}),
+    # the project by its number instead of its id: the same secret to Secret Manager
+    ("gcp:keyvault-signing", "gcp", "projects/123456789012/secrets/keyvault-signing", {"project": "acme"}),
+    ("gcp:projects/123456789012/secrets/keyvault-signing", "gcp", "keyvault-signing", {"project": "acme"}),
     ("gcp:keyvault-signing", "gcp", "projects/acme/secrets/keyvault-signing", {"project": "acme"}),
     ("gcp:projects/acme/secrets/keyvault-signing", "gcp", "keyvault-signing#field", {"project": "acme"}),
     ("k8s:keyvault/keyvault-secrets#signing", "k8s", "keyvault-secrets#other-key", {"namespace": "keyvault"}),
