@@ -1122,6 +1122,8 @@ def _start_secret_run(*, secret, actor, kind, user, reason, incident_ref, destin
         raise RotationError(f"no runbook for {kind.label.lower()} rotation of {secret.get_secret_type_display()}")
     try:
         with transaction.atomic():
+            # update_secret holds this lock while it re-points: a run starts before it, or sees its event.
+            ManagedSecret.objects.select_for_update().filter(pk=secret.pk).first()
             policy = ensure_secret_policy(secret)
             repointed = repointed_event(secret) is not None
             needs_approval = policy.approvals_required > 0 or repointed

@@ -320,6 +320,47 @@ def test_re_pointing_is_refused_while_a_run_is_active_or_failed(registered, syst
     assert not AuditEvent.objects.filter(action="secret", details__event="repointed").exists()
 
 
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_run_started_while_a_re_pointing_commits_still_waits_for_approval(registered, system_actor, monkeypatch):
+    from django.db import connection
+
+    from tests.conftest import is_postgres
+
+    if not is_postgres():
+        pytest.fail("postgres-marked tests run only on PostgreSQL (scripts/test.sh deselects them elsewhere)")
+    # given: a policy without approvals, and a re-pointing that has written its event but not yet committed
+    written, started = threading.Event(), threading.Event()
+    original = services._secret_event
+
+    def slow_event(*args, **kwargs):
+        original(*args, **kwargs)
+        written.set()
+        started.wait(timeout=2)  # commit only after the run started, or after 2 s if starting it waits for us
+
+    monkeypatch.setattr(services, "_secret_event", slow_event)
+    monkeypatch.setattr(services, "enqueue_run", lambda run: None)
+
+    def re_point():
+        try:
+            services.update_secret(registered, actor=system_actor, path="x/other")
+        finally:
+            connection.close()
+
+    worker = threading.Thread(target=re_point)
+    worker.start()
+    assert written.wait(timeout=10)
+
+    # when: a rotation is started at that moment
+    run = services.start_run(secret=registered, actor=system_actor)
+    started.set()
+    worker.join(timeout=10)
+
+    # then: it never runs through the new pointer without a second person
+    assert ManagedSecret.objects.get(pk=registered.pk).path == "x/other"
+    assert run.state == "pending_approval"
+
+
 def test_re_pointing_at_keyvaults_own_secret_is_refused(registered, system_actor, monkeypatch, settings):
     from rotation.executors.base import SecretConfigError
 
