@@ -209,8 +209,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from struct import Struct
-from struct import error as StructError
 
 from .base import (
     Capability,
@@ -236,8 +234,9 @@ from .errors import (
     ProviderUnavailable,
     UnsupportedOperation,
 )
+from . import wire
+from .wire import FORMAT_VERSION
 
-FORMAT_VERSION = 1
 PAYLOAD_RAW = 0
 PAYLOAD_EMPTY = 1
 #: Sealed instead of an empty plaintext, which AWS refuses.
@@ -252,8 +251,6 @@ DEFAULT_ROTATION_WAIT = 30.0
 #: Cached key descriptions kept at most; the cache is emptied when it would grow past this.
 MAX_CACHED_KEYS = 1024
 
-_U16 = Struct(">H")
-_U32 = Struct(">I")
 _MAX_REFERENCE = 2048  # AWS's longest KeyId (an ARN)
 _KEY_UUID = re.compile(
     r"^(mrk-[0-9a-f]{32}|(mrk-)?[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})$", re.IGNORECASE
@@ -346,16 +343,13 @@ class _Header:
     version: int
 
     def pack(self) -> bytes:
-        reference = self.reference.encode("utf-8")
-        arn = self.key_arn.encode("utf-8")
         return b"".join(
             (
-                bytes((FORMAT_VERSION, self.payload)),
-                _U16.pack(len(reference)),
-                reference,
-                _U16.pack(len(arn)),
-                arn,
-                _U32.pack(self.version),
+                wire.u8(FORMAT_VERSION),
+                wire.u8(self.payload),
+                wire.prefixed(self.reference.encode("utf-8"), 2),
+                wire.prefixed(self.key_arn.encode("utf-8"), 2),
+                wire.u32(self.version),
             )
         )
 
@@ -372,32 +366,18 @@ class _Header:
     @classmethod
     def unpack(cls, ciphertext: object) -> tuple[_Header, bytes]:
         """Split a wrapped ciphertext into header and AWS blob; ``InvalidCiphertext`` if malformed."""
-        if not isinstance(ciphertext, (bytes, bytearray, memoryview)):
-            raise InvalidCiphertext()
-        data = bytes(ciphertext)
-        try:
-            if data[0] != FORMAT_VERSION or data[1] not in (PAYLOAD_RAW, PAYLOAD_EMPTY):
-                raise InvalidCiphertext()
-            offset = 2
-            (ref_len,) = _U16.unpack_from(data, offset)
-            reference = data[offset + 2 : offset + 2 + ref_len].decode("utf-8")
-            offset += 2 + ref_len
-            (arn_len,) = _U16.unpack_from(data, offset)
-            key_arn = data[offset + 2 : offset + 2 + arn_len].decode("utf-8")
-            offset += 2 + arn_len
-            (version,) = _U32.unpack_from(data, offset)
-            offset += _U32.size
-        except (IndexError, UnicodeDecodeError, StructError):
-            raise InvalidCiphertext() from None
-        header = cls(payload=data[1], reference=reference, key_arn=key_arn, version=version)
-        blob = data[offset:]
-        if (
-            not reference
-            or not key_arn.startswith("arn:")
-            or version < 1
-            or not blob
-            or header.pack() != data[:offset]
-        ):
+        data = wire.as_frame(ciphertext)
+        reader = wire.FrameReader(data)
+        reader.u8(FORMAT_VERSION)
+        payload = reader.u8(PAYLOAD_RAW, PAYLOAD_EMPTY)
+        reference = reader.prefixed_text(2, "utf-8")
+        key_arn = reader.prefixed_text(2, "utf-8")
+        version = reader.u32(1)
+        header_end = reader.offset
+        blob = reader.rest(1)
+        header = cls(payload=payload, reference=reference, key_arn=key_arn, version=version)
+        # Only the canonical spelling of a header opens (one ciphertext, one byte string).
+        if not key_arn.startswith("arn:") or header.pack() != data[:header_end]:
             raise InvalidCiphertext()
         return header, blob
 

@@ -154,7 +154,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from struct import Struct
 from types import SimpleNamespace
 
 from .base import (
@@ -181,9 +180,9 @@ from .errors import (
     ProviderUnavailable,
     UnsupportedOperation,
 )
+from .wire import KeyHeader, as_frame
 
 SDK_PACKAGE = "google-cloud-kms"
-FORMAT_VERSION = 1
 PLAINTEXT_MARKER = b"\x00"
 MAX_PLAINTEXT = 64 * 1024 - len(PLAINTEXT_MARKER)
 MAX_AAD = 64 * 1024
@@ -192,8 +191,10 @@ DEFAULT_TIMEOUT = 10.0
 LIST_PAGE_SIZE = 1000
 KEY_LABELS = {"managed-by": "keyvault"}
 
-_VERSION = Struct(">I")
 _RESOURCE_ID = re.compile(r"^[a-zA-Z0-9_-]{1,63}$")
+#: The ciphertext header (keyvault/kms/wire.py): an ASCII crypto key id, a version from 1, then
+#: Cloud KMS's ciphertext, which may not be empty.
+HEADER = KeyHeader(encoding="ascii", key_id_pattern=_RESOURCE_ID, min_version=1, min_trailer=1)
 _LOCATION = re.compile(r"^[a-z0-9-]{1,63}$")
 _PROJECT = re.compile(r"^[a-z0-9.:-]{1,100}$")
 _EPOCH = datetime.fromtimestamp(0, UTC)
@@ -661,28 +662,6 @@ class GCPKMSProvider(KMSProvider):
         with self._lock:
             self._primary_hint[key_id] = version
 
-    @staticmethod
-    def _header(key_id: str, version: int) -> bytes:
-        key_bytes = key_id.encode("ascii")
-        return bytes((FORMAT_VERSION, len(key_bytes))) + key_bytes + _VERSION.pack(version)
-
-    @staticmethod
-    def _parse_header(ciphertext: bytes) -> tuple[str, int, int]:
-        if len(ciphertext) < 2 or ciphertext[0] != FORMAT_VERSION:
-            raise InvalidCiphertext()
-        key_len = ciphertext[1]
-        header_end = 2 + key_len + _VERSION.size
-        if len(ciphertext) <= header_end:  # the Cloud KMS part may not be empty
-            raise InvalidCiphertext()
-        try:
-            key_id = ciphertext[2 : 2 + key_len].decode("ascii")
-        except UnicodeDecodeError:
-            raise InvalidCiphertext() from None
-        (version,) = _VERSION.unpack_from(ciphertext, 2 + key_len)
-        if not _RESOURCE_ID.match(key_id) or version < 1:
-            raise InvalidCiphertext()
-        return key_id, version, header_end
-
     def _encrypt_once(self, target: str, plaintext: bytes, aad: bytes):
         """One verified Encrypt call on ``target`` (a key or a version name)."""
         request = {
@@ -720,7 +699,7 @@ class GCPKMSProvider(KMSProvider):
             believed = self._primary_hint.get(key_id, 1)
 
         # Ask for the key's primary; the header names the version we believe it is.
-        header = self._header(key_id, believed)
+        header = HEADER.pack(key_id, believed)
         response = self._encrypt_once(self._key_name(key_id), inner, self._aad(header, context))
         used = self._version_number(key_id, response.name)
         if used is None:
@@ -728,7 +707,7 @@ class GCPKMSProvider(KMSProvider):
         if used != believed:
             # The primary moved (rotated elsewhere): redo it naming that version, so the header is true.
             self._set_primary_hint(key_id, used)
-            header = self._header(key_id, used)
+            header = HEADER.pack(key_id, used)
             target = self._version_name(key_id, used)
             response = self._encrypt_once(target, inner, self._aad(header, context))
             if response.name != target:
@@ -743,10 +722,8 @@ class GCPKMSProvider(KMSProvider):
         return aad
 
     def decrypt(self, ciphertext: bytes, *, encryption_context: EncryptionContext | None = None) -> DecryptResult:
-        if not isinstance(ciphertext, (bytes, bytearray, memoryview)):
-            raise InvalidCiphertext()
-        ciphertext = bytes(ciphertext)
-        key_id, version, header_end = self._parse_header(ciphertext)
+        ciphertext = as_frame(ciphertext)
+        key_id, version, header_end = HEADER.read(ciphertext)
         aad = ciphertext[:header_end] + encode_context(encryption_context)
         if len(aad) > MAX_AAD:
             raise InvalidCiphertext()

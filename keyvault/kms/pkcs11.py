@@ -174,7 +174,6 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from struct import Struct
 from typing import Any, TypeVar
 
 from .base import (
@@ -201,8 +200,8 @@ from .errors import (
     ProviderUnavailable,
     UnsupportedOperation,
 )
+from .wire import KeyHeader, as_frame
 
-FORMAT_VERSION = 1
 IV_BYTES = 12
 TAG_BITS = 128
 TAG_BYTES = TAG_BITS // 8
@@ -214,9 +213,9 @@ APPLICATION_KEY = "keyvault/key"
 APPLICATION_VERSION = "keyvault/version"
 APPLICATION_DISABLED = "keyvault/disabled"
 
-_VERSION = Struct(">I")
 _KEY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,254}$")
-_MIN_CIPHERTEXT = 2 + 1 + _VERSION.size + IV_BYTES + TAG_BYTES
+#: The ciphertext header (keyvault/kms/wire.py), as the local provider's: then the IV and the sealed data.
+HEADER = KeyHeader(key_id_pattern=_KEY_ID, min_trailer=IV_BYTES + TAG_BYTES)
 
 # python-pkcs11 exception class names, grouped by what they mean to a caller.
 _UNAVAILABLE_ERRORS = (
@@ -334,32 +333,6 @@ def _load_library(p11: Any, path: str) -> _Library:
         library = _Library(path=real, lib=lib, pid=pid)
         _libraries[real] = library
         return library
-
-
-# -- ciphertext format -----------------------------------------------------------
-
-
-def _header(key_id: str, version: int) -> bytes:
-    key_bytes = key_id.encode("utf-8")
-    return bytes((FORMAT_VERSION, len(key_bytes))) + key_bytes + _VERSION.pack(version)
-
-
-def _parse_header(ciphertext: bytes) -> tuple[str, int, int]:
-    """Return ``(key_id, version, header_end)``; ``InvalidCiphertext`` if malformed."""
-    if len(ciphertext) < _MIN_CIPHERTEXT or ciphertext[0] != FORMAT_VERSION:
-        raise InvalidCiphertext()
-    key_len = ciphertext[1]
-    header_end = 2 + key_len + _VERSION.size
-    if key_len == 0 or len(ciphertext) < header_end + IV_BYTES + TAG_BYTES:
-        raise InvalidCiphertext()
-    try:
-        key_id = ciphertext[2 : 2 + key_len].decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidCiphertext() from None
-    if not _KEY_ID.match(key_id):
-        raise InvalidCiphertext()
-    (version,) = _VERSION.unpack_from(ciphertext, 2 + key_len)
-    return key_id, version, header_end
 
 
 class PKCS11Provider(KMSProvider):
@@ -813,7 +786,7 @@ class PKCS11Provider(KMSProvider):
 
     def _seal(self, p11: Any, session: Any, key_id: str, plaintext: bytes, context: bytes) -> EncryptResult:
         version, key = self._primary(p11, session, key_id)
-        header = _header(key_id, version)
+        header = HEADER.pack(key_id, version)
         iv = os.urandom(IV_BYTES)
         sealed = key.encrypt(
             plaintext,
@@ -836,11 +809,8 @@ class PKCS11Provider(KMSProvider):
         return self._call(lambda p11, session: self._seal(p11, session, key_id, data, context))
 
     def decrypt(self, ciphertext: bytes, *, encryption_context: EncryptionContext | None = None) -> DecryptResult:
-        if type(ciphertext) is not bytes:
-            if not isinstance(ciphertext, (bytearray, memoryview)):
-                raise InvalidCiphertext()
-            ciphertext = bytes(ciphertext)
-        key_id, version, header_end = _parse_header(ciphertext)
+        ciphertext = as_frame(ciphertext)
+        key_id, version, header_end = HEADER.read(ciphertext)
         aad = ciphertext[:header_end] + encode_context(encryption_context)
         iv = ciphertext[header_end : header_end + IV_BYTES]
         sealed = ciphertext[header_end + IV_BYTES :]

@@ -189,8 +189,9 @@ from .errors import (
     ProviderUnavailable,
     UnsupportedOperation,
 )
+from . import wire
+from .wire import FORMAT_VERSION
 
-FORMAT_VERSION = 1
 KEY_TYPE = "aes256-gcm96"
 #: Items per ``batch_input`` request; four JSON strings each stays under Vault's 1000.
 REWRAP_BATCH_SIZE = 200
@@ -260,7 +261,7 @@ def pack_ciphertext(key_name: str, vault_ciphertext: str) -> bytes:
 
     :raises KMSError: Vault returned a ciphertext this module cannot read back.
     """
-    blob = bytes((FORMAT_VERSION, len(key_name))) + key_name.encode("ascii") + vault_ciphertext.encode("ascii")
+    blob = wire.u8(FORMAT_VERSION) + wire.prefixed(key_name.encode("ascii")) + vault_ciphertext.encode("ascii")
     try:
         unpack_ciphertext(blob)
     except InvalidCiphertext:
@@ -273,19 +274,12 @@ def unpack_ciphertext(blob: bytes) -> tuple[str, int, str]:
 
     :raises InvalidCiphertext: anything but a canonical ciphertext of this format.
     """
-    if not isinstance(blob, (bytes, bytearray, memoryview)):
-        raise InvalidCiphertext()
-    blob = bytes(blob)
-    if len(blob) < 2 or blob[0] != FORMAT_VERSION:
-        raise InvalidCiphertext()
-    name_end = 2 + blob[1]
-    try:
-        name = blob[2:name_end].decode("ascii")
-        vault_ciphertext = blob[name_end:].decode("ascii")
-    except UnicodeDecodeError:
-        raise InvalidCiphertext() from None
+    reader = wire.FrameReader(wire.as_frame(blob))
+    reader.u8(FORMAT_VERSION)
+    name = reader.prefixed_text(1, "ascii")
+    vault_ciphertext = reader.text(reader.remaining, "ascii")
     match = _VAULT_CIPHERTEXT.fullmatch(vault_ciphertext)
-    if len(name) != blob[1] or not _NAME.fullmatch(name) or match is None:
+    if not _NAME.fullmatch(name) or match is None:
         raise InvalidCiphertext()
     version = int(match[1])
     body = match[2]

@@ -7,31 +7,19 @@ as it is, and the same vectors must still come out (tests/kms/test_framing_vecto
 
 from __future__ import annotations
 
-from keyvault.kms import aws, gcp, pkcs11, vault
-from keyvault.kms.errors import InvalidCiphertext
-from keyvault.kms.local import LocalKMSProvider
+from collections.abc import Callable
+
+from keyvault.kms import aws, gcp, local, pkcs11, vault
 
 
-def parse_local(frame: bytes) -> dict:
-    # LocalKMSProvider.decrypt_parts: the length checks, then _parse_header on the cut header.
-    try:
-        header_end = frame[1] + 6
-    except IndexError:
-        raise InvalidCiphertext() from None
-    if len(frame) < header_end + 28:
-        raise InvalidCiphertext()
-    key_id, version = LocalKMSProvider._parse_header(frame[:header_end])
-    return {"key_id": key_id, "version": version, "header_end": header_end}
+def parse_key_header(module) -> Callable[[bytes], dict]:
+    """local, pkcs11, gcp: the module's ``HEADER`` reader, the one its ``decrypt`` uses."""
 
+    def parse(frame: bytes) -> dict:
+        key_id, version, header_end = module.HEADER.read(frame)
+        return {"key_id": key_id, "version": version, "header_end": header_end}
 
-def parse_pkcs11(frame: bytes) -> dict:
-    key_id, version, header_end = pkcs11._parse_header(frame)
-    return {"key_id": key_id, "version": version, "header_end": header_end}
-
-
-def parse_gcp(frame: bytes) -> dict:
-    key_id, version, header_end = gcp.GCPKMSProvider._parse_header(frame)
-    return {"key_id": key_id, "version": version, "header_end": header_end}
+    return parse
 
 
 def parse_vault(frame: bytes) -> dict:
@@ -51,17 +39,18 @@ def parse_aws(frame: bytes) -> dict:
     }
 
 
-PARSERS = {"local": parse_local, "pkcs11": parse_pkcs11, "gcp": parse_gcp, "vault": parse_vault, "aws": parse_aws}
+KEY_HEADER_MODULES = {"local": local, "pkcs11": pkcs11, "gcp": gcp}
+PARSERS = {
+    **{name: parse_key_header(module) for name, module in KEY_HEADER_MODULES.items()},
+    "vault": parse_vault,
+    "aws": parse_aws,
+}
 
 
 def pack(provider: str, fields: dict) -> bytes:
     """The bytes ``provider`` writes for ``fields`` (for vault: the whole ciphertext)."""
-    if provider == "local":
-        return LocalKMSProvider._header(fields["key_id"], fields["version"])
-    if provider == "pkcs11":
-        return pkcs11._header(fields["key_id"], fields["version"])
-    if provider == "gcp":
-        return gcp.GCPKMSProvider._header(fields["key_id"], fields["version"])
+    if provider in KEY_HEADER_MODULES:
+        return KEY_HEADER_MODULES[provider].HEADER.pack(fields["key_id"], fields["version"])
     if provider == "vault":
         return vault.pack_ciphertext(fields["key_name"], fields["vault_ciphertext"])
     header = aws._Header(
