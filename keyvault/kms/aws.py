@@ -235,6 +235,7 @@ from .errors import (
     UnsupportedOperation,
 )
 from . import wire
+from .loading import require_sdk
 from .wire import FORMAT_VERSION
 
 PAYLOAD_RAW = 0
@@ -442,16 +443,15 @@ _loader = None
 _loader_lock = threading.Lock()
 
 
-def _import_sdk():
-    try:
-        import boto3  # noqa: F401  (the SDK Keyvault depends on; it pins the botocore used below)
-        import botocore.config
-        import botocore.exceptions
-        import botocore.loaders
-        import botocore.session
-    except ImportError:
-        raise ConfigurationError("the AWS KMS provider needs the boto3 package: pip install boto3") from None
-    return botocore
+#: boto3 is the SDK Keyvault depends on (it pins the botocore used here); botocore's parts are used directly.
+SDK_MODULES = {
+    "boto3": "boto3",
+    "botocore": "botocore",
+    "config": "botocore.config",
+    "exceptions": "botocore.exceptions",
+    "loaders": "botocore.loaders",
+    "session": "botocore.session",
+}
 
 
 def _new_session(botocore):
@@ -514,7 +514,7 @@ class AWSKMSProvider(KMSProvider):
         rotation_wait: float = DEFAULT_ROTATION_WAIT,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        botocore = _import_sdk()
+        botocore = require_sdk(SDK_MODULES, package="boto3", user="the AWS KMS provider").botocore
         self._errors = botocore.exceptions
         self.region = region or ""
         self.endpoint_url = endpoint_url or ""

@@ -146,7 +146,6 @@ prints request payloads, which hold plaintext data keys.
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
 import threading
@@ -154,7 +153,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from types import SimpleNamespace
 
 from .base import (
     Capability,
@@ -180,6 +178,7 @@ from .errors import (
     ProviderUnavailable,
     UnsupportedOperation,
 )
+from .loading import require_sdk
 from .wire import KeyHeader, as_frame
 
 SDK_PACKAGE = "google-cloud-kms"
@@ -281,23 +280,16 @@ def crc32c(data: bytes) -> int:
 # -- SDK -------------------------------------------------------------------
 
 
-def _load_sdk() -> SimpleNamespace:
-    """Import google-cloud-kms and what it brings; ``ConfigurationError`` if it is missing."""
-    try:
-        return SimpleNamespace(
-            kms=importlib.import_module("google.cloud.kms_v1"),
-            exceptions=importlib.import_module("google.api_core.exceptions"),
-            retry=importlib.import_module("google.api_core.retry"),
-            auth_exceptions=importlib.import_module("google.auth.exceptions"),
-            credentials=importlib.import_module("google.auth.credentials"),
-            requests_exceptions=importlib.import_module("requests.exceptions"),
-            json_format=importlib.import_module("google.protobuf.json_format"),
-        )
-    except ImportError as exc:
-        missing = getattr(exc, "name", None) or "google.cloud.kms_v1"
-        raise ConfigurationError(
-            f"the gcp KMS provider needs the {SDK_PACKAGE} package ({missing} missing): pip install {SDK_PACKAGE}"
-        ) from None
+#: google-cloud-kms and what it brings, imported when a provider is built.
+SDK_MODULES = {
+    "kms": "google.cloud.kms_v1",
+    "exceptions": "google.api_core.exceptions",
+    "retry": "google.api_core.retry",
+    "auth_exceptions": "google.auth.exceptions",
+    "credentials": "google.auth.credentials",
+    "requests_exceptions": "requests.exceptions",
+    "json_format": "google.protobuf.json_format",
+}
 
 
 def _as_datetime(value: object) -> datetime:
@@ -363,7 +355,7 @@ class GCPKMSProvider(KMSProvider):
         self.location_name = f"projects/{project}/locations/{location}"
         self.key_ring_name = f"{self.location_name}/keyRings/{key_ring}"
 
-        sdk = _load_sdk()
+        sdk = require_sdk(SDK_MODULES, package=SDK_PACKAGE, user="the gcp KMS provider")
         self._sdk = sdk
         if credentials is None and anonymous_credentials:
             credentials = sdk.credentials.AnonymousCredentials()

@@ -200,6 +200,7 @@ from .errors import (
     ProviderUnavailable,
     UnsupportedOperation,
 )
+from .loading import require_sdk
 from .wire import KeyHeader, as_frame
 
 IV_BYTES = 12
@@ -250,14 +251,8 @@ def _now() -> datetime:
 
 
 def _sdk() -> Any:
-    """Import python-pkcs11, or explain how to install it."""
-    try:
-        import pkcs11
-    except ImportError:
-        raise ConfigurationError(
-            "the pkcs11 KMS provider needs the python-pkcs11 package: pip install python-pkcs11"
-        ) from None
-    return pkcs11
+    """python-pkcs11 (imported once, at the first call into a token)."""
+    return require_sdk({"pkcs11": "pkcs11"}, package="python-pkcs11", user="the pkcs11 KMS provider").pkcs11
 
 
 def _errors(p11: Any, names: tuple[str, ...]) -> tuple[type[BaseException], ...]:

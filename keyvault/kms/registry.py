@@ -8,12 +8,12 @@ caches its hashers.
 
 from __future__ import annotations
 
-import importlib
 import threading
 from collections.abc import Callable
 
 from .base import KMSProvider
 from .errors import ConfigurationError
+from .loading import import_string
 from .metrics import instrument
 
 #: Built-in providers: registry name -> (dotted class path, pip package of its SDK).
@@ -66,13 +66,7 @@ def load_provider_class(name: str, dotted_path: str | None = None) -> type[KMSPr
     if not path:
         known = ", ".join(sorted(BUILTIN_PROVIDERS))
         raise ConfigurationError(f"unknown KMS provider {name!r}; set HMD_KMS_PROVIDER to one of: {known}")
-    module_name, _, class_name = path.rpartition(".")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        hint = f"pip install {package}" if package else f"check the class path {path!r}"
-        raise ConfigurationError(f"KMS provider {name!r} cannot be loaded ({exc.name} missing): {hint}") from None
-    return getattr(module, class_name)
+    return import_string(path, what=f"KMS provider {name!r}", install_hint=package or "")
 
 
 def get_provider(name: str | None = None) -> KMSProvider:

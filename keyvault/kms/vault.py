@@ -190,6 +190,7 @@ from .errors import (
     UnsupportedOperation,
 )
 from . import wire
+from .loading import require_sdk
 from .wire import FORMAT_VERSION
 
 KEY_TYPE = "aes256-gcm96"
@@ -380,14 +381,7 @@ class _VaultRefusal(KMSError):
         return any(fragment in error for error in self.errors)
 
 
-def _import_sdk():
-    try:
-        import hvac
-        import hvac.exceptions
-        import requests.exceptions
-    except ImportError:
-        raise ConfigurationError("the vault KMS provider needs the 'hvac' package: pip install hvac") from None
-    return hvac, hvac.exceptions, requests.exceptions
+SDK_MODULES = {"hvac": "hvac", "hvac_errors": "hvac.exceptions", "http_errors": "requests.exceptions"}
 
 
 class VaultTransitProvider(KMSProvider):
@@ -413,7 +407,8 @@ class VaultTransitProvider(KMSProvider):
         ca_cert: str = "",
         timeout: float = 10.0,
     ) -> None:
-        hvac, self._hvac_errors, self._http_errors = _import_sdk()
+        sdk = require_sdk(SDK_MODULES, package="hvac", user="the vault KMS provider")
+        hvac, self._hvac_errors, self._http_errors = sdk.hvac, sdk.hvac_errors, sdk.http_errors
         addr = (addr or "").rstrip("/")
         if not addr.startswith(("http://", "https://")):
             raise ConfigurationError(f"HMD_VAULT_ADDR must be an http(s):// URL, not {addr!r}")
