@@ -236,6 +236,7 @@ from .errors import (
 )
 from . import wire
 from .loading import require_sdk
+from .options import Option
 from .wire import FORMAT_VERSION
 
 PAYLOAD_RAW = 0
@@ -270,7 +271,6 @@ _VERSION_STATES = {
     KeyState.DISABLED: VersionState.DISABLED,
     KeyState.PENDING_DELETION: VersionState.DESTROY_SCHEDULED,
 }
-_OPTIONS = {"region", "endpoint_url", "connect_timeout", "read_timeout", "max_attempts", "state_ttl", "rotation_wait"}
 
 # AWS error codes by what they mean to Keyvault.
 _UNAVAILABLE_CODES = frozenset(
@@ -500,6 +500,17 @@ class AWSKMSProvider(KMSProvider):
     """Symmetric AWS KMS keys; see the module docstring for the design."""
 
     name = "aws"
+    OPTIONS = (
+        Option("region", "HMD_AWS_REGION", ""),
+        Option("endpoint_url", "HMD_AWS_KMS_ENDPOINT_URL", ""),
+        Option("connect_timeout", "HMD_AWS_CONNECT_TIMEOUT", 5.0, "float"),
+        Option("read_timeout", "HMD_AWS_READ_TIMEOUT", 10.0, "float"),
+        Option("max_attempts", "HMD_AWS_MAX_ATTEMPTS", 3, "int"),
+        # Seconds a key's state/version record is cached, and the longest wait for a rotation to show.
+        Option("state_ttl", "HMD_AWS_STATE_TTL", DEFAULT_STATE_TTL, "float"),
+        Option("rotation_wait", "HMD_AWS_ROTATION_WAIT", DEFAULT_ROTATION_WAIT, "float"),
+    )
+    CONFIGURED_BY = ("HMD_AWS_REGION", "HMD_AWS_KMS_ENDPOINT_URL")
     capabilities = frozenset({Capability.DISABLE_KEY, Capability.NATIVE_REWRAP, Capability.DESTROY_KEY})
 
     def __init__(
@@ -546,7 +557,7 @@ class AWSKMSProvider(KMSProvider):
     @classmethod
     def from_config(cls, options: dict) -> AWSKMSProvider:
         """Build from the ``aws`` entry of the provider settings."""
-        unknown = set(options) - _OPTIONS
+        unknown = set(options) - {option.name for option in cls.OPTIONS}
         if unknown:
             raise ConfigurationError(f"unknown AWS KMS option(s): {', '.join(sorted(unknown))}")
         return cls(**options)

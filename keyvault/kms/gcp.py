@@ -179,6 +179,7 @@ from .errors import (
     UnsupportedOperation,
 )
 from .loading import require_sdk
+from .options import Option
 from .wire import KeyHeader, as_frame
 
 SDK_PACKAGE = "google-cloud-kms"
@@ -303,6 +304,15 @@ class GCPKMSProvider(KMSProvider):
     """KEKs held by Google Cloud KMS, one crypto key per ``key_id`` in one key ring."""
 
     name = "gcp"
+    OPTIONS = (
+        Option("project", "HMD_GCP_PROJECT", ""),
+        Option("location", "HMD_GCP_LOCATION", "global"),
+        Option("key_ring", "HMD_GCP_KEY_RING", ""),
+        Option("endpoint", "HMD_GCP_KMS_ENDPOINT", ""),
+        Option("anonymous_credentials", "HMD_GCP_ANONYMOUS_CREDENTIALS", False, "bool"),
+        Option("timeout", "HMD_GCP_TIMEOUT", DEFAULT_TIMEOUT, "float"),
+    )
+    CONFIGURED_BY = ("HMD_GCP_PROJECT",)
     # SET_PRIMARY is new in the contract; getattr keeps this module importable against a base without it.
     capabilities = frozenset(
         {Capability.DISABLE_VERSION, Capability.DESTROY_VERSION} | {getattr(Capability, "SET_PRIMARY", None)}

@@ -71,6 +71,7 @@ from .base import (
 )
 from .context import EMPTY_CONTEXT, encode_context
 from .errors import ConfigurationError, InvalidCiphertext, KeyDisabled, KeyNotFound, UnsupportedOperation
+from .options import Option
 from .wire import KEY_HEADER_FIXED, KeyHeader, as_frame
 
 NONCE_BYTES = 12
@@ -192,6 +193,10 @@ class LocalKMSProvider(KMSProvider):
     """AES-256-GCM KEKs kept in a local, master-key-encrypted keyring file."""
 
     name = "local"
+    # The keyring path (in HMD_DATA_DIR) and the master key (a secret) come from the project's settings.
+    OPTIONS = (
+        Option("max_encryptions_per_version", "HMD_LOCAL_KMS_MAX_ENCRYPTIONS", DEFAULT_MAX_ENCRYPTIONS, "int"),
+    )
     capabilities = frozenset(
         {
             Capability.DISABLE_VERSION,

@@ -201,6 +201,7 @@ from .errors import (
     UnsupportedOperation,
 )
 from .loading import require_sdk
+from .options import Option
 from .wire import KeyHeader, as_frame
 
 IV_BYTES = 12
@@ -334,6 +335,12 @@ class PKCS11Provider(KMSProvider):
     """AES-256 KEKs inside a PKCS#11 token (HSM), AES-GCM done by the token."""
 
     name = "pkcs11"
+    OPTIONS = (
+        Option("library", "HMD_PKCS11_LIBRARY", ""),
+        Option("token_label", "HMD_PKCS11_TOKEN_LABEL", ""),
+        Option("pin", "HMD_PKCS11_PIN", ""),
+    )
+    CONFIGURED_BY = ("HMD_PKCS11_LIBRARY",)
     capabilities = frozenset(
         {
             Capability.DISABLE_VERSION,

@@ -191,6 +191,7 @@ from .errors import (
 )
 from . import wire
 from .loading import require_sdk
+from .options import Option
 from .wire import FORMAT_VERSION
 
 KEY_TYPE = "aes256-gcm96"
@@ -388,6 +389,19 @@ class VaultTransitProvider(KMSProvider):
     """KEKs in HashiCorp Vault's (or OpenBao's) Transit engine; see the module docstring."""
 
     name = "vault"
+    OPTIONS = (
+        Option("addr", "HMD_VAULT_ADDR", ""),
+        Option("token", "HMD_VAULT_TOKEN", ""),
+        Option("role_id", "HMD_VAULT_ROLE_ID", ""),
+        Option("secret_id", "HMD_VAULT_SECRET_ID", ""),
+        Option("kubernetes_role", "HMD_VAULT_KUBERNETES_ROLE", ""),
+        Option("kubernetes_jwt_path", "HMD_VAULT_KUBERNETES_JWT_PATH", "/var/run/secrets/kubernetes.io/serviceaccount/token"),
+        Option("namespace", "HMD_VAULT_NAMESPACE", ""),
+        Option("mount", "HMD_VAULT_TRANSIT_MOUNT", "transit"),
+        Option("ca_cert", "HMD_VAULT_CACERT", ""),
+        Option("timeout", "HMD_VAULT_TIMEOUT", 10.0, "float"),
+    )
+    CONFIGURED_BY = ("HMD_VAULT_ADDR",)
     capabilities = frozenset(
         {
             Capability.DISABLE_VERSION,
