@@ -313,10 +313,7 @@ class GCPKMSProvider(KMSProvider):
         Option("timeout", "HMD_GCP_TIMEOUT", DEFAULT_TIMEOUT, "float"),
     )
     CONFIGURED_BY = ("HMD_GCP_PROJECT",)
-    # SET_PRIMARY is new in the contract; getattr keeps this module importable against a base without it.
-    capabilities = frozenset(
-        {Capability.DISABLE_VERSION, Capability.DESTROY_VERSION} | {getattr(Capability, "SET_PRIMARY", None)}
-    ) - {None}
+    capabilities = frozenset({Capability.DISABLE_VERSION, Capability.DESTROY_VERSION, Capability.SET_PRIMARY})
 
     def __init__(
         self,
