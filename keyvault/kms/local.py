@@ -1,35 +1,20 @@
-"""Local provider: AES-256-GCM keys in a keyring file encrypted under a master key.
+"""Local provider: AES-256-GCM KEKs in a keyring file encrypted under a master key.
 
-For development and single-host use. The KEKs live on the same disk as the
-data they protect, guarded only by the master key in ``HMD_LOCAL_KMS_MASTER_KEY``;
-use a real KMS (AWS, Cloud KMS, Vault Transit, an HSM) in production.
+For development and single-host use only: the KEKs sit on the same disk as the
+data, guarded by ``HMD_LOCAL_KMS_MASTER_KEY`` alone. A ciphertext is the key
+header of :mod:`keyvault.kms.wire` (:data:`HEADER`) ‖ 12-byte random nonce ‖
+AES-GCM ciphertext ‖ 16-byte tag; the AAD is the header ‖ the canonical
+encryption context.
 
-Ciphertext layout (all integers big-endian)::
+Several processes share one keyring: changes are written atomically under a
+``flock`` and announced through a change counter in the lock file that every
+process maps into memory, so ``encrypt`` and ``decrypt`` notice them at the cost
+of a memory read (and still ``stat`` the keyring once a second). Encryptions are
+counted per version in reserved blocks; at ``max_encryptions_per_version`` the
+version refuses to encrypt (:class:`KeyDisabled`). The hot paths inline that
+check and the header lookup on purpose (``keyvault/kms/README.md``, "Performance").
 
-    u8  format version (1)
-    u8  key id length L (1..255)
-    L   key id, UTF-8
-    u32 key version
-    12  nonce (random per encryption)
-    N   AES-GCM ciphertext ‖ 16-byte tag
-
-The AAD is everything before the nonce followed by the canonical encryption
-context, so no header byte and no context pair can change undetected.
-
-The keyring file is written atomically (temp file, fsync, rename, fsync of the
-directory) with mode 0600 under an exclusive ``flock`` on a sibling lock file,
-so a web process and several workers can share it. Each version counts its
-encryptions (NIST SP 800-38D allows at most 2^32 random-nonce encryptions per
-key); to keep the hot path off the disk a process reserves counts in blocks,
-so the stored count is an upper bound of the encryptions really made.
-
-Every change also bumps a 64-bit generation counter kept in the lock file,
-which each process maps into memory. ``encrypt`` and ``decrypt`` compare that
-counter instead of calling ``stat`` on the keyring, so a change made by any
-process (a rotation, a disabled version) is seen by the next call everywhere
-at the cost of a memory read. The keyring is still ``stat``-ed at least once a
-second, for changes made without the counter (a restored backup). The lock
-file holds nothing secret.
+Operator's guide: ``docs/ops/kms-providers.md``; file layouts: ``keyvault/kms/README.md``.
 """
 
 from __future__ import annotations
