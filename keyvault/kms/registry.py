@@ -1,7 +1,7 @@
 """Provider registry: names to classes, instances built once from configuration.
 
 The KMS layer imports nothing from Django. The Django app installs a config
-loader (``set_config_loader``) that reads ``settings.KMS_PROVIDERS`` and calls
+loader (``set_config_loader``) that reads ``settings.KMS`` and calls
 :func:`reset_providers` on ``setting_changed``, the way ``django.contrib.auth``
 caches its hashers.
 """
