@@ -21,7 +21,8 @@ from keyvault.config import (
     private_data_dir,
     secret_sources_config,
 )
-from keyvault.kms.local import DEFAULT_MAX_ENCRYPTIONS, generate_master_key
+from keyvault.kms.local import generate_master_key
+from keyvault.kms.registry import providers_from_env
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -194,64 +195,19 @@ if KMS_PROVIDER == "local" or is_set("HMD_LOCAL_KMS_MASTER_KEY") or is_set("HMD_
 else:
     LOCAL_KMS_MASTER_KEY = None
 
-def _provider_options() -> dict[str, dict]:
-    """Options for each provider, from its HMD_* variables (see README, "Configuration")."""
-    options = {
-        "local": {
-            "keyring_path": LOCAL_KMS_KEYRING,
-            "master_key": LOCAL_KMS_MASTER_KEY,
-            "max_encryptions_per_version": env.int("HMD_LOCAL_KMS_MAX_ENCRYPTIONS", default=DEFAULT_MAX_ENCRYPTIONS),
-        },
-        "aws": {
-            "region": env.str("HMD_AWS_REGION", default=""),
-            "endpoint_url": env.str("HMD_AWS_KMS_ENDPOINT_URL", default=""),
-            "connect_timeout": env.float("HMD_AWS_CONNECT_TIMEOUT", default=5.0),
-            "read_timeout": env.float("HMD_AWS_READ_TIMEOUT", default=10.0),
-            "max_attempts": env.int("HMD_AWS_MAX_ATTEMPTS", default=3),
-            # Seconds a key's state/version record is cached, and the longest wait for a rotation to show.
-            "state_ttl": env.float("HMD_AWS_STATE_TTL", default=10.0),
-            "rotation_wait": env.float("HMD_AWS_ROTATION_WAIT", default=30.0),
-        },
-        "gcp": {
-            "project": env.str("HMD_GCP_PROJECT", default=""),
-            "location": env.str("HMD_GCP_LOCATION", default="global"),
-            "key_ring": env.str("HMD_GCP_KEY_RING", default=""),
-            "endpoint": env.str("HMD_GCP_KMS_ENDPOINT", default=""),
-            "anonymous_credentials": env.bool("HMD_GCP_ANONYMOUS_CREDENTIALS", default=False),
-            "timeout": env.float("HMD_GCP_TIMEOUT", default=10.0),
-        },
-        "vault": {
-            "addr": env.str("HMD_VAULT_ADDR", default=""),
-            "token": env.str("HMD_VAULT_TOKEN", default=""),
-            "role_id": env.str("HMD_VAULT_ROLE_ID", default=""),
-            "secret_id": env.str("HMD_VAULT_SECRET_ID", default=""),
-            "kubernetes_role": env.str("HMD_VAULT_KUBERNETES_ROLE", default=""),
-            "kubernetes_jwt_path": env.str(
-                "HMD_VAULT_KUBERNETES_JWT_PATH", default="/var/run/secrets/kubernetes.io/serviceaccount/token"
-            ),
-            "namespace": env.str("HMD_VAULT_NAMESPACE", default=""),
-            "mount": env.str("HMD_VAULT_TRANSIT_MOUNT", default="transit"),
-            "ca_cert": env.str("HMD_VAULT_CACERT", default=""),
-            "timeout": env.float("HMD_VAULT_TIMEOUT", default=10.0),
-        },
-        "pkcs11": {
-            "library": env.str("HMD_PKCS11_LIBRARY", default=""),
-            "token_label": env.str("HMD_PKCS11_TOKEN_LABEL", default=""),
-            "pin": env.str("HMD_PKCS11_PIN", default=""),
-        },
-    }
-    configured = {
-        "local": bool(LOCAL_KMS_MASTER_KEY),
-        "aws": is_set("HMD_AWS_REGION") or is_set("HMD_AWS_KMS_ENDPOINT_URL"),
-        "gcp": is_set("HMD_GCP_PROJECT"),
-        "vault": is_set("HMD_VAULT_ADDR"),
-        "pkcs11": is_set("HMD_PKCS11_LIBRARY"),
-    }
-    # The default provider is always listed, so a missing setting is reported by name.
-    return {name: opts for name, opts in options.items() if configured[name] or name == KMS_PROVIDER}
-
-
-KMS = {"default": KMS_PROVIDER, "providers": _provider_options()}
+# Each provider declares its own HMD_* options (OPTIONS on its class, keyvault/kms/options.py); settings add
+# only what the project owns: the local keyring's place in HMD_DATA_DIR and its master key, a secret.
+KMS = {
+    "default": KMS_PROVIDER,
+    "providers": providers_from_env(
+        env,
+        default=KMS_PROVIDER,
+        is_set=is_set,
+        given={"local": {"keyring_path": LOCAL_KMS_KEYRING, "master_key": LOCAL_KMS_MASTER_KEY}}
+        if LOCAL_KMS_MASTER_KEY
+        else {},
+    ),
+}
 
 # Bearer token for Prometheus scrapes of /metrics (empty: only logged-in staff who may view KEKs).
 METRICS_TOKEN = env.str("HMD_METRICS_TOKEN", default="")

@@ -1,204 +1,23 @@
-"""AWS KMS provider: symmetric KMS keys through boto3 (botocore), with a small Keyvault wrapper.
+"""AWS KMS provider: symmetric KMS keys through boto3 (botocore), with a small Keyvault header.
 
-Implementation guide
-====================
+* A ``key_id`` is a Keyvault name (resolved as ``alias/<name>``; ``create_key``
+  creates the key and that alias), an alias, a key id or a key ARN; results
+  report it exactly as the caller gave it.
+* AWS ciphertexts do not say which backing-key version sealed them, so each is
+  wrapped in a header (:class:`_Header`: format, payload kind, reference, key ARN,
+  version; layout in ``keyvault/kms/README.md``) whose every field is also sent
+  as encryption context under the reserved ``kv:`` keys, so AWS authenticates it.
+  Callers may not use context keys starting with ``kv:``.
+* Version *n* is 1 + the rotations ``ListKeyRotations`` lists; the version a
+  ciphertext records is a lower bound of the material used, never higher.
+* AWS cannot disable or destroy one version, so ``DISABLE_VERSION``,
+  ``DESTROY_VERSION`` and ``SET_PRIMARY`` are not declared; key state is checked
+  before every cryptographic call from a per-key cache of ``state_ttl`` seconds.
+* Opening a ciphertext fails as the opaque :class:`InvalidCiphertext`, except
+  :class:`ProviderUnavailable`, :class:`KeyDisabled` (the key) and an IAM denial.
 
-What maps to what
------------------
-=================================  ==================================================
-Keyvault                            AWS KMS
-=================================  ==================================================
-``create_key(name)``                ``CreateKey`` (SYMMETRIC_DEFAULT, tag
-                                    ``keyvault:name``) + ``CreateAlias alias/<name>``
-``describe_key``                    ``DescribeKey`` + ``ListKeyRotations``
-``encrypt`` / ``decrypt``           ``Encrypt`` / ``Decrypt`` with ``EncryptionContext``
-``generate_data_key``               ``GenerateDataKey`` (``AES_256``, ``AES_128``)
-``rewrap``                          ``ReEncrypt`` (plaintext never leaves AWS)
-``rotate_key``                      ``RotateKeyOnDemand``
-``enable_automatic_rotation``       ``EnableKeyRotation`` with ``RotationPeriodInDays``
-``set_key_state``                   ``EnableKey`` / ``DisableKey``
-``schedule_key_deletion``           ``ScheduleKeyDeletion`` (7-30 days, default 30)
-``cancel_key_deletion``             ``CancelKeyDeletion`` (the key comes back Disabled)
-``destroy_key``                     ``ScheduleKeyDeletion`` with the 7-day minimum
-``health_check``                    ``ListKeys`` (``Limit=1``)
-=================================  ==================================================
-
-``destroy_key`` cannot erase at once: AWS always waits at least 7 days, during
-which every cryptographic operation fails and ``cancel_key_deletion`` can still
-bring the key back (Disabled). The capability is declared because, unless
-someone cancels, the material is gone for good after the window.
-
-Key references and names
-------------------------
-Every method takes a *reference*: a Keyvault name (``orders-kek``, resolved as
-``alias/orders-kek``), an alias name (``alias/...``), an alias ARN, a key id
-(uuid or ``mrk-...``) or a key ARN. ``create_key(name)`` creates the key and the
-alias ``alias/<name>`` so Keyvault's names work; names are 1-250 characters of
-letters, digits, ``/ _ -``, may not start with ``aws/`` or ``alias/`` and may not
-look like a key id. Results report ``key_id`` **exactly as the caller gave it**
-(``EncryptResult``, ``DataKey``, ``KeyInfo``, and ``DecryptResult`` via the wrapper
-below), so any reported id round-trips into ``encrypt`` and ``describe_key``. Keyvault never
-re-points its aliases. While a key is pending deletion its alias (and so its
-name) stays taken.
-
-Ciphertext wrapper (why, and its format)
-----------------------------------------
-An AWS ciphertext names its key but never which backing-key version (material)
-sealed it, and AWS keeps every old version forever. Keyvault needs the version to
-count coverage per version and gate retirement like for the other backends, so
-the provider wraps the AWS ``CiphertextBlob`` (all integers big-endian)::
-
-    u8   format version (1)
-    u8   payload: 0 = the AWS plaintext is the plaintext,
-                  1 = the plaintext is empty (AWS refuses empty plaintext,
-                      so a 1-byte filler is sealed instead)
-    u16  length R of the key reference, then R bytes: the reference as the caller
-         gave it (UTF-8), reported back as ``key_id``
-    u16  length A of the key ARN, then A bytes: the ARN of the key that sealed it
-    u32  Keyvault version current at encryption (see below)
-    ...  the AWS CiphertextBlob (the rest)
-
-The header is bound to the AWS ciphertext: every field is also put into the
-encryption context sent to AWS, under reserved keys ``kv:format``, ``kv:payload``,
-``kv:key``, ``kv:key-arn`` and ``kv:version``. AWS authenticates the encryption
-context as AAD, so changing any header byte makes ``Decrypt`` fail, and the
-parser refuses every header that does not re-serialise to the same bytes. Callers
-may not use context keys starting with ``kv:`` (case-insensitively). ``Decrypt``
-is always called with ``KeyId`` = the header's ARN, so a blob sealed under
-another key is refused (``IncorrectKeyException``), never silently opened.
-The header values are not secret and appear in CloudTrail like any context, which
-makes the version of each call visible in the audit trail too.
-
-Versions
---------
-Version *n* = 1 + the number of completed rotations that ``ListKeyRotations``
-lists (automatic and on-demand alike); version 1 dates from ``CreationDate``,
-version *k+1* from the *k*-th rotation's ``RotationDate``. The version a
-ciphertext records is the one current *as far as this provider knew* when it
-encrypted: rotations complete asynchronously and listings are eventually
-consistent, so the recorded version is a lower bound of the material really used,
-never higher. That errs on the safe side: such ciphertexts look older and get
-rewrapped sooner, never later. A wrapper naming a version above every listed one
-(after a fresh listing) or a key that does not exist is an ``InvalidCiphertext``.
-
-``rotate_key`` calls ``RotateKeyOnDemand`` and waits up to ``rotation_wait``
-seconds for the rotation to be listed; if AWS has not finished by then it returns
-the version number the rotation will get, and encryptions keep recording the
-previous version until it is listed. AWS allows only a small number of on-demand
-rotations per key (10 when this was written, not adjustable), so schedules
-should rely on automatic rotation: ``enable_automatic_rotation(key,
-period_days=...)`` with 90-2560 days (AWS's range; checked before calling).
-
-Per-version disable/destroy: not offered
-----------------------------------------
-AWS cannot disable or destroy one backing-key version: anyone allowed
-``kms:Decrypt`` on the key can open every ciphertext ever sealed under it,
-whatever Keyvault thinks. A per-version "disabled" flag kept by Keyvault (in tags,
-say) would be enforced only by this class, would rest on a version label that is
-a lower bound, and would promise a revocation AWS does not deliver; a security
-team could not rely on it. So this provider does **not** declare
-``DISABLE_VERSION`` or ``DESTROY_VERSION``, and ``set_key_version_state`` raises
-``UnsupportedOperation``. Retiring a version on AWS means: rewrap everything to the
-current version (coverage per version comes from the wrapper), then, for a real
-revocation, disable or schedule deletion of the *whole key* (after moving data to
-another key with ``rewrap(..., key_id=other)``). Each version's reported state is
-the key's state (Enabled, Disabled, or DESTROY_SCHEDULED while pending deletion).
-For the same reason there is no ``SET_PRIMARY``: AWS always encrypts with the
-newest material, so ``set_primary_version`` keeps the base class's
-``UnsupportedOperation``.
-
-Key states
-----------
-``Enabled`` -> ENABLED; ``Disabled`` -> DISABLED; ``PendingDeletion`` and
-``PendingReplicaDeletion`` -> PENDING_DELETION; every other AWS state
-(``PendingImport``, ``Unavailable``, ``Creating``, ``Updating``) -> DISABLED,
-because no cryptography is possible in it.
-
-The provider checks the key state itself before every cryptographic call and
-refuses with ``KeyDisabled`` (AWS does too; emulators such as moto do not, and the
-version number must be read anyway). The key's description (DescribeKey and
-ListKeyRotations) is cached per reference for ``state_ttl`` seconds (default 10,
-0 = never cache): without the cache every encryption would cost three requests,
-and DescribeKey and ListKeyRotations have their own request quotas, lower than the
-shared quota of cryptographic operations, that a busy service would exhaust. What
-the cache can get wrong is bounded: a change this provider makes drops the entry
-at once; a change made elsewhere is seen within ``state_ttl``, during which real
-AWS still refuses crypto on a disabled key (``DisabledException`` -> ``KeyDisabled``,
-and the entry is dropped), and a stale version only makes the recorded version
-lower (see above). ``describe_key`` always reads fresh.
-
-Errors
-------
-* ``ThrottlingException``, ``KMSInternalException``, ``DependencyTimeoutException``,
-  ``KeyUnavailableException``, any HTTP 5xx, connection errors and timeouts ->
-  ``ProviderUnavailable`` (the only retryable one);
-* ``InvalidCiphertextException``, ``IncorrectKeyException`` -> ``InvalidCiphertext``;
-* ``NotFoundException``, ``InvalidArnException`` -> ``KeyNotFound`` (``InvalidCiphertext``
-  while opening a ciphertext);
-* ``DisabledException``, ``KMSInvalidStateException``, ``ConflictException`` -> ``KeyDisabled``;
-* ``AccessDeniedException``, rejected or expired credentials -> ``AccessDenied``;
-* ``UnsupportedOperationException`` -> ``UnsupportedOperation``;
-* ``AlreadyExistsException``, ``ValidationException``, ``LimitExceededException``
-  (e.g. no on-demand rotations left), missing credentials or region -> ``ConfigurationError``.
-
-Retries happen inside botocore (``Config(retries={"mode": "standard",
-"total_max_attempts": max_attempts}, connect_timeout=..., read_timeout=...)``):
-what reaches the caller as ``ProviderUnavailable`` has already been retried.
-``max_attempts`` counts every attempt, the first included, like ``AWS_MAX_ATTEMPTS``
-(botocore's ``max_attempts`` key would count retries only: 1 would mean 2 tries).
-
-While *opening* a ciphertext (``decrypt``, the source side of ``rewrap``) every
-failure is the opaque ``InvalidCiphertext`` except three that are not about the
-ciphertext: ``ProviderUnavailable``, ``KeyDisabled`` (the key named by the wrapper
-is disabled or pending deletion; AWS reveals this for any ciphertext too) and an
-IAM denial (``AccessDeniedException`` whose message says the caller "is not
-authorized to perform" the action). AWS answers a blob that names a key that does
-not exist, or that we may not use, with ``AccessDeniedException`` and the message
-"The ciphertext refers to a ... key that does not exist ..."; that one is a
-failure to open and becomes ``InvalidCiphertext``. With key policies that
-condition on the encryption context, a wrong context can therefore surface as
-``AccessDenied`` (the policy refused the context the caller chose) rather than
-``InvalidCiphertext``; nothing about the ciphertext leaks either way.
-
-IAM and key policy
-------------------
-The principal Keyvault runs as needs, on its keys:
-
-* day to day: ``kms:Encrypt``, ``kms:Decrypt``, ``kms:GenerateDataKey``,
-  ``kms:ReEncryptFrom`` and ``kms:ReEncryptTo`` (both keys of a rewrap),
-  ``kms:DescribeKey``, ``kms:ListKeyRotations`` (AWS documents this one as a key
-  policy permission: grant it in the key policy);
-* key management: ``kms:CreateKey`` + ``kms:TagResource`` (IAM policy: the key does
-  not exist yet), ``kms:CreateAlias`` (on the alias *and* the key),
-  ``kms:RotateKeyOnDemand``, ``kms:EnableKeyRotation``, ``kms:DisableKeyRotation``,
-  ``kms:GetKeyRotationStatus``, ``kms:EnableKey``, ``kms:DisableKey``,
-  ``kms:ScheduleKeyDeletion``, ``kms:CancelKeyDeletion``;
-* health check: ``kms:ListKeys`` (optional: an ``AccessDeniedException`` still
-  proves the endpoint answers and the credentials are valid, and counts healthy).
-
-Policies may require the context Keyvault always sends, e.g. a statement allowing
-``kms:Decrypt`` only with ``"Condition": {"StringEquals":
-{"kms:EncryptionContext:kv:format": "1"}}``, or pin callers' pairs with
-``kms:EncryptionContext:<key>``. If a policy limits the *set* of context keys with
-``kms:EncryptionContextKeys`` and ``ForAllValues:StringEquals``, it must list
-``kv:format``, ``kv:payload``, ``kv:key``, ``kv:key-arn`` and ``kv:version`` too.
-
-Limits
-------
-``encrypt`` takes at most 4096 bytes of plaintext (AWS's limit; larger data is
-what ``generate_data_key`` / envelope encryption is for). The encryption context,
-ours included, must fit AWS's size limit. AWS supports no encryption counter per
-version, so ``encrypt_count`` is ``None`` (no ``ENCRYPT_COUNT`` capability).
-The plaintext boto3 returns is an immutable ``bytes`` that cannot be wiped; the
-``DataKey`` copy can.
-
-Settings
---------
-``HMD_AWS_REGION``, ``HMD_AWS_KMS_ENDPOINT_URL``, ``HMD_AWS_CONNECT_TIMEOUT``,
-``HMD_AWS_READ_TIMEOUT``, ``HMD_AWS_MAX_ATTEMPTS`` (see ``_provider_options()``);
-credentials come from the standard AWS chain (environment, shared files, web
-identity, container or instance role). boto3 is imported only when the provider
-is built: without it the error is a ``ConfigurationError`` naming ``boto3``.
+Operator's guide (what maps to which AWS call, errors, IAM and key policies,
+limits): ``docs/ops/kms-providers.md``.
 """
 
 from __future__ import annotations
@@ -209,8 +28,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from struct import Struct
-from struct import error as StructError
 
 from .base import (
     Capability,
@@ -236,8 +53,11 @@ from .errors import (
     ProviderUnavailable,
     UnsupportedOperation,
 )
+from . import wire
+from .loading import require_sdk
+from .options import Option
+from .wire import FORMAT_VERSION
 
-FORMAT_VERSION = 1
 PAYLOAD_RAW = 0
 PAYLOAD_EMPTY = 1
 #: Sealed instead of an empty plaintext, which AWS refuses.
@@ -252,8 +72,6 @@ DEFAULT_ROTATION_WAIT = 30.0
 #: Cached key descriptions kept at most; the cache is emptied when it would grow past this.
 MAX_CACHED_KEYS = 1024
 
-_U16 = Struct(">H")
-_U32 = Struct(">I")
 _MAX_REFERENCE = 2048  # AWS's longest KeyId (an ARN)
 _KEY_UUID = re.compile(
     r"^(mrk-[0-9a-f]{32}|(mrk-)?[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})$", re.IGNORECASE
@@ -272,7 +90,6 @@ _VERSION_STATES = {
     KeyState.DISABLED: VersionState.DISABLED,
     KeyState.PENDING_DELETION: VersionState.DESTROY_SCHEDULED,
 }
-_OPTIONS = {"region", "endpoint_url", "connect_timeout", "read_timeout", "max_attempts", "state_ttl", "rotation_wait"}
 
 # AWS error codes by what they mean to Keyvault.
 _UNAVAILABLE_CODES = frozenset(
@@ -346,16 +163,13 @@ class _Header:
     version: int
 
     def pack(self) -> bytes:
-        reference = self.reference.encode("utf-8")
-        arn = self.key_arn.encode("utf-8")
         return b"".join(
             (
-                bytes((FORMAT_VERSION, self.payload)),
-                _U16.pack(len(reference)),
-                reference,
-                _U16.pack(len(arn)),
-                arn,
-                _U32.pack(self.version),
+                wire.u8(FORMAT_VERSION),
+                wire.u8(self.payload),
+                wire.prefixed(self.reference.encode("utf-8"), 2),
+                wire.prefixed(self.key_arn.encode("utf-8"), 2),
+                wire.u32(self.version),
             )
         )
 
@@ -372,32 +186,18 @@ class _Header:
     @classmethod
     def unpack(cls, ciphertext: object) -> tuple[_Header, bytes]:
         """Split a wrapped ciphertext into header and AWS blob; ``InvalidCiphertext`` if malformed."""
-        if not isinstance(ciphertext, (bytes, bytearray, memoryview)):
-            raise InvalidCiphertext()
-        data = bytes(ciphertext)
-        try:
-            if data[0] != FORMAT_VERSION or data[1] not in (PAYLOAD_RAW, PAYLOAD_EMPTY):
-                raise InvalidCiphertext()
-            offset = 2
-            (ref_len,) = _U16.unpack_from(data, offset)
-            reference = data[offset + 2 : offset + 2 + ref_len].decode("utf-8")
-            offset += 2 + ref_len
-            (arn_len,) = _U16.unpack_from(data, offset)
-            key_arn = data[offset + 2 : offset + 2 + arn_len].decode("utf-8")
-            offset += 2 + arn_len
-            (version,) = _U32.unpack_from(data, offset)
-            offset += _U32.size
-        except (IndexError, UnicodeDecodeError, StructError):
-            raise InvalidCiphertext() from None
-        header = cls(payload=data[1], reference=reference, key_arn=key_arn, version=version)
-        blob = data[offset:]
-        if (
-            not reference
-            or not key_arn.startswith("arn:")
-            or version < 1
-            or not blob
-            or header.pack() != data[:offset]
-        ):
+        data = wire.as_frame(ciphertext)
+        reader = wire.FrameReader(data)
+        reader.u8(FORMAT_VERSION)
+        payload = reader.u8(PAYLOAD_RAW, PAYLOAD_EMPTY)
+        reference = reader.prefixed_text(2, "utf-8")
+        key_arn = reader.prefixed_text(2, "utf-8")
+        version = reader.u32(1)
+        header_end = reader.offset
+        blob = reader.rest(1)
+        header = cls(payload=payload, reference=reference, key_arn=key_arn, version=version)
+        # Only the canonical spelling of a header opens (one ciphertext, one byte string).
+        if not key_arn.startswith("arn:") or header.pack() != data[:header_end]:
             raise InvalidCiphertext()
         return header, blob
 
@@ -462,16 +262,15 @@ _loader = None
 _loader_lock = threading.Lock()
 
 
-def _import_sdk():
-    try:
-        import boto3  # noqa: F401  (the SDK Keyvault depends on; it pins the botocore used below)
-        import botocore.config
-        import botocore.exceptions
-        import botocore.loaders
-        import botocore.session
-    except ImportError:
-        raise ConfigurationError("the AWS KMS provider needs the boto3 package: pip install boto3") from None
-    return botocore
+#: boto3 is the SDK Keyvault depends on (it pins the botocore used here); botocore's parts are used directly.
+SDK_MODULES = {
+    "boto3": "boto3",
+    "botocore": "botocore",
+    "config": "botocore.config",
+    "exceptions": "botocore.exceptions",
+    "loaders": "botocore.loaders",
+    "session": "botocore.session",
+}
 
 
 def _new_session(botocore):
@@ -520,6 +319,17 @@ class AWSKMSProvider(KMSProvider):
     """Symmetric AWS KMS keys; see the module docstring for the design."""
 
     name = "aws"
+    OPTIONS = (
+        Option("region", "HMD_AWS_REGION", ""),
+        Option("endpoint_url", "HMD_AWS_KMS_ENDPOINT_URL", ""),
+        Option("connect_timeout", "HMD_AWS_CONNECT_TIMEOUT", 5.0, "float"),
+        Option("read_timeout", "HMD_AWS_READ_TIMEOUT", 10.0, "float"),
+        Option("max_attempts", "HMD_AWS_MAX_ATTEMPTS", 3, "int"),
+        # Seconds a key's state/version record is cached, and the longest wait for a rotation to show.
+        Option("state_ttl", "HMD_AWS_STATE_TTL", DEFAULT_STATE_TTL, "float"),
+        Option("rotation_wait", "HMD_AWS_ROTATION_WAIT", DEFAULT_ROTATION_WAIT, "float"),
+    )
+    CONFIGURED_BY = ("HMD_AWS_REGION", "HMD_AWS_KMS_ENDPOINT_URL")
     capabilities = frozenset({Capability.DISABLE_KEY, Capability.NATIVE_REWRAP, Capability.DESTROY_KEY})
 
     def __init__(
@@ -534,7 +344,7 @@ class AWSKMSProvider(KMSProvider):
         rotation_wait: float = DEFAULT_ROTATION_WAIT,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        botocore = _import_sdk()
+        botocore = require_sdk(SDK_MODULES, package="boto3", user="the AWS KMS provider").botocore
         self._errors = botocore.exceptions
         self.region = region or ""
         self.endpoint_url = endpoint_url or ""
@@ -566,7 +376,7 @@ class AWSKMSProvider(KMSProvider):
     @classmethod
     def from_config(cls, options: dict) -> AWSKMSProvider:
         """Build from the ``aws`` entry of the provider settings."""
-        unknown = set(options) - _OPTIONS
+        unknown = set(options) - {option.name for option in cls.OPTIONS}
         if unknown:
             raise ConfigurationError(f"unknown AWS KMS option(s): {', '.join(sorted(unknown))}")
         return cls(**options)
@@ -585,7 +395,7 @@ class AWSKMSProvider(KMSProvider):
             raise self._translate(exc, operation, opening=opening) from None
 
     def _translate(self, exc: Exception, operation: str, *, opening: bool = False) -> KMSError:
-        """Map a boto3/botocore error to the Keyvault tree (see the table in the module docstring)."""
+        """Map a boto3/botocore error to the Keyvault tree (docs/ops/kms-providers.md, "Errors")."""
         errors = self._errors
         if isinstance(exc, errors.ClientError):
             error = exc.response.get("Error", {})

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from .errors import UnsupportedOperation
+from .options import EnvReader, Option, read_options
 
 EncryptionContext = Mapping[str, str]
 
@@ -166,6 +167,15 @@ class KMSProvider(abc.ABC):
     name: str = ""
     #: Optional behaviours this backend supports (see :class:`Capability`).
     capabilities: frozenset[Capability] = frozenset()
+    #: The options :meth:`from_config` takes that come from ``HMD_*`` variables (keyvault/kms/options.py).
+    OPTIONS: tuple[Option, ...] = ()
+    #: Variables whose presence means this provider is configured (it is listed in ``settings.KMS``).
+    CONFIGURED_BY: tuple[str, ...] = ()
+
+    @classmethod
+    def options_from_env(cls, env: EnvReader) -> dict:
+        """This provider's options from its ``HMD_*`` variables (defaults where unset)."""
+        return read_options(cls.OPTIONS, env)
 
     def supports(self, capability: Capability) -> bool:
         """Return whether this backend supports ``capability``."""

@@ -1,152 +1,25 @@
 """Google Cloud KMS provider (``HMD_KMS_PROVIDER=gcp``), through ``google-cloud-kms``.
 
-Implementation guide
-====================
+* One provider works in one key ring
+  (``projects/{project}/locations/{location}/keyRings/{key_ring}``); a ``key_id``
+  is a crypto key id there (``[a-zA-Z0-9_-]{1,63}``) and Cloud KMS's version
+  numbers are ours. Keys cannot be deleted, so a key id is never reused.
+* Cloud KMS ciphertexts do not name their version, so each is prefixed with the
+  key header of :mod:`keyvault.kms.wire` (:data:`HEADER`: ASCII key id, version
+  from 1); the header ‖ the canonical context is the Cloud KMS AAD. The sealed
+  plaintext is a zero byte ‖ the caller's plaintext, so empty plaintexts work.
+* ``encrypt`` names the version Cloud KMS reports it used (re-encrypting once
+  when the primary moved elsewhere); every request and response is checked
+  with CRC32C and a failed check is retried, then :class:`ProviderUnavailable`.
+* Decrypt failures, a disabled or destroyed version included, are the opaque
+  :class:`InvalidCiphertext`.
 
-Resources
----------
-One provider works inside one key ring::
-
-    projects/{HMD_GCP_PROJECT}/locations/{HMD_GCP_LOCATION}/keyRings/{HMD_GCP_KEY_RING}
-
-and our ``key_id`` is the crypto key id within it (``[a-zA-Z0-9_-]{1,63}``),
-so ``key_id`` ``billing`` is ``.../keyRings/R/cryptoKeys/billing`` and its
-version 3 is ``.../cryptoKeys/billing/cryptoKeyVersions/3``. Cloud KMS numbers
-versions 1, 2, 3 ... per key, which are our version numbers. Keys are created
-as ``ENCRYPT_DECRYPT`` / ``GOOGLE_SYMMETRIC_ENCRYPTION`` (AES-256-GCM inside
-Google), protection level ``SOFTWARE`` unless the provider is built with
-``protection_level="HSM"``, with the label ``managed-by=keyvault``. The key
-ring is created on first use (``create_key``) when it does not exist.
-
-Cloud KMS never deletes keys or key rings, so a key id can never be reused, and
-a key has no free-text description: ``KeyInfo.description`` is always empty.
-
-Lifecycle mapping
------------------
-* ``rotate_key`` = ``CreateCryptoKeyVersion`` + ``UpdateCryptoKeyPrimaryVersion``
-  (for HSM keys it waits while the new version is ``PENDING_GENERATION``);
-  ``set_primary_version`` (a rollback) is ``UpdateCryptoKeyPrimaryVersion`` alone.
-  Rotating by hand does not move Cloud KMS's own ``next_rotation_time``; leave
-  Cloud KMS's automatic rotation off and let Keyvault's scheduler rotate.
-* ``set_key_version_state(ENABLED|DISABLED)`` = ``UpdateCryptoKeyVersion`` with
-  ``update_mask=state``. The primary version is never disabled or destroyed
-  through this provider (rotate first), as the contract requires.
-* ``set_key_version_state(DESTROYED)`` (or ``DESTROY_SCHEDULED``) =
-  ``DestroyCryptoKeyVersion``: the version becomes ``DESTROY_SCHEDULED`` and
-  Cloud KMS erases it after the key's ``destroy_scheduled_duration`` (default
-  30 days). Until then :meth:`GCPKMSProvider.restore_key_version`
-  (``RestoreCryptoKeyVersion``) brings it back as ``DISABLED``.
-* Version states map one to one (ENABLED, DISABLED, DESTROY_SCHEDULED,
-  DESTROYED); the transient ``PENDING_*`` states read as DISABLED and the
-  failed/external-destruction states as DESTROYED. Cloud KMS has no key-level
-  state: ``describe_key`` derives one (enabled while any version is enabled).
-  Key-level disable, key destruction and encryption counts are not supported.
-* There is no server-side re-encrypt in Cloud KMS (the documented procedure is
-  decrypt with the old version, encrypt with the primary), so ``rewrap`` is the
-  base class's decrypt + encrypt inside this process.
-
-Ciphertext layout
------------------
-Cloud KMS's symmetric ciphertext is opaque: it does not tell the client which
-version made it. Ours must, so we wrap it (integers big-endian)::
-
-    u8  format version (1)
-    u8  key id length L (1..63)
-    L   key id, ASCII
-    u32 key version
-    N   Cloud KMS ciphertext
-
-The Cloud KMS ``additional_authenticated_data`` is the header above followed by
-``encode_context(encryption_context)``, so changing the key id, the version or
-any context pair makes Cloud KMS refuse the ciphertext (``INVALID_ARGUMENT``,
-which we report as the opaque ``InvalidCiphertext``). The plaintext sent to
-Cloud KMS is one zero byte followed by the caller's plaintext: Cloud KMS
-documents ``plaintext`` as required and proto3 cannot tell an empty field from
-an unset one, so this is what lets an empty plaintext round-trip.
-
-Which version goes in the header? ``Encrypt`` is called on the *key* (Cloud
-KMS picks its primary) with the header of the version we believe is primary;
-the response's ``name`` says which version Cloud KMS really used. If that is
-another version, the result is discarded and we encrypt again naming that
-version explicitly, and check ``name`` again (a mismatch then is a
-``KMSError``). So the header always names the version Cloud KMS reports, the
-hot path needs no ``GetCryptoKey`` call (and no viewer permission), and a
-rotation made elsewhere is noticed on the next encrypt. ``DecryptResponse``
-has no ``name`` field in the v1 API, so decrypt cannot re-check the version;
-the AAD binding makes the header exactly what our encrypt verified.
-
-Integrity (CRC32C)
-------------------
-As Google recommends, every request carries ``plaintext_crc32c`` /
-``ciphertext_crc32c`` and ``additional_authenticated_data_crc32c``; an encrypt
-response is accepted only if both ``verified_*`` flags are true and its
-``ciphertext_crc32c`` matches the ciphertext, a decrypt response only if its
-``plaintext_crc32c`` matches the plaintext. A failed check discards the response
-and retries, :data:`INTEGRITY_ATTEMPTS` times in all, then raises
-``ProviderUnavailable``: corrupted data is never returned. CRC32C is computed
-here (table-driven; ``google-crc32c`` is not a dependency of google-cloud-kms).
-
-Errors and retries
-------------------
-Over REST, FAILED_PRECONDITION and INVALID_ARGUMENT are both HTTP 400, so the
-canonical ``error.status`` of the response body decides:
-
-=================================================  =======================================
-Cloud KMS status                                   Keyvault error
-=================================================  =======================================
-NOT_FOUND                                          ``KeyNotFound`` (``InvalidCiphertext`` on decrypt)
-FAILED_PRECONDITION (version disabled/destroyed)   ``KeyDisabled`` (``InvalidCiphertext`` on decrypt)
-INVALID_ARGUMENT                                   ``InvalidCiphertext`` on decrypt, else ``ConfigurationError``
-ALREADY_EXISTS                                     ``ConfigurationError`` (``create_key``)
-PERMISSION_DENIED, UNAUTHENTICATED                 ``AccessDenied``
-UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL,          ``ProviderUnavailable``
-RESOURCE_EXHAUSTED, connection errors, timeouts
-=================================================  =======================================
-
-Cloud KMS checks a version's state before it authenticates the ciphertext, so
-its answer for a disabled or destroyed version would reach tampered ciphertexts
-too: decrypt reports it as ``InvalidCiphertext``, like every other failure to
-open one (``keyvault/kms/README.md``, "What a failed decrypt reveals").
-An answer that is not Cloud KMS JSON (a confused proxy) is ``ProviderUnavailable``.
-
-Idempotent calls (reads, encrypt, decrypt, state changes) are retried on the
-transient statuses and connection errors with exponential backoff (0.1 s
-doubling to 2 s) until ``HMD_GCP_TIMEOUT`` seconds have passed in total;
-creations (key ring, key, version) are not retried, so a lost answer cannot
-create two versions.
-
-IAM
----
-* Runtime (encrypt, decrypt, data keys, rewrap): ``roles/cloudkms.cryptoKeyEncrypterDecrypter``.
-  Grant it on the key ring rather than on single keys: Cloud KMS answers
-  PERMISSION_DENIED instead of NOT_FOUND for resources the caller has no
-  permission on, and a ciphertext naming an unknown key then reads as
-  ``AccessDenied`` rather than ``InvalidCiphertext``.
-* ``describe_key`` and the health check: ``roles/cloudkms.viewer``.
-* ``create_key``, ``rotate_key``, ``set_primary_version``, version state changes, destroy and restore:
-  ``roles/cloudkms.admin`` (creating the key ring too; or create the ring
-  beforehand). Split the runtime and admin identities where you can.
-
-Credentials come from Application Default Credentials. With
-``HMD_GCP_KMS_ENDPOINT`` the client talks to another endpoint (a regional or
-Private Service Connect one, or an emulator); a plain ``http://`` endpoint is
-accepted only together with ``HMD_GCP_ANONYMOUS_CREDENTIALS`` so no token ever
-crosses the wire in clear. The client always uses the REST transport, in
-production as in the tests against the emulator.
-
-Limits
-------
-Plaintext at most 65,535 bytes per call (Cloud KMS's 64 KiB minus our marker
-byte; HSM keys: 8 KiB for plaintext and AAD together), AAD (header + context)
-at most 64 KiB. Larger data belongs in envelope encryption with
-:meth:`GCPKMSProvider.generate_data_key`. Do not set
-``GOOGLE_SDK_PYTHON_LOGGING_SCOPE`` in production: the SDK's debug logging
-prints request payloads, which hold plaintext data keys.
+Operator's guide (lifecycle mapping, error table, retries, IAM roles, limits):
+``docs/ops/kms-providers.md``.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
 import threading
@@ -154,8 +27,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from struct import Struct
-from types import SimpleNamespace
 
 from .base import (
     Capability,
@@ -181,9 +52,11 @@ from .errors import (
     ProviderUnavailable,
     UnsupportedOperation,
 )
+from .loading import require_sdk
+from .options import Option
+from .wire import KeyHeader, as_frame
 
 SDK_PACKAGE = "google-cloud-kms"
-FORMAT_VERSION = 1
 PLAINTEXT_MARKER = b"\x00"
 MAX_PLAINTEXT = 64 * 1024 - len(PLAINTEXT_MARKER)
 MAX_AAD = 64 * 1024
@@ -192,8 +65,10 @@ DEFAULT_TIMEOUT = 10.0
 LIST_PAGE_SIZE = 1000
 KEY_LABELS = {"managed-by": "keyvault"}
 
-_VERSION = Struct(">I")
 _RESOURCE_ID = re.compile(r"^[a-zA-Z0-9_-]{1,63}$")
+#: The ciphertext header (keyvault/kms/wire.py): an ASCII crypto key id, a version from 1, then
+#: Cloud KMS's ciphertext, which may not be empty.
+HEADER = KeyHeader(encoding="ascii", key_id_pattern=_RESOURCE_ID, min_version=1, min_trailer=1)
 _LOCATION = re.compile(r"^[a-z0-9-]{1,63}$")
 _PROJECT = re.compile(r"^[a-z0-9.:-]{1,100}$")
 _EPOCH = datetime.fromtimestamp(0, UTC)
@@ -280,23 +155,16 @@ def crc32c(data: bytes) -> int:
 # -- SDK -------------------------------------------------------------------
 
 
-def _load_sdk() -> SimpleNamespace:
-    """Import google-cloud-kms and what it brings; ``ConfigurationError`` if it is missing."""
-    try:
-        return SimpleNamespace(
-            kms=importlib.import_module("google.cloud.kms_v1"),
-            exceptions=importlib.import_module("google.api_core.exceptions"),
-            retry=importlib.import_module("google.api_core.retry"),
-            auth_exceptions=importlib.import_module("google.auth.exceptions"),
-            credentials=importlib.import_module("google.auth.credentials"),
-            requests_exceptions=importlib.import_module("requests.exceptions"),
-            json_format=importlib.import_module("google.protobuf.json_format"),
-        )
-    except ImportError as exc:
-        missing = getattr(exc, "name", None) or "google.cloud.kms_v1"
-        raise ConfigurationError(
-            f"the gcp KMS provider needs the {SDK_PACKAGE} package ({missing} missing): pip install {SDK_PACKAGE}"
-        ) from None
+#: google-cloud-kms and what it brings, imported when a provider is built.
+SDK_MODULES = {
+    "kms": "google.cloud.kms_v1",
+    "exceptions": "google.api_core.exceptions",
+    "retry": "google.api_core.retry",
+    "auth_exceptions": "google.auth.exceptions",
+    "credentials": "google.auth.credentials",
+    "requests_exceptions": "requests.exceptions",
+    "json_format": "google.protobuf.json_format",
+}
 
 
 def _as_datetime(value: object) -> datetime:
@@ -310,10 +178,16 @@ class GCPKMSProvider(KMSProvider):
     """KEKs held by Google Cloud KMS, one crypto key per ``key_id`` in one key ring."""
 
     name = "gcp"
-    # SET_PRIMARY is new in the contract; getattr keeps this module importable against a base without it.
-    capabilities = frozenset(
-        {Capability.DISABLE_VERSION, Capability.DESTROY_VERSION} | {getattr(Capability, "SET_PRIMARY", None)}
-    ) - {None}
+    OPTIONS = (
+        Option("project", "HMD_GCP_PROJECT", ""),
+        Option("location", "HMD_GCP_LOCATION", "global"),
+        Option("key_ring", "HMD_GCP_KEY_RING", ""),
+        Option("endpoint", "HMD_GCP_KMS_ENDPOINT", ""),
+        Option("anonymous_credentials", "HMD_GCP_ANONYMOUS_CREDENTIALS", False, "bool"),
+        Option("timeout", "HMD_GCP_TIMEOUT", DEFAULT_TIMEOUT, "float"),
+    )
+    CONFIGURED_BY = ("HMD_GCP_PROJECT",)
+    capabilities = frozenset({Capability.DISABLE_VERSION, Capability.DESTROY_VERSION, Capability.SET_PRIMARY})
 
     def __init__(
         self,
@@ -362,7 +236,7 @@ class GCPKMSProvider(KMSProvider):
         self.location_name = f"projects/{project}/locations/{location}"
         self.key_ring_name = f"{self.location_name}/keyRings/{key_ring}"
 
-        sdk = _load_sdk()
+        sdk = require_sdk(SDK_MODULES, package=SDK_PACKAGE, user="the gcp KMS provider")
         self._sdk = sdk
         if credentials is None and anonymous_credentials:
             credentials = sdk.credentials.AnonymousCredentials()
@@ -661,28 +535,6 @@ class GCPKMSProvider(KMSProvider):
         with self._lock:
             self._primary_hint[key_id] = version
 
-    @staticmethod
-    def _header(key_id: str, version: int) -> bytes:
-        key_bytes = key_id.encode("ascii")
-        return bytes((FORMAT_VERSION, len(key_bytes))) + key_bytes + _VERSION.pack(version)
-
-    @staticmethod
-    def _parse_header(ciphertext: bytes) -> tuple[str, int, int]:
-        if len(ciphertext) < 2 or ciphertext[0] != FORMAT_VERSION:
-            raise InvalidCiphertext()
-        key_len = ciphertext[1]
-        header_end = 2 + key_len + _VERSION.size
-        if len(ciphertext) <= header_end:  # the Cloud KMS part may not be empty
-            raise InvalidCiphertext()
-        try:
-            key_id = ciphertext[2 : 2 + key_len].decode("ascii")
-        except UnicodeDecodeError:
-            raise InvalidCiphertext() from None
-        (version,) = _VERSION.unpack_from(ciphertext, 2 + key_len)
-        if not _RESOURCE_ID.match(key_id) or version < 1:
-            raise InvalidCiphertext()
-        return key_id, version, header_end
-
     def _encrypt_once(self, target: str, plaintext: bytes, aad: bytes):
         """One verified Encrypt call on ``target`` (a key or a version name)."""
         request = {
@@ -720,7 +572,7 @@ class GCPKMSProvider(KMSProvider):
             believed = self._primary_hint.get(key_id, 1)
 
         # Ask for the key's primary; the header names the version we believe it is.
-        header = self._header(key_id, believed)
+        header = HEADER.pack(key_id, believed)
         response = self._encrypt_once(self._key_name(key_id), inner, self._aad(header, context))
         used = self._version_number(key_id, response.name)
         if used is None:
@@ -728,7 +580,7 @@ class GCPKMSProvider(KMSProvider):
         if used != believed:
             # The primary moved (rotated elsewhere): redo it naming that version, so the header is true.
             self._set_primary_hint(key_id, used)
-            header = self._header(key_id, used)
+            header = HEADER.pack(key_id, used)
             target = self._version_name(key_id, used)
             response = self._encrypt_once(target, inner, self._aad(header, context))
             if response.name != target:
@@ -743,10 +595,8 @@ class GCPKMSProvider(KMSProvider):
         return aad
 
     def decrypt(self, ciphertext: bytes, *, encryption_context: EncryptionContext | None = None) -> DecryptResult:
-        if not isinstance(ciphertext, (bytes, bytearray, memoryview)):
-            raise InvalidCiphertext()
-        ciphertext = bytes(ciphertext)
-        key_id, version, header_end = self._parse_header(ciphertext)
+        ciphertext = as_frame(ciphertext)
+        key_id, version, header_end = HEADER.read(ciphertext)
         aad = ciphertext[:header_end] + encode_context(encryption_context)
         if len(aad) > MAX_AAD:
             raise InvalidCiphertext()

@@ -1,35 +1,20 @@
-"""Local provider: AES-256-GCM keys in a keyring file encrypted under a master key.
+"""Local provider: AES-256-GCM KEKs in a keyring file encrypted under a master key.
 
-For development and single-host use. The KEKs live on the same disk as the
-data they protect, guarded only by the master key in ``HMD_LOCAL_KMS_MASTER_KEY``;
-use a real KMS (AWS, Cloud KMS, Vault Transit, an HSM) in production.
+For development and single-host use only: the KEKs sit on the same disk as the
+data, guarded by ``HMD_LOCAL_KMS_MASTER_KEY`` alone. A ciphertext is the key
+header of :mod:`keyvault.kms.wire` (:data:`HEADER`) ‖ 12-byte random nonce ‖
+AES-GCM ciphertext ‖ 16-byte tag; the AAD is the header ‖ the canonical
+encryption context.
 
-Ciphertext layout (all integers big-endian)::
+Several processes share one keyring: changes are written atomically under a
+``flock`` and announced through a change counter in the lock file that every
+process maps into memory, so ``encrypt`` and ``decrypt`` notice them at the cost
+of a memory read (and still ``stat`` the keyring once a second). Encryptions are
+counted per version in reserved blocks; at ``max_encryptions_per_version`` the
+version refuses to encrypt (:class:`KeyDisabled`). The hot paths inline that
+check and the header lookup on purpose (``keyvault/kms/README.md``, "Performance").
 
-    u8  format version (1)
-    u8  key id length L (1..255)
-    L   key id, UTF-8
-    u32 key version
-    12  nonce (random per encryption)
-    N   AES-GCM ciphertext ‖ 16-byte tag
-
-The AAD is everything before the nonce followed by the canonical encryption
-context, so no header byte and no context pair can change undetected.
-
-The keyring file is written atomically (temp file, fsync, rename, fsync of the
-directory) with mode 0600 under an exclusive ``flock`` on a sibling lock file,
-so a web process and several workers can share it. Each version counts its
-encryptions (NIST SP 800-38D allows at most 2^32 random-nonce encryptions per
-key); to keep the hot path off the disk a process reserves counts in blocks,
-so the stored count is an upper bound of the encryptions really made.
-
-Every change also bumps a 64-bit generation counter kept in the lock file,
-which each process maps into memory. ``encrypt`` and ``decrypt`` compare that
-counter instead of calling ``stat`` on the keyring, so a change made by any
-process (a rotation, a disabled version) is seen by the next call everywhere
-at the cost of a memory read. The keyring is still ``stat``-ed at least once a
-second, for changes made without the counter (a restored backup). The lock
-file holds nothing secret.
+Operator's guide: ``docs/ops/kms-providers.md``; file layouts: ``keyvault/kms/README.md``.
 """
 
 from __future__ import annotations
@@ -51,7 +36,6 @@ import weakref
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from struct import Struct
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -72,20 +56,20 @@ from .base import (
 )
 from .context import EMPTY_CONTEXT, encode_context
 from .errors import ConfigurationError, InvalidCiphertext, KeyDisabled, KeyNotFound, UnsupportedOperation
+from .options import Option
+from .wire import KEY_HEADER_FIXED, KeyHeader, as_frame
 
-FORMAT_VERSION = 1
 NONCE_BYTES = 12
 TAG_BYTES = 16
 DEFAULT_MAX_ENCRYPTIONS = 2**30
 DEFAULT_RESERVATION_BLOCK = 4096
 
-_VERSION = Struct(">I")
 _KEY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,254}$")
 _KEYRING_MAGIC = b"KVKR\x01"
 _KEYRING_AAD = b"keyvault local keyring v1"
-_MIN_CIPHERTEXT = 2 + 1 + _VERSION.size + NONCE_BYTES + TAG_BYTES
-_HEADER_FIXED = 2 + _VERSION.size
 _TRAILER_MIN = NONCE_BYTES + TAG_BYTES
+#: The ciphertext header (keyvault/kms/wire.py): key id in UTF-8, then the nonce and the sealed data.
+HEADER = KeyHeader(min_trailer=_TRAILER_MIN)
 _GENERATION_SIZE = 8  # one unsigned 64-bit counter, native byte order
 _monotonic = time.monotonic
 #: Longest time a process trusts its copy of the keyring without ``stat``-ing the file.
@@ -194,6 +178,10 @@ class LocalKMSProvider(KMSProvider):
     """AES-256-GCM KEKs kept in a local, master-key-encrypted keyring file."""
 
     name = "local"
+    # The keyring path (in HMD_DATA_DIR) and the master key (a secret) come from the project's settings.
+    OPTIONS = (
+        Option("max_encryptions_per_version", "HMD_LOCAL_KMS_MAX_ENCRYPTIONS", DEFAULT_MAX_ENCRYPTIONS, "int"),
+    )
     capabilities = frozenset(
         {
             Capability.DISABLE_VERSION,
@@ -581,7 +569,7 @@ class LocalKMSProvider(KMSProvider):
                 reservation = self._reserve_block(key_id, version)  # rebuilds the views
                 key = self._key(self._keyring, key_id)
                 record = key["versions"][str(version)]
-            header = self._header(key_id, version)
+            header = HEADER.pack(key_id, version)
             slot = (
                 version,
                 self._cipher(key_id, version, record),
@@ -592,11 +580,6 @@ class LocalKMSProvider(KMSProvider):
             )
             self._encrypt_slots[key_id] = slot
             return slot
-
-    @staticmethod
-    def _header(key_id: str, version: int) -> bytes:
-        key_bytes = key_id.encode("utf-8")
-        return bytes((FORMAT_VERSION, len(key_bytes))) + key_bytes + _VERSION.pack(version)
 
     def encrypt(
         self, key_id: str, plaintext: bytes, *, encryption_context: EncryptionContext | None = None
@@ -629,13 +612,15 @@ class LocalKMSProvider(KMSProvider):
         directly on its hot path (see ``keyvault/kms/README.md``).
         """
         if type(ciphertext) is not bytes:
-            ciphertext = self._as_bytes(ciphertext)
+            ciphertext = as_frame(ciphertext)
+        # HEADER.read, inlined for the hot path: a header seen before is looked up as it stands;
+        # any other goes through HEADER.read in _decryption_slot before it is remembered.
         try:
-            header_end = ciphertext[1] + _HEADER_FIXED  # format version, key id length, version
+            header_end = ciphertext[1] + KEY_HEADER_FIXED
         except IndexError:
             raise InvalidCiphertext() from None
         if len(ciphertext) < header_end + _TRAILER_MIN:
-            raise InvalidCiphertext()  # (a zero key id length is refused by _decryption_slot)
+            raise InvalidCiphertext()
         generation = self._generation  # _refresh(), inlined for the hot path
         if generation is None or generation[0] != self._seen_generation or _monotonic() >= self._recheck_at:
             self._reload()
@@ -643,7 +628,7 @@ class LocalKMSProvider(KMSProvider):
         try:
             key_id, version, cipher, refusal, empty_context_aad = self._decrypt_slots[header]
         except KeyError:
-            key_id, version, cipher, refusal, empty_context_aad = self._decryption_slot(header)
+            key_id, version, cipher, refusal, empty_context_aad = self._decryption_slot(ciphertext)
         if cipher is None:  # no such material to open it with: a destroyed, disabled or unknown version
             raise InvalidCiphertext()
         aad = header + encode_context(encryption_context) if encryption_context else empty_context_aad
@@ -658,9 +643,10 @@ class LocalKMSProvider(KMSProvider):
             raise KeyDisabled(refusal)
         return plaintext, key_id, version
 
-    def _decryption_slot(self, header: bytes) -> tuple[str, int, AESGCM | None, str | None, bytes]:
-        """Validate a ciphertext header against the keyring and remember the outcome."""
-        key_id, version = self._parse_header(header)
+    def _decryption_slot(self, ciphertext: bytes) -> tuple[str, int, AESGCM | None, str | None, bytes]:
+        """Validate a ciphertext's header against the keyring and remember the outcome."""
+        key_id, version, header_end = HEADER.read(ciphertext)
+        header = ciphertext[:header_end]
         key_id = sys.intern(key_id)  # callers compare it with their own (interned) id: identity is quickest
         key = self._keyring["keys"].get(key_id)
         record = key["versions"].get(str(version)) if key else None
@@ -676,25 +662,6 @@ class LocalKMSProvider(KMSProvider):
         slot = (key_id, version, cipher, refusal, header + EMPTY_CONTEXT)
         self._decrypt_slots[header] = slot
         return slot
-
-    @staticmethod
-    def _as_bytes(ciphertext: object) -> bytes:
-        if not isinstance(ciphertext, (bytes, bytearray, memoryview)):
-            raise InvalidCiphertext()
-        return bytes(ciphertext)
-
-    @staticmethod
-    def _parse_header(header: bytes) -> tuple[str, int]:
-        """Return the key id and version of a header already cut to its announced length."""
-        key_len = header[1]
-        if header[0] != FORMAT_VERSION or key_len == 0:
-            raise InvalidCiphertext()
-        try:
-            key_id = header[2 : 2 + key_len].decode("utf-8")
-        except UnicodeDecodeError:
-            raise InvalidCiphertext() from None
-        (version,) = _VERSION.unpack_from(header, 2 + key_len)
-        return key_id, version
 
     def generate_data_key(
         self,

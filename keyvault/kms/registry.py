@@ -1,19 +1,20 @@
 """Provider registry: names to classes, instances built once from configuration.
 
 The KMS layer imports nothing from Django. The Django app installs a config
-loader (``set_config_loader``) that reads ``settings.KMS_PROVIDERS`` and calls
+loader (``set_config_loader``) that reads ``settings.KMS`` and calls
 :func:`reset_providers` on ``setting_changed``, the way ``django.contrib.auth``
 caches its hashers.
 """
 
 from __future__ import annotations
 
-import importlib
 import threading
 from collections.abc import Callable
 
 from .base import KMSProvider
+from .options import EnvReader
 from .errors import ConfigurationError
+from .loading import import_string
 from .metrics import instrument
 
 #: Built-in providers: registry name -> (dotted class path, pip package of its SDK).
@@ -66,13 +67,33 @@ def load_provider_class(name: str, dotted_path: str | None = None) -> type[KMSPr
     if not path:
         known = ", ".join(sorted(BUILTIN_PROVIDERS))
         raise ConfigurationError(f"unknown KMS provider {name!r}; set HMD_KMS_PROVIDER to one of: {known}")
-    module_name, _, class_name = path.rpartition(".")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        hint = f"pip install {package}" if package else f"check the class path {path!r}"
-        raise ConfigurationError(f"KMS provider {name!r} cannot be loaded ({exc.name} missing): {hint}") from None
-    return getattr(module, class_name)
+    return import_string(path, what=f"KMS provider {name!r}", install_hint=package or "")
+
+
+def providers_from_env(
+    env: EnvReader,
+    *,
+    default: str,
+    is_set: Callable[[str], bool],
+    given: dict[str, dict] | None = None,
+) -> dict[str, dict]:
+    """``settings.KMS["providers"]``: ``{name: {"class": dotted path, **options}}`` from ``HMD_*`` variables.
+
+    Lists each built-in provider that is configured (one of its ``CONFIGURED_BY``
+    variables is set, or ``given`` has options for it) and always the ``default``
+    one, so a missing setting is reported by name. Options are each provider's
+    ``OPTIONS`` read through ``env``, then ``given[name]``: what the project
+    computes itself (the local keyring's path, its master key).
+
+    :raises ConfigurationError: a built-in provider's module cannot be imported.
+    """
+    given = given or {}
+    providers = {}
+    for name, (path, _package) in BUILTIN_PROVIDERS.items():
+        cls = load_provider_class(name)  # the provider's module only: SDKs load when one is built
+        if name in given or name == default or any(is_set(variable) for variable in cls.CONFIGURED_BY):
+            providers[name] = {"class": path, **cls.options_from_env(env), **given.get(name, {})}
+    return providers
 
 
 def get_provider(name: str | None = None) -> KMSProvider:

@@ -1,156 +1,20 @@
 """HashiCorp Vault / OpenBao Transit provider: KEKs that never leave Vault.
 
-Implementation guide
-====================
+* Every KEK is a Transit key of type ``aes256-gcm96`` with ``derived=true``:
+  the encryption context is bound as the key-derivation context (base64 of
+  :func:`keyvault.kms.context.encode_context`), so ``rewrap`` stays server-side.
+* Vault's key versions are ours; ``latest_version`` is the primary. Retiring is
+  ``min_decryption_version`` ("every version below N"), so only the oldest
+  enabled version can be disabled and only the newest disabled one re-enabled;
+  destroying is ``trim``.
+* A ciphertext is a format byte and the key name (:mod:`keyvault.kms.wire`) ‖
+  Vault's ``vault:v<N>:<base64>`` string, parsed strictly by
+  :func:`unpack_ciphertext`; the version is read only from that string.
+* Decrypt failures, "too old" (a retired version) included, are the opaque
+  :class:`InvalidCiphertext`; ``encrypt`` checks the key exists first so Vault
+  never creates one. :func:`policy_hcl` is the Vault policy this provider needs.
 
-Keys
-    Every Keyvault KEK is one Transit key of type ``aes256-gcm96`` created with
-    ``derived=true``. Vault's key versions *are* our versions: ``latest_version``
-    is the primary (Vault always encrypts with the latest version), every
-    version from ``min_decryption_version`` up decrypts. Transit keys carry no
-    description, so ``create_key(description=...)`` is accepted and not stored
-    (Keyvault's own inventory keeps it).
-
-Binding the encryption context
-    Transit's ``rewrap`` does not accept ``associated_data``, so AES-GCM AAD
-    would force every rewrap through decrypt + encrypt on our side. A
-    **derived** key binds the context instead: Vault derives a per-context
-    key (HKDF) from the version's key, with ``context`` = base64 of
-    :func:`keyvault.kms.context.encode_context`. A different or missing
-    context derives a different key and GCM authentication fails, and
-    ``rewrap`` takes the same ``context``, so rewrap stays server-side with the
-    plaintext never leaving Vault. ``encode_context`` of "no context" is four
-    zero bytes, a valid non-empty derivation context, so "no context" is simply
-    one more context.
-
-Ciphertext layout (what :meth:`encrypt` returns)::
-
-    u8  format version (1)
-    u8  key name length L (1..255)
-    L   key name, ASCII
-    N   Vault's ciphertext string, ASCII: "vault:v<version>:<base64>"
-
-``decrypt`` has no key id, so the header names the key; the version is read
-only from ``vault:vN:`` (never stored twice, so the two cannot disagree).
-Every byte is covered: the header is parsed strictly (known format byte,
-names Vault accepts, canonical decimal version, canonical base64 with no
-stray padding bits, nothing after it), so an altered byte either fails that
-parse or reaches Vault as a different key name (unknown key, or another key
-whose derived key cannot authenticate the GCM tag) or as a different GCM
-ciphertext. All of these are :class:`InvalidCiphertext`.
-
-Data keys
-    ``generate_data_key`` calls ``datakey/plaintext``: Vault generates the DEK
-    and returns it with its ciphertext in one call. We need the plaintext DEK
-    (envelope encryption happens in Keyvault), and using the explicit
-    *plaintext* path keeps that visible where it matters: in the Vault policy
-    (``transit/datakey/plaintext/+``; without it this call is
-    :class:`AccessDenied`) and in Vault's audit log, which then tells DEK
-    issuance apart from ordinary encryption. Generating the DEK locally and
-    calling ``encrypt`` would need one permission less but would hide DEK
-    issuance among plain encryptions.
-
-Rotation, retirement, destruction
-    * ``rotate_key`` → ``keys/:name/rotate``. ``set_auto_rotate_period`` sets
-      Vault's own schedule when a rotation policy asks for it (0 = off,
-      otherwise at least one hour, as Vault requires).
-    * ``rewrap`` → ``rewrap/:name`` (``NATIVE_REWRAP``); :meth:`rewrap_batch`
-      sends ``batch_input`` of up to :data:`REWRAP_BATCH_SIZE` items per
-      request (Vault's listener refuses JSON with more than
-      ``max_request_json_strings`` = 1000 strings by default; each item costs
-      four). Rewrap to *another* key is decrypt + encrypt inside this object.
-    * Retirement is ``min_decryption_version``: every version below it is
-      refused. Vault cannot disable one version in the middle, only "all
-      versions below N". ``DISABLE_VERSION`` is declared with that limit:
-      ``set_key_version_state(v, DISABLED)`` works when ``v`` is the oldest
-      enabled version (raises ``min_decryption_version`` to ``v + 1``);
-      ``ENABLED`` works for the newest disabled version (lowers it to ``v``).
-      Anything else would silently change other versions too and raises
-      :class:`UnsupportedOperation` explaining why. :meth:`retire_versions_below`
-      moves the bound in one call.
-    * ``set_key_version_state(v, DESTROYED)`` → ``trim`` with
-      ``min_available_version = v + 1`` (Vault erases those versions for good).
-      Vault only trims once both min versions are set, so this raises
-      ``min_decryption_version`` and ``min_encryption_version`` to ``v + 1``
-      first; only the oldest remaining version can be destroyed.
-    * ``destroy_key`` sets ``deletion_allowed`` and deletes the key.
-    * No key-level disable in Vault: ``DISABLE_KEY`` is not declared (OpenBao's
-      transit soft-delete is not in HashiCorp Vault, so it is not used).
-    * No per-version encryption counts: ``ENCRYPT_COUNT`` is not declared.
-
-``describe_key`` (from ``keys/:name``)
-    Versions ``1..latest_version``; below ``min_available_version`` DESTROYED,
-    below ``min_decryption_version`` DISABLED, the rest ENABLED. Vault lists
-    creation times only for versions it keeps loaded (from
-    ``min_decryption_version`` up); other versions and the key itself, when
-    version 1 is retired, report :data:`UNKNOWN_TIME`.
-
-Authentication (options from ``HMD_VAULT_*``)
-    ``token``; or AppRole (``role_id`` + ``secret_id``, mounted at
-    ``auth/approle``); or Kubernetes (``kubernetes_role``, the service-account
-    JWT re-read from ``kubernetes_jwt_path`` at each login, ``auth/kubernetes``).
-    Logged-in tokens are replaced at 80 % of their lease and once more when
-    Vault answers 403 (expired or revoked token); a static token is used as
-    given (renew it outside, e.g. with Vault Agent). ``namespace``, ``mount``,
-    ``ca_cert`` (CA bundle for TLS) and ``timeout`` (seconds) complete it.
-
-Errors
-    Decrypt/rewrap: HTTP 400 → :class:`InvalidCiphertext` (also an unknown key
-    name, and "disallowed by policy (too old)": a retired version).
-    403 → :class:`AccessDenied`; an unknown key → :class:`KeyNotFound`
-    (``encrypt`` checks the key exists first: Vault would otherwise *create* a
-    missing key on encrypt when the token may); 5xx, 429, sealed and
-    connection errors → :class:`ProviderUnavailable`; TLS verification
-    failures and a missing mount → :class:`ConfigurationError`.
-
-Limits worth knowing
-    * Vault checks a ciphertext's version against ``min_decryption_version``
-      before authenticating it, so "too old" is said to tampered version numbers
-      too. We report it as :class:`InvalidCiphertext`, like every refusal to open
-      a ciphertext, so nobody learns which versions are retired
-      (``keyvault/kms/README.md``, "What a failed decrypt reveals").
-    * The existence check before ``encrypt`` is cached for
-      :data:`KEY_CHECK_SECONDS`. If another client deletes the key in that
-      window and this token has ``create`` on ``encrypt/``, Vault re-creates
-      an empty key. The policy below grants no ``create`` there, which closes it.
-    * Plaintexts and DEKs cross the wire base64-encoded in JSON; those Python
-      strings cannot be wiped. Only ``DataKey.plaintext`` is a wipeable buffer.
-
-Vault policy
-    :func:`policy_hcl` returns the policy this provider needs (tests log in
-    with exactly this policy). For the default mount ``transit``::
-
-        # Key lifecycle: create (Vault checks "update" for it), describe,
-        # delete.
-        path "transit/keys/+" {
-          capabilities = ["read", "update", "delete"]
-        }
-        path "transit/keys/+/rotate" {
-          capabilities = ["update"]
-        }
-        # min_decryption_version, min_encryption_version, auto_rotate_period,
-        # deletion_allowed.
-        path "transit/keys/+/config" {
-          capabilities = ["update"]
-        }
-        # Destroying versions (irreversible).
-        path "transit/keys/+/trim" {
-          capabilities = ["update"]
-        }
-        # No "create" here: Vault must not create a missing key on encrypt.
-        path "transit/encrypt/+" {
-          capabilities = ["update"]
-        }
-        path "transit/decrypt/+" {
-          capabilities = ["update"]
-        }
-        path "transit/rewrap/+" {
-          capabilities = ["update"]
-        }
-        # Plaintext data keys for envelope encryption (generate_data_key).
-        path "transit/datakey/plaintext/+" {
-          capabilities = ["update"]
-        }
+Operator's guide (authentication, errors, limits, the policy): ``docs/ops/kms-providers.md``.
 """
 
 from __future__ import annotations
@@ -189,8 +53,11 @@ from .errors import (
     ProviderUnavailable,
     UnsupportedOperation,
 )
+from . import wire
+from .loading import require_sdk
+from .options import Option
+from .wire import FORMAT_VERSION
 
-FORMAT_VERSION = 1
 KEY_TYPE = "aes256-gcm96"
 #: Items per ``batch_input`` request; four JSON strings each stays under Vault's 1000.
 REWRAP_BATCH_SIZE = 200
@@ -260,7 +127,7 @@ def pack_ciphertext(key_name: str, vault_ciphertext: str) -> bytes:
 
     :raises KMSError: Vault returned a ciphertext this module cannot read back.
     """
-    blob = bytes((FORMAT_VERSION, len(key_name))) + key_name.encode("ascii") + vault_ciphertext.encode("ascii")
+    blob = wire.u8(FORMAT_VERSION) + wire.prefixed(key_name.encode("ascii")) + vault_ciphertext.encode("ascii")
     try:
         unpack_ciphertext(blob)
     except InvalidCiphertext:
@@ -273,19 +140,12 @@ def unpack_ciphertext(blob: bytes) -> tuple[str, int, str]:
 
     :raises InvalidCiphertext: anything but a canonical ciphertext of this format.
     """
-    if not isinstance(blob, (bytes, bytearray, memoryview)):
-        raise InvalidCiphertext()
-    blob = bytes(blob)
-    if len(blob) < 2 or blob[0] != FORMAT_VERSION:
-        raise InvalidCiphertext()
-    name_end = 2 + blob[1]
-    try:
-        name = blob[2:name_end].decode("ascii")
-        vault_ciphertext = blob[name_end:].decode("ascii")
-    except UnicodeDecodeError:
-        raise InvalidCiphertext() from None
+    reader = wire.FrameReader(wire.as_frame(blob))
+    reader.u8(FORMAT_VERSION)
+    name = reader.prefixed_text(1, "ascii")
+    vault_ciphertext = reader.text(reader.remaining, "ascii")
     match = _VAULT_CIPHERTEXT.fullmatch(vault_ciphertext)
-    if len(name) != blob[1] or not _NAME.fullmatch(name) or match is None:
+    if not _NAME.fullmatch(name) or match is None:
         raise InvalidCiphertext()
     version = int(match[1])
     body = match[2]
@@ -386,20 +246,26 @@ class _VaultRefusal(KMSError):
         return any(fragment in error for error in self.errors)
 
 
-def _import_sdk():
-    try:
-        import hvac
-        import hvac.exceptions
-        import requests.exceptions
-    except ImportError:
-        raise ConfigurationError("the vault KMS provider needs the 'hvac' package: pip install hvac") from None
-    return hvac, hvac.exceptions, requests.exceptions
+SDK_MODULES = {"hvac": "hvac", "hvac_errors": "hvac.exceptions", "http_errors": "requests.exceptions"}
 
 
 class VaultTransitProvider(KMSProvider):
     """KEKs in HashiCorp Vault's (or OpenBao's) Transit engine; see the module docstring."""
 
     name = "vault"
+    OPTIONS = (
+        Option("addr", "HMD_VAULT_ADDR", ""),
+        Option("token", "HMD_VAULT_TOKEN", ""),
+        Option("role_id", "HMD_VAULT_ROLE_ID", ""),
+        Option("secret_id", "HMD_VAULT_SECRET_ID", ""),
+        Option("kubernetes_role", "HMD_VAULT_KUBERNETES_ROLE", ""),
+        Option("kubernetes_jwt_path", "HMD_VAULT_KUBERNETES_JWT_PATH", "/var/run/secrets/kubernetes.io/serviceaccount/token"),
+        Option("namespace", "HMD_VAULT_NAMESPACE", ""),
+        Option("mount", "HMD_VAULT_TRANSIT_MOUNT", "transit"),
+        Option("ca_cert", "HMD_VAULT_CACERT", ""),
+        Option("timeout", "HMD_VAULT_TIMEOUT", 10.0, "float"),
+    )
+    CONFIGURED_BY = ("HMD_VAULT_ADDR",)
     capabilities = frozenset(
         {
             Capability.DISABLE_VERSION,
@@ -419,7 +285,8 @@ class VaultTransitProvider(KMSProvider):
         ca_cert: str = "",
         timeout: float = 10.0,
     ) -> None:
-        hvac, self._hvac_errors, self._http_errors = _import_sdk()
+        sdk = require_sdk(SDK_MODULES, package="hvac", user="the vault KMS provider")
+        hvac, self._hvac_errors, self._http_errors = sdk.hvac, sdk.hvac_errors, sdk.http_errors
         addr = (addr or "").rstrip("/")
         if not addr.startswith(("http://", "https://")):
             raise ConfigurationError(f"HMD_VAULT_ADDR must be an http(s):// URL, not {addr!r}")

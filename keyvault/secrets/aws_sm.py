@@ -26,6 +26,8 @@ import json
 import uuid
 from datetime import datetime
 
+from keyvault.kms.loading import require_sdk
+
 from .base import (
     CurrentVersionError,
     SecretAccessDenied,
@@ -55,15 +57,13 @@ _DENIED = {
 _UNAVAILABLE = {"InternalServiceError", "InternalFailure", "ServiceUnavailable", "ThrottlingException", "RequestTimeout"}
 
 
-def _import_sdk():
-    try:
-        import boto3  # noqa: F401
-        import botocore.config
-        import botocore.exceptions
-        import botocore.session
-    except ImportError:
-        raise SecretSourceConfigurationError("the aws secret source needs the boto3 package: pip install boto3") from None
-    return botocore
+SDK_MODULES = {
+    "boto3": "boto3",
+    "botocore": "botocore",
+    "config": "botocore.config",
+    "exceptions": "botocore.exceptions",
+    "session": "botocore.session",
+}
 
 
 def _field_value(text: str, field_name: str | None, where: str) -> str:
@@ -93,7 +93,9 @@ class AWSSecretsManagerSource(SecretSource):
         read_timeout: float = 10.0,
         max_attempts: int = 3,
     ) -> None:
-        botocore = _import_sdk()
+        botocore = require_sdk(
+            SDK_MODULES, package="boto3", user="the aws secret source", error=SecretSourceConfigurationError
+        ).botocore
         self._errors = botocore.exceptions
         self.region = region or ""
         self.endpoint_url = endpoint_url or ""

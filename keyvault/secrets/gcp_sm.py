@@ -23,12 +23,12 @@ plain-http ``HMD_GCP_SECRETMANAGER_ENDPOINT`` (an emulator) needs
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime
-from types import SimpleNamespace
+
+from keyvault.kms.loading import require_sdk
 
 from .base import (
     CurrentVersionError,
@@ -63,20 +63,13 @@ _HTTP_STATUSES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISS
                   504: "DEADLINE_EXCEEDED"}
 
 
-def _load_sdk() -> SimpleNamespace:
-    try:
-        return SimpleNamespace(
-            sm=importlib.import_module("google.cloud.secretmanager_v1"),
-            exceptions=importlib.import_module("google.api_core.exceptions"),
-            auth_exceptions=importlib.import_module("google.auth.exceptions"),
-            credentials=importlib.import_module("google.auth.credentials"),
-            requests_exceptions=importlib.import_module("requests.exceptions"),
-        )
-    except ImportError as exc:
-        missing = getattr(exc, "name", None) or "google.cloud.secretmanager_v1"
-        raise SecretSourceConfigurationError(
-            f"the gcp secret source needs the {SDK_PACKAGE} package ({missing} missing): pip install {SDK_PACKAGE}"
-        ) from None
+SDK_MODULES = {
+    "sm": "google.cloud.secretmanager_v1",
+    "exceptions": "google.api_core.exceptions",
+    "auth_exceptions": "google.auth.exceptions",
+    "credentials": "google.auth.credentials",
+    "requests_exceptions": "requests.exceptions",
+}
 
 
 def _crc32c(data: bytes) -> int:
@@ -118,7 +111,7 @@ class GCPSecretManagerSource(SecretSource):
                 "a plain-http HMD_GCP_SECRETMANAGER_ENDPOINT is only for emulators: set HMD_GCP_ANONYMOUS_CREDENTIALS too"
             )
         self.project, self.endpoint, self.timeout = project, endpoint, timeout
-        sdk = _load_sdk()
+        sdk = require_sdk(SDK_MODULES, package=SDK_PACKAGE, user="the gcp secret source", error=SecretSourceConfigurationError)
         self._sdk = sdk
         if credentials is None and anonymous_credentials:
             credentials = sdk.credentials.AnonymousCredentials()

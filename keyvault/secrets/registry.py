@@ -7,9 +7,10 @@ installs a config loader returning ``settings.SECRET_SOURCES`` and calls
 
 from __future__ import annotations
 
-import importlib
 import threading
 from collections.abc import Callable
+
+from keyvault.kms.loading import import_string
 
 from .base import SecretSource, SecretSourceConfigurationError
 
@@ -68,17 +69,9 @@ def load_source_class(name: str, dotted_path: str | None = None) -> type[SecretS
     if not path:
         known = ", ".join(sorted(BUILTIN_SOURCES))
         raise SecretSourceConfigurationError(f"unknown secret source {name!r}; use one of: {known}")
-    module_name, _, class_name = path.rpartition(".")
-    try:
-        module = importlib.import_module(module_name)
-        return getattr(module, class_name)
-    except ModuleNotFoundError as exc:
-        hint = f"pip install {package}" if package else f"check the class path {path!r}"
-        raise SecretSourceConfigurationError(
-            f"secret source {name!r} cannot be loaded ({exc.name} missing): {hint}"
-        ) from None
-    except AttributeError:
-        raise SecretSourceConfigurationError(f"secret source {name!r}: no class {path!r}") from None
+    return import_string(
+        path, what=f"secret source {name!r}", install_hint=package or "", error=SecretSourceConfigurationError
+    )
 
 
 def build_source(name: str, options: dict | None = None) -> SecretSource:

@@ -26,6 +26,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import quote
 
+from keyvault.kms.loading import require_sdk
+
 from .base import (
     CurrentVersionError,
     SecretAccessDenied,
@@ -46,13 +48,7 @@ DEFAULT_FIELD = "value"
 RELOGIN_AT = 0.8  # log in again after 80% of the token's lease
 
 
-def _import_sdk():
-    try:
-        import hvac
-        import requests.exceptions
-    except ImportError:
-        raise SecretSourceConfigurationError("the vault secret source needs the 'hvac' package: pip install hvac") from None
-    return hvac, requests.exceptions
+SDK_MODULES = {"hvac": "hvac", "http_errors": "requests.exceptions"}
 
 
 def _parse_time(value: object) -> datetime | None:
@@ -76,7 +72,8 @@ class VaultKVSource(SecretSource):
     ) -> None:
         from keyvault.kms.vault import AppRoleAuth, KubernetesAuth, TokenAuth
 
-        hvac, self._http_errors = _import_sdk()
+        sdk = require_sdk(SDK_MODULES, package="hvac", user="the vault secret source", error=SecretSourceConfigurationError)
+        hvac, self._http_errors = sdk.hvac, sdk.http_errors
         addr = (addr or "").rstrip("/")
         if not addr.startswith(("http://", "https://")):
             raise SecretSourceConfigurationError(f"HMD_VAULT_ADDR must be an http(s):// URL, not {addr!r}")

@@ -676,7 +676,8 @@ def test_the_kms_package_imports_no_django():
     code = (
         "import sys, types\n"
         "parent = types.ModuleType('keyvault'); parent.__path__ = ['keyvault']; sys.modules['keyvault'] = parent\n"
-        "import keyvault.kms, keyvault.kms.envelope, keyvault.kms.cache, keyvault.kms.local\n"
+        "import keyvault.kms, keyvault.kms.envelope, keyvault.kms.cache, keyvault.kms.local, keyvault.kms.wire\n"
+        "import keyvault.kms.aws, keyvault.kms.gcp, keyvault.kms.vault, keyvault.kms.pkcs11\n"
         "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('django', 'celery'))\n"
         "assert not loaded, loaded\n"
     )

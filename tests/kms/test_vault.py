@@ -9,6 +9,7 @@ import sys
 import time
 import uuid
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
@@ -79,9 +80,9 @@ def audited_requests(server, path_prefix: str) -> int:
 
 
 def test_documented_policy_is_the_policy_tests_log_in_with():
-    indented = "\n".join(f"        {line}" if line else "" for line in policy_hcl("transit").splitlines())
+    guide = Path(__file__).resolve().parents[2] / "docs" / "ops" / "secrets.md"
 
-    assert indented in vault.__doc__
+    assert policy_hcl("transit") in guide.read_text()
 
 
 def test_ciphertext_layout_known_answer():
