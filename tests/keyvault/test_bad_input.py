@@ -45,7 +45,7 @@ RAW_BODIES = (
     b"%%%%&&&===",
 )
 #: Whole query strings sent to every route as they are (undecodable bytes, thousands of parameters...).
-BAD_QUERIES = ("?o=99", "?o=-1.x&p=-5", "?state=bogus&all=", "?" + "=%ff&".join(("q", "_changelist_filters", "next",
+BAD_QUERIES = ("?o=99", "?o=-1.x&p=-5", "?o=" + ".".join(f"-{n}" for n in range(16)), "?state=bogus&all=", "?" + "=%ff&".join(("q", "_changelist_filters", "next",
                "e", "_to_field", "")), "?" + "a=1&" * 2000)
 
 POST_ROWS = [row for row in MATRIX if row.method == "POST"]
