@@ -85,7 +85,9 @@ class RotationPolicyAdmin(admin.ModelAdmin):
     def save_model(self, request, obj, form, change):
         """Through the service: it locks the row, moves the next due date and audits the change."""
         changes = {name: form.cleaned_data[name] for name in form.changed_data if name in services.POLICY_FIELDS}
-        if changes:
+        if changes and obj.secret_id:
+            services.update_secret_policy(obj.secret, actor=Actor.from_request(request), **changes)
+        elif changes:
             services.update_policy(obj.kek, actor=Actor.from_request(request), **changes)
         obj.refresh_from_db()
 

@@ -24,6 +24,7 @@ from rotation import services
 from rotation.admin_views import run_timeline
 from rotation.models import Approval, RotationPolicy, RotationRun, RunStep
 from tests.rotation.conftest import seed_data_keys
+from tests.rotation.executors.conftest import file_source  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.django_db
 
@@ -531,6 +532,25 @@ def test_policy_period_is_saved_through_the_service(clients, kek, text, expected
     assert policy.next_due_at == kek.created_at + expected == kek.next_rotation_at
     changed = AuditEvent.objects.filter(action="rotation.policy_changed").latest("sequence")
     assert changed.actor == "user:adam" and changed.details["period"] == str(expected)
+
+
+def test_a_managed_secrets_policy_is_saved_through_its_service(clients, file_source):  # noqa: F811
+    # given: a managed secret, whose policy the policy list shows beside the KEKs'
+    file_source.write("x/api", "v1")
+    secret = services.register_secret(name="api", secret_type="generic", source="file", path="x/api",
+                                      config={"length": 32}, actor=SYSTEM)
+    policy = services.ensure_secret_policy(secret)
+
+    # when: an administrator requires two approvals for it
+    response = clients["administrator"].post(url("rotation_rotationpolicy_change", policy.pk),
+                                             policy_post(approvals_required="2"))
+
+    # then: saved (not a 500), and audited against the secret
+    assert response.status_code == 302, response.context and response.context["adminform"].form.errors
+    policy.refresh_from_db()
+    assert policy.approvals_required == 2
+    changed = AuditEvent.objects.filter(action="rotation.policy_changed").latest("sequence")
+    assert (changed.actor, changed.target_id, changed.details["approvals_required"]) == ("user:adam", "api", "2")
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [
