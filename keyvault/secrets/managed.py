@@ -30,13 +30,21 @@ anywhere. Every read or write a managed secret makes goes through
     Keyvault's): same KV mount and path, same Secrets Manager name (or its ARN),
     same project and secret id, same namespace and Secret name.
 
+Paths are not the whole story: the same stored secret can reach Keyvault under a name
+no ``HMD_*`` variable gives (docs/ops/secrets.md's Kubernetes layout mounts the Secret
+``keyvault-secrets`` as files, and the service account may also read it through the
+``k8s`` source). So every value a managed secret reads is also compared with the
+values of Keyvault's own secrets as this process holds them (:func:`own_values`);
+one that contains any of them is refused the same way.
+
 The one deliberate exception is ``HMD_SECRET_KEY_KEYRING``: Keyvault rotates its own
 cookie-signing keyring as a managed secret of type *cookie signing*, whose executor
 never sends a value anywhere. :func:`managed_source` lets only that type's own path
 reach it (``allow_own``).
 
-Like the rest of this package, nothing here needs Django's settings: Keyvault's own
+Like the rest of this package, the path checks need no Django settings: Keyvault's own
 secrets are found in the environment, read the way :mod:`keyvault.config` reads them.
+Only :func:`own_values` reads the values Django's settings hold.
 """
 
 from __future__ import annotations
@@ -70,6 +78,13 @@ _NOT_OWN = ("HMD_SECRET_FILES_DIR",)
 _AWS_ARN = re.compile(r"^arn:[^:]+:secretsmanager:[^:]*:[^:]*:secret:(?P<name>.+?)(?:-[A-Za-z0-9]{6})?$")
 _UNSAFE_ENV = re.compile(r"[^A-Z0-9_]")
 _GCP_NAME = re.compile(r"^projects/(?P<project>[^/]+)/secrets/(?P<secret>[^/]+)")
+#: Settings holding one of Keyvault's own secret values (besides SECRET_KEY and its fallbacks).
+_OWN_VALUE_SETTINGS = ("AUDIT_SIGNING_KEY", "AUDIT_HMAC_KEY", "LOCAL_KMS_MASTER_KEY", "METRICS_TOKEN",
+                       "EMAIL_HOST_PASSWORD")
+#: Options of KMS providers and secret sources that hold a credential.
+_CREDENTIAL_OPTIONS = frozenset({"token", "secret_id", "pin", "master_key", "password", "secret_access_key"})
+#: Shorter values are not compared: a managed value may well contain "true" or a port number.
+MIN_OWN_VALUE_LENGTH = 16
 
 
 class OwnSecretRefused(SecretAccessDenied):
@@ -247,14 +262,37 @@ def check_location(scheme: str, path: str, options: Mapping, own: OwnSecrets) ->
         raise OwnSecretRefused(f"that secret is one of Keyvault's own ({variable}); managed secrets cannot use it")
 
 
+def own_values(*, cookie_keys: bool = True) -> list[str]:
+    """Keyvault's own secret values as this process holds them (Django settings), however they were delivered.
+
+    :param cookie_keys: include ``SECRET_KEY`` and its fallbacks (not for the cookie-signing keyring's own rotation).
+    """
+    from django.conf import settings
+
+    values = [settings.SECRET_KEY, *settings.SECRET_KEY_FALLBACKS] if cookie_keys else []
+    values += [getattr(settings, name, None) for name in _OWN_VALUE_SETTINGS]
+    values += [database.get("PASSWORD") for database in settings.DATABASES.values()]
+    for configured in (getattr(settings, "KMS", {}).get("providers"), getattr(settings, "SECRET_SOURCES", {}).get("sources")):
+        for options in (configured or {}).values():
+            values += [value for name, value in (options or {}).items() if name in _CREDENTIAL_OPTIONS]
+    return [value for value in values if isinstance(value, str) and len(value) >= MIN_OWN_VALUE_LENGTH]
+
+
+def check_value(value: str, own: Iterable[str]) -> None:
+    """Refuse a value read for a managed secret that contains one of Keyvault's own. :raises OwnSecretRefused:"""
+    if isinstance(value, str) and any(secret in value for secret in own):
+        raise OwnSecretRefused("that secret holds one of Keyvault's own secret values; managed secrets cannot use it")
+
+
 # -- the guarded sources ----------------------------------------------------------------------
 
 
 class ManagedSource(SecretSource):
     """A configured source, with every path checked against Keyvault's own secrets first."""
 
-    def __init__(self, inner: SecretSource, check: Callable[[str], None]) -> None:
-        self._inner, self._check = inner, check
+    def __init__(self, inner: SecretSource, check: Callable[[str], None],
+                 check_value: Callable[[str], None] = lambda value: None) -> None:
+        self._inner, self._check, self._check_value = inner, check, check_value
         self.name, self.writable = inner.name, inner.writable
 
     def __repr__(self) -> str:
@@ -266,7 +304,9 @@ class ManagedSource(SecretSource):
 
     def read(self, path: str, *, version: str | None = None) -> SecretVersion:
         self._check(path)
-        return self._inner.read(path, version=version)
+        found = self._inner.read(path, version=version)
+        self._check_value(found.value)
+        return found
 
     def write(self, path: str, value: str) -> SecretVersion:
         self._check(path)
@@ -301,6 +341,9 @@ def managed_source(name: str, *, allow_own: Iterable[str] = (),
         found = own_secrets(environ, lambda: all_secret_source_options(Path(_data_dir(environ))))
         return found.without(allowed) if allowed else found
 
+    def values(value: str) -> None:
+        check_value(value, own_values(cookie_keys=OWN_COOKIE_KEYRING not in allowed))
+
     inner = get_source(name)
     if isinstance(inner, EnvSource):
         def file_guard(file_name: str) -> None:
@@ -322,7 +365,7 @@ def managed_source(name: str, *, allow_own: Iterable[str] = (),
             if environ.get(variable + "_FILE"):
                 file_guard(environ[variable + "_FILE"])
 
-        return ManagedSource(env, check_env)
+        return ManagedSource(env, check_env, values)
     if isinstance(inner, FileSource):
         root = os.path.realpath(inner.root)
 
@@ -330,6 +373,6 @@ def managed_source(name: str, *, allow_own: Iterable[str] = (),
             check_file(inner._live(path), own(), root=root)
             check_file(inner._history(path), own(), root=root)
 
-        return ManagedSource(inner, check_path)
+        return ManagedSource(inner, check_path, values)
     options = source_options(name)
-    return ManagedSource(inner, lambda path: check_location(inner.name, path, options, own()))
+    return ManagedSource(inner, lambda path: check_location(inner.name, path, options, own()), values)

@@ -195,3 +195,21 @@ def test_an_endpoint_outside_the_allowlist_gets_nothing_and_the_refusal_is_a_fai
     with pytest.raises(Exception, match="not in HMD_OUTBOUND_ALLOWLIST"):
         services.register_secret(name="billing2", secret_type="oauth_client_secret", source="file", path="billing",
                                  config={"token_endpoint": attacker.url, "client_id": "b"}, actor=services.ENGINE)
+
+
+@pytest.mark.parametrize("stored", ["{key}", "{{\"audit_signing_key\": \"{key}\", \"x\": 1}}"])
+def test_a_copy_of_an_own_secret_under_a_path_keyvault_does_not_know_is_never_sent(administrator, attacker, signing_key,
+                                                                                   files_root, stored):
+    # given: Keyvault's signing key also reachable through a managed source under a name no HMD_* variable gives
+    # (docs/ops/secrets.md's Kubernetes layout: Keyvault reads the Secret keyvault-secrets as mounted files, and its
+    # service account may also get it through the k8s source); here a file in the managed folder holds it
+    (files_root / "copy").write_text(stored.format(key=signing_key))
+
+    # when: an administrator points an OAuth secret at it and rotates it
+    added, run = attack(administrator, attacker, source="file", path="copy")
+
+    # then: the value is recognised as Keyvault's own when it is read: nothing is sent, the run fails, audited
+    assert attacker.secrets == [] and signing_key not in str(attacker.requests)
+    assert run.state == "failed" and "OwnSecretRefused" in run.last_error and signing_key not in run.last_error
+    failed = AuditEvent.objects.get(action="secret", target_id="exfil", details__event="rotation_failed")
+    assert "one of Keyvault's own" in failed.details["error"] and signing_key not in str(failed.details)
