@@ -48,7 +48,12 @@ CREATE TRIGGER keyvault_auditcheckpoint_no_truncate
     BEFORE TRUNCATE ON keyvault_auditcheckpoint
     FOR EACH STATEMENT EXECUTE FUNCTION keyvault_audit_append_only();
 
+-- The guard names the events table by the schema its own table is in, and resolves everything
+-- else in pg_catalog with pg_temp last: a session's temporary table called keyvault_auditevent
+-- (any role may create one) must not vouch for an event that does not exist.
 CREATE OR REPLACE FUNCTION keyvault_audit_chain_head_guard() RETURNS trigger AS $$
+DECLARE
+    recorded boolean;
 BEGIN
     IF TG_OP = 'INSERT' THEN
         -- Only row 1 at the genesis position; the primary key refuses a second copy of it
@@ -62,9 +67,10 @@ BEGIN
         IF NEW.id = OLD.id AND NEW.last_sequence = OLD.last_sequence AND NEW.last_hash = OLD.last_hash THEN
             RETURN NEW;
         END IF;
-        IF NEW.id = OLD.id AND NEW.last_sequence > OLD.last_sequence AND EXISTS (
-            SELECT 1 FROM keyvault_auditevent e WHERE e.sequence = NEW.last_sequence AND e.hash = NEW.last_hash
-        ) THEN
+        EXECUTE format('SELECT EXISTS (SELECT 1 FROM %I.keyvault_auditevent e WHERE e.sequence = $1 AND e.hash = $2)',
+                       TG_TABLE_SCHEMA)
+            INTO recorded USING NEW.last_sequence, NEW.last_hash;
+        IF NEW.id = OLD.id AND NEW.last_sequence > OLD.last_sequence AND recorded THEN
             RETURN NEW;
         END IF;
         RAISE EXCEPTION 'keyvault_auditchainhead is append-only: it only moves forward to a recorded event'
@@ -73,7 +79,7 @@ BEGIN
     RAISE EXCEPTION 'keyvault_auditchainhead is append-only: % refused', TG_OP
         USING ERRCODE = 'insufficient_privilege';
 END;
-$$ LANGUAGE plpgsql;
+$$ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp;
 
 CREATE TRIGGER keyvault_auditchainhead_guard
     BEFORE INSERT OR UPDATE OR DELETE ON keyvault_auditchainhead

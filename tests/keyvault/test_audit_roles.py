@@ -158,6 +158,23 @@ def test_runtime_role_cannot_switch_the_triggers_off_or_rewrite_the_trail(docume
     assert audit.verify_chain().ok
 
 
+@pytest.mark.postgres
+def test_a_temporary_table_cannot_vouch_for_the_head(documented_roles):
+    # given a chain, and the runtime role's own temporary table named like the events table
+    events = [audit.record(Action.OTHER, actor=Actor.system("tests"), target=("thing", i)) for i in range(3)]
+    forged_sequence, forged_hash = events[-1].sequence + 1, "b" * 64
+
+    with login(documented_roles.app) as conn:
+        conn.execute("CREATE TEMPORARY TABLE keyvault_auditevent (sequence bigint, hash varchar(64))")
+        conn.execute("INSERT INTO keyvault_auditevent VALUES (%s, %s)", (forged_sequence, forged_hash))
+
+        # when it moves the head to the event only its temporary table holds, then it is refused
+        refused(conn, f"UPDATE keyvault_auditchainhead SET last_sequence = {forged_sequence},"
+                      f" last_hash = '{forged_hash}'", match="append-only")
+
+    assert head() == (events[-1].sequence, events[-1].hash)
+
+
 class _RolledBack(Exception):
     """Raised to roll a test's grants back."""
 
