@@ -573,9 +573,12 @@ class SiemConsumer(models.Model):
 
 import time  # noqa: E402
 from base64 import b32encode  # noqa: E402
+from datetime import timedelta  # noqa: E402
+
+from django.utils import timezone  # noqa: E402
 from urllib.parse import quote, urlencode  # noqa: E402
 
-from django_otp.models import Device, ThrottlingMixin, TimestampMixin  # noqa: E402
+from django_otp.models import Device, ThrottlingMixin, TimestampMixin, VerifyNotAllowed  # noqa: E402
 from django_otp.oath import TOTP  # noqa: E402
 from django_otp.util import random_hex  # noqa: E402
 
@@ -584,6 +587,8 @@ from keyvault.fields import EncryptedTextField  # noqa: E402 - fields reach mode
 
 #: Failures a device absorbs before it backs off (``OTP_DEVICE_GRACE_FAILURES``): the per-address budget.
 DEVICE_GRACE_FAILURES = 10
+#: The longest a device backs off after one more failure (``OTP_DEVICE_MAX_BACKOFF_SECONDS``).
+DEVICE_MAX_BACKOFF_SECONDS = 60
 
 
 def new_totp_key() -> str:
@@ -679,12 +684,22 @@ class TOTPDevice(TimestampMixin, ThrottlingMixin, Device):
         return f"otpauth://totp/{quote(label)}?{query}"
 
     def verify_is_allowed(self):
+        """Past the grace failures, back off 1, 2, 4 … seconds, but never longer than a minute.
+
+        django-otp doubles the delay without limit, so an attacker who keeps adding
+        failures from new addresses (or from one, every time its budget refills)
+        could keep the owner out for good. Capped, the device stays slow for guessing
+        (at most one code a minute: about 0.4% a day for a 6-digit code) and its owner
+        gets in within a minute of the attacker's last try.
+        """
         grace = getattr(settings, "OTP_DEVICE_GRACE_FAILURES", DEVICE_GRACE_FAILURES)
-        if self.throttling_failure_count <= grace:
+        failures = self.throttling_failure_count - grace
+        if failures <= 0 or self.throttling_failure_timestamp is None:
             return Device.verify_is_allowed(self)
-        counted = self.throttling_failure_count
-        try:
-            self.throttling_failure_count = counted - grace
-            return super().verify_is_allowed()
-        finally:
-            self.throttling_failure_count = counted
+        longest = getattr(settings, "OTP_DEVICE_MAX_BACKOFF_SECONDS", DEVICE_MAX_BACKOFF_SECONDS)
+        delay = min(self.get_throttle_factor() * 2 ** min(failures - 1, 32), longest)
+        locked_until = self.throttling_failure_timestamp + timedelta(seconds=delay)
+        if timezone.now() < locked_until:
+            return False, {"reason": VerifyNotAllowed.N_FAILED_ATTEMPTS,
+                           "failure_count": self.throttling_failure_count, "locked_until": locked_until}
+        return Device.verify_is_allowed(self)

@@ -719,6 +719,29 @@ def test_new_sessions_from_one_address_share_that_addresses_budget(settings):
     assert right.status_code == 200 and b"Too many wrong codes" in right.content
 
 
+def test_a_device_backs_off_at_most_a_minute_however_many_failures(settings):
+    """A slow stream of failures (a budget refilling, many addresses) never locks the owner out for long."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    # given a device with a thousand failures beyond its grace, the last one 30 s ago
+    user = make_role_user("operator", password=PASSWORD)
+    device = TOTPDevice.objects.create(user=user, name="console", confirmed=True)
+    TOTPDevice.objects.filter(pk=device.pk).update(throttling_failure_count=1010,
+                                                   throttling_failure_timestamp=timezone.now() - timedelta(seconds=30))
+    device.refresh_from_db()
+
+    # then it still backs off now, but only until a minute after that failure
+    allowed, details = device.verify_is_allowed()
+    assert allowed is False
+    assert details["locked_until"] - device.throttling_failure_timestamp == timedelta(seconds=60)
+    TOTPDevice.objects.filter(pk=device.pk).update(
+        throttling_failure_timestamp=timezone.now() - timedelta(seconds=61))
+    device.refresh_from_db()
+    assert device.verify_is_allowed() == (True, None)
+
+
 def test_a_device_backed_off_by_many_addresses_is_recovered_by_an_audited_command(settings, capsys):
     # given a device backed off by more failures than any address may make
     from django.core.management import call_command
