@@ -82,8 +82,8 @@ def start_run(
         raise RotationError("an emergency rotation needs an incident or ticket reference")
     driver.check_start(target, kind=kind, destination=destination)
     runbook = runbooks.for_run(driver.runbook_name(target), kind)
-    if runbook is None and driver.target_kind == "secret":
-        raise RotationError(f"no runbook for {kind.label.lower()} rotation of {secret.get_secret_type_display()}")
+    if runbook is None:
+        raise RotationError(f"no runbook for {kind.label.lower()} rotation of {driver.label(target)}")
     try:
         with transaction.atomic():
             driver.lock(target)

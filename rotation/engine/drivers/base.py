@@ -65,6 +65,10 @@ class Driver(abc.ABC):
         """The runbook (``rotation/runbooks/<name>-<kind>.md``) whose steps a run of it ticks."""
 
     @abc.abstractmethod
+    def label(self, target: Any) -> str:
+        """What the target is, for people (``KEK payments``, ``TLS certificate``)."""
+
+    @abc.abstractmethod
     def policy_defaults(self, target: Any) -> dict:
         """Fields of a new :class:`RotationPolicy` for ``target`` (period, next due, grace …)."""
 

@@ -57,6 +57,9 @@ class KekRotation(Driver):
     def runbook_name(self, kek: KeyEncryptionKey) -> str:
         return "kek"
 
+    def label(self, kek: KeyEncryptionKey) -> str:
+        return f"KEK {kek.name}"
+
     def policy_defaults(self, kek: KeyEncryptionKey) -> dict:
         """From the KEK's own period and usage limit."""
         period = timedelta(days=kek.rotation_period_days)

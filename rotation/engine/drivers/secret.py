@@ -86,6 +86,9 @@ class ManagedSecretRotation(Driver):
     def runbook_name(self, secret: ManagedSecret) -> str:
         return f"secret-{secret.secret_type}"
 
+    def label(self, secret: ManagedSecret) -> str:
+        return secret.get_secret_type_display()
+
     def policy_defaults(self, secret: ManagedSecret) -> dict:
         """The executor's defaults for its type; the first due date from the secret's age and expiry."""
         defaults = executor_of(secret).policy_defaults()
