@@ -123,8 +123,13 @@ def update_kek_settings(
     description: str | None = None,
     rotation_period_days: int | None = None,
     max_encryptions_per_version: int | None = None,
+    next_rotation_at: datetime | None = None,
 ) -> KeyEncryptionKey:
-    """Change a KEK's description, rotation period or usage limit."""
+    """Change a KEK's description, rotation period, usage limit or next rotation date.
+
+    ``next_rotation_at`` (the rotation policy's exact schedule) wins over the date the
+    whole-day period would give.
+    """
     with transaction.atomic():
         kek = _locked(kek)
         changes = {}
@@ -140,6 +145,9 @@ def update_kek_settings(
         if max_encryptions_per_version != kek.max_encryptions_per_version:
             kek.max_encryptions_per_version = max_encryptions_per_version
             changes["max_encryptions_per_version"] = max_encryptions_per_version
+        if next_rotation_at is not None and next_rotation_at != kek.next_rotation_at:
+            kek.next_rotation_at = next_rotation_at
+            changes["next_rotation_at"] = next_rotation_at.isoformat()
         if changes:
             kek.save()
             audit.record(Action.KEK_UPDATED, actor=actor, target=kek, details=changes)
@@ -234,8 +242,15 @@ def destroy_due_keks(*, actor: Actor | None = None, now: datetime | None = None)
 # -- versions --------------------------------------------------------------------
 
 
-def rotate_kek_version(kek: KeyEncryptionKey, *, actor: Actor, reason: str = "", run_id: int | None = None) -> KeyVersion:
-    """Make a new primary version at the provider; older versions keep decrypting."""
+def rotate_kek_version(
+    kek: KeyEncryptionKey, *, actor: Actor, reason: str = "", run_id: int | None = None,
+    next_rotation_at: datetime | None = None,
+) -> KeyVersion:
+    """Make a new primary version at the provider; older versions keep decrypting.
+
+    The next rotation falls a period after now, or at ``next_rotation_at`` (a rotation
+    policy's exact schedule).
+    """
     with transaction.atomic():
         kek = _locked(kek)
         require_usable(kek)
@@ -250,7 +265,7 @@ def rotate_kek_version(kek: KeyEncryptionKey, *, actor: Actor, reason: str = "",
         )
         now = timezone.now()
         kek.last_rotated_at = now
-        kek.next_rotation_at = next_rotation(kek, after=now)
+        kek.next_rotation_at = next_rotation_at or next_rotation(kek, after=now)
         kek.save()
         details = {"new_version": new.version, "previous_version": previous.number if previous else None}
         if reason:
@@ -258,6 +273,39 @@ def rotate_kek_version(kek: KeyEncryptionKey, *, actor: Actor, reason: str = "",
         if run_id is not None:
             details["run_id"] = run_id
         audit.record(Action.KEK_ROTATED, actor=actor, target=kek, details=details)
+    return version
+
+
+def restore_primary_version(
+    kek: KeyEncryptionKey, number: int, *, actor: Actor, reason: str = "", run_id: int | None = None,
+) -> KeyVersion:
+    """Make an earlier, still enabled version primary again (a rotation rolled back before retirement).
+
+    The newer version stays enabled, so data keys already rewrapped under it keep opening.
+    Audited as a KEK change naming the primary before and after.
+
+    :raises UnsupportedOperation: the provider always encrypts with its newest version.
+    :raises InvalidStateTransition: the version is not enabled.
+    """
+    with transaction.atomic():
+        kek = _locked(kek)
+        version = KeyVersion.objects.select_for_update().get(kek=kek, number=number)
+        if version.state != KeyVersion.State.ENABLED:
+            raise InvalidStateTransition(f"v{number} of {kek.name!r} is {version.state}; only an enabled version can be primary")
+        provider = provider_for(kek)
+        if not provider.supports(Capability.SET_PRIMARY):
+            raise UnsupportedOperation(f"provider {provider.name} always encrypts with its newest version")
+        previous = kek.versions.filter(is_primary=True).first()
+        provider.set_primary_version(kek.provider_key_id, number)
+        kek.versions.filter(is_primary=True).update(is_primary=False)
+        KeyVersion.objects.filter(pk=version.pk).update(is_primary=True)
+        version.is_primary = True
+        details = {"primary_version": {"before": previous.number if previous else None, "after": number}}
+        if reason:
+            details["reason"] = reason
+        if run_id is not None:
+            details["run_id"] = run_id
+        audit.record(Action.KEK_UPDATED, actor=actor, target=kek, details=details)
     return version
 
 

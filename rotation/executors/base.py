@@ -19,6 +19,7 @@ from __future__ import annotations
 import abc
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -59,12 +60,18 @@ def fingerprint(value: str | bytes) -> str:
 
 @dataclass
 class Context:
-    """What a phase sees: the run, its secret, ``now`` and the engine's helpers."""
+    """What a phase sees: the run, its secret, ``now`` and the engine's helpers.
+
+    ``tick_step(run, key, *, actor, evidence, status)`` and ``actor`` are lent by the
+    engine's driver for managed secrets; executors never import the engine.
+    """
 
     run: Any
     secret: Any
     now: datetime
     state: dict = field(default_factory=dict)
+    tick_step: Callable[..., None] | None = None
+    actor: Any = None
 
     # -- configuration --------------------------------------------------------------
     def config(self, key: str, default=_MISSING):
@@ -95,12 +102,12 @@ class Context:
         return self.source().write(self.secret.path, old.value)
 
     # -- steps, persisted state, audit ---------------------------------------------------
-    def tick(self, key: str, evidence: str = "", *, failed: bool = False) -> None:
-        from rotation import services
+    def tick(self, key: str, evidence: str = "", *, failed: bool = False, actor=None) -> None:
+        """Mark a runbook step done (or failed), as the engine or as ``actor`` (a person's part)."""
         from rotation.models import RunStep
 
-        services.tick(self.run, key, actor=services.ENGINE, evidence=evidence,
-                      status=RunStep.Status.FAILED if failed else RunStep.Status.DONE)
+        self.tick_step(self.run, key, actor=actor or self.actor, evidence=evidence,
+                       status=RunStep.Status.FAILED if failed else RunStep.Status.DONE)
 
     def step_done(self, key: str) -> bool:
         from rotation.models import RunStep
@@ -120,9 +127,8 @@ class Context:
 
     def event(self, event: str, *, outcome: str = "success", **details) -> None:
         from keyvault import audit
-        from rotation import services
 
-        audit.record(audit.Action.SECRET, actor=services.ENGINE, target=self.secret, outcome=outcome,
+        audit.record(audit.Action.SECRET, actor=self.actor, target=self.secret, outcome=outcome,
                      details={"event": event, "run_id": self.run.pk, **details})
 
 
@@ -153,6 +159,16 @@ class Executor(abc.ABC):
     #: Config keys: name -> help text (shown in the console's add form).
     config_help: dict[str, str] = {}
     required_config: tuple[str, ...] = ()
+    #: The policy a newly managed secret of this type gets: a rotation every ``rotation_period``;
+    #: the old credential keeps working ``grace_period`` after the switch.
+    rotation_period: timedelta = timedelta(days=90)
+    grace_period: timedelta = timedelta(days=1)
+    #: Rotated by the beat sweep when due (False: a person starts each run).
+    auto_rotate: bool = True
+
+    def policy_defaults(self) -> dict:
+        """Fields of a new :class:`rotation.models.RotationPolicy` for a secret of this type."""
+        return {"period": self.rotation_period, "grace_period": self.grace_period, "auto": self.auto_rotate}
 
     def validate_config(self, config: dict) -> None:
         """:raises SecretConfigError: a required key is missing or a value is unusable."""

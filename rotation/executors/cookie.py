@@ -12,6 +12,10 @@ for other applications).
 
 from __future__ import annotations
 
+from datetime import timedelta
+
+from django.conf import settings
+
 from rotation.executors import keyring
 from rotation.executors.base import Context, Executor, ExecutorError, VerificationFailed, fingerprint
 
@@ -19,7 +23,12 @@ from rotation.executors.base import Context, Executor, ExecutorError, Verificati
 class CookieSigningExecutor(Executor):
     secret_type = "cookie_signing"
     runbook_slug = "secret-cookie_signing"
+    rotation_period = timedelta(days=90)
     config_help = {"format": "django (SECRET_KEY + SECRET_KEY_FALLBACKS) or json (generic keyring)"}
+
+    def policy_defaults(self) -> dict:
+        """Grace: the longest session lifetime (``SESSION_COOKIE_AGE``), so no signed-in user is logged out."""
+        return {**super().policy_defaults(), "grace_period": timedelta(seconds=getattr(settings, "SESSION_COOKIE_AGE", 1209600))}
 
     def precheck(self, ctx: Context) -> None:
         current = ctx.read()

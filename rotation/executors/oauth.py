@@ -25,6 +25,7 @@ import json
 import urllib.error
 import urllib.parse
 import urllib.request
+from datetime import timedelta
 
 from rotation.executors import outbound
 from rotation.executors.base import Context, Executor, ExecutorError, SecretConfigError, VerificationFailed, WaitingForPerson
@@ -77,6 +78,9 @@ class OAuthClientSecretExecutor(Executor):
     secret_type = "oauth_client_secret"
     runbook_slug = "secret-oauth_client_secret"
     required_config = ("token_endpoint", "client_id")
+    rotation_period = timedelta(days=180)
+    grace_period = timedelta(days=7)  # the overlap window before the old secret is revoked at the IdP
+    auto_rotate = False  # a person hands over each new secret
     config_help = {"token_endpoint": "IdP token URL", "client_id": "the client's id", "scope": "optional scope",
                    "auth_method": "client_secret_basic (default) or client_secret_post"}
 
@@ -120,9 +124,7 @@ class OAuthClientSecretExecutor(Executor):
             raise ExecutorError("that is the current secret; create a new one at the IdP")
         written = ctx.write(value)
         ctx.state["new_version"] = written.version
-        from rotation import services
-
-        services.tick(ctx.run, "store", actor=actor, evidence=f"stored as version {written.version} by {actor.name}")
+        ctx.tick("store", f"stored as version {written.version} by {actor.name}", actor=actor)
 
     def verify(self, ctx: Context) -> None:
         current = ctx.read()

@@ -39,6 +39,7 @@ import hashlib
 import hmac
 import json
 import secrets
+from datetime import timedelta
 
 from rotation.executors import outbound
 from rotation.executors.base import (
@@ -93,6 +94,7 @@ class PostgresCredentialExecutor(Executor):
     secret_type = "database_credential"
     runbook_slug = "secret-database_credential"
     required_config = ("host", "dbname", "admin_dsn")
+    rotation_period = timedelta(days=30)
     config_help = {
         "host": "database host", "port": "port (5432)", "dbname": "database the application connects to",
         "usernames": "the two roles for blue/green, e.g. [\"app_blue\", \"app_green\"]",

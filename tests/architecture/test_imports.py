@@ -20,7 +20,6 @@ PACKAGES = ("keyvault", "rotation")
 #: Strongly connected groups of modules present today (issue 13 removes them).
 KNOWN_CYCLES: set[frozenset[str]] = {
     frozenset({"keyvault.audit", "keyvault.audit_walk", "keyvault.envelopes", "keyvault.fields", "keyvault.models"}),
-    frozenset({"rotation.executors", "rotation.executors.base", "rotation.services", "rotation.tasks"}),
     frozenset({"keyvault.admin_views", "rotation.admin_views"}),
 }
 

@@ -331,15 +331,18 @@ def test_a_run_started_while_a_re_pointing_commits_still_waits_for_approval(regi
         pytest.fail("postgres-marked tests run only on PostgreSQL (scripts/test.sh deselects them elsewhere)")
     # given: a policy without approvals, and a re-pointing that has written its event but not yet committed
     written, started = threading.Event(), threading.Event()
-    original = services._secret_event
+    from rotation import managed_secrets
+    from rotation.engine import runs
+
+    original = managed_secrets.secret_event
 
     def slow_event(*args, **kwargs):
         original(*args, **kwargs)
         written.set()
         started.wait(timeout=2)  # commit only after the run started, or after 2 s if starting it waits for us
 
-    monkeypatch.setattr(services, "_secret_event", slow_event)
-    monkeypatch.setattr(services, "enqueue_run", lambda run: None)
+    monkeypatch.setattr(managed_secrets, "secret_event", slow_event)
+    monkeypatch.setattr(runs, "enqueue_run", lambda run: None)
 
     def re_point():
         try:

@@ -1,0 +1,91 @@
+"""The run state machine: the transition tables and the one function that moves a run.
+
+Progress lives in the database, never in task memory, so every move takes the run's
+row lock (:func:`locked_run`) and checks the table before it writes and audits.
+"""
+
+from __future__ import annotations
+
+from django.utils import timezone
+
+from keyvault import audit
+from keyvault.audit import Action, Actor, Outcome
+from rotation.exceptions import InvalidRunTransition
+from rotation.models import RotationRun, RunStep
+
+S = RotationRun.State
+
+#: Who the engine acts as in the audit trail.
+ENGINE = Actor.system("rotation-engine")
+
+#: Runs that rewrap data keys (KEK rotation, provider migration).
+TRANSITIONS: dict[str, set[str]] = {
+    S.PENDING_APPROVAL: {S.QUEUED, S.CANCELLED},
+    S.QUEUED: {S.ROTATING, S.REWRAPPING, S.CANCELLED, S.FAILED},
+    S.ROTATING: {S.REWRAPPING, S.FAILED},
+    S.REWRAPPING: {S.VERIFYING, S.FAILED, S.ROLLED_BACK},
+    S.VERIFYING: {S.RETIRING, S.REWRAPPING, S.FAILED, S.ROLLED_BACK},
+    S.RETIRING: {S.COMPLETED, S.FAILED, S.ROLLED_BACK},
+    S.FAILED: {S.QUEUED, S.ROLLED_BACK, S.CANCELLED},
+    S.COMPLETED: set(),
+    S.CANCELLED: set(),
+    S.ROLLED_BACK: set(),
+}
+#: Runs with no rewrap (managed secrets): rotating → verifying directly; a run waiting for a person can be rolled back.
+SECRET_TRANSITIONS: dict[str, set[str]] = {
+    S.PENDING_APPROVAL: {S.QUEUED, S.CANCELLED},
+    S.QUEUED: {S.ROTATING, S.CANCELLED, S.FAILED},
+    S.ROTATING: {S.VERIFYING, S.FAILED, S.ROLLED_BACK},
+    S.VERIFYING: {S.RETIRING, S.FAILED, S.ROLLED_BACK},
+    S.RETIRING: {S.COMPLETED, S.FAILED, S.ROLLED_BACK},
+    S.FAILED: {S.QUEUED, S.ROLLED_BACK, S.CANCELLED},
+    S.COMPLETED: set(),
+    S.CANCELLED: set(),
+    S.ROLLED_BACK: set(),
+}
+TERMINAL = {S.COMPLETED, S.CANCELLED, S.ROLLED_BACK}
+#: States in which a worker has something to do.
+WORKING = (S.QUEUED, S.ROTATING, S.REWRAPPING, S.VERIFYING, S.RETIRING)
+
+
+def table(*, rewraps: bool) -> dict[str, set[str]]:
+    """The transition table of a driver that rewraps data keys, or of one that does not."""
+    return TRANSITIONS if rewraps else SECRET_TRANSITIONS
+
+
+def locked_run(run_id: int) -> RotationRun:
+    """The run, its row locked until the transaction ends."""
+    return RotationRun.objects.select_for_update(of=("self",)).select_related("kek", "secret", "policy").get(pk=run_id)
+
+
+def transition(
+    run: RotationRun, new_state: str, *, table: dict[str, set[str]], actor: Actor, note: str = "", **fields,
+) -> RotationRun:
+    """Move a locked run to ``new_state`` (the one place transitions are checked) and audit it."""
+    if new_state not in table[run.state]:
+        raise InvalidRunTransition(
+            f"run #{run.pk} is {run.get_state_display().lower()}; it cannot become {S(new_state).label.lower()}"
+        )
+    previous = run.state
+    run.state = new_state
+    for name, value in fields.items():
+        setattr(run, name, value)
+    if new_state in TERMINAL or new_state == S.FAILED:
+        run.finished_at = timezone.now()
+    run.save()
+    details = {"run_id": run.pk, "from": previous, "to": new_state}
+    if note:
+        details["note"] = note[:500]
+    audit.record(Action.ROTATION_STATE, actor=actor, target=run.target,
+                 outcome=Outcome.FAILURE if new_state == S.FAILED else Outcome.SUCCESS, details=details)
+    return run
+
+
+def tick(run: RotationRun, key: str, *, actor: Actor, evidence: str = "", status: str = RunStep.Status.DONE) -> None:
+    """Mark a runbook step of the run done (or skipped/failed), recording who, when and evidence."""
+    updated = RunStep.objects.filter(run=run, key=key).exclude(status=status).update(
+        status=status, done_by=actor.name, done_at=timezone.now(), evidence=evidence[:4000]
+    )
+    if updated:
+        audit.record(Action.ROTATION_STEP, actor=actor, target=run.target,
+                     details={"run_id": run.pk, "step": key, "status": status})
