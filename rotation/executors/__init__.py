@@ -8,6 +8,8 @@ This package's ``__init__`` imports nothing from Django, so settings can use
 :mod:`rotation.executors.keyring`.
 """
 
+from keyvault.kms.loading import import_string
+
 EXECUTORS = {
     "cookie_signing": "rotation.executors.cookie.CookieSigningExecutor",
     "database_credential": "rotation.executors.postgres.PostgresCredentialExecutor",
@@ -22,13 +24,10 @@ def executor_for(secret_type: str):
 
     :raises ExecutorError: no executor for that type.
     """
-    import importlib
-
-    from rotation.executors.base import ExecutorError
+    from rotation.executors.base import ExecutorError  # base needs Django; this package's import must not
 
     try:
         dotted = EXECUTORS[secret_type]
     except KeyError:
         raise ExecutorError(f"no rotation executor for secret type {secret_type!r}") from None
-    module_name, _, class_name = dotted.rpartition(".")
-    return getattr(importlib.import_module(module_name), class_name)()
+    return import_string(dotted, what=f"rotation executor for {secret_type!r}", error=ExecutorError)()

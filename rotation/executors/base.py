@@ -153,9 +153,6 @@ def source_named(name: str, *, allow_own: tuple[str, ...] = ()) -> ManagedSource
 class Executor(abc.ABC):
     """Rotation of one secret type. Subclasses document their config keys in :attr:`config_help`."""
 
-    secret_type: str = ""
-    #: Runbook file (``rotation/runbooks/<slug>.md``) whose step keys this executor ticks.
-    runbook_slug: str = ""
     #: Config keys: name -> help text (shown in the console's add form).
     config_help: dict[str, str] = {}
     required_config: tuple[str, ...] = ()

@@ -21,8 +21,6 @@ from rotation.executors.base import Context, Executor, ExecutorError, Verificati
 
 
 class CookieSigningExecutor(Executor):
-    secret_type = "cookie_signing"
-    runbook_slug = "secret-cookie_signing"
     rotation_period = timedelta(days=90)
     config_help = {"format": "django (SECRET_KEY + SECRET_KEY_FALLBACKS) or json (generic keyring)"}
 

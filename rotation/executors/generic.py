@@ -12,8 +12,6 @@ from rotation.executors.base import Context, Executor, VerificationFailed, finge
 
 
 class GenericSecretExecutor(Executor):
-    secret_type = "generic"
-    runbook_slug = "secret-generic"
     config_help = {"length": "bytes of randomness (default 32)", "alphabet": "urlsafe (default) or hex"}
 
     def precheck(self, ctx: Context) -> None:

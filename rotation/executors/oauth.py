@@ -75,8 +75,6 @@ def token_request(endpoint: str, client_id: str, client_secret: str, *, scope: s
 
 
 class OAuthClientSecretExecutor(Executor):
-    secret_type = "oauth_client_secret"
-    runbook_slug = "secret-oauth_client_secret"
     required_config = ("token_endpoint", "client_id")
     rotation_period = timedelta(days=180)
     grace_period = timedelta(days=7)  # the overlap window before the old secret is revoked at the IdP

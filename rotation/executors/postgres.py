@@ -91,8 +91,6 @@ def _psycopg():
 
 
 class PostgresCredentialExecutor(Executor):
-    secret_type = "database_credential"
-    runbook_slug = "secret-database_credential"
     required_config = ("host", "dbname", "admin_dsn")
     rotation_period = timedelta(days=30)
     config_help = {

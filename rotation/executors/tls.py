@@ -164,9 +164,7 @@ def peer_certificate(host: str, port: int, *, server_name: str, trust_pem: str |
 
 
 class TLSCertificateExecutor(Executor):
-    secret_type = "tls_certificate"
     rotation_period = timedelta(days=60)
-    runbook_slug = "secret-tls_certificate"
     required_config = ("common_name",)
     config_help = {
         "common_name": "certificate CN", "sans": "list of DNS names / IPs", "endpoint": "host:port to verify",
