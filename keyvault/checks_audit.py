@@ -19,6 +19,9 @@ import importlib
 from django.core.checks import Tags, Warning, register
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
 
+from keyvault import audit_witness
+from keyvault.exceptions import AuditWitnessUnavailable
+
 OWNER_ID = "keyvault.W301"
 SUPERUSER_ID = "keyvault.W302"
 TRIGGERS_ID = "keyvault.W303"
@@ -97,3 +100,26 @@ def _problems(cursor, server_version: int) -> list[Warning]:
 def _present_tables(cursor) -> list[str]:
     cursor.execute("SELECT t FROM unnest(%s::text[]) AS t WHERE to_regclass(t) IS NOT NULL", [list(AUDIT_TABLES)])
     return [row[0] for row in cursor.fetchall()]
+
+
+WITNESS_ID = "keyvault.W305"
+
+
+@register(Tags.security, deploy=True)
+def check_a_witness_file_is_kept(app_configs=None, **kwargs) -> list[Warning]:
+    """Without a witness file, ``audit verify`` (no ``--witness``) cannot see a chain cut back past a checkpoint."""
+    try:
+        witnesses = audit_witness.configured()
+    except AuditWitnessUnavailable as exc:
+        return [Warning(f"HMD_AUDIT_WITNESS cannot be used: {exc}", id=WITNESS_ID,
+                        hint="Name a file, https://, syslog:// or s3:// destination (docs/ops/production.md).")]
+    if any(isinstance(witness, audit_witness.FileWitness) for witness in witnesses):
+        return []
+    where = "no witness at all" if not witnesses else "only remote witnesses, which audit verify reads with --witness"
+    return [Warning(
+        f"HMD_AUDIT_WITNESS keeps no witness file ({where}): a routine 'audit verify' would not notice a database "
+        "owner cutting the audit chain back past a checkpoint.",
+        hint="Keep the default file (HMD_DATA_DIR/audit-witness.jsonl) next to any remote witness, or have "
+             "audits run 'audit verify --witness s3://…' (docs/ops/production.md, \"Audit witness\").",
+        id=WITNESS_ID,
+    )]

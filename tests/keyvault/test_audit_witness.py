@@ -373,3 +373,17 @@ def test_verify_now_runs_once_per_interval(settings):
         assert AuditEvent.objects.filter(action=Action.AUDIT_VERIFIED).count() == 1
     finally:
         cache.delete(audit_status.VERIFY_NOW_CACHE_KEY)
+
+
+def test_check_deploy_warns_when_no_witness_file_is_kept(settings, tmp_path):
+    from keyvault import checks_audit
+
+    # a witness file (alone or beside a remote witness) is enough
+    settings.AUDIT_WITNESS = [str(tmp_path / "witness.jsonl"), "s3://audit-bucket/keyvault"]
+    assert checks_audit.check_a_witness_file_is_kept() == []
+
+    # only remote witnesses, or none: routine verification could not see a cut-back chain
+    for witnesses in (["s3://audit-bucket/keyvault"], ["none"]):
+        settings.AUDIT_WITNESS = witnesses
+        [warning] = checks_audit.check_a_witness_file_is_kept()
+        assert warning.id == "keyvault.W305" and "no witness file" in warning.msg
