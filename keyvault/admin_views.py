@@ -18,7 +18,7 @@ from django import forms
 from django.contrib import messages
 from django.contrib.admin import helpers
 from django.contrib.admin.utils import unquote
-from django.core.exceptions import PermissionDenied
+from django.core.exceptions import ImproperlyConfigured, PermissionDenied
 from django.db import IntegrityError
 from django.http import Http404, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
@@ -109,13 +109,24 @@ class ActionOutcome:
     args: tuple = ()
 
 
+#: How a KEK action starts a run of the rotation engine: ``start(kek, data, actor, kind=...) -> ActionOutcome``.
+#: Rotation's console builds on this module, so it plugs its starter in (``rotation/admin.py``) rather than
+#: this module importing it back.
+_run_starter: list[Callable[..., ActionOutcome]] = []
+
+
+def register_run_starter(start: Callable[..., ActionOutcome]) -> None:
+    """Install the one function that starts a rotation run from a KEK action (a second call replaces it)."""
+    _run_starter[:] = [start]
+
+
 def _start_run(kind: str) -> Callable[[KeyEncryptionKey, dict, Actor], ActionOutcome]:
     """Rotations are runs of the rotation engine: the action starts one and shows its page."""
 
     def perform(kek: KeyEncryptionKey, data: dict, actor: Actor) -> ActionOutcome:
-        from rotation import admin_views as rotation_views  # rotation's console builds on this module
-
-        return rotation_views.start_from_console(kek, data, actor, kind=kind)
+        if not _run_starter:
+            raise ImproperlyConfigured("no rotation run starter is registered: is the rotation app installed?")
+        return _run_starter[0](kek, data, actor, kind=kind)
 
     return perform
 

@@ -36,7 +36,7 @@ from keyvault import audit_walk, audit_witness
 from keyvault.audit_walk import ROW_FIELDS as _ROW_FIELDS
 from keyvault.audit_witness import WitnessEntry
 from keyvault.exceptions import AuditWitnessUnavailable
-from keyvault.models import AuditChainHead, AuditCheckpoint, AuditEvent
+from keyvault.models.core import AuditChainHead, AuditCheckpoint, AuditEvent
 from keyvault.request_meta import client_ip, request_id
 
 GENESIS_HASH = "0" * 64

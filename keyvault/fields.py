@@ -186,6 +186,6 @@ def rewrap_field(model, field_name: str, *, batch_size: int = REWRAP_BATCH_SIZE)
 
 
 def _primary_versions() -> dict[str, int]:
-    from keyvault.models import KeyVersion
+    from keyvault.models.core import KeyVersion
 
     return dict(KeyVersion.objects.filter(is_primary=True).values_list("kek__provider_key_id", "number"))
