@@ -14,8 +14,8 @@ from django.contrib.admin.options import ShowFacets
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
-from keyvault.admin_views import register_run_starter, runbook_for
 from keyvault.audit import Actor
+from keyvault.console.admin_views import register_run_starter, runbook_for
 from rotation import services
 from rotation.admin_views import RotationRunViewsMixin, start_from_console
 from rotation.forms import RotationPolicyForm

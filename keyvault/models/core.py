@@ -238,7 +238,7 @@ class AuditEvent(models.Model):
         ROTATION_BATCH = "rotation.batch", "Rotation batch rewrapped"
         POLICY_CHANGED = "rotation.policy_changed", "Rotation policy changed"
         SECRET = "secret", "Managed secret event"
-        # Who may do what: every change to accounts, roles and second factors (keyvault.accounts).
+        # Who may do what: every change to accounts, roles and second factors (keyvault.access.accounts).
         USER_CREATED = "user.created", "User created"
         USER_CHANGED = "user.changed", "User changed (flags, groups, permissions)"
         USER_PASSWORD_CHANGED = "user.password_changed", "User password changed"

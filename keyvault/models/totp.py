@@ -1,7 +1,7 @@
 """Second factors: a console user's TOTP authenticator, its secret envelope-encrypted at rest.
 
 Its own module because its field reaches the key models through the envelope
-layer (``keyvault.fields`` → ``keyvault.envelopes`` → ``keyvault.models.core``):
+layer (``keyvault.keys.fields`` → ``keyvault.keys.envelopes`` → ``keyvault.models.core``):
 kept beside the key models, ``keyvault.models`` would import itself in a cycle.
 """
 
@@ -19,7 +19,7 @@ from django_otp.models import Device, ThrottlingMixin, TimestampMixin, VerifyNot
 from django_otp.oath import TOTP
 from django_otp.util import random_hex
 
-from keyvault.fields import EncryptedTextField
+from keyvault.keys.fields import EncryptedTextField
 
 
 #: Failures a device absorbs before it backs off (``OTP_DEVICE_GRACE_FAILURES``): the per-address budget.
@@ -38,7 +38,7 @@ class TOTPDevice(TimestampMixin, ThrottlingMixin, Device):
 
     django-otp's own ``TOTPDevice`` keeps the secret as hex in a plain column, and a
     concrete model's field cannot be swapped in a subclass; so this model has the
-    same fields with the secret in an :class:`~keyvault.fields.EncryptedTextField`
+    same fields with the secret in an :class:`~keyvault.keys.fields.EncryptedTextField`
     (context ``{model: keyvault.totpdevice, field: key}``) and the same verification
     (django-otp's ``TOTPDevice.verify_token`` and ``config_url``, on its ``TOTP``
     class). django-otp's TOTP app is not installed, so this is the only TOTP device
@@ -47,7 +47,7 @@ class TOTPDevice(TimestampMixin, ThrottlingMixin, Device):
 
     Throttling differs on purpose (:meth:`verify_is_allowed`): the first
     ``OTP_DEVICE_GRACE_FAILURES`` failures cost the device nothing, because the
-    per-session and per-address budgets in :mod:`keyvault.otp` stop a single
+    per-session and per-address budgets in :mod:`keyvault.console.otp` stop a single
     attacker well before that; only failures beyond it (many sessions from many
     addresses) back off the device itself.
     """

@@ -136,3 +136,31 @@ def test_the_kms_layer_imports_no_django_and_nothing_above_it():
         outside = {target for target in graph[module] if not target.startswith("keyvault.kms") and target != "keyvault"}
         django = {name for name in imported_names(modules[module], module) if name.split(".")[0] == "django"}
         assert outside == set() and django == set(), f"{module} imports {outside | django}"
+
+
+def _in(module: str, *packages: str) -> bool:
+    return any(module == package or module.startswith(package + ".") for package in packages)
+
+
+#: rotation's own console: the only rotation modules that may build on the keyvault console.
+ROTATION_CONSOLE = {"rotation.admin", "rotation.admin_views"}
+
+
+def test_audit_and_key_services_import_neither_the_console_nor_rotation():
+    """The audit chain and the one writer of key state sit below every page and the rotation engine."""
+    graph = import_graph()
+    lower = [module for module in graph if _in(module, "keyvault.audit", "keyvault.keys")]
+
+    assert lower
+    for module in lower:
+        above = {target for target in graph[module] if _in(target, "keyvault.console", "rotation")}
+        assert above == set(), f"{module} imports {above}"
+
+
+def test_rotation_reaches_the_keyvault_console_only_from_its_own_console():
+    graph = import_graph()
+
+    for module in (module for module in graph if _in(module, "rotation") and module not in ROTATION_CONSOLE):
+        console = {target for target in graph[module] if _in(target, "keyvault.console")}
+        assert console == set(), f"{module} imports {console}"
+    assert ROTATION_CONSOLE <= set(graph), "rotation's console modules moved: update ROTATION_CONSOLE"

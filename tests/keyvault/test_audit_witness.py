@@ -17,9 +17,11 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import transaction
 
-from keyvault import audit, audit_status, audit_witness
+from keyvault import audit
 from keyvault.audit import Action, Actor
-from keyvault.audit_witness import WitnessEntry
+from keyvault.audit import status as audit_status
+from keyvault.audit import witness as audit_witness
+from keyvault.audit.witness import WitnessEntry
 from keyvault.exceptions import AuditVerificationTooSoon
 from keyvault.models import AuditCheckpoint, AuditEvent
 from keyvault.tasks import audit_checkpoint

@@ -4,7 +4,7 @@ Each action is a route added in ``get_urls()`` and wrapped in
 ``admin_site.admin_view`` (login, staff, CSRF, never cached), the way
 ``UserAdmin`` adds its password view. The view checks the action's permission
 itself (403 otherwise), validates a form and calls one function of
-``keyvault.services`` with ``Actor.from_request``; the service does the work and
+``keyvault.keys.services`` with ``Actor.from_request``; the service does the work and
 writes the audit event. Errors the services raise become form errors, never a 500.
 """
 
@@ -27,10 +27,12 @@ from django.urls import path, reverse
 from django.utils.decorators import method_decorator
 from django.views.decorators.debug import sensitive_post_parameters
 
-from keyvault import audit, audit_status, services
+from keyvault import audit
 from keyvault.audit import Actor
+from keyvault.audit import status as audit_status
+from keyvault.console.forms import ConfirmForm, CreateKEKForm, DisableForm, RetireVersionForm, ScheduleDeletionForm
 from keyvault.exceptions import AuditVerificationTooSoon, KeyvaultError
-from keyvault.forms import ConfirmForm, CreateKEKForm, DisableForm, RetireVersionForm, ScheduleDeletionForm
+from keyvault.keys import services
 from keyvault.kms.errors import KMSError
 from keyvault.models import KeyEncryptionKey, KeyVersion
 from rotation.forms import EmergencyRotationForm, MigrateForm, StartRotationForm
@@ -505,7 +507,7 @@ class KEKActionViewsMixin:
 
 # -- audit chain status ------------------------------------------------------------
 #
-# The banner's state and its incremental checks live in keyvault.audit_status.
+# The banner's state and its incremental checks live in keyvault.audit.status.
 
 EXPORT_PERMISSION = "keyvault.export_auditevent"
 
@@ -577,7 +579,7 @@ def providers_view(request, admin_site=None):
     """
     from django.contrib import admin as django_admin
 
-    from keyvault import health
+    from keyvault.keys import health
 
     if not request.user.has_perm(PROVIDERS_PERMISSION):
         raise PermissionDenied
