@@ -378,7 +378,7 @@ def test_verify_now_runs_once_per_interval(settings):
 
 
 def test_check_deploy_warns_when_no_witness_file_is_kept(settings, tmp_path):
-    from keyvault import checks_audit
+    from keyvault.audit import checks as checks_audit
 
     # a witness file (alone or beside a remote witness) is enough
     settings.AUDIT_WITNESS = [str(tmp_path / "witness.jsonl"), "s3://audit-bucket/keyvault"]
