@@ -6,7 +6,7 @@
 1. Creates a fresh PostgreSQL database (default ``kv_bench_console``) and runs
    ``manage.py migrate`` against it with production-like settings (``HMD_DEBUG=false``,
    secrets generated for the run, a private data folder holding the local keyring).
-2. Creates the KEKs through ``keyvault.services.create_kek`` (so they exist at the local
+2. Creates the KEKs through ``keyvault.keys.services.create_kek`` (so they exist at the local
    provider), rotates some of them to get several versions, disables a few.
 3. Seeds ``--n`` data keys and ``--audit-n`` (default ``--n``) audit events with
    PostgreSQL ``COPY`` (psycopg 3 ``cursor.copy``), not the ORM:
@@ -71,7 +71,7 @@ IPS = [f"10.0.{i // 250}.{i % 250 + 1}" for i in range(500)]
 
 def create_inventory(extra_keks: int) -> tuple[dict[str, object], list]:
     """KEKs through the services: the four that hold data keys (rotated to their versions) plus extras."""
-    from keyvault import services
+    from keyvault.keys import services
     from keyvault.audit import Actor
 
     actor = Actor.system("bench")
@@ -99,7 +99,7 @@ def create_admin() -> tuple[str, str, object]:
     from django.conf import settings
     from django.contrib.auth.models import Group, User
 
-    from keyvault.roles import KEY_ADMINISTRATORS
+    from keyvault.access.roles import KEY_ADMINISTRATORS
 
     password = os.urandom(18).hex()
     user = User.objects.create_user("bench-admin", password=password, is_staff=True)
@@ -245,7 +245,7 @@ def seed_audit_events(conn, n: int, *, kek_names: list[str], n_data_keys: int, s
                     (sequence, prev_hash))
     conn.commit()
     # Witnessed as audit.record's checkpoints are, or `audit verify` would find the witness missing.
-    from keyvault.audit_witness import WitnessEntry, publish
+    from keyvault.audit.witness import WitnessEntry, publish
 
     for cp_sequence, digest, signed_at, key, prev_sig, signature in checkpoints:
         publish(WitnessEntry(cp_sequence, digest, prev_sig, signature, key,
@@ -454,7 +454,7 @@ def main() -> int:
         verify_s, verify_out = c.manage(env, "audit", "verify", timeout=1800)
         from keyvault import audit
 
-        from keyvault import audit_walk
+        from keyvault.audit import walk as audit_walk
 
         started = time.perf_counter()
         in_process = audit.verify_chain()

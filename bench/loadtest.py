@@ -90,11 +90,11 @@ def setup_world(users: int, data_keys: int) -> tuple[list[tuple[str, bytes]], in
     django.setup()
     from django.contrib.auth.models import Group, User
     from django.core.management import call_command
-    from keyvault import services
+    from keyvault.keys import services
     from keyvault.audit import Actor
     from keyvault.kms import get_provider
     from keyvault.models import DataKey, TOTPDevice
-    from keyvault.roles import AUDITORS, KEY_ADMINISTRATORS, KEY_OPERATORS
+    from keyvault.access.roles import AUDITORS, KEY_ADMINISTRATORS, KEY_OPERATORS
 
     call_command("migrate", verbosity=0)
     call_command("collectstatic", interactive=False, verbosity=0)
@@ -135,7 +135,7 @@ def console_urls() -> list[str]:
         except NoReverseMatch:
             pass
     try:
-        from keyvault import reports
+        from keyvault.console import reports
 
         urls += [reverse("reports:report", args=[name]) for name in list(reports.REPORTS)[:4]]
     except (ImportError, NoReverseMatch, AttributeError):

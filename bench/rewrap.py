@@ -4,7 +4,7 @@
     .venv/bin/python bench/rewrap.py [--n 1000000] [--naive-sample 5000] [--keep]
 
 1. Fresh PostgreSQL database (default ``kv_bench_rewrap``), ``manage.py migrate``, one KEK
-   created through ``keyvault.services.create_kek`` at the local provider, rotation policy
+   created through ``keyvault.keys.services.create_kek`` at the local provider, rotation policy
    with no approvals and no grace period (so each run completes).
 2. Loads ``--n`` data keys: each a real DEK wrapped by the local provider
    (``generate_data_key``, with a per-tenant encryption context), streamed in with ``COPY``.
@@ -93,8 +93,8 @@ def vacuum(db: str) -> None:
 
 def floor_rewrap(db: str, kek, *, batch_size: int) -> tuple[int, float]:
     """Hand-written batched rewrap of every data key below the new primary version."""
-    from keyvault import services
     from keyvault.audit import Actor
+    from keyvault.keys import services
     from keyvault.kms import get_provider
 
     target = services.rotate_kek_version(kek, actor=Actor.system("bench"), reason="bench floor").number
@@ -196,8 +196,8 @@ def naive_rewrap(kek, sample: int) -> tuple[int, float]:
     """A per-row ORM loop: rewrap, ``save()`` (autocommit: one UPDATE and one commit per row)."""
     from django.utils import timezone
 
-    from keyvault import services
     from keyvault.audit import Actor
+    from keyvault.keys import services
     from keyvault.kms import get_provider
     from keyvault.models import DataKey
 
@@ -278,8 +278,8 @@ def main() -> int:
         c.setup_django(env)
         from django.conf import settings
 
-        from keyvault import services
         from keyvault.audit import Actor
+        from keyvault.keys import services
         from rotation import services as rotation
 
         kek = services.create_kek(name=KEK_NAME, actor=Actor.system("bench"))

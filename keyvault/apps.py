@@ -39,9 +39,9 @@ class KeyvaultConfig(AppConfig):
         from django.db.models.signals import post_migrate
 
         from keyvault import checks  # noqa: F401  (registers the deploy checks)
-        from keyvault import checks_audit  # noqa: F401  (registers the audit-table ownership check)
+        from keyvault.access.roles import sync_roles_after_migrate
+        from keyvault.audit import checks as audit_checks  # noqa: F401  (registers the audit-table ownership check)
         from keyvault.kms import set_config_loader
-        from keyvault.roles import sync_roles_after_migrate
 
         set_config_loader(_kms_config)
         from keyvault import secrets
@@ -50,7 +50,7 @@ class KeyvaultConfig(AppConfig):
         setting_changed.connect(_reset_on_secret_sources_change, dispatch_uid="keyvault.secrets.reset")
         setting_changed.connect(_reset_on_kms_change, dispatch_uid="keyvault.kms.reset")
         # After auth's own receiver (it is connected first) has created the permissions.
-        post_migrate.connect(sync_roles_after_migrate, dispatch_uid="keyvault.roles.sync")
-        from keyvault import accounts
+        post_migrate.connect(sync_roles_after_migrate, dispatch_uid="keyvault.access.roles.sync")
+        from keyvault.access import accounts
 
         accounts.connect_signals()  # every change to users, groups, devices, SIEM consumers is audited

@@ -174,8 +174,8 @@ CELERY_BEAT_SCHEDULE["flag-expiring-secrets"] = {
 }
 CELERY_TASK_DEFAULT_PRIORITY = 5
 
-# -- Notifications (keyvault/notify.py): expiry reminders, failed rotations ---------
-NOTIFIERS = ["keyvault.notify.LogNotifier", "keyvault.notify.EmailNotifier", "keyvault.notify.WebhookNotifier"]
+# -- Notifications (keyvault/ops/notify.py): expiry reminders, failed rotations ---------
+NOTIFIERS = ["keyvault.ops.notify.LogNotifier", "keyvault.ops.notify.EmailNotifier", "keyvault.ops.notify.WebhookNotifier"]
 NOTIFY_EMAIL_TO = env.list("HMD_NOTIFY_EMAIL_TO", default=[])
 NOTIFY_WEBHOOK_URL = env.str("HMD_NOTIFY_WEBHOOK_URL", default="")
 DEFAULT_FROM_EMAIL = "keyvault@localhost"
@@ -244,7 +244,7 @@ AUDIT_HMAC_KEY = _secret("HMD_AUDIT_HMAC_KEY", "audit_hmac_key", new_django_secr
 AUDIT_SIGNING_KEY = _secret("HMD_AUDIT_SIGNING_KEY", "audit_signing_key", _new_ed25519_key)
 AUDIT_TRUSTED_PUBLIC_KEYS = env.list("HMD_AUDIT_TRUSTED_PUBLIC_KEYS", default=[])
 AUDIT_CHECKPOINT_INTERVAL = env.int("HMD_AUDIT_CHECKPOINT_INTERVAL", default=1000)
-# Checkpoints also go outside the database (keyvault/audit_witness.py): file paths, https://
+# Checkpoints also go outside the database (keyvault/audit/witness.py): file paths, https://
 # webhooks, syslog:// and s3:// buckets; "none" turns the witness off (not for production).
 AUDIT_WITNESS = env.list("HMD_AUDIT_WITNESS", default=[str(DATA_DIR / "audit-witness.jsonl")])
 AUDIT_WITNESS_S3_LOCK_MODE = env.str("HMD_AUDIT_WITNESS_S3_LOCK_MODE", default="").upper()
@@ -284,11 +284,11 @@ def _insert_after(anchor: str, *names: str) -> None:
 
 _insert_after("django.middleware.security.SecurityMiddleware",
               "whitenoise.middleware.WhiteNoiseMiddleware", "csp.middleware.CSPMiddleware",
-              "keyvault.request_guard.RejectMalformedRequestMiddleware")  # 400 before any view or query
+              "keyvault.web.request_guard.RejectMalformedRequestMiddleware")  # 400 before any view or query
 _insert_after("django.contrib.auth.middleware.AuthenticationMiddleware",
-              "keyvault.security.DeniedAuditMiddleware", "django_otp.middleware.OTPMiddleware")
+              "keyvault.access.security.DeniedAuditMiddleware", "django_otp.middleware.OTPMiddleware")
 _insert_after("django.contrib.messages.middleware.MessageMiddleware",  # both may leave a message
-              "keyvault.security.SessionExpiryMiddleware", "keyvault.otp.RequireOTPMiddleware")
+              "keyvault.access.security.SessionExpiryMiddleware", "keyvault.console.otp.RequireOTPMiddleware")
 MIDDLEWARE.append("axes.middleware.AxesMiddleware")  # last, as django-axes requires
 
 # Two-factor login (TOTP, django-otp): required for every console page once DEBUG is off.
@@ -301,25 +301,25 @@ OTP_TOTP_ISSUER = env.str("HMD_2FA_ISSUER", default="Keyvault")
 # Not per username alone either: anyone could then lock a known user out from anywhere.
 # Guessing one password from many addresses is left to what a password alone cannot
 # pass: the second factor (required when HMD_DEBUG=false) and the password validators;
-# every failure is still audited, aggregated per address and minute (keyvault.security).
+# every failure is still audited, aggregated per address and minute (keyvault.access.security).
 # Behind a reverse proxy set HMD_TRUSTED_PROXY_COUNT so the client address is taken
-# from X-Forwarded-For instead of the proxy's own (keyvault.request_meta.client_ip).
+# from X-Forwarded-For instead of the proxy's own (keyvault.web.request_meta.client_ip).
 AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", "django.contrib.auth.backends.ModelBackend"]
 AXES_ENABLED = env.bool("HMD_LOGIN_THROTTLING", default=True)
 AXES_FAILURE_LIMIT = env.int("HMD_LOGIN_FAILURE_LIMIT", default=5)
 AXES_COOLOFF_TIME = timedelta(minutes=env.int("HMD_LOGIN_LOCKOUT_MINUTES", default=15))
 AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
-AXES_CLIENT_IP_CALLABLE = "keyvault.request_meta.client_ip"
-AXES_USERNAME_CALLABLE = "keyvault.security.axes_username"
+AXES_CLIENT_IP_CALLABLE = "keyvault.web.request_meta.client_ip"
+AXES_USERNAME_CALLABLE = "keyvault.access.security.axes_username"
 TRUSTED_PROXY_COUNT = env.int("HMD_TRUSTED_PROXY_COUNT", default=0)
 AXES_RESET_ON_SUCCESS = True
 AXES_LOCKOUT_TEMPLATE = "keyvault/otp/locked_out.html"
 AXES_VERBOSE = False
 
-# Sessions are stored under an HMAC of their cookie value (keyvault.sessions), so a copy
+# Sessions are stored under an HMAC of their cookie value (keyvault.access.sessions), so a copy
 # of the database holds no usable session. They end after an idle time and after an
-# absolute lifetime (keyvault.security).
-SESSION_ENGINE = "keyvault.sessions"
+# absolute lifetime (keyvault.access.security).
+SESSION_ENGINE = "keyvault.access.sessions"
 SESSION_IDLE_SECONDS = env.int("HMD_SESSION_IDLE_SECONDS", default=1800)
 SESSION_ABSOLUTE_SECONDS = env.int("HMD_SESSION_ABSOLUTE_SECONDS", default=43200)
 SESSION_COOKIE_AGE = SESSION_ABSOLUTE_SECONDS
@@ -342,7 +342,7 @@ SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
 SECURE_CROSS_ORIGIN_OPENER_POLICY = "same-origin"
 X_FRAME_OPTIONS = "DENY"
-CSRF_FAILURE_VIEW = "keyvault.security.csrf_failure"  # not audited as a denial (see there)
+CSRF_FAILURE_VIEW = "keyvault.access.security.csrf_failure"  # not audited as a denial (see there)
 
 
 def _admin_inline_style_hashes() -> list[str]:
@@ -404,7 +404,7 @@ else:
                           "LOCATION": str(DATA_DIR / "cache"), "OPTIONS": {"MAX_ENTRIES": 10000}}}
 CACHES["default"].setdefault("KEY_PREFIX", "keyvault")
 
-# Failed logins beyond the first per address and minute are counted (keyvault.security);
+# Failed logins beyond the first per address and minute are counted (keyvault.access.security);
 # beat writes each finished minute's count to the audit log, even if no login follows.
 CELERY_BEAT_SCHEDULE["flush-login-failure-summaries"] = {
     "task": "keyvault.flush_login_failure_summaries", "schedule": 60.0,

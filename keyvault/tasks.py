@@ -1,10 +1,11 @@
-"""Celery tasks of the keyvault app: thin callers of ``keyvault.audit`` and ``keyvault.security``."""
+"""Celery tasks of the keyvault app: thin callers of ``keyvault.audit`` and ``keyvault.access.security``."""
 
 from __future__ import annotations
 
 from celery import shared_task
 
-from keyvault import audit, security
+from keyvault import audit
+from keyvault.access import security
 
 
 @shared_task(name="keyvault.audit_checkpoint", ignore_result=True)

@@ -1,11 +1,12 @@
 from django.contrib import admin
 from django.urls import include, path
 
-from keyvault import report_views, siem
-from keyvault.admin_views import providers_view
-from keyvault.healthz import healthz
-from keyvault.metrics import metrics_view
-from keyvault.otp import enrol_view, register_device_admin, verify_view
+from keyvault.audit import siem
+from keyvault.console import report_views
+from keyvault.console.admin_views import providers_view
+from keyvault.console.otp import enrol_view, register_device_admin, verify_view
+from keyvault.ops.healthz import healthz
+from keyvault.ops.metrics import metrics_view
 
 register_device_admin()  # django-otp's own device admin would show the TOTP secret
 

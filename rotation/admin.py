@@ -14,10 +14,10 @@ from django.contrib.admin.options import ShowFacets
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
-from keyvault.admin_views import runbook_for
 from keyvault.audit import Actor
+from keyvault.console.admin_views import register_run_starter, runbook_for
 from rotation import services
-from rotation.admin_views import RotationRunViewsMixin
+from rotation.admin_views import RotationRunViewsMixin, start_from_console
 from rotation.forms import RotationPolicyForm
 from rotation.models import RotationPolicy, RotationRun, format_period
 
@@ -26,6 +26,10 @@ CONSOLE_CSS = {"all": ("keyvault/console.css", "rotation/rotation.css")}
 
 def _state_badge(state: str, label: str):
     return format_html('<span class="kv-state kv-run-state-{}">{}</span>', state, label)
+
+
+#: The KEK page's "Rotate now", "Emergency rotate" and "Migrate" start runs here (the keyvault console is below us).
+register_run_starter(start_from_console)
 
 
 @admin.register(RotationPolicy)

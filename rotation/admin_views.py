@@ -1,6 +1,6 @@
 """The rotation engine's console views: starting runs from a KEK's page, the run page and its actions.
 
-As in ``keyvault.admin_views``, every view is a route added in ``get_urls()`` and
+As in ``keyvault.console.admin_views``, every view is a route added in ``get_urls()`` and
 wrapped in ``admin_site.admin_view`` (login, staff, CSRF, never cached); it checks
 its permission itself (403 otherwise), validates a form and calls one function of
 ``rotation.services`` with ``Actor.from_request``. Refusals the services raise
@@ -32,8 +32,14 @@ from django.utils.html import format_html
 from django.utils.safestring import SafeString, mark_safe
 from django.views.decorators.debug import sensitive_post_parameters
 
-from keyvault.admin_views import ACTION_TEMPLATE, SERVICE_ERRORS, ActionOutcome, runbook_for, service_error_message
 from keyvault.audit import Actor
+from keyvault.console.admin_views import (
+    ACTION_TEMPLATE,
+    SERVICE_ERRORS,
+    ActionOutcome,
+    runbook_for,
+    service_error_message,
+)
 from keyvault.models import AuditEvent, KeyEncryptionKey
 from rotation import runbooks, services
 from rotation.forms import DecisionForm, RunControlForm, TickStepForm

@@ -1,9 +1,9 @@
-"""Create the console's role groups (see ``keyvault/roles.py``)."""
+"""Create the console's role groups (see ``keyvault/access/roles.py``)."""
 
 from django.contrib.auth.management import create_permissions
 from django.db import migrations
 
-from keyvault.roles import sync_roles
+from keyvault.access.roles import sync_roles
 
 
 def create_roles(apps, schema_editor):
@@ -16,7 +16,7 @@ def create_roles(apps, schema_editor):
 
 
 def remove_roles(apps, schema_editor):
-    from keyvault.roles import ROLES
+    from keyvault.access.roles import ROLES
 
     apps.get_model("auth", "Group").objects.filter(name__in=ROLES).delete()
 

@@ -109,7 +109,7 @@ END;
 $$ LANGUAGE plpgsql;
 """
 
-#: Every trigger this migration and 0002 install on PostgreSQL, by table (checks_audit.py looks for them).
+#: Every trigger this migration and 0002 install on PostgreSQL, by table (keyvault/audit/checks.py looks for them).
 POSTGRES_TRIGGERS = {
     "keyvault_auditevent": ("keyvault_audit_no_update_delete", "keyvault_audit_no_truncate"),
     "keyvault_auditcheckpoint": ("keyvault_auditcheckpoint_no_update_delete", "keyvault_auditcheckpoint_no_truncate"),

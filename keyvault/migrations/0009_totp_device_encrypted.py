@@ -9,7 +9,7 @@ are asked for a code again; the codes themselves do not change.
 """
 
 import django.db.models.deletion
-import keyvault.fields
+import keyvault.keys.fields
 import keyvault.models
 from django.conf import settings
 from django.db import migrations, models
@@ -29,7 +29,7 @@ def encrypt_legacy_devices(apps, schema_editor):
         cursor.execute(f"SELECT {', '.join(quote(f) for f in LEGACY_FIELDS)} FROM {quote(LEGACY_TABLE)} ORDER BY id")
         rows = [dict(zip(LEGACY_FIELDS, row)) for row in cursor.fetchall()]
     if rows:
-        from keyvault.accounts import ensure_field_kek  # the real service: it audits a KEK it has to create
+        from keyvault.access.accounts import ensure_field_kek  # the real service: it audits a KEK it has to create
 
         ensure_field_kek()
         Device = apps.get_model("keyvault", "TOTPDevice")
@@ -63,7 +63,7 @@ class Migration(migrations.Migration):
                 ('throttling_failure_count', models.PositiveIntegerField(default=0, help_text='Number of successive failed attempts.')),
                 ('created_at', models.DateTimeField(auto_now_add=True, help_text='The date and time when this device was initially created in the system.', null=True)),
                 ('last_used_at', models.DateTimeField(blank=True, help_text='The most recent date and time this device was used.', null=True)),
-                ('key', keyvault.fields.EncryptedTextField(default=keyvault.models.new_totp_key, editable=False, help_text='Hex TOTP secret, envelope-encrypted; shown once, at enrolment.', verbose_name='secret')),
+                ('key', keyvault.keys.fields.EncryptedTextField(default=keyvault.models.new_totp_key, editable=False, help_text='Hex TOTP secret, envelope-encrypted; shown once, at enrolment.', verbose_name='secret')),
                 ('step', models.PositiveSmallIntegerField(default=30, help_text='The time step in seconds.', verbose_name='time step (s)')),
                 ('t0', models.BigIntegerField(default=0, help_text='The Unix time at which to begin counting steps.', verbose_name='t0')),
                 ('digits', models.PositiveSmallIntegerField(choices=[(6, 6), (8, 8)], default=6, help_text='The number of digits to expect in a token.', verbose_name='digits')),

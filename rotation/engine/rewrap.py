@@ -16,8 +16,8 @@ from django.db.models.functions import Greatest
 from django.utils import timezone
 
 from keyvault import audit
-from keyvault import services as key_services
 from keyvault.audit import Action, Outcome
+from keyvault.keys import services as key_services
 from keyvault.kms import KMSError, ProviderUnavailable
 from keyvault.models import DataKey
 from rotation.engine import states

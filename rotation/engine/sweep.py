@@ -13,9 +13,9 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from keyvault import services as key_services
 from keyvault.audit import Actor, Outcome
 from keyvault.exceptions import KeyvaultError
+from keyvault.keys import services as key_services
 from keyvault.kms import KMSError
 from keyvault.models import KeyEncryptionKey, ManagedSecret
 from rotation.engine.dispatch import dispatcher

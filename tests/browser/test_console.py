@@ -85,8 +85,8 @@ def test_administrator_creates_a_key_and_an_operator_rotates_it(login_as, shots)
 
 def test_auditor_reads_the_audit_log_but_cannot_rotate(login_as, shots, live_server):
     # given a key with some history
-    from keyvault import services
     from keyvault.audit import Actor
+    from keyvault.keys import services
 
     kek = services.create_kek(name="ledger", actor=Actor.system("bootstrap"))
     data_key, plain = services.create_data_key(kek, actor=Actor.system("app"), encryption_context={"tenant": "7"},
@@ -131,8 +131,8 @@ def test_auditor_reads_the_audit_log_but_cannot_rotate(login_as, shots, live_ser
 
 
 def test_schedule_deletion_asks_for_the_key_name(login_as, shots):
-    from keyvault import services
     from keyvault.audit import Actor
+    from keyvault.keys import services
 
     kek = services.create_kek(name="old-reports", actor=Actor.system("bootstrap"))
     admin = login_as("administrator")

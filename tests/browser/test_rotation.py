@@ -8,8 +8,8 @@ import pytest
 from django.db import connection
 from playwright.sync_api import expect
 
-from keyvault import services as key_services
 from keyvault.audit import Actor
+from keyvault.keys import services as key_services
 from rotation import services
 from rotation.models import RotationRun
 from tests.rotation.conftest import seed_data_keys

@@ -2,7 +2,7 @@
 
 from django.db import models
 
-from keyvault.fields import EncryptedBinaryField, EncryptedJSONField, EncryptedTextField
+from keyvault.keys.fields import EncryptedBinaryField, EncryptedJSONField, EncryptedTextField
 
 
 class Customer(models.Model):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-from keyvault.roles import AUDITORS, KEY_ADMINISTRATORS, KEY_OPERATORS
+from keyvault.access.roles import AUDITORS, KEY_ADMINISTRATORS, KEY_OPERATORS
 
 #: The console roles the tests log in as, mapped to their groups (None: not logged in).
 ROLE_GROUPS: dict[str, str | None] = {
@@ -26,7 +26,7 @@ def use_temp_keyring(settings, directory) -> None:
 
 def make_role_user(role: str, *, password: str | None = None):
     """A staff user (not a superuser) in the role's group, made by the accounts service (one audit event)."""
-    from keyvault import accounts
+    from keyvault.access import accounts
     from keyvault.audit import Actor
 
     return accounts.create_user(username=role, actor=Actor.system("tests"), password=password, is_staff=True,
@@ -49,8 +49,8 @@ class World:
 
 
 def build_world() -> World:
-    from keyvault import services
     from keyvault.audit import Actor
+    from keyvault.keys import services
 
     actor = Actor.system("tests")
     alpha = services.create_kek(name="alpha", actor=actor, description="payments database fields")

@@ -15,10 +15,11 @@ from django.contrib.auth.models import Group, Permission, User
 from django.core.management import call_command
 from django.urls import reverse
 
-from keyvault import accounts, audit, siem
-from keyvault.audit import Action, Actor
+from keyvault import audit
+from keyvault.access import accounts
+from keyvault.access.roles import AUDITORS, KEY_ADMINISTRATORS, KEY_OPERATORS
+from keyvault.audit import Action, Actor, siem
 from keyvault.models import AuditEvent, TOTPDevice
-from keyvault.roles import AUDITORS, KEY_ADMINISTRATORS, KEY_OPERATORS
 from tests.keyvault import use_temp_keyring
 
 pytestmark = pytest.mark.django_db

@@ -20,9 +20,10 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
-from keyvault import audit_status, services
-from keyvault.admin import EstimatedCountPaginator
 from keyvault.audit import Actor
+from keyvault.audit import status as audit_status
+from keyvault.console.admin import EstimatedCountPaginator
+from keyvault.keys import services
 from keyvault.models import AuditEvent, AuditVerification, DataKey, KeyEncryptionKey, KeyVersion
 from tests.audit_owner import as_table_owner
 from tests.keyvault import build_world, make_role_user, use_temp_keyring

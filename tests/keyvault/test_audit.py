@@ -10,7 +10,9 @@ from hypothesis import strategies as st
 import pytest
 from django.db import DatabaseError, connection, transaction
 
-from keyvault import audit, audit_walk, services
+from keyvault import audit
+from keyvault.audit import walk as audit_walk
+from keyvault.keys import services
 from keyvault.audit import Action, Actor
 from keyvault.exceptions import AuditWriteRefused
 from keyvault.models import AuditCheckpoint, AuditEvent, KeyEncryptionKey

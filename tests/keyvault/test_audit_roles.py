@@ -21,8 +21,9 @@ import pytest
 from django.core import checks
 from django.db import connection, transaction
 
-from keyvault import audit, checks_audit
+from keyvault import audit
 from keyvault.audit import Action, Actor
+from keyvault.audit import checks as checks_audit
 from keyvault.models import AuditChainHead, AuditCheckpoint, AuditEvent
 from tests.audit_owner import AUDIT_TABLES
 from tests.conftest import is_postgres

@@ -17,8 +17,9 @@ from django.db import connection, connections, transaction
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from keyvault import audit, audit_walk
+from keyvault import audit
 from keyvault.audit import Action, Actor
+from keyvault.audit import walk as audit_walk
 from keyvault.models import AuditEvent
 from tests.audit_owner import as_table_owner
 from tests.conftest import is_postgres

@@ -17,9 +17,11 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import transaction
 
-from keyvault import audit, audit_status, audit_witness
+from keyvault import audit
 from keyvault.audit import Action, Actor
-from keyvault.audit_witness import WitnessEntry
+from keyvault.audit import status as audit_status
+from keyvault.audit import witness as audit_witness
+from keyvault.audit.witness import WitnessEntry
 from keyvault.exceptions import AuditVerificationTooSoon
 from keyvault.models import AuditCheckpoint, AuditEvent
 from keyvault.tasks import audit_checkpoint
@@ -376,7 +378,7 @@ def test_verify_now_runs_once_per_interval(settings):
 
 
 def test_check_deploy_warns_when_no_witness_file_is_kept(settings, tmp_path):
-    from keyvault import checks_audit
+    from keyvault.audit import checks as checks_audit
 
     # a witness file (alone or beside a remote witness) is enough
     settings.AUDIT_WITNESS = [str(tmp_path / "witness.jsonl"), "s3://audit-bucket/keyvault"]

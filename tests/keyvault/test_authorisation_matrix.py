@@ -83,7 +83,7 @@ class named_url(admin_url):  # noqa: N801 - a non-admin URL with arguments (repo
 
 
 def siem_consumer(world):
-    from keyvault import siem
+    from keyvault.audit import siem
 
     return siem.create_consumer(name="matrix", actor=siem.Actor.system("tests"))[0].pk
 
@@ -95,7 +95,7 @@ def a_user(world):
 
 
 def totp_device(world):
-    from keyvault import accounts
+    from keyvault.access import accounts
     from keyvault.audit import Actor
     from keyvault.models import TOTPDevice
 
@@ -184,8 +184,8 @@ def retiring_run(world):
 
 def failed_run(world):
     """A run that failed: its KEK was disabled before the worker got to it."""
-    from keyvault import services
     from keyvault.audit import Actor
+    from keyvault.keys import services
     from rotation import services as rotation
 
     echo = services.create_kek(name="echo", actor=Actor.system("tests"))
@@ -201,8 +201,8 @@ def alpha_policy(world):
 
 
 def migration_destination(world):
-    from keyvault import services
     from keyvault.audit import Actor
+    from keyvault.keys import services
 
     return {"destination": str(services.create_kek(name="delta", actor=Actor.system("tests")).pk), "reason": "matrix"}
 
@@ -305,7 +305,7 @@ MATRIX: tuple[Row, ...] = (
     Row("add policy", "GET", admin_url("rotation_rotationpolicy_add"), NOBODY),
     Row("delete policy", "POST", admin_url("rotation_rotationpolicy_delete", alpha_policy), NOBODY,
         lambda w: {"post": "yes"}),
-    # reports and SIEM consumers (keyvault.report_views, keyvault.siem)
+    # reports and SIEM consumers (keyvault.console.report_views, keyvault.audit.siem)
     Row("reports", "GET", named_url("reports:index"), VIEW),
     Row("report page", "GET", named_url("reports:report", "rotations"), VIEW),
     Row("report export", "POST", named_url("reports:export", "rotations", "csv"), EXPORT_POST),
@@ -316,7 +316,7 @@ MATRIX: tuple[Row, ...] = (
         lambda w: {"name": "collector"}),
     Row("deactivate SIEM consumer", "POST", admin_url("keyvault_siemconsumer_change", siem_consumer), ADMIN_POST),
     Row("SIEM events without a token", "GET", site_url("siem-events"), TOKEN_ONLY),
-    # managed secrets (keyvault.secrets_admin)
+    # managed secrets (keyvault.console.secrets_admin)
     Row("secret list", "GET", admin_url("keyvault_managedsecret_changelist"), VIEW),
     Row("secret page", "GET", admin_url("keyvault_managedsecret_change", managed_secret), VIEW),
     Row("add secret form", "GET", admin_url("keyvault_managedsecret_add"), ADMIN_GET),
@@ -387,7 +387,7 @@ def test_every_console_route_of_ours_is_in_the_matrix():
     """A new custom view must get a row here before it ships."""
     from django.contrib import admin
 
-    from keyvault.admin_views import KEK_ACTIONS
+    from keyvault.console.admin_views import KEK_ACTIONS
     from rotation.admin_views import RUN_CONTROLS
 
     covered = {row.url.name for row in MATRIX}
@@ -440,7 +440,7 @@ def test_starting_a_run_answers_each_role_as_expected(target, kind, role):
     target_kwargs = {"kek": world.alpha} if target == "kek" else {"secret": rotation.ManagedSecret.objects.get(
         pk=managed_secret(world))}
     if kind == "migrate" and target == "kek":
-        from keyvault import services
+        from keyvault.keys import services
 
         target_kwargs["destination"] = services.create_kek(name="delta", actor=Actor.system("tests"))
 

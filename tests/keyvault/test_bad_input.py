@@ -266,7 +266,7 @@ def _own_parameters(route: Route, world) -> list[str]:
     from django.contrib.admin.views import main
     from django.test import RequestFactory
 
-    from keyvault import reports
+    from keyvault.console import reports
 
     if route.name == "siem-events":
         return ["after", "limit"]
@@ -319,8 +319,8 @@ def crawl(settings) -> Crawl:
     from django_otp import device_classes
     from django_otp.oath import totp
 
-    from keyvault import services, siem
-    from keyvault.audit import Actor
+    from keyvault.audit import Actor, siem
+    from keyvault.keys import services
     from keyvault.models import KeyEncryptionKey
 
     settings.REQUIRE_2FA = True

@@ -11,8 +11,8 @@ from django.core.cache import cache
 from django.urls import reverse
 from django.utils import timezone
 
-from keyvault import charts, dashboard
-from keyvault import services as key_services
+from keyvault.console import charts, dashboard
+from keyvault.keys import services as key_services
 from keyvault.models import KeyEncryptionKey, KeyVersion
 from rotation import services as rotation
 from rotation.models import RotationPolicy, RotationRun

@@ -1,4 +1,4 @@
-"""The Django envelope layer (keyvault/envelopes.py): what a forged blob learns from opening it.
+"""The Django envelope layer (keyvault/keys/envelopes.py): what a forged blob learns from opening it.
 
 The rule is in keyvault/kms/README.md, "What a failed decrypt reveals": a version's state is
 never said; the KEK's own state (disabled, pending deletion) may be.
@@ -8,8 +8,8 @@ import struct
 
 import pytest
 
-from keyvault import envelopes, services
 from keyvault.exceptions import KeyNotUsable
+from keyvault.keys import envelopes, services
 from keyvault.kms import InvalidCiphertext
 from keyvault.kms.envelope import MAGIC, read_header
 

@@ -3,9 +3,9 @@
 import pytest
 from django.db import connection
 
-from keyvault import envelopes, services
+from keyvault.keys import envelopes, services
 from keyvault.exceptions import KeyNotUsable
-from keyvault.fields import EncryptedFieldLookupError, rewrap_field
+from keyvault.keys.fields import EncryptedFieldLookupError, rewrap_field
 from keyvault.kms import InvalidCiphertext
 from keyvault.kms.envelope import read_header
 from tests.fieldapp.models import Customer

@@ -21,7 +21,7 @@ from django_otp.oath import totp
 
 from keyvault.audit import Action, Outcome
 from keyvault.models import AuditEvent, TOTPDevice
-from keyvault.security import SEEN_KEY, STARTED_KEY
+from keyvault.access.security import SEEN_KEY, STARTED_KEY
 from tests.keyvault import make_role_user, use_temp_keyring
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -258,7 +258,7 @@ def test_spellings_of_a_username_that_sign_in_as_it_share_its_lock(client, setti
 @pytest.mark.parametrize(("proxies", "expected"), [(0, "10.0.0.2"), (1, "198.51.100.23"), (2, "192.0.2.1")])
 def test_forwarded_for_is_trusted_only_as_configured(rf, settings, proxies, expected):
     # given a request through proxies whose X-Forwarded-For starts with a client-supplied value
-    from keyvault.request_meta import client_ip
+    from keyvault.web.request_meta import client_ip
 
     settings.TRUSTED_PROXY_COUNT = proxies
     request = rf.get("/", REMOTE_ADDR="10.0.0.2", HTTP_X_FORWARDED_FOR="6.6.6.6, 192.0.2.1, 198.51.100.23")
@@ -324,7 +324,7 @@ def _failure_events():
 
 def test_repeated_failures_are_audited_as_one_count_per_address_and_minute(client, settings, monkeypatch):
     # given a clock at the start of a minute and a real user
-    from keyvault import security
+    from keyvault.access import security
 
     clock = [1_800_000_000.0]  # a whole minute
     monkeypatch.setattr(security, "_now", lambda: clock[0])
@@ -362,7 +362,7 @@ def test_repeated_failures_are_audited_as_one_count_per_address_and_minute(clien
 
 def test_failure_summaries_are_written_once(client, monkeypatch):
     # given two failures from one address in a minute that is now over
-    from keyvault import security
+    from keyvault.access import security
 
     clock = [1_800_000_000.0]
     monkeypatch.setattr(security, "_now", lambda: clock[0])
@@ -380,7 +380,8 @@ def test_failure_summaries_are_written_once(client, monkeypatch):
 
 def test_beat_writes_the_summary_when_no_login_follows(client, monkeypatch):
     # given three failures from one address in a minute that is now over, and nothing since
-    from keyvault import security, tasks
+    from keyvault import tasks
+    from keyvault.access import security
 
     clock = [1_800_000_000.0]
     monkeypatch.setattr(security, "_now", lambda: clock[0])

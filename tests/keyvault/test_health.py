@@ -19,7 +19,7 @@ from django.core.management import CommandError, call_command
 from django.urls import reverse
 from prometheus_client import REGISTRY
 
-from keyvault import health, services
+from keyvault.keys import health, services
 from keyvault.kms import KeyState, get_provider
 from keyvault.models import KeyEncryptionKey
 from tests.keyvault import make_role_user, use_temp_keyring

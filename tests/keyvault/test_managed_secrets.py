@@ -13,8 +13,8 @@ from django.core.management import call_command
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from keyvault import notify
 from keyvault.models import AuditEvent, ManagedSecret
+from keyvault.ops import notify
 from rotation import services
 from rotation.exceptions import RunAlreadyActive
 from rotation.executors import keyring
@@ -278,8 +278,8 @@ def test_a_change_that_does_not_re_point_is_audited_as_a_change(registered, syst
 def test_the_run_after_a_re_pointing_waits_for_someone_other_than_the_re_pointer(registered, system_actor):
     from django.contrib.auth.models import Group, User
 
+    from keyvault.access.roles import KEY_ADMINISTRATORS, KEY_OPERATORS
     from keyvault.audit import Actor
-    from keyvault.roles import KEY_ADMINISTRATORS, KEY_OPERATORS
     from rotation.exceptions import ApprovalRefused
 
     mallory = User.objects.create_user("mallory", is_staff=True)
@@ -391,7 +391,7 @@ def test_cli_emergency_rotation_of_a_secret_needs_the_emergency_permission(regis
     from django.contrib.auth.models import Group, User
     from django.core.management.base import CommandError
 
-    from keyvault.roles import KEY_OPERATORS
+    from keyvault.access.roles import KEY_OPERATORS
 
     olivia = User.objects.create_user("olivia", is_staff=True)
     olivia.groups.add(Group.objects.get(name=KEY_OPERATORS))

@@ -22,8 +22,8 @@ from django.contrib import admin
 from django.db import connection
 from django.urls import NoReverseMatch, reverse
 
-from keyvault import envelopes, services
-from keyvault.admin_views import KEK_ACTIONS
+from keyvault.console.admin_views import KEK_ACTIONS
+from keyvault.keys import envelopes, services
 from keyvault.kms import get_provider
 from keyvault.kms.local import decode_master_key
 from keyvault.models import KeyEncryptionKey
@@ -147,7 +147,7 @@ def test_no_plaintext_key_material_in_database_logs_or_pages(admin_client, syste
     # and TOTP devices, one enrolled and one pending (issue 12 #9: the secrets were a plain hex column)
     from django.contrib.auth.models import User
 
-    from keyvault import accounts
+    from keyvault.access import accounts
 
     for name, confirmed in (("totp-confirmed", True), ("totp-pending", False)):
         device = accounts.create_device(User.objects.create_user(name), actor=system_actor, confirmed=confirmed)

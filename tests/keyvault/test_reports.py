@@ -20,8 +20,9 @@ from django.core.management.base import CommandError
 from django.urls import reverse
 from django.utils import timezone
 
-from keyvault import audit, reports
-from keyvault import services as key_services
+from keyvault import audit
+from keyvault.console import reports
+from keyvault.keys import services as key_services
 from keyvault.audit import Actor
 from keyvault.models import AuditEvent, KeyVersion
 from rotation import services as rotation

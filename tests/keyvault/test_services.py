@@ -5,8 +5,8 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from keyvault import services
 from keyvault.exceptions import CoverageIncomplete, InvalidStateTransition, KeyNotUsable
+from keyvault.keys import services
 from keyvault.kms import InvalidCiphertext, get_provider
 from keyvault.models import AuditEvent, DataKey, KeyEncryptionKey, KeyVersion
 

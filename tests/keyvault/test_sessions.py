@@ -1,4 +1,4 @@
-"""Sessions a database read cannot use (keyvault/sessions.py): only an HMAC of the cookie is stored.
+"""Sessions a database read cannot use (keyvault/access/sessions.py): only an HMAC of the cookie is stored.
 
 The attack from issue 12: copy the database (a world-readable SQLite file, a backup),
 read ``django_session`` and present a row's key as the ``sessionid`` cookie.
@@ -16,8 +16,8 @@ from django.test import Client, override_settings
 from django.urls import reverse
 from django.utils import timezone
 
-from keyvault.otp import TOTPDevice  # the model the console uses (django-otp's, or its encrypted successor)
-from keyvault.sessions import SessionStore, stored_id
+from keyvault.access.sessions import SessionStore, stored_id
+from keyvault.console.otp import TOTPDevice  # the model the console uses (django-otp's, or its encrypted successor)
 from tests.keyvault import make_role_user
 from tests.keyvault.test_hardening import PASSWORD, _isolated, token_for  # noqa: F401  (_isolated: autouse)
 

@@ -87,7 +87,7 @@ import json, os, shelve, stat, django
 django.setup()
 from django.conf import settings
 from django.db import connection
-from keyvault.bootstrap import bootstrap
+from keyvault.ops.bootstrap import bootstrap
 from keyvault.celery import app
 bootstrap(admin_password="correct horse battery staple")
 app.send_task("keyvault.no_such_task")

@@ -22,14 +22,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-#: keyvault.siem's default per-consumer limit.
+#: keyvault.audit.siem's default per-consumer limit.
 PER_MINUTE = 120
 REQUESTS = 200
 
 CREATE_CONSUMER = """
 import django
 django.setup()
-from keyvault import siem
+from keyvault.audit import siem
 from keyvault.audit import Actor
 consumer, token = siem.create_consumer(name="collector", actor=Actor.system("tests"))
 print(token)

@@ -9,8 +9,8 @@ import pytest
 from django.core.cache import cache
 from django.urls import reverse
 
-from keyvault import audit, siem
-from keyvault.audit import Actor
+from keyvault import audit
+from keyvault.audit import Actor, siem
 from keyvault.models import AuditEvent, SiemConsumer
 from tests.keyvault import make_role_user
 
@@ -76,7 +76,7 @@ def test_pages_follow_the_cursor_to_the_head(client, consumer, events):
 
 def test_pages_carry_the_checkpoints_in_their_range(client, consumer, settings):
     # given checkpoints at #2, #4 and #6 (issue 12: the SIEM keeps its own copy of how far the chain got)
-    from keyvault.audit_witness import WitnessEntry
+    from keyvault.audit.witness import WitnessEntry
     from keyvault.models import AuditCheckpoint
 
     settings.AUDIT_CHECKPOINT_INTERVAL = 2

@@ -2,10 +2,10 @@ import pytest
 from django.contrib.auth.models import Group
 from django.test import override_settings
 
-from keyvault import services as key_services
+from keyvault.access.roles import KEY_ADMINISTRATORS, KEY_OPERATORS
+from keyvault.keys import services as key_services
 from keyvault.kms import get_provider
 from keyvault.models import DataKey
-from keyvault.roles import KEY_ADMINISTRATORS, KEY_OPERATORS
 
 
 @pytest.fixture

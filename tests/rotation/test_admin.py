@@ -16,9 +16,9 @@ from django.core.cache import cache
 from django.test import Client
 from django.urls import reverse
 
-from keyvault import admin_views as key_views
-from keyvault import services as key_services
 from keyvault.audit import Actor
+from keyvault.console import admin_views as key_views
+from keyvault.keys import services as key_services
 from keyvault.models import AuditEvent, KeyVersion
 from rotation import services
 from rotation.admin_views import run_timeline
@@ -58,7 +58,7 @@ def staff_user(username: str, group: str):
 
 @pytest.fixture
 def users():
-    from keyvault.roles import AUDITORS, KEY_ADMINISTRATORS, KEY_OPERATORS
+    from keyvault.access.roles import AUDITORS, KEY_ADMINISTRATORS, KEY_OPERATORS
 
     return {
         "operator": staff_user("olivia", KEY_OPERATORS),

@@ -5,7 +5,8 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from keyvault import audit, services as key_services
+from keyvault import audit
+from keyvault.keys import services as key_services
 from keyvault.audit import Actor
 from keyvault.kms import KeyDisabled, ProviderUnavailable, get_provider
 from keyvault.models import AuditEvent, DataKey, KeyVersion

@@ -24,8 +24,8 @@ from django.test import override_settings
 from django.utils import timezone
 
 from keyvault import audit
-from keyvault import services as key_services
 from keyvault.audit import Actor
+from keyvault.keys import services as key_services
 from keyvault.kms import ProviderUnavailable, get_provider
 from keyvault.models import AuditEvent, DataKey
 from rotation import services

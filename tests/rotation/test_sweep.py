@@ -4,7 +4,7 @@ from datetime import datetime, time, timedelta, timezone as tz
 
 import pytest
 
-from keyvault import services as key_services
+from keyvault.keys import services as key_services
 from keyvault.audit import Actor
 from keyvault.models import KeyEncryptionKey
 from rotation import services

@@ -16,7 +16,8 @@ import pytest
 from django.conf import settings
 from django.db import connection
 
-from keyvault import audit, services as key_services
+from keyvault import audit
+from keyvault.keys import services as key_services
 from keyvault.audit import Actor
 from keyvault.kms import get_provider
 from keyvault.models import DataKey, KeyVersion

@@ -11,7 +11,9 @@ from django.core.management.base import CommandError
 from django.utils.dateparse import parse_date, parse_datetime
 from django.utils.timezone import make_aware
 
-from keyvault import audit, audit_status, reports
+from keyvault import audit
+from keyvault.audit import status as audit_status
+from keyvault.console import reports
 
 from ._base import KeyvaultCommand
 

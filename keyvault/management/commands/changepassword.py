@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.contrib.auth.management.commands import changepassword
 
-from keyvault import accounts
+from keyvault.access import accounts
 
 
 class Command(changepassword.Command):

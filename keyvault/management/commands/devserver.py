@@ -16,8 +16,8 @@ from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand
 
-from keyvault.bootstrap import bootstrap
 from keyvault.config import env
+from keyvault.ops.bootstrap import bootstrap
 
 
 class Command(BaseCommand):

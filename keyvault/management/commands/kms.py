@@ -1,6 +1,6 @@
 """``manage.py kms <subcommand>`` — keys and cryptography from the command line.
 
-Key subcommands go through ``keyvault.services``, so the inventory and the audit
+Key subcommands go through ``keyvault.keys.services``, so the inventory and the audit
 log see everything the console would. Binary data travels as base64 on stdout.
 """
 
@@ -13,7 +13,7 @@ import sys
 
 from django.core.management.base import CommandError
 
-from keyvault import services
+from keyvault.keys import services
 from keyvault.models import KeyEncryptionKey
 
 from ._base import KeyvaultCommand
@@ -96,7 +96,7 @@ class Command(KeyvaultCommand):
     # -- subcommands ---------------------------------------------------------
 
     def _health(self, options):
-        from keyvault import health
+        from keyvault.keys import health
 
         if options["all"]:
             results = health.check_all().providers
@@ -199,7 +199,7 @@ class Command(KeyvaultCommand):
             self.stdout.write(json.dumps(output, indent=2))
 
     def _envelope_encrypt(self, options):
-        from keyvault import envelopes
+        from keyvault.keys import envelopes
 
         blob = envelopes.encrypt(
             kek_named(options["key"]), sys.stdin.buffer.read(), actor=self.actor(options),
@@ -208,7 +208,7 @@ class Command(KeyvaultCommand):
         self.stdout.write(base64.b64encode(blob).decode("ascii"))
 
     def _envelope_decrypt(self, options):
-        from keyvault import envelopes
+        from keyvault.keys import envelopes
 
         plaintext = envelopes.decrypt(
             read_base64_stdin(), actor=self.actor(options), encryption_context=parse_context(options["context"])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from keyvault import accounts
+from keyvault.access import accounts
 
 from ._base import KeyvaultCommand
 

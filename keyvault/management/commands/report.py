@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 
-from keyvault import reports
+from keyvault.console import reports
 from keyvault.audit import Actor
 
 from ._base import KeyvaultCommand

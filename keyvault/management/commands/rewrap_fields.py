@@ -3,8 +3,8 @@
 from django.apps import apps
 from django.core.management.base import CommandError
 
-from keyvault import services
-from keyvault.fields import encrypted_fields
+from keyvault.keys import services
+from keyvault.keys.fields import encrypted_fields
 
 from ._base import KeyvaultCommand
 

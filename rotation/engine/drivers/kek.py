@@ -14,8 +14,8 @@ from django.db import InterfaceError, OperationalError, transaction
 from django.utils import timezone
 
 from keyvault import audit
-from keyvault import services as key_services
-from keyvault.fields import encrypted_fields, rewrap_field
+from keyvault.keys import services as key_services
+from keyvault.keys.fields import encrypted_fields, rewrap_field
 from keyvault.kms import Capability, ProviderUnavailable
 from keyvault.models import DataKey, KeyEncryptionKey, KeyVersion
 from rotation.engine.drivers.base import Driver

@@ -14,10 +14,11 @@ from datetime import datetime
 from django.db import InterfaceError, OperationalError, transaction
 from django.utils import timezone
 
-from keyvault import audit, notify
+from keyvault import audit
 from keyvault.audit import Action, Actor, Outcome
 from keyvault.kms import ProviderUnavailable
 from keyvault.models import AuditEvent, ManagedSecret
+from keyvault.ops import notify
 from keyvault.secrets.base import SecretSourceUnavailable
 from rotation.engine.drivers.base import Driver
 from rotation.exceptions import ApprovalRefused, RotationError

@@ -14,7 +14,7 @@ from django.core.management.base import CommandError
 
 from keyvault.management.commands._base import KeyvaultCommand
 from keyvault.management.commands.kms import kek_named
-from keyvault import services as key_services
+from keyvault.keys import services as key_services
 from rotation import services
 from keyvault.models import ManagedSecret
 from rotation.models import RotationRun, format_period, parse_period

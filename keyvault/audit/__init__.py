@@ -10,7 +10,7 @@ Every ``AUDIT_CHECKPOINT_INTERVAL`` events, every ``AUDIT_CHECKPOINT_SECONDS`` w
 the head has moved (beat) and on demand, the head is signed with the Ed25519 audit
 signing key; each checkpoint also signs the previous checkpoint's signature, so the
 checkpoints form a chain of their own, like CloudTrail digests. Each checkpoint is
-also written outside the database (:mod:`keyvault.audit_witness`) once its
+also written outside the database (:mod:`keyvault.audit.witness`) once its
 transaction commits, and verification requires both: checkpoints at the configured
 density from genesis, and every witnessed checkpoint still in the database.
 """
@@ -32,12 +32,13 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from keyvault import audit_walk, audit_witness
-from keyvault.audit_walk import ROW_FIELDS as _ROW_FIELDS
-from keyvault.audit_witness import WitnessEntry
+from keyvault.audit import walk as audit_walk
+from keyvault.audit import witness as audit_witness
+from keyvault.audit.walk import ROW_FIELDS as _ROW_FIELDS
+from keyvault.audit.witness import WitnessEntry
 from keyvault.exceptions import AuditWitnessUnavailable
-from keyvault.models import AuditChainHead, AuditCheckpoint, AuditEvent
-from keyvault.request_meta import client_ip, request_id
+from keyvault.models.core import AuditChainHead, AuditCheckpoint, AuditEvent
+from keyvault.web.request_meta import client_ip, request_id
 
 GENESIS_HASH = "0" * 64
 VERIFY_CHUNK = 5000
@@ -291,7 +292,7 @@ class VerifyResult:
 def verify_chain(*, jobs: int | None = None, witness: str | None = None, use_witness: bool = True) -> VerifyResult:
     """Walk every event and checkpoint; report OK or the first broken position and why.
 
-    Reading is :mod:`keyvault.audit_walk`'s job (on PostgreSQL, ``jobs`` connections
+    Reading is :mod:`keyvault.audit.walk`'s job (on PostgreSQL, ``jobs`` connections
     sharing one snapshot); every hash, link and signature is checked here, in Python.
     Then the checkpoints must be dense enough (:func:`density_problem`) and hold
     everything a witness saw (:func:`witness_problem`): ``witness`` names a copy

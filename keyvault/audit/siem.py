@@ -5,7 +5,7 @@ Events come in chain order with ``hash`` and ``prev_hash``, so a collector can
 re-verify the chain itself (``keyvault.audit.canonical_bytes`` is the format);
 ``next_after`` is the cursor for the next call. Each page also carries the signed
 checkpoints in its range (``checkpoints``, the same JSON as the external witness
-file, :class:`keyvault.audit_witness.WitnessEntry`), so the SIEM keeps its own copy of
+file, :class:`keyvault.audit.witness.WitnessEntry`), so the SIEM keeps its own copy of
 how far the chain had got and can check a later ``audit verify --witness`` against it. Paging is a keyset range on the
 unique ``sequence`` index, so every page costs the same however long the log is.
 
@@ -34,10 +34,11 @@ from django.utils import timezone
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
-from keyvault import accounts, audit
+from keyvault import audit
+from keyvault.access import accounts
 from keyvault.audit import Actor
 from keyvault.exceptions import KeyvaultError
-from keyvault.audit_witness import WitnessEntry
+from keyvault.audit.witness import WitnessEntry
 from keyvault.models import AuditCheckpoint, AuditEvent, SiemConsumer
 
 TOKEN_PREFIX = "kvsiem_"
@@ -62,7 +63,7 @@ def hash_token(token: str) -> str:
 # -- managing consumers (console and CLI call these) -----------------------------------
 
 
-# Audited by keyvault.accounts (``siem.consumer_created`` / ``siem.consumer_changed``, before and
+# Audited by keyvault.access.accounts (``siem.consumer_created`` / ``siem.consumer_changed``, before and
 # after; the token only as an HMAC of its hash), like every other change of who may read what.
 
 

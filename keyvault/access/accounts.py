@@ -33,9 +33,10 @@ from django.contrib.auth.models import Group, Permission
 from django.db import models, transaction
 from django.db.models.signals import m2m_changed, post_delete, post_save, pre_delete, pre_save
 
-from keyvault import audit, services
+from keyvault import audit
 from keyvault.audit import Action, Actor
 from keyvault.exceptions import KeyvaultError
+from keyvault.keys import services
 from keyvault.models import KeyEncryptionKey, SiemConsumer, TOTPDevice
 
 #: Who changed something outside any service or command (a shell, a script).
@@ -241,7 +242,7 @@ def recording(actor: Actor) -> Iterator[None]:
 
 
 class _RoleSync(_Recording):
-    """Records nothing: the roles' permissions as ``keyvault.roles`` defines them, re-applied at ``migrate``."""
+    """Records nothing: the roles' permissions as ``keyvault.access.roles`` defines them, re-applied at ``migrate``."""
 
     def add(self, *args, **kwargs) -> None:
         pass
@@ -380,13 +381,13 @@ def _m2m_changed(sender, instance, action, reverse, model, pk_set, **kwargs) -> 
 def connect_signals() -> None:
     """Connect the receivers (``KeyvaultConfig.ready``); each once, by ``dispatch_uid``."""
     for model in TRACKED:
-        uid = f"keyvault.accounts.{model._meta.label_lower}"
+        uid = f"keyvault.access.accounts.{model._meta.label_lower}"
         pre_save.connect(_before_save, sender=model, dispatch_uid=f"{uid}.pre_save")
         post_save.connect(_after_save, sender=model, dispatch_uid=f"{uid}.post_save")
         pre_delete.connect(_before_delete, sender=model, dispatch_uid=f"{uid}.pre_delete")
         post_delete.connect(_after_delete, sender=model, dispatch_uid=f"{uid}.post_delete")
     for through in RELATIONS:
-        m2m_changed.connect(_m2m_changed, sender=through, dispatch_uid=f"keyvault.accounts.{through._meta.label_lower}")
+        m2m_changed.connect(_m2m_changed, sender=through, dispatch_uid=f"keyvault.access.accounts.{through._meta.label_lower}")
 
 
 # -- services: users, groups, permissions ---------------------------------------------------------

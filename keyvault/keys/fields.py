@@ -2,7 +2,7 @@
 
 Each value is encrypted with the encryption context ``{"model": "app_label.model",
 "field": "name"}``, so a blob copied into another column or model does not
-decrypt. DEKs come from the process-wide cache (``keyvault.envelopes``), so a
+decrypt. DEKs come from the process-wide cache (``keyvault.keys.envelopes``), so a
 page of rows costs a handful of KMS calls, not one per value.
 
 The ciphertext is randomised, so the database cannot compare values: every
@@ -21,7 +21,7 @@ from django.conf import settings
 from django.core.exceptions import FieldError
 from django.db import models, transaction
 
-from keyvault import envelopes
+from keyvault.keys import envelopes
 from keyvault.kms.envelope import read_header
 
 REWRAP_BATCH_SIZE = 500
@@ -186,6 +186,6 @@ def rewrap_field(model, field_name: str, *, batch_size: int = REWRAP_BATCH_SIZE)
 
 
 def _primary_versions() -> dict[str, int]:
-    from keyvault.models import KeyVersion
+    from keyvault.models.core import KeyVersion
 
     return dict(KeyVersion.objects.filter(is_primary=True).values_list("kek__provider_key_id", "number"))

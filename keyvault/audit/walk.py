@@ -36,7 +36,7 @@ from datetime import UTC, datetime, timedelta
 from django.db import DataError, connection, transaction
 from django.db.models import QuerySet
 
-from keyvault.models import AuditEvent
+from keyvault.models.core import AuditEvent
 
 PAGE_SIZE = 20_000  # events per keyset page
 MAX_DEFAULT_JOBS = 4

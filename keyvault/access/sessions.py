@@ -1,4 +1,4 @@
-"""Database sessions that a copy of the database cannot use (``SESSION_ENGINE = "keyvault.sessions"``).
+"""Database sessions that a copy of the database cannot use (``SESSION_ENGINE = "keyvault.access.sessions"``).
 
 Django's database engine stores the cookie value itself as ``django_session``'s primary
 key: whoever reads the table (a backup, a world-readable SQLite file, a read-only SQL

@@ -32,7 +32,7 @@ from redis.exceptions import RedisError
 
 from keyvault import audit
 from keyvault.audit import Action, Actor, Outcome
-from keyvault.request_meta import client_ip, request_id
+from keyvault.web.request_meta import client_ip, request_id
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class SessionExpiryMiddleware:
         return ""
 
 
-@receiver(user_logged_in, dispatch_uid="keyvault.security.session_started")
+@receiver(user_logged_in, dispatch_uid="keyvault.access.security.session_started")
 def _session_started(sender, request, user, **kwargs) -> None:
     if request is not None and hasattr(request, "session"):
         now = _now()
@@ -171,7 +171,7 @@ def _attempted_name(username: str | None) -> tuple[str, bool]:
     return audit.hmac_value(username), False
 
 
-@receiver(user_login_failed, dispatch_uid="keyvault.security.login_failed")
+@receiver(user_login_failed, dispatch_uid="keyvault.access.security.login_failed")
 def _audit_login_failed(sender, credentials, request=None, **kwargs) -> None:
     if request is None:
         return
@@ -295,7 +295,7 @@ def _increment(key: str, *, timeout: int | None = FAILURE_COUNT_TTL) -> int:
         return 1
 
 
-@receiver(user_logged_in, dispatch_uid="keyvault.security.flush_failure_summaries")
+@receiver(user_logged_in, dispatch_uid="keyvault.access.security.flush_failure_summaries")
 def _flush_on_login(sender, request, user, **kwargs) -> None:
     try:
         flush_failure_summaries()
@@ -306,7 +306,7 @@ def _flush_on_login(sender, request, user, **kwargs) -> None:
 def _connect_axes() -> None:
     from axes.signals import user_locked_out
 
-    user_locked_out.connect(_audit_locked_out, dispatch_uid="keyvault.security.locked_out")
+    user_locked_out.connect(_audit_locked_out, dispatch_uid="keyvault.access.security.locked_out")
 
 
 _connect_axes()

@@ -34,8 +34,9 @@ from django.template.loader import render_to_string
 from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
 
-from keyvault import audit, dashboard
+from keyvault import audit
 from keyvault.audit import Actor
+from keyvault.console import dashboard
 from keyvault.exceptions import KeyvaultError
 from keyvault.models import AuditEvent, KeyEncryptionKey, KeyVersion
 from rotation.models import NIST_MAX_ORIGINATOR_DAYS, Approval, RotationPolicy, RotationRun, RunStep
@@ -213,7 +214,7 @@ def inventory_rows(filters: Filters, now: datetime) -> tuple[list[dict], list[st
     for version in versions[: MAX_ROWS + 1]:
         kek = version.kek
         if kek.pk not in coverage_cache:
-            from keyvault import services
+            from keyvault.keys import services
 
             coverage_cache[kek.pk] = services.version_coverage(kek)
         policy = policies.get(kek.pk)

@@ -16,7 +16,7 @@ from django.db.models import Count, Q
 from django.db.models.functions import TruncMonth
 from django.utils import timezone
 
-from keyvault import services
+from keyvault.keys import services
 from keyvault.models import KeyEncryptionKey, KeyVersion
 from rotation.models import NIST_MAX_ORIGINATOR_DAYS, RotationPolicy, RotationRun
 
@@ -319,7 +319,7 @@ def build(*, now: datetime | None = None, chain_status: bool = True) -> Dashboar
     certificates = expiring_certificates(now=now)
     status = None
     if chain_status:
-        from keyvault.audit_status import chain_status as recorded_chain_status
+        from keyvault.audit.status import chain_status as recorded_chain_status
 
         status = recorded_chain_status()
     by_state = keys_by_state()

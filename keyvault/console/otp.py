@@ -21,7 +21,7 @@ The TOTP secret lives in :class:`keyvault.models.TOTPDevice`, envelope-encrypted
 never again: the device admin below omits it and the enrolment page refuses a
 user who already has a confirmed device. Losing a phone means a superuser
 deletes the device (console, or ``manage.py otp reset-device USER``), and the user
-enrols again. Every device change is audited (:mod:`keyvault.accounts`).
+enrols again. Every device change is audited (:mod:`keyvault.access.accounts`).
 
 Wrong codes are counted three ways, so that someone who has only a password
 cannot lock the owner out:
@@ -61,10 +61,10 @@ from django.views.decorators.http import require_http_methods
 from django_otp import login as otp_login
 from django_otp import user_has_device
 
-from keyvault import accounts
+from keyvault.access import accounts
+from keyvault.access.security import audit_otp_failure, client_ip
 from keyvault.audit import Actor
 from keyvault.models import TOTPDevice
-from keyvault.security import audit_otp_failure, client_ip
 
 #: Views a password-only session may reach (URL names; the admin's under ``admin:``).
 #: ``/metrics`` is not one: a scraper's bearer token needs no session, and a session needs both factors.
@@ -274,7 +274,7 @@ class TOTPDeviceAdmin(admin.ModelAdmin):
         return super().get_queryset(request).defer("key")  # a list of devices decrypts no secret
 
     def has_view_permission(self, request, obj=None) -> bool:
-        return request.user.is_superuser  # no role holds device permissions (keyvault.roles)
+        return request.user.is_superuser  # no role holds device permissions (keyvault.access.roles)
 
     def has_module_permission(self, request) -> bool:
         return request.user.is_superuser

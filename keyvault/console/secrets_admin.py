@@ -23,8 +23,8 @@ from django.utils.decorators import method_decorator
 from django.utils.html import format_html, format_html_join
 from django.views.decorators.debug import sensitive_post_parameters
 
-from keyvault.admin_views import SERVICE_ERRORS, service_error_message
 from keyvault.audit import Actor
+from keyvault.console.admin_views import SERVICE_ERRORS, service_error_message
 from keyvault.models import ManagedSecret
 from keyvault.secrets import SecretSourceError
 from rotation.admin_views import EMERGENCY_PERMISSION  # as for KEKs: no grace period needs this too

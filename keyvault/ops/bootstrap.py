@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from django.contrib.auth import get_user_model
 from django.db import transaction
 
-from keyvault import accounts, services
+from keyvault.access import accounts
+from keyvault.access.roles import KEY_ADMINISTRATORS
 from keyvault.audit import Actor
+from keyvault.keys import services
 from keyvault.models import KeyEncryptionKey
-from keyvault.roles import KEY_ADMINISTRATORS
 
 DEFAULT_KEK = "default"
 

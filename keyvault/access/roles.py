@@ -64,7 +64,7 @@ def sync_roles_after_migrate(sender, *, apps=None, **kwargs) -> None:
         permission_model = apps.get_model("auth", "Permission")
     except LookupError:
         return
-    from keyvault.accounts import syncing_roles  # accounts needs the models loaded; roles is read by migrations
+    from keyvault.access.accounts import syncing_roles  # accounts needs the models loaded; roles is read by migrations
 
     with syncing_roles():
         sync_roles(group_model, permission_model)

@@ -23,7 +23,7 @@ from keyvault.exceptions import KeyNotUsable
 from keyvault.kms import InvalidCiphertext, get_provider
 from keyvault.kms.cache import DataKeyCache
 from keyvault.kms.envelope import EnvelopeEncryptor, read_header
-from keyvault.models import KeyEncryptionKey, KeyVersion
+from keyvault.models.core import KeyEncryptionKey, KeyVersion
 
 KEK_LOOKUP_TTL = 5.0
 

@@ -21,10 +21,11 @@ from django.db import transaction
 from django.db.models import Count
 from django.utils import timezone
 
-from keyvault import audit, envelopes
+from keyvault import audit
 from keyvault.audit import Action, Actor, Outcome
 from keyvault.exceptions import CoverageIncomplete, InvalidStateTransition, KeyNotUsable
-from keyvault.fields import rewrap_field
+from keyvault.keys import envelopes
+from keyvault.keys.fields import rewrap_field
 from keyvault.kms import Capability, KeyState, KMSProvider, UnsupportedOperation, VersionState, get_provider
 from keyvault.kms import DataKey as PlainDataKey
 from keyvault.kms.context import normalise_context

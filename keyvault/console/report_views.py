@@ -1,6 +1,6 @@
 """Console views for the dashboard (the console home) and the auditor reports.
 
-Thin callers: ``keyvault.dashboard`` and ``keyvault.reports`` hold the logic. Every
+Thin callers: ``keyvault.console.dashboard`` and ``keyvault.console.reports`` hold the logic. Every
 view is wrapped in ``admin.site.admin_view`` (login, staff, never cached) in
 ``keyvault/urls.py`` and checks its permission itself: reading needs
 ``keyvault.view_auditevent``, exporting ``keyvault.export_auditevent``. Bad filter
@@ -16,8 +16,8 @@ from django.template.response import TemplateResponse
 from django.utils.safestring import mark_safe
 from django.views.decorators.http import require_GET, require_POST
 
-from keyvault import charts, dashboard, reports
 from keyvault.audit import Actor
+from keyvault.console import charts, dashboard, reports
 
 VIEW_PERMISSION = "keyvault.view_auditevent"
 EXPORT_PERMISSION = "keyvault.export_auditevent"

@@ -97,7 +97,7 @@ class WebhookNotifier(Notifier):
 @cache
 def get_notifiers() -> tuple[Notifier, ...]:
     """The configured notifiers, built once."""
-    return tuple(import_string(path)() for path in getattr(settings, "NOTIFIERS", ["keyvault.notify.LogNotifier"]))
+    return tuple(import_string(path)() for path in getattr(settings, "NOTIFIERS", ["keyvault.ops.notify.LogNotifier"]))
 
 
 def _reset(*, setting: str, **kwargs) -> None:
@@ -105,7 +105,7 @@ def _reset(*, setting: str, **kwargs) -> None:
         get_notifiers.cache_clear()
 
 
-setting_changed.connect(_reset, dispatch_uid="keyvault.notify.reset")
+setting_changed.connect(_reset, dispatch_uid="keyvault.ops.notify.reset")
 
 
 def notify(notice: Notice) -> dict[str, str]:

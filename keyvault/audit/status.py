@@ -21,7 +21,7 @@ seconds of database work per million events; repeated clicks must not turn into 
 denial of service): across processes through the cache (shared once ``HMD_CACHE_URL``
 points at Redis) and through the last recorded full verification, which every
 process sees in the audit log. The banner also says when the newest checkpoint could
-not be written to an external witness (:mod:`keyvault.audit_witness`).
+not be written to an external witness (:mod:`keyvault.audit.witness`).
 """
 
 from __future__ import annotations
@@ -33,8 +33,10 @@ from django.conf import settings
 from django.core.cache import cache
 from django.utils import timezone
 
-from keyvault import audit, audit_walk, audit_witness
+from keyvault import audit
 from keyvault.audit import Actor
+from keyvault.audit import walk as audit_walk
+from keyvault.audit import witness as audit_witness
 from keyvault.exceptions import AuditVerificationTooSoon
 from keyvault.models import AuditChainHead, AuditCheckpoint, AuditEvent, AuditVerification
 

@@ -4,7 +4,7 @@ Each action is a route added in ``get_urls()`` and wrapped in
 ``admin_site.admin_view`` (login, staff, CSRF, never cached), the way
 ``UserAdmin`` adds its password view. The view checks the action's permission
 itself (403 otherwise), validates a form and calls one function of
-``keyvault.services`` with ``Actor.from_request``; the service does the work and
+``keyvault.keys.services`` with ``Actor.from_request``; the service does the work and
 writes the audit event. Errors the services raise become form errors, never a 500.
 """
 
@@ -18,7 +18,7 @@ from django import forms
 from django.contrib import messages
 from django.contrib.admin import helpers
 from django.contrib.admin.utils import unquote
-from django.core.exceptions import PermissionDenied
+from django.core.exceptions import ImproperlyConfigured, PermissionDenied
 from django.db import IntegrityError
 from django.http import Http404, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
@@ -27,10 +27,12 @@ from django.urls import path, reverse
 from django.utils.decorators import method_decorator
 from django.views.decorators.debug import sensitive_post_parameters
 
-from keyvault import audit, audit_status, services
+from keyvault import audit
 from keyvault.audit import Actor
+from keyvault.audit import status as audit_status
+from keyvault.console.forms import ConfirmForm, CreateKEKForm, DisableForm, RetireVersionForm, ScheduleDeletionForm
 from keyvault.exceptions import AuditVerificationTooSoon, KeyvaultError
-from keyvault.forms import ConfirmForm, CreateKEKForm, DisableForm, RetireVersionForm, ScheduleDeletionForm
+from keyvault.keys import services
 from keyvault.kms.errors import KMSError
 from keyvault.models import KeyEncryptionKey, KeyVersion
 from rotation.forms import EmergencyRotationForm, MigrateForm, StartRotationForm
@@ -109,13 +111,24 @@ class ActionOutcome:
     args: tuple = ()
 
 
+#: How a KEK action starts a run of the rotation engine: ``start(kek, data, actor, kind=...) -> ActionOutcome``.
+#: Rotation's console builds on this module, so it plugs its starter in (``rotation/admin.py``) rather than
+#: this module importing it back.
+_run_starter: list[Callable[..., ActionOutcome]] = []
+
+
+def register_run_starter(start: Callable[..., ActionOutcome]) -> None:
+    """Install the one function that starts a rotation run from a KEK action (a second call replaces it)."""
+    _run_starter[:] = [start]
+
+
 def _start_run(kind: str) -> Callable[[KeyEncryptionKey, dict, Actor], ActionOutcome]:
     """Rotations are runs of the rotation engine: the action starts one and shows its page."""
 
     def perform(kek: KeyEncryptionKey, data: dict, actor: Actor) -> ActionOutcome:
-        from rotation import admin_views as rotation_views  # rotation's console builds on this module
-
-        return rotation_views.start_from_console(kek, data, actor, kind=kind)
+        if not _run_starter:
+            raise ImproperlyConfigured("no rotation run starter is registered: is the rotation app installed?")
+        return _run_starter[0](kek, data, actor, kind=kind)
 
     return perform
 
@@ -494,7 +507,7 @@ class KEKActionViewsMixin:
 
 # -- audit chain status ------------------------------------------------------------
 #
-# The banner's state and its incremental checks live in keyvault.audit_status.
+# The banner's state and its incremental checks live in keyvault.audit.status.
 
 EXPORT_PERMISSION = "keyvault.export_auditevent"
 
@@ -566,7 +579,7 @@ def providers_view(request, admin_site=None):
     """
     from django.contrib import admin as django_admin
 
-    from keyvault import health
+    from keyvault.keys import health
 
     if not request.user.has_perm(PROVIDERS_PERMISSION):
         raise PermissionDenied

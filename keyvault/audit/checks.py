@@ -19,7 +19,7 @@ import importlib
 from django.core.checks import Tags, Warning, register
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
 
-from keyvault import audit_witness
+from keyvault.audit import witness as audit_witness
 from keyvault.exceptions import AuditWitnessUnavailable
 
 OWNER_ID = "keyvault.W301"

@@ -1,7 +1,7 @@
 """Forms of the security console's key actions.
 
 They only validate input; the admin views hand the cleaned data to
-``keyvault.services``, which do the work and write the audit events.
+``keyvault.keys.services``, which do the work and write the audit events.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from django import forms
 from django.core.exceptions import ValidationError
 
-from keyvault import services
+from keyvault.keys import services
 from keyvault.kms.registry import default_provider_name, provider_names
 from keyvault.models import KeyEncryptionKey, KeyVersion
 

@@ -1,0 +1,669 @@
+"""The security console: the Django admin over the key inventory and the audit log.
+
+Nothing here changes keys itself. KEK actions are custom views
+(``keyvault.console.admin_views``) that call ``keyvault.keys.services``; the only generic
+admin write is the KEK settings form, saved through ``services.update_kek_settings``.
+Data keys, versions, audit events and checkpoints are read-only for everyone,
+superusers included, and nothing can be deleted.
+
+Large tables stay fast: no full ``COUNT(*)`` (estimated or capped counts instead),
+no facets, filters and sorting only on indexed columns, related rows joined.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC
+
+from django.contrib import admin
+from django.contrib.admin.options import ShowFacets
+from django.contrib.admin.utils import unquote
+from django.contrib.admin.views.main import ChangeList
+from django.core.paginator import Paginator
+from django.db import connections
+from django.db.models.expressions import RawSQL
+from django.db.models import IntegerField, OuterRef, Subquery
+from django.urls import reverse
+from django.utils.functional import cached_property
+from django.utils.html import format_html
+from django.utils.http import urlencode
+
+from keyvault.keys import services
+from keyvault.console.admin_views import AuditChainViewsMixin, KEKActionViewsMixin, available_actions, kek_coverage
+from keyvault.audit import Actor
+from keyvault.models import AuditCheckpoint, AuditEvent, DataKey, KeyEncryptionKey, KeyVersion
+from django import forms
+from django.contrib.admin import helpers
+from django.core.exceptions import PermissionDenied
+from django.db import IntegrityError
+from django.template.response import TemplateResponse
+from django.utils.decorators import method_decorator
+from django.views.decorators.debug import sensitive_post_parameters
+
+from keyvault.audit import siem
+from keyvault.models import SiemConsumer
+from rotation.admin_views import kek_rotation_panel
+
+admin.site.site_header = "Keyvault security console"
+admin.site.site_title = "Keyvault"
+admin.site.index_title = "Key inventory and audit log"
+admin.site.site_url = None  # the console is the whole site
+
+CONSOLE_CSS = {"all": ("keyvault/console.css",)}
+
+
+# -- counting big tables -----------------------------------------------------------
+
+
+class EstimatedCountPaginator(Paginator):
+    """A paginator that never counts a big table row by row.
+
+    Unfiltered on PostgreSQL it takes the planner's estimate (``pg_class.reltuples``,
+    kept current by autovacuum's ANALYZE) when that is above ``exact_up_to``.
+    Otherwise it counts at most ``exact_up_to + 1`` rows: exact for small results,
+    "more than N" for big ones (pages beyond are reached by filtering).
+    """
+
+    exact_up_to = 10_000
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.count_is_estimate = False
+        self.count_is_lower_bound = False
+
+    def _postgres_estimate(self) -> int | None:
+        queryset = self.object_list
+        query = queryset.query
+        if query.where or query.distinct or query.combinator or query.is_sliced:
+            return None
+        connection = connections[queryset.db]
+        if connection.vendor != "postgresql":
+            return None
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass(%s)",
+                [connection.ops.quote_name(queryset.model._meta.db_table)],
+            )
+            row = cursor.fetchone()
+        return row[0] if row and row[0] is not None and row[0] >= 0 else None
+
+    @cached_property
+    def count(self) -> int:
+        estimate = self._postgres_estimate()
+        if estimate is not None and estimate > self.exact_up_to:
+            self.count_is_estimate = True
+            return estimate
+        capped = self.object_list.order_by()[: self.exact_up_to + 1].count()
+        if capped > self.exact_up_to:
+            self.count_is_lower_bound = True
+            return self.exact_up_to
+        return capped
+
+    @property
+    def count_text(self) -> str:
+        count = self.count
+        if self.count_is_estimate:
+            return f"about {count:,}"
+        if self.count_is_lower_bound:
+            return f"more than {count:,}"
+        return f"{count:,}"
+
+
+class ExactInputFilter(admin.ListFilter):
+    """A text box filtering one indexed column by exact value (no DISTINCT over a big table)."""
+
+    parameter_name: str = ""
+    template = "admin/keyvault/input_filter.html"
+
+    def __init__(self, request, params, model, model_admin) -> None:
+        super().__init__(request, params, model, model_admin)
+        if self.parameter_name in params:
+            self.used_parameters[self.parameter_name] = params.pop(self.parameter_name)[-1]
+
+    def value(self) -> str:
+        return self.used_parameters.get(self.parameter_name, "")
+
+    def has_output(self) -> bool:
+        return True
+
+    def expected_parameters(self) -> list[str]:
+        return [self.parameter_name]
+
+    def queryset(self, request, queryset):
+        value = self.value()
+        return queryset.filter(**{self.parameter_name: value}) if value else queryset
+
+    def choices(self, changelist):
+        other = {k: v for k, v in changelist.params.items() if k != self.parameter_name}
+        yield {
+            "parameter_name": self.parameter_name,
+            "value": self.value(),
+            "hidden": sorted(other.items()),
+            "clear_query_string": changelist.get_query_string(remove=[self.parameter_name]),
+        }
+
+
+class ActorFilter(ExactInputFilter):
+    title = "actor"
+    parameter_name = "actor"
+
+
+class TargetTypeFilter(ExactInputFilter):
+    title = "target type"
+    parameter_name = "target_type"
+
+
+class TargetIdFilter(ExactInputFilter):
+    title = "target"
+    parameter_name = "target_id"
+
+
+class OwnerFilter(ExactInputFilter):
+    title = "owner"
+    parameter_name = "owner_ref"
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Viewable by whoever has the view permission; nobody adds, changes or deletes."""
+
+    actions = None
+    show_full_result_count = False
+    show_facets = ShowFacets.NEVER
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+
+def _pretty_json(value) -> str:
+    return format_html('<pre class="kv-json">{}</pre>', json.dumps(value, indent=2, sort_keys=True))
+
+
+def _compact_time(value):
+    return format_html('<time datetime="{}">{}</time>', value.isoformat(),
+                       value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"))
+
+
+def _state_badge(state: str, label: str):
+    return format_html('<span class="kv-state kv-state-{}">{}</span>', state, label)
+
+
+# -- key-encryption keys -----------------------------------------------------------
+
+
+class KeyVersionInline(admin.TabularInline):
+    """A KEK's versions, newest first; changed only through the retire action."""
+
+    model = KeyVersion
+    fields = ("number", "state_display", "is_primary", "encrypt_count", "provider_version_ref", "created_at")
+    readonly_fields = fields
+    ordering = ("-number",)
+    extra = 0
+    max_num = 0
+    can_delete = False
+    show_change_link = False
+    verbose_name_plural = "versions"
+
+    @admin.display(description="state")
+    def state_display(self, obj: KeyVersion):
+        return _state_badge(obj.state, KeyVersion.State(obj.state).label)
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+
+#: The KEK list counts each key's data keys up to this many; past it the page says "more than".
+DEK_COUNT_CAP = 10_000
+
+
+def _dek_count():
+    """Data keys of the KEK on the row, counted by an index-only scan that stops at the cap.
+
+    An exact count of a KEK with a million data keys costs most of a second per row;
+    the coverage on the KEK's own page gives exact figures.
+    """
+    table, kek_table = DataKey._meta.db_table, KeyEncryptionKey._meta.db_table
+    return RawSQL(
+        f'SELECT COUNT(*) FROM (SELECT 1 FROM "{table}" AS d WHERE d.kek_id = "{kek_table}"."id" LIMIT %s) AS capped',
+        (DEK_COUNT_CAP + 1,),
+        output_field=IntegerField(),
+    )
+
+
+def _primary_number():
+    return Subquery(KeyVersion.objects.filter(kek=OuterRef("pk"), is_primary=True).values("number")[:1])
+
+
+class KEKChangeList(ChangeList):
+    def get_queryset(self, request, exclude_parameters=None):
+        # A correlated count per KEK: only the rows on the page are counted, each by
+        # an index-only range scan of datakey_kek_version_id.
+        return super().get_queryset(request, exclude_parameters).annotate(dek_count=_dek_count())
+
+
+@admin.register(KeyEncryptionKey)
+class KeyEncryptionKeyAdmin(KEKActionViewsMixin, admin.ModelAdmin):
+    list_display = ("name", "state_display", "provider", "primary_version", "last_rotated_at", "next_rotation_at",
+                    "data_key_count")
+    list_filter = ("state", "provider")
+    search_fields = ("name",)
+    show_full_result_count = False
+    show_facets = ShowFacets.NEVER
+    actions = None
+    inlines = [KeyVersionInline]
+    editable_fields = ("description", "rotation_period_days", "max_encryptions_per_version")
+    fieldsets = (
+        (None, {"fields": ("name", "state_display", "deletion_date", "description")}),
+        ("Provider", {"fields": ("provider", "provider_key_id")}),
+        ("Rotation", {"fields": ("primary_version", "rotation_period_days", "max_encryptions_per_version",
+                                 "last_rotated_at", "next_rotation_at")}),
+        ("Record", {"classes": ("collapse",), "fields": ("created_at", "updated_at")}),
+    )
+    readonly_fields = ("name", "state_display", "deletion_date", "provider", "provider_key_id", "primary_version",
+                       "last_rotated_at", "next_rotation_at", "created_at", "updated_at")
+
+    class Media:
+        css = CONSOLE_CSS
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).annotate(primary_number=_primary_number())
+
+    def get_changelist(self, request, **kwargs):
+        return KEKChangeList
+
+    @admin.display(description="state", ordering="state")
+    def state_display(self, obj: KeyEncryptionKey):
+        return _state_badge(obj.state, KeyEncryptionKey.State(obj.state).label)
+
+    @admin.display(description="primary version", ordering="primary_number")
+    def primary_version(self, obj: KeyEncryptionKey):
+        number = getattr(obj, "primary_number", None)
+        return f"v{number}" if number is not None else "—"
+
+    # Not a sort key: KEKChangeList adds the count after ordering, for the rows of the page only.
+    @admin.display(description="data keys")
+    def data_key_count(self, obj: KeyEncryptionKey):
+        count = getattr(obj, "dek_count", None)
+        if count is None:
+            return "—"
+        url = reverse("admin:keyvault_datakey_changelist") + "?" + urlencode({"kek__id__exact": obj.pk})
+        label = f"more than {DEK_COUNT_CAP:,}" if count > DEK_COUNT_CAP else f"{count:,}"
+        return format_html('<a href="{}">{}</a>', url, label)
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False  # deletion is a scheduled state change, never a row delete
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        kek = self.get_object(request, unquote(object_id))
+        extra_context = {"show_save_and_add_another": False, **(extra_context or {})}
+        if kek is not None and self.has_view_or_change_permission(request, kek):
+            audit_url = reverse("admin:keyvault_auditevent_changelist") + "?" + urlencode(
+                {"target_type": "keyencryptionkey", "target_id": kek.name}
+            )
+            extra_context.update(
+                kek_actions=available_actions(request.user, kek, self.admin_site.name),
+                coverage=kek_coverage(kek, user=request.user, admin_site_name=self.admin_site.name),
+                audit_url=audit_url if request.user.has_perm("keyvault.view_auditevent") else "",
+                rotation=kek_rotation_panel(kek, user=request.user, admin_site_name=self.admin_site.name),
+            )
+        return super().change_view(request, object_id, form_url, extra_context)
+
+    def save_model(self, request, obj, form, change):
+        """Settings changes go through the service, which locks the row and audits them."""
+        if not change:  # the generic add view is replaced by the create view
+            raise ValueError("KEKs are created with services.create_kek")
+        data = form.cleaned_data
+        services.update_kek_settings(
+            obj,
+            actor=Actor.from_request(request),
+            description=data.get("description", obj.description),
+            rotation_period_days=data.get("rotation_period_days", obj.rotation_period_days),
+            max_encryptions_per_version=data.get("max_encryptions_per_version", obj.max_encryptions_per_version),
+        )
+        obj.refresh_from_db()
+
+    def save_related(self, request, form, formsets, change):
+        """Versions are read-only here: save nothing, report nothing added, changed or deleted."""
+        for formset in formsets:
+            formset.new_objects, formset.changed_objects, formset.deleted_objects = [], [], []
+
+
+# -- data keys ---------------------------------------------------------------------
+
+
+@admin.register(DataKey)
+class DataKeyAdmin(ReadOnlyAdmin):
+    list_display = ("id", "kek", "kek_version", "owner_ref", "created", "fingerprint")
+    list_filter = ("kek", OwnerFilter)
+    list_select_related = ("kek",)
+    sortable_by = ("id",)
+    paginator = EstimatedCountPaginator
+    fields = ("id", "kek", "kek_version", "fingerprint", "key_spec", "context_display", "purpose", "owner_ref",
+              "created_at", "last_rewrapped_at")
+    readonly_fields = fields
+
+    class Media:
+        css = CONSOLE_CSS
+
+    def get_queryset(self, request):
+        # The wrapped bytes are needed for the fingerprint only; nothing else reads them.
+        return super().get_queryset(request).select_related("kek")
+
+    @admin.display(description="created (UTC)")
+    def created(self, obj: DataKey):
+        return _compact_time(obj.created_at)
+
+    @admin.display(description="wrapped key fingerprint")
+    def fingerprint(self, obj: DataKey):
+        return format_html('<code class="kv-fingerprint">{}</code>', obj.fingerprint)
+
+    @admin.display(description="encryption context")
+    def context_display(self, obj: DataKey):
+        return _pretty_json(obj.encryption_context)
+
+
+# -- audit log ---------------------------------------------------------------------
+
+TARGET_LABELS = {"keyencryptionkey": "KEK", "datakey": "data key"}
+
+
+@admin.register(AuditEvent)
+class AuditEventAdmin(AuditChainViewsMixin, ReadOnlyAdmin):
+    list_display = ("sequence", "time", "actor", "action", "target", "outcome_display", "short_hash")
+    list_filter = (ActorFilter, "action", TargetTypeFilter, TargetIdFilter, ("timestamp", admin.DateFieldListFilter))
+    sortable_by = ("sequence", "timestamp")
+    paginator = EstimatedCountPaginator
+    fields = ("sequence", "timestamp", "actor", "action", "target_type", "target_id", "outcome", "request_id",
+              "ip_address", "details_display", "prev_hash", "hash")
+    readonly_fields = fields
+
+    class Media:
+        css = CONSOLE_CSS
+
+    @admin.display(description="time (UTC)", ordering="timestamp")
+    def time(self, obj: AuditEvent):
+        return _compact_time(obj.timestamp)
+
+    @admin.display(description="target")
+    def target(self, obj: AuditEvent):
+        """The target, linked to the log filtered to it (the audit_target_seq index)."""
+        if not obj.target_type:
+            return "—"
+        query = urlencode({"target_type": obj.target_type, "target_id": obj.target_id})
+        label = TARGET_LABELS.get(obj.target_type, obj.target_type)
+        return format_html('<a href="?{}" title="{}:{}">{} {}</a>', query, obj.target_type, obj.target_id,
+                           label, obj.target_id)
+
+    @admin.display(description="outcome")
+    def outcome_display(self, obj: AuditEvent):
+        return format_html('<span class="kv-outcome kv-outcome-{}">{}</span>', obj.outcome,
+                           AuditEvent.Outcome(obj.outcome).label)
+
+    @admin.display(description="hash")
+    def short_hash(self, obj: AuditEvent):
+        return format_html('<code title="{}">{}…</code>', obj.hash, obj.hash[:10])
+
+    @admin.display(description="details")
+    def details_display(self, obj: AuditEvent):
+        return _pretty_json(obj.details)
+
+
+@admin.register(AuditCheckpoint)
+class AuditCheckpointAdmin(ReadOnlyAdmin):
+    list_display = ("sequence", "signed_at", "short_event_hash", "short_public_key")
+    sortable_by = ("sequence",)
+    fields = ("sequence", "event_hash", "signed_at", "public_key", "prev_signature", "signature")
+    readonly_fields = fields
+
+    @admin.display(description="event hash")
+    def short_event_hash(self, obj: AuditCheckpoint):
+        return format_html('<code title="{}">{}…</code>', obj.event_hash, obj.event_hash[:12])
+
+    @admin.display(description="public key")
+    def short_public_key(self, obj: AuditCheckpoint):
+        return format_html('<code title="{}">{}…</code>', obj.public_key, obj.public_key[:12])
+
+
+# -- the Providers page in the app list (index, app index, sidebar) -------------------
+
+_site_get_app_list = admin.site.get_app_list
+
+
+def _app_list_with_providers(request, app_label=None):
+    """The admin's app list, plus a "KMS providers" entry under Keyvault for who may see it."""
+    from keyvault.console.admin_views import PROVIDERS_PERMISSION
+
+    app_list = _site_get_app_list(request, app_label)
+    if not request.user.has_perm(PROVIDERS_PERMISSION):
+        return app_list
+    for app in app_list:
+        if app["app_label"] == "keyvault":
+            app["models"].append({
+                "model": None,
+                "name": "KMS providers",
+                "object_name": "KMSProviders",
+                "perms": {"add": False, "change": False, "delete": False, "view": True},
+                "admin_url": reverse("keyvault_providers"),
+                "add_url": None,
+                "view_only": True,
+            })
+    return app_list
+
+
+admin.site.get_app_list = _app_list_with_providers
+
+
+# -- SIEM consumers (keyvault.audit.siem) ------------------------------------------------------
+
+
+class SiemConsumerCreateForm(forms.Form):
+    name = forms.SlugField(max_length=100, help_text="Which collector this is, e.g. splunk-prod.")
+
+    def clean_name(self):
+        name = self.cleaned_data["name"]
+        if SiemConsumer.objects.filter(name=name).exists():
+            raise forms.ValidationError("A SIEM consumer with this name already exists.")
+        return name
+
+
+@admin.register(SiemConsumer)
+class SiemConsumerAdmin(admin.ModelAdmin):
+    """Key administrators add consumers (the token is shown once) and (de)activate them; nobody deletes them."""
+
+    list_display = ("name", "active", "created_by", "created_at", "last_used_at", "last_sequence")
+    fields = ("name", "active", "token_fingerprint", "created_by", "created_at", "last_used_at", "last_sequence")
+    readonly_fields = ("name", "token_fingerprint", "created_by", "created_at", "last_used_at", "last_sequence")
+    actions = None
+    show_facets = ShowFacets.NEVER
+
+    class Media:
+        css = CONSOLE_CSS
+
+    @admin.display(description="token fingerprint")
+    def token_fingerprint(self, obj: SiemConsumer):
+        return format_html('<code title="first characters of the token\'s SHA-256">{}…</code>', obj.token_hash[:12])
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False  # the audit log names consumers: deactivate instead
+
+    @method_decorator(sensitive_post_parameters())
+    def add_view(self, request, form_url="", extra_context=None):
+        """Create a consumer and show its token once; only its SHA-256 is kept."""
+        if not self.has_add_permission(request):
+            raise PermissionDenied
+        form = SiemConsumerCreateForm(request.POST if request.method == "POST" else None)
+        context = {**self.admin_site.each_context(request), "opts": self.opts, "title": "Add SIEM consumer"}
+        request.current_app = self.admin_site.name
+        if request.method == "POST" and form.is_valid():
+            try:
+                consumer, token = siem.create_consumer(name=form.cleaned_data["name"],
+                                                       actor=Actor.from_request(request), user=request.user)
+            except IntegrityError:
+                form.add_error("name", "A SIEM consumer with this name already exists.")
+            else:
+                return TemplateResponse(request, "keyvault/reports/siem_token.html",
+                                        {**context, "consumer": consumer, "token": token,
+                                         "title": f"SIEM consumer {consumer.name} created",
+                                         "endpoint": request.build_absolute_uri(reverse("siem-events"))})
+        return TemplateResponse(request, "keyvault/reports/siem_add.html",
+                                {**context, "form": form,
+                                 "adminform": helpers.AdminForm(form, [(None, {"fields": ["name"]})], {})})
+
+    def save_model(self, request, obj, form, change):
+        """Only ``active`` changes here, through the service that audits it."""
+        if not change:
+            raise ValueError("SIEM consumers are created with siem.create_consumer")
+        siem.set_active(obj, active=form.cleaned_data["active"], actor=Actor.from_request(request))
+# -- users and groups: Django's admin, every change audited through keyvault.access.accounts ----------
+
+from django.contrib.auth import admin as auth_admin  # noqa: E402 - registers User and Group, replaced below
+from django.contrib.auth.models import Group, User  # noqa: E402
+from django.core.exceptions import FieldDoesNotExist  # noqa: E402
+
+from keyvault.access import accounts  # noqa: E402
+
+
+class AccountChangesAudited:
+    """Run the admin's writes inside :func:`keyvault.access.accounts.recording`, as the signed-in user.
+
+    Django's forms make the changes (user flags, password, groups, permissions,
+    group permissions and members); the accounts service names the actor and
+    writes one audit event per changed user or group, with before and after.
+    """
+
+    def changeform_view(self, request, object_id=None, form_url="", extra_context=None):
+        with accounts.recording(Actor.from_request(request)):
+            return super().changeform_view(request, object_id, form_url, extra_context)
+
+    def changelist_view(self, request, extra_context=None):  # the "delete selected" action
+        with accounts.recording(Actor.from_request(request)):
+            return super().changelist_view(request, extra_context)
+
+    def delete_view(self, request, object_id, extra_context=None):
+        with accounts.recording(Actor.from_request(request)):
+            return super().delete_view(request, object_id, extra_context)
+
+
+class KeyvaultUserAdmin(AccountChangesAudited, auth_admin.UserAdmin):
+    def user_change_password(self, request, id, form_url=""):
+        with accounts.recording(Actor.from_request(request)):
+            return super().user_change_password(request, id, form_url)
+
+
+class GroupAdminForm(forms.ModelForm):
+    """A group with its members, so a role is granted from the group's page too (and audited)."""
+
+    members = forms.ModelMultipleChoiceField(
+        queryset=User.objects.order_by("username"), required=False,
+        widget=admin.widgets.FilteredSelectMultiple("members", is_stacked=False))
+
+    class Meta:
+        model = Group
+        fields = ("name", "permissions")
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.instance.pk:
+            self.fields["members"].initial = self.instance.user_set.all()
+
+    def _save_m2m(self) -> None:
+        super()._save_m2m()
+        self.instance.user_set.set(self.cleaned_data["members"])
+
+
+class KeyvaultGroupAdmin(AccountChangesAudited, auth_admin.GroupAdmin):
+    form = GroupAdminForm
+
+
+admin.site.unregister(User)
+admin.site.unregister(Group)
+admin.site.register(User, KeyvaultUserAdmin)
+admin.site.register(Group, KeyvaultGroupAdmin)
+
+
+# -- changelists filter only by what they declare -----------------------------------------------
+
+#: What a declared field filter may add to its field path in the URL (Django's own filters use these).
+FILTER_SUFFIXES = frozenset({"", "exact", "iexact", "isnull", "in", "gte", "gt", "lte", "lt", "isempty",
+                             "id__exact", "id__in", "pk__exact", "year", "month", "day"})
+
+
+def declared_lookups(model_admin, request=None) -> set[str]:
+    """The URL parameters a changelist's declared filters and date hierarchy stand for."""
+    items = model_admin.get_list_filter(request) if request is not None else model_admin.list_filter
+    paths = {model_admin.date_hierarchy} if model_admin.date_hierarchy else set()
+    for item in items:
+        if isinstance(item, (list, tuple)):
+            paths.add(item[0])
+        elif isinstance(item, str):
+            paths.add(item)
+        elif getattr(item, "parameter_name", None):
+            paths.add(item.parameter_name)
+    return paths
+
+
+def declared_lookup_allowed(model_admin, lookup: str, value, request=None) -> bool:
+    """Allow a changelist lookup only if a declared filter makes it.
+
+    Django's default allows any lookup on any local field, so ``?key__regex=^[0-7]``
+    on a changelist answers questions about a column nobody shows (a TOTP secret,
+    a password hash) one bit at a time. Anything not declared is refused (400).
+    """
+    for path in declared_lookups(model_admin, request):
+        if lookup == path or (lookup.startswith(path + "__") and lookup[len(path) + 2:] in FILTER_SUFFIXES):
+            return True
+    return _by_related_key(model_admin.model, lookup)
+
+
+#: "Rows of this related object", by its primary key (which pages show anyway), as links make them.
+RELATED_KEY_SUFFIXES = frozenset({"id__exact", "pk__exact", "id__in", "pk__in", "exact", "in"})
+
+
+def _by_related_key(model, lookup: str) -> bool:
+    """``kek__id__exact=3``: a foreign key compared with a primary key says nothing a page does not."""
+    name, _, rest = lookup.partition("__")
+    try:
+        field = model._meta.get_field(name)
+    except FieldDoesNotExist:
+        return False
+    return bool(field.many_to_one) and rest in RELATED_KEY_SUFFIXES
+
+
+def restrict_lookups(site=admin.site) -> None:
+    """Give every registered ModelAdmin (ours, other apps', third-party) the declared-lookups rule."""
+    for model_admin in site._registry.values():
+        default = model_admin.lookup_allowed
+        if getattr(default, "declared_only", False):
+            continue
+
+        def lookup_allowed(lookup, value, request=None, _admin=model_admin, _default=default):
+            return declared_lookup_allowed(_admin, lookup, value, request) and _default(lookup, value, request)
+
+        lookup_allowed.declared_only = True
+        model_admin.lookup_allowed = lookup_allowed
+
+
+_site_get_urls = admin.site.get_urls
+
+
+def _urls_after_restricting_lookups():
+    """Built once every app has registered its admins (the URLconf asks for them last)."""
+    restrict_lookups(admin.site)
+    return _site_get_urls()
+
+
+admin.site.get_urls = _urls_after_restricting_lookups
+
+
+from keyvault.console import secrets_admin  # noqa: E402,F401 - registers the managed-secret pages
