@@ -13,6 +13,8 @@ from .base import (
     KeyState,
     KeyVersionInfo,
     KMSProvider,
+    RewrapItem,
+    RewrapOutcome,
     VersionState,
 )
 from .cache import DataKeyCache
@@ -26,6 +28,7 @@ from .errors import (
     KeyNotFound,
     KMSError,
     ProviderUnavailable,
+    Throttled,
     UnsupportedOperation,
 )
 from .registry import get_provider, provider_names, reset_providers, set_config_loader
@@ -50,6 +53,9 @@ __all__ = [
     "KeyState",
     "KeyVersionInfo",
     "ProviderUnavailable",
+    "RewrapItem",
+    "RewrapOutcome",
+    "Throttled",
     "UnsupportedOperation",
     "VersionState",
     "encode_context",

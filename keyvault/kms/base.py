@@ -11,11 +11,11 @@ from __future__ import annotations
 import abc
 import enum
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from .errors import UnsupportedOperation
+from .errors import KMSError, ProviderUnavailable, UnsupportedOperation
 from .options import EnvReader, Option, read_options
 
 EncryptionContext = Mapping[str, str]
@@ -138,6 +138,22 @@ class DataKey:
 
     def __repr__(self) -> str:
         return f"DataKey(key_id={self.key_id!r}, key_version={self.key_version}, plaintext=<redacted>, ciphertext=<{len(self.ciphertext)} bytes>)"
+
+
+@dataclass(frozen=True, slots=True)
+class RewrapItem:
+    """One ciphertext for :meth:`KMSProvider.rewrap_many`, with the context it was sealed under."""
+
+    ciphertext: bytes
+    encryption_context: EncryptionContext | None = None
+
+    def __repr__(self) -> str:
+        return f"RewrapItem(ciphertext=<{len(self.ciphertext)} bytes>, encryption_context={dict(self.encryption_context or {})!r})"
+
+
+#: What :meth:`KMSProvider.rewrap_many` returns per item: the new ciphertext, or the
+#: error that item alone met (the other items are unaffected).
+RewrapOutcome = EncryptResult | KMSError
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,6 +333,31 @@ class KMSProvider(abc.ABC):
             return self.encrypt(key_id or opened.key_id, bytes(plaintext), encryption_context=encryption_context)
         finally:
             plaintext[:] = bytes(len(plaintext))
+
+    def rewrap_many(
+        self,
+        items: Sequence[RewrapItem],
+        *,
+        key_id: str | None = None,
+    ) -> list[RewrapOutcome]:
+        """Rewrap many ciphertexts; the result is aligned with ``items``.
+
+        Each element is an :class:`EncryptResult` or the :class:`KMSError` that item
+        met: one bad ciphertext (malformed, foreign key, wrong context) never spoils
+        the batch. Only a :class:`ProviderUnavailable` (the backend is down or
+        throttling) is raised for the whole call, since retrying the batch is then
+        the right answer. This default loops over :meth:`rewrap`; backends with a
+        batch API or a connection pool override it.
+        """
+        results: list[RewrapOutcome] = []
+        for item in items:
+            try:
+                results.append(self.rewrap(item.ciphertext, encryption_context=item.encryption_context, key_id=key_id))
+            except ProviderUnavailable:
+                raise
+            except KMSError as exc:
+                results.append(exc)
+        return results
 
     @abc.abstractmethod
     def health_check(self) -> HealthStatus:

@@ -42,6 +42,18 @@ class ProviderUnavailable(KMSError):
     retryable = True
 
 
+class Throttled(ProviderUnavailable):
+    """The backend refused the call for its request quota (AWS ``ThrottlingException``,
+    Cloud KMS ``RESOURCE_EXHAUSTED``, HTTP 429); back off before retrying.
+
+    :param retry_after: seconds the backend asked the caller to wait, when it said.
+    """
+
+    def __init__(self, message: str = "request quota exceeded", *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class AccessDenied(KMSError):
     """The backend refused the caller's credentials or policy."""
 

@@ -41,6 +41,7 @@ INSTRUMENTED_OPERATIONS = (
     "decrypt",
     "generate_data_key",
     "rewrap",
+    "rewrap_many",
     "health_check",
 )
 
