@@ -136,12 +136,17 @@ def pack_ciphertext(key_name: str, vault_ciphertext: str) -> bytes:
 
     :raises KMSError: Vault returned a ciphertext this module cannot read back.
     """
+    return _packed(key_name, vault_ciphertext).ciphertext
+
+
+def _packed(key_name: str, vault_ciphertext: str) -> EncryptResult:
+    """:func:`pack_ciphertext`, with the version read back from it (one parse)."""
     blob = wire.u8(FORMAT_VERSION) + wire.prefixed(key_name.encode("ascii")) + vault_ciphertext.encode("ascii")
     try:
-        unpack_ciphertext(blob)
+        version = unpack_ciphertext(blob)[1]
     except InvalidCiphertext:
         raise KMSError(f"vault returned a ciphertext for {key_name!r} in an unexpected format") from None
-    return blob
+    return EncryptResult(ciphertext=blob, key_id=key_name, key_version=version)
 
 
 def unpack_ciphertext(blob: bytes) -> tuple[str, int, str]:
@@ -768,8 +773,7 @@ class VaultTransitProvider(KMSProvider):
         name = self._usable_key(key_id)
         payload = {"plaintext": base64.b64encode(plaintext).decode("ascii"), "context": _context(encryption_context)}
         data = self._crypto_call(name, f"{self.mount}/encrypt/{name}", payload)
-        ciphertext = pack_ciphertext(name, data.get("ciphertext") or "")
-        return EncryptResult(ciphertext=ciphertext, key_id=name, key_version=unpack_ciphertext(ciphertext)[1])
+        return _packed(name, data.get("ciphertext") or "")
 
     def generate_data_key(
         self,
@@ -786,10 +790,8 @@ class VaultTransitProvider(KMSProvider):
         if len(plaintext) != length:
             plaintext[:] = bytes(len(plaintext))
             raise KMSError(f"vault returned a data key of the wrong length for {name!r}")
-        ciphertext = pack_ciphertext(name, data.get("ciphertext") or "")
-        return DataKey(
-            plaintext=plaintext, ciphertext=ciphertext, key_id=name, key_version=unpack_ciphertext(ciphertext)[1]
-        )
+        sealed = _packed(name, data.get("ciphertext") or "")
+        return DataKey(plaintext=plaintext, ciphertext=sealed.ciphertext, key_id=name, key_version=sealed.key_version)
 
     def _open(self, operation: str, ciphertext: bytes, encryption_context: EncryptionContext | None):
         name, version, vault_ciphertext = unpack_ciphertext(ciphertext)
@@ -828,8 +830,7 @@ class VaultTransitProvider(KMSProvider):
         if key_id is not None and key_id != name:
             return super().rewrap(ciphertext, encryption_context=encryption_context, key_id=key_id)
         name, _, data = self._open("rewrap", ciphertext, encryption_context)
-        rewrapped = pack_ciphertext(name, data.get("ciphertext") or "")
-        return EncryptResult(ciphertext=rewrapped, key_id=name, key_version=unpack_ciphertext(rewrapped)[1])
+        return _packed(name, data.get("ciphertext") or "")
 
     def rewrap_many(self, items: Sequence[RewrapItem], *, key_id: str | None = None) -> list[RewrapOutcome]:
         """Rewrap inside Vault with ``transit/rewrap/<key>`` and ``batch_input``, ``batch_size`` per request.
@@ -848,11 +849,11 @@ class VaultTransitProvider(KMSProvider):
         groups: dict[str, list[tuple[int, dict]]] = {}
         for index, item in enumerate(items):
             try:
-                name = unpack_ciphertext(item.ciphertext)[0]
+                name, _, vault_ciphertext = unpack_ciphertext(item.ciphertext)
                 if key_id is not None and key_id != name:
                     results[index] = self.rewrap(item.ciphertext, encryption_context=item.encryption_context, key_id=key_id)
                     continue
-                entry = {"ciphertext": unpack_ciphertext(item.ciphertext)[2], "context": _context(item.encryption_context)}
+                entry = {"ciphertext": vault_ciphertext, "context": _context(item.encryption_context)}
             except ProviderUnavailable:
                 raise
             except KMSError as exc:
@@ -897,10 +898,9 @@ class VaultTransitProvider(KMSProvider):
         if not isinstance(result, Mapping) or result.get("error") or not result.get("ciphertext"):
             return InvalidCiphertext()
         try:
-            rewrapped = pack_ciphertext(name, str(result["ciphertext"]))
+            return _packed(name, str(result["ciphertext"]))
         except KMSError as exc:
             return exc
-        return EncryptResult(ciphertext=rewrapped, key_id=name, key_version=unpack_ciphertext(rewrapped)[1])
 
     # -- health ------------------------------------------------------------
 
