@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -40,8 +40,11 @@ from .base import (
     KeyState,
     KeyVersionInfo,
     KMSProvider,
+    RewrapItem,
+    RewrapOutcome,
     VersionState,
 )
+from .bulk import DEFAULT_CONCURRENCY, concurrency_option, map_bounded
 from .context import normalise_context
 from .errors import (
     AccessDenied,
@@ -51,6 +54,7 @@ from .errors import (
     KeyNotFound,
     KMSError,
     ProviderUnavailable,
+    Throttled,
     UnsupportedOperation,
 )
 from . import wire
@@ -92,12 +96,14 @@ _VERSION_STATES = {
 }
 
 # AWS error codes by what they mean to Keyvault.
+#: The request quota (shared per account and region by every cryptographic operation) is used up:
+#: AWS KMS says ThrottlingException; the others are the spellings of AWS's SDKs and other services.
+#: (LimitExceededException is a *resource* quota, e.g. too many keys, and stays a ConfigurationError.)
+_THROTTLING_CODES = frozenset(
+    {"ThrottlingException", "Throttling", "ThrottledException", "RequestLimitExceeded", "TooManyRequestsException"}
+)
 _UNAVAILABLE_CODES = frozenset(
     {
-        "ThrottlingException",
-        "Throttling",
-        "RequestLimitExceeded",
-        "TooManyRequestsException",
         "KMSInternalException",
         "InternalFailure",
         "ServiceUnavailable",
@@ -144,6 +150,16 @@ _CONFIGURATION_CODES = frozenset(
         "InvalidKeyUsageException",
     }
 )
+
+
+def _retry_after(response: dict) -> float | None:
+    """Seconds from a ``Retry-After`` header of AWS's answer, ``None`` if it sent none (AWS KMS does not)."""
+    headers = response.get("ResponseMetadata", {}).get("HTTPHeaders") or {}
+    try:
+        seconds = float(headers.get("retry-after") or "")
+    except ValueError:
+        return None
+    return seconds if seconds >= 0 else None
 
 
 def _utc(value: datetime) -> datetime:
@@ -328,6 +344,8 @@ class AWSKMSProvider(KMSProvider):
         # Seconds a key's state/version record is cached, and the longest wait for a rotation to show.
         Option("state_ttl", "HMD_AWS_STATE_TTL", DEFAULT_STATE_TTL, "float"),
         Option("rotation_wait", "HMD_AWS_ROTATION_WAIT", DEFAULT_ROTATION_WAIT, "float"),
+        # Requests rewrap_many keeps in flight (they count against the account's shared KMS request quota).
+        Option("concurrency", "HMD_AWS_KMS_CONCURRENCY", DEFAULT_CONCURRENCY, "int"),
     )
     CONFIGURED_BY = ("HMD_AWS_REGION", "HMD_AWS_KMS_ENDPOINT_URL")
     capabilities = frozenset({Capability.DISABLE_KEY, Capability.NATIVE_REWRAP, Capability.DESTROY_KEY})
@@ -342,6 +360,7 @@ class AWSKMSProvider(KMSProvider):
         max_attempts: int = 3,
         state_ttl: float = DEFAULT_STATE_TTL,
         rotation_wait: float = DEFAULT_ROTATION_WAIT,
+        concurrency: int = DEFAULT_CONCURRENCY,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         botocore = require_sdk(SDK_MODULES, package="boto3", user="the AWS KMS provider").botocore
@@ -355,6 +374,7 @@ class AWSKMSProvider(KMSProvider):
         self.max_attempts = int(_positive("max_attempts", max_attempts, int))
         self.state_ttl = _non_negative("state_ttl", state_ttl)
         self.rotation_wait = _non_negative("rotation_wait", rotation_wait)
+        self.concurrency = concurrency_option("HMD_AWS_KMS_CONCURRENCY", concurrency)
         self._clock = clock
         self._views: dict[str, _KeyView] = {}
         self._views_lock = threading.Lock()
@@ -362,6 +382,8 @@ class AWSKMSProvider(KMSProvider):
             retries={"mode": "standard", "total_max_attempts": self.max_attempts},
             connect_timeout=self.connect_timeout,
             read_timeout=self.read_timeout,
+            # One pooled connection per request rewrap_many keeps in flight (botocore's default is 10).
+            max_pool_connections=max(10, self.concurrency),
             user_agent_extra="keyvault",
         )
         try:
@@ -403,6 +425,8 @@ class AWSKMSProvider(KMSProvider):
             message = " ".join(str(error.get("Message", "")).split())[:300]  # 5xx bodies can be whole HTML pages
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
             text = f"AWS KMS {operation} failed: {code}: {message}".rstrip(": ")
+            if code in _THROTTLING_CODES or status == 429:
+                return Throttled(text, retry_after=_retry_after(exc.response))
             if code in _UNAVAILABLE_CODES or status >= 500:
                 return ProviderUnavailable(text)
             if code in _DISABLED_CODES:
@@ -835,6 +859,50 @@ class AWSKMSProvider(KMSProvider):
         return EncryptResult(
             ciphertext=new_header.pack() + response["CiphertextBlob"], key_id=target_id, key_version=new_header.version
         )
+
+    def rewrap_many(self, items: Sequence[RewrapItem], *, key_id: str | None = None) -> list[RewrapOutcome]:
+        """``ReEncrypt`` each item, ``concurrency`` requests in flight (boto3 clients are thread-safe).
+
+        The keys' state is fetched once before the requests start, so the
+        first requests do not each ask for it.
+
+        :raises ProviderUnavailable: AWS KMS is unreachable, or :class:`Throttled` once botocore's
+            retries of a throttled request are used up; retry the batch later.
+        """
+        self._warm_views(items, key_id)
+        return map_bounded(
+            lambda item: self.rewrap(item.ciphertext, encryption_context=item.encryption_context, key_id=key_id),
+            items,
+            concurrency=self.concurrency,
+        )
+
+    def _warm_views(self, items: Sequence[RewrapItem], key_id: str | None) -> None:
+        """Fetch the state of every key the batch names (errors are left for the items to meet)."""
+        if self.state_ttl <= 0:
+            return  # nothing is cached: every request asks anyway
+        # The source key by the ARN its header names, the target by the reference rewrap looks up.
+        lookups: set[str] = set()
+        references = {key_id} if key_id is not None else set()
+        for item in items:
+            try:
+                header, _ = _Header.unpack(item.ciphertext)
+            except InvalidCiphertext:
+                continue
+            lookups.add(header.key_arn)
+            if key_id is None:
+                references.add(header.reference)
+        for reference in references:
+            try:
+                lookups.add(self._lookup(reference))
+            except KMSError:
+                pass
+        for lookup in lookups:
+            try:
+                self._view(lookup)
+            except ProviderUnavailable:
+                raise
+            except KMSError:
+                pass
 
     def health_check(self) -> HealthStatus:
         where = self.endpoint_url or self._client.meta.region_name

@@ -24,7 +24,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 
@@ -39,8 +39,11 @@ from .base import (
     KeyState,
     KeyVersionInfo,
     KMSProvider,
+    RewrapItem,
+    RewrapOutcome,
     VersionState,
 )
+from .bulk import DEFAULT_CONCURRENCY, concurrency_option, map_bounded
 from .context import encode_context
 from .errors import (
     AccessDenied,
@@ -50,6 +53,7 @@ from .errors import (
     KeyNotFound,
     KMSError,
     ProviderUnavailable,
+    Throttled,
     UnsupportedOperation,
 )
 from .loading import require_sdk
@@ -100,7 +104,7 @@ _STATUS_ERRORS: dict[str, type[KMSError]] = {
     "UNAVAILABLE": ProviderUnavailable,
     "DEADLINE_EXCEEDED": ProviderUnavailable,
     "INTERNAL": ProviderUnavailable,
-    "RESOURCE_EXHAUSTED": ProviderUnavailable,
+    "RESOURCE_EXHAUSTED": Throttled,
     "ABORTED": ProviderUnavailable,
 }
 # FAILED_PRECONDITION on decrypt is a version's state (a key has none), checked before the ciphertext is
@@ -167,6 +171,27 @@ SDK_MODULES = {
 }
 
 
+def _retry_after(exc: BaseException) -> float | None:
+    """The delay a RESOURCE_EXHAUSTED answer asks for: its ``google.rpc.RetryInfo``, else ``Retry-After``."""
+    response = getattr(exc, "response", None)
+    try:
+        details = response.json()["error"].get("details") or []
+    except Exception:  # no JSON body, or not Google's error shape
+        details = []
+    for detail in details:
+        if isinstance(detail, Mapping) and str(detail.get("@type", "")).endswith("google.rpc.RetryInfo"):
+            delay = str(detail.get("retryDelay") or "")
+            try:
+                return max(float(delay.removesuffix("s")), 0.0)
+            except ValueError:
+                break
+    headers = getattr(response, "headers", None) or {}
+    try:
+        return max(float(headers.get("Retry-After") or ""), 0.0)
+    except ValueError:
+        return None
+
+
 def _as_datetime(value: object) -> datetime:
     """Turn the SDK's timestamp (a datetime subclass, or None when unset) into a plain UTC datetime."""
     if not isinstance(value, datetime):
@@ -185,6 +210,8 @@ class GCPKMSProvider(KMSProvider):
         Option("endpoint", "HMD_GCP_KMS_ENDPOINT", ""),
         Option("anonymous_credentials", "HMD_GCP_ANONYMOUS_CREDENTIALS", False, "bool"),
         Option("timeout", "HMD_GCP_TIMEOUT", DEFAULT_TIMEOUT, "float"),
+        # Items rewrap_many keeps in flight (each a Decrypt then an Encrypt, both in the crypto request quota).
+        Option("concurrency", "HMD_GCP_KMS_CONCURRENCY", DEFAULT_CONCURRENCY, "int"),
     )
     CONFIGURED_BY = ("HMD_GCP_PROJECT",)
     capabilities = frozenset({Capability.DISABLE_VERSION, Capability.DESTROY_VERSION, Capability.SET_PRIMARY})
@@ -200,12 +227,14 @@ class GCPKMSProvider(KMSProvider):
         timeout: float = DEFAULT_TIMEOUT,
         protection_level: str = "SOFTWARE",
         credentials: object | None = None,
+        concurrency: int = DEFAULT_CONCURRENCY,
     ) -> None:
         """Build a client for ``projects/{project}/locations/{location}/keyRings/{key_ring}``.
 
         :param endpoint: ``host[:port]`` or URL of another Cloud KMS endpoint (an
             emulator needs ``http://`` and ``anonymous_credentials``).
         :param timeout: seconds for each call, retries included.
+        :param concurrency: items :meth:`rewrap_many` keeps in flight.
         :param credentials: explicit ``google.auth`` credentials; by default
             Application Default Credentials.
         :raises ConfigurationError: bad settings, the SDK is missing, or no
@@ -233,6 +262,7 @@ class GCPKMSProvider(KMSProvider):
         self.endpoint = endpoint
         self.timeout = float(timeout)
         self.protection_level = protection_level
+        self.concurrency = concurrency_option("HMD_GCP_KMS_CONCURRENCY", concurrency)
         self.location_name = f"projects/{project}/locations/{location}"
         self.key_ring_name = f"{self.location_name}/keyRings/{key_ring}"
 
@@ -250,6 +280,7 @@ class GCPKMSProvider(KMSProvider):
             raise ConfigurationError(
                 f"no Google credentials for Cloud KMS (Application Default Credentials): {exc}"
             ) from None
+        self._size_connection_pool()
         self._retry = sdk.retry.Retry(
             predicate=self._is_transient, initial=0.1, maximum=2.0, multiplier=2.0, timeout=self.timeout
         )
@@ -283,7 +314,22 @@ class GCPKMSProvider(KMSProvider):
             anonymous_credentials=bool(options.get("anonymous_credentials", False)),
             timeout=timeout,
             protection_level=options.get("protection_level", "SOFTWARE"),
+            concurrency=options.get("concurrency", DEFAULT_CONCURRENCY),
         )
+
+    def _size_connection_pool(self) -> None:
+        """Keep a pooled connection per request in flight (requests keeps 10 per host by default).
+
+        The REST transport is one ``AuthorizedSession`` (requests), which Google's
+        requests-based clients document as safe to share between threads.
+        """
+        session = getattr(getattr(self._client, "_transport", None), "_session", None)
+        if session is None or self.concurrency <= 10:
+            return
+        from requests.adapters import HTTPAdapter
+
+        for prefix in ("https://", "http://"):
+            session.mount(prefix, HTTPAdapter(pool_connections=10, pool_maxsize=self.concurrency))
 
     def __repr__(self) -> str:
         return f"GCPKMSProvider(key_ring={self.key_ring_name!r}, endpoint={self.endpoint or 'default'!r})"
@@ -338,12 +384,20 @@ class GCPKMSProvider(KMSProvider):
         """Map an SDK/transport exception to ours; ``None`` if it is not one we know."""
         sdk = self._sdk
         if isinstance(exc, sdk.exceptions.RetryError):
+            if isinstance(exc.cause, sdk.exceptions.TooManyRequests):
+                # Still throttled when the retries ran out of time.
+                return Throttled(
+                    f"Cloud KMS {rpc}: RESOURCE_EXHAUSTED for {self.timeout:g}s of retries: {exc.cause.message}",
+                    retry_after=_retry_after(exc.cause),
+                )
             return ProviderUnavailable(f"Cloud KMS {rpc}: no answer within {self.timeout:g}s ({exc.cause or exc})")
         if isinstance(exc, sdk.exceptions.GoogleAPICallError):
             status = self._status_of(exc)
             error = overrides.get(status) or _STATUS_ERRORS.get(status, KMSError)
             if error is InvalidCiphertext:
                 return InvalidCiphertext()
+            if error is Throttled:
+                return Throttled(f"Cloud KMS {rpc}: {status}: {exc.message}", retry_after=_retry_after(exc))
             return error(f"Cloud KMS {rpc}: {status}: {exc.message}")
         if isinstance(exc, (sdk.auth_exceptions.RefreshError, sdk.auth_exceptions.InvalidOperation)):
             # The server answered 401 and the credentials could not be refreshed.
@@ -637,6 +691,18 @@ class GCPKMSProvider(KMSProvider):
             raise
         return DataKey(
             plaintext=plaintext, ciphertext=wrapped.ciphertext, key_id=key_id, key_version=wrapped.key_version
+        )
+
+    def rewrap_many(self, items: Sequence[RewrapItem], *, key_id: str | None = None) -> list[RewrapOutcome]:
+        """Decrypt and re-encrypt each item (Cloud KMS has no server-side rewrap), ``concurrency`` in flight.
+
+        :raises ProviderUnavailable: Cloud KMS is unreachable, or :class:`Throttled` once a
+            RESOURCE_EXHAUSTED answer outlasts the retries; retry the batch later.
+        """
+        return map_bounded(
+            lambda item: self.rewrap(item.ciphertext, encryption_context=item.encryption_context, key_id=key_id),
+            items,
+            concurrency=self.concurrency,
         )
 
     def health_check(self) -> HealthStatus:

@@ -11,10 +11,13 @@
   12-byte IV ‖ AES-GCM ciphertext ‖ 16-byte tag, as the local provider's; a
   version that is unknown, disabled or destroyed opens nothing and says only
   :class:`InvalidCiphertext`.
-* Login belongs to the process: one logged-in session per (library, token),
-  shared and never closed, every call serialised by a per-library lock; a
-  forked child initialises the library again. A PIN the token rejected is not
-  retried.
+* Login belongs to the process: one login per (library, token), never logged
+  out, and a pool of up to ``HMD_PKCS11_SESSIONS`` sessions on it, so
+  cryptographic calls (and :meth:`PKCS11Provider.rewrap_many`) run in parallel;
+  key lifecycle calls take a per-library lock. The module is initialised with
+  ``CKF_OS_LOCKING_OK`` (:func:`_initialise_for_threads`); a module that
+  cannot lock gets every call serialised. A forked child initialises the
+  library again. A PIN the token rejected is not retried.
 
 Operator's guide (token setup, objects on the token, errors, limits):
 ``docs/ops/kms-providers.md``.
@@ -22,13 +25,17 @@ Operator's guide (token setup, objects on the token, errors, limits):
 
 from __future__ import annotations
 
+import atexit
+import ctypes
 import hashlib
 import hmac
+import importlib
 import json
 import os
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -44,8 +51,11 @@ from .base import (
     KeyState,
     KeyVersionInfo,
     KMSProvider,
+    RewrapItem,
+    RewrapOutcome,
     VersionState,
 )
+from .bulk import concurrency_option, map_bounded
 from .context import encode_context
 from .errors import (
     AccessDenied,
@@ -62,6 +72,8 @@ from .options import Option
 from .wire import KeyHeader, as_frame
 
 IV_BYTES = 12
+#: Sessions per token the process opens for cryptographic calls (``HMD_PKCS11_SESSIONS``).
+DEFAULT_SESSIONS = 4
 TAG_BITS = 128
 TAG_BYTES = TAG_BITS // 8
 KEK_BITS = 256
@@ -135,24 +147,100 @@ def disabled_label(key_id: str) -> str:
 # -- process-wide library state -----------------------------------------------
 
 
-@dataclass
+class _LoginLost(Exception):
+    """Internal: the login a session was asked of was dropped meanwhile (never leaves this module)."""
+
+
+@dataclass(eq=False)
 class _Login:
-    """The logged-in session of this process on one token, and who logged it in."""
+    """This process's login on one token, who logged it in, and its pool of sessions.
+
+    Login belongs to the process, so every session opened after it is logged in
+    too. ``session`` is the one that logged in: never closed, since closing it
+    would log the whole process out. The others are opened on demand, up to
+    ``size``, and lent to one call at a time.
+    """
 
     session: Any
     pin_digest: bytes
+    token: Any = None
+    size: int = 1
+    idle: list = field(default_factory=list)
+    opened: int = 1
+    dropped: bool = False
+    ready: threading.Condition = field(default_factory=threading.Condition)
+
+    def __post_init__(self) -> None:
+        self.idle.append(self.session)
+
+    def acquire(self) -> Any:
+        """A session for one call: an idle one, a new one while under ``size``, else wait for one."""
+        with self.ready:
+            while not self.idle and self.opened >= self.size and not self.dropped:
+                self.ready.wait()
+            if self.dropped:
+                raise _LoginLost()
+            if self.idle:
+                return self.idle.pop()
+            self.opened += 1
+        try:
+            return self.token.open(rw=True)  # logged in already: login belongs to the process
+        except BaseException:
+            with self.ready:
+                self.opened -= 1
+                self.ready.notify()
+            raise
+
+    def release(self, session: Any) -> None:
+        with self.ready:
+            if not self.dropped:
+                self.idle.append(session)
+                self.ready.notify()
+                return
+        if session is not self.session:
+            _close_quietly(session)
+
+    def drop(self) -> None:
+        """Retire the pool (the token failed): idle sessions are closed, busy ones when returned."""
+        with self.ready:
+            self.dropped = True
+            idle, self.idle = self.idle, []
+            self.ready.notify_all()
+        for session in idle:
+            if session is not self.session:
+                _close_quietly(session)
+
+
+def _close_quietly(session: Any) -> None:
+    try:
+        session.close()
+    except Exception:  # a session of a failed token may be gone already
+        pass
 
 
 @dataclass
 class _Library:
-    """One loaded PKCS#11 module: its lock, its logins and the PINs it refused."""
+    """One loaded PKCS#11 module: its lock, its logins and the PINs it refused.
+
+    ``threaded`` says the module was initialised with ``CKF_OS_LOCKING_OK`` and
+    may be called from several threads at once; otherwise every call holds ``lock``.
+    """
 
     path: str
     lib: Any
     pid: int
+    threaded: bool = False
     lock: threading.RLock = field(default_factory=threading.RLock)
     logins: dict[int, _Login] = field(default_factory=dict)
     refused_pins: dict[int, set[bytes]] = field(default_factory=dict)
+    #: The PIN (digest) this process logged in with per slot: the process is still logged in
+    #: after a pool is dropped for one bad session, and the token refuses a second C_Login.
+    verified_pins: dict[int, bytes] = field(default_factory=dict)
+
+    def drop_login(self, slot_id: int) -> None:
+        login = self.logins.pop(slot_id, None)
+        if login is not None:
+            login.drop()
 
 
 _libraries_lock = threading.Lock()
@@ -163,6 +251,112 @@ _PIN_DIGEST_KEY = os.urandom(32)
 
 def _pin_digest(pin: str) -> bytes:
     return hmac.new(_PIN_DIGEST_KEY, pin.encode("utf-8"), hashlib.sha256).digest()
+
+
+# PKCS#11 v2.40 §5.4: C_Initialize's arguments, and what it answers.
+CKF_OS_LOCKING_OK = 0x2
+CKR_OK = 0x0
+CKR_NEED_TO_CREATE_THREADS = 0x9
+CKR_CANT_LOCK = 0xA
+CKR_CRYPTOKI_ALREADY_INITIALIZED = 0x191
+CKR_CRYPTOKI_NOT_INITIALIZED = 0x190
+
+
+class _InitializeArgs(ctypes.Structure):
+    _fields_ = [
+        ("CreateMutex", ctypes.c_void_p),
+        ("DestroyMutex", ctypes.c_void_p),
+        ("LockMutex", ctypes.c_void_p),
+        ("UnlockMutex", ctypes.c_void_p),
+        ("flags", ctypes.c_ulong),
+        ("pReserved", ctypes.c_void_p),
+    ]
+
+
+_CK_RV_FUNCTION = ctypes.CFUNCTYPE(ctypes.c_ulong, ctypes.c_void_p)
+
+
+class _FunctionListHead(ctypes.Structure):
+    """The start of ``CK_FUNCTION_LIST``: the version, then C_Initialize and C_Finalize."""
+
+    _fields_ = [("major", ctypes.c_ubyte), ("minor", ctypes.c_ubyte), ("C_Initialize", _CK_RV_FUNCTION),
+                ("C_Finalize", _CK_RV_FUNCTION)]
+
+
+def _function_list(path: str) -> _FunctionListHead:
+    """The module's C_Initialize/C_Finalize, through C_GetFunctionList (all a module must export)."""
+    module = ctypes.CDLL(path)  # the copy python-pkcs11 loaded: dlopen hands out one per file
+    pointer = ctypes.POINTER(_FunctionListHead)()
+    module.C_GetFunctionList.argtypes = [ctypes.POINTER(ctypes.POINTER(_FunctionListHead))]
+    module.C_GetFunctionList.restype = ctypes.c_ulong
+    if module.C_GetFunctionList(ctypes.byref(pointer)) != CKR_OK or not pointer:
+        raise ConfigurationError(f"PKCS#11 library {path} has no usable C_GetFunctionList")
+    return pointer.contents
+
+
+def _initialise_for_threads(path: str, *, again: bool = False) -> bool | None:
+    """C_Initialize the module with ``CKF_OS_LOCKING_OK`` so several threads may call it at once.
+
+    python-pkcs11 initialises with ``NULL``, which promises the module a single
+    thread (SoftHSM2 then switches its own locks off), so the provider does it first.
+
+    :param again: finalise first (a forked child must initialise afresh).
+    :returns: True (threads are fine), False (the module cannot lock: initialised for
+        one thread), None (someone else initialised it first: unknown, so one thread).
+    """
+    functions = _function_list(path)
+    if again:
+        functions.C_Finalize(None)  # CKR_CRYPTOKI_NOT_INITIALIZED is fine too
+    args = _InitializeArgs(flags=CKF_OS_LOCKING_OK)
+    answer = functions.C_Initialize(ctypes.cast(ctypes.pointer(args), ctypes.c_void_p))
+    if answer == CKR_OK:
+        return True
+    if answer == CKR_CRYPTOKI_ALREADY_INITIALIZED:
+        return None
+    if answer in (CKR_CANT_LOCK, CKR_NEED_TO_CREATE_THREADS):
+        answer = functions.C_Initialize(None)
+        if answer in (CKR_OK, CKR_CRYPTOKI_ALREADY_INITIALIZED):
+            return False
+    raise ConfigurationError(f"PKCS#11 library {path} refused C_Initialize (CK_RV 0x{answer:x})")
+
+
+_threaded_lib_class = None
+
+
+def _threaded_lib(p11: Any) -> type:
+    """python-pkcs11's ``lib`` with :func:`_initialise_for_threads` in place of its ``C_Initialize(NULL)``."""
+    global _threaded_lib_class
+    if _threaded_lib_class is None:
+
+        extension = importlib.import_module(f"{p11.__name__}._pkcs11")  # loaded by python-pkcs11 on first use
+
+        class ThreadedLib(extension.lib):
+            threaded: bool | None = None
+
+            def initialize(self) -> None:  # called by lib.__init__ (a cpdef method: the override is honoured)
+                answer = _initialise_for_threads(self.so)
+                if answer is not None:
+                    self.threaded = answer
+
+            def reinitialize(self) -> None:
+                self.threaded = bool(_initialise_for_threads(self.so, again=True))
+
+        _threaded_lib_class = ThreadedLib
+    return _threaded_lib_class
+
+
+def _open_library(p11: Any, real: str) -> Any:
+    """The module at ``real``, shared with python-pkcs11's own cache so raw ``pkcs11.lib()`` calls find it."""
+    loaded = getattr(p11, "_loaded", None)
+    cache = loaded if isinstance(loaded, dict) else {}
+    lib = cache.get(real)
+    if lib is None:
+        lib = _threaded_lib(p11)(real)
+        cache[real] = lib
+        # Leave python-pkcs11's cache before interpreter shutdown tears its module down: a subclass
+        # instance finalised that late makes Python print "Error in sys.excepthook" on exit.
+        atexit.register(cache.pop, real, None)
+    return lib
 
 
 def _load_library(p11: Any, path: str) -> _Library:
@@ -176,16 +370,44 @@ def _load_library(p11: Any, path: str) -> _Library:
         if library is not None and library.pid == pid:
             return library
         try:
-            lib = p11.lib(real)
+            lib = _open_library(p11, real)
             if library is not None:
                 # A forked child inherits the parent's handles, which PKCS#11 says
                 # are not valid here: initialise again and log in afresh.
                 lib.reinitialize()
         except p11.PKCS11Error as exc:
             raise ConfigurationError(f"PKCS#11 library {path} cannot be loaded: {exc}") from None
-        library = _Library(path=real, lib=lib, pid=pid)
+        # Loaded by other code first (python-pkcs11's C_Initialize(NULL)): one thread at a time.
+        library = _Library(path=real, lib=lib, pid=pid, threaded=getattr(lib, "threaded", None) is True)
         _libraries[real] = library
         return library
+
+
+@dataclass(frozen=True)
+class _Sealed:
+    """A ciphertext of this provider taken apart (nothing checked but its framing)."""
+
+    key_id: str
+    version: int
+    aad: bytes
+    iv: bytes
+    body: bytes
+    context: bytes = field(repr=False)
+
+    @classmethod
+    def parse(cls, ciphertext: bytes, encryption_context: EncryptionContext | None) -> _Sealed:
+        """:raises InvalidCiphertext: not framed as this provider's ciphertexts are."""
+        ciphertext = as_frame(ciphertext)
+        key_id, version, header_end = HEADER.read(ciphertext)
+        context = encode_context(encryption_context)
+        return cls(
+            key_id=key_id,
+            version=version,
+            aad=ciphertext[:header_end] + context,
+            iv=ciphertext[header_end : header_end + IV_BYTES],
+            body=ciphertext[header_end + IV_BYTES :],
+            context=context,
+        )
 
 
 class PKCS11Provider(KMSProvider):
@@ -196,6 +418,8 @@ class PKCS11Provider(KMSProvider):
         Option("library", "HMD_PKCS11_LIBRARY", ""),
         Option("token_label", "HMD_PKCS11_TOKEN_LABEL", ""),
         Option("pin", "HMD_PKCS11_PIN", ""),
+        # Sessions this process opens on the token (the pool cryptographic calls share).
+        Option("sessions", "HMD_PKCS11_SESSIONS", DEFAULT_SESSIONS, "int"),
     )
     CONFIGURED_BY = ("HMD_PKCS11_LIBRARY",)
     capabilities = frozenset(
@@ -207,7 +431,7 @@ class PKCS11Provider(KMSProvider):
         }
     )
 
-    def __init__(self, library: str, token_label: str, pin: str) -> None:
+    def __init__(self, library: str, token_label: str, pin: str, *, sessions: int = DEFAULT_SESSIONS) -> None:
         for option, value in (("library", library), ("token_label", token_label), ("pin", pin)):
             if not isinstance(value, str) or not value:
                 setting = {"library": "HMD_PKCS11_LIBRARY", "token_label": "HMD_PKCS11_TOKEN_LABEL"}.get(
@@ -216,6 +440,7 @@ class PKCS11Provider(KMSProvider):
                 raise ConfigurationError(f"the pkcs11 KMS provider needs the {option!r} option ({setting})")
         self.library = library
         self.token_label = token_label
+        self.sessions = concurrency_option("HMD_PKCS11_SESSIONS", sessions)
         self._pin = pin
         self._pin_digest = _pin_digest(pin)
         #: (library, slot id) of our token once found, so calls skip the slot scan.
@@ -224,31 +449,55 @@ class PKCS11Provider(KMSProvider):
     @classmethod
     def from_config(cls, options: dict) -> PKCS11Provider:
         """Build from the ``pkcs11`` entry of the provider settings (nothing is loaded yet)."""
-        return cls(options.get("library", ""), options.get("token_label", ""), options.get("pin", ""))
+        return cls(
+            options.get("library", ""),
+            options.get("token_label", ""),
+            options.get("pin", ""),
+            sessions=options.get("sessions", DEFAULT_SESSIONS),
+        )
 
     def __repr__(self) -> str:
         return f"PKCS11Provider(library={self.library!r}, token_label={self.token_label!r})"
 
     # -- sessions --------------------------------------------------------
 
-    def _call(self, work: Callable[[Any, Any], T]) -> T:
-        """Run ``work(p11, session)`` on the logged-in session, under the library lock."""
+    def _call(self, work: Callable[[Any, Any], T], *, exclusive: bool = False) -> T:
+        """Run ``work(p11, session)`` on a logged-in session of the pool.
+
+        :param exclusive: hold the library lock (key lifecycle: one change at a time,
+            never seen half-done by another lifecycle call). Without it the call runs
+            beside others, on its own session, where the module allows threads.
+        """
         p11 = _sdk()
         library = _load_library(p11, self.library)
-        with library.lock:
-            slot_id, session = self._session(p11, library)
+        with library.lock if exclusive or not library.threaded else nullcontext():
+            while True:
+                with library.lock:
+                    slot_id, login = self._login(p11, library)
+                try:
+                    session = login.acquire()
+                except _LoginLost:
+                    continue  # dropped while we waited: log in afresh
+                except p11.PKCS11Error as exc:
+                    raise self._translate(p11, library, slot_id, exc) from None
+                break
             try:
                 return work(p11, session)
             except p11.PKCS11Error as exc:
-                raise self._translate(p11, library, slot_id, exc) from None
+                failure = exc
+            finally:
+                login.release(session)
+            # Translated once the session is back: dropping the pool must not wait on this call's own session.
+            raise self._translate(p11, library, slot_id, failure) from None
 
-    def _session(self, p11: Any, library: _Library) -> tuple[int, Any]:
-        """Return the process's logged-in session on our token, logging in if needed."""
+    def _login(self, p11: Any, library: _Library) -> tuple[int, _Login]:
+        """Return the process's login (and session pool) on our token, logging in if needed."""
         cached = self._slot
         if cached is not None and cached[0] is library and cached[1] in library.logins:
             login = library.logins[cached[1]]
             if hmac.compare_digest(login.pin_digest, self._pin_digest):
-                return cached[1], login.session
+                self._size_pool(library, login)
+                return cached[1], login
         # Slow path: find the token (every slot is asked), check the PIN, log in.
         try:
             token = library.lib.get_token(token_label=self.token_label)
@@ -273,7 +522,8 @@ class PKCS11Provider(KMSProvider):
                     "a second PIN cannot be verified"
                 )
             self._slot = (library, slot_id)
-            return slot_id, login.session
+            self._size_pool(library, login)
+            return slot_id, login
         if self._pin_digest in library.refused_pins.get(slot_id, ()):
             raise AccessDenied(
                 f"PKCS#11 token {self.token_label!r} refused this PIN before; not retried so the token "
@@ -282,7 +532,7 @@ class PKCS11Provider(KMSProvider):
         try:
             if p11.Mechanism.AES_GCM not in token.slot.get_mechanisms():
                 raise ConfigurationError(f"PKCS#11 token {self.token_label!r} does not offer CKM_AES_GCM")
-            session = token.open(rw=True, user_pin=self._pin)
+            session = self._log_in(p11, library, token, slot_id)
         except _errors(p11, _PIN_ERRORS) as exc:
             library.refused_pins.setdefault(slot_id, set()).add(self._pin_digest)
             raise AccessDenied(
@@ -297,9 +547,35 @@ class PKCS11Provider(KMSProvider):
             raise ConfigurationError(f"PKCS#11 token {self.token_label!r} has no user PIN set") from None
         except p11.PKCS11Error as exc:
             raise self._translate(p11, library, slot_id, exc) from None
-        library.logins[slot_id] = _Login(session=session, pin_digest=self._pin_digest)
+        library.verified_pins[slot_id] = self._pin_digest
+        login = _Login(session=session, pin_digest=self._pin_digest, token=token)
+        library.logins[slot_id] = login
         self._slot = (library, slot_id)
-        return slot_id, session
+        self._size_pool(library, login)
+        return slot_id, login
+
+    def _log_in(self, p11: Any, library: _Library, token: Any, slot_id: int) -> Any:
+        """Open the session that logs the process in with our PIN.
+
+        After a pool was dropped for one bad session the process may still be
+        logged in; the token then refuses ``C_Login``, and a session without
+        PIN is already logged in, with the PIN this process verified before.
+        """
+        try:
+            return token.open(rw=True, user_pin=self._pin)
+        except p11.UserAlreadyLoggedIn:
+            verified = library.verified_pins.get(slot_id)
+            if verified is None or not hmac.compare_digest(verified, self._pin_digest):
+                raise
+            return token.open(rw=True)
+
+    def _size_pool(self, library: _Library, login: _Login) -> None:
+        """Let the pool grow to this provider's ``sessions`` (one session where the module cannot lock)."""
+        wanted = self.sessions if library.threaded else 1
+        if wanted > login.size:
+            with login.ready:
+                login.size = max(login.size, wanted)
+                login.ready.notify_all()
 
     @staticmethod
     def _token_labels(library: _Library) -> list[str]:
@@ -317,8 +593,8 @@ class PKCS11Provider(KMSProvider):
         """Map a python-pkcs11 error to our tree; drop the session if the token failed."""
         detail = _describe_error(exc)
         if isinstance(exc, _errors(p11, _UNAVAILABLE_ERRORS)):
-            # The shared session (or the login) is gone: the next call logs in again.
-            library.logins.pop(slot_id, None)
+            # A session (or the login) is gone: the next call logs in again, on fresh sessions.
+            library.drop_login(slot_id)
             return ProviderUnavailable(f"PKCS#11 token {self.token_label!r} failed: {detail}")
         if isinstance(exc, _errors(p11, _PIN_ERRORS + ("AnotherUserAlreadyLoggedIn", "TokenWriteProtected"))):
             return AccessDenied(f"PKCS#11 token {self.token_label!r} refused: {detail}")
@@ -523,7 +799,7 @@ class PKCS11Provider(KMSProvider):
                 description=description,
             )
 
-        return self._call(work)
+        return self._call(work, exclusive=True)
 
     def _new_version_record(self, p11: Any, session: Any, key_id: str, version: int, now: datetime) -> Any:
         return self._create_record(
@@ -535,7 +811,7 @@ class PKCS11Provider(KMSProvider):
         )
 
     def describe_key(self, key_id: str) -> KeyInfo:
-        return self._call(lambda p11, session: self._describe(p11, session, key_id))
+        return self._call(lambda p11, session: self._describe(p11, session, key_id), exclusive=True)
 
     def rotate_key(self, key_id: str) -> KeyVersionInfo:
         def work(p11: Any, session: Any) -> KeyVersionInfo:
@@ -556,7 +832,7 @@ class PKCS11Provider(KMSProvider):
                     key[p11.Attribute.ENCRYPT] = False
             return KeyVersionInfo(version=number, state=VersionState.ENABLED, created_at=now, encrypt_count=None)
 
-        return self._call(work)
+        return self._call(work, exclusive=True)
 
     def set_key_version_state(self, key_id: str, version: int, state: VersionState) -> KeyVersionInfo:
         state = VersionState(state)
@@ -584,7 +860,7 @@ class PKCS11Provider(KMSProvider):
                 key[p11.Attribute.DECRYPT] = state is VersionState.ENABLED
             return KeyVersionInfo(version=version, state=state, created_at=current.created_at, encrypt_count=None)
 
-        return self._call(work)
+        return self._call(work, exclusive=True)
 
     def set_key_state(self, key_id: str, state: KeyState) -> KeyInfo:
         state = KeyState(state)
@@ -616,7 +892,7 @@ class PKCS11Provider(KMSProvider):
                     marker.destroy()
             return self._describe(p11, session, key_id)
 
-        return self._call(work)
+        return self._call(work, exclusive=True)
 
     def destroy_key(self, key_id: str) -> None:
         def work(p11: Any, session: Any) -> None:
@@ -626,7 +902,7 @@ class PKCS11Provider(KMSProvider):
             for _, key in sorted(self._version_keys(p11, session, key_id).items(), reverse=True):
                 key.destroy()
 
-        self._call(work)
+        self._call(work, exclusive=True)
 
     # -- cryptography --------------------------------------------------
 
@@ -668,33 +944,65 @@ class PKCS11Provider(KMSProvider):
         return self._call(lambda p11, session: self._seal(p11, session, key_id, data, context))
 
     def decrypt(self, ciphertext: bytes, *, encryption_context: EncryptionContext | None = None) -> DecryptResult:
-        ciphertext = as_frame(ciphertext)
-        key_id, version, header_end = HEADER.read(ciphertext)
-        aad = ciphertext[:header_end] + encode_context(encryption_context)
-        iv = ciphertext[header_end : header_end + IV_BYTES]
-        sealed = ciphertext[header_end + IV_BYTES :]
+        sealed = _Sealed.parse(ciphertext, encryption_context)
 
         def work(p11: Any, session: Any) -> DecryptResult:
-            key = self._version_key(p11, session, key_id, version)
-            if key is None:  # unknown or destroyed: the same answer (README: "What a failed decrypt reveals")
-                self._assert_logged_in(p11, session)
-                raise InvalidCiphertext()
-            if not key[p11.Attribute.DECRYPT]:  # a disabled version opens nothing, and does not say why
-                raise InvalidCiphertext()
-            try:
-                plaintext = key.decrypt(
-                    sealed,
-                    mechanism=p11.Mechanism.AES_GCM,
-                    mechanism_param=p11.GCMParams(iv, aad, TAG_BITS),
-                )
-            except _errors(p11, _BAD_CIPHERTEXT_ERRORS):
-                raise InvalidCiphertext() from None
-            # Only an authentic ciphertext learns that its key is switched off.
-            if self._is_disabled(p11, session, key_id):
-                raise KeyDisabled(f"PKCS#11 key {key_id!r} is disabled")
-            return DecryptResult(plaintext=bytes(plaintext), key_id=key_id, key_version=version)
+            plaintext = self._open(p11, session, sealed)
+            return DecryptResult(plaintext=plaintext, key_id=sealed.key_id, key_version=sealed.version)
 
         return self._call(work)
+
+    def _open(self, p11: Any, session: Any, sealed: _Sealed) -> bytes:
+        """The plaintext of ``sealed``; ``InvalidCiphertext`` for every reason it does not open."""
+        key = self._version_key(p11, session, sealed.key_id, sealed.version)
+        if key is None:  # unknown or destroyed: the same answer (README: "What a failed decrypt reveals")
+            self._assert_logged_in(p11, session)
+            raise InvalidCiphertext()
+        if not key[p11.Attribute.DECRYPT]:  # a disabled version opens nothing, and does not say why
+            raise InvalidCiphertext()
+        try:
+            plaintext = key.decrypt(
+                sealed.body,
+                mechanism=p11.Mechanism.AES_GCM,
+                mechanism_param=p11.GCMParams(sealed.iv, sealed.aad, TAG_BITS),
+            )
+        except _errors(p11, _BAD_CIPHERTEXT_ERRORS):
+            raise InvalidCiphertext() from None
+        # Only an authentic ciphertext learns that its key is switched off.
+        if self._is_disabled(p11, session, sealed.key_id):
+            raise KeyDisabled(f"PKCS#11 key {sealed.key_id!r} is disabled")
+        return bytes(plaintext)
+
+    def rewrap(
+        self,
+        ciphertext: bytes,
+        *,
+        encryption_context: EncryptionContext | None = None,
+        key_id: str | None = None,
+    ) -> EncryptResult:
+        """Open and seal again inside the token, on one session (the plaintext stays in this call)."""
+        sealed = _Sealed.parse(ciphertext, encryption_context)
+
+        def work(p11: Any, session: Any) -> EncryptResult:
+            plaintext = bytearray(self._open(p11, session, sealed))
+            try:
+                return self._seal(p11, session, key_id or sealed.key_id, bytes(plaintext), sealed.context)
+            finally:
+                plaintext[:] = bytes(len(plaintext))
+
+        return self._call(work)
+
+    def rewrap_many(self, items: Sequence[RewrapItem], *, key_id: str | None = None) -> list[RewrapOutcome]:
+        """Rewrap on up to ``sessions`` sessions at once (one at a time where the module cannot lock)."""
+        try:
+            parallel = _load_library(_sdk(), self.library).threaded
+        except KMSError:
+            parallel = False  # each item meets the error through rewrap
+        return map_bounded(
+            lambda item: self.rewrap(item.ciphertext, encryption_context=item.encryption_context, key_id=key_id),
+            items,
+            concurrency=self.sessions if parallel else 1,
+        )
 
     def generate_data_key(
         self,

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import copy
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -40,6 +41,8 @@ from .base import (
     KeyState,
     KeyVersionInfo,
     KMSProvider,
+    RewrapItem,
+    RewrapOutcome,
     VersionState,
 )
 from .context import encode_context
@@ -51,6 +54,7 @@ from .errors import (
     KeyNotFound,
     KMSError,
     ProviderUnavailable,
+    Throttled,
     UnsupportedOperation,
 )
 from . import wire
@@ -59,8 +63,13 @@ from .options import Option
 from .wire import FORMAT_VERSION
 
 KEY_TYPE = "aes256-gcm96"
-#: Items per ``batch_input`` request; four JSON strings each stays under Vault's 1000.
-REWRAP_BATCH_SIZE = 200
+#: Items per ``batch_input`` request (``HMD_VAULT_BATCH_SIZE``). Each item is four JSON strings and
+#: OpenBao refuses a body of more than 1,000 by default ("high complexity"): 249 items at most.
+DEFAULT_BATCH_SIZE = 200
+#: The largest ``HMD_VAULT_BATCH_SIZE`` accepted, for servers whose JSON limits were raised.
+MAX_BATCH_SIZE = 10_000
+#: What Vault/OpenBao say when a request body is over their JSON or size limits.
+_TOO_BIG = ("high complexity", "too large")
 #: How long a successful existence check of a key is trusted by ``encrypt``.
 KEY_CHECK_SECONDS = 300.0
 #: Vault's shortest ``auto_rotate_period`` (0 switches auto-rotation off).
@@ -127,12 +136,17 @@ def pack_ciphertext(key_name: str, vault_ciphertext: str) -> bytes:
 
     :raises KMSError: Vault returned a ciphertext this module cannot read back.
     """
+    return _packed(key_name, vault_ciphertext).ciphertext
+
+
+def _packed(key_name: str, vault_ciphertext: str) -> EncryptResult:
+    """:func:`pack_ciphertext`, with the version read back from it (one parse)."""
     blob = wire.u8(FORMAT_VERSION) + wire.prefixed(key_name.encode("ascii")) + vault_ciphertext.encode("ascii")
     try:
-        unpack_ciphertext(blob)
+        version = unpack_ciphertext(blob)[1]
     except InvalidCiphertext:
         raise KMSError(f"vault returned a ciphertext for {key_name!r} in an unexpected format") from None
-    return blob
+    return EncryptResult(ciphertext=blob, key_id=key_name, key_version=version)
 
 
 def unpack_ciphertext(blob: bytes) -> tuple[str, int, str]:
@@ -162,6 +176,15 @@ def unpack_ciphertext(blob: bytes) -> tuple[str, int, str]:
 
 def _context(encryption_context: EncryptionContext | None) -> str:
     return base64.b64encode(encode_context(encryption_context)).decode("ascii")
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds from a ``Retry-After`` header (Vault sends whole seconds), ``None`` if absent or unreadable."""
+    try:
+        seconds = float(headers.get("Retry-After") or "")
+    except ValueError:
+        return None
+    return seconds if seconds >= 0 else None
 
 
 # -- authentication ------------------------------------------------------
@@ -264,6 +287,8 @@ class VaultTransitProvider(KMSProvider):
         Option("mount", "HMD_VAULT_TRANSIT_MOUNT", "transit"),
         Option("ca_cert", "HMD_VAULT_CACERT", ""),
         Option("timeout", "HMD_VAULT_TIMEOUT", 10.0, "float"),
+        # Ciphertexts per transit/rewrap request in rewrap_many.
+        Option("batch_size", "HMD_VAULT_BATCH_SIZE", DEFAULT_BATCH_SIZE, "int"),
     )
     CONFIGURED_BY = ("HMD_VAULT_ADDR",)
     capabilities = frozenset(
@@ -284,6 +309,7 @@ class VaultTransitProvider(KMSProvider):
         namespace: str = "",
         ca_cert: str = "",
         timeout: float = 10.0,
+        batch_size: int = DEFAULT_BATCH_SIZE,
     ) -> None:
         sdk = require_sdk(SDK_MODULES, package="hvac", user="the vault KMS provider")
         hvac, self._hvac_errors, self._http_errors = sdk.hvac, sdk.hvac_errors, sdk.http_errors
@@ -301,11 +327,17 @@ class VaultTransitProvider(KMSProvider):
             raise ConfigurationError("the AppRole role_id is empty (HMD_VAULT_ROLE_ID)")
         if timeout <= 0:
             raise ConfigurationError("the vault timeout must be a positive number of seconds (HMD_VAULT_TIMEOUT)")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= MAX_BATCH_SIZE:
+            raise ConfigurationError(
+                f"HMD_VAULT_BATCH_SIZE must be a whole number from 1 to {MAX_BATCH_SIZE}, not {batch_size!r}"
+            )
         if ca_cert and not Path(ca_cert).is_file():
             raise ConfigurationError(f"the vault CA bundle {ca_cert} does not exist (HMD_VAULT_CACERT)")
         self.addr = addr
         self.mount = mount
         self.auth = auth
+        #: Items per rewrap request; lowered for good if the server refuses a batch as too big.
+        self.batch_size = batch_size
         # token="" keeps hvac from falling back to VAULT_TOKEN or ~/.vault-token.
         self._client = hvac.Client(
             url=addr,
@@ -343,6 +375,11 @@ class VaultTransitProvider(KMSProvider):
             timeout = 10.0 if raw_timeout in (None, "") else float(raw_timeout)
         except (TypeError, ValueError):
             raise ConfigurationError("HMD_VAULT_TIMEOUT must be a number of seconds") from None
+        batch_size = options.get("batch_size")
+        if batch_size in (None, ""):
+            batch_size = DEFAULT_BATCH_SIZE
+        elif isinstance(batch_size, str) and batch_size.strip().isdigit():
+            batch_size = int(batch_size)  # checked with the other settings in __init__
         return cls(
             options.get("addr") or "",
             auth,
@@ -350,6 +387,7 @@ class VaultTransitProvider(KMSProvider):
             namespace=options.get("namespace") or "",
             ca_cert=options.get("ca_cert") or "",
             timeout=timeout,
+            batch_size=batch_size,
         )
 
     def __repr__(self) -> str:
@@ -427,7 +465,13 @@ class VaultTransitProvider(KMSProvider):
                 )
             if status in (400, 404):
                 raise _VaultRefusal(status, errors, body)
-            if status == 429 or status >= 500:
+            if status == 429:
+                # A rate-limit quota (sys/quotas/rate-limit): back off, as from a cloud KMS's throttling.
+                raise Throttled(
+                    f"vault at {self.addr} answered HTTP 429: {'; '.join(errors) or 'rate limit quota exceeded'}",
+                    retry_after=_retry_after(response.headers),
+                )
+            if status >= 500:
                 detail = "; ".join(errors) or ("sealed" if body.get("sealed") else "unavailable")
                 raise ProviderUnavailable(f"vault at {self.addr} answered HTTP {status}: {detail}")
             raise KMSError(f"vault at {self.addr} answered HTTP {status} to {path}")
@@ -729,8 +773,7 @@ class VaultTransitProvider(KMSProvider):
         name = self._usable_key(key_id)
         payload = {"plaintext": base64.b64encode(plaintext).decode("ascii"), "context": _context(encryption_context)}
         data = self._crypto_call(name, f"{self.mount}/encrypt/{name}", payload)
-        ciphertext = pack_ciphertext(name, data.get("ciphertext") or "")
-        return EncryptResult(ciphertext=ciphertext, key_id=name, key_version=unpack_ciphertext(ciphertext)[1])
+        return _packed(name, data.get("ciphertext") or "")
 
     def generate_data_key(
         self,
@@ -747,10 +790,8 @@ class VaultTransitProvider(KMSProvider):
         if len(plaintext) != length:
             plaintext[:] = bytes(len(plaintext))
             raise KMSError(f"vault returned a data key of the wrong length for {name!r}")
-        ciphertext = pack_ciphertext(name, data.get("ciphertext") or "")
-        return DataKey(
-            plaintext=plaintext, ciphertext=ciphertext, key_id=name, key_version=unpack_ciphertext(ciphertext)[1]
-        )
+        sealed = _packed(name, data.get("ciphertext") or "")
+        return DataKey(plaintext=plaintext, ciphertext=sealed.ciphertext, key_id=name, key_version=sealed.key_version)
 
     def _open(self, operation: str, ciphertext: bytes, encryption_context: EncryptionContext | None):
         name, version, vault_ciphertext = unpack_ciphertext(ciphertext)
@@ -789,69 +830,77 @@ class VaultTransitProvider(KMSProvider):
         if key_id is not None and key_id != name:
             return super().rewrap(ciphertext, encryption_context=encryption_context, key_id=key_id)
         name, _, data = self._open("rewrap", ciphertext, encryption_context)
-        rewrapped = pack_ciphertext(name, data.get("ciphertext") or "")
-        return EncryptResult(ciphertext=rewrapped, key_id=name, key_version=unpack_ciphertext(rewrapped)[1])
+        return _packed(name, data.get("ciphertext") or "")
 
-    def rewrap_batch(
-        self,
-        items: Sequence[tuple[bytes, EncryptionContext | None]],
-        *,
-        batch_size: int = REWRAP_BATCH_SIZE,
-    ) -> list[EncryptResult | InvalidCiphertext]:
-        """Rewrap many ``(ciphertext, encryption_context)`` pairs, ``batch_size`` per request.
+    def rewrap_many(self, items: Sequence[RewrapItem], *, key_id: str | None = None) -> list[RewrapOutcome]:
+        """Rewrap inside Vault with ``transit/rewrap/<key>`` and ``batch_input``, ``batch_size`` per request.
 
-        Each ciphertext stays with its own key (moved to that key's latest
-        version). One bad item does not spoil the others: the result list is
-        aligned with ``items`` and holds an :class:`EncryptResult` or the
-        ``InvalidCiphertext`` for that item.
+        Items are grouped by the key their ciphertext names and each moves to
+        that key's latest version, with the context handled exactly as
+        :meth:`rewrap` does (the key-derivation ``context``). Vault judges every
+        item on its own; an item it refuses is :class:`InvalidCiphertext`, as
+        from :meth:`rewrap`. Items bound for another ``key_id`` than their own
+        go through :meth:`rewrap` one by one (Vault rewraps only within a key).
+        A batch the server refuses as too big is split and the smaller size kept.
 
-        :raises AccessDenied, ProviderUnavailable: the whole call failed; retry it.
-        :raises ConfigurationError: Vault refused the request itself (e.g. too large).
+        :raises ProviderUnavailable: Vault is unreachable, sealed or throttling; retry the batch.
         """
-        if not 1 <= batch_size <= REWRAP_BATCH_SIZE:
-            raise ConfigurationError(f"batch_size must be between 1 and {REWRAP_BATCH_SIZE}")
         results: list = [None] * len(items)
-        groups: dict[str, list[tuple[int, int, dict]]] = {}
-        for index, (ciphertext, context) in enumerate(items):
+        groups: dict[str, list[tuple[int, dict]]] = {}
+        for index, item in enumerate(items):
             try:
-                name, version, vault_ciphertext = unpack_ciphertext(ciphertext)
-            except InvalidCiphertext as exc:
+                name, _, vault_ciphertext = unpack_ciphertext(item.ciphertext)
+                if key_id is not None and key_id != name:
+                    results[index] = self.rewrap(item.ciphertext, encryption_context=item.encryption_context, key_id=key_id)
+                    continue
+                entry = {"ciphertext": vault_ciphertext, "context": _context(item.encryption_context)}
+            except ProviderUnavailable:
+                raise
+            except KMSError as exc:
                 results[index] = exc
                 continue
-            entry = {"ciphertext": vault_ciphertext, "context": _context(context)}
-            groups.setdefault(name, []).append((index, version, entry))
+            groups.setdefault(name, []).append((index, entry))
         for name, entries in groups.items():
-            for start in range(0, len(entries), batch_size):
-                chunk = entries[start : start + batch_size]
-                for (index, version, _), outcome in zip(chunk, self._rewrap_chunk(name, chunk), strict=True):
-                    if isinstance(outcome, str):
-                        rewrapped = pack_ciphertext(name, outcome)
-                        results[index] = EncryptResult(rewrapped, name, unpack_ciphertext(rewrapped)[1])
-                    else:
-                        results[index] = InvalidCiphertext()
+            start = 0
+            while start < len(entries):
+                chunk = entries[start : start + self.batch_size]
+                for (index, _), outcome in zip(chunk, self._rewrap_chunk(name, [entry for _, entry in chunk]), strict=True):
+                    results[index] = outcome
+                start += len(chunk)
         return results
 
-    def _rewrap_chunk(self, name: str, chunk: list[tuple[int, int, dict]]) -> list[str | list[str]]:
-        """Return, per item, the new Vault ciphertext or the list of Vault's errors for it."""
-        payload = {"batch_input": [entry for _, _, entry in chunk]}
+    def _rewrap_chunk(self, name: str, entries: list[dict]) -> list[RewrapOutcome]:
+        """One ``batch_input`` request (split in halves if Vault finds it too big); an outcome per entry."""
         try:
-            body = self._request("POST", f"{self.mount}/rewrap/{name}", payload)
+            body = self._request("POST", f"{self.mount}/rewrap/{name}", {"batch_input": entries})
         except _VaultRefusal as refusal:
             # HashiCorp Vault answers 400 when items fail, with the per-item results in the body.
             body = refusal.body
             if not (body.get("data") or {}).get("batch_results"):
-                if refusal.says("not found"):
-                    return [["encryption key not found"]] * len(chunk)  # unknown key: every item is invalid
-                raise ConfigurationError(
-                    f"vault refused a rewrap batch for {name!r}: {'; '.join(refusal.errors)}"
-                ) from None
+                if len(entries) > 1 and any(refusal.says(fragment) for fragment in _TOO_BIG):
+                    self.batch_size = min(self.batch_size, len(entries) // 2)
+                    half = len(entries) // 2
+                    return self._rewrap_chunk(name, entries[:half]) + self._rewrap_chunk(name, entries[half:])
+                # An unknown key: each ciphertext naming it is invalid, as rewrap says.
+                return [InvalidCiphertext() for _ in entries]
+        except ProviderUnavailable:
+            raise
+        except KMSError as exc:  # AccessDenied, ...: each item met it (the contract of rewrap_many)
+            return [copy.copy(exc) for _ in entries]
         results = (body.get("data") or {}).get("batch_results") or []
-        if len(results) != len(chunk):
-            raise KMSError(f"vault answered {len(results)} results for a rewrap batch of {len(chunk)}")
-        return [
-            item["ciphertext"] if item.get("ciphertext") and not item.get("error") else [str(item.get("error"))]
-            for item in results
-        ]
+        if len(results) != len(entries):
+            return [KMSError(f"vault answered {len(results)} results for a rewrap batch of {len(entries)}") for _ in entries]
+        return [self._rewrapped(name, result) for result in results]
+
+    @staticmethod
+    def _rewrapped(name: str, result: object) -> RewrapOutcome:
+        """One item of ``batch_results``: the new ciphertext, or the opaque error :meth:`rewrap` gives."""
+        if not isinstance(result, Mapping) or result.get("error") or not result.get("ciphertext"):
+            return InvalidCiphertext()
+        try:
+            return _packed(name, str(result["ciphertext"]))
+        except KMSError as exc:
+            return exc
 
     # -- health ------------------------------------------------------------
 

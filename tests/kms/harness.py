@@ -21,11 +21,14 @@ class Harness:
     :param name_version: rewrites a ciphertext so that its (unauthenticated) header names
         another version of the same key: how a forger would try versions.
     :param key_prefix: names created by the suite start with this.
+    :param broken_is_down: ``broken_provider`` stands for a backend that is down (a closed port:
+        ``ProviderUnavailable``) rather than one that is misconfigured (``ConfigurationError``).
     """
 
     provider: KMSProvider
     broken_provider: Callable[[], KMSProvider]
     name_version: Callable[[bytes, int], bytes]
+    broken_is_down: bool = True
     key_prefix: str = field(default_factory=lambda: f"contract-{uuid.uuid4().hex[:8]}")
     _counter: itertools.count = field(default_factory=itertools.count)
 

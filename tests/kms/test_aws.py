@@ -35,11 +35,14 @@ from keyvault.kms import (
     KeyNotFound,
     KeyState,
     ProviderUnavailable,
+    RewrapItem,
+    Throttled,
     UnsupportedOperation,
     VersionState,
 )
 from keyvault.kms.aws import AWSKMSProvider, _Header
 from tests.kms.backends.aws import moto_provider
+from tests.servers.http_proxy import HTTPProxy, aws_throttling
 from tests.servers.moto import free_port, running_moto_server
 
 CONTEXT = {"tenant": "acme"}
@@ -611,7 +614,7 @@ def error(code: str, message: str = "", status: int = 400) -> tuple[int, dict]:
 @pytest.mark.parametrize(
     ("reply", "expected"),
     [
-        (error("ThrottlingException", "Rate exceeded"), ProviderUnavailable),
+        (error("ThrottlingException", "Rate exceeded"), Throttled),
         (error("KMSInternalException", status=500), ProviderUnavailable),
         ((503, b"<html>Service Unavailable</html>"), ProviderUnavailable),
         (error("DependencyTimeoutException", status=503), ProviderUnavailable),
@@ -642,7 +645,7 @@ def test_encrypt_error_mapping(canned, reply, expected):
          InvalidCiphertext),
         (error("AccessDeniedException", "User: x is not authorized to perform: kms:Decrypt on resource: y"),
          AccessDenied),
-        (error("ThrottlingException"), ProviderUnavailable),
+        (error("ThrottlingException"), Throttled),
         (error("KMSInternalException", status=500), ProviderUnavailable),
         (error("DisabledException"), KeyDisabled),
     ],
@@ -662,9 +665,86 @@ def test_decrypt_error_mapping(canned, reply, expected):
 def test_throttling_is_retried_max_attempts_times(canned):
     stub = canned({**STUB_HEALTHY, "Encrypt": error("ThrottlingException", "Rate exceeded")})
 
-    with pytest.raises(ProviderUnavailable):
+    with pytest.raises(Throttled):
         stub.provider(max_attempts=2).encrypt(STUB_ARN, b"data")
     assert stub.calls["Encrypt"] == 2
+
+
+# -- throttling and bulk rewrap against moto, through a proxy --------------------------------------
+
+
+@pytest.fixture
+def throttling_proxy(moto_server):
+    """moto behind :class:`HTTPProxy`; set ``proxy.fault`` to answer some requests as AWS does when throttling."""
+    with HTTPProxy(moto_server.endpoint_url) as proxy:
+        yield proxy
+
+
+def test_a_throttled_reencrypt_is_typed_throttled_everywhere(moto_server, throttling_proxy, key):
+    provider = moto_provider(moto_server, endpoint_url=throttling_proxy.url, max_attempts=2)
+    items = [RewrapItem(provider.encrypt(key, b"dek %d" % n, encryption_context=CONTEXT).ciphertext, CONTEXT)
+             for n in range(5)]
+    throttling_proxy.fault = aws_throttling(operations={"ReEncrypt", "Encrypt"})
+
+    with pytest.raises(Throttled) as single:
+        provider.rewrap(items[0].ciphertext, encryption_context=CONTEXT)
+    with pytest.raises(Throttled) as batch:
+        provider.rewrap_many(items)
+    with pytest.raises(Throttled):
+        provider.encrypt(key, b"more")
+
+    # botocore's standard mode retried each throttled call once (max_attempts=2) before giving up.
+    assert throttling_proxy.answered >= 2 * 3
+    assert isinstance(batch.value, ProviderUnavailable) and batch.value.retryable
+    assert "ThrottlingException" in str(single.value) and single.value.retry_after is None
+    throttling_proxy.fault = None
+    assert [result.key_version for result in provider.rewrap_many(items)] == [1] * 5
+
+
+def test_throttled_carries_a_retry_after_the_endpoint_sends(moto_server, throttling_proxy, key):
+    provider = moto_provider(moto_server, endpoint_url=throttling_proxy.url, max_attempts=1)
+    ciphertext = provider.encrypt(key, b"dek").ciphertext
+    throttling_proxy.fault = aws_throttling(retry_after=3)
+
+    with pytest.raises(Throttled) as throttled:
+        provider.decrypt(ciphertext)
+
+    assert throttled.value.retry_after == 3.0
+
+
+def test_rewrap_many_keeps_at_most_concurrency_reencrypts_in_flight(moto_server, key):
+    with HTTPProxy(moto_server.endpoint_url, delay=0.05) as proxy:
+        provider = moto_provider(moto_server, endpoint_url=proxy.url, concurrency=6)
+        items = [RewrapItem(provider.encrypt(key, b"dek %d" % n).ciphertext) for n in range(30)]
+        provider.rotate_key(key)
+        proxy.reset_counts()
+
+        results = provider.rewrap_many(items)
+
+    assert [result.key_version for result in results] == [2] * 30
+    assert proxy.forwarded == 30 + 2, "30 ReEncrypts, and the key's state fetched once by ARN before them"
+    assert 1 < proxy.peak_in_flight <= 6
+    assert provider.decrypt(results[29].ciphertext).plaintext == b"dek 29"
+
+
+def test_rewrap_many_fetches_each_keys_state_once_not_per_request(moto_server, key):
+    with HTTPProxy(moto_server.endpoint_url) as proxy:
+        provider = moto_provider(moto_server, endpoint_url=proxy.url, concurrency=8)
+        items = [RewrapItem(moto_provider(moto_server).encrypt(key, b"%d" % n).ciphertext) for n in range(16)]
+
+        provider.rewrap_many(items)
+
+    # DescribeKey + ListKeyRotations for the key by ARN and by alias, then 16 ReEncrypts.
+    assert proxy.forwarded == 4 + 16
+
+
+def test_concurrency_option_sizes_the_connection_pool(moto_server):
+    provider = AWSKMSProvider.from_config(
+        {"region": moto_server.region, "endpoint_url": moto_server.endpoint_url, "concurrency": 40}
+    )
+
+    assert provider.concurrency == 40
+    assert provider._client.meta.config.max_pool_connections == 40
 
 
 def test_health_counts_a_listkeys_denial_as_healthy_but_not_bad_credentials(canned):
@@ -726,6 +806,9 @@ def test_from_config_takes_the_settings_options(moto_server):
         {"region": "us-east-1", "max_attempts": 0},
         {"region": "us-east-1", "state_ttl": -1},
         {"region": "us-east-1", "endpoint_url": "127.0.0.1:4566"},
+        {"region": "us-east-1", "concurrency": 0},
+        {"region": "us-east-1", "concurrency": 10_000},
+        {"region": "us-east-1", "concurrency": 2.5},
     ],
 )
 def test_bad_options_are_configuration_errors(aws_credentials, options):

@@ -10,14 +10,18 @@ import pytest
 from keyvault.kms import (
     Capability,
     ConfigurationError,
+    EncryptResult,
     InvalidCiphertext,
     KeyDisabled,
     KeyNotFound,
     KMSError,
     KeyState,
+    ProviderUnavailable,
+    RewrapItem,
     UnsupportedOperation,
     VersionState,
 )
+from keyvault.kms.local import LocalKMSProvider, generate_master_key
 
 CONTEXT = {"tenant": "acme", "purpose": "contract"}
 
@@ -353,6 +357,103 @@ def test_rewrap_to_another_key(provider, harness, key_id):
 
     assert moved.key_id == other
     assert provider.decrypt(moved.ciphertext, encryption_context=CONTEXT).plaintext == b"payload"
+
+
+# -- rewrap_many: aligned, typed, one bad item never spoils the batch --------------------------------
+
+#: More than one Vault batch (HMD_VAULT_BATCH_SIZE, 200) and than any pool of requests or sessions (16).
+MANY = 230
+
+
+def _item(provider, key_id, plaintext: bytes, context=CONTEXT) -> RewrapItem:
+    return RewrapItem(provider.encrypt(key_id, plaintext, encryption_context=context).ciphertext, context)
+
+
+def _foreign_ciphertext(harness, folder) -> bytes:
+    """A well-formed ciphertext of a key this backend does not hold (another keyring's)."""
+    stranger = LocalKMSProvider(folder / "foreign-keyring", generate_master_key())
+    foreign_key = harness.new_key_id()
+    stranger.create_key(foreign_key)
+    return stranger.encrypt(foreign_key, b"not yours", encryption_context=CONTEXT).ciphertext
+
+
+def test_rewrap_many_mixed_batch_is_aligned_and_typed(provider, harness, key_id, tmp_path):
+    # given DEKs of a key that is then rotated, one of another key, and four kinds of bad item between them
+    other = harness.new_key()
+    good = [_item(provider, key_id, b"dek %d" % n) for n in range(3)]
+    bare = _item(provider, key_id, b"no context", context=None)
+    of_other = _item(provider, other, b"other key")
+    provider.rotate_key(key_id)
+    malformed = RewrapItem(b"not a ciphertext at all", CONTEXT)
+    tampered = RewrapItem(_forged(good[0].ciphertext), CONTEXT)
+    wrong_context = RewrapItem(good[1].ciphertext, {"tenant": "other"})
+    foreign = RewrapItem(_foreign_ciphertext(harness, tmp_path), CONTEXT)
+    items = [good[0], malformed, good[1], wrong_context, bare, foreign, of_other, tampered, good[2]]
+
+    # when they are rewrapped in one call
+    results = provider.rewrap_many(items)
+
+    # then each result sits at its item's place: new ciphertexts for the good ones, the one opaque error for the rest
+    assert [type(result) for result in results] == [EncryptResult, InvalidCiphertext] * 4 + [EncryptResult]
+    assert {str(results[index]) for index in (1, 3, 5, 7)} == {str(InvalidCiphertext())}
+    for n, index in enumerate((0, 2, 8)):
+        assert (results[index].key_id, results[index].key_version) == (key_id, 2)
+        assert provider.decrypt(results[index].ciphertext, encryption_context=CONTEXT).plaintext == b"dek %d" % n
+    assert (results[4].key_id, results[4].key_version) == (key_id, 2)
+    assert provider.decrypt(results[4].ciphertext).plaintext == b"no context"
+    # a ciphertext of another key stays with its own key (there at its primary, version 1)
+    assert (results[6].key_id, results[6].key_version) == (other, 1)
+    assert provider.decrypt(results[6].ciphertext, encryption_context=CONTEXT).plaintext == b"other key"
+
+
+def test_rewrap_many_of_nothing_is_nothing(provider, key_id):
+    assert provider.rewrap_many([]) == []
+    assert provider.rewrap_many([], key_id=key_id) == []
+
+
+def test_rewrap_many_larger_than_a_batch_or_a_pool(provider, key_id):
+    # given more DEKs than one Vault batch and one request pool, bad ones at the edges of the first batch
+    items = [_item(provider, key_id, b"dek %d" % n, context={"row": str(n)}) for n in range(MANY)]
+    bad = {0, 199, 200, MANY - 1}
+    for index in bad:
+        items[index] = RewrapItem(items[index].ciphertext, {"row": "elsewhere"})
+    provider.rotate_key(key_id)
+
+    results = provider.rewrap_many(items)
+
+    assert len(results) == MANY
+    assert [index for index, result in enumerate(results) if isinstance(result, InvalidCiphertext)] == sorted(bad)
+    assert all(isinstance(results[index], EncryptResult) and results[index].key_version == 2
+               for index in range(MANY) if index not in bad)
+    for index in (1, 198, 201, MANY - 2):
+        opened = provider.decrypt(results[index].ciphertext, encryption_context={"row": str(index)})
+        assert (opened.plaintext, opened.key_version) == (b"dek %d" % index, 2)
+
+
+def test_rewrap_many_to_another_key(provider, harness, key_id):
+    other = harness.new_key()
+    items = [_item(provider, key_id, b"dek %d" % n) for n in range(3)] + [RewrapItem(b"junk", CONTEXT)]
+
+    moved = provider.rewrap_many(items, key_id=other)
+    nowhere = provider.rewrap_many(items, key_id=harness.new_key_id())
+
+    assert [type(result) for result in moved] == [EncryptResult] * 3 + [InvalidCiphertext]
+    assert {result.key_id for result in moved[:3]} == {other}
+    assert provider.decrypt(moved[2].ciphertext, encryption_context=CONTEXT).plaintext == b"dek 2"
+    assert [type(result) for result in nowhere] == [KeyNotFound] * 3 + [InvalidCiphertext]
+
+
+def test_rewrap_many_on_a_backend_that_is_down_raises_for_the_whole_call(provider, harness, key_id):
+    items = [_item(provider, key_id, b"dek %d" % n) for n in range(3)]
+    broken = harness.broken_provider()
+
+    if harness.broken_is_down:
+        with pytest.raises(ProviderUnavailable):
+            broken.rewrap_many(items)
+    else:
+        # misconfigured, not down: each item meets the ConfigurationError (only an outage ends the call)
+        results = broken.rewrap_many(items)
+        assert [type(result) for result in results] == [ConfigurationError] * 3
 
 
 def test_encrypt_count_is_tracked(provider, key_id):

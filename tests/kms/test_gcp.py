@@ -25,12 +25,15 @@ from keyvault.kms import (
     KeyState,
     KMSError,
     ProviderUnavailable,
+    RewrapItem,
+    Throttled,
     UnsupportedOperation,
     VersionState,
 )
 from keyvault.kms.gcp import INTEGRITY_ATTEMPTS, MAX_PLAINTEXT, GCPKMSProvider, crc32c
 from tests.servers import gcp_kms
 from tests.servers.gcp_kms import CloudKMSEmulator
+from tests.servers.http_proxy import HTTPProxy, gcp_resource_exhausted
 
 CONTEXT = {"tenant": "acme"}
 DAY = 24 * 3600
@@ -52,14 +55,15 @@ def emulator(module_emulator):
     module_emulator.reset_faults()
 
 
-def make_provider(emulator, *, key_ring=None, timeout=5.0):
+def make_provider(emulator, *, key_ring=None, timeout=5.0, endpoint=None, concurrency=16):
     return GCPKMSProvider(
         project="keyvault-test",
         location="europe-west1",
         key_ring=key_ring or f"ring-{uuid.uuid4().hex[:8]}",
-        endpoint=emulator.url,
+        endpoint=endpoint or emulator.url,
         anonymous_credentials=True,
         timeout=timeout,
+        concurrency=concurrency,
     )
 
 
@@ -475,6 +479,59 @@ def test_persistent_transient_errors_become_provider_unavailable(emulator, ring,
     with pytest.raises(ProviderUnavailable) as raised:
         impatient.encrypt(key_id, b"x")
     assert raised.value.retryable
+
+
+def test_persistent_resource_exhausted_is_throttled(emulator, ring, key_id):
+    impatient = make_provider(emulator, key_ring=ring, timeout=0.4)
+    ciphertext = impatient.encrypt(key_id, b"x").ciphertext
+    emulator.fail_next("RESOURCE_EXHAUSTED", times=1000)
+
+    with pytest.raises(Throttled) as encrypting:
+        impatient.encrypt(key_id, b"x")
+    with pytest.raises(Throttled):
+        impatient.decrypt(ciphertext)
+    with pytest.raises(Throttled):
+        impatient.rewrap_many([RewrapItem(ciphertext)])
+
+    assert isinstance(encrypting.value, ProviderUnavailable) and encrypting.value.retryable
+    assert "RESOURCE_EXHAUSTED" in str(encrypting.value)
+
+
+def test_throttled_carries_the_retry_delay_cloud_kms_asks_for(emulator, ring, key_id):
+    with HTTPProxy(emulator.url, fault=gcp_resource_exhausted(retry_delay="1.5s")) as proxy:
+        impatient = make_provider(emulator, key_ring=ring, timeout=0.3, endpoint=proxy.url)
+
+        with pytest.raises(Throttled) as throttled:
+            impatient.encrypt(key_id, b"x")
+
+    assert throttled.value.retry_after == 1.5
+    assert proxy.answered >= 1 and proxy.forwarded == 0
+
+
+def test_rewrap_many_keeps_at_most_concurrency_items_in_flight(emulator, ring, key_id):
+    plain = make_provider(emulator, key_ring=ring)
+    items = [RewrapItem(plain.encrypt(key_id, b"dek %d" % n, encryption_context=CONTEXT).ciphertext, CONTEXT)
+             for n in range(24)]
+    plain.rotate_key(key_id)
+    with HTTPProxy(emulator.url, delay=0.05) as proxy:
+        provider = make_provider(emulator, key_ring=ring, endpoint=proxy.url, concurrency=5)
+
+        results = provider.rewrap_many(items)
+
+    assert [result.key_version for result in results] == [2] * 24
+    assert 1 < proxy.peak_in_flight <= 5
+    assert plain.decrypt(results[23].ciphertext, encryption_context=CONTEXT).plaintext == b"dek 23"
+
+
+def test_concurrency_option_is_validated_and_sizes_the_connection_pool(emulator):
+    provider = GCPKMSProvider.from_config(
+        {"project": "p", "key_ring": "r", "endpoint": emulator.url, "anonymous_credentials": True, "concurrency": 32}
+    )
+    adapter = provider._client._transport._session.get_adapter(emulator.url)
+
+    assert provider.concurrency == 32 and adapter._pool_maxsize == 32
+    with pytest.raises(ConfigurationError, match="HMD_GCP_KMS_CONCURRENCY"):
+        GCPKMSProvider(project="p", key_ring="r", endpoint=emulator.url, anonymous_credentials=True, concurrency=0)
 
 
 def test_creations_are_not_retried(provider, key_id, emulator):

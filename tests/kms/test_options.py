@@ -26,6 +26,7 @@ def test_only_the_default_provider_is_listed_when_nothing_is_configured():
             "mount": "transit",
             "ca_cert": "",
             "timeout": 10.0,
+            "batch_size": 200,
         }
     }
 
@@ -57,6 +58,7 @@ def test_options_are_typed_and_defaulted_by_the_provider():
         "max_attempts": 7,
         "state_ttl": 2.5,
         "rotation_wait": 30.0,
+        "concurrency": 16,
     }
 
 

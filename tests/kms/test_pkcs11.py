@@ -23,7 +23,9 @@ from keyvault.kms import (
     ConfigurationError,
     InvalidCiphertext,
     KeyState,
+    EncryptResult,
     ProviderUnavailable,
+    RewrapItem,
     VersionState,
     encode_context,
 )
@@ -421,3 +423,96 @@ def test_a_forked_child_logs_in_again(softhsm, provider, key_id):
 
     assert os.waitstatus_to_exitcode(status) == 0
     assert provider.decrypt(ciphertext).plaintext == b"before the fork", "the parent is unaffected"
+
+
+# -- the session pool ------------------------------------------------------------------------
+
+
+def _login_of(softhsm, provider, label):
+    provider.health_check()
+    library = pkcs11_provider._libraries[softhsm.library]
+    slot_id = pkcs11.lib(softhsm.library).get_token(token_label=label).slot.slot_id
+    return library, library.logins[slot_id]
+
+
+def test_the_module_is_initialised_for_threads(softhsm, provider):
+    library, _ = _login_of(softhsm, provider, softhsm.token().label)
+
+    assert library.threaded, "C_Initialize with CKF_OS_LOCKING_OK, so sessions may be used in parallel"
+
+
+def test_the_pool_lends_each_call_its_own_session_and_no_more_than_its_size(softhsm, provider):
+    _, login = _login_of(softhsm, provider, softhsm.token().label)
+    lent = [login.acquire() for _ in range(login.size)]
+    waiting: list = []
+    waiter = threading.Thread(target=lambda: waiting.append(login.acquire()))
+
+    waiter.start()
+    waiter.join(timeout=0.3)
+    assert waiter.is_alive(), "a call waits while every session is lent"
+    login.release(lent.pop())
+    waiter.join(timeout=10)
+
+    assert len({id(session) for session in [*lent, *waiting]}) == login.size == provider.sessions
+    for session in [*lent, *waiting]:
+        login.release(session)
+
+
+def test_rewrap_many_moves_every_item_to_the_new_primary(provider, key_id):
+    items = [RewrapItem(provider.encrypt(key_id, b"dek %d" % n, encryption_context=CONTEXT).ciphertext, CONTEXT)
+             for n in range(40)]
+    items.insert(7, RewrapItem(items[0].ciphertext, {"tenant": "other"}))
+    provider.rotate_key(key_id)
+
+    results = provider.rewrap_many(items)
+
+    assert type(results[7]) is InvalidCiphertext
+    moved = results[:7] + results[8:]
+    assert all(isinstance(result, EncryptResult) and result.key_version == 2 for result in moved)
+    assert [provider.decrypt(result.ciphertext, encryption_context=CONTEXT).plaintext for result in moved] == [
+        b"dek %d" % n for n in range(40)
+    ]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # python-pkcs11's search finaliser
+def test_a_token_failing_mid_batch_fails_the_whole_call_then_recovers(softhsm):
+    token = softhsm.token(RECOVERY_TOKEN)
+    provider = PKCS11Provider(softhsm.library, token.label, token.pin, sessions=3)
+    provider.create_key("batch-survivor")
+    items = [RewrapItem(provider.encrypt("batch-survivor", b"%d" % n).ciphertext) for n in range(12)]
+    _close_session_underneath(softhsm, token.label)  # logs the whole process out of the token
+
+    with pytest.raises(ProviderUnavailable):
+        provider.rewrap_many(items)
+
+    assert [result.key_version for result in provider.rewrap_many(items)] == [1] * 12
+
+
+def test_a_module_other_code_initialised_first_is_used_one_thread_at_a_time(softhsm):
+    token = softhsm.token()
+    code = (
+        "import pkcs11, sys\n"
+        "from keyvault.kms import RewrapItem\n"
+        "import keyvault.kms.pkcs11 as provider_module\n"
+        "library, label, pin = sys.argv[1:4]\n"
+        "pkcs11.lib(library)  # python-pkcs11's own C_Initialize(NULL): one thread promised\n"
+        "provider = provider_module.PKCS11Provider(library, label, pin)\n"
+        "ciphertext = provider.encrypt(provider.describe_key(sys.argv[4]).key_id, b'x').ciphertext\n"
+        "results = provider.rewrap_many([RewrapItem(ciphertext)] * 5)\n"
+        "print(provider_module._libraries[library].threaded, sorted({type(r).__name__ for r in results}))\n"
+    )
+    key_id = PKCS11Provider(softhsm.library, token.label, token.pin).create_key(f"serial-{os.getpid()}").key_id
+
+    result = subprocess.run(
+        [sys.executable, "-c", code, softhsm.library, token.label, token.pin, key_id],
+        capture_output=True, text=True, timeout=120, cwd=REPO, env=softhsm.env(), check=False,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "['EncryptResult']"]
+
+
+@pytest.mark.parametrize("sessions", [0, -1, 257, "four"])
+def test_sessions_option_is_validated(softhsm, sessions):
+    with pytest.raises(ConfigurationError, match="HMD_PKCS11_SESSIONS"):
+        PKCS11Provider.from_config({"library": softhsm.library, "token_label": "t", "pin": "1", "sessions": sessions})

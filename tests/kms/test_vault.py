@@ -21,13 +21,16 @@ from keyvault.kms import (
     KeyDisabled,
     KeyNotFound,
     ProviderUnavailable,
+    RewrapItem,
+    Throttled,
     UnsupportedOperation,
     VersionState,
     encode_context,
 )
 from keyvault.kms import vault
 from keyvault.kms.vault import (
-    REWRAP_BATCH_SIZE,
+    DEFAULT_BATCH_SIZE,
+    MAX_BATCH_SIZE,
     UNKNOWN_TIME,
     AppRoleAuth,
     KubernetesAuth,
@@ -248,7 +251,7 @@ def test_auto_rotate_period_is_set_and_cleared(policy_provider, vault_harness):
 # -- bulk rewrap ----------------------------------------------------------
 
 
-def test_batch_rewrap_in_few_requests(audited_bao):
+def test_rewrap_many_in_few_requests(audited_bao):
     provider = VaultTransitProvider(
         audited_bao.addr, TokenAuth(audited_bao.root_token), ca_cert=audited_bao.ca_cert, timeout=10
     )
@@ -257,21 +260,21 @@ def test_batch_rewrap_in_few_requests(audited_bao):
     provider.create_key(second)
     owner = {n: first if n < 250 else second for n in range(300)}
     items = [
-        (provider.encrypt(owner[n], b"dek %d" % n, encryption_context={"row": str(n)}).ciphertext, {"row": str(n)})
+        RewrapItem(provider.encrypt(owner[n], b"dek %d" % n, encryption_context={"row": str(n)}).ciphertext, {"row": str(n)})
         for n in range(300)
     ]
     provider.rotate_key(first)
     provider.rotate_key(second)
-    tampered = bytearray(items[0][0])
+    tampered = bytearray(items[0].ciphertext)
     tampered[-10] = ord("A") if tampered[-10] != ord("A") else ord("B")  # still canonical base64: Vault must judge it
-    items += [(items[0][0], {"row": "wrong"}), (bytes(tampered), {"row": "0"}), (b"junk", None)]
+    items += [RewrapItem(items[0].ciphertext, {"row": "wrong"}), RewrapItem(bytes(tampered), {"row": "0"}), RewrapItem(b"junk")]
     before = audited_requests(audited_bao, "transit/rewrap/")
 
-    results = provider.rewrap_batch(items)
+    results = provider.rewrap_many(items)
 
     # 252 items for `first` (200 + 52) and 50 for `second`; the junk never leaves the process.
     assert audited_requests(audited_bao, "transit/rewrap/") - before == 3
-    assert REWRAP_BATCH_SIZE == 200
+    assert provider.batch_size == DEFAULT_BATCH_SIZE == 200
     assert all(isinstance(result, EncryptResult) and result.key_version == 2 for result in results[:300])
     assert [type(result) for result in results[300:]] == [InvalidCiphertext] * 3
     for n in (0, 1, 249, 250, 299):
@@ -279,17 +282,84 @@ def test_batch_rewrap_in_few_requests(audited_bao):
         assert provider.decrypt(results[n].ciphertext, encryption_context={"row": str(n)}).plaintext == b"dek %d" % n
 
 
-def test_batch_rewrap_reports_retired_versions_per_item(policy_provider, vault_harness):
+def test_rewrap_many_sends_batch_size_items_per_request(audited_bao):
+    provider = VaultTransitProvider.from_config(
+        {"addr": audited_bao.addr, "token": audited_bao.root_token, "ca_cert": audited_bao.ca_cert, "batch_size": "40"}
+    )
+    key_id = unique("batch-size")
+    provider.create_key(key_id)
+    items = [RewrapItem(provider.encrypt(key_id, b"%d" % n).ciphertext) for n in range(100)]
+    before = audited_requests(audited_bao, "transit/rewrap/")
+
+    results = provider.rewrap_many(items)
+
+    assert audited_requests(audited_bao, "transit/rewrap/") - before == 3  # 40 + 40 + 20
+    assert [provider.decrypt(result.ciphertext).plaintext for result in results] == [b"%d" % n for n in range(100)]
+
+
+def test_a_batch_the_server_finds_too_big_is_split_and_the_smaller_size_kept(vault_harness, vault_policy_token, openbao_server):
+    # OpenBao refuses a body of over 1,000 JSON strings: 249 items of four strings at most.
+    provider = VaultTransitProvider(openbao_server.addr, TokenAuth(vault_policy_token), batch_size=600)
+    key_id = vault_harness.new_key()
+    items = [RewrapItem(provider.encrypt(key_id, b"%d" % n, encryption_context={"n": str(n)}).ciphertext, {"n": str(n)})
+             for n in range(600)]
+    provider.rotate_key(key_id)
+
+    results = provider.rewrap_many(items)
+
+    assert all(isinstance(result, EncryptResult) and result.key_version == 2 for result in results)
+    assert provider.decrypt(results[599].ciphertext, encryption_context={"n": "599"}).plaintext == b"599"
+    assert provider.batch_size == 150  # 600 refused, 300 refused, 150 accepted
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, MAX_BATCH_SIZE + 1, True, "many"])
+def test_batch_size_is_validated(batch_size):
+    with pytest.raises(ConfigurationError, match="HMD_VAULT_BATCH_SIZE"):
+        VaultTransitProvider.from_config({"addr": "http://127.0.0.1:1", "token": "t", "batch_size": batch_size})
+
+
+def test_rewrap_many_reports_retired_versions_per_item(policy_provider, vault_harness):
     key_id = vault_harness.new_key()
     old = policy_provider.encrypt(key_id, b"old").ciphertext
     policy_provider.rotate_key(key_id)
     current = policy_provider.encrypt(key_id, b"current").ciphertext
     policy_provider.set_key_version_state(key_id, 1, VersionState.DISABLED)
 
-    results = policy_provider.rewrap_batch([(old, None), (current, None), (b"junk", None)])
+    results = policy_provider.rewrap_many([RewrapItem(old), RewrapItem(current), RewrapItem(b"junk")])
 
     assert [type(result) for result in results] == [InvalidCiphertext, EncryptResult, InvalidCiphertext]
     assert policy_provider.decrypt(results[1].ciphertext).plaintext == b"current"
+
+
+def test_rewrap_many_of_a_key_deleted_meanwhile_is_invalid_per_item(policy_provider, vault_harness):
+    key_id, survivor = vault_harness.new_key(), vault_harness.new_key()
+    doomed = policy_provider.encrypt(key_id, b"doomed").ciphertext
+    kept = policy_provider.encrypt(survivor, b"kept").ciphertext
+    policy_provider.destroy_key(key_id)
+
+    results = policy_provider.rewrap_many([RewrapItem(doomed), RewrapItem(kept)])
+
+    assert type(results[0]) is InvalidCiphertext
+    assert policy_provider.decrypt(results[1].ciphertext).plaintext == b"kept"
+
+
+def test_a_rate_limit_quota_is_throttled_with_the_delay_vault_asks_for():
+    with running_openbao() as bao:
+        bao.enable_secrets_engine("transit", "transit")
+        provider = VaultTransitProvider(bao.addr, TokenAuth(bao.root_token), timeout=5)
+        key_id = unique("quota")
+        provider.create_key(key_id)
+        items = [RewrapItem(provider.encrypt(key_id, b"x").ciphertext)]
+        bao.request("POST", "sys/quotas/config", {"enable_rate_limit_response_headers": True})
+        bao.request("POST", "sys/quotas/rate-limit/transit", {"path": "transit/", "rate": 1, "interval": "60s"})
+        provider.rewrap_many(items)  # the one request the quota allows
+
+        with pytest.raises(Throttled) as throttled:
+            provider.rewrap_many(items)
+
+    assert isinstance(throttled.value, ProviderUnavailable)
+    assert 0 < throttled.value.retry_after <= 60
+    assert "rate limit quota exceeded" in str(throttled.value)
 
 
 # -- authentication and transport -----------------------------------------

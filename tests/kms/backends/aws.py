@@ -16,9 +16,10 @@ NAME = "aws"
 
 
 def moto_provider(server, **options) -> AWSKMSProvider:
-    """A provider talking to ``server`` with short timeouts (everything is on 127.0.0.1)."""
-    settings = {"connect_timeout": 2.0, "read_timeout": 5.0, "max_attempts": 2, **options}
-    return AWSKMSProvider(region=server.region, endpoint_url=server.endpoint_url, **settings)
+    """A provider talking to ``server`` (or the ``endpoint_url`` given, e.g. a proxy in front) with short timeouts."""
+    settings = {"endpoint_url": server.endpoint_url, "connect_timeout": 2.0, "read_timeout": 5.0, "max_attempts": 2,
+                **options}
+    return AWSKMSProvider(region=server.region, **settings)
 
 
 @pytest.fixture(scope="session")

@@ -20,4 +20,4 @@ def local_harness(tmp_path_factory):
         unreadable.mkdir(exist_ok=True)
         return LocalKMSProvider(unreadable, master_key)
 
-    yield Harness(provider=provider, broken_provider=broken, name_version=version_after_key_id)
+    yield Harness(provider=provider, broken_provider=broken, name_version=version_after_key_id, broken_is_down=False)

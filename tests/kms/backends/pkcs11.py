@@ -19,4 +19,4 @@ def pkcs11_harness(softhsm):
         # The real module, but no token by that label: like an HSM partition that is gone.
         return PKCS11Provider(softhsm.library, "keyvault-no-such-token", token.pin)
 
-    yield Harness(provider=provider, broken_provider=broken, name_version=version_after_key_id)
+    yield Harness(provider=provider, broken_provider=broken, name_version=version_after_key_id, broken_is_down=False)
