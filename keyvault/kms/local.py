@@ -54,7 +54,7 @@ from .base import (
     KMSProvider,
     VersionState,
 )
-from .context import EMPTY_CONTEXT, encode_context
+from .context import BoundContext, encode_context
 from .errors import ConfigurationError, InvalidCiphertext, KeyDisabled, KeyNotFound, UnsupportedOperation
 from .options import Option
 from .wire import KEY_HEADER_FIXED, KeyHeader, as_frame
@@ -63,6 +63,10 @@ NONCE_BYTES = 12
 TAG_BYTES = 16
 DEFAULT_MAX_ENCRYPTIONS = 2**30
 DEFAULT_RESERVATION_BLOCK = 4096
+#: A process that uses up a block within RESERVATION_GROWTH_SECONDS asks for four times as many next time,
+#: up to this: a busy process writes the keyring seldom, an idle one wastes little of the limit when it exits.
+DEFAULT_MAX_RESERVATION_BLOCK = 65536
+RESERVATION_GROWTH_SECONDS = 1.0
 
 _KEY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,254}$")
 _KEYRING_MAGIC = b"KVKR\x01"
@@ -149,16 +153,35 @@ _data_key = _fast_constructor(DataKey, ("plaintext", "ciphertext", "key_id", "ke
 class _Reservation:
     """Encryptions this process may still make with one version before asking the file."""
 
-    __slots__ = ("granted", "next_index")
+    __slots__ = ("granted", "block", "reserved_at", "next_index")
 
-    def __init__(self, granted: int) -> None:
+    def __init__(self, granted: int, block: int) -> None:
         self.granted = granted
+        #: the block size asked for (``granted`` is less near the version's limit).
+        self.block = block
+        self.reserved_at = _monotonic()
         #: returns 0, 1, 2, ... ; one C call, so threads never get the same index.
         self.next_index = itertools.count().__next__
 
     def take(self) -> bool:
         """Count one encryption; ``False`` once the block is used up."""
         return self.next_index() < self.granted
+
+
+def _open_nothing(nonce: bytes, sealed: bytes, aad: bytes) -> bytes:
+    """The opener of a version without usable material (destroyed, disabled or unknown)."""
+    raise InvalidCiphertext()
+
+
+def _open_then_refuse(open_sealed: Callable, refusal: str) -> Callable:
+    """The opener of a version of a key that is switched off: authenticate, then refuse."""
+
+    def refuse(nonce: bytes, sealed: bytes, aad: bytes) -> bytes:
+        # Only an authentic ciphertext learns that its key is switched off (never a version's state).
+        open_sealed(nonce, sealed, aad)
+        raise KeyDisabled(refusal)
+
+    return refuse
 
 
 # A forked child must not spend its parent's reserved counts (both would make
@@ -200,6 +223,7 @@ class LocalKMSProvider(KMSProvider):
         *,
         max_encryptions_per_version: int = DEFAULT_MAX_ENCRYPTIONS,
         reservation_block: int = DEFAULT_RESERVATION_BLOCK,
+        max_reservation_block: int = DEFAULT_MAX_RESERVATION_BLOCK,
     ) -> None:
         if isinstance(master_key, str):
             master_key = decode_master_key(master_key)
@@ -212,18 +236,19 @@ class LocalKMSProvider(KMSProvider):
         self._master = AESGCM(master_key)
         self.max_encryptions = max_encryptions_per_version
         self.reservation_block = reservation_block
+        # Never more than 1/64 of the limit in one block, so several processes can share a small limit.
+        self.max_reservation_block = max(reservation_block, min(max_reservation_block, max_encryptions_per_version // 64))
         self._mutex = threading.RLock()
         self._keyring: dict = {"keys": {}}
         self._signature: tuple | None = None
         self._ciphers: dict[tuple[str, int], AESGCM] = {}
         self._reservations: dict[tuple[str, int], _Reservation] = {}
         # Hot-path views of the keyring, rebuilt after every change:
-        # key id -> (primary version, cipher, ciphertext header, reservation index, reservation size,
-        #            AAD for an empty context)
-        self._encrypt_slots: dict[str, tuple[int, AESGCM, bytes, Callable[[], int], int, bytes]] = {}
-        # ciphertext header -> (key id, version, cipher or None if the version is not enabled,
-        #                       key-state refusal or None, AAD for an empty context)
-        self._decrypt_slots: dict[bytes, tuple[str, int, AESGCM | None, str | None, bytes]] = {}
+        # key id -> (primary version, its AESGCM.encrypt, ciphertext header, reservation index, reservation size)
+        self._encrypt_slots: dict[str, tuple[int, Callable, bytes, Callable[[], int], int]] = {}
+        # ciphertext header -> (key id, version, opener(nonce, sealed, aad)); the opener is
+        # AESGCM.decrypt itself for a usable version of an enabled key (see _decryption_slot)
+        self._decrypt_slots: dict[bytes, tuple[str, int, Callable]] = {}
         # The lock file's change counter, mapped and read as one native u64 (see _open_generation).
         self._generation: memoryview | None = None
         self._seen_generation: int | None = None
@@ -245,6 +270,7 @@ class LocalKMSProvider(KMSProvider):
                 options["master_key"],
                 max_encryptions_per_version=int(options.get("max_encryptions_per_version", DEFAULT_MAX_ENCRYPTIONS)),
                 reservation_block=int(options.get("reservation_block", DEFAULT_RESERVATION_BLOCK)),
+                max_reservation_block=int(options.get("max_reservation_block", DEFAULT_MAX_RESERVATION_BLOCK)),
             )
         except KeyError as missing:
             raise ConfigurationError(f"local KMS provider needs the {missing.args[0]!r} option") from None
@@ -526,8 +552,16 @@ class LocalKMSProvider(KMSProvider):
         if key["state"] != KeyState.ENABLED:
             raise KeyDisabled(f"local key {key_id!r} is {key['state'].replace('_', ' ')}")
 
+    def _next_block(self, key_id: str, version: int) -> int:
+        """How many encryptions to reserve: more after a block that was used up quickly."""
+        previous = self._reservations.get((key_id, version))
+        if previous is None or _monotonic() - previous.reserved_at >= RESERVATION_GROWTH_SECONDS:
+            return self.reservation_block
+        return min(previous.block * 4, self.max_reservation_block)
+
     def _reserve_block(self, key_id: str, version: int) -> _Reservation:
         """Charge a block of encryptions to the keyring file and return it, one already taken."""
+        block = self._next_block(key_id, version)
 
         def change(keyring: dict) -> int:
             record = self._version(self._key(keyring, key_id), key_id, version)
@@ -536,16 +570,16 @@ class LocalKMSProvider(KMSProvider):
                 raise KeyDisabled(
                     f"version {version} of {key_id!r} reached its limit of {self.max_encryptions} encryptions; rotate the key"
                 )
-            granted = min(self.reservation_block, available)
+            granted = min(block, available)
             record["encrypt_count"] += granted
             return granted
 
-        reservation = _Reservation(self._mutate(change))
+        reservation = _Reservation(self._mutate(change), block)
         reservation.take()
         self._reservations[(key_id, version)] = reservation
         return reservation
 
-    def _take_encryption(self, key_id: str) -> tuple[int, AESGCM, bytes, Callable[[], int], int, bytes]:
+    def _take_encryption(self, key_id: str) -> tuple[int, Callable, bytes, Callable[[], int], int]:
         """Return the primary version's slot, with one encryption counted against it.
 
         ``encrypt`` and ``generate_data_key_parts`` inline the fast half (fresh
@@ -572,11 +606,10 @@ class LocalKMSProvider(KMSProvider):
             header = HEADER.pack(key_id, version)
             slot = (
                 version,
-                self._cipher(key_id, version, record),
+                self._cipher(key_id, version, record).encrypt,
                 header,
                 reservation.next_index,
                 reservation.granted,
-                header + EMPTY_CONTEXT,
             )
             self._encrypt_slots[key_id] = slot
             return slot
@@ -594,10 +627,12 @@ class LocalKMSProvider(KMSProvider):
             or slot[3]() >= slot[4]
         ):
             slot = self._take_encryption(key_id)
-        version, cipher, header, _, _, empty_context_aad = slot
+        version, seal, header, _, _ = slot
         nonce = os.urandom(NONCE_BYTES)
-        aad = header + encode_context(encryption_context) if encryption_context else empty_context_aad
-        return _encrypt_result(header + nonce + cipher.encrypt(nonce, plaintext, aad), key_id, version)
+        aad = header + (  # a BoundContext was encoded once, by its maker
+            encryption_context.encoded if type(encryption_context) is BoundContext else encode_context(encryption_context)
+        )
+        return _encrypt_result(header + nonce + seal(nonce, plaintext, aad), key_id, version)
 
     def decrypt(self, ciphertext: bytes, *, encryption_context: EncryptionContext | None = None) -> DecryptResult:
         plaintext, key_id, version = self.decrypt_parts(ciphertext, encryption_context)
@@ -613,38 +648,31 @@ class LocalKMSProvider(KMSProvider):
         """
         if type(ciphertext) is not bytes:
             ciphertext = as_frame(ciphertext)
-        # HEADER.read, inlined for the hot path: a header seen before is looked up as it stands;
-        # any other goes through HEADER.read in _decryption_slot before it is remembered.
-        try:
-            header_end = ciphertext[1] + KEY_HEADER_FIXED
-        except IndexError:
-            raise InvalidCiphertext() from None
-        if len(ciphertext) < header_end + _TRAILER_MIN:
-            raise InvalidCiphertext()
         generation = self._generation  # _refresh(), inlined for the hot path
         if generation is None or generation[0] != self._seen_generation or _monotonic() >= self._recheck_at:
             self._reload()
-        header = ciphertext[:header_end]
+        # HEADER.read, inlined for the hot path: a header seen before is looked up as it stands;
+        # any other (or a ciphertext too short to hold one) goes through HEADER.read in _decryption_slot.
         try:
-            key_id, version, cipher, refusal, empty_context_aad = self._decrypt_slots[header]
-        except KeyError:
-            key_id, version, cipher, refusal, empty_context_aad = self._decryption_slot(ciphertext)
-        if cipher is None:  # no such material to open it with: a destroyed, disabled or unknown version
-            raise InvalidCiphertext()
-        aad = header + encode_context(encryption_context) if encryption_context else empty_context_aad
+            header_end = ciphertext[1] + KEY_HEADER_FIXED
+            header = ciphertext[:header_end]
+            key_id, version, open_sealed = self._decrypt_slots[header]
+        except (IndexError, KeyError):
+            header_end, (key_id, version, open_sealed) = self._decryption_slot(ciphertext)
+            header = ciphertext[:header_end]
+        aad = header + (  # a BoundContext was encoded once, by its maker
+            encryption_context.encoded if type(encryption_context) is BoundContext else encode_context(encryption_context)
+        )
         try:
-            plaintext = cipher.decrypt(
+            plaintext = open_sealed(
                 ciphertext[header_end : header_end + NONCE_BYTES], ciphertext[header_end + NONCE_BYTES :], aad
             )
-        except InvalidTag:
+        except (InvalidTag, ValueError):  # ValueError: too short to hold a whole nonce
             raise InvalidCiphertext() from None
-        # Only an authentic ciphertext learns that its key is switched off (never a version's state).
-        if refusal is not None:
-            raise KeyDisabled(refusal)
         return plaintext, key_id, version
 
-    def _decryption_slot(self, ciphertext: bytes) -> tuple[str, int, AESGCM | None, str | None, bytes]:
-        """Validate a ciphertext's header against the keyring and remember the outcome."""
+    def _decryption_slot(self, ciphertext: bytes) -> tuple[int, tuple[str, int, Callable]]:
+        """Validate a ciphertext's header against the keyring and remember the outcome: (header length, slot)."""
         key_id, version, header_end = HEADER.read(ciphertext)
         header = ciphertext[:header_end]
         key_id = sys.intern(key_id)  # callers compare it with their own (interned) id: identity is quickest
@@ -652,16 +680,20 @@ class LocalKMSProvider(KMSProvider):
         record = key["versions"].get(str(version)) if key else None
         if record is None:
             raise InvalidCiphertext()
-        refusal = None
-        if key["state"] != KeyState.ENABLED:
-            refusal = f"local key {key_id!r} is {key['state'].replace('_', ' ')}"
         # A version that is not enabled opens nothing, and says so only as InvalidCiphertext: the version
         # number in a header is anyone's to write (keyvault/kms/README.md, "What a failed decrypt reveals").
-        usable = record["material"] is not None and record["state"] == VersionState.ENABLED
-        cipher = self._cipher(key_id, version, record) if usable else None
-        slot = (key_id, version, cipher, refusal, header + EMPTY_CONTEXT)
+        if record["material"] is None or record["state"] != VersionState.ENABLED:
+            open_sealed = _open_nothing
+        elif key["state"] != KeyState.ENABLED:
+            open_sealed = _open_then_refuse(
+                self._cipher(key_id, version, record).decrypt,
+                f"local key {key_id!r} is {key['state'].replace('_', ' ')}",
+            )
+        else:
+            open_sealed = self._cipher(key_id, version, record).decrypt
+        slot = (key_id, version, open_sealed)
         self._decrypt_slots[header] = slot
-        return slot
+        return header_end, slot
 
     def generate_data_key(
         self,
@@ -692,12 +724,14 @@ class LocalKMSProvider(KMSProvider):
             or slot[3]() >= slot[4]
         ):
             slot = self._take_encryption(key_id)
-        version, cipher, header, _, _, empty_context_aad = slot
+        version, seal, header, _, _ = slot
         random = os.urandom(length + NONCE_BYTES)  # one system call for the key and the nonce
         plaintext = bytearray(random[:length])
         nonce = random[length:]
-        aad = header + encode_context(encryption_context) if encryption_context else empty_context_aad
-        return plaintext, header + nonce + cipher.encrypt(nonce, plaintext, aad), version
+        aad = header + (  # a BoundContext was encoded once, by its maker
+            encryption_context.encoded if type(encryption_context) is BoundContext else encode_context(encryption_context)
+        )
+        return plaintext, header + nonce + seal(nonce, plaintext, aad), version
 
     def health_check(self) -> HealthStatus:
         def probe() -> str:
