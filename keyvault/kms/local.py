@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import fcntl
 import itertools
 import json
@@ -55,7 +56,14 @@ from .base import (
     VersionState,
 )
 from .context import BoundContext, encode_context
-from .errors import ConfigurationError, InvalidCiphertext, KeyDisabled, KeyNotFound, UnsupportedOperation
+from .errors import (
+    ConfigurationError,
+    InvalidCiphertext,
+    KeyDisabled,
+    KeyNotFound,
+    StorageUnavailable,
+    UnsupportedOperation,
+)
 from .options import Option
 from .wire import KEY_HEADER_FIXED, KeyHeader, as_frame
 
@@ -302,11 +310,27 @@ class LocalKMSProvider(KMSProvider):
             ) from None
         return json.loads(data)
 
+    def _storage_error(self, exc: OSError, doing: str, outcome: str = "") -> StorageUnavailable:
+        """``exc`` from the keyring's folder as a one-line typed error (the path and the system's reason)."""
+        number = exc.errno
+        reason = f"{os.strerror(number)} [{errno.errorcode.get(number, number)}]" if number else str(exc)
+        return StorageUnavailable(
+            f"cannot {doing} local keyring {self.path}: {reason}{outcome}", path=str(self.path), errno=number
+        )
+
     def _write_keyring(self, keyring: dict) -> None:
+        """Replace the keyring file atomically: temp file, fsync, rename, fsync of the folder.
+
+        :raises StorageUnavailable: the folder refused (full, read-only, no access); the
+            keyring file is then as it was, with no temp file left behind.
+        """
         nonce = secrets.token_bytes(NONCE_BYTES)
         sealed = self._master.encrypt(nonce, json.dumps(keyring, sort_keys=True).encode(), _KEYRING_AAD)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
+        except OSError as exc:
+            raise self._storage_error(exc, "write", "; the keyring is unchanged") from exc
         try:
             os.fchmod(fd, 0o600)
             with os.fdopen(fd, "wb") as handle:
@@ -314,27 +338,47 @@ class LocalKMSProvider(KMSProvider):
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, self.path)
-        except BaseException:
+        except BaseException as exc:
             Path(tmp).unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise self._storage_error(exc, "write", "; the keyring is unchanged") from exc
             raise
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
         try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+            dir_fd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            raise self._storage_error(
+                exc, "sync the folder of", "; the new keyring is in place but may not survive a power cut"
+            ) from exc
 
     def _open_generation(self) -> memoryview | None:
-        """Map the lock file's 8-byte change counter; ``None`` if that is impossible here."""
+        """Map the lock file's 8-byte change counter; ``None`` if that is impossible here.
+
+        On a volume this process may not write, the counter is mapped read-only: changes
+        made by processes that can write are still seen at once.
+        """
         try:
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            fd, writable = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600), True
         except OSError:
-            return None
+            try:
+                fd, writable = os.open(self.lock_path, os.O_RDONLY), False
+            except OSError:
+                return None
         try:
-            if os.fstat(fd).st_size < _GENERATION_SIZE:
-                # Extending never clears a counter another process already wrote.
-                os.ftruncate(fd, _GENERATION_SIZE)
+            if writable:
+                # Allocated, not merely extended (a hole): storing into a hole through the map on a
+                # full volume kills the process with SIGBUS. Never clears a counter already written.
+                os.posix_fallocate(fd, 0, _GENERATION_SIZE)
+                mapped = mmap.mmap(fd, _GENERATION_SIZE)
+            elif os.fstat(fd).st_size >= _GENERATION_SIZE:
+                mapped = mmap.mmap(fd, _GENERATION_SIZE, access=mmap.ACCESS_READ)
+            else:
+                return None
             # Read as memoryview[0]: an aligned 8-byte load, cheaper than slicing the map.
-            return memoryview(mmap.mmap(fd, _GENERATION_SIZE)).cast("Q")
+            return memoryview(mapped).cast("Q")
         except (OSError, ValueError):
             return None
         finally:
@@ -374,19 +418,34 @@ class LocalKMSProvider(KMSProvider):
 
     def _bump_generation(self) -> None:
         """Tell every process sharing the keyring that it changed (call under the file lock)."""
-        if self._generation is None:
+        if self._generation is None or self._generation.readonly:  # the volume may have become writable
             self._generation = self._open_generation()
-        if self._generation is not None:
+        if self._generation is not None and not self._generation.readonly:
             self._generation[0] = (self._generation[0] + 1) % 2**64
             self._seen_generation = self._generation[0]
 
-    def _mutate(self, change):
-        """Apply ``change(keyring)`` under the file lock and persist it atomically."""
-        with self._mutex:
+    def _lock_keyring(self) -> int:
+        """Open the lock file and take its exclusive ``flock``; return the descriptor."""
+        fd = None
+        try:
             self.lock_path.parent.mkdir(parents=True, exist_ok=True)
-            lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            return fd
+        except OSError as exc:
+            if fd is not None:
+                os.close(fd)
+            raise self._storage_error(exc, "lock", f" (lock file {self.lock_path}); the keyring is unchanged") from exc
+
+    def _mutate(self, change):
+        """Apply ``change(keyring)`` under the file lock and persist it atomically.
+
+        :raises StorageUnavailable: the keyring's folder refused the lock file or the write;
+            nothing was changed.
+        """
+        with self._mutex:
+            lock_fd = self._lock_keyring()
             try:
-                fcntl.flock(lock_fd, fcntl.LOCK_EX)
                 keyring = self._read_keyring()
                 result = change(keyring)
                 self._write_keyring(keyring)
@@ -574,7 +633,18 @@ class LocalKMSProvider(KMSProvider):
             record["encrypt_count"] += granted
             return granted
 
-        reservation = _Reservation(self._mutate(change), block)
+        try:
+            granted = self._mutate(change)
+        except StorageUnavailable as exc:
+            # Every encryption is charged to the keyring before it is made, so that no process can take
+            # a version past its limit (AES-GCM nonce safety): without a write, no more encryptions.
+            raise StorageUnavailable(
+                f"version {version} of {key_id!r} cannot encrypt in this process: it has no reserved "
+                f"encryptions left and cannot reserve more ({exc})",
+                path=exc.path,
+                errno=exc.errno,
+            ) from exc
+        reservation = _Reservation(granted, block)
         reservation.take()
         self._reservations[(key_id, version)] = reservation
         return reservation
@@ -736,8 +806,39 @@ class LocalKMSProvider(KMSProvider):
     def health_check(self) -> HealthStatus:
         def probe() -> str:
             keyring = self._read_keyring()
+            self._probe_writable()
             if not self.path.exists():
-                return f"keyring {self.path} not created yet (no keys)"
-            return f"keyring {self.path} opened, {len(keyring['keys'])} key(s)"
+                return f"keyring {self.path} not created yet (no keys); its folder is writable"
+            return f"keyring {self.path} opened, {len(keyring['keys'])} key(s); its folder can hold a new copy"
 
         return self.timed_health(probe)
+
+    def _probe_writable(self) -> None:
+        """Write a scratch file as large as the keyring beside it, fsync it and remove it.
+
+        A keyring change needs exactly that (the new keyring is written beside the old
+        one, then renamed over it), and so does reserving encryptions. A folder not yet
+        created is probed at its nearest existing parent, where the first write creates it.
+
+        :raises StorageUnavailable: the folder is read-only, full or not ours to write.
+        """
+        folder = self.path.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        try:
+            size = max(os.stat(self.path).st_size, 1)
+        except FileNotFoundError:
+            size = 1
+        try:
+            fd, scratch = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".probe", dir=folder)
+        except OSError as exc:
+            raise self._storage_error(exc, "create a file beside the") from exc
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(bytes(size))
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:
+            raise self._storage_error(exc, f"write {size} bytes beside the") from exc
+        finally:
+            Path(scratch).unlink(missing_ok=True)
