@@ -31,6 +31,7 @@ Nothing here imports Django.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from bisect import bisect_left
@@ -133,6 +134,17 @@ class OperationMeter:
 
 _meters_lock = threading.Lock()
 _meters: dict[tuple[str, str], OperationMeter] = {}
+
+
+def _after_fork_in_child() -> None:
+    # A lock some other thread of the parent held at the fork would never be released here.
+    global _meters_lock
+    _meters_lock = threading.Lock()
+    for each in _meters.values():
+        each.lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def meter(provider: str, operation: str) -> OperationMeter:
