@@ -67,11 +67,6 @@ class BoundContext(Mapping):
         #: the canonical bytes (:func:`encode_context`); ``EMPTY_CONTEXT`` itself when empty.
         object.__setattr__(self, "encoded", encoded)
 
-    @classmethod
-    def of(cls, context: Mapping[str, str] | None) -> BoundContext:
-        """``context`` itself if it is already bound, else a new one built from it."""
-        return context if type(context) is cls else cls(context)
-
     def __getitem__(self, key: str) -> str:
         return self._pairs[key]
 
@@ -118,6 +113,16 @@ class BoundContext(Mapping):
 
 #: The empty context, bound (what ``None`` and ``{}`` mean).
 EMPTY_BOUND = BoundContext()
+
+
+def bind_context(context: Mapping[str, str] | None) -> BoundContext:
+    """``context`` as a :class:`BoundContext`: itself if it is one, else bound (encoded) now.
+
+    :raises TypeError, ValueError: as :func:`encode_context`.
+    """
+    if type(context) is BoundContext:
+        return context
+    return BoundContext(context) if context else EMPTY_BOUND
 
 
 def encode_context(context: Mapping[str, str] | None) -> bytes:

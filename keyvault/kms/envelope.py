@@ -52,7 +52,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .base import EncryptionContext, KMSProvider
 from .cache import CachedDataKey, DataKeyCache
-from .context import EMPTY_BOUND, EMPTY_CONTEXT, BoundContext
+from .context import EMPTY_BOUND, EMPTY_CONTEXT, BoundContext, bind_context
 from .errors import ConfigurationError, InvalidCiphertext, KeyNotFound
 from .fastpath import provider_fast_paths
 
@@ -398,7 +398,7 @@ class EnvelopeEncryptor:
             raise InvalidCiphertext()
         kek_version, start = _frame(blob, self._prefix_end)
         wrapped = blob[self._prefix_end + _VERSION_AND_WRAPPED_LENGTH.size : start]
-        encryption_context = BoundContext.of(encryption_context)
+        encryption_context = bind_context(encryption_context)
         context = encryption_context.encoded
         dek = self._unwrap(wrapped, kek_version, encryption_context)
         try:

@@ -4,7 +4,9 @@ A provider may offer ``decrypt_parts(ciphertext, encryption_context)`` returning
 ``(plaintext, key_id, key_version)`` and ``generate_data_key_parts(key_id,
 encryption_context)`` returning ``(plaintext bytearray, ciphertext, key_version)``
 as the single implementation behind its ``decrypt`` and ``generate_data_key``
-(the local provider does). Calling them skips building result objects, which
+(the local provider does). The envelope calls them with the ciphertext as ``bytes``
+and the context as a :class:`~keyvault.kms.context.BoundContext` (never ``None`` or
+a dict), so they need not check either. Calling them skips building result objects, which
 costs as much as the AES-GCM call on a local key. They are used only where they
 are exactly what the public method would run: a subclass that overrides the
 public method, or an instance whose method was replaced, is always called

@@ -55,7 +55,7 @@ from .base import (
     KMSProvider,
     VersionState,
 )
-from .context import BoundContext, encode_context
+from .context import EMPTY_BOUND, BoundContext, bind_context, encode_context
 from .errors import (
     ConfigurationError,
     InvalidCiphertext,
@@ -705,19 +705,17 @@ class LocalKMSProvider(KMSProvider):
         return _encrypt_result(header + nonce + seal(nonce, plaintext, aad), key_id, version)
 
     def decrypt(self, ciphertext: bytes, *, encryption_context: EncryptionContext | None = None) -> DecryptResult:
-        plaintext, key_id, version = self.decrypt_parts(ciphertext, encryption_context)
-        return _decrypt_result(plaintext, key_id, version)
-
-    def decrypt_parts(
-        self, ciphertext: bytes, encryption_context: EncryptionContext | None = None
-    ) -> tuple[bytes, str, int]:
-        """:meth:`decrypt` as ``(plaintext, key_id, key_version)``, without building a result object.
-
-        The one implementation behind :meth:`decrypt`; the envelope calls it
-        directly on its hot path (see ``keyvault/kms/README.md``).
-        """
         if type(ciphertext) is not bytes:
             ciphertext = as_frame(ciphertext)
+        plaintext, key_id, version = self.decrypt_parts(ciphertext, bind_context(encryption_context))
+        return _decrypt_result(plaintext, key_id, version)
+
+    def decrypt_parts(self, ciphertext: bytes, encryption_context: BoundContext = EMPTY_BOUND) -> tuple[bytes, str, int]:
+        """:meth:`decrypt` as ``(plaintext, key_id, key_version)``, without building a result object.
+
+        The one implementation behind :meth:`decrypt`; the envelope calls it directly on its
+        hot path (``keyvault/kms/fastpath.py``), with ``bytes`` and a ``BoundContext``.
+        """
         generation = self._generation  # _refresh(), inlined for the hot path
         if generation is None or generation[0] != self._seen_generation or _monotonic() >= self._recheck_at:
             self._reload()
@@ -730,9 +728,7 @@ class LocalKMSProvider(KMSProvider):
         except (IndexError, KeyError):
             header_end, (key_id, version, open_sealed) = self._decryption_slot(ciphertext)
             header = ciphertext[:header_end]
-        aad = header + (  # a BoundContext was encoded once, by its maker
-            encryption_context.encoded if type(encryption_context) is BoundContext else encode_context(encryption_context)
-        )
+        aad = header + encryption_context.encoded
         try:
             plaintext = open_sealed(
                 ciphertext[header_end : header_end + NONCE_BYTES], ciphertext[header_end + NONCE_BYTES :], aad
@@ -772,16 +768,16 @@ class LocalKMSProvider(KMSProvider):
         encryption_context: EncryptionContext | None = None,
         key_spec: str = "AES_256",
     ) -> DataKey:
-        plaintext, ciphertext, version = self.generate_data_key_parts(key_id, encryption_context, key_spec)
+        plaintext, ciphertext, version = self.generate_data_key_parts(key_id, bind_context(encryption_context), key_spec)
         return _data_key(plaintext, ciphertext, key_id, version)
 
     def generate_data_key_parts(
-        self, key_id: str, encryption_context: EncryptionContext | None = None, key_spec: str = "AES_256"
+        self, key_id: str, encryption_context: BoundContext = EMPTY_BOUND, key_spec: str = "AES_256"
     ) -> tuple[bytearray, bytes, int]:
         """:meth:`generate_data_key` as ``(plaintext, ciphertext, key_version)``; the caller wipes the plaintext.
 
-        The one implementation behind :meth:`generate_data_key`; the envelope
-        calls it directly on its hot path.
+        The one implementation behind :meth:`generate_data_key`; the envelope calls it
+        directly on its hot path, with a ``BoundContext``.
         """
         length = KEY_SPECS.get(key_spec) or self.key_length(key_spec)  # the latter raises for unknown specs
         generation = self._generation
@@ -798,9 +794,7 @@ class LocalKMSProvider(KMSProvider):
         random = os.urandom(length + NONCE_BYTES)  # one system call for the key and the nonce
         plaintext = bytearray(random[:length])
         nonce = random[length:]
-        aad = header + (  # a BoundContext was encoded once, by its maker
-            encryption_context.encoded if type(encryption_context) is BoundContext else encode_context(encryption_context)
-        )
+        aad = header + encryption_context.encoded
         return plaintext, header + nonce + seal(nonce, plaintext, aad), version
 
     def health_check(self) -> HealthStatus:
