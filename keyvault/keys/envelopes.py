@@ -31,6 +31,8 @@ _lock = threading.Lock()
 _cache: DataKeyCache | None = None
 _by_name: dict[str, tuple[float, _KekView]] = {}
 _by_key_id: dict[str, tuple[float, _KekView]] = {}
+#: (provider name, provider key id) -> encryptor; rebuilt when the registry hands out another provider.
+_encryptors: dict[tuple[str, str], EnvelopeEncryptor] = {}
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ def forget(kek: KeyEncryptionKey | None = None) -> None:
     with _lock:
         _by_name.clear()
         _by_key_id.clear()
+        _encryptors.clear()
         if _cache is not None:
             _cache.clear()
 
@@ -90,7 +93,14 @@ def _usable(view: _KekView) -> _KekView:
 
 
 def encryptor(view: _KekView) -> EnvelopeEncryptor:
-    return EnvelopeEncryptor(get_provider(view.provider), view.provider_key_id, cache=data_key_cache())
+    """The KEK's encryptor, built once per process (it finds its provider's fast paths when built)."""
+    provider, cache = get_provider(view.provider), data_key_cache()
+    found = _encryptors.get((view.provider, view.provider_key_id))
+    if found is None or found.provider is not provider or found.cache is not cache:
+        found = _encryptors[(view.provider, view.provider_key_id)] = EnvelopeEncryptor(
+            provider, view.provider_key_id, cache=cache
+        )
+    return found
 
 
 def kek_named(name: str) -> _KekView:

@@ -22,6 +22,7 @@ from django.core.exceptions import FieldError
 from django.db import models, transaction
 
 from keyvault.keys import envelopes
+from keyvault.kms.context import BoundContext
 from keyvault.kms.envelope import read_header
 
 REWRAP_BATCH_SIZE = 500
@@ -57,8 +58,13 @@ class EncryptedFieldMixin:
     def kek_name(self) -> str:
         return self.kek or settings.FIELD_ENCRYPTION_KEK
 
-    def encryption_context(self) -> dict[str, str]:
-        return {"model": self.model._meta.label_lower, "field": self.name}
+    def encryption_context(self) -> BoundContext:
+        """``{"model": "app_label.model", "field": "name"}``, bound: encoded once for every value of the field."""
+        memo = getattr(self, "_bound_context", None)
+        if memo is None or memo[0] is not self.model or memo[1] != self.name:  # a copy on another model
+            context = BoundContext({"model": self.model._meta.label_lower, "field": self.name})
+            memo = self._bound_context = (self.model, self.name, context)
+        return memo[2]
 
     def get_lookup(self, lookup_name):
         if lookup_name not in self.allowed_lookups:

@@ -18,7 +18,7 @@ from .base import (
     VersionState,
 )
 from .cache import DataKeyCache
-from .context import encode_context
+from .context import BoundContext, encode_context
 from .envelope import EnvelopeEncryptor, EnvelopeHeader, read_header
 from .errors import (
     AccessDenied,
@@ -28,6 +28,7 @@ from .errors import (
     KeyNotFound,
     KMSError,
     ProviderUnavailable,
+    StorageUnavailable,
     Throttled,
     UnsupportedOperation,
 )
@@ -35,6 +36,7 @@ from .registry import get_provider, provider_names, reset_providers, set_config_
 
 __all__ = [
     "AccessDenied",
+    "BoundContext",
     "Capability",
     "ConfigurationError",
     "DataKey",
@@ -55,6 +57,7 @@ __all__ = [
     "ProviderUnavailable",
     "RewrapItem",
     "RewrapOutcome",
+    "StorageUnavailable",
     "Throttled",
     "UnsupportedOperation",
     "VersionState",

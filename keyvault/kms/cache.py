@@ -214,6 +214,28 @@ class DataKeyCache:
         entry.wipe()
         return None
 
+    def reuse_for_encrypt(self, entry: CachedDataKey, plaintext_length: int) -> bool:
+        """Count one more message on an entry the caller kept from an earlier lookup, if it may take it.
+
+        The same limits as :meth:`get_for_encrypt`, without the lookup: ``False``
+        when the entry was evicted, is too old, or this message would take it past
+        ``max_messages`` or ``max_bytes`` (then look the partition up again, which
+        evicts it). A reuse gives the entry the second chance of :meth:`mark_used`
+        instead of moving it in the LRU order.
+        """
+        lock = self._lock
+        lock.acquire()
+        try:
+            messages, total = entry.messages, entry.bytes + plaintext_length
+            if messages < self.max_messages and total <= self.max_bytes and self.clock() < entry.expires_at:
+                entry.messages = messages + 1
+                entry.bytes = total
+                entry.referenced = True
+                return True
+            return False
+        finally:
+            lock.release()
+
     def put_for_encrypt(self, partition: Hashable, entry: CachedDataKey, plaintext_length: int) -> bool:
         """Store a fresh DEK for ``partition``, counting its first message of ``plaintext_length`` bytes.
 

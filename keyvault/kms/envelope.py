@@ -32,13 +32,11 @@ can still swap the wrapped DEK and KEK version without touching the data:
 
 Every failure to open a blob is the one opaque :class:`InvalidCiphertext`.
 
-A provider may offer ``decrypt_parts(ciphertext, encryption_context)`` returning
-``(plaintext, key_id, key_version)`` and ``generate_data_key_parts(key_id,
-encryption_context)`` returning ``(plaintext bytearray, ciphertext, key_version)``
-as the single implementation behind its ``decrypt`` and ``generate_data_key``
-(the local provider does). The envelope then calls them directly and skips
-building result objects; a subclass that overrides the public method is
-always called through it.
+Where a provider offers tuple-returning fast paths (``decrypt_parts``,
+``generate_data_key_parts``; see :mod:`keyvault.kms.fastpath`) the envelope
+calls them directly, also through the registry's metrics proxy. A context is
+encoded once per call (never, for a :class:`~keyvault.kms.context.BoundContext`)
+and handed to the provider bound, so the provider does not encode it again.
 """
 
 from __future__ import annotations
@@ -54,8 +52,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .base import EncryptionContext, KMSProvider
 from .cache import CachedDataKey, DataKeyCache
-from .context import EMPTY_CONTEXT, encode_context
+from .context import EMPTY_BOUND, EMPTY_CONTEXT, BoundContext, bind_context
 from .errors import ConfigurationError, InvalidCiphertext, KeyNotFound
+from .fastpath import provider_fast_paths
 
 MAGIC = b"KVEN"
 FORMAT_VERSION = 1
@@ -132,34 +131,6 @@ def _wipe(key: bytearray) -> None:
     key[:] = bytes(len(key))
 
 
-_fast_paths: dict[type, tuple[bool, bool]] = {}
-
-
-def _runs_through(cls: type, public: str, parts: str) -> bool:
-    """Whether ``cls.public`` is the method that comes with ``cls.parts`` (not overridden below it)."""
-    owner = next((klass for klass in cls.__mro__ if parts in vars(klass)), None)
-    public_owner = next((klass for klass in cls.__mro__ if public in vars(klass)), None)
-    return owner is not None and owner is public_owner
-
-
-def _provider_fast_paths(provider: KMSProvider) -> tuple:
-    """The provider's ``decrypt_parts`` and ``generate_data_key_parts`` where they are safe to call directly."""
-    cls = type(provider)
-    known = _fast_paths.get(cls)
-    if known is None:
-        known = _fast_paths[cls] = (
-            _runs_through(cls, "decrypt", "decrypt_parts"),
-            _runs_through(cls, "generate_data_key", "generate_data_key_parts"),
-        )
-    patched = getattr(provider, "__dict__", {})  # methods replaced on the instance
-    use_decrypt = known[0] and "decrypt" not in patched and "decrypt_parts" not in patched
-    use_generate = known[1] and "generate_data_key" not in patched and "generate_data_key_parts" not in patched
-    return (
-        provider.decrypt_parts if use_decrypt else None,
-        provider.generate_data_key_parts if use_generate else None,
-    )
-
-
 class EnvelopeEncryptor:
     """Encrypt and decrypt data of any size under one KEK of one provider.
 
@@ -194,9 +165,13 @@ class EnvelopeEncryptor:
         self._frame_end = self._prefix_end + _VERSION_AND_WRAPPED_LENGTH.size  # where the wrapped DEK starts
         self._empty_aad = self._prefix + EMPTY_CONTEXT
         self._empty_partition = (provider, key_id, EMPTY_CONTEXT)
-        self._decrypt_parts, self._generate_parts = _provider_fast_paths(provider)
+        self._decrypt_parts, self._generate_parts = provider_fast_paths(provider)
+        #: the provider's decrypt fast path when there is no cache: the one branch decrypt takes then.
+        self._uncached_decrypt_parts = self._decrypt_parts if cache is None else None
         #: (context, header, header length, cache entry, clock) of the last blob opened through the cache.
         self._decrypt_memo: tuple | None = None
+        #: (context bytes, cache entry) this encryptor encrypted with last.
+        self._encrypt_memo: tuple | None = None
 
     def __repr__(self) -> str:
         cached = self.cache is not None
@@ -245,29 +220,30 @@ class EnvelopeEncryptor:
         """
         if type(plaintext) is not bytes and not isinstance(plaintext, (bytearray, memoryview)):
             raise TypeError("plaintext must be bytes")
+        # Encoded once here (a BoundContext already is) and handed on bound: the provider reuses the bytes.
+        if type(encryption_context) is not BoundContext:
+            encryption_context = BoundContext(encryption_context) if encryption_context else EMPTY_BOUND
+        context = encryption_context.encoded
         cache = self.cache
-        if cache is not None:
-            if encryption_context:
-                context = encode_context(encryption_context)
-                partition = (self.provider, self.key_id, context)
-            else:
-                context = EMPTY_CONTEXT
-                partition = self._empty_partition
+        if cache is None:
+            return self._encrypt_once(plaintext, encryption_context, context)
+        memo = self._encrypt_memo
+        # The entry this encryptor used last under this very context (a BoundContext's bytes are one
+        # object): the cache only has to count the message, no lookup.
+        if memo is None or memo[0] is not context or not cache.reuse_for_encrypt(memo[1], len(plaintext)):
+            partition = self._empty_partition if context is EMPTY_CONTEXT else (self.provider, self.key_id, context)
             entry = cache.get_for_encrypt(partition, len(plaintext))
             if entry is None:
                 entry = self._cache_new_data_key(partition, plaintext, encryption_context, context)
                 if entry is None:  # too large to cache: a DEK for this message only
                     return self._encrypt_once(plaintext, encryption_context, context)
-            nonce = os.urandom(NONCE_BYTES)
-            return entry.header + nonce + entry.cipher.encrypt(nonce, plaintext, entry.aad)
-        return self._encrypt_once(plaintext, encryption_context, None)
+            self._encrypt_memo = memo = (context, entry)
+        entry = memo[1]
+        nonce = os.urandom(NONCE_BYTES)
+        return entry.header + nonce + entry.cipher.encrypt(nonce, plaintext, entry.aad)
 
-    def _encrypt_once(
-        self, plaintext: bytes, encryption_context: EncryptionContext | None, context: bytes | None
-    ) -> bytes:
+    def _encrypt_once(self, plaintext: bytes, encryption_context: EncryptionContext | None, context: bytes) -> bytes:
         """Encrypt under a fresh DEK used for this message only (the path without a cache)."""
-        if context is None:
-            context = encode_context(encryption_context) if encryption_context else EMPTY_CONTEXT
         aad = self._empty_aad if context is EMPTY_CONTEXT else self._prefix + context
         parts = self._generate_parts
         if parts is None:
@@ -313,9 +289,37 @@ class EnvelopeEncryptor:
             destroyed (only for an authentic wrapped DEK).
         :raises ProviderUnavailable: the provider could not be reached.
         """
+        parts = self._uncached_decrypt_parts
+        if parts is not None and type(blob) is bytes:
+            # No cache and a provider fast path: the steps below in the fewest operations (this is the
+            # whole cost of an uncached decryption besides three AES-GCM calls).
+            if type(encryption_context) is not BoundContext:
+                encryption_context = BoundContext(encryption_context) if encryption_context else EMPTY_BOUND
+            try:
+                kek_version, wrapped_length = _unpack_frame(blob, self._prefix_end)
+            except StructError:
+                raise InvalidCiphertext() from None
+            if not blob.startswith(self._prefix):
+                raise InvalidCiphertext()
+            frame_end = self._frame_end
+            start = frame_end + wrapped_length
+            try:  # an empty or cut wrapped DEK is refused by the provider as any malformed one is
+                dek, key_id, version = parts(blob[frame_end:start], encryption_context)
+            except KeyNotFound:
+                raise InvalidCiphertext() from None
+            if version != kek_version or key_id != self.key_id or len(dek) != DEK_BYTES:
+                raise InvalidCiphertext()
+            try:
+                return AESGCM(dek).decrypt(
+                    blob[start : start + NONCE_BYTES], blob[start + NONCE_BYTES :], self._prefix + encryption_context.encoded
+                )
+            except (InvalidTag, ValueError):  # ValueError: too short to hold a whole nonce
+                raise InvalidCiphertext() from None
         if type(blob) is not bytes:
             blob = _as_bytes(blob)
-        context = encode_context(encryption_context) if encryption_context else EMPTY_CONTEXT
+        if type(encryption_context) is not BoundContext:  # as in encrypt
+            encryption_context = BoundContext(encryption_context) if encryption_context else EMPTY_BOUND
+        context = encryption_context.encoded
         cache = self.cache
         memo = self._decrypt_memo  # (always None without a cache)
         if memo is not None:
@@ -348,16 +352,7 @@ class EnvelopeEncryptor:
         if wrapped_length == 0 or len(blob) < start + _TRAILER:
             raise InvalidCiphertext()
         if cache is None:
-            parts = self._decrypt_parts
-            if parts is None:
-                dek = self._unwrap(blob[frame_end:start], kek_version, encryption_context)
-            else:  # _unwrap, inlined for the hot path
-                try:
-                    dek, key_id, version = parts(blob[frame_end:start], encryption_context)
-                except KeyNotFound:
-                    raise InvalidCiphertext() from None
-                if version != kek_version or key_id != self.key_id or len(dek) != DEK_BYTES:
-                    raise InvalidCiphertext()
+            dek = self._unwrap(blob[frame_end:start], kek_version, encryption_context)
             cipher = AESGCM(dek)
             aad = self._empty_aad if context is EMPTY_CONTEXT else self._prefix + context
         else:
@@ -403,7 +398,8 @@ class EnvelopeEncryptor:
             raise InvalidCiphertext()
         kek_version, start = _frame(blob, self._prefix_end)
         wrapped = blob[self._prefix_end + _VERSION_AND_WRAPPED_LENGTH.size : start]
-        context = encode_context(encryption_context)
+        encryption_context = bind_context(encryption_context)
+        context = encryption_context.encoded
         dek = self._unwrap(wrapped, kek_version, encryption_context)
         try:
             AESGCM(dek).decrypt(blob[start : start + NONCE_BYTES], blob[start + NONCE_BYTES :], self._prefix + context)

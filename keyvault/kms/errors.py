@@ -60,3 +60,17 @@ class AccessDenied(KMSError):
 
 class UnsupportedOperation(KMSError):
     """The backend cannot do this at all (see ``KMSProvider.supports``)."""
+
+
+class StorageUnavailable(ProviderUnavailable):
+    """The provider's own storage refused a write: the volume is full or read-only, or access is denied.
+
+    Nothing was changed. Worth retrying once an operator has freed space or fixed the mount
+    or permissions. The message names the path and the system's reason; ``path`` and
+    ``errno`` carry them for programs.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.errno = errno

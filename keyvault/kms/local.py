@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import fcntl
 import itertools
 import json
@@ -54,8 +55,15 @@ from .base import (
     KMSProvider,
     VersionState,
 )
-from .context import EMPTY_CONTEXT, encode_context
-from .errors import ConfigurationError, InvalidCiphertext, KeyDisabled, KeyNotFound, UnsupportedOperation
+from .context import EMPTY_BOUND, BoundContext, bind_context, encode_context
+from .errors import (
+    ConfigurationError,
+    InvalidCiphertext,
+    KeyDisabled,
+    KeyNotFound,
+    StorageUnavailable,
+    UnsupportedOperation,
+)
 from .options import Option
 from .wire import KEY_HEADER_FIXED, KeyHeader, as_frame
 
@@ -63,6 +71,10 @@ NONCE_BYTES = 12
 TAG_BYTES = 16
 DEFAULT_MAX_ENCRYPTIONS = 2**30
 DEFAULT_RESERVATION_BLOCK = 4096
+#: A process that uses up a block within RESERVATION_GROWTH_SECONDS asks for four times as many next time,
+#: up to this: a busy process writes the keyring seldom, an idle one wastes little of the limit when it exits.
+DEFAULT_MAX_RESERVATION_BLOCK = 65536
+RESERVATION_GROWTH_SECONDS = 1.0
 
 _KEY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,254}$")
 _KEYRING_MAGIC = b"KVKR\x01"
@@ -149,16 +161,35 @@ _data_key = _fast_constructor(DataKey, ("plaintext", "ciphertext", "key_id", "ke
 class _Reservation:
     """Encryptions this process may still make with one version before asking the file."""
 
-    __slots__ = ("granted", "next_index")
+    __slots__ = ("granted", "block", "reserved_at", "next_index")
 
-    def __init__(self, granted: int) -> None:
+    def __init__(self, granted: int, block: int) -> None:
         self.granted = granted
+        #: the block size asked for (``granted`` is less near the version's limit).
+        self.block = block
+        self.reserved_at = _monotonic()
         #: returns 0, 1, 2, ... ; one C call, so threads never get the same index.
         self.next_index = itertools.count().__next__
 
     def take(self) -> bool:
         """Count one encryption; ``False`` once the block is used up."""
         return self.next_index() < self.granted
+
+
+def _open_nothing(nonce: bytes, sealed: bytes, aad: bytes) -> bytes:
+    """The opener of a version without usable material (destroyed, disabled or unknown)."""
+    raise InvalidCiphertext()
+
+
+def _open_then_refuse(open_sealed: Callable, refusal: str) -> Callable:
+    """The opener of a version of a key that is switched off: authenticate, then refuse."""
+
+    def refuse(nonce: bytes, sealed: bytes, aad: bytes) -> bytes:
+        # Only an authentic ciphertext learns that its key is switched off (never a version's state).
+        open_sealed(nonce, sealed, aad)
+        raise KeyDisabled(refusal)
+
+    return refuse
 
 
 # A forked child must not spend its parent's reserved counts (both would make
@@ -200,6 +231,7 @@ class LocalKMSProvider(KMSProvider):
         *,
         max_encryptions_per_version: int = DEFAULT_MAX_ENCRYPTIONS,
         reservation_block: int = DEFAULT_RESERVATION_BLOCK,
+        max_reservation_block: int = DEFAULT_MAX_RESERVATION_BLOCK,
     ) -> None:
         if isinstance(master_key, str):
             master_key = decode_master_key(master_key)
@@ -212,18 +244,19 @@ class LocalKMSProvider(KMSProvider):
         self._master = AESGCM(master_key)
         self.max_encryptions = max_encryptions_per_version
         self.reservation_block = reservation_block
+        # Never more than 1/64 of the limit in one block, so several processes can share a small limit.
+        self.max_reservation_block = max(reservation_block, min(max_reservation_block, max_encryptions_per_version // 64))
         self._mutex = threading.RLock()
         self._keyring: dict = {"keys": {}}
         self._signature: tuple | None = None
         self._ciphers: dict[tuple[str, int], AESGCM] = {}
         self._reservations: dict[tuple[str, int], _Reservation] = {}
         # Hot-path views of the keyring, rebuilt after every change:
-        # key id -> (primary version, cipher, ciphertext header, reservation index, reservation size,
-        #            AAD for an empty context)
-        self._encrypt_slots: dict[str, tuple[int, AESGCM, bytes, Callable[[], int], int, bytes]] = {}
-        # ciphertext header -> (key id, version, cipher or None if the version is not enabled,
-        #                       key-state refusal or None, AAD for an empty context)
-        self._decrypt_slots: dict[bytes, tuple[str, int, AESGCM | None, str | None, bytes]] = {}
+        # key id -> (primary version, its AESGCM.encrypt, ciphertext header, reservation index, reservation size)
+        self._encrypt_slots: dict[str, tuple[int, Callable, bytes, Callable[[], int], int]] = {}
+        # ciphertext header -> (key id, version, opener(nonce, sealed, aad)); the opener is
+        # AESGCM.decrypt itself for a usable version of an enabled key (see _decryption_slot)
+        self._decrypt_slots: dict[bytes, tuple[str, int, Callable]] = {}
         # The lock file's change counter, mapped and read as one native u64 (see _open_generation).
         self._generation: memoryview | None = None
         self._seen_generation: int | None = None
@@ -245,6 +278,7 @@ class LocalKMSProvider(KMSProvider):
                 options["master_key"],
                 max_encryptions_per_version=int(options.get("max_encryptions_per_version", DEFAULT_MAX_ENCRYPTIONS)),
                 reservation_block=int(options.get("reservation_block", DEFAULT_RESERVATION_BLOCK)),
+                max_reservation_block=int(options.get("max_reservation_block", DEFAULT_MAX_RESERVATION_BLOCK)),
             )
         except KeyError as missing:
             raise ConfigurationError(f"local KMS provider needs the {missing.args[0]!r} option") from None
@@ -276,11 +310,27 @@ class LocalKMSProvider(KMSProvider):
             ) from None
         return json.loads(data)
 
+    def _storage_error(self, exc: OSError, doing: str, outcome: str = "") -> StorageUnavailable:
+        """``exc`` from the keyring's folder as a one-line typed error (the path and the system's reason)."""
+        number = exc.errno
+        reason = f"{os.strerror(number)} [{errno.errorcode.get(number, number)}]" if number else str(exc)
+        return StorageUnavailable(
+            f"cannot {doing} local keyring {self.path}: {reason}{outcome}", path=str(self.path), errno=number
+        )
+
     def _write_keyring(self, keyring: dict) -> None:
+        """Replace the keyring file atomically: temp file, fsync, rename, fsync of the folder.
+
+        :raises StorageUnavailable: the folder refused (full, read-only, no access); the
+            keyring file is then as it was, with no temp file left behind.
+        """
         nonce = secrets.token_bytes(NONCE_BYTES)
         sealed = self._master.encrypt(nonce, json.dumps(keyring, sort_keys=True).encode(), _KEYRING_AAD)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
+        except OSError as exc:
+            raise self._storage_error(exc, "write", "; the keyring is unchanged") from exc
         try:
             os.fchmod(fd, 0o600)
             with os.fdopen(fd, "wb") as handle:
@@ -288,27 +338,47 @@ class LocalKMSProvider(KMSProvider):
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, self.path)
-        except BaseException:
+        except BaseException as exc:
             Path(tmp).unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise self._storage_error(exc, "write", "; the keyring is unchanged") from exc
             raise
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
         try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+            dir_fd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            raise self._storage_error(
+                exc, "sync the folder of", "; the new keyring is in place but may not survive a power cut"
+            ) from exc
 
     def _open_generation(self) -> memoryview | None:
-        """Map the lock file's 8-byte change counter; ``None`` if that is impossible here."""
+        """Map the lock file's 8-byte change counter; ``None`` if that is impossible here.
+
+        On a volume this process may not write, the counter is mapped read-only: changes
+        made by processes that can write are still seen at once.
+        """
         try:
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            fd, writable = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600), True
         except OSError:
-            return None
+            try:
+                fd, writable = os.open(self.lock_path, os.O_RDONLY), False
+            except OSError:
+                return None
         try:
-            if os.fstat(fd).st_size < _GENERATION_SIZE:
-                # Extending never clears a counter another process already wrote.
-                os.ftruncate(fd, _GENERATION_SIZE)
+            if writable:
+                # Allocated, not merely extended (a hole): storing into a hole through the map on a
+                # full volume kills the process with SIGBUS. Never clears a counter already written.
+                os.posix_fallocate(fd, 0, _GENERATION_SIZE)
+                mapped = mmap.mmap(fd, _GENERATION_SIZE)
+            elif os.fstat(fd).st_size >= _GENERATION_SIZE:
+                mapped = mmap.mmap(fd, _GENERATION_SIZE, access=mmap.ACCESS_READ)
+            else:
+                return None
             # Read as memoryview[0]: an aligned 8-byte load, cheaper than slicing the map.
-            return memoryview(mmap.mmap(fd, _GENERATION_SIZE)).cast("Q")
+            return memoryview(mapped).cast("Q")
         except (OSError, ValueError):
             return None
         finally:
@@ -348,19 +418,34 @@ class LocalKMSProvider(KMSProvider):
 
     def _bump_generation(self) -> None:
         """Tell every process sharing the keyring that it changed (call under the file lock)."""
-        if self._generation is None:
+        if self._generation is None or self._generation.readonly:  # the volume may have become writable
             self._generation = self._open_generation()
-        if self._generation is not None:
+        if self._generation is not None and not self._generation.readonly:
             self._generation[0] = (self._generation[0] + 1) % 2**64
             self._seen_generation = self._generation[0]
 
-    def _mutate(self, change):
-        """Apply ``change(keyring)`` under the file lock and persist it atomically."""
-        with self._mutex:
+    def _lock_keyring(self) -> int:
+        """Open the lock file and take its exclusive ``flock``; return the descriptor."""
+        fd = None
+        try:
             self.lock_path.parent.mkdir(parents=True, exist_ok=True)
-            lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            return fd
+        except OSError as exc:
+            if fd is not None:
+                os.close(fd)
+            raise self._storage_error(exc, "lock", f" (lock file {self.lock_path}); the keyring is unchanged") from exc
+
+    def _mutate(self, change):
+        """Apply ``change(keyring)`` under the file lock and persist it atomically.
+
+        :raises StorageUnavailable: the keyring's folder refused the lock file or the write;
+            nothing was changed.
+        """
+        with self._mutex:
+            lock_fd = self._lock_keyring()
             try:
-                fcntl.flock(lock_fd, fcntl.LOCK_EX)
                 keyring = self._read_keyring()
                 result = change(keyring)
                 self._write_keyring(keyring)
@@ -526,8 +611,16 @@ class LocalKMSProvider(KMSProvider):
         if key["state"] != KeyState.ENABLED:
             raise KeyDisabled(f"local key {key_id!r} is {key['state'].replace('_', ' ')}")
 
+    def _next_block(self, key_id: str, version: int) -> int:
+        """How many encryptions to reserve: more after a block that was used up quickly."""
+        previous = self._reservations.get((key_id, version))
+        if previous is None or _monotonic() - previous.reserved_at >= RESERVATION_GROWTH_SECONDS:
+            return self.reservation_block
+        return min(previous.block * 4, self.max_reservation_block)
+
     def _reserve_block(self, key_id: str, version: int) -> _Reservation:
         """Charge a block of encryptions to the keyring file and return it, one already taken."""
+        block = self._next_block(key_id, version)
 
         def change(keyring: dict) -> int:
             record = self._version(self._key(keyring, key_id), key_id, version)
@@ -536,16 +629,27 @@ class LocalKMSProvider(KMSProvider):
                 raise KeyDisabled(
                     f"version {version} of {key_id!r} reached its limit of {self.max_encryptions} encryptions; rotate the key"
                 )
-            granted = min(self.reservation_block, available)
+            granted = min(block, available)
             record["encrypt_count"] += granted
             return granted
 
-        reservation = _Reservation(self._mutate(change))
+        try:
+            granted = self._mutate(change)
+        except StorageUnavailable as exc:
+            # Every encryption is charged to the keyring before it is made, so that no process can take
+            # a version past its limit (AES-GCM nonce safety): without a write, no more encryptions.
+            raise StorageUnavailable(
+                f"version {version} of {key_id!r} cannot encrypt in this process: it has no reserved "
+                f"encryptions left and cannot reserve more ({exc})",
+                path=exc.path,
+                errno=exc.errno,
+            ) from exc
+        reservation = _Reservation(granted, block)
         reservation.take()
         self._reservations[(key_id, version)] = reservation
         return reservation
 
-    def _take_encryption(self, key_id: str) -> tuple[int, AESGCM, bytes, Callable[[], int], int, bytes]:
+    def _take_encryption(self, key_id: str) -> tuple[int, Callable, bytes, Callable[[], int], int]:
         """Return the primary version's slot, with one encryption counted against it.
 
         ``encrypt`` and ``generate_data_key_parts`` inline the fast half (fresh
@@ -572,11 +676,10 @@ class LocalKMSProvider(KMSProvider):
             header = HEADER.pack(key_id, version)
             slot = (
                 version,
-                self._cipher(key_id, version, record),
+                self._cipher(key_id, version, record).encrypt,
                 header,
                 reservation.next_index,
                 reservation.granted,
-                header + EMPTY_CONTEXT,
             )
             self._encrypt_slots[key_id] = slot
             return slot
@@ -594,57 +697,48 @@ class LocalKMSProvider(KMSProvider):
             or slot[3]() >= slot[4]
         ):
             slot = self._take_encryption(key_id)
-        version, cipher, header, _, _, empty_context_aad = slot
+        version, seal, header, _, _ = slot
         nonce = os.urandom(NONCE_BYTES)
-        aad = header + encode_context(encryption_context) if encryption_context else empty_context_aad
-        return _encrypt_result(header + nonce + cipher.encrypt(nonce, plaintext, aad), key_id, version)
+        aad = header + (  # a BoundContext was encoded once, by its maker
+            encryption_context.encoded if type(encryption_context) is BoundContext else encode_context(encryption_context)
+        )
+        return _encrypt_result(header + nonce + seal(nonce, plaintext, aad), key_id, version)
 
     def decrypt(self, ciphertext: bytes, *, encryption_context: EncryptionContext | None = None) -> DecryptResult:
-        plaintext, key_id, version = self.decrypt_parts(ciphertext, encryption_context)
-        return _decrypt_result(plaintext, key_id, version)
-
-    def decrypt_parts(
-        self, ciphertext: bytes, encryption_context: EncryptionContext | None = None
-    ) -> tuple[bytes, str, int]:
-        """:meth:`decrypt` as ``(plaintext, key_id, key_version)``, without building a result object.
-
-        The one implementation behind :meth:`decrypt`; the envelope calls it
-        directly on its hot path (see ``keyvault/kms/README.md``).
-        """
         if type(ciphertext) is not bytes:
             ciphertext = as_frame(ciphertext)
-        # HEADER.read, inlined for the hot path: a header seen before is looked up as it stands;
-        # any other goes through HEADER.read in _decryption_slot before it is remembered.
-        try:
-            header_end = ciphertext[1] + KEY_HEADER_FIXED
-        except IndexError:
-            raise InvalidCiphertext() from None
-        if len(ciphertext) < header_end + _TRAILER_MIN:
-            raise InvalidCiphertext()
+        plaintext, key_id, version = self.decrypt_parts(ciphertext, bind_context(encryption_context))
+        return _decrypt_result(plaintext, key_id, version)
+
+    def decrypt_parts(self, ciphertext: bytes, encryption_context: BoundContext = EMPTY_BOUND) -> tuple[bytes, str, int]:
+        """:meth:`decrypt` as ``(plaintext, key_id, key_version)``, without building a result object.
+
+        The one implementation behind :meth:`decrypt`; the envelope calls it directly on its
+        hot path (``keyvault/kms/fastpath.py``), with ``bytes`` and a ``BoundContext``.
+        """
         generation = self._generation  # _refresh(), inlined for the hot path
         if generation is None or generation[0] != self._seen_generation or _monotonic() >= self._recheck_at:
             self._reload()
-        header = ciphertext[:header_end]
+        # HEADER.read, inlined for the hot path: a header seen before is looked up as it stands;
+        # any other (or a ciphertext too short to hold one) goes through HEADER.read in _decryption_slot.
         try:
-            key_id, version, cipher, refusal, empty_context_aad = self._decrypt_slots[header]
-        except KeyError:
-            key_id, version, cipher, refusal, empty_context_aad = self._decryption_slot(ciphertext)
-        if cipher is None:  # no such material to open it with: a destroyed, disabled or unknown version
-            raise InvalidCiphertext()
-        aad = header + encode_context(encryption_context) if encryption_context else empty_context_aad
+            header_end = ciphertext[1] + KEY_HEADER_FIXED
+            header = ciphertext[:header_end]
+            key_id, version, open_sealed = self._decrypt_slots[header]
+        except (IndexError, KeyError):
+            header_end, (key_id, version, open_sealed) = self._decryption_slot(ciphertext)
+            header = ciphertext[:header_end]
+        aad = header + encryption_context.encoded
         try:
-            plaintext = cipher.decrypt(
+            plaintext = open_sealed(
                 ciphertext[header_end : header_end + NONCE_BYTES], ciphertext[header_end + NONCE_BYTES :], aad
             )
-        except InvalidTag:
+        except (InvalidTag, ValueError):  # ValueError: too short to hold a whole nonce
             raise InvalidCiphertext() from None
-        # Only an authentic ciphertext learns that its key is switched off (never a version's state).
-        if refusal is not None:
-            raise KeyDisabled(refusal)
         return plaintext, key_id, version
 
-    def _decryption_slot(self, ciphertext: bytes) -> tuple[str, int, AESGCM | None, str | None, bytes]:
-        """Validate a ciphertext's header against the keyring and remember the outcome."""
+    def _decryption_slot(self, ciphertext: bytes) -> tuple[int, tuple[str, int, Callable]]:
+        """Validate a ciphertext's header against the keyring and remember the outcome: (header length, slot)."""
         key_id, version, header_end = HEADER.read(ciphertext)
         header = ciphertext[:header_end]
         key_id = sys.intern(key_id)  # callers compare it with their own (interned) id: identity is quickest
@@ -652,16 +746,20 @@ class LocalKMSProvider(KMSProvider):
         record = key["versions"].get(str(version)) if key else None
         if record is None:
             raise InvalidCiphertext()
-        refusal = None
-        if key["state"] != KeyState.ENABLED:
-            refusal = f"local key {key_id!r} is {key['state'].replace('_', ' ')}"
         # A version that is not enabled opens nothing, and says so only as InvalidCiphertext: the version
         # number in a header is anyone's to write (keyvault/kms/README.md, "What a failed decrypt reveals").
-        usable = record["material"] is not None and record["state"] == VersionState.ENABLED
-        cipher = self._cipher(key_id, version, record) if usable else None
-        slot = (key_id, version, cipher, refusal, header + EMPTY_CONTEXT)
+        if record["material"] is None or record["state"] != VersionState.ENABLED:
+            open_sealed = _open_nothing
+        elif key["state"] != KeyState.ENABLED:
+            open_sealed = _open_then_refuse(
+                self._cipher(key_id, version, record).decrypt,
+                f"local key {key_id!r} is {key['state'].replace('_', ' ')}",
+            )
+        else:
+            open_sealed = self._cipher(key_id, version, record).decrypt
+        slot = (key_id, version, open_sealed)
         self._decrypt_slots[header] = slot
-        return slot
+        return header_end, slot
 
     def generate_data_key(
         self,
@@ -670,16 +768,16 @@ class LocalKMSProvider(KMSProvider):
         encryption_context: EncryptionContext | None = None,
         key_spec: str = "AES_256",
     ) -> DataKey:
-        plaintext, ciphertext, version = self.generate_data_key_parts(key_id, encryption_context, key_spec)
+        plaintext, ciphertext, version = self.generate_data_key_parts(key_id, bind_context(encryption_context), key_spec)
         return _data_key(plaintext, ciphertext, key_id, version)
 
     def generate_data_key_parts(
-        self, key_id: str, encryption_context: EncryptionContext | None = None, key_spec: str = "AES_256"
+        self, key_id: str, encryption_context: BoundContext = EMPTY_BOUND, key_spec: str = "AES_256"
     ) -> tuple[bytearray, bytes, int]:
         """:meth:`generate_data_key` as ``(plaintext, ciphertext, key_version)``; the caller wipes the plaintext.
 
-        The one implementation behind :meth:`generate_data_key`; the envelope
-        calls it directly on its hot path.
+        The one implementation behind :meth:`generate_data_key`; the envelope calls it
+        directly on its hot path, with a ``BoundContext``.
         """
         length = KEY_SPECS.get(key_spec) or self.key_length(key_spec)  # the latter raises for unknown specs
         generation = self._generation
@@ -692,18 +790,49 @@ class LocalKMSProvider(KMSProvider):
             or slot[3]() >= slot[4]
         ):
             slot = self._take_encryption(key_id)
-        version, cipher, header, _, _, empty_context_aad = slot
+        version, seal, header, _, _ = slot
         random = os.urandom(length + NONCE_BYTES)  # one system call for the key and the nonce
         plaintext = bytearray(random[:length])
         nonce = random[length:]
-        aad = header + encode_context(encryption_context) if encryption_context else empty_context_aad
-        return plaintext, header + nonce + cipher.encrypt(nonce, plaintext, aad), version
+        aad = header + encryption_context.encoded
+        return plaintext, header + nonce + seal(nonce, plaintext, aad), version
 
     def health_check(self) -> HealthStatus:
         def probe() -> str:
             keyring = self._read_keyring()
+            self._probe_writable()
             if not self.path.exists():
-                return f"keyring {self.path} not created yet (no keys)"
-            return f"keyring {self.path} opened, {len(keyring['keys'])} key(s)"
+                return f"keyring {self.path} not created yet (no keys); its folder is writable"
+            return f"keyring {self.path} opened, {len(keyring['keys'])} key(s); its folder can hold a new copy"
 
         return self.timed_health(probe)
+
+    def _probe_writable(self) -> None:
+        """Write a scratch file as large as the keyring beside it, fsync it and remove it.
+
+        A keyring change needs exactly that (the new keyring is written beside the old
+        one, then renamed over it), and so does reserving encryptions. A folder not yet
+        created is probed at its nearest existing parent, where the first write creates it.
+
+        :raises StorageUnavailable: the folder is read-only, full or not ours to write.
+        """
+        folder = self.path.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        try:
+            size = max(os.stat(self.path).st_size, 1)
+        except FileNotFoundError:
+            size = 1
+        try:
+            fd, scratch = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".probe", dir=folder)
+        except OSError as exc:
+            raise self._storage_error(exc, "create a file beside the") from exc
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(bytes(size))
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:
+            raise self._storage_error(exc, f"write {size} bytes beside the") from exc
+        finally:
+            Path(scratch).unlink(missing_ok=True)

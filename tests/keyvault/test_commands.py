@@ -7,6 +7,7 @@ import json
 import pytest
 
 from tests.scratch import make_scratch
+from tests.volumes import fill, tiny_volume
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +124,45 @@ def test_bad_date_is_a_clear_error(scratch):
     result = scratch.run("audit", "export", "--since", "yesterday", check=False)
 
     assert result.returncode == 1 and "not a date" in result.stderr.decode()
+
+
+# -- a keyring volume that fills up (a real 16 KiB tmpfs) ------------------------------
+
+
+def one_error_line(result) -> str:
+    lines = result.stderr.decode().strip().splitlines()
+    assert result.returncode == 1, result.stderr.decode()
+    assert len(lines) == 1 and "Traceback" not in lines[0], lines
+    return lines[0]
+
+
+def test_a_full_keyring_volume_gives_one_line_errors_and_nothing_half_made(tmp_path):
+    with tiny_volume(tmp_path / "volume") as volume:
+        # given an instance whose keyring lives on a volume that fills up after one key and one ciphertext
+        keyring = volume / "local-kms.keyring"
+        instance = make_scratch(tmp_path / "data", HMD_LOCAL_KMS_KEYRING=str(keyring))
+        instance.run("kms", "create-key", "before")
+        sealed = instance.run("kms", "encrypt", "--key", "before", input=b"made before").stdout
+        fill(volume)
+
+        # when an operator creates a key, encrypts, makes a data key and checks health, each a new process
+        create = instance.run("kms", "create-key", "after", check=False)
+        encrypt = instance.run("kms", "encrypt", "--key", "before", input=b"x", check=False)
+        data_key = instance.run("kms", "generate-data-key", "--key", "before", check=False)
+        health = instance.run("kms", "health", check=False)
+
+        # then each fails with one line naming the keyring and the reason, and exit status 1
+        reason = f"local keyring {keyring}: No space left on device [ENOSPC]"
+        assert one_error_line(create).startswith(f"error: StorageUnavailable: cannot write {reason}")
+        for refused in (encrypt, data_key):
+            line = one_error_line(refused)
+            assert line.startswith("error: StorageUnavailable: version 1 of 'before' cannot encrypt in this process")
+            assert reason in line
+        assert one_error_line(health) == "error: unhealthy: local"
+        assert health.stdout.decode().startswith("local: UNHEALTHY")
+        assert reason in health.stdout.decode()
+
+        # and the half-made key exists nowhere, while what was made before still opens
+        missing = instance.run("kms", "describe-key", "after", check=False)
+        assert "no KEK named 'after'" in one_error_line(missing)
+        assert instance.run("kms", "decrypt", input=sealed).stdout == b"made before"

@@ -23,7 +23,9 @@ from keyvault.kms import (
     ProviderUnavailable,
     get_provider,
 )
-from keyvault.kms.local import LocalKMSProvider
+from keyvault.kms.context import BoundContext
+from keyvault.kms.envelope import EnvelopeEncryptor
+from keyvault.kms.local import LocalKMSProvider, generate_master_key
 from keyvault.kms.metrics import InstrumentedProvider, instrument
 from tests.keyvault import make_role_user, use_temp_keyring
 
@@ -98,6 +100,46 @@ def test_a_providers_calls_to_itself_are_not_counted_twice():
     # then one rewrap is counted, and no decrypt or encrypt
     after = calls("local", "rewrap"), calls("local", "decrypt"), calls("local", "encrypt")
     assert (after[0] - before[0], after[1] - before[1], after[2] - before[2]) == (1, 0, 0)
+
+
+def test_an_envelope_over_the_registry_provider_keeps_the_fast_path_and_every_call_is_counted():
+    # given an uncached envelope over the registry's (metered) local provider
+    provider = get_provider("local")
+    provider.create_key("enveloped")
+    encryptor = EnvelopeEncryptor(provider, "enveloped")
+    context = BoundContext({"tenant": "acme", "table": "invoices"})
+    before = {op: (calls("local", op), timings("local", op)) for op in ("decrypt", "generate_data_key")}
+    failed_before = errors("local", "decrypt", "InvalidCiphertext")
+
+    # when it seals five values, opens four and is handed one blob under the wrong context
+    blobs = [encryptor.encrypt(b"value %d" % n, encryption_context=context) for n in range(5)]
+    opened = [encryptor.decrypt(blob, encryption_context=context) for blob in blobs[:4]]
+    with pytest.raises(InvalidCiphertext):
+        encryptor.decrypt(blobs[4], encryption_context={"tenant": "acme"})
+
+    # then it used the provider's tuple fast paths (through the meter), and each call was counted and timed
+    assert encryptor._decrypt_parts is not None and encryptor._generate_parts is not None
+    assert opened == [b"value %d" % n for n in range(4)]
+    for op, expected in (("generate_data_key", 5), ("decrypt", 5)):
+        assert calls("local", op) - before[op][0] == expected
+        assert timings("local", op) - before[op][1] == expected
+    assert errors("local", "decrypt", "InvalidCiphertext") - failed_before == 1
+
+
+def test_a_provider_overriding_its_public_methods_is_metered_through_them(tmp_path):
+    class PublicOnly(LocalKMSProvider):
+        def decrypt(self, ciphertext, *, encryption_context=None):
+            return super().decrypt(ciphertext, encryption_context=encryption_context)
+
+    metered = instrument(PublicOnly(tmp_path / "keyring", generate_master_key()), label="public-only")
+    metered.create_key("k")
+    encryptor = EnvelopeEncryptor(metered, "k")
+    before = calls("public-only", "decrypt")
+
+    encryptor.decrypt(encryptor.encrypt(b"x"))
+
+    assert encryptor._decrypt_parts is None and encryptor._generate_parts is not None
+    assert calls("public-only", "decrypt") - before == 1
 
 
 def test_errors_are_counted_by_class():

@@ -8,6 +8,7 @@ capability is missing the suite checks the backend says so with
 import pytest
 
 from keyvault.kms import (
+    BoundContext,
     Capability,
     ConfigurationError,
     EncryptResult,
@@ -47,6 +48,20 @@ def test_round_trip_with_context_in_any_order(provider, key_id):
     reordered = dict(reversed(list(CONTEXT.items())))
 
     assert provider.decrypt(result.ciphertext, encryption_context=reordered).plaintext == b"\x00secret\xff"
+
+
+def test_a_bound_context_and_the_same_pairs_as_a_dict_are_interchangeable(provider, key_id):
+    bound = BoundContext(CONTEXT)
+    sealed_bound = provider.encrypt(key_id, b"bound", encryption_context=bound).ciphertext
+    sealed_dict = provider.encrypt(key_id, b"dict", encryption_context=dict(CONTEXT)).ciphertext
+    data_key = provider.generate_data_key(key_id, encryption_context=bound)
+
+    assert provider.decrypt(sealed_bound, encryption_context=dict(CONTEXT)).plaintext == b"bound"
+    assert provider.decrypt(sealed_dict, encryption_context=bound).plaintext == b"dict"
+    assert provider.decrypt(data_key.ciphertext, encryption_context=CONTEXT).plaintext == bytes(data_key.plaintext)
+    with pytest.raises(InvalidCiphertext):
+        provider.decrypt(sealed_bound, encryption_context=BoundContext({**CONTEXT, "purpose": "other"}))
+    data_key.wipe()
 
 
 def test_empty_plaintext_round_trips(provider, key_id):

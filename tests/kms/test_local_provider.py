@@ -143,13 +143,56 @@ def test_counts_survive_reopening(keyring, master_key):
 
 
 def test_reserved_blocks_make_the_stored_count_an_upper_bound(keyring, master_key):
-    provider = LocalKMSProvider(keyring, master_key, reservation_block=100)
+    provider = LocalKMSProvider(keyring, master_key, reservation_block=100, max_reservation_block=100)
     provider.create_key("k")
 
     for _ in range(101):
         provider.encrypt("k", b"x")
 
     assert provider.describe_key("k").version(1).encrypt_count == 200
+
+
+def encrypt_count(provider: LocalKMSProvider) -> int:
+    return provider.describe_key("k").version(1).encrypt_count
+
+
+def test_blocks_used_up_quickly_grow_fourfold_up_to_the_cap(keyring, master_key, monkeypatch):
+    # given blocks of 100 allowed to grow to 1,600, and every block counting as "used up quickly"
+    monkeypatch.setattr(local_module, "RESERVATION_GROWTH_SECONDS", 3600.0)
+    provider = LocalKMSProvider(keyring, master_key, reservation_block=100, max_reservation_block=1600)
+    provider.create_key("k")
+
+    # when it makes one encryption more than blocks of 100, 400 and 1,600 hold
+    for _ in range(100 + 400 + 1600 + 1):
+        provider.generate_data_key("k").wipe()
+
+    # then the fourth block was the cap again
+    assert encrypt_count(provider) == 100 + 400 + 1600 + 1600
+
+
+def test_blocks_used_up_slowly_stay_small(keyring, master_key, monkeypatch):
+    monkeypatch.setattr(local_module, "RESERVATION_GROWTH_SECONDS", 0.0)
+    provider = LocalKMSProvider(keyring, master_key, reservation_block=100, max_reservation_block=1600)
+    provider.create_key("k")
+
+    for _ in range(301):
+        provider.encrypt("k", b"x")
+
+    assert encrypt_count(provider) == 400
+
+
+def test_a_block_is_never_more_than_a_64th_of_the_limit(keyring, master_key, monkeypatch):
+    # given a limit of 6,400 (so blocks of at most 100) and blocks that would grow fourfold from 10
+    monkeypatch.setattr(local_module, "RESERVATION_GROWTH_SECONDS", 3600.0)
+    provider = LocalKMSProvider(keyring, master_key, max_encryptions_per_version=6400, reservation_block=10)
+    provider.create_key("k")
+
+    # when it encrypts 1,000 times
+    for _ in range(1000):
+        provider.encrypt("k", b"x")
+
+    # then the blocks were 10, 40, then 100 each: 1,000 encryptions fit in 10 + 40 + 10 * 100
+    assert encrypt_count(provider) == 1050
 
 
 # -- sharing the keyring ---------------------------------------------------------
