@@ -417,7 +417,7 @@ run_break_glass = _decision("run_break_glass", Action.ROTATION_BREAK_GLASS,
 
 
 @_emits(Action.ROTATION_BATCH)
-def rewrap_batch(kek: KeyEncryptionKey, *, actor: Actor, run_id: int, first_id: int, last_id: int, rewrapped: int,
+def batch_rewrapped(kek: KeyEncryptionKey, *, actor: Actor, run_id: int, first_id: int, last_id: int, rewrapped: int,
                  failed_ids: Sequence[int] = (), failed_errors: Sequence[str] = ()) -> AuditEvent:
     """A batch of a run's data keys was rewrapped (outcome failure, with ids and error names, if some were not)."""
     details: dict[str, Any] = {"run_id": run_id, "first_id": first_id, "last_id": last_id, "rewrapped": rewrapped}

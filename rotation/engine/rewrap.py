@@ -108,9 +108,9 @@ def rewrap_batch(run: RotationRun, *, driver, after: int, hi: int, batch_size: i
             rewrapped=F("rewrapped") + len(updates), failed_deks=F("failed_deks") + len(failures),
             heartbeat_at=now, paused_reason="",
         )
-        events.rewrap_batch(run.kek, actor=ENGINE, run_id=run.pk, first_id=rows[0][0], last_id=rows[-1][0],
-                            rewrapped=len(updates), failed_ids=[pk for pk, _ in failures[:20]],
-                            failed_errors=sorted({name for _, name in failures}))
+        events.batch_rewrapped(run.kek, actor=ENGINE, run_id=run.pk, first_id=rows[0][0], last_id=rows[-1][0],
+                               rewrapped=len(updates), failed_ids=[pk for pk, _ in failures[:20]],
+                               failed_errors=sorted({name for _, name in failures}))
     return len(rows), rows[-1][0]
 
 
