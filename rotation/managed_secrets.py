@@ -13,12 +13,12 @@ from datetime import timedelta
 from django.db import transaction
 
 from keyvault import audit
-from keyvault.audit import Actor, Outcome
+from keyvault.audit import Actor, events
 from keyvault.exceptions import KeyvaultError
 from keyvault.models import ManagedSecret
 from keyvault.secrets import OwnSecretRefused
 from keyvault.secrets.base import SecretSourceError
-from rotation.engine.drivers.secret import executor_of, secret_due_at, secret_event
+from rotation.engine.drivers.secret import executor_of, secret_due_at
 from rotation.engine.policies import ensure_policy, update_policy
 from rotation.exceptions import RotationError
 from rotation.executors import executor_for
@@ -56,7 +56,7 @@ def register_secret(
     with transaction.atomic():
         secret.save()
         ensure_secret_policy(secret)
-        secret_event(secret, "registered", actor=actor, type=secret_type, source=source, path=path, owner=owner)
+        events.secret_registered(secret, actor=actor, secret_type=secret_type, source=source, path=path, owner=owner)
     if inspect:
         try:
             refresh_secret(secret, actor=actor)
@@ -103,8 +103,8 @@ def check_secret_references(secret: ManagedSecret, *, actor: Actor | None = None
     except SecretSourceError as exc:
         error = SecretConfigError(f"{what}: {exc}" if what not in ("source", "path") else str(exc))
         if actor is not None and isinstance(exc, OwnSecretRefused):
-            secret_event(secret, "own_secret_refused", actor=actor, outcome=Outcome.DENIED,
-                         source=secret.source, path=secret.path, field=what, error=str(error)[:500])
+            events.secret_reference_refused(secret, actor=actor, source=secret.source, path=secret.path, field=what,
+                                            error=str(error))
         raise error from None
 
 
@@ -163,10 +163,9 @@ def update_secret(secret: ManagedSecret, *, actor: Actor, **changes) -> ManagedS
         before = {name: getattr(locked, name) for name in changed}
         repointed = _apply_secret_change(locked, changed)
         locked.save()
-        secret_event(locked, "repointed" if repointed else "changed", actor=actor,
-                     changes={name: {"before": _audited_value(name, before[name]),
-                                     "after": _audited_value(name, value)} for name, value in changed.items()},
-                     next_run_needs_approval=repointed)
+        events.secret_changed(locked, actor=actor, repointed=repointed,
+                              changes={name: {"before": _audited_value(name, before[name]),
+                                              "after": _audited_value(name, value)} for name, value in changed.items()})
     secret.refresh_from_db()
     return locked
 

@@ -25,7 +25,7 @@ import getpass
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -34,7 +34,7 @@ from django.db import models, transaction
 from django.db.models.signals import m2m_changed, post_delete, post_save, pre_delete, pre_save
 
 from keyvault import audit
-from keyvault.audit import Action, Actor
+from keyvault.audit import Action, Actor, events
 from keyvault.exceptions import KeyvaultError
 from keyvault.keys import services
 from keyvault.models import KeyEncryptionKey, SiemConsumer, TOTPDevice
@@ -158,7 +158,6 @@ class _Pending:
     target: tuple[str, str]
     before: dict | None
     after: dict | None
-    extra: dict = field(default_factory=dict)
 
     def merge(self, before: dict | None, after: dict | None) -> None:
         """Fold a later change of the same target in: first ``before`` wins, last ``after`` wins."""
@@ -176,8 +175,8 @@ class _Pending:
                 return None  # a save that changed nothing is not an event
             before = {key: self.before.get(key) for key in changed}
             after = {key: self.after.get(key) for key in changed}
-            return {**self.extra, "changed": changed, "before": before, "after": after}
-        return {**self.extra, "before": self.before, "after": self.after}
+            return {"changed": changed, "before": before, "after": after}
+        return {"before": self.before, "after": self.after}
 
 
 class _Recording:
@@ -187,8 +186,7 @@ class _Recording:
         self.actor = actor
         self.pending: dict[tuple[str, tuple[str, str]], _Pending] = {}
 
-    def add(self, action: str, target: tuple[str, str], before: dict | None, after: dict | None,
-            extra: dict | None = None) -> None:
+    def add(self, action: str, target: tuple[str, str], before: dict | None, after: dict | None) -> None:
         created = self._created_action(action)
         if created and (created, target) in self.pending:  # changes right after creation fold into it
             self.pending[(created, target)].merge(None, after)
@@ -198,7 +196,7 @@ class _Recording:
             self.pending[key].merge(before, after)
         else:
             self.pending[key] = _Pending(action, target, dict(before) if before is not None else None,
-                                         dict(after) if after is not None else None, dict(extra or {}))
+                                         dict(after) if after is not None else None)
 
     @staticmethod
     def _created_action(action: str) -> str | None:
@@ -208,14 +206,13 @@ class _Recording:
                 Action.SIEM_CONSUMER_CHANGED: Action.SIEM_CONSUMER_CREATED}.get(action)
 
     def flush(self) -> list:
-        events = []
+        written = []
         for pending in self.pending.values():
             details = pending.details()
             if details is not None:
-                events.append(audit.record(pending.action, actor=self.actor, target=pending.target,
-                                           details=details))
+                written.append(events.ACCOUNT_EVENTS[pending.action](pending.target, actor=self.actor, **details))
         self.pending.clear()
-        return events
+        return written
 
 
 _current: ContextVar[_Recording | None] = ContextVar("keyvault_accounts_recording", default=None)
@@ -263,14 +260,13 @@ def syncing_roles() -> Iterator[None]:
         _current.reset(token)
 
 
-def _note(action: str, target: tuple[str, str], before: dict | None, after: dict | None,
-          extra: dict | None = None) -> None:
+def _note(action: str, target: tuple[str, str], before: dict | None, after: dict | None) -> None:
     batch = _current.get()
     if batch is not None:
-        batch.add(action, target, before, after, extra)
+        batch.add(action, target, before, after)
         return
     single = _Recording(UNATTRIBUTED)  # outside any service: recorded anyway, and says so
-    single.add(action, target, before, after, extra)
+    single.add(action, target, before, after)
     single.flush()
 
 
@@ -574,7 +570,6 @@ def reset_throttle(user, *, actor: Actor) -> int:
             before = device.throttling_failure_count
             TOTPDevice.objects.filter(pk=device.pk).update(throttling_failure_count=0,
                                                            throttling_failure_timestamp=None)
-            audit.record(Action.DEVICE_THROTTLE_RESET, actor=actor, target=("user", user.get_username()),
-                         details={"device": device.persistent_id, "before": {"failures": before},
-                                  "after": {"failures": 0}})
+            events.device_throttle_reset(user.get_username(), actor=actor, device=device.persistent_id,
+                                         failures_before=before)
     return len(devices)

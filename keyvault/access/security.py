@@ -31,7 +31,7 @@ from django.urls import reverse
 from redis.exceptions import RedisError
 
 from keyvault import audit
-from keyvault.audit import Action, Actor, Outcome
+from keyvault.audit import Actor, events
 from keyvault.web.request_meta import client_ip, request_id
 
 logger = logging.getLogger(__name__)
@@ -129,13 +129,7 @@ class DeniedAuditMiddleware:
         if (response.status_code == 403 and user is not None and user.is_authenticated
                 and not getattr(request, "keyvault_csrf_failure", False)):
             try:
-                audit.record(
-                    Action.ACCESS_DENIED,
-                    actor=Actor.from_request(request),
-                    target=("url", request.path[:255]),
-                    outcome=Outcome.DENIED,
-                    details={"method": request.method[:10], "path": request.path[:500]},
-                )
+                events.access_denied(actor=Actor.from_request(request), method=request.method, path=request.path)
             except Exception:  # the refusal stands even if it could not be recorded; say so loudly
                 logger.exception("could not audit a 403 for %s", user.get_username())
         return response
@@ -179,13 +173,10 @@ def _audit_login_failed(sender, credentials, request=None, **kwargs) -> None:
 
     def record_first() -> None:
         name, known = _attempted_name(credentials.get("username"))
-        audit.record(
-            Action.LOGIN_FAILED,
+        events.password_login_failed(
+            name, known_user=known,
             actor=Actor(name=f"user:{name}" if known else "anonymous", ip_address=actor.ip_address,
                         request_id=actor.request_id),
-            target=("user", name),
-            outcome=Outcome.FAILURE,
-            details={"factor": "password", "known_user": known},
         )
 
     audit_unauthenticated_failure(LOGIN_FAILED, actor.ip_address, record_first)
@@ -196,15 +187,11 @@ def _audit_locked_out(sender, request, username, ip_address, **kwargs) -> None:
 
     def record_first() -> None:
         name, known = _attempted_name(username)
-        audit.record(
-            Action.ACCESS_DENIED,
+        events.locked_out(
+            name, known_user=known, failure_limit=settings.AXES_FAILURE_LIMIT,
+            cooloff_seconds=int(settings.AXES_COOLOFF_TIME.total_seconds()),
             actor=Actor(name=f"user:{name}" if known else "anonymous", ip_address=ip_address or None,
                         request_id=rid),
-            target=("user", name),
-            outcome=Outcome.DENIED,
-            details={"reason": "locked_out", "known_user": known,
-                     "failure_limit": settings.AXES_FAILURE_LIMIT,
-                     "cooloff_seconds": int(settings.AXES_COOLOFF_TIME.total_seconds())},
         )
 
     audit_unauthenticated_failure(LOCKED_OUT, ip_address or None, record_first)
@@ -225,8 +212,8 @@ FAILURE_COUNT_TTL = 86400
 LOGIN_FAILED = "login_failed"
 LOCKED_OUT = "locked_out"
 _SUMMARY = {
-    LOGIN_FAILED: (Action.LOGIN_FAILED, Outcome.FAILURE),
-    LOCKED_OUT: (Action.ACCESS_DENIED, Outcome.DENIED),
+    LOGIN_FAILED: events.login_failures_summarised,
+    LOCKED_OUT: events.lockouts_summarised,
 }
 _PREFIX = "keyvault:auth-failures"
 #: What the shared cache raises when it is unreachable: Redis errors, or I/O errors of the file cache.
@@ -274,15 +261,10 @@ def flush_failure_summaries(*, now: float | None = None) -> int:
 
 
 def _record_summary(kind: str, source: str, window: int, count: int) -> None:
-    action, outcome = _SUMMARY[kind]
-    start = datetime.fromtimestamp(window * FAILURE_WINDOW_SECONDS, tz=UTC)
-    audit.record(
-        action,
-        actor=Actor(name="anonymous", ip_address=None if source == "unknown" else source),
-        target=("address", source),
-        outcome=outcome,
-        details={"reason": f"{kind}_summary", "window_start": start.isoformat(),
-                 "window_seconds": FAILURE_WINDOW_SECONDS, "count": count, "recorded_individually": 1},
+    _SUMMARY[kind](
+        source, actor=Actor(name="anonymous", ip_address=None if source == "unknown" else source),
+        window_start=datetime.fromtimestamp(window * FAILURE_WINDOW_SECONDS, tz=UTC),
+        window_seconds=FAILURE_WINDOW_SECONDS, count=count,
     )
 
 
@@ -314,10 +296,4 @@ _connect_axes()
 
 def audit_otp_failure(request, *, reason: str) -> None:
     """A wrong or throttled second factor for a password-authenticated user."""
-    audit.record(
-        Action.LOGIN_FAILED,
-        actor=Actor.from_request(request),
-        target=("user", request.user.get_username()),
-        outcome=Outcome.FAILURE,
-        details={"factor": "totp", "reason": reason},
-    )
+    events.second_factor_failed(request.user.get_username(), actor=Actor.from_request(request), reason=reason)

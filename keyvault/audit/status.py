@@ -34,7 +34,7 @@ from django.core.cache import cache
 from django.utils import timezone
 
 from keyvault import audit
-from keyvault.audit import Actor
+from keyvault.audit import Actor, events
 from keyvault.audit import walk as audit_walk
 from keyvault.audit import witness as audit_witness
 from keyvault.exceptions import AuditVerificationTooSoon
@@ -144,14 +144,7 @@ def verify_fully(*, actor: Actor, jobs: int | None = None, witness: str | None =
     if throttle:
         _claim_verify_slot()
     result = audit.verify_chain(jobs=jobs, witness=witness, use_witness=use_witness)
-    audit.record(
-        audit.Action.AUDIT_VERIFIED,
-        actor=actor,
-        outcome=audit.Outcome.SUCCESS if result.ok else audit.Outcome.FAILURE,
-        details={"ok": result.ok, "events": result.events, "last_sequence": result.last_sequence,
-                 "checkpoints": result.checkpoints, "broken_at": result.broken_at, "reason": result.reason,
-                 "witness": result.witness if result.ok and use_witness else ""},
-    )
+    events.chain_verified(result, actor=actor, witness=result.witness if result.ok and use_witness else "")
     if result.ok and not use_witness:
         return result
     now = timezone.now()

@@ -35,7 +35,7 @@ from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
 
 from keyvault import audit
-from keyvault.audit import Actor
+from keyvault.audit import Actor, events
 from keyvault.console import dashboard
 from keyvault.exceptions import KeyvaultError
 from keyvault.models import AuditEvent, KeyEncryptionKey, KeyVersion
@@ -325,19 +325,19 @@ ROTATION_COLUMNS = (
 
 def activity_rows(filters: Filters, now: datetime) -> tuple[list[dict], list[str]]:
     """Audit events in chain order, by a user (as actor) and/or about a KEK (as target)."""
-    events = AuditEvent.objects.order_by("sequence")
+    chosen = AuditEvent.objects.order_by("sequence")
     if filters.user:
-        events = events.filter(actor=f"user:{filters.user}")
+        chosen = chosen.filter(actor=f"user:{filters.user}")
     if filters.kek:
-        events = events.filter(target_type="keyencryptionkey", target_id=filters.kek)
+        chosen = chosen.filter(target_type="keyencryptionkey", target_id=filters.kek)
     if filters.since:
-        events = events.filter(timestamp__gte=filters.since)
+        chosen = chosen.filter(timestamp__gte=filters.since)
     if filters.until:
-        events = events.filter(timestamp__lt=filters.until)
+        chosen = chosen.filter(timestamp__lt=filters.until)
     notes = []
     if not filters.user and not filters.kek:
         notes.append("No user or KEK given: every event in the period is listed.")
-    rows = [_activity_row(event) for event in events[: MAX_ROWS + 1]]
+    rows = [_activity_row(event) for event in chosen[: MAX_ROWS + 1]]
     return rows, notes
 
 
@@ -614,21 +614,10 @@ def export(report: Report, *, fmt: str, actor: Actor) -> Export:
         raise InvalidReportRequest(f"format: choose from {', '.join(FORMATS)}")
     body = _body(report, fmt, actor.name)
     digest = hashlib.sha256(body).hexdigest()
-    event = audit.record(
-        audit.Action.AUDIT_EXPORTED,
-        actor=actor,
-        target=("report", report.name),
-        details={
-            "report": report.name,
-            "format": fmt,
-            "filters": report.filters.as_dict(),
-            "rows": len(report.rows),
-            "truncated": report.truncated,
-            "chain_sequence": report.chain_sequence,
-            "chain_hash": report.chain_hash,
-            "body_sha256": digest,
-        },
-    )
+    event = events.report_exported(report.name, actor=actor, fmt=fmt, filters=report.filters.as_dict(),
+                                   rows=len(report.rows), truncated=report.truncated,
+                                   chain_sequence=report.chain_sequence, chain_hash=report.chain_hash,
+                                   body_sha256=digest)
     return Export(report=report.name, format=fmt, content=_seal(body, fmt, digest=digest, sequence=event.sequence,
                                                                   report=report.name),
                   body_sha256=digest, event_sequence=event.sequence, rows=len(report.rows))
@@ -689,11 +678,11 @@ def verify_export(data: bytes) -> ExportCheck:
     actual = hashlib.sha256(body).hexdigest()
     if actual != claimed:
         raise ExportNotVerified(f"body sha256 is {actual}, the file's seal says {claimed}: the file was changed")
-    events = AuditEvent.objects.filter(action=audit.Action.AUDIT_EXPORTED)
-    event = events.filter(sequence=sequence).first() if sequence is not None else None
+    exports = AuditEvent.objects.filter(action=audit.Action.AUDIT_EXPORTED)
+    event = exports.filter(sequence=sequence).first() if sequence is not None else None
     if event is None or event.details.get("body_sha256") != actual:
         # The seal's event number may have been edited: look the hash up instead.
-        event = next((e for e in events.order_by("-sequence").iterator() if e.details.get("body_sha256") == actual),
+        event = next((e for e in exports.order_by("-sequence").iterator() if e.details.get("body_sha256") == actual),
                      None)
     if event is None:
         raise ExportNotVerified(f"no audit.exported event records body sha256 {actual}")

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 
 from django.conf import settings
 
-from keyvault import audit
-from keyvault.audit import Action, Actor, Outcome
+from keyvault.audit import Actor, events
 from keyvault.exceptions import KeyNotUsable
 from keyvault.kms import InvalidCiphertext, get_provider
 from keyvault.kms.cache import DataKeyCache
@@ -148,9 +147,8 @@ def encrypt(kek: KeyEncryptionKey, plaintext: bytes, *, actor: Actor,
             encryption_context: Mapping[str, str] | None = None) -> bytes:
     """Envelope-encrypt for an operator (``kms envelope-encrypt``), audited."""
     blob = seal(kek.name, plaintext, encryption_context=encryption_context)
-    audit.record(Action.CRYPTO_ENCRYPT, actor=actor, target=kek,
-                 details={"envelope": True, "bytes": len(plaintext), "kek_version": read_header(blob).kek_version,
-                          "context_keys": sorted(encryption_context or {})})
+    events.envelope_encrypted(kek, actor=actor, size=len(plaintext), kek_version=read_header(blob).kek_version,
+                              context_keys=sorted(encryption_context or {}))
     return blob
 
 
@@ -160,9 +158,7 @@ def decrypt(blob: bytes, *, actor: Actor, encryption_context: Mapping[str, str] 
         view = kek_for_blob(blob)
         plaintext = encryptor(view).decrypt(blob, encryption_context=encryption_context)
     except Exception as exc:
-        audit.record(Action.CRYPTO_DECRYPT, actor=actor, outcome=Outcome.FAILURE,
-                     details={"envelope": True, "error": type(exc).__name__})
+        events.envelope_decrypt_failed(actor=actor, error=type(exc).__name__)
         raise
-    audit.record(Action.CRYPTO_DECRYPT, actor=actor, target=("keyencryptionkey", view.name),
-                 details={"envelope": True, "bytes": len(plaintext)})
+    events.envelope_decrypted(view.name, actor=actor, size=len(plaintext))
     return plaintext

@@ -21,8 +21,7 @@ from django.db import transaction
 from django.db.models import Count
 from django.utils import timezone
 
-from keyvault import audit
-from keyvault.audit import Action, Actor, Outcome
+from keyvault.audit import Actor, events
 from keyvault.exceptions import CoverageIncomplete, InvalidStateTransition, KeyNotUsable
 from keyvault.keys import envelopes
 from keyvault.keys.fields import rewrap_field
@@ -108,12 +107,8 @@ def create_kek(
             next_rotation_at=now + timedelta(days=rotation_period_days),
         )
         KeyVersion.objects.create(kek=kek, number=info.primary_version, is_primary=True, provider_version_ref=str(info.primary_version))
-        audit.record(
-            Action.KEK_CREATED,
-            actor=actor,
-            target=kek,
-            details={"provider": provider.name, "provider_key_id": info.key_id, "rotation_period_days": rotation_period_days},
-        )
+        events.kek_created(kek, actor=actor, provider=provider.name, provider_key_id=info.key_id,
+                           rotation_period_days=rotation_period_days)
     return kek
 
 
@@ -151,7 +146,7 @@ def update_kek_settings(
             changes["next_rotation_at"] = next_rotation_at.isoformat()
         if changes:
             kek.save()
-            audit.record(Action.KEK_UPDATED, actor=actor, target=kek, details=changes)
+            events.kek_settings_changed(kek, actor=actor, **changes)
     return kek
 
 
@@ -162,7 +157,7 @@ def enable_kek(kek: KeyEncryptionKey, *, actor: Actor) -> KeyEncryptionKey:
         _transition(kek, KEK.State.ENABLED)
         _apply_provider_key_state(kek, KeyState.ENABLED)
         kek.save()
-        audit.record(Action.KEK_ENABLED, actor=actor, target=kek)
+        events.kek_enabled(kek, actor=actor)
         transaction.on_commit(envelopes.forget)
     return kek
 
@@ -174,7 +169,7 @@ def disable_kek(kek: KeyEncryptionKey, *, actor: Actor, reason: str = "") -> Key
         _transition(kek, KEK.State.DISABLED)
         _apply_provider_key_state(kek, KeyState.DISABLED)
         kek.save()
-        audit.record(Action.KEK_DISABLED, actor=actor, target=kek, details={"reason": reason})
+        events.kek_disabled(kek, actor=actor, reason=reason)
         transaction.on_commit(envelopes.forget)
     return kek
 
@@ -191,13 +186,8 @@ def schedule_kek_deletion(
         kek.deletion_date = (now or timezone.now()) + timedelta(days=waiting_days)
         _apply_provider_key_state(kek, KeyState.DISABLED)
         kek.save()
-        audit.record(
-            Action.KEK_DELETION_SCHEDULED,
-            actor=actor,
-            target=kek,
-            details={"waiting_days": waiting_days, "deletion_date": kek.deletion_date.isoformat(),
-                     "data_keys": kek.data_keys.count()},
-        )
+        events.kek_deletion_scheduled(kek, actor=actor, waiting_days=waiting_days, deletion_date=kek.deletion_date,
+                                      data_keys=kek.data_keys.count())
         transaction.on_commit(envelopes.forget)
     return kek
 
@@ -209,7 +199,7 @@ def cancel_kek_deletion(kek: KeyEncryptionKey, *, actor: Actor) -> KeyEncryption
         _transition(kek, KEK.State.DISABLED)
         kek.deletion_date = None
         kek.save()
-        audit.record(Action.KEK_DELETION_CANCELLED, actor=actor, target=kek)
+        events.kek_deletion_cancelled(kek, actor=actor)
         transaction.on_commit(envelopes.forget)
     return kek
 
@@ -234,7 +224,7 @@ def destroy_due_keks(*, actor: Actor | None = None, now: datetime | None = None)
             _transition(kek, KEK.State.DESTROYED)
             kek.save()
             kek.versions.update(state=KeyVersion.State.DESTROYED, is_primary=False)
-            audit.record(Action.KEK_DESTROYED, actor=actor, target=kek, details={"material": material})
+            events.kek_destroyed(kek, actor=actor, material=material)
             transaction.on_commit(envelopes.forget)
             destroyed.append(kek.name)
     return destroyed
@@ -268,12 +258,8 @@ def rotate_kek_version(
         kek.last_rotated_at = now
         kek.next_rotation_at = next_rotation_at or next_rotation(kek, after=now)
         kek.save()
-        details = {"new_version": new.version, "previous_version": previous.number if previous else None}
-        if reason:
-            details["reason"] = reason
-        if run_id is not None:
-            details["run_id"] = run_id
-        audit.record(Action.KEK_ROTATED, actor=actor, target=kek, details=details)
+        events.kek_rotated(kek, actor=actor, new_version=new.version,
+                           previous_version=previous.number if previous else None, reason=reason, run_id=run_id)
     return version
 
 
@@ -301,12 +287,8 @@ def restore_primary_version(
         kek.versions.filter(is_primary=True).update(is_primary=False)
         KeyVersion.objects.filter(pk=version.pk).update(is_primary=True)
         version.is_primary = True
-        details = {"primary_version": {"before": previous.number if previous else None, "after": number}}
-        if reason:
-            details["reason"] = reason
-        if run_id is not None:
-            details["run_id"] = run_id
-        audit.record(Action.KEK_UPDATED, actor=actor, target=kek, details=details)
+        events.kek_primary_restored(kek, actor=actor, before=previous.number if previous else None, after=number,
+                                    reason=reason, run_id=run_id)
     return version
 
 
@@ -354,13 +336,8 @@ def set_version_state(
         previous_state = version.state
         version.state = state
         version.save(update_fields=["state"])
-        audit.record(
-            Action.VERSION_STATE_CHANGED,
-            actor=actor,
-            target=kek,
-            details={"version": number, "from": previous_state, "to": state.value, "enforced_by": enforced,
-                     "data_keys_on_version": remaining, "forced": force, "reason": reason},
-        )
+        events.version_state_changed(kek, actor=actor, version=number, from_state=previous_state, to_state=state.value,
+                                     enforced_by=enforced, data_keys_on_version=remaining, forced=force, reason=reason)
         transaction.on_commit(envelopes.forget)
     return version
 
@@ -414,13 +391,8 @@ def create_data_key(
             purpose=purpose,
             owner_ref=owner_ref,
         )
-        audit.record(
-            Action.DATA_KEY_CREATED,
-            actor=actor,
-            target=("datakey", row.pk),
-            details={"kek": kek.name, "kek_version": plain.key_version, "key_spec": key_spec, "owner_ref": owner_ref,
-                     "context_keys": sorted(context)},
-        )
+        events.data_key_created(row, actor=actor, kek=kek.name, kek_version=plain.key_version, key_spec=key_spec,
+                                owner_ref=owner_ref, context_keys=sorted(context))
     return row, plain
 
 
@@ -442,11 +414,9 @@ def unwrap_data_key(data_key: DataKey, *, actor: Actor) -> bytearray:
     try:
         opened = provider_for(kek).decrypt(bytes(data_key.wrapped_key), encryption_context=data_key.encryption_context)
     except Exception as exc:
-        audit.record(Action.DATA_KEY_UNWRAPPED, actor=actor, target=("datakey", data_key.pk), outcome=Outcome.FAILURE,
-                     details={"error": type(exc).__name__})
+        events.data_key_unwrap_failed(data_key, actor=actor, error=type(exc).__name__)
         raise
-    audit.record(Action.DATA_KEY_UNWRAPPED, actor=actor, target=("datakey", data_key.pk),
-                 details={"kek": kek.name, "kek_version": opened.key_version})
+    events.data_key_unwrapped(data_key, actor=actor, kek=kek.name, kek_version=opened.key_version)
     return bytearray(opened.plaintext)
 
 
@@ -467,8 +437,8 @@ def rewrap_data_key(data_key: DataKey, *, actor: Actor) -> DataKey:
         data_key.kek_version = result.key_version
         data_key.last_rewrapped_at = timezone.now()
         data_key.save(update_fields=["wrapped_key", "kek_version", "last_rewrapped_at"])
-        audit.record(Action.DATA_KEY_REWRAPPED, actor=actor, target=("datakey", data_key.pk),
-                     details={"kek": kek.name, "from_version": previous, "to_version": result.key_version})
+        events.data_key_rewrapped(data_key, actor=actor, kek=kek.name, from_version=previous,
+                                  to_version=result.key_version)
     return data_key
 
 
@@ -487,8 +457,8 @@ def encrypt_with_kek(kek: KeyEncryptionKey, plaintext: bytes, *, actor: Actor,
     """Encrypt a small payload directly with a KEK (audited; for operators and scripts)."""
     require_usable(kek)
     result = provider_for(kek).encrypt(kek.provider_key_id, plaintext, encryption_context=encryption_context)
-    audit.record(Action.CRYPTO_ENCRYPT, actor=actor, target=kek,
-                 details={"version": result.key_version, "bytes": len(plaintext), "context_keys": sorted(encryption_context or {})})
+    events.encrypted_with_kek(kek, actor=actor, version=result.key_version, size=len(plaintext),
+                              context_keys=sorted(encryption_context or {}))
     return Sealed(result.ciphertext, kek.name, result.key_version)
 
 
@@ -507,11 +477,10 @@ def decrypt_with_kek_ciphertext(ciphertext: bytes, *, actor: Actor, provider_nam
             if KeyVersion.objects.filter(kek=kek, number=opened.key_version).exclude(state=KeyVersion.State.ENABLED).exists():
                 raise KeyNotUsable(f"v{opened.key_version} of KEK {kek.name!r} is retired")
     except Exception as exc:
-        audit.record(Action.CRYPTO_DECRYPT, actor=actor, target=None, outcome=Outcome.FAILURE,
-                     details={"provider": provider.name, "error": type(exc).__name__})
+        events.decrypt_failed(actor=actor, provider=provider.name, error=type(exc).__name__)
         raise
-    audit.record(Action.CRYPTO_DECRYPT, actor=actor, target=kek or ("provider-key", opened.key_id),
-                 details={"version": opened.key_version, "bytes": len(opened.plaintext)})
+    events.decrypted_with_kek(kek or ("provider-key", opened.key_id), actor=actor, version=opened.key_version,
+                              size=len(opened.plaintext))
     return opened.plaintext
 
 
@@ -522,6 +491,5 @@ def rewrap_field_values(model, field_name: str, *, actor: Actor, batch_size: int
     """
     count = rewrap_field(model, field_name, batch_size=batch_size)
     label = f"{model._meta.label_lower}.{field_name}"
-    audit.record(Action.DATA_KEY_REWRAPPED, actor=actor, target=("field", label),
-                 details={"field": label, "rewrapped": count})
+    events.field_rewrapped(label, actor=actor, rewrapped=count)
     return count

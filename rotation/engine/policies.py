@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from django.db import transaction
 
-from keyvault import audit
-from keyvault.audit import Action, Actor
+from keyvault.audit import Actor, events
 from rotation.engine.wiring import driver_for_target
 from rotation.models import RotationPolicy
 
@@ -41,6 +40,5 @@ def update_policy(target, *, actor: Actor, **changes) -> RotationPolicy:
         driver.reschedule(target, policy, changes)
         policy.save()
         driver.policy_saved(target, policy, actor=actor)
-        audit.record(Action.POLICY_CHANGED, actor=actor, target=target,
-                     details={k: str(v) if v is not None else None for k, v in changes.items()})
+        events.policy_changed(target, actor=actor, changes=changes)
     return policy

@@ -15,8 +15,7 @@ from django.db.models import F
 from django.db.models.functions import Greatest
 from django.utils import timezone
 
-from keyvault import audit
-from keyvault.audit import Action, Outcome
+from keyvault.audit import events
 from keyvault.keys import services as key_services
 from keyvault.kms import KMSError, ProviderUnavailable
 from keyvault.models import DataKey
@@ -109,12 +108,9 @@ def rewrap_batch(run: RotationRun, *, driver, after: int, hi: int, batch_size: i
             rewrapped=F("rewrapped") + len(updates), failed_deks=F("failed_deks") + len(failures),
             heartbeat_at=now, paused_reason="",
         )
-        details = {"run_id": run.pk, "first_id": rows[0][0], "last_id": rows[-1][0], "rewrapped": len(updates)}
-        if failures:
-            details["failed_ids"] = [pk for pk, _ in failures[:20]]
-            details["failed_errors"] = sorted({name for _, name in failures})
-        audit.record(Action.ROTATION_BATCH, actor=ENGINE, target=run.kek,
-                     outcome=Outcome.FAILURE if failures else Outcome.SUCCESS, details=details)
+        events.batch_rewrapped(run.kek, actor=ENGINE, run_id=run.pk, first_id=rows[0][0], last_id=rows[-1][0],
+                               rewrapped=len(updates), failed_ids=[pk for pk, _ in failures[:20]],
+                               failed_errors=sorted({name for _, name in failures}))
     return len(rows), rows[-1][0]
 
 

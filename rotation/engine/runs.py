@@ -14,8 +14,7 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from keyvault import audit
-from keyvault.audit import Action, Actor
+from keyvault.audit import Actor, events
 from rotation import runbooks
 from rotation.engine import rewrap, states
 from rotation.engine.dispatch import dispatcher
@@ -98,9 +97,9 @@ def start_run(
             if not needs_approval:
                 states.tick(run, "precheck.approvals", actor=Actor.system("engine"),
                             evidence="policy requires no approvals")
-            audit.record(Action.ROTATION_STARTED, actor=actor, target=target,
-                         details={"run_id": run.pk, "kind": kind.value, "reason": reason, "incident_ref": incident_ref,
-                                  **driver.started_details(run, runbook=runbook, destination=destination)})
+            events.rotation_started(target, actor=actor, run_id=run.pk, kind=kind.value, reason=reason,
+                                    incident_ref=incident_ref,
+                                    **driver.started_details(run, runbook=runbook, destination=destination))
             if not needs_approval:
                 enqueue_run(run)
     except IntegrityError:
@@ -160,10 +159,10 @@ def decide(
             raise ApprovalRefused(f"{user.get_username()} is not in the break-glass group")
         Approval.objects.create(run=run, approver=user, decision=decision, comment=comment.strip(), break_glass=break_glass)
         if decision == Approval.Decision.REJECT:
-            audit.record(Action.ROTATION_REJECTED, actor=actor, target=run.target, details={"run_id": run.pk, "comment": comment})
+            events.run_rejected(run.target, actor=actor, run_id=run.pk, comment=comment)
             return transition(run, S.CANCELLED, actor=actor, note=f"rejected: {comment}")
-        action = Action.ROTATION_BREAK_GLASS if break_glass else Action.ROTATION_APPROVED
-        audit.record(action, actor=actor, target=run.target, details={"run_id": run.pk, "comment": comment})
+        decided = events.run_break_glass if break_glass else events.run_approved
+        decided(run.target, actor=actor, run_id=run.pk, comment=comment)
         approvals = run.approvals.filter(decision=Approval.Decision.APPROVE).count()
         if break_glass or approvals >= driver.approvals_required(run):
             names = ", ".join(a.approver.get_username() for a in run.approvals.select_related("approver"))

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from django.utils import timezone
 
-from keyvault import audit
-from keyvault.audit import Action, Actor, Outcome
+from keyvault.audit import Actor, events
 from rotation.exceptions import InvalidRunTransition
 from rotation.models import RotationRun, RunStep
 
@@ -73,11 +72,8 @@ def transition(
     if new_state in TERMINAL or new_state == S.FAILED:
         run.finished_at = timezone.now()
     run.save()
-    details = {"run_id": run.pk, "from": previous, "to": new_state}
-    if note:
-        details["note"] = note[:500]
-    audit.record(Action.ROTATION_STATE, actor=actor, target=run.target,
-                 outcome=Outcome.FAILURE if new_state == S.FAILED else Outcome.SUCCESS, details=details)
+    events.run_state_changed(run.target, actor=actor, run_id=run.pk, from_state=previous, to_state=new_state,
+                             note=note, failed=new_state == S.FAILED)
     return run
 
 
@@ -87,5 +83,4 @@ def tick(run: RotationRun, key: str, *, actor: Actor, evidence: str = "", status
         status=status, done_by=actor.name, done_at=timezone.now(), evidence=evidence[:4000]
     )
     if updated:
-        audit.record(Action.ROTATION_STEP, actor=actor, target=run.target,
-                     details={"run_id": run.pk, "step": key, "status": status})
+        events.run_step_ticked(run.target, actor=actor, run_id=run.pk, step=key, status=status)

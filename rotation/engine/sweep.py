@@ -13,13 +13,13 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from keyvault.audit import Actor, Outcome
+from keyvault.audit import Actor, events
 from keyvault.exceptions import KeyvaultError
 from keyvault.keys import services as key_services
 from keyvault.kms import KMSError
 from keyvault.models import KeyEncryptionKey, ManagedSecret
 from rotation.engine.dispatch import dispatcher
-from rotation.engine.drivers.secret import notify_secret, secret_event
+from rotation.engine.drivers.secret import notify_secret
 from rotation.engine.policies import ensure_policy
 from rotation.engine.runs import start_run
 from rotation.exceptions import RunAlreadyActive
@@ -178,7 +178,7 @@ def flag_expiring_secrets(*, now: datetime | None = None) -> list[ManagedSecret]
             continue
         with transaction.atomic():
             ManagedSecret.objects.filter(pk=secret.pk).update(last_flagged_at=now)
-            secret_event(secret, "needs_attention", actor=BEAT, outcome=Outcome.SUCCESS, status=status, reasons=reasons)
+            events.secret_needs_attention(secret, actor=BEAT, status=status, reasons=reasons)
         notify_secret(secret, f"{secret.name}: {'; '.join(reasons)}",
                       f"Managed secret {secret.name} ({secret.get_secret_type_display()}, owner "
                       f"{secret.owner or 'unassigned'}) needs attention: {'; '.join(reasons)}.",

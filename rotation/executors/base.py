@@ -125,12 +125,6 @@ class Context:
         RotationRun.objects.filter(pk=self.run.pk).update(executor_state=self.state)
         self.run.executor_state = self.state
 
-    def event(self, event: str, *, outcome: str = "success", **details) -> None:
-        from keyvault import audit
-
-        audit.record(audit.Action.SECRET, actor=self.actor, target=self.secret, outcome=outcome,
-                     details={"event": event, "run_id": self.run.pk, **details})
-
 
 def source_for(secret) -> ManagedSource:
     """The source holding ``secret``'s own value.

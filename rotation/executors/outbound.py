@@ -31,6 +31,7 @@ import ipaddress
 import urllib.parse
 from dataclasses import dataclass
 
+from keyvault.audit import events
 from rotation.executors.base import SecretConfigError
 
 SETTING = "HMD_OUTBOUND_ALLOWLIST"
@@ -146,7 +147,7 @@ def require(scheme: str, host: str, port: int | None, *, what: str, ctx=None, st
     shown = f"{scheme}://{_normal(host) or '?'}" + (f":{port}" if port else "")
     error = OutboundNotAllowed(f"{what} {shown} is not in {SETTING}; nothing was sent to it")
     if ctx is not None:
-        ctx.event("outbound_refused", outcome="denied", endpoint=shown, what=what)
+        events.outbound_refused(ctx.secret, actor=ctx.actor, run_id=ctx.run.pk, endpoint=shown, what=what)
         if step:
             ctx.tick(step, str(error), failed=True)
     raise error

@@ -331,17 +331,17 @@ def test_a_run_started_while_a_re_pointing_commits_still_waits_for_approval(regi
         pytest.fail("postgres-marked tests run only on PostgreSQL (scripts/test.sh deselects them elsewhere)")
     # given: a policy without approvals, and a re-pointing that has written its event but not yet committed
     written, started = threading.Event(), threading.Event()
-    from rotation import managed_secrets
+    from keyvault.audit import events
     from rotation.engine import runs
 
-    original = managed_secrets.secret_event
+    original = events.secret_changed
 
     def slow_event(*args, **kwargs):
         original(*args, **kwargs)
         written.set()
         started.wait(timeout=2)  # commit only after the run started, or after 2 s if starting it waits for us
 
-    monkeypatch.setattr(managed_secrets, "secret_event", slow_event)
+    monkeypatch.setattr(events, "secret_changed", slow_event)
     monkeypatch.setattr(runs, "enqueue_run", lambda run: None)
 
     def re_point():

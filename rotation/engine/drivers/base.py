@@ -83,7 +83,7 @@ class Driver(abc.ABC):
         return policy.approvals_required > 0
 
     def started_details(self, run: RotationRun, *, runbook, destination: Any) -> dict:
-        """Driver-specific fields of the ``rotation.started`` audit event."""
+        """Driver-specific fields of the ``rotation.started`` audit event: keywords of ``events.rotation_started``."""
         return {}
 
     def approvals_required(self, run: RotationRun) -> int:

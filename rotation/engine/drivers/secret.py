@@ -15,7 +15,7 @@ from django.db import InterfaceError, OperationalError, transaction
 from django.utils import timezone
 
 from keyvault import audit
-from keyvault.audit import Action, Actor, Outcome
+from keyvault.audit import Action, Actor, events
 from keyvault.kms import ProviderUnavailable
 from keyvault.models import AuditEvent, ManagedSecret
 from keyvault.ops import notify
@@ -31,10 +31,6 @@ S = RotationRun.State
 
 
 # -- what the secret services share with the driver ---------------------------------------
-
-
-def secret_event(secret: ManagedSecret, event: str, *, actor: Actor, outcome: str = Outcome.SUCCESS, **details) -> None:
-    audit.record(Action.SECRET, actor=actor, target=secret, outcome=outcome, details={"event": event, **details})
 
 
 def notify_secret(secret: ManagedSecret, subject: str, body: str, *, severity: str = "warning", **data) -> None:
@@ -61,11 +57,11 @@ def repointed_event(secret: ManagedSecret):
     """
     last_started = (RotationRun.objects.filter(secret=secret, started_at__isnull=False)
                     .order_by("-started_at").values_list("started_at", flat=True).first())
-    events = AuditEvent.objects.filter(action=Action.SECRET, target_type=ManagedSecret._meta.model_name,
-                                       target_id=secret.name, details__event="repointed")
+    repointings = AuditEvent.objects.filter(action=Action.SECRET, target_type=ManagedSecret._meta.model_name,
+                                            target_id=secret.name, details__event="repointed")
     if last_started is not None:
-        events = events.filter(timestamp__gt=last_started)
-    return events.order_by("-sequence").first()
+        repointings = repointings.filter(timestamp__gt=last_started)
+    return repointings.order_by("-sequence").first()
 
 
 def executor_of(secret: ManagedSecret) -> Executor:
@@ -244,9 +240,8 @@ class ManagedSecretRotation(Driver):
             if run.policy_id:
                 RotationPolicy.objects.filter(pk=run.policy_id).update(next_due_at=secret_due_at(secret, run.policy))
             self.move(run, S.RETIRING, retire_after=now + ctx.grace, paused_reason="")
-            secret_event(secret, "rotated", actor=self.hooks.actor, run_id=run.pk,
-                         new_version=str(ctx.state.get("new_version") or ""),
-                         retire_after=(now + ctx.grace).isoformat())
+            events.secret_rotated(secret, actor=self.hooks.actor, run_id=run.pk,
+                                  new_version=str(ctx.state.get("new_version") or ""), retire_after=now + ctx.grace)
         return run
 
     def fail(self, run_id: int, exc: Exception, note: str = "the old credential was not changed") -> str:
@@ -257,8 +252,8 @@ class ManagedSecretRotation(Driver):
                 return run.state
             self.move(run, S.FAILED, note=f"{message} — {note}", last_error=f"{message} ({note})")
             ManagedSecret.objects.filter(pk=run.secret_id).update(status=ManagedSecret.Status.FAILED)
-            secret_event(run.secret, "rotation_failed", actor=self.hooks.actor, outcome=Outcome.FAILURE,
-                         run_id=run.pk, error=message[:500], recovery=note[:500])
+            events.secret_rotation_failed(run.secret, actor=self.hooks.actor, run_id=run.pk, error=message,
+                                          recovery=note)
         notify_secret(run.secret, f"Rotation of {run.secret.name} failed",
                       f"Run #{run.pk} failed: {message}\n{note}\nThe previous credential is still valid.",
                       severity="error", run_id=run.pk)
