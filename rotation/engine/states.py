@@ -67,6 +67,8 @@ def transition(
         )
     previous = run.state
     run.state = new_state
+    # A run that moves is no longer paused (a transition may say otherwise).
+    fields = {"paused_reason": "", "next_attempt_at": None, **fields}
     for name, value in fields.items():
         setattr(run, name, value)
     if new_state in TERMINAL or new_state == S.FAILED:
