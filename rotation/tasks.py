@@ -67,7 +67,11 @@ def dispatch_due_rotations() -> int:
 @shared_task(name="rotation.recover", ignore_result=True)
 def recover() -> dict:
     """Every few seconds (beat): send the outbox, take over expired leases, re-send stalled runs."""
-    return services.recover(now=timezone.now())
+    try:
+        return services.recover(now=timezone.now())
+    except (OperationalError, InterfaceError) as exc:  # the database is down: nothing to recover until it is back
+        log.warning("recovery sweep skipped: database unavailable (%s)", str(exc).splitlines()[0] if str(exc) else exc)
+        return {}
 
 
 @shared_task(name="rotation.execute_run", bind=True, ignore_result=True, max_retries=None)

@@ -3,7 +3,7 @@
 By default a task goes through the outbox: a row written in the current transaction (so
 it exists exactly when the state change that decided it does), sent to Celery once the
 transaction commits, and deleted when the broker took it. When the broker is down the row
-stays, and the sweep (:func:`send_outbox`) sends it later: a broker outage delays a run,
+stays, and the sweep (:meth:`Dispatcher.send_outbox`) sends it later: a broker outage delays a run,
 it never strands it. Tests, benchmarks and ``rotation start --inline`` redirect tasks:
 :meth:`Dispatcher.inline` drops what would be sent, and :meth:`Dispatcher.drive` runs it
 here, in order. Tasks are named, not imported, so the engine does not depend on
@@ -68,7 +68,7 @@ class Dispatcher:
     def deliver(self, message: OutboxMessage) -> bool:
         """Send one outbox message and delete it; on failure it stays for the sweep. Returns whether it went."""
         try:
-            self._send(message.task, tuple(message.args), dict(message.options))
+            (self._sink or self._send)(message.task, tuple(message.args), dict(message.options))
         except Exception as exc:  # any broker or connection error: the sweep sends it later
             log.warning("could not send %s%s yet (%s); the sweep retries it", message.task, tuple(message.args), exc)
             _note_failure(message, exc)
@@ -76,6 +76,23 @@ class Dispatcher:
         with contextlib.suppress(DatabaseError):  # the database went away: it is sent once more later, harmlessly
             OutboxMessage.objects.filter(pk=message.pk).delete()
         return True
+
+    def send_outbox(self, *, now: datetime | None = None, limit: int = 500) -> int:
+        """Send the outbox messages whose time has come (the sweep); returns how many went.
+
+        Stops at the first refusal: the broker is down, the rest wait for the next sweep.
+        Rows are locked while they are sent (``SKIP LOCKED``), so two sweeps send each once.
+        """
+        now = now or timezone.now()
+        sent = 0
+        with transaction.atomic():
+            due = list(OutboxMessage.objects.filter(next_attempt_at__lte=now).order_by("id")
+                       .select_for_update(skip_locked=True)[:limit])
+            for message in due:
+                if not self.deliver(message):
+                    break
+                sent += 1
+        return sent
 
     @contextlib.contextmanager
     def redirect(self, sink: Sink) -> Iterator[None]:
@@ -113,20 +130,3 @@ def _note_failure(message: OutboxMessage, exc: Exception) -> None:
 #: The dispatcher the engine uses; swap its sink with ``redirect``/``inline``/``drive``, never the object.
 dispatcher = Dispatcher()
 
-
-def send_outbox(*, now: datetime | None = None, limit: int = 500) -> int:
-    """Send the messages whose time has come (the sweep); returns how many went.
-
-    Stops at the first refusal: the broker is down, the rest wait for the next sweep.
-    Rows are locked while they are sent (``SKIP LOCKED``), so two sweeps send each once.
-    """
-    now = now or timezone.now()
-    sent = 0
-    with transaction.atomic():
-        due = list(OutboxMessage.objects.filter(next_attempt_at__lte=now).order_by("id")
-                   .select_for_update(skip_locked=True)[:limit])
-        for message in due:
-            if not dispatcher.deliver(message):
-                break
-            sent += 1
-    return sent

@@ -13,6 +13,7 @@ seconds, so a second of skew does not matter).
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 from datetime import datetime, timedelta
 
@@ -26,6 +27,9 @@ from rotation.models import RewrapPartition, RotationRun
 DEFAULT_LEASE_SECONDS = 30
 
 
+_PROCESS_TOKEN = secrets.token_hex(4)
+
+
 def lease_seconds() -> int:
     return int(getattr(settings, "ROTATION_LEASE_SECONDS", DEFAULT_LEASE_SECONDS))
 
@@ -34,14 +38,23 @@ def lease_period() -> timedelta:
     return timedelta(seconds=lease_seconds())
 
 
+def owner_name(token: str) -> str:
+    """A lease owner: where it runs (host and pid, for people), then ``|token``, what it is (for the claim)."""
+    return f"{socket.gethostname()[:100]}:{os.getpid()}|{token}"[-200:]
+
+
 def process_owner() -> str:
-    """This process as a lease owner: direct callers (``drive``, tests) run one partition at a time."""
-    return f"{socket.gethostname()[:120]}:{os.getpid()}"
+    """This process as a lease owner (direct callers, ``drive``, tests): one partition at a time."""
+    return owner_name(f"process-{os.getpid()}-{_PROCESS_TOKEN}")
 
 
 def task_owner(task_id: str) -> str:
-    """A Celery task as a lease owner: its retries keep the id (on whichever worker), so a retry gets its lease back."""
-    return f"task:{task_id}"[:200]
+    """A Celery task as a lease owner: its retries keep the id (on any worker), so a retry gets its lease back."""
+    return owner_name(f"task-{task_id}")
+
+
+def _token(owner_name: str) -> str:
+    return owner_name.rpartition("|")[2]
 
 
 def _one_if(condition: Q) -> Case:
@@ -62,8 +75,9 @@ def open_partitions(run_id: int):
 
 
 def claimable(*, owner: str, now: datetime) -> Q:
-    """Open, and not taken, taken by ``owner`` already, or with a lease that ran out."""
-    return Q(done_at__isnull=True) & (Q(owner="") | Q(owner=owner) | Q(lease_expires_at__lt=now))
+    """Open, and not taken, taken by ``owner`` already (a retry, maybe elsewhere), or with a lease that ran out."""
+    mine = Q(owner__endswith="|" + _token(owner))
+    return Q(done_at__isnull=True) & (Q(owner="") | mine | Q(lease_expires_at__lt=now))
 
 
 def claim(partition_id: int, owner: str, *, now: datetime | None = None) -> RewrapPartition | None:
@@ -71,7 +85,7 @@ def claim(partition_id: int, owner: str, *, now: datetime | None = None) -> Rewr
     now = now or timezone.now()
     taken = RewrapPartition.objects.filter(claimable(owner=owner, now=now), pk=partition_id).update(
         owner=owner, lease_expires_at=now + lease_period(),
-        takeovers=F("takeovers") + _one_if(~Q(owner="") & ~Q(owner=owner)),
+        takeovers=F("takeovers") + _one_if(~Q(owner="") & ~Q(owner__endswith="|" + _token(owner))),
     )
     return RewrapPartition.objects.get(pk=partition_id) if taken else None
 

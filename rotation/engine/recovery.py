@@ -18,7 +18,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from rotation.engine import leases
-from rotation.engine.dispatch import dispatcher, send_outbox
+from rotation.engine.dispatch import dispatcher
 from rotation.models import RotationRun
 
 S = RotationRun.State
@@ -50,7 +50,7 @@ def recover(*, now: datetime | None = None) -> dict[str, int]:
     """Send the outbox, take over expired leases, re-send stalled runs; returns how many of each."""
     now = now or timezone.now()
     return {
-        "messages": send_outbox(now=now),
+        "messages": dispatcher.send_outbox(now=now),
         "partitions": len(take_over_expired_partitions(now=now)),
         "runs": len(resume_stalled_runs(now=now)),
     }
@@ -84,7 +84,7 @@ def resume_stalled_runs(*, now: datetime) -> list[int]:
             threshold = thresholds[run.state]
         if run.state == S.REWRAPPING and not leases.open_partitions(run.pk).exists():
             threshold = min(threshold, leases.lease_period())
-        last_sign = max(run.heartbeat_at or run.created_at, run.next_attempt_at or run.created_at)
+        last_sign = max(filter(None, (run.heartbeat_at or run.created_at, run.next_attempt_at)))
         if last_sign > now - threshold:
             continue
         # Only the sweep that moves the heartbeat sends the phase: two sweeps never both do.
