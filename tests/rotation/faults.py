@@ -27,6 +27,7 @@ RECOVERY_SECONDS = max(1.0, LEASE_SECONDS / 3)
 #: Slack for a shared, noisy machine: the restarted worker's start-up and scheduling jitter.
 MARGIN_SECONDS = 10
 KILL_AT = 0.3
+NO_STALL_SWEEP = "600"
 
 
 def fault_env(broker_url: str, **extra: str) -> dict:
@@ -41,8 +42,10 @@ def fault_env(broker_url: str, **extra: str) -> dict:
         HMD_LOCAL_KMS_KEYRING=settings.KMS["providers"]["local"]["keyring_path"],
         HMD_ROTATION_BATCH_SIZE=str(BATCH_SIZE),
         HMD_ROTATION_LEASE_SECONDS=str(LEASE_SECONDS),
-        # Only the lease-driven recovery may help: the minute's sweep never runs during the test.
+        # Only leases, the outbox and retries may help: the minute's sweep never runs during the
+        # test, and the stall sweep (a backstop) would wait longer than the whole test.
         HMD_ROTATION_SWEEP_SECONDS="3600",
+        HMD_ROTATION_STALL_SECONDS=NO_STALL_SWEEP,
         HMD_LOG_LEVEL="WARNING",
         **extra,
     )

@@ -16,7 +16,8 @@ import psycopg
 import pytest
 
 from tests.rotation.faults import (
-    BATCH_SIZE, LEASE_SECONDS, MARGIN_SECONDS, N_KEYS, RECOVERY_SECONDS, artifacts, rotate, start_workers,
+    BATCH_SIZE, LEASE_SECONDS, MARGIN_SECONDS, N_KEYS, NO_STALL_SWEEP, RECOVERY_SECONDS, artifacts, rotate,
+    start_workers,
 )
 from tests.rotation.processes import PrivatePostgres, PrivateRedis, manage
 
@@ -68,6 +69,7 @@ def test_a_database_restart_delays_the_run_and_loses_nothing(cluster, tmp_path):
     env.update(HMD_DATA_DIR=str(tmp_path / "data"), HMD_DEBUG="true", HMD_DATABASE_URL=cluster.url,
                HMD_BROKER_URL=broker.url, HMD_ROTATION_BATCH_SIZE=str(BATCH_SIZE),
                HMD_ROTATION_LEASE_SECONDS=str(LEASE_SECONDS), HMD_ROTATION_SWEEP_SECONDS="3600",
+               HMD_ROTATION_STALL_SECONDS=NO_STALL_SWEEP,
                HMD_LOG_LEVEL="WARNING")
     manage(env, "migrate", "-v0")
     manage(env, "shell", "-c", SEED.format(counts={"warm-up": 1, "calm": N_KEYS, "payments": N_KEYS}))

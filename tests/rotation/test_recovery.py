@@ -252,3 +252,16 @@ def test_a_throttling_provider_sets_the_backoff_floor():
 
     assert tasks._backoff(0) == 2 and tasks._backoff(0, Throttled()) == 45
     assert tasks._backoff(20) == tasks.MAX_BACKOFF_SECONDS
+
+
+def test_a_run_approved_after_a_long_wait_is_not_taken_for_a_stalled_one(kek, settings, operator, approvers):
+    settings.ROTATION_STALL_SECONDS = {}
+    services.update_policy(kek, actor=ACTOR, approvals_required=1)
+    approver = approvers[0]
+    run = services.start_run(kek=kek, actor=Actor.user(operator), user=operator)
+    RotationRun.objects.filter(pk=run.pk).update(created_at=timezone.now() - timedelta(days=2))
+
+    with services.inline_dispatch():
+        services.decide(run, user=approver, actor=Actor.user(approver), comment="ok")
+
+    assert resumed() == []
