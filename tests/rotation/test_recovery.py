@@ -1,7 +1,12 @@
 """Leases, the outbox and the recovery sweep, in this process (the same faults with real processes:
 test_worker_kill.py, test_broker_restart.py, test_database_restart.py)."""
 
+import json
+import os
+import subprocess
+import sys
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from django.db import transaction
@@ -16,6 +21,7 @@ from rotation.models import OutboxMessage, RewrapPartition, RotationRun
 from tests.rotation.conftest import seed_data_keys
 
 pytestmark = pytest.mark.django_db
+ROOT = Path(__file__).resolve().parents[2]
 S = RotationRun.State
 ACTOR = Actor.system("tests")
 LATER = timedelta(seconds=leases.DEFAULT_LEASE_SECONDS + 1)
@@ -265,3 +271,40 @@ def test_a_run_approved_after_a_long_wait_is_not_taken_for_a_stalled_one(kek, se
         services.decide(run, user=approver, actor=Actor.user(approver), comment="ok")
 
     assert resumed() == []
+
+
+# -- settings -----------------------------------------------------------------------------------
+
+PRINT_CELERY = (
+    "import json, django; django.setup(); from django.conf import settings as s; from keyvault.celery import app;"
+    "c = app.conf; print(json.dumps({'stall': s.ROTATION_STALL_SECONDS, 'lease': s.ROTATION_LEASE_SECONDS,"
+    "'recovery': c.beat_schedule['rotation-recovery']['schedule'], 'transport': c.broker_transport_options,"
+    "'retry': [c.broker_connection_retry, c.broker_connection_retry_on_startup, c.broker_connection_max_retries],"
+    "'acks': [c.task_acks_late, c.task_reject_on_worker_lost, c.worker_prefetch_multiplier]}))"
+)
+
+
+def load_celery_settings(tmp_path, **variables):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HMD_")}
+    env.update({"DJANGO_SETTINGS_MODULE": "keyvault.settings", "HMD_DATA_DIR": str(tmp_path / "data"), **variables})
+    result = subprocess.run([sys.executable, "-c", PRINT_CELERY], capture_output=True, text=True, env=env,
+                            cwd=ROOT)
+    return json.loads(result.stdout) if result.returncode == 0 else result.stderr
+
+
+def test_workers_wait_out_a_broker_restart_and_redis_redelivers_only_after_the_longest_task(tmp_path):
+    loaded = load_celery_settings(tmp_path, HMD_BROKER_URL="redis://127.0.0.1:6379/0", HMD_ROTATION_LEASE_SECONDS="45",
+                                  HMD_ROTATION_STALL_SECONDS="verifying=30,waiting=600")
+
+    assert loaded["retry"] == [True, True, None]
+    assert loaded["acks"] == [True, True, 1]
+    assert loaded["transport"]["visibility_timeout"] >= tasks.MAX_BACKOFF_SECONDS
+    assert (loaded["lease"], loaded["recovery"]) == (45, 15.0)
+    assert loaded["stall"] == {"verifying": 30, "waiting": 600}
+
+
+@pytest.mark.parametrize("value", ["verifying=soon", "finished=30", "verifying=0"])
+def test_a_stall_threshold_that_means_nothing_stops_start_up(tmp_path, value):
+    error = load_celery_settings(tmp_path, HMD_ROTATION_STALL_SECONDS=value)
+
+    assert "HMD_ROTATION_STALL_SECONDS: give seconds (300) or phase=seconds pairs" in error
