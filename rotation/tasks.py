@@ -12,7 +12,7 @@ not take is handed to the next attempt, which records it once the database is ba
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from celery import shared_task
 from django.db import DatabaseError, InterfaceError, OperationalError
@@ -37,24 +37,42 @@ def _backoff(retries: int, exc: BaseException | None = None) -> int:
     return min(wanted, MAX_BACKOFF_SECONDS)
 
 
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
 def _record_pause(run_id: int, reason: str, **where) -> bool:
     """Write the pause on the run; False when the database cannot take it now."""
     try:
         services.mark_paused(run_id, reason, **where)
     except DatabaseError as exc:
-        log.warning("run #%s: could not record the pause yet (%s); the next attempt will", run_id, exc)
+        log.warning("run #%s: could not record the pause yet (%s); a later attempt will", run_id, _first_line(exc))
         return False
     return True
 
 
-def _retry(task, run_id: int, exc: BaseException, **where):
-    """Send the retry (with the pause, if the database refused it, for the next attempt to record)."""
+def _record_late_pause(run_id: int, paused: dict | None) -> dict | None:
+    """Record a pause an earlier attempt could not write; returns it again while the database still refuses."""
+    if not paused:
+        return None
+    try:
+        services.note_pause(run_id, paused["reason"], at=datetime.fromisoformat(paused["at"]))
+    except DatabaseError:
+        return paused
+    return None
+
+
+def _retry(task, run_id: int, exc: BaseException, *, carried: dict | None = None, **where):
+    """Send the retry, carrying the pause if the database refused it (the first one, with its time)."""
     countdown = _backoff(task.request.retries, exc)
     what = "database" if isinstance(exc, DatabaseError) else "provider"
-    reason = f"{what} unavailable, retrying in {countdown} s: {exc}".replace("\n", " ")
-    retry_at = timezone.now() + timedelta(seconds=countdown)
-    pending = "" if _record_pause(run_id, reason, retry_at=retry_at, **where) else reason
-    kwargs = {**(task.request.kwargs or {}), "paused": pending}
+    reason = f"{what} unavailable, retrying in {countdown} s: {_first_line(exc)}"
+    now = timezone.now()
+    if _record_pause(run_id, reason, retry_at=now + timedelta(seconds=countdown), **where):
+        carried = None
+    else:
+        carried = carried or {"reason": reason, "at": now.isoformat()}
+    kwargs = {**(task.request.kwargs or {}), "paused": carried}
     return task.retry(exc=exc, countdown=countdown, kwargs=kwargs, throw=False)
 
 
@@ -70,33 +88,33 @@ def recover() -> dict:
     try:
         return services.recover(now=timezone.now())
     except (OperationalError, InterfaceError) as exc:  # the database is down: nothing to recover until it is back
-        log.warning("recovery sweep skipped: database unavailable (%s)", str(exc).splitlines()[0] if str(exc) else exc)
+        log.warning("recovery sweep skipped: database unavailable (%s)", _first_line(exc))
         return {}
 
 
 @shared_task(name="rotation.execute_run", bind=True, ignore_result=True, max_retries=None)
-def execute_run(self, run_id: int, paused: str = "") -> str:
+def execute_run(self, run_id: int, paused: dict | None = None) -> str:
     """Advance one run by one phase."""
-    if paused:
-        _record_pause(run_id, paused)  # what the database could not take last time
+    paused = _record_late_pause(run_id, paused)
     try:
         return services.execute_run(run_id, now=timezone.now())
     except TRANSIENT as exc:
-        raise _retry(self, run_id, exc) from None
+        raise _retry(self, run_id, exc, carried=paused) from None
 
 
 @shared_task(name="rotation.rewrap_partition", bind=True, ignore_result=True, max_retries=None)
-def rewrap_partition(self, run_id: int, partition_id: int, legacy_hi: int | None = None, paused: str = "") -> int:
+def rewrap_partition(self, run_id: int, partition_id: int, legacy_hi: int | None = None,
+                     paused: dict | None = None) -> int:
     """Rewrap one leased partition of the run (and any other nobody holds)."""
     if legacy_hi is not None:
         return 0  # (run, lo, hi) from before partitions were leased rows: the sweep re-sends the run's rewrap
-    if paused:
-        _record_pause(run_id, paused)
+    paused = _record_late_pause(run_id, paused)
     owner = leases.task_owner(self.request.id) if self.request.id else None
     try:
         return services.rewrap_partition(run_id, partition_id, owner=owner)
     except TRANSIENT as exc:
-        raise _retry(self, run_id, exc, partition_id=partition_id, owner=owner or leases.process_owner()) from None
+        raise _retry(self, run_id, exc, carried=paused, partition_id=partition_id,
+                     owner=owner or leases.process_owner()) from None
 
 
 @shared_task(name="rotation.flag_expiring_secrets", ignore_result=True)

@@ -11,6 +11,7 @@ Everything it sends is idempotent, so sending something twice costs a query, nev
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timedelta
 
 from django.conf import settings
@@ -21,6 +22,7 @@ from rotation.engine import leases
 from rotation.engine.dispatch import dispatcher
 from rotation.models import RotationRun
 
+log = logging.getLogger(__name__)
 S = RotationRun.State
 
 #: Seconds without progress before the sweep sends a run's phase again (HMD_ROTATION_STALL_SECONDS
@@ -63,6 +65,8 @@ def take_over_expired_partitions(*, now: datetime) -> list[int]:
         with transaction.atomic():
             if not leases.reset_for_redispatch(partition, now=now):
                 continue  # a worker took it over meanwhile
+            log.warning("run #%s: the lease on ids [%s, %s) ran out (held by %s); sent again", partition.run_id,
+                        partition.lo, partition.hi, partition.owner or "nobody yet")
             priority = 0 if partition.run.kind == RotationRun.Kind.EMERGENCY else None
             dispatcher("rewrap_partition", partition.run_id, partition.pk, priority=priority)
         sent.append(partition.pk)

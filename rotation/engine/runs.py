@@ -12,6 +12,7 @@ from datetime import datetime
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from keyvault.audit import Actor, events
@@ -285,6 +286,18 @@ def mark_paused(run_id: int, reason: str, *, retry_at: datetime | None = None, p
     RotationRun.objects.filter(pk=run_id).update(paused_reason=reason[:255], last_error=reason, next_attempt_at=retry_at)
     if partition_id is not None and retry_at is not None:
         leases.postpone(partition_id, owner, until=retry_at)
+
+
+def note_pause(run_id: int, reason: str, *, at: datetime) -> None:
+    """A pause a task could not record when it happened (the database was down), recorded now.
+
+    The run's last error keeps it, with its time; the run shows as paused only if it is
+    still working and nothing moved since (otherwise the pause is over).
+    """
+    text = f"{reason} (at {at:%Y-%m-%d %H:%M:%S} UTC)"
+    RotationRun.objects.filter(pk=run_id).update(last_error=text)
+    RotationRun.objects.filter(Q(heartbeat_at__isnull=True) | Q(heartbeat_at__lt=at), pk=run_id,
+                               state__in=states.WORKING).update(paused_reason=text[:255])
 
 
 # -- synchronous driving (tests, the CLI's --inline, and benchmarks) ------------------------

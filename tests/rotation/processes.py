@@ -7,6 +7,7 @@ own, on free ports, in its own temporary folders.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import signal
@@ -162,7 +163,8 @@ class PrivatePostgres:
         return f"postgres://postgres@127.0.0.1:{self.port}/postgres"
 
     def _run(self, tool: str, *args: str) -> None:
-        binary = shutil.which(tool)
+        # Debian keeps the server tools off PATH, one folder per major version.
+        binary = shutil.which(tool) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{tool}"), reverse=True)), None)
         assert binary, f"{tool} is missing: install the PostgreSQL server package"
         argv = [binary, *args]
         if os.geteuid() == 0:

@@ -19,7 +19,8 @@ from tests.rotation.faults import (
 )
 from tests.rotation.processes import PrivateRedis
 
-pytestmark = [pytest.mark.postgres, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+# Marked redis too: the private redis-server needs the Redis server package.
+pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
 OUTAGE_SECONDS = 10
 

@@ -234,15 +234,36 @@ def test_a_run_waiting_for_a_person_is_not_polled_every_minute(kek, settings):
 
 
 def test_the_next_attempt_records_the_pause_the_database_could_not_take(kek):
+    # given a run whose task met a database outage and retried without writing anything
+    run = rewrapping_run(kek)
+    at = timezone.now()
+    RotationRun.objects.filter(pk=run.pk).update(heartbeat_at=at - timedelta(seconds=5))
+    paused = {"reason": "database unavailable, retrying in 2 s: connection refused", "at": at.isoformat()}
+
+    # when the retry runs with the database back (another worker holds the partition meanwhile)
+    partition = run.partitions.first()
+    leases.claim(partition.pk, leases.owner_name("task-other"))
+    with services.inline_dispatch():
+        assert tasks.rewrap_partition.run(run.pk, partition.pk, paused=paused) == 0
+
+    # then the run says it paused, and when
+    run.refresh_from_db()
+    assert run.paused_reason.startswith("database unavailable") and f"{at:%H:%M:%S} UTC" in run.paused_reason
+    assert run.last_error == run.paused_reason
+
+
+def test_a_pause_recorded_late_does_not_mark_a_run_that_moved_on_as_paused(kek):
     run = services.start_run(kek=kek, actor=ACTOR)
-    reason = "database unavailable, retrying in 2 s: connection refused"
+    paused = {"reason": "database unavailable, retrying in 2 s: connection refused",
+              "at": (timezone.now() - timedelta(minutes=1)).isoformat()}
 
     with services.inline_dispatch():
-        tasks.execute_run.run(run.pk, paused=reason)
+        tasks.execute_run.run(run.pk, paused=paused)
+        services.drive(run.pk)
 
     run.refresh_from_db()
-    assert run.last_error == reason
-    assert run.paused_reason == ""  # the run moved on since, so it is no longer paused
+    assert run.state == S.RETIRING and run.paused_reason == ""
+    assert run.last_error.startswith("database unavailable")  # the history keeps it
 
 
 def test_a_partition_message_from_before_leases_is_dropped_for_the_sweep(kek):
