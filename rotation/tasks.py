@@ -2,7 +2,8 @@
 
 All are idempotent and ``acks_late`` with ``reject_on_worker_lost`` (see settings),
 so a task whose worker dies is redelivered and simply continues from the database;
-partitions also carry a lease the sweep takes over (``rotation.engine.leases``).
+partitions also carry a lease, held in the task's name across its retries, that another
+worker or the sweep takes over when it runs out (``rotation.engine.leases``).
 
 When a provider or the database is down, a task retries first and records the pause
 second: the retry never depends on a database write, and a pause the database could
@@ -21,7 +22,6 @@ from django.utils import timezone
 from keyvault.kms import ProviderUnavailable
 from keyvault.secrets import SecretSourceUnavailable
 from rotation import services
-from rotation.engine import leases
 
 log = logging.getLogger(__name__)
 
@@ -109,12 +109,10 @@ def rewrap_partition(self, run_id: int, partition_id: int, legacy_hi: int | None
     if legacy_hi is not None:
         return 0  # (run, lo, hi) from before partitions were leased rows: the sweep re-sends the run's rewrap
     paused = _record_late_pause(run_id, paused)
-    owner = leases.task_owner(self.request.id) if self.request.id else None
     try:
-        return services.rewrap_partition(run_id, partition_id, owner=owner)
+        return services.rewrap_partition(run_id, partition_id, task_id=self.request.id)
     except TRANSIENT as exc:
-        raise _retry(self, run_id, exc, carried=paused, partition_id=partition_id,
-                     owner=owner or leases.process_owner()) from None
+        raise _retry(self, run_id, exc, carried=paused, partition_id=partition_id, task_id=self.request.id) from None
 
 
 @shared_task(name="rotation.flag_expiring_secrets", ignore_result=True)

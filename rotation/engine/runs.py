@@ -260,10 +260,20 @@ def execute_run(run_id: int, *, now: datetime | None = None) -> str:
     return driver_for(run).advance(run, now)
 
 
-def rewrap_partition(run_id: int, partition_id: int, *, owner: str | None = None, batch_size: int | None = None) -> int:
-    """Rewrap one leased partition of the run (see :mod:`rotation.engine.rewrap`); ``owner`` names the lease holder."""
+def rewrap_partition(run_id: int, partition_id: int, *, task_id: str | None = None,
+                     batch_size: int | None = None) -> int:
+    """Rewrap one leased partition of the run (see :mod:`rotation.engine.rewrap`).
+
+    The lease is held in the name of the Celery task ``task_id`` (its retries get it back),
+    or of this process when called directly.
+    """
     run = RotationRun.objects.get(pk=run_id)
-    return rewrap.rewrap_partition(run_id, partition_id, driver=driver_for(run), owner=owner, batch_size=batch_size)
+    return rewrap.rewrap_partition(run_id, partition_id, driver=driver_for(run), owner=_lease_owner(task_id),
+                                   batch_size=batch_size)
+
+
+def _lease_owner(task_id: str | None) -> str:
+    return leases.task_owner(task_id) if task_id else leases.process_owner()
 
 
 def rewrap_batch(run: RotationRun, *, after: int, hi: int, batch_size: int) -> tuple[int, int]:
@@ -277,7 +287,7 @@ def fan_out(run: RotationRun) -> int:
 
 
 def mark_paused(run_id: int, reason: str, *, retry_at: datetime | None = None, partition_id: int | None = None,
-                owner: str = "") -> None:
+                task_id: str | None = None) -> None:
     """Record why a run is waiting (provider or database down) and when its task tries again.
 
     The sweep leaves the run alone until then, and a partition's lease is kept past the
@@ -285,7 +295,7 @@ def mark_paused(run_id: int, reason: str, *, retry_at: datetime | None = None, p
     """
     RotationRun.objects.filter(pk=run_id).update(paused_reason=reason[:255], last_error=reason, next_attempt_at=retry_at)
     if partition_id is not None and retry_at is not None:
-        leases.postpone(partition_id, owner, until=retry_at)
+        leases.postpone(partition_id, _lease_owner(task_id), until=retry_at)
 
 
 def note_pause(run_id: int, reason: str, *, at: datetime) -> None:
