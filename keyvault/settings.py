@@ -152,11 +152,26 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
         "control_folder": str(_queue_dir / "control"),
         "store_processed": False,
     }
+elif CELERY_BROKER_URL.startswith(("redis://", "rediss://", "redis+socket://", "sentinel://")):
+    # An unacknowledged message goes back to the queue after this long. It must exceed the
+    # longest task and retry countdown, or a running task is delivered twice (harmless: the
+    # second finds the partition's lease held, but wasteful). A dead worker's partitions do
+    # not wait for it: their leases run out long before.
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env.int("HMD_BROKER_VISIBILITY_TIMEOUT", default=3600)}
 CELERY_TASK_ALWAYS_EAGER = env.bool("HMD_CELERY_EAGER", default=False)
 CELERY_TASK_DEFAULT_QUEUE = env.str("HMD_CELERY_QUEUE", default="celery")
+# A task is acknowledged when it ends, and given back if its worker dies, so no work is lost with a worker.
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# Workers and beat wait out a broker restart instead of exiting: retry the connection forever,
+# at start-up too. A running task keeps going meanwhile (its work is in the database).
+CELERY_BROKER_CONNECTION_RETRY = True
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_BROKER_CONNECTION_MAX_RETRIES = None
+CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = False
+# Sending gives up within about a second when the broker is down; the rotation outbox keeps the message.
+CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 3, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TIMEZONE = "UTC"
@@ -184,7 +199,34 @@ vars().update(env.email_url("HMD_EMAIL_URL", default="consolemail://"))
 # -- Rotation engine -----------------------------------------------------------
 ROTATION_BATCH_SIZE = env.int("HMD_ROTATION_BATCH_SIZE", default=1000)
 ROTATION_PARTITIONS = env.int("HMD_ROTATION_PARTITIONS", default=4)
-ROTATION_STALL_SECONDS = env.int("HMD_ROTATION_STALL_SECONDS", default=300)
+# A worker holds a partition's lease this long after each batch; a dead worker's partition is taken over after it.
+ROTATION_LEASE_SECONDS = env.int("HMD_ROTATION_LEASE_SECONDS", default=30)
+if not 5 <= ROTATION_LEASE_SECONDS <= 600:
+    raise ImproperlyConfigured("HMD_ROTATION_LEASE_SECONDS must be between 5 and 600 (longer than one batch takes)")
+
+
+def _phase_seconds(name: str) -> int | dict[str, int]:
+    """``300`` (every phase), or ``rewrapping=60,verifying=30`` (those phases; the others keep their defaults)."""
+    text = env.str(name, default="").strip()
+    if not text:
+        return {}
+    if text.isdigit():
+        return int(text)
+    phases = ("queued", "rotating", "rewrapping", "verifying", "waiting")
+    try:
+        pairs = {phase.strip(): int(seconds) for phase, _, seconds in (part.partition("=") for part in text.split(","))}
+    except ValueError:
+        pairs = {"": 0}
+    if not set(pairs) <= set(phases) or min(pairs.values()) <= 0:
+        raise ImproperlyConfigured(f"{name}: give seconds (300) or phase=seconds pairs of {', '.join(phases)}")
+    return pairs
+
+
+# Seconds without progress before the sweep sends a run's phase again, by phase (rotation/engine/recovery.py).
+ROTATION_STALL_SECONDS = _phase_seconds("HMD_ROTATION_STALL_SECONDS")
+# The recovery sweep (outbox, expired leases, stalled runs) runs a few times per lease period.
+ROTATION_RECOVERY_SECONDS = max(1.0, ROTATION_LEASE_SECONDS / 3)
+CELERY_BEAT_SCHEDULE["rotation-recovery"] = {"task": "rotation.recover", "schedule": ROTATION_RECOVERY_SECONDS}
 ROTATION_BREAK_GLASS_GROUP = env.str("HMD_ROTATION_BREAK_GLASS_GROUP", default="Break glass")
 
 # -- KMS providers -----------------------------------------------------------

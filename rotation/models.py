@@ -221,8 +221,9 @@ class RotationRun(models.Model):
     rewrap_started_at = models.DateTimeField("rewrap started", null=True, blank=True)
     finished_at = models.DateTimeField("finished", null=True, blank=True)
     heartbeat_at = models.DateTimeField("last progress", null=True, blank=True)
-    partitions_outstanding = models.IntegerField(
-        "partitions in flight", default=0, help_text="Rewrap tasks of the current round not yet finished."
+    next_attempt_at = models.DateTimeField(
+        "next attempt", null=True, blank=True,
+        help_text="While paused: when the retrying task tries again (the sweep leaves the run alone until then).",
     )
     paused_reason = models.CharField("paused because", max_length=255, blank=True)
     last_error = models.TextField("last error", blank=True)
@@ -344,3 +345,63 @@ class Approval(models.Model):
 
     def __str__(self) -> str:
         return f"{self.get_decision_display()} by {self.approver} on run #{self.run_id}"
+
+
+class RewrapPartition(models.Model):
+    """One id range of a run's rewrap, leased by the worker doing it.
+
+    A worker takes the lease before its first batch and renews it before each one; a
+    lease that runs out (its worker died) is taken over by any worker or re-dispatched
+    by the sweep. The rows are bookkeeping only: what is left to rewrap is always the
+    driver's query, so a range done twice changes nothing the second time.
+    """
+
+    run = models.ForeignKey(RotationRun, on_delete=models.CASCADE, related_name="partitions")
+    lo = models.BigIntegerField("first id")
+    hi = models.BigIntegerField("end id", help_text="Exclusive.")
+    cursor = models.BigIntegerField("done up to", help_text="Ids up to here were handled when the lease was last renewed.")
+    owner = models.CharField("leased by", max_length=200, blank=True, help_text="Empty: sent to workers, not yet taken.")
+    lease_expires_at = models.DateTimeField("lease expires", null=True, blank=True)
+    takeovers = models.PositiveIntegerField("taken over", default=0, help_text="Times an expired lease was taken over.")
+    created_at = models.DateTimeField("created", auto_now_add=True)
+    done_at = models.DateTimeField("done", null=True, blank=True)
+
+    class Meta:
+        """The sweep looks for open partitions whose lease ran out."""
+
+        verbose_name = "rewrap partition"
+        verbose_name_plural = "rewrap partitions"
+        ordering = ["run_id", "lo"]
+        indexes = [models.Index(fields=["done_at", "lease_expires_at"], name="rewrappartition_open")]
+        default_permissions = ("view",)
+
+    def __str__(self) -> str:
+        return f"ids [{self.lo}, {self.hi}) of run #{self.run_id}"
+
+
+class OutboxMessage(models.Model):
+    """A task the engine decided to send, written in the transaction that decided it.
+
+    It is sent after commit and deleted once the broker took it; if the broker was down
+    (or the process died in between), the sweep sends it again. Tasks are idempotent, so
+    a message sent twice costs nothing, and one never sent cannot strand a run.
+    """
+
+    task = models.CharField("task", max_length=100)
+    args = models.JSONField("arguments", default=list)
+    options = models.JSONField("options", default=dict)
+    created_at = models.DateTimeField("created", auto_now_add=True)
+    next_attempt_at = models.DateTimeField("next attempt", db_index=True)
+    attempts = models.PositiveIntegerField("failed attempts", default=0)
+    last_error = models.CharField("last error", max_length=255, blank=True)
+
+    class Meta:
+        """Oldest first."""
+
+        verbose_name = "outbox message"
+        verbose_name_plural = "outbox messages"
+        ordering = ["id"]
+        default_permissions = ("view",)
+
+    def __str__(self) -> str:
+        return f"{self.task}{tuple(self.args)}"

@@ -17,14 +17,14 @@ from rotation.engine.policies import update_policy as _update_policy
 from rotation.engine.rewrap import DEFAULT_PARTITIONS
 from rotation.engine.runs import (
     approvals_required, cancel, decide, drive, enqueue_run, execute_run, fan_out, inline_dispatch, is_break_glass,
-    mark_paused, provide_secret_value, require_run_permission, resume, rewrap_batch, rewrap_partition, rollback,
+    mark_paused, note_pause, provide_secret_value, require_run_permission, resume, rewrap_batch, rewrap_partition, rollback,
     start_run, tick_manual_step,
 )
 from rotation.engine.states import ENGINE, SECRET_TRANSITIONS, TERMINAL, TRANSITIONS
 from rotation.engine.states import tick
+from rotation.engine.recovery import recover, resume_stalled_runs
 from rotation.engine.sweep import (
-    dispatch_due_rotations, due_policies, flag_expiring_secrets, resume_stalled_runs, secrets_needing_attention,
-    start_due_secret_rotations,
+    dispatch_due_rotations, due_policies, flag_expiring_secrets, secrets_needing_attention, start_due_secret_rotations,
 )
 from rotation.managed_secrets import (
     POINTER_FIELDS, SECRET_FIELDS, check_secret_change, check_secret_references, ensure_secret_policy,
@@ -48,7 +48,7 @@ __all__ = [
     "TERMINAL", "TRANSITIONS", "approvals_required", "cancel", "check_secret_change", "check_secret_references",
     "decide", "dispatch", "dispatch_due_rotations", "drive", "due_policies", "enqueue_run", "ensure_policy",
     "ensure_secret_policy", "execute_run", "fan_out", "flag_expiring_secrets", "inline_dispatch", "is_break_glass",
-    "mark_paused", "provide_secret_value", "refresh_secret", "register_secret", "repointed_event",
+    "mark_paused", "note_pause", "provide_secret_value", "recover", "refresh_secret", "register_secret", "repointed_event",
     "require_run_permission", "resume", "resume_stalled_runs", "rewrap_batch", "rewrap_partition", "rollback",
     "secrets_needing_attention", "start_due_secret_rotations", "start_run", "tick", "tick_manual_step",
     "update_policy", "update_secret", "update_secret_policy",

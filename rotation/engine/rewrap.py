@@ -2,7 +2,8 @@
 
 "What is left" is always the driver's query (:meth:`KekRotation.remaining`), never task
 memory, so a killed worker's partition is simply picked up again and a batch run twice
-changes nothing the second time.
+changes nothing the second time. Partitions are rows with a lease (:mod:`.leases`): a
+worker renews it before every batch, and a lease that runs out is taken over.
 """
 
 from __future__ import annotations
@@ -12,18 +13,17 @@ import random
 from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import F
-from django.db.models.functions import Greatest
 from django.utils import timezone
 
 from keyvault.audit import events
 from keyvault.keys import services as key_services
 from keyvault.kms import KMSError, ProviderUnavailable
 from keyvault.models import DataKey
-from rotation.engine import states
+from rotation.engine import leases, states
 from rotation.engine.dispatch import dispatcher
 from rotation.engine.states import ENGINE
 from rotation.exceptions import RotationError
-from rotation.models import RotationRun, RunStep
+from rotation.models import RewrapPartition, RotationRun, RunStep
 
 S = RotationRun.State
 
@@ -32,44 +32,74 @@ DEFAULT_PARTITIONS = 4
 
 
 def fan_out(run: RotationRun, driver) -> int:
-    """Split what is left into id ranges, one task each, so more workers finish sooner."""
+    """Send what is left to workers as leased id-range partitions; returns how many were sent.
+
+    While partitions of the run are open, only those nobody holds (not yet taken, or
+    left by a dead worker) are sent again; a new round of ranges is cut only once every
+    partition is done and keys remain (skipped while another worker held them).
+    """
+    now = timezone.now()
+    open_partitions = list(leases.open_partitions(run.pk))
+    if open_partitions:
+        return sum(_send(partition, run) for partition in open_partitions
+                   if not partition.owner or partition.lease_expires_at < now)
     bounds = driver.remaining(run).order_by().values_list("id", flat=True)
     low = bounds.order_by("id").first()
     if low is None:
         dispatcher("execute_run", run.pk)
         return 0
     high = bounds.order_by("-id").first() + 1
-    partitions = max(1, min(getattr(settings, "ROTATION_PARTITIONS", DEFAULT_PARTITIONS), high - low))
-    step = -(-(high - low) // partitions)
-    ranges = list(range(low, high, step))
-    # A new round replaces the count: partitions of a dead worker never report back.
-    RotationRun.objects.filter(pk=run.pk).update(partitions_outstanding=len(ranges))
+    count = max(1, min(getattr(settings, "ROTATION_PARTITIONS", DEFAULT_PARTITIONS), high - low))
+    step = -(-(high - low) // count)
+    partitions = leases.create(run, [(lo, min(lo + step, high)) for lo in range(low, high, step)], now=now)
+    return sum(_send(partition, run) for partition in partitions)
+
+
+def _send(partition: RewrapPartition, run: RotationRun) -> int:
     priority = 0 if run.kind == RotationRun.Kind.EMERGENCY else None
-    for lo in ranges:
-        dispatcher("rewrap_partition", run.pk, lo, min(lo + step, high), priority=priority)
-    return partitions
+    dispatcher("rewrap_partition", run.pk, partition.pk, priority=priority)
+    return 1
 
 
-def rewrap_partition(run_id: int, lo: int, hi: int, *, driver, batch_size: int | None = None) -> int:
-    """Rewrap every remaining data key of the run with ``lo <= id < hi``, batch by batch.
+def rewrap_partition(run_id: int, partition_id: int, *, driver, owner: str | None = None,
+                     batch_size: int | None = None) -> int:
+    """Rewrap the remaining data keys of one partition under its lease, then any partition nobody holds.
 
-    Afterwards, if nothing is left anywhere, the run moves on to verification.
+    Returns how many rows were handled. A partition another worker holds is left alone
+    (a duplicate message costs one query). Afterwards, if nothing is left anywhere, the
+    run moves on to verification.
     """
     # Data keys rewrapped per transaction (HMD_ROTATION_BATCH_SIZE): one short transaction and one audit event each.
     batch_size = batch_size or settings.ROTATION_BATCH_SIZE
+    owner = owner or leases.process_owner()
+    partition = leases.claim(partition_id, owner)
+    if partition is None:
+        return 0
     done = 0
-    after = lo - 1
-    while True:
-        run = RotationRun.objects.select_related("kek", "destination_kek").get(pk=run_id)
-        if run.state != S.REWRAPPING:
-            return done  # cancelled, rolled back or finished meanwhile
-        count, after = rewrap_batch(run, driver=driver, after=after, hi=hi, batch_size=batch_size)
+    while partition is not None:
+        count, finished = _work(run_id, partition, owner, driver=driver, batch_size=batch_size)
         done += count
-        if count == 0:
-            break
-    RotationRun.objects.filter(pk=run_id).update(partitions_outstanding=Greatest(F("partitions_outstanding") - 1, 0))
+        if not finished:
+            return done  # taken over, or the run left rewrapping
+        partition = leases.claim_next(run_id, owner)  # an idle worker takes over what a dead one left
     finish_if_done(run_id, driver)
     return done
+
+
+def _work(run_id: int, partition: RewrapPartition, owner: str, *, driver, batch_size: int) -> tuple[int, bool]:
+    """Batches until the partition is done (True) or its lease or run is gone (False)."""
+    done, after = 0, partition.cursor
+    while True:
+        if not leases.renew(partition, owner, cursor=after):
+            return done, False
+        run = RotationRun.objects.select_related("kek", "destination_kek").get(pk=run_id)
+        if run.state != S.REWRAPPING:
+            return done, False  # cancelled, rolled back or finished meanwhile
+        count, after = rewrap_batch(run, driver=driver, after=after, hi=partition.hi, batch_size=batch_size)
+        done += count
+        if count == 0:
+            leases.release(partition, owner)
+            return done, True
 
 
 def rewrap_batch(run: RotationRun, *, driver, after: int, hi: int, batch_size: int) -> tuple[int, int]:
@@ -143,13 +173,18 @@ def _bulk_write(updates, now, *, kek_id: int) -> None:
 
 
 def finish_if_done(run_id: int, driver) -> str:
-    """Nothing left: rewrapping → verifying. Only failed keys left: the run fails. Skipped keys left: another round."""
+    """Nothing left: rewrapping → verifying. Only failed keys left: the run fails. Skipped keys left: another round.
+
+    The driver's query decides, not the partitions: once nothing remains, partitions still
+    open (a dead worker's, with nothing left in them) are closed rather than waited for.
+    """
     with transaction.atomic():
         run = states.locked_run(run_id)
         if run.state != S.REWRAPPING:
             return run.state
         remaining = driver.remaining(run).count()
         if remaining == 0:
+            leases.close_all(run.pk, now=timezone.now())
             states.tick(run, "rewrap", actor=ENGINE, evidence=f"{run.rewrapped} data keys rewrapped")
             driver.hooks.transition(run, S.VERIFYING, actor=ENGINE)
             dispatcher("execute_run", run.pk)
@@ -158,8 +193,8 @@ def finish_if_done(run_id: int, driver) -> str:
                        "the old version stays enabled")
             states.tick(run, "rewrap", actor=ENGINE, evidence=message, status=RunStep.Status.FAILED)
             driver.hooks.transition(run, S.FAILED, actor=ENGINE, note=message, last_error=message)
-        elif run.partitions_outstanding <= 0:
-            # Every partition of this round is done, yet keys remain (skipped while another
-            # worker held them): another round picks them up.
+        elif not leases.open_partitions(run.pk).exists():
+            # Every partition is done, yet keys remain (skipped while another worker held them,
+            # or new ones of a migrated KEK): another round picks them up.
             fan_out(run, driver)
     return run.state

@@ -12,11 +12,12 @@ from datetime import datetime
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from keyvault.audit import Actor, events
 from rotation import runbooks
-from rotation.engine import rewrap, states
+from rotation.engine import leases, rewrap, states
 from rotation.engine.dispatch import dispatcher
 from rotation.engine.policies import ensure_policy
 from rotation.engine.wiring import driver_for, driver_for_target, transition
@@ -259,10 +260,20 @@ def execute_run(run_id: int, *, now: datetime | None = None) -> str:
     return driver_for(run).advance(run, now)
 
 
-def rewrap_partition(run_id: int, lo: int, hi: int, *, batch_size: int | None = None) -> int:
-    """Rewrap the run's remaining data keys with ids in ``[lo, hi)`` (see :mod:`rotation.engine.rewrap`)."""
+def rewrap_partition(run_id: int, partition_id: int, *, task_id: str | None = None,
+                     batch_size: int | None = None) -> int:
+    """Rewrap one leased partition of the run (see :mod:`rotation.engine.rewrap`).
+
+    The lease is held in the name of the Celery task ``task_id`` (its retries get it back),
+    or of this process when called directly.
+    """
     run = RotationRun.objects.get(pk=run_id)
-    return rewrap.rewrap_partition(run_id, lo, hi, driver=driver_for(run), batch_size=batch_size)
+    return rewrap.rewrap_partition(run_id, partition_id, driver=driver_for(run), owner=_lease_owner(task_id),
+                                   batch_size=batch_size)
+
+
+def _lease_owner(task_id: str | None) -> str:
+    return leases.task_owner(task_id) if task_id else leases.process_owner()
 
 
 def rewrap_batch(run: RotationRun, *, after: int, hi: int, batch_size: int) -> tuple[int, int]:
@@ -275,9 +286,28 @@ def fan_out(run: RotationRun) -> int:
     return rewrap.fan_out(run, driver_for(run))
 
 
-def mark_paused(run_id: int, reason: str) -> None:
-    """Record why a run is waiting (provider down); the task retries with backoff."""
-    RotationRun.objects.filter(pk=run_id).update(paused_reason=reason[:255], last_error=reason)
+def mark_paused(run_id: int, reason: str, *, retry_at: datetime | None = None, partition_id: int | None = None,
+                task_id: str | None = None) -> None:
+    """Record why a run is waiting (provider or database down) and when its task tries again.
+
+    The sweep leaves the run alone until then, and a partition's lease is kept past the
+    retry, so nothing else sends the same work meanwhile.
+    """
+    RotationRun.objects.filter(pk=run_id).update(paused_reason=reason[:255], last_error=reason, next_attempt_at=retry_at)
+    if partition_id is not None and retry_at is not None:
+        leases.postpone(partition_id, _lease_owner(task_id), until=retry_at)
+
+
+def note_pause(run_id: int, reason: str, *, at: datetime) -> None:
+    """A pause a task could not record when it happened (the database was down), recorded now.
+
+    The run's last error keeps it, with its time; the run shows as paused only if it is
+    still working and nothing moved since (otherwise the pause is over).
+    """
+    text = f"{reason} (at {at:%Y-%m-%d %H:%M:%S} UTC)"
+    RotationRun.objects.filter(pk=run_id).update(last_error=text)
+    RotationRun.objects.filter(Q(heartbeat_at__isnull=True) | Q(heartbeat_at__lt=at), pk=run_id,
+                               state__in=states.WORKING).update(paused_reason=text[:255])
 
 
 # -- synchronous driving (tests, the CLI's --inline, and benchmarks) ------------------------

@@ -67,6 +67,11 @@ def transition(
         )
     previous = run.state
     run.state = new_state
+    # A run that moves is no longer paused (a transition may say otherwise); a run just queued
+    # counts from now, so the sweep does not take a long approval for a lost worker.
+    fields = {"paused_reason": "", "next_attempt_at": None, **fields}
+    if new_state == S.QUEUED:
+        fields.setdefault("heartbeat_at", timezone.now())
     for name, value in fields.items():
         setattr(run, name, value)
     if new_state in TERMINAL or new_state == S.FAILED:

@@ -1,4 +1,4 @@
-"""The one periodic job (Celery beat): start due runs, resume stalled ones, retire, flag expiring secrets.
+"""The minute's periodic job (Celery beat): start due runs, recover lost work, retire, flag expiring secrets.
 
 Due dates live on our own policies, never in per-key beat rows.
 """
@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta
 
-from django.conf import settings
 from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
@@ -21,6 +20,7 @@ from keyvault.models import KeyEncryptionKey, ManagedSecret
 from rotation.engine.dispatch import dispatcher
 from rotation.engine.drivers.secret import notify_secret
 from rotation.engine.policies import ensure_policy
+from rotation.engine.recovery import recover
 from rotation.engine.runs import start_run
 from rotation.exceptions import RunAlreadyActive
 from rotation.models import RotationPolicy, RotationRun, format_period
@@ -30,20 +30,18 @@ Run = RotationRun
 S = RotationRun.State
 BEAT = Actor.system("beat")
 
-#: A working run with no progress for this long (HMD_ROTATION_STALL_SECONDS) lost its worker.
-DEFAULT_STALL_SECONDS = 300
 #: A secret needing attention is reported at most once within this time.
 FLAG_INTERVAL = timedelta(hours=20)
 
 
 def dispatch_due_rotations(*, now: datetime | None = None) -> list[RotationRun]:
-    """The one periodic job: start due runs, resume stalled ones, retire, destroy due KEKs."""
+    """The minute's job: start due runs, recover lost work (:func:`recover`), retire, destroy due KEKs."""
     now = now or timezone.now()
     for kek in KeyEncryptionKey.objects.filter(state=KeyEncryptionKey.State.ENABLED, rotation_policy__isnull=True):
         ensure_policy(kek)
     started = _start_due(due_policies(now), now)
     started.extend(_start_due(due_secret_policies(now), now))
-    resume_stalled_runs(now=now)
+    recover(now=now)  # beat also runs it on its own, every few seconds; ``rotation sweep`` relies on this call
     for run in RotationRun.objects.filter(state=S.RETIRING, retire_after__lte=now):
         dispatcher("execute_run", run.pk)
     key_services.destroy_due_keks(now=now, actor=BEAT)
@@ -109,20 +107,6 @@ def _due_reason(policy: RotationPolicy, now: datetime) -> str:
     if policy.next_due_at and policy.next_due_at <= now:
         return f"scheduled: due {policy.next_due_at:%Y-%m-%d %H:%M} UTC (every {format_period(policy.period)})"
     return f"usage: primary version passed {policy.usage_threshold} encryptions"
-
-
-def resume_stalled_runs(*, now: datetime) -> list[int]:
-    """Re-dispatch working runs with no progress for ``ROTATION_STALL_SECONDS`` (a killed worker)."""
-    stall = timedelta(seconds=getattr(settings, "ROTATION_STALL_SECONDS", DEFAULT_STALL_SECONDS))
-    stalled = RotationRun.objects.filter(
-        state__in=[S.QUEUED, S.ROTATING, S.REWRAPPING, S.VERIFYING]
-    ).filter(Q(heartbeat_at__lt=now - stall) | Q(heartbeat_at__isnull=True, created_at__lt=now - stall))
-    ids = []
-    for run in stalled:
-        RotationRun.objects.filter(pk=run.pk).update(heartbeat_at=now)
-        dispatcher("execute_run", run.pk)
-        ids.append(run.pk)
-    return ids
 
 
 # -- expiry and overdue reminders --------------------------------------------------------
