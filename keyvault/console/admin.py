@@ -29,7 +29,13 @@ from django.utils.html import format_html
 from django.utils.http import urlencode
 
 from keyvault.keys import services
-from keyvault.console.admin_views import AuditChainViewsMixin, KEKActionViewsMixin, available_actions, kek_coverage
+from keyvault.console.admin_views import (
+    AuditChainViewsMixin,
+    KEKActionViewsMixin,
+    available_actions,
+    kek_coverage,
+    kek_panels,
+)
 from keyvault.audit import Actor
 from keyvault.models import AuditCheckpoint, AuditEvent, DataKey, KeyEncryptionKey, KeyVersion
 from django import forms
@@ -42,7 +48,6 @@ from django.views.decorators.debug import sensitive_post_parameters
 
 from keyvault.audit import siem
 from keyvault.models import SiemConsumer
-from rotation.admin_views import kek_rotation_panel
 
 admin.site.site_header = "Keyvault security console"
 admin.site.site_title = "Keyvault"
@@ -315,7 +320,7 @@ class KeyEncryptionKeyAdmin(KEKActionViewsMixin, admin.ModelAdmin):
                 kek_actions=available_actions(request.user, kek, self.admin_site.name),
                 coverage=kek_coverage(kek, user=request.user, admin_site_name=self.admin_site.name),
                 audit_url=audit_url if request.user.has_perm("keyvault.view_auditevent") else "",
-                rotation=kek_rotation_panel(kek, user=request.user, admin_site_name=self.admin_site.name),
+                kek_panels=kek_panels(kek, user=request.user, admin_site_name=self.admin_site.name),
             )
         return super().change_view(request, object_id, form_url, extra_context)
 
