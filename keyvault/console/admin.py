@@ -22,7 +22,7 @@ from django.contrib.admin.views.main import ChangeList
 from django.core.paginator import Paginator
 from django.db import connections
 from django.db.models.expressions import RawSQL
-from django.db.models import IntegerField, OuterRef, Subquery
+from django.db.models import F, IntegerField, OuterRef, Subquery
 from django.urls import reverse
 from django.utils.functional import cached_property
 from django.utils.html import format_html
@@ -259,7 +259,7 @@ class KEKChangeList(ChangeList):
 
 @admin.register(KeyEncryptionKey)
 class KeyEncryptionKeyAdmin(KEKActionViewsMixin, admin.ModelAdmin):
-    list_display = ("name", "state_display", "provider", "primary_version", "last_rotated_at", "next_rotation_at",
+    list_display = ("name", "state_display", "provider", "primary_version", "last_rotated_at", "next_rotation",
                     "data_key_count")
     list_filter = ("state", "provider")
     search_fields = ("name",)
@@ -267,22 +267,23 @@ class KeyEncryptionKeyAdmin(KEKActionViewsMixin, admin.ModelAdmin):
     show_facets = ShowFacets.NEVER
     actions = None
     inlines = [KeyVersionInline]
-    editable_fields = ("description", "rotation_period_days", "max_encryptions_per_version")
+    editable_fields = ("description", "max_encryptions_per_version")
     fieldsets = (
         (None, {"fields": ("name", "state_display", "deletion_date", "description")}),
         ("Provider", {"fields": ("provider", "provider_key_id")}),
-        ("Rotation", {"fields": ("primary_version", "rotation_period_days", "max_encryptions_per_version",
-                                 "last_rotated_at", "next_rotation_at")}),
+        # The schedule (period, next due date) is shown once, in the rotation policy's box below.
+        ("Rotation", {"fields": ("primary_version", "max_encryptions_per_version", "last_rotated_at")}),
         ("Record", {"classes": ("collapse",), "fields": ("created_at", "updated_at")}),
     )
     readonly_fields = ("name", "state_display", "deletion_date", "provider", "provider_key_id", "primary_version",
-                       "last_rotated_at", "next_rotation_at", "created_at", "updated_at")
+                       "last_rotated_at", "created_at", "updated_at")
 
     class Media:
         css = CONSOLE_CSS
 
     def get_queryset(self, request):
-        return super().get_queryset(request).annotate(primary_number=_primary_number())
+        return super().get_queryset(request).annotate(primary_number=_primary_number(),
+                                                      next_due=F("rotation_policy__next_due_at"))
 
     def get_changelist(self, request, **kwargs):
         return KEKChangeList
@@ -295,6 +296,11 @@ class KeyEncryptionKeyAdmin(KEKActionViewsMixin, admin.ModelAdmin):
     def primary_version(self, obj: KeyEncryptionKey):
         number = getattr(obj, "primary_number", None)
         return f"v{number}" if number is not None else "—"
+
+    @admin.display(description="next rotation", ordering="next_due")
+    def next_rotation(self, obj: KeyEncryptionKey):
+        """Its rotation policy's next due date: the schedule lives there only."""
+        return getattr(obj, "next_due", None) or "—"
 
     # Not a sort key: KEKChangeList adds the count after ordering, for the rows of the page only.
     @admin.display(description="data keys")
@@ -333,7 +339,6 @@ class KeyEncryptionKeyAdmin(KEKActionViewsMixin, admin.ModelAdmin):
             obj,
             actor=Actor.from_request(request),
             description=data.get("description", obj.description),
-            rotation_period_days=data.get("rotation_period_days", obj.rotation_period_days),
             max_encryptions_per_version=data.get("max_encryptions_per_version", obj.max_encryptions_per_version),
         )
         obj.refresh_from_db()

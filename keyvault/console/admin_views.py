@@ -4,8 +4,9 @@ Each action is a route added in ``get_urls()`` and wrapped in
 ``admin_site.admin_view`` (login, staff, CSRF, never cached), the way
 ``UserAdmin`` adds its password view. The view checks the action's permission
 itself (403 otherwise), validates a form and calls one function of
-``keyvault.keys.services`` with ``Actor.from_request``; the service does the work and
-writes the audit event. Errors the services raise become form errors, never a 500.
+``keyvault.keys.services`` with ``Actor.from_request`` (creating a KEK: of
+``rotation.services``, which gives it its rotation policy too); the service does the work
+and writes the audit event. Errors the services raise become form errors, never a 500.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 from django import forms
 from django.contrib import messages
@@ -35,6 +37,7 @@ from keyvault.exceptions import AuditVerificationTooSoon, KeyvaultError
 from keyvault.keys import services
 from keyvault.kms.errors import KMSError
 from keyvault.models import KeyEncryptionKey, KeyVersion
+from rotation import services as rotation_services
 
 logger = logging.getLogger(__name__)
 
@@ -367,12 +370,12 @@ class KEKActionViewsMixin:
             if form.is_valid():
                 data = form.cleaned_data
                 try:
-                    kek = services.create_kek(
+                    kek = rotation_services.create_kek_with_policy(
                         name=data["name"],
                         actor=Actor.from_request(request),
                         provider_name=data["provider"],
                         description=data["description"],
-                        rotation_period_days=data["rotation_period_days"],
+                        period=timedelta(days=data["rotation_period_days"]),
                         max_encryptions_per_version=data["max_encryptions_per_version"],
                     )
                 except IntegrityError:  # a concurrent create won the unique name

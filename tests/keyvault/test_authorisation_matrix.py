@@ -150,7 +150,6 @@ def checkpoint(world):
 def kek_settings(world):
     return {
         "description": "changed by the matrix",
-        "rotation_period_days": "90",
         "max_encryptions_per_version": "",
         "versions-TOTAL_FORMS": "0",
         "versions-INITIAL_FORMS": "0",
