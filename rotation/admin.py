@@ -1,10 +1,11 @@
 """The rotation engine in the security console: policies and runs.
 
-Nothing here changes state itself. Policies are edited in a form saved through
-``rotation.services.update_policy`` (so the KEK's next rotation follows); runs are
-started from the KEK's page and driven from the run page (``rotation.admin_views``),
-each action calling one service. Policies are created for every KEK by
-``services.ensure_policy``, so there is no "add" and nothing is ever deleted here.
+Nothing here changes state itself. Policies (a KEK's schedule lives there only) are edited
+in a form saved through ``rotation.services.update_policy``, which moves the next due date;
+runs are started from the KEK's page (whose run buttons and rotation box this module
+registers there) and driven from the run page (``rotation.admin_views``), each action
+calling one service. Every KEK gets its policy with it (``services.create_kek_with_policy``)
+or from ``services.ensure_policy``, so there is no "add" and nothing is ever deleted here.
 """
 
 from __future__ import annotations
