@@ -7,7 +7,9 @@
    ``manage.py migrate`` against it with production-like settings (``HMD_DEBUG=false``,
    secrets generated for the run, a private data folder holding the local keyring).
 2. Creates the KEKs through ``keyvault.keys.services.create_kek`` (so they exist at the local
-   provider), rotates some of them to get several versions, disables a few.
+   provider; the extra ones with their rotation policies, through
+   ``rotation.services.create_kek_with_policy``), rotates some of them to get several versions,
+   disables a few.
 3. Seeds ``--n`` data keys and ``--audit-n`` (default ``--n``) audit events with
    PostgreSQL ``COPY`` (psycopg 3 ``cursor.copy``), not the ORM:
 
@@ -73,6 +75,7 @@ def create_inventory(extra_keks: int) -> tuple[dict[str, object], list]:
     """KEKs through the services: the four that hold data keys (rotated to their versions) plus extras."""
     from keyvault.keys import services
     from keyvault.audit import Actor
+    from rotation import services as rotation_services
 
     actor = Actor.system("bench")
     keks = {}
@@ -83,8 +86,8 @@ def create_inventory(extra_keks: int) -> tuple[dict[str, object], list]:
         keks[name] = kek
     extras = []
     for i in range(extra_keks):
-        kek = services.create_kek(name=f"team-{i:03d}", actor=actor, description="bench: no data keys",
-                                  rotation_period_days=30 + i)
+        kek = rotation_services.create_kek_with_policy(name=f"team-{i:03d}", actor=actor,
+                                                       description="bench: no data keys", period=timedelta(days=30 + i))
         if i % 7 == 3:
             services.disable_kek(kek, actor=actor, reason="bench")
         extras.append(kek)

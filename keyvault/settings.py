@@ -52,7 +52,7 @@ def _get_secret(name: str) -> str:
 if is_set("HMD_SECRET_KEY_KEYRING") or is_set("HMD_SECRET_KEY_KEYRING_REF"):
     # A keyring {"current": …, "previous": […]} that Keyvault rotates (secret type cookie_signing):
     # current signs, previous only verify. Without it, HMD_SECRET_KEY(_FALLBACKS) as before.
-    from rotation.executors.keyring import KeyringError, parse as _parse_keyring
+    from keyvault.secrets.keyring import KeyringError, parse as _parse_keyring
 
     try:
         SECRET_KEY, SECRET_KEY_FALLBACKS = _parse_keyring(_get_secret("HMD_SECRET_KEY_KEYRING"))

@@ -1,10 +1,11 @@
 """The rotation engine in the security console: policies and runs.
 
-Nothing here changes state itself. Policies are edited in a form saved through
-``rotation.services.update_policy`` (so the KEK's next rotation follows); runs are
-started from the KEK's page and driven from the run page (``rotation.admin_views``),
-each action calling one service. Policies are created for every KEK by
-``services.ensure_policy``, so there is no "add" and nothing is ever deleted here.
+Nothing here changes state itself. Policies (a KEK's schedule lives there only) are edited
+in a form saved through ``rotation.services.update_policy``, which moves the next due date;
+runs are started from the KEK's page (whose run buttons and rotation box this module
+registers there) and driven from the run page (``rotation.admin_views``), each action
+calling one service. Every KEK gets its policy with it (``services.create_kek_with_policy``)
+or from ``services.ensure_policy``, so there is no "add" and nothing is ever deleted here.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
 from keyvault.audit import Actor
-from keyvault.console.admin_views import register_run_starter, runbook_for
-from rotation import services
-from rotation.admin_views import RotationRunViewsMixin, start_from_console
-from rotation.forms import RotationPolicyForm
+from keyvault.console.admin_views import KEKAction, register_kek_actions, register_kek_panel, runbook_for
+from keyvault.models import KeyEncryptionKey
+from rotation import permissions, services
+from rotation.admin_views import RotationRunViewsMixin, kek_rotation_panel, start_from_console
+from rotation.forms import EmergencyRotationForm, MigrateForm, RotationPolicyForm, StartRotationForm
 from rotation.models import RotationPolicy, RotationRun, format_period
 
 CONSOLE_CSS = {"all": ("keyvault/console.css", "rotation/rotation.css")}
@@ -28,8 +30,61 @@ def _state_badge(state: str, label: str):
     return format_html('<span class="kv-state kv-run-state-{}">{}</span>', state, label)
 
 
-#: The KEK page's "Rotate now", "Emergency rotate" and "Migrate" start runs here (the keyvault console is below us).
-register_run_starter(start_from_console)
+def _start(kind: str):
+    def perform(kek, data, actor):
+        return start_from_console(kek, data, actor, kind=kind)
+
+    return perform
+
+
+ENABLED = frozenset({KeyEncryptionKey.State.ENABLED})
+
+#: The KEK page's buttons that start runs, and its rotation box. The keyvault console is below us:
+#: we register them there rather than it importing this console.
+register_kek_actions(
+    KEKAction(
+        slug="rotate",
+        button="Rotate now",
+        title="Rotate key-encryption key",
+        permission=("keyvault.rotate_keyencryptionkey", permissions.START_RUN),
+        states=ENABLED,
+        form_class=StartRotationForm,
+        perform=_start(RotationRun.Kind.ON_DEMAND),
+        explanation=(
+            "Starts an on-demand rotation run: a new primary version at the provider, every data key on an older "
+            "version rewrapped, verified, and the old versions retired after the policy's grace period. If the "
+            "policy requires approvals, the run waits for them. The rotation schedule restarts from the rotation."
+        ),
+    ),
+    KEKAction(
+        slug="emergency-rotate",
+        button="Emergency rotate",
+        title="Emergency rotation of key-encryption key",
+        permission=(permissions.START_RUN, permissions.EMERGENCY_RUN),
+        states=ENABLED,
+        form_class=EmergencyRotationForm,
+        perform=_start(RotationRun.Kind.EMERGENCY),
+        explanation=(
+            "For a suspected compromise: rotates at once, rewraps every data key at top priority and disables "
+            "the old versions as soon as coverage reaches 100%, with no grace period."
+        ),
+        danger=True,
+    ),
+    KEKAction(
+        slug="migrate",
+        button="Migrate to another KEK",
+        title="Migrate data keys to another key-encryption key",
+        permission=(permissions.START_RUN, "keyvault.change_state_keyencryptionkey"),
+        states=ENABLED,
+        form_class=MigrateForm,
+        perform=_start(RotationRun.Kind.MIGRATE),
+        explanation=(
+            "Starts a migration run: every data key wrapped by this key is unwrapped and wrapped by the "
+            "destination KEK in the worker, in resumable batches. This key stays enabled for rollback."
+        ),
+    ),
+)
+register_kek_panel("rotation", kek_rotation_panel)
 
 
 @admin.register(RotationPolicy)

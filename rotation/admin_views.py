@@ -16,6 +16,7 @@ import logging
 import math
 from dataclasses import dataclass
 from datetime import datetime
+from typing import ClassVar
 
 from django.contrib import messages
 from django.contrib.admin import helpers
@@ -41,7 +42,7 @@ from keyvault.console.admin_views import (
     service_error_message,
 )
 from keyvault.models import AuditEvent, KeyEncryptionKey
-from rotation import runbooks, services
+from rotation import permissions, runbooks, services
 from rotation.forms import DecisionForm, RunControlForm, TickStepForm
 from rotation.models import RotationPolicy, RotationRun, RunStep, format_period
 
@@ -50,13 +51,11 @@ logger = logging.getLogger(__name__)
 S = RotationRun.State
 RUN_TEMPLATE = "admin/rotation/rotationrun/run.html"
 
-VIEW_PERMISSION = "rotation.view_rotationrun"
-START_PERMISSION = "rotation.add_rotationrun"
-APPROVE_PERMISSION = "rotation.approve_rotationrun"
-CANCEL_PERMISSION = "rotation.cancel_rotationrun"
-EMERGENCY_PERMISSION = "rotation.emergency_rotationrun"
-TICK_PERMISSION = "rotation.tick_runstep"
-POLICY_CHANGE_PERMISSION = "rotation.change_rotationpolicy"
+VIEW_PERMISSION = permissions.VIEW_RUN
+APPROVE_PERMISSION = permissions.APPROVE_RUN
+CANCEL_PERMISSION = permissions.CANCEL_RUN
+TICK_PERMISSION = permissions.TICK_STEP
+POLICY_CHANGE_PERMISSION = permissions.CHANGE_POLICY
 
 #: Audit actions that make up a run's state timeline (batches and step ticks are listed with the events).
 TIMELINE_ACTIONS = (
@@ -93,6 +92,7 @@ def start_from_console(kek: KeyEncryptionKey, data: dict, actor: Actor, *, kind:
 class KEKRotationPanel:
     """The rotation box on a KEK's page: its policy, NIST warnings, the active and recent runs."""
 
+    template: ClassVar[str] = "rotation/kek_rotation_panel.html"
     policy: RotationPolicy
     period: str
     grace_period: str
@@ -104,7 +104,7 @@ class KEKRotationPanel:
 
 
 def kek_rotation_panel(kek: KeyEncryptionKey, *, user, admin_site_name: str = "admin") -> KEKRotationPanel | None:
-    if not user.has_perm("rotation.view_rotationpolicy") and not user.has_perm(VIEW_PERMISSION):
+    if not user.has_perm(permissions.VIEW_POLICY) and not user.has_perm(VIEW_PERMISSION):
         return None
     policy = services.ensure_policy(kek)
     runs = list(RotationRun.objects.filter(kek=kek).order_by("-created_at")[:5]) if user.has_perm(VIEW_PERMISSION) else []

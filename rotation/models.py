@@ -16,6 +16,8 @@ from keyvault.models import KeyEncryptionKey, ManagedSecret
 #: NIST SP 800-57 Pt 1 Rev 5 §5.3.6: originator-usage period of symmetric data/key-wrapping keys, about 2 years.
 NIST_MAX_ORIGINATOR_DAYS = 730
 MIN_PERIOD = timedelta(minutes=1)
+#: A new policy's period unless its creator or driver says otherwise.
+DEFAULT_PERIOD = timedelta(days=365)
 _SHORT_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
@@ -62,7 +64,7 @@ class RotationPolicy(models.Model):
         null=True, blank=True, help_text="The managed secret this policy rotates (instead of a KEK).",
     )
     period = models.DurationField(
-        "period", default=timedelta(days=365), validators=[MinValueValidator(MIN_PERIOD)],
+        "period", default=DEFAULT_PERIOD, validators=[MinValueValidator(MIN_PERIOD)],
         help_text="Rotate this long after the last rotation (e.g. 365 days; as short as 1 minute for drills). "
         "NIST SP 800-57 suggests at most about 2 years for KEKs.",
     )

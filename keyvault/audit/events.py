@@ -54,13 +54,15 @@ def _datakey(data_key: DataKey) -> tuple[str, Any]:
 # -- KEKs and their versions (keyvault.keys.services) -------------------------------------------
 
 
+# ``rotation_period_days`` and ``next_rotation_at`` below are in events from before issue 13, when a
+# KEK kept its own schedule: the fields stay for their readers, but a KEK's schedule is its rotation
+# policy's now, recorded by ``policy_changed``.
 @_emits(Action.KEK_CREATED)
 def kek_created(kek: KeyEncryptionKey, *, actor: Actor, provider: str, provider_key_id: str,
-                rotation_period_days: int) -> AuditEvent:
+                rotation_period_days: int | Omittable = OMITTED) -> AuditEvent:
     """A KEK was created at its provider and registered with version 1 primary."""
-    return audit.record(Action.KEK_CREATED, actor=actor, target=kek,
-                        details={"provider": provider, "provider_key_id": provider_key_id,
-                                 "rotation_period_days": rotation_period_days})
+    return audit.record(Action.KEK_CREATED, actor=actor, target=kek, details=_given(
+        provider=provider, provider_key_id=provider_key_id, rotation_period_days=rotation_period_days))
 
 
 @_emits(Action.KEK_UPDATED)
@@ -68,7 +70,7 @@ def kek_settings_changed(kek: KeyEncryptionKey, *, actor: Actor, description: st
                          rotation_period_days: int | Omittable = OMITTED,
                          max_encryptions_per_version: int | None | Omittable = OMITTED,
                          next_rotation_at: str | Omittable = OMITTED) -> AuditEvent:
-    """A KEK's description, rotation period, usage limit or next rotation date changed (only the changed ones)."""
+    """A KEK's description or usage limit changed (only the changed ones)."""
     return audit.record(Action.KEK_UPDATED, actor=actor, target=kek, details=_given(
         description=description, rotation_period_days=rotation_period_days,
         max_encryptions_per_version=max_encryptions_per_version, next_rotation_at=next_rotation_at))

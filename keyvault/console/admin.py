@@ -22,14 +22,20 @@ from django.contrib.admin.views.main import ChangeList
 from django.core.paginator import Paginator
 from django.db import connections
 from django.db.models.expressions import RawSQL
-from django.db.models import IntegerField, OuterRef, Subquery
+from django.db.models import F, IntegerField, OuterRef, Subquery
 from django.urls import reverse
 from django.utils.functional import cached_property
 from django.utils.html import format_html
 from django.utils.http import urlencode
 
 from keyvault.keys import services
-from keyvault.console.admin_views import AuditChainViewsMixin, KEKActionViewsMixin, available_actions, kek_coverage
+from keyvault.console.admin_views import (
+    AuditChainViewsMixin,
+    KEKActionViewsMixin,
+    available_actions,
+    kek_coverage,
+    kek_panels,
+)
 from keyvault.audit import Actor
 from keyvault.models import AuditCheckpoint, AuditEvent, DataKey, KeyEncryptionKey, KeyVersion
 from django import forms
@@ -42,7 +48,6 @@ from django.views.decorators.debug import sensitive_post_parameters
 
 from keyvault.audit import siem
 from keyvault.models import SiemConsumer
-from rotation.admin_views import kek_rotation_panel
 
 admin.site.site_header = "Keyvault security console"
 admin.site.site_title = "Keyvault"
@@ -254,7 +259,7 @@ class KEKChangeList(ChangeList):
 
 @admin.register(KeyEncryptionKey)
 class KeyEncryptionKeyAdmin(KEKActionViewsMixin, admin.ModelAdmin):
-    list_display = ("name", "state_display", "provider", "primary_version", "last_rotated_at", "next_rotation_at",
+    list_display = ("name", "state_display", "provider", "primary_version", "last_rotated_at", "next_rotation",
                     "data_key_count")
     list_filter = ("state", "provider")
     search_fields = ("name",)
@@ -262,22 +267,23 @@ class KeyEncryptionKeyAdmin(KEKActionViewsMixin, admin.ModelAdmin):
     show_facets = ShowFacets.NEVER
     actions = None
     inlines = [KeyVersionInline]
-    editable_fields = ("description", "rotation_period_days", "max_encryptions_per_version")
+    editable_fields = ("description", "max_encryptions_per_version")
     fieldsets = (
         (None, {"fields": ("name", "state_display", "deletion_date", "description")}),
         ("Provider", {"fields": ("provider", "provider_key_id")}),
-        ("Rotation", {"fields": ("primary_version", "rotation_period_days", "max_encryptions_per_version",
-                                 "last_rotated_at", "next_rotation_at")}),
+        # The schedule (period, next due date) is shown once, in the rotation policy's box below.
+        ("Rotation", {"fields": ("primary_version", "max_encryptions_per_version", "last_rotated_at")}),
         ("Record", {"classes": ("collapse",), "fields": ("created_at", "updated_at")}),
     )
     readonly_fields = ("name", "state_display", "deletion_date", "provider", "provider_key_id", "primary_version",
-                       "last_rotated_at", "next_rotation_at", "created_at", "updated_at")
+                       "last_rotated_at", "created_at", "updated_at")
 
     class Media:
         css = CONSOLE_CSS
 
     def get_queryset(self, request):
-        return super().get_queryset(request).annotate(primary_number=_primary_number())
+        return super().get_queryset(request).annotate(primary_number=_primary_number(),
+                                                      next_due=F("rotation_policy__next_due_at"))
 
     def get_changelist(self, request, **kwargs):
         return KEKChangeList
@@ -290,6 +296,11 @@ class KeyEncryptionKeyAdmin(KEKActionViewsMixin, admin.ModelAdmin):
     def primary_version(self, obj: KeyEncryptionKey):
         number = getattr(obj, "primary_number", None)
         return f"v{number}" if number is not None else "—"
+
+    @admin.display(description="next rotation", ordering="next_due")
+    def next_rotation(self, obj: KeyEncryptionKey):
+        """Its rotation policy's next due date: the schedule lives there only."""
+        return getattr(obj, "next_due", None) or "—"
 
     # Not a sort key: KEKChangeList adds the count after ordering, for the rows of the page only.
     @admin.display(description="data keys")
@@ -315,7 +326,7 @@ class KeyEncryptionKeyAdmin(KEKActionViewsMixin, admin.ModelAdmin):
                 kek_actions=available_actions(request.user, kek, self.admin_site.name),
                 coverage=kek_coverage(kek, user=request.user, admin_site_name=self.admin_site.name),
                 audit_url=audit_url if request.user.has_perm("keyvault.view_auditevent") else "",
-                rotation=kek_rotation_panel(kek, user=request.user, admin_site_name=self.admin_site.name),
+                kek_panels=kek_panels(kek, user=request.user, admin_site_name=self.admin_site.name),
             )
         return super().change_view(request, object_id, form_url, extra_context)
 
@@ -328,7 +339,6 @@ class KeyEncryptionKeyAdmin(KEKActionViewsMixin, admin.ModelAdmin):
             obj,
             actor=Actor.from_request(request),
             description=data.get("description", obj.description),
-            rotation_period_days=data.get("rotation_period_days", obj.rotation_period_days),
             max_encryptions_per_version=data.get("max_encryptions_per_version", obj.max_encryptions_per_version),
         )
         obj.refresh_from_db()

@@ -4,8 +4,9 @@ Each action is a route added in ``get_urls()`` and wrapped in
 ``admin_site.admin_view`` (login, staff, CSRF, never cached), the way
 ``UserAdmin`` adds its password view. The view checks the action's permission
 itself (403 otherwise), validates a form and calls one function of
-``keyvault.keys.services`` with ``Actor.from_request``; the service does the work and
-writes the audit event. Errors the services raise become form errors, never a 500.
+``keyvault.keys.services`` with ``Actor.from_request`` (creating a KEK: of
+``rotation.services``, which gives it its rotation policy too); the service does the work
+and writes the audit event. Errors the services raise become form errors, never a 500.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 from django import forms
 from django.contrib import messages
@@ -35,7 +37,7 @@ from keyvault.exceptions import AuditVerificationTooSoon, KeyvaultError
 from keyvault.keys import services
 from keyvault.kms.errors import KMSError
 from keyvault.models import KeyEncryptionKey, KeyVersion
-from rotation.forms import EmergencyRotationForm, MigrateForm, StartRotationForm
+from rotation import services as rotation_services
 
 logger = logging.getLogger(__name__)
 
@@ -111,28 +113,6 @@ class ActionOutcome:
     args: tuple = ()
 
 
-#: How a KEK action starts a run of the rotation engine: ``start(kek, data, actor, kind=...) -> ActionOutcome``.
-#: Rotation's console builds on this module, so it plugs its starter in (``rotation/admin.py``) rather than
-#: this module importing it back.
-_run_starter: list[Callable[..., ActionOutcome]] = []
-
-
-def register_run_starter(start: Callable[..., ActionOutcome]) -> None:
-    """Install the one function that starts a rotation run from a KEK action (a second call replaces it)."""
-    _run_starter[:] = [start]
-
-
-def _start_run(kind: str) -> Callable[[KeyEncryptionKey, dict, Actor], ActionOutcome]:
-    """Rotations are runs of the rotation engine: the action starts one and shows its page."""
-
-    def perform(kek: KeyEncryptionKey, data: dict, actor: Actor) -> ActionOutcome:
-        if not _run_starter:
-            raise ImproperlyConfigured("no rotation run starter is registered: is the rotation app installed?")
-        return _run_starter[0](kek, data, actor, kind=kind)
-
-    return perform
-
-
 def _disable(kek: KeyEncryptionKey, data: dict, actor: Actor) -> ActionOutcome:
     services.disable_kek(kek, actor=actor, reason=data.get("reason", ""))
     return ActionOutcome(f"Disabled {kek.name}: it refuses every encrypt and decrypt until enabled.")
@@ -156,48 +136,9 @@ def _cancel_deletion(kek: KeyEncryptionKey, data: dict, actor: Actor) -> ActionO
     return ActionOutcome(f"Cancelled the deletion of {kek.name}. The key stays disabled until you enable it.")
 
 
-KEK_ACTIONS: tuple[KEKAction, ...] = (
-    KEKAction(
-        slug="rotate",
-        button="Rotate now",
-        title="Rotate key-encryption key",
-        permission=("keyvault.rotate_keyencryptionkey", "rotation.add_rotationrun"),
-        states=frozenset({KEK.State.ENABLED}),
-        form_class=StartRotationForm,
-        perform=_start_run("on_demand"),
-        explanation=(
-            "Starts an on-demand rotation run: a new primary version at the provider, every data key on an older "
-            "version rewrapped, verified, and the old versions retired after the policy's grace period. If the "
-            "policy requires approvals, the run waits for them. The rotation schedule restarts from the rotation."
-        ),
-    ),
-    KEKAction(
-        slug="emergency-rotate",
-        button="Emergency rotate",
-        title="Emergency rotation of key-encryption key",
-        permission=("rotation.add_rotationrun", "rotation.emergency_rotationrun"),
-        states=frozenset({KEK.State.ENABLED}),
-        form_class=EmergencyRotationForm,
-        perform=_start_run("emergency"),
-        explanation=(
-            "For a suspected compromise: rotates at once, rewraps every data key at top priority and disables "
-            "the old versions as soon as coverage reaches 100%, with no grace period."
-        ),
-        danger=True,
-    ),
-    KEKAction(
-        slug="migrate",
-        button="Migrate to another KEK",
-        title="Migrate data keys to another key-encryption key",
-        permission=("rotation.add_rotationrun", "keyvault.change_state_keyencryptionkey"),
-        states=frozenset({KEK.State.ENABLED}),
-        form_class=MigrateForm,
-        perform=_start_run("migrate"),
-        explanation=(
-            "Starts a migration run: every data key wrapped by this key is unwrapped and wrapped by the "
-            "destination KEK in the worker, in resumable batches. This key stays enabled for rollback."
-        ),
-    ),
+#: The key services' own actions. Rotate now, Emergency rotate and Migrate start runs of the rotation
+#: engine: rotation's console, which builds on this module, registers them (``register_kek_actions``).
+OWN_KEK_ACTIONS: tuple[KEKAction, ...] = (
     KEKAction(
         slug="disable",
         button="Disable",
@@ -246,7 +187,39 @@ KEK_ACTIONS: tuple[KEKAction, ...] = (
         explanation="The key is kept. As with AWS KMS it stays disabled until someone enables it.",
     ),
 )
-KEK_ACTIONS_BY_SLUG = {action.slug: action for action in KEK_ACTIONS}
+_registered_actions: dict[str, KEKAction] = {}
+
+
+def register_kek_actions(*actions: KEKAction) -> None:
+    """Put actions another app owns on the KEK page, before the key services' own (a slug again replaces it)."""
+    own = {action.slug for action in OWN_KEK_ACTIONS}
+    for action in actions:
+        if action.slug in own:
+            raise ImproperlyConfigured(f"KEK action {action.slug!r} is the key services' own")
+        _registered_actions[action.slug] = action
+
+
+def kek_actions() -> tuple[KEKAction, ...]:
+    """Every action of the KEK page, in button order: registered ones first."""
+    return (*_registered_actions.values(), *OWN_KEK_ACTIONS)
+
+
+#: Boxes other apps add to a KEK's page, by name: ``build(kek, *, user, admin_site_name)`` returns a panel
+#: (which names its template in ``panel.template``) or None when the user may not see it.
+_kek_panels: dict[str, Callable[..., object | None]] = {}
+
+
+def register_kek_panel(name: str, build: Callable[..., object | None]) -> None:
+    """Add a box to the KEK page (rotation's policy and runs); registering a name again replaces it."""
+    _kek_panels[name] = build
+
+
+def kek_panels(kek: KeyEncryptionKey, *, user, admin_site_name: str = "admin") -> list:
+    """The registered boxes ``user`` may see on ``kek``'s page."""
+    built = (build(kek, user=user, admin_site_name=admin_site_name) for build in _kek_panels.values())
+    return [panel for panel in built if panel is not None]
+
+
 RETIRE_PERMISSION = "keyvault.retire_keyversion"
 
 
@@ -261,7 +234,7 @@ def available_actions(user, kek: KeyEncryptionKey, admin_site_name: str = "admin
     """The action buttons ``user`` may press on ``kek`` in its current state."""
     return [
         ActionLink(action.button, reverse(f"{admin_site_name}:{action.url_name}", args=[kek.pk]), action.danger)
-        for action in KEK_ACTIONS
+        for action in kek_actions()
         if kek.state in action.states and action.allowed(user)
     ]
 
@@ -339,7 +312,7 @@ class KEKActionViewsMixin:
                 {"action": action.slug},
                 name=action.url_name,
             )
-            for action in KEK_ACTIONS
+            for action in kek_actions()
         ]
         urls.append(
             path(
@@ -397,12 +370,12 @@ class KEKActionViewsMixin:
             if form.is_valid():
                 data = form.cleaned_data
                 try:
-                    kek = services.create_kek(
+                    kek = rotation_services.create_kek_with_policy(
                         name=data["name"],
                         actor=Actor.from_request(request),
                         provider_name=data["provider"],
                         description=data["description"],
-                        rotation_period_days=data["rotation_period_days"],
+                        period=timedelta(days=data["rotation_period_days"]),
                         max_encryptions_per_version=data["max_encryptions_per_version"],
                     )
                 except IntegrityError:  # a concurrent create won the unique name
@@ -426,7 +399,7 @@ class KEKActionViewsMixin:
 
     @method_decorator(sensitive_post_parameters())
     def kek_action_view(self, request, object_id: str, action: str):
-        spec = KEK_ACTIONS_BY_SLUG[action]
+        spec = next(candidate for candidate in kek_actions() if candidate.slug == action)
         if not spec.allowed(request.user):
             raise PermissionDenied
         kek = self._get_kek(request, object_id)

@@ -18,6 +18,7 @@ from django.utils import timezone
 
 from keyvault.keys import services
 from keyvault.models import KeyEncryptionKey, KeyVersion
+from rotation import services as rotation_services
 from rotation.models import NIST_MAX_ORIGINATOR_DAYS, RotationPolicy, RotationRun
 
 #: NIST SP 800-57 Pt 1 Rev 5 §5.3.6: recipient usage ends no more than 3 years after originator usage began.
@@ -153,8 +154,9 @@ def _due(target: str, kek: str, due_at: datetime, now: datetime, period, active_
 
 
 def due_rotations(*, now: datetime, horizon_days: int = max(DUE_SOON_DAYS), kek: str = "") -> list[DueItem]:
-    """Rotations overdue or due within ``horizon_days``: policies' ``next_due_at``, else KEKs' ``next_rotation_at``.
+    """Rotations overdue or due within ``horizon_days``, by their policies' ``next_due_at``.
 
+    A KEK without a policy yet (the sweep gives it one) counts with the policy it will get.
     Only enabled KEKs are rotated, so only they count. Soonest first.
     """
     horizon = now + timedelta(days=horizon_days)
@@ -168,18 +170,14 @@ def due_rotations(*, now: datetime, horizon_days: int = max(DUE_SOON_DAYS), kek:
     )
     if kek:
         policies = policies.filter(kek__name=kek)
-    covered = set(RotationPolicy.objects.filter(kek__isnull=False).values_list("kek_id", flat=True))
-    for policy in policies:
+    unpolicied = KeyEncryptionKey.objects.filter(state=KeyEncryptionKey.State.ENABLED, rotation_policy__isnull=True)
+    if kek:
+        unpolicied = unpolicied.filter(name=kek)
+    planned = (rotation_services.policy_of(row) for row in unpolicied)
+    for policy in [*policies, *(p for p in planned if p.next_due_at <= horizon)]:
         run = active.get(policy.kek_id)
         items.append(_due(f"KEK {policy.kek.name}", policy.kek.name, policy.next_due_at, now, policy.period,
                           f"#{run}" if run else ""))
-    keks = KeyEncryptionKey.objects.filter(state=KeyEncryptionKey.State.ENABLED, next_rotation_at__lte=horizon)
-    if kek:
-        keks = keks.filter(name=kek)
-    for row in keks.exclude(pk__in=covered):
-        run = active.get(row.pk)
-        items.append(_due(f"KEK {row.name}", row.name, row.next_rotation_at, now,
-                          timedelta(days=row.rotation_period_days), f"#{run}" if run else ""))
     if not kek and _has_field(RotationPolicy, "secret"):
         # Managed secrets (another target type) have policies too.
         secret_policies = RotationPolicy.objects.select_related("secret").filter(

@@ -52,7 +52,8 @@ class CreateKEKForm(forms.Form):
         min_value=1,
         max_value=MAX_ROTATION_PERIOD_DAYS,
         initial=365,
-        help_text="A new version is made this many days after the last rotation.",
+        help_text="A new version is made this many days after the last rotation. It becomes the key's rotation "
+        "policy, where it can be changed later (to hours or minutes for drills, too).",
     )
     max_encryptions_per_version = forms.IntegerField(
         label="Max encryptions per version",

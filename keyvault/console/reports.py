@@ -39,6 +39,7 @@ from keyvault.audit import Actor, events
 from keyvault.console import dashboard
 from keyvault.exceptions import KeyvaultError
 from keyvault.models import AuditEvent, KeyEncryptionKey, KeyVersion
+from rotation import services as rotation_services
 from rotation.models import NIST_MAX_ORIGINATOR_DAYS, Approval, RotationPolicy, RotationRun, RunStep
 
 #: The most rows one report returns; a longer result says it was truncated (narrow the period).
@@ -217,7 +218,9 @@ def inventory_rows(filters: Filters, now: datetime) -> tuple[list[dict], list[st
             from keyvault.keys import services
 
             coverage_cache[kek.pk] = services.version_coverage(kek)
-        policy = policies.get(kek.pk)
+        if kek.pk not in policies:  # the policy the sweep will give it
+            policies[kek.pk] = rotation_services.policy_of(kek)
+        policy = policies[kek.pk]
         run = runs.get((kek.pk, version.number))
         if run is not None:
             made_by = f"run #{run.pk} ({run.get_kind_display().lower()}, {run.get_state_display().lower()}) " \
@@ -231,8 +234,8 @@ def inventory_rows(filters: Filters, now: datetime) -> tuple[list[dict], list[st
             "provider": kek.provider,
             "kek_state": kek.state,
             "kek_created_at": _when(kek.created_at),
-            "rotation_period": _period(policy.period) if policy else f"{kek.rotation_period_days}d",
-            "next_rotation_at": _when(policy.next_due_at if policy and policy.next_due_at else kek.next_rotation_at),
+            "rotation_period": _period(policy.period),
+            "next_rotation_at": _when(policy.next_due_at),
             "version": version.number,
             "version_state": version.state,
             "primary": version.is_primary,

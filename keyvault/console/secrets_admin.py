@@ -27,7 +27,7 @@ from keyvault.audit import Actor
 from keyvault.console.admin_views import SERVICE_ERRORS, service_error_message
 from keyvault.models import ManagedSecret
 from keyvault.secrets import SecretSourceError
-from rotation.admin_views import EMERGENCY_PERMISSION  # as for KEKs: no grace period needs this too
+from rotation.permissions import EMERGENCY_RUN as EMERGENCY_PERMISSION  # as for KEKs: no grace period needs it
 
 ACTION_TEMPLATE = "keyvault/action.html"
 ROTATE_PERMISSION = "keyvault.rotate_managedsecret"

@@ -72,10 +72,6 @@ def _apply_provider_key_state(kek: KeyEncryptionKey, state: KeyState) -> None:
         provider.set_key_state(kek.provider_key_id, state)
 
 
-def next_rotation(kek: KeyEncryptionKey, *, after: datetime) -> datetime:
-    return after + timedelta(days=kek.rotation_period_days)
-
-
 # -- KEK lifecycle ---------------------------------------------------------------
 
 
@@ -85,30 +81,27 @@ def create_kek(
     actor: Actor,
     provider_name: str | None = None,
     description: str = "",
-    rotation_period_days: int = 365,
     max_encryptions_per_version: int | None = None,
 ) -> KeyEncryptionKey:
-    """Create a KEK at its provider and register it with version 1 as primary."""
+    """Create a KEK at its provider and register it with version 1 as primary.
+
+    Its rotation schedule is its rotation policy's: ``rotation.services.create_kek_with_policy``
+    creates both in one transaction (the console, ``kms create-key`` and the bootstrap call it).
+    """
     provider = get_provider(provider_name)
-    if rotation_period_days < 1:
-        raise ValueError("rotation period must be at least one day")
     with transaction.atomic():
         if KeyEncryptionKey.objects.filter(name=name).exists():
             raise InvalidStateTransition(f"a KEK named {name!r} already exists")
         info = provider.create_key(name, description=description)
-        now = timezone.now()
         kek = KeyEncryptionKey.objects.create(
             name=name,
             provider=provider.name,
             provider_key_id=info.key_id,
             description=description,
-            rotation_period_days=rotation_period_days,
             max_encryptions_per_version=max_encryptions_per_version,
-            next_rotation_at=now + timedelta(days=rotation_period_days),
         )
         KeyVersion.objects.create(kek=kek, number=info.primary_version, is_primary=True, provider_version_ref=str(info.primary_version))
-        events.kek_created(kek, actor=actor, provider=provider.name, provider_key_id=info.key_id,
-                           rotation_period_days=rotation_period_days)
+        events.kek_created(kek, actor=actor, provider=provider.name, provider_key_id=info.key_id)
     return kek
 
 
@@ -117,33 +110,18 @@ def update_kek_settings(
     *,
     actor: Actor,
     description: str | None = None,
-    rotation_period_days: int | None = None,
     max_encryptions_per_version: int | None = None,
-    next_rotation_at: datetime | None = None,
 ) -> KeyEncryptionKey:
-    """Change a KEK's description, rotation period, usage limit or next rotation date.
-
-    ``next_rotation_at`` (the rotation policy's exact schedule) wins over the date the
-    whole-day period would give.
-    """
+    """Change a KEK's description or usage limit (its schedule is its rotation policy's)."""
     with transaction.atomic():
         kek = _locked(kek)
         changes = {}
         if description is not None and description != kek.description:
             kek.description = description
             changes["description"] = description
-        if rotation_period_days is not None and rotation_period_days != kek.rotation_period_days:
-            if rotation_period_days < 1:
-                raise ValueError("rotation period must be at least one day")
-            kek.rotation_period_days = rotation_period_days
-            kek.next_rotation_at = next_rotation(kek, after=kek.last_rotated_at or kek.created_at)
-            changes["rotation_period_days"] = rotation_period_days
         if max_encryptions_per_version != kek.max_encryptions_per_version:
             kek.max_encryptions_per_version = max_encryptions_per_version
             changes["max_encryptions_per_version"] = max_encryptions_per_version
-        if next_rotation_at is not None and next_rotation_at != kek.next_rotation_at:
-            kek.next_rotation_at = next_rotation_at
-            changes["next_rotation_at"] = next_rotation_at.isoformat()
         if changes:
             kek.save()
             events.kek_settings_changed(kek, actor=actor, **changes)
@@ -235,12 +213,10 @@ def destroy_due_keks(*, actor: Actor | None = None, now: datetime | None = None)
 
 def rotate_kek_version(
     kek: KeyEncryptionKey, *, actor: Actor, reason: str = "", run_id: int | None = None,
-    next_rotation_at: datetime | None = None,
 ) -> KeyVersion:
     """Make a new primary version at the provider; older versions keep decrypting.
 
-    The next rotation falls a period after now, or at ``next_rotation_at`` (a rotation
-    policy's exact schedule).
+    The next rotation is the rotation policy's to set (a run moves it when it rotates).
     """
     with transaction.atomic():
         kek = _locked(kek)
@@ -254,9 +230,7 @@ def rotate_kek_version(
             number=new.version,
             defaults={"is_primary": True, "state": KeyVersion.State.ENABLED, "provider_version_ref": str(new.version)},
         )
-        now = timezone.now()
-        kek.last_rotated_at = now
-        kek.next_rotation_at = next_rotation_at or next_rotation(kek, after=now)
+        kek.last_rotated_at = timezone.now()
         kek.save()
         events.kek_rotated(kek, actor=actor, new_version=new.version,
                            previous_version=previous.number if previous else None, reason=reason, run_id=run_id)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 
-from django.core.validators import MinValueValidator
 from django.db import models
 from django.db.models import Q
 
@@ -17,7 +16,11 @@ from keyvault.exceptions import AuditWriteRefused
 
 
 class KeyEncryptionKey(models.Model):
-    """A key-encryption key (KEK): the key at a KMS provider that wraps data keys."""
+    """A key-encryption key (KEK): the key at a KMS provider that wraps data keys.
+
+    Its rotation schedule (period, next due date) is its rotation policy's
+    (``rotation.RotationPolicy``), kept there only.
+    """
 
     class State(models.TextChoices):
         ENABLED = "enabled", "Enabled"
@@ -51,15 +54,6 @@ class KeyEncryptionKey(models.Model):
     )
     deletion_date = models.DateTimeField(
         "deletion date", null=True, blank=True, help_text="While pending deletion: when the key will be destroyed."
-    )
-    rotation_period_days = models.PositiveIntegerField(
-        "rotation period (days)",
-        default=365,
-        validators=[MinValueValidator(1)],
-        help_text="A new version is made this many days after the last rotation.",
-    )
-    next_rotation_at = models.DateTimeField(
-        "next rotation", null=True, blank=True, db_index=True, help_text="When the key is next due for rotation."
     )
     max_encryptions_per_version = models.PositiveBigIntegerField(
         "max encryptions per version",

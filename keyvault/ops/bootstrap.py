@@ -11,8 +11,8 @@ from django.db import transaction
 from keyvault.access import accounts
 from keyvault.access.roles import KEY_ADMINISTRATORS
 from keyvault.audit import Actor
-from keyvault.keys import services
 from keyvault.models import KeyEncryptionKey
+from rotation import services as rotation_services
 
 DEFAULT_KEK = "default"
 
@@ -42,6 +42,7 @@ def bootstrap(*, admin_username: str = "admin", admin_password: str | None = Non
             admin_created = True
     kek_created = False
     if not KeyEncryptionKey.objects.exists():
-        services.create_kek(name=DEFAULT_KEK, actor=actor, description="Created by make run for development.")
+        rotation_services.create_kek_with_policy(name=DEFAULT_KEK, actor=actor,
+                                                 description="Created by make run for development.")
         kek_created = True
     return BootstrapResult(admin_created, admin_username, generated, kek_created)

@@ -1,12 +1,20 @@
-"""A target's rotation policy: created from its driver's defaults, changed with an audit event."""
+"""A target's rotation policy — the one place its schedule (period, next due date) is kept.
+
+Created from its driver's defaults, or with the KEK that :func:`create_kek_with_policy`
+makes; changed with an audit event.
+"""
 
 from __future__ import annotations
+
+from datetime import timedelta
 
 from django.db import transaction
 
 from keyvault.audit import Actor, events
+from keyvault.keys import services as key_services
+from keyvault.models import KeyEncryptionKey
 from rotation.engine.wiring import driver_for_target
-from rotation.models import RotationPolicy
+from rotation.models import DEFAULT_PERIOD, MIN_PERIOD, RotationPolicy, format_period
 
 #: Policy fields a person may change (console form, ``rotation policy``).
 POLICY_FIELDS = (
@@ -26,8 +34,47 @@ def ensure_policy(target) -> RotationPolicy:
     return policy
 
 
+def policy_of(target) -> RotationPolicy:
+    """The policy of ``target``; for one that has none yet, the unsaved policy :func:`ensure_policy` would create.
+
+    For pages and commands that only read (the dashboard, ``kms describe-key``): they show
+    the schedule the sweep will keep without writing it.
+    """
+    driver = driver_for_target(target)
+    lookup = {driver.target_kind: target}
+    return RotationPolicy.objects.filter(**lookup).first() or RotationPolicy(**lookup, **driver.policy_defaults(target))
+
+
+def create_kek_with_policy(
+    *,
+    name: str,
+    actor: Actor,
+    provider_name: str | None = None,
+    description: str = "",
+    period: timedelta = DEFAULT_PERIOD,
+    max_encryptions_per_version: int | None = None,
+) -> KeyEncryptionKey:
+    """Create a KEK (through the key services) and its rotation policy, in one transaction.
+
+    The first rotation falls ``period`` after creation. Audited as ``kek.created`` and
+    ``rotation.policy_changed`` (the period and the first due date).
+
+    :raises ValueError: a period shorter than the policies' minimum (nothing is created).
+    """
+    if period < MIN_PERIOD:
+        raise ValueError(f"rotation period must be at least {format_period(MIN_PERIOD)}")
+    with transaction.atomic():
+        kek = key_services.create_kek(name=name, actor=actor, provider_name=provider_name, description=description,
+                                      max_encryptions_per_version=max_encryptions_per_version)
+        fields = {**driver_for_target(kek).policy_defaults(kek), "period": period,
+                  "next_due_at": kek.created_at + period}
+        RotationPolicy.objects.create(kek=kek, **fields)
+        events.policy_changed(kek, actor=actor, changes={"period": period, "next_due_at": fields["next_due_at"].isoformat()})
+    return kek
+
+
 def update_policy(target, *, actor: Actor, **changes) -> RotationPolicy:
-    """Change the rotation policy of ``target``; its next due date (and a KEK's own schedule) follow it."""
+    """Change the rotation policy of ``target``; its next due date follows it."""
     unknown = set(changes) - set(POLICY_FIELDS)
     if unknown:
         raise ValueError(f"unknown policy fields: {sorted(unknown)}")

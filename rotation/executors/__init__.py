@@ -3,9 +3,8 @@
 The rotation engine's managed-secret driver (``rotation.engine.drivers.secret``) runs
 a secret's run through the same states, steps, approvals and audit events as a KEK
 run, and asks the executor of the secret's type to do the work of each phase (see
-:mod:`rotation.executors.base`) and for its policy defaults.
-This package's ``__init__`` imports nothing from Django, so settings can use
-:mod:`rotation.executors.keyring`.
+:mod:`rotation.executors.base`) and for its policy defaults. The cookie-signing keyring
+format lives below, in :mod:`keyvault.secrets.keyring`: the project's settings read it too.
 """
 
 from keyvault.kms.loading import import_string

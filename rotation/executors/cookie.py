@@ -16,7 +16,7 @@ from datetime import timedelta
 
 from django.conf import settings
 
-from rotation.executors import keyring
+from keyvault.secrets import keyring
 from rotation.executors.base import Context, Executor, ExecutorError, VerificationFailed, fingerprint
 
 

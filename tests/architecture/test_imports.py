@@ -164,3 +164,32 @@ def test_rotation_reaches_the_keyvault_console_only_from_its_own_console():
         console = {target for target in graph[module] if _in(target, "keyvault.console")}
         assert console == set(), f"{module} imports {console}"
     assert ROTATION_CONSOLE <= set(graph), "rotation's console modules moved: update ROTATION_CONSOLE"
+
+
+#: Rotation's console modules: pages built on the keyvault console, which it must never import back.
+ROTATION_CONSOLE_PAGES = ROTATION_CONSOLE | {"rotation.forms"}
+
+
+def test_the_keyvault_console_imports_no_rotation_console_module():
+    """Rotation's console registers its KEK actions and panel into ours; ours may use rotation's services and models."""
+    graph = import_graph()
+    console = [module for module in graph if _in(module, "keyvault.console")]
+
+    assert console and ROTATION_CONSOLE_PAGES <= set(graph)
+    for module in console:
+        pages = {target for target in graph[module] if _in(target, *ROTATION_CONSOLE_PAGES)}
+        assert pages == set(), f"{module} imports {pages}"
+
+
+#: The project package: settings, routes and process entry points. It stays thin: it wires the layers
+#: together (``urls`` routes to the console) but reaches no rotation module.
+PROJECT_MODULES = ("keyvault.settings", "keyvault.urls", "keyvault.celery", "keyvault.wsgi", "keyvault.asgi")
+
+
+def test_the_project_package_imports_no_rotation_module():
+    graph = import_graph()
+
+    assert set(PROJECT_MODULES) <= set(graph)
+    for module in PROJECT_MODULES:
+        rotation = {target for target in graph[module] if _in(target, "rotation")}
+        assert rotation == set(), f"{module} imports {rotation}"

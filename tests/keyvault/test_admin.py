@@ -26,6 +26,7 @@ from keyvault.console.admin import EstimatedCountPaginator
 from keyvault.keys import services
 from keyvault.models import AuditEvent, AuditVerification, DataKey, KeyEncryptionKey, KeyVersion
 from tests.audit_owner import as_table_owner
+from rotation import services as rotation
 from tests.keyvault import build_world, make_role_user, use_temp_keyring
 
 pytestmark = pytest.mark.django_db
@@ -85,15 +86,18 @@ def messages_of(response) -> list[str]:
 
 
 def test_kek_list_shows_state_provider_primary_version_due_date_and_data_key_count(administrator, world):
+    policy = rotation.ensure_policy(world.alpha)
+
     response = administrator.get(url("keyvault_keyencryptionkey_changelist"))
 
     assert response.status_code == 200
     rows = {kek.name: kek for kek in response.context["cl"].result_list}
     assert rows["alpha"].primary_number == 2 and rows["alpha"].dek_count == 2
     assert rows["bravo"].primary_number == 1 and rows["bravo"].dek_count == 0
+    assert rows["alpha"].next_due == policy.next_due_at and rows["bravo"].next_due is None  # the policy's date
     html = page_text(response)
     assert 'kv-state-pending_deletion">Pending deletion' in html
-    assert f"{world.alpha.next_rotation_at:%Y}" in html
+    assert f"{policy.next_due_at:%Y}" in html
 
 
 @pytest.mark.parametrize("order", ["6", "-6", "6.1", "-6.-1"])
@@ -232,11 +236,16 @@ def test_add_is_the_create_view_and_creates_through_the_service(administrator):
 
     kek = KEK.objects.get(name="orders")
     assert response.status_code == 302 and response["Location"] == url("keyvault_keyencryptionkey_change", kek.pk)
-    assert (kek.provider, kek.rotation_period_days, kek.max_encryptions_per_version) == ("local", 90, 1_000_000)
+    assert (kek.provider, kek.max_encryptions_per_version) == ("local", 1_000_000)
+    assert (kek.rotation_policy.period, kek.rotation_policy.next_due_at) == (timedelta(days=90),
+                                                                            kek.created_at + timedelta(days=90))
     assert list(kek.versions.values_list("number", "is_primary")) == [(1, True)]
     created = events("kek.created")
     assert len(created) == 1 and created[0].actor == "user:administrator" and created[0].target_id == "orders"
     assert created[0].ip_address == "127.0.0.1"
+    scheduled = events("rotation.policy_changed")
+    assert [(e.actor, e.target_id, e.details["period"]) for e in scheduled] == [
+        ("user:administrator", "orders", str(timedelta(days=90)))]
     assert services.provider_for(kek).describe_key(kek.provider_key_id).primary_version == 1
 
 
@@ -275,7 +284,7 @@ def test_create_reports_a_provider_error_without_a_500(administrator, settings):
 
 
 def settings_post(**changes) -> dict:
-    data = {"description": "payments database fields", "rotation_period_days": "365",
+    data = {"description": "payments database fields",
             "max_encryptions_per_version": "", "versions-TOTAL_FORMS": "0", "versions-INITIAL_FORMS": "0",
             "versions-MIN_NUM_FORMS": "0", "versions-MAX_NUM_FORMS": "0"}
     data.update(changes)
@@ -290,21 +299,18 @@ def test_settings_form_saves_through_the_service_and_ignores_read_only_fields(ad
     assert response.status_code == 302
     kek = KEK.objects.get(pk=world.alpha.pk)
     assert (kek.name, kek.state, kek.provider_key_id) == ("alpha", "enabled", "alpha")
-    assert (kek.description, kek.rotation_period_days) == ("card numbers", 30)
-    assert kek.next_rotation_at == kek.last_rotated_at + timedelta(days=30)
+    assert kek.description == "card numbers"
     updated = events("kek.updated")
     assert len(updated) == 1
-    assert updated[0].details == {"description": "card numbers", "rotation_period_days": 30}
+    assert updated[0].details == {"description": "card numbers"}
     assert updated[0].actor == "user:administrator"
+    assert not events("rotation.policy_changed")  # the period posted is no field of the KEK's
 
 
-def test_settings_form_refuses_a_zero_rotation_period(administrator, world):
-    response = administrator.post(url("keyvault_keyencryptionkey_change", world.alpha.pk),
-                                  settings_post(rotation_period_days="0"))
+def test_settings_form_has_no_schedule_the_rotation_policy_owns_it(administrator, world):
+    response = administrator.get(url("keyvault_keyencryptionkey_change", world.alpha.pk))
 
-    assert response.status_code == 200
-    assert response.context["adminform"].form.errors["rotation_period_days"]
-    assert not events("kek.updated")
+    assert set(response.context["adminform"].form.fields) == {"description", "max_encryptions_per_version"}
 
 
 # -- rotate, disable, enable, delete, cancel ----------------------------------------

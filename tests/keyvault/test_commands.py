@@ -67,6 +67,20 @@ def test_rotate_and_describe(scratch):
     assert scratch.run("kms", "decrypt", input=before).stdout == b"old"
 
 
+def test_create_key_gives_the_key_its_rotation_policy_and_describe_shows_it(scratch):
+    scratch.run("kms", "create-key", "weekly", "--rotation-period-days", "7")
+    refused = scratch.run("kms", "create-key", "never", "--rotation-period-days", "0", check=False)
+
+    described = json.loads(scratch.run("kms", "describe-key", "weekly", "--json").stdout)
+    policy = scratch.run("rotation", "policy", "--kek", "weekly").stdout.decode()
+    text = scratch.run("kms", "describe-key", "weekly").stdout.decode()
+
+    assert described["rotation_period"] == "1w" and described["next_rotation_at"]
+    assert "every 1w" in policy and f"rotation every 1w, next {described['next_rotation_at']}" in text
+    assert refused.returncode == 1 and "--rotation-period-days must be at least 1" in refused.stderr.decode()
+    assert scratch.run("kms", "describe-key", "never", check=False).returncode == 1
+
+
 def test_generate_data_key_hides_plaintext_unless_asked(scratch):
     hidden = json.loads(scratch.run("kms", "generate-data-key", "--key", "default", "--context", "app=x").stdout)
     shown = json.loads(

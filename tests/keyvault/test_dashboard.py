@@ -65,13 +65,16 @@ def test_dashboard_counts_keys_due_rotations_and_coverage(fleet):
     assert data.chain_status is not None and data.chain_status.ok
 
 
-def test_unpolicied_keks_fall_back_to_next_rotation_at(system_actor):
+def test_unpolicied_keks_count_with_the_policy_the_sweep_will_give_them(system_actor):
+    # given a KEK with no policy yet, made 360 days ago (the default policy rotates yearly)
     kek = key_services.create_kek(name="plain", actor=system_actor)
-    KeyEncryptionKey.objects.filter(pk=kek.pk).update(next_rotation_at=timezone.now() + timedelta(days=5))
+    KeyEncryptionKey.objects.filter(pk=kek.pk).update(created_at=timezone.now() - timedelta(days=360))
 
     due = dashboard.due_rotations(now=timezone.now())
 
-    assert [(item.kek, item.days_left) for item in due] == [("plain", 4)]
+    # then it is due in 5 days (4 whole days left), and the dashboard wrote no policy
+    assert [(item.kek, item.days_left, item.period) for item in due] == [("plain", 4, timedelta(days=365))]
+    assert not RotationPolicy.objects.filter(kek=kek).exists()
 
 
 def test_cryptoperiod_uses_the_policy_period_else_nist(fleet, system_actor):

@@ -17,7 +17,7 @@ from keyvault.models import AuditEvent, ManagedSecret
 from keyvault.ops import notify
 from rotation import services
 from rotation.exceptions import RunAlreadyActive
-from rotation.executors import keyring
+from keyvault.secrets import keyring
 from rotation.models import RotationPolicy, RotationRun
 from tests.rotation.executors.conftest import file_source  # noqa: F401 - fixture
 

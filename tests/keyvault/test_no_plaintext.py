@@ -22,7 +22,7 @@ from django.contrib import admin
 from django.db import connection
 from django.urls import NoReverseMatch, reverse
 
-from keyvault.console.admin_views import KEK_ACTIONS
+from keyvault.console.admin_views import kek_actions
 from keyvault.keys import envelopes, services
 from keyvault.kms import get_provider
 from keyvault.kms.local import decode_master_key
@@ -85,7 +85,7 @@ def console_pages(client) -> dict[str, str]:
             urls.add(reverse("admin:%s_%s_change" % info, args=[pk]))
             urls.add(reverse("admin:%s_%s_history" % info, args=[pk]))
     for kek in KeyEncryptionKey.objects.all():
-        for action in KEK_ACTIONS:
+        for action in kek_actions():
             urls.add(reverse(f"admin:{action.url_name}", args=[kek.pk]))
         for version in kek.versions.all():
             urls.add(reverse("admin:keyvault_keyencryptionkey_retire_version", args=[kek.pk, version.number]))

@@ -28,7 +28,6 @@ def test_create_kek_registers_version_one_and_audits(kek):
     assert kek.state == KEK.State.ENABLED
     assert kek.provider == "local"
     assert list(kek.versions.values_list("number", "is_primary")) == [(1, True)]
-    assert kek.next_rotation_at > timezone.now() + timedelta(days=364)
     assert get_provider("local").describe_key(kek.provider_key_id).primary_version == 1
     assert actions() == ["kek.created"]
 
@@ -178,14 +177,13 @@ def test_destroyed_version_cannot_come_back(kek, system_actor):
         services.set_version_state(kek, 1, "enabled", actor=system_actor)
 
 
-def test_settings_update_recomputes_next_rotation(kek, system_actor):
-    services.update_kek_settings(kek, actor=system_actor, rotation_period_days=30, max_encryptions_per_version=1000)
+def test_settings_update_changes_description_and_usage_limit(kek, system_actor):
+    services.update_kek_settings(kek, actor=system_actor, description="card numbers", max_encryptions_per_version=1000)
 
     kek.refresh_from_db()
-    assert kek.rotation_period_days == 30 and kek.max_encryptions_per_version == 1000
-    assert kek.next_rotation_at < timezone.now() + timedelta(days=31)
+    assert kek.description == "card numbers" and kek.max_encryptions_per_version == 1000
     assert AuditEvent.objects.get(action="kek.updated").details == {
-        "rotation_period_days": 30, "max_encryptions_per_version": 1000,
+        "description": "card numbers", "max_encryptions_per_version": 1000,
     }
 
 

@@ -147,6 +147,17 @@ def test_kek_page_shows_the_policy_with_nist_warnings_and_an_edit_link_for_admin
     assert url("rotation_rotationpolicy_change", policy.pk) not in operator_html
 
 
+def test_kek_page_shows_the_schedule_once_from_the_policy(clients, kek):
+    policy = services.update_policy(kek, actor=SYSTEM, period=timedelta(hours=12))
+
+    html = clients["administrator"].get(url("keyvault_keyencryptionkey_change", kek.pk)).content.decode()
+
+    assert re.search(r'class="kv-policy-period">12h\b', html)
+    assert html.count("Next due") == 1 and html.count("Period") == 1
+    assert "Rotation period" not in html and "Next rotation" not in html  # the KEK keeps no copy of it
+    assert policy.next_due_at == kek.created_at + timedelta(hours=12)
+
+
 def test_kek_page_links_the_active_run(clients, kek):
     run = services.start_run(kek=kek, actor=SYSTEM)
 
@@ -529,7 +540,7 @@ def test_policy_period_is_saved_through_the_service(clients, kek, text, expected
     policy.refresh_from_db()
     kek.refresh_from_db()
     assert (policy.period, policy.approvals_required) == (expected, 1)
-    assert policy.next_due_at == kek.created_at + expected == kek.next_rotation_at
+    assert policy.next_due_at == kek.created_at + expected
     changed = AuditEvent.objects.filter(action="rotation.policy_changed").latest("sequence")
     assert changed.actor == "user:adam" and changed.details["period"] == str(expected)
 

@@ -108,21 +108,19 @@ def test_rollback_restores_the_primary_through_the_key_services_audited_on_the_k
 
 
 @pytest.mark.django_db
-def test_a_rotation_schedules_the_kek_through_the_key_services(kek):
-    # given a policy with a period shorter than a day count
+def test_a_rotation_restarts_the_policys_schedule_and_rotates_through_the_key_services(kek):
+    # given a 12-hour policy
     from datetime import timedelta
 
-    services.update_policy(kek, actor=ACTOR, period=timedelta(days=30), grace_period=timedelta(0))
-    kek.refresh_from_db()
-    policy = services.ensure_policy(kek)
-    assert kek.next_rotation_at == policy.next_due_at
+    policy = services.update_policy(kek, actor=ACTOR, period=timedelta(hours=12), grace_period=timedelta(0))
+    before = AuditEvent.objects.latest("sequence").timestamp
 
     # when a rotation runs
     services.drive(services.start_run(kek=kek, actor=ACTOR).pk)
 
-    # then the KEK's next rotation is the policy's, recorded with the rotation
+    # then the policy (the one schedule) is due 12 hours after the rotation the key services recorded
     kek.refresh_from_db()
     policy.refresh_from_db()
-    assert kek.next_rotation_at == policy.next_due_at
     rotated = AuditEvent.objects.filter(target_id=kek.name, action=AuditEvent.Action.KEK_ROTATED).latest("sequence")
     assert rotated.details["run_id"]
+    assert before <= policy.next_due_at - timedelta(hours=12) <= kek.last_rotated_at <= rotated.timestamp

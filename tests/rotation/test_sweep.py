@@ -64,13 +64,14 @@ def test_usage_threshold_triggers_rotation():
     assert runs[0].reason.startswith("usage")
 
 
-def test_keks_without_policy_get_one_from_their_period():
-    kek = key_services.create_kek(name="fresh", actor=ACTOR, rotation_period_days=90)
+def test_keks_without_policy_get_the_default_one_from_their_creation():
+    kek = key_services.create_kek(name="fresh", actor=ACTOR, max_encryptions_per_version=5000)
 
     services.dispatch_due_rotations(now=NOW)
 
     policy = RotationPolicy.objects.get(kek=kek)
-    assert policy.period == timedelta(days=90) and policy.next_due_at == KeyEncryptionKey.objects.get(pk=kek.pk).next_rotation_at
+    assert (policy.period, policy.usage_threshold) == (timedelta(days=365), 5000)
+    assert policy.next_due_at == kek.created_at + timedelta(days=365)
 
 
 def test_sweep_destroys_keks_past_their_deletion_date():

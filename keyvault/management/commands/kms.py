@@ -1,7 +1,8 @@
 """``manage.py kms <subcommand>`` — keys and cryptography from the command line.
 
-Key subcommands go through ``keyvault.keys.services``, so the inventory and the audit
-log see everything the console would. Binary data travels as base64 on stdout.
+Key subcommands go through ``keyvault.keys.services`` (``create-key`` through
+``rotation.services``, which gives the key its rotation policy), so the inventory and the
+audit log see everything the console would. Binary data travels as base64 on stdout.
 """
 
 from __future__ import annotations
@@ -10,11 +11,14 @@ import base64
 import binascii
 import json
 import sys
+from datetime import timedelta
 
 from django.core.management.base import CommandError
 
 from keyvault.keys import services
 from keyvault.models import KeyEncryptionKey
+from rotation import services as rotation_services
+from rotation.models import format_period
 
 from ._base import KeyvaultCommand
 
@@ -62,7 +66,9 @@ class Command(KeyvaultCommand):
         create.add_argument("name")
         create.add_argument("--provider", help="Provider name (default: HMD_KMS_PROVIDER).")
         create.add_argument("--description", default="")
-        create.add_argument("--rotation-period-days", type=int, default=365)
+        create.add_argument("--rotation-period-days", type=int, default=365,
+                            help="Days to the first rotation and between planned rotations (the key's rotation policy; "
+                            "change it later with rotation policy --period).")
         create.add_argument("--max-encryptions-per-version", type=int)
 
         for name, text in (("describe-key", "Show a KEK, its versions and coverage."), ("rotate-key", "Make a new primary version.")):
@@ -117,25 +123,28 @@ class Command(KeyvaultCommand):
             raise CommandError(f"unhealthy: {', '.join(unhealthy)}")
 
     def _create_key(self, options):
-        kek = services.create_kek(
+        if options["rotation_period_days"] < 1:
+            raise CommandError("--rotation-period-days must be at least 1")
+        kek = rotation_services.create_kek_with_policy(
             name=options["name"],
             actor=self.actor(options),
             provider_name=options["provider"],
             description=options["description"],
-            rotation_period_days=options["rotation_period_days"],
+            period=timedelta(days=options["rotation_period_days"]),
             max_encryptions_per_version=options["max_encryptions_per_version"],
         )
         self.stdout.write(f"created KEK {kek.name} at provider {kek.provider} (version 1 primary)")
 
     def _describe(self, kek: KeyEncryptionKey) -> dict:
         coverage = services.version_coverage(kek)
+        policy = rotation_services.policy_of(kek)
         return {
             "name": kek.name,
             "provider": kek.provider,
             "provider_key_id": kek.provider_key_id,
             "state": kek.state,
-            "rotation_period_days": kek.rotation_period_days,
-            "next_rotation_at": kek.next_rotation_at.isoformat() if kek.next_rotation_at else None,
+            "rotation_period": format_period(policy.period),
+            "next_rotation_at": policy.next_due_at.isoformat() if policy.next_due_at else None,
             "last_rotated_at": kek.last_rotated_at.isoformat() if kek.last_rotated_at else None,
             "versions": [
                 {"version": v.number, "state": v.state, "primary": v.is_primary, "data_keys": coverage.get(v.number, 0)}
@@ -149,7 +158,7 @@ class Command(KeyvaultCommand):
             self.stdout.write(json.dumps(info, indent=2))
             return
         self.stdout.write(f"{info['name']}: {info['state']} at {info['provider']} ({info['provider_key_id']})")
-        self.stdout.write(f"rotation every {info['rotation_period_days']} days, next {info['next_rotation_at']}")
+        self.stdout.write(f"rotation every {info['rotation_period']}, next {info['next_rotation_at']}")
         for v in info["versions"]:
             mark = " (primary)" if v["primary"] else ""
             self.stdout.write(f"  v{v['version']}: {v['state']}{mark}, {v['data_keys']} data key(s)")

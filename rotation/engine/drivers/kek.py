@@ -11,7 +11,6 @@ from datetime import datetime, timedelta
 
 from django.apps import apps
 from django.db import InterfaceError, OperationalError, transaction
-from django.utils import timezone
 
 from keyvault import audit
 from keyvault.keys import services as key_services
@@ -20,7 +19,7 @@ from keyvault.kms import Capability, ProviderUnavailable
 from keyvault.models import DataKey, KeyEncryptionKey, KeyVersion
 from rotation.engine.drivers.base import Driver
 from rotation.exceptions import InvalidRunTransition, RotationError
-from rotation.models import RotationPolicy, RotationRun, RunStep
+from rotation.models import DEFAULT_PERIOD, RotationPolicy, RotationRun, RunStep
 
 log = logging.getLogger(__name__)
 S = RotationRun.State
@@ -61,10 +60,9 @@ class KekRotation(Driver):
         return f"KEK {kek.name}"
 
     def policy_defaults(self, kek: KeyEncryptionKey) -> dict:
-        """From the KEK's own period and usage limit."""
-        period = timedelta(days=kek.rotation_period_days)
-        return {"period": period, "usage_threshold": kek.max_encryptions_per_version,
-                "next_due_at": kek.next_rotation_at or timezone.now() + period}
+        """A year from the KEK's last rotation (or its creation); its usage limit as the usage trigger."""
+        return {"period": DEFAULT_PERIOD, "usage_threshold": kek.max_encryptions_per_version,
+                "next_due_at": (kek.last_rotated_at or kek.created_at) + DEFAULT_PERIOD}
 
     def run_fields(self, kek: KeyEncryptionKey, destination) -> dict:
         return {"kek": kek, "destination_kek": destination}
@@ -79,11 +77,8 @@ class KekRotation(Driver):
             policy.next_due_at = (kek.last_rotated_at or kek.created_at) + policy.period
 
     def policy_saved(self, kek: KeyEncryptionKey, policy: RotationPolicy, *, actor) -> None:
-        """The KEK keeps a whole-day period for display; the policy's exact period schedules."""
-        key_services.update_kek_settings(
-            kek, actor=actor, rotation_period_days=max(1, -(-policy.period // timedelta(days=1))),
-            max_encryptions_per_version=policy.usage_threshold, next_rotation_at=policy.next_due_at,
-        )
+        """The KEK's usage limit follows the policy's usage threshold (the schedule is the policy's alone)."""
+        key_services.update_kek_settings(kek, actor=actor, max_encryptions_per_version=policy.usage_threshold)
 
     # -- what is rewrapped, and how ----------------------------------------------------------
     def remaining(self, run: RotationRun):
@@ -169,11 +164,10 @@ class KekRotation(Driver):
             return
         kek = run.kek
         previous = kek.versions.get(is_primary=True).number
-        next_due = now + run.policy.period if run.policy_id else None
-        if next_due is not None:
-            RotationPolicy.objects.filter(pk=run.policy_id).update(next_due_at=next_due)
+        if run.policy_id:  # the schedule restarts from this rotation
+            RotationPolicy.objects.filter(pk=run.policy_id).update(next_due_at=now + run.policy.period)
         version = key_services.rotate_kek_version(kek, actor=self.hooks.actor, reason=f"rotation run #{run.pk}",
-                                                  run_id=run.pk, next_rotation_at=next_due)
+                                                  run_id=run.pk)
         run.previous_version, run.target_version = previous, version.number
         self.step(run, "rotate", f"v{version.number} is primary (was v{previous})")
 

@@ -13,7 +13,7 @@ from django.utils import timezone
 
 from keyvault.models import ManagedSecret
 from rotation import services
-from rotation.executors import keyring
+from keyvault.secrets import keyring
 from tests.rotation.executors.conftest import rotate, steps
 
 pytestmark = pytest.mark.django_db

@@ -13,7 +13,7 @@ from django.utils import timezone
 
 from keyvault.secrets import get_source
 from rotation import services
-from rotation.executors import keyring
+from keyvault.secrets import keyring
 from tests.rotation.executors.conftest import rotate
 from tests.rotation.executors.test_postgres import ADMIN_DSN, admin, app_db, stored_matches  # noqa: F401 - fixtures
 

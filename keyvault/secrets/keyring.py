@@ -1,4 +1,7 @@
-"""The JSON keyring format for signing keys (no Django imports: settings use it).
+"""The JSON keyring format for signing keys (no Django imports: settings read Keyvault's own from it).
+
+The project's settings parse ``HMD_SECRET_KEY_KEYRING`` with it and the cookie-signing
+executor (``rotation.executors.cookie``) rotates it, so it sits below both.
 
 ``{"current": "<key>", "previous": ["<older key>", ...]}`` — the Django model of
 ``SECRET_KEY`` + ``SECRET_KEY_FALLBACKS``: the current key signs, previous keys only
