@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.kms.backends import BACKEND_MODULES
+from tests.keyvault.kms.backends import BACKEND_MODULES
 
 pytest_plugins = BACKEND_MODULES
 

@@ -5,7 +5,7 @@ the chain, the SIEM feed, the reports and the exports read. Those keys are a sto
 format: a constructor may gain an optional field, but never rename or drop one.
 
 A field whose default is :data:`OMITTED` is left out of the details when not given
-(a ``None`` is a value, and is recorded). ``tests/keyvault/test_audit_events.py``
+(a ``None`` is a value, and is recorded). ``tests/keyvault/audit/test_events.py``
 keeps every other module from calling ``audit.record`` directly.
 """
 

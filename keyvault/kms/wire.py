@@ -11,7 +11,7 @@ raises :class:`InvalidCiphertext`, never ``IndexError``, ``struct.error`` or
 ``UnicodeDecodeError``. Writing raises ``ValueError`` for a value that does not
 fit its field; providers validate names before they get here.
 
-The layouts are fixed by ciphertexts already stored: ``tests/kms/vectors/framing_v1.json``
+The layouts are fixed by ciphertexts already stored: ``tests/keyvault/kms/vectors/framing_v1.json``
 holds known-answer vectors captured before this module existed.
 """
 

@@ -24,7 +24,7 @@ Django alters a table by rebuilding it, which drops the table's triggers, and th
 rebuild of ``keyvault_auditevent`` fails while the head's trigger names it. On SQLite
 such a migration drops ``SQLITE_TRIGGERS`` before its operations and runs
 ``SQLITE_INSTALL`` after (``importlib.import_module`` this module; PostgreSQL alters
-tables in place and keeps them). tests/keyvault/test_audit_append_only.py fails if a
+tables in place and keeps them). tests/keyvault/audit/test_append_only.py fails if a
 trigger is missing.
 """
 
