@@ -429,10 +429,7 @@ run_break_glass = _decision("run_break_glass", Action.ROTATION_BREAK_GLASS,
 def batch_rewrapped(kek: KeyEncryptionKey, *, actor: Actor, run_id: int, first_id: int, last_id: int, rewrapped: int,
                  failed_ids: Sequence[int] = (), failed_errors: Sequence[str] = (),
                  throttled: bool | Omittable = OMITTED) -> AuditEvent:
-    """A batch of a run's data keys was rewrapped (outcome failure, with ids and error names, if some were not).
-
-    ``throttled``: the provider refused calls for its quota partway, so the batch ended early.
-    """
+    """A batch of a run's data keys was rewrapped (failure with ids and errors if some were not; throttled: cut short)."""
     details: dict[str, Any] = {"run_id": run_id, "first_id": first_id, "last_id": last_id, "rewrapped": rewrapped}
     if failed_ids:
         details["failed_ids"] = list(failed_ids)
