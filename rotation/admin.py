@@ -20,8 +20,10 @@ from keyvault.console.admin_views import KEKAction, register_kek_actions, regist
 from keyvault.models import KeyEncryptionKey
 from rotation import permissions, services
 from rotation.admin_views import RotationRunViewsMixin, kek_rotation_panel, start_from_console
-from rotation.forms import EmergencyRotationForm, MigrateForm, RotationPolicyForm, StartRotationForm
-from rotation.models import RotationPolicy, RotationRun, format_period
+from rotation.forms import (
+    EmergencyRotationForm, MigrateForm, ProviderRateLimitForm, RotationPolicyForm, StartRotationForm,
+)
+from rotation.models import ProviderRateLimit, RotationPolicy, RotationRun, format_period
 
 CONSOLE_CSS = {"all": ("keyvault/console.css", "rotation/rotation.css")}
 
@@ -192,3 +194,57 @@ class RotationRunAdmin(RotationRunViewsMixin, admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None) -> bool:
         return False
+
+
+@admin.register(ProviderRateLimit)
+class ProviderRateLimitAdmin(admin.ModelAdmin):
+    """Rotation's cap per provider: changed here or with ``rotation rate-limit``, both through the service."""
+
+    form = ProviderRateLimitForm
+    list_display = ("provider", "cap_display", "allowed_display", "measured_display", "throttles")
+    fields = ("provider", "cap", "status_display")
+    readonly_fields = ("status_display",)
+    actions = None
+    show_facets = ShowFacets.NEVER
+
+    class Media:
+        css = CONSOLE_CSS
+
+    @staticmethod
+    def _status(obj: ProviderRateLimit):
+        return services.rate_limit_status(obj.provider)
+
+    @admin.display(description="cap (calls/s)")
+    def cap_display(self, obj: ProviderRateLimit):
+        limit = self._status(obj)
+        return f"{limit.cap:,} ({limit.cap_source})" if limit.cap else f"none ({limit.cap_source})"
+
+    @admin.display(description="allowed now (calls/s)")
+    def allowed_display(self, obj: ProviderRateLimit):
+        allowed = self._status(obj).allowed
+        return "no limit" if allowed is None else f"{allowed:,.0f}"
+
+    @admin.display(description="measured (calls/s)")
+    def measured_display(self, obj: ProviderRateLimit):
+        measured = self._status(obj).measured
+        return "—" if measured is None else f"{measured:,.0f}"
+
+    @admin.display(description="now")
+    def status_display(self, obj: ProviderRateLimit):
+        return self._status(obj).describe() if obj.provider else "—"
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False  # an empty cap returns to the default
+
+    def save_model(self, request, obj, form, change):
+        """Through the service: it locks the row, applies the cap to running batches and audits the change."""
+        saved = services.set_rate_limit(form.cleaned_data["provider"], form.cleaned_data["cap"],
+                                        actor=Actor.from_request(request))
+        obj.pk = saved.pk
+        obj.refresh_from_db()
+
+    def log_change(self, request, obj, message):
+        return None  # the audit log records the change (services.set_rate_limit), not admin's LogEntry
+
+    def log_addition(self, request, obj, message):
+        return None

@@ -202,6 +202,7 @@ def run_progress(run: RotationRun, *, now: datetime | None = None) -> dict:
         "retire_after": _iso(run.retire_after),
         "paused_reason": run.paused_reason,
         "last_error": run.last_error,
+        "rate_limits": [{**limit.as_dict(), "text": limit.describe()} for limit in services.rate_limits_for_run(run)],
         "actions": sorted(available_run_actions(run)),
         "steps": steps,
         "updated_at": now.isoformat(),
@@ -362,6 +363,8 @@ class RotationRunViewsMixin:
             "tick_form": TickStepForm() if user.has_perm(TICK_PERMISSION) else None,
             "events": events,
             "runbook": run_runbook(run),
+            "rate_limits_url": reverse(f"{site}:rotation_providerratelimit_changelist")
+            if user.has_perm("rotation.view_providerratelimit") else "",
             **(extra_context or {}),
         }
         request.current_app = site

@@ -9,10 +9,11 @@ from __future__ import annotations
 from datetime import timedelta
 
 from django import forms
+from django.conf import settings
 from django.core.exceptions import ValidationError
 
 from keyvault.models import KeyEncryptionKey
-from rotation.models import MIN_PERIOD, Approval, RotationPolicy, format_period, parse_period
+from rotation.models import MIN_PERIOD, Approval, ProviderRateLimit, RotationPolicy, format_period, parse_period
 
 
 def _text(label: str, help_text: str, *, required: bool = False, rows: int = 3) -> forms.CharField:
@@ -159,3 +160,20 @@ class RotationPolicyForm(forms.ModelForm):
         model = RotationPolicy
         fields = ("period", "grace_period", "approvals_required", "auto", "usage_threshold",
                   "window_weekdays", "window_start", "window_end")
+
+
+class ProviderRateLimitForm(forms.ModelForm):
+    """A provider's cap on rotation calls per second; the admin saves it through ``services.set_rate_limit``."""
+
+    provider = forms.ChoiceField(label="Provider", choices=())
+
+    class Meta:
+        model = ProviderRateLimit
+        fields = ("provider", "cap")
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        names = sorted(set(settings.KMS.get("providers", {})) | {self.instance.provider} - {""})
+        self.fields["provider"].choices = [(name, name) for name in names]
+        if self.instance.pk:
+            self.fields["provider"].disabled = True

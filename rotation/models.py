@@ -407,3 +407,49 @@ class OutboxMessage(models.Model):
 
     def __str__(self) -> str:
         return f"{self.task}{tuple(self.args)}"
+
+
+class ProviderRateLimit(models.Model):
+    """The rotation engine's shared budget of calls per second at one KMS provider, and its live state.
+
+    Every worker reserves from this row before a batch (``rotation.engine.ratelimit``), so
+    the cap holds across all of them. People change only ``cap`` (through
+    ``ratelimit.set_cap``, audited); the rest is the engine's bookkeeping.
+    """
+
+    provider = models.CharField(
+        "provider", max_length=64, unique=True, help_text="Provider name, as in HMD_KMS_PROVIDER (aws, gcp, vault …).",
+    )
+    cap = models.PositiveIntegerField(
+        "cap (calls/s)", null=True, blank=True,
+        help_text="Provider calls per second rotations may make, all workers together. Empty: the "
+        "HMD_ROTATION_RATE_LIMITS default; 0: no cap.",
+    )
+    factor = models.FloatField(
+        "share of the cap allowed", default=1.0,
+        help_text="Below 1 after the provider throttled rotation traffic; it grows back gradually.",
+    )
+    factor_since = models.FloatField("factor set at (epoch s)", default=0.0)
+    base_rate = models.FloatField(
+        "base rate", null=True, blank=True,
+        help_text="For a provider without a cap: the rate measured when it first throttled (what the factor scales).",
+    )
+    next_free_at = models.FloatField("next free slot (epoch s)", default=0.0)
+    blocked_until = models.FloatField("paused until (epoch s)", default=0.0)
+    throttles = models.PositiveIntegerField("throttling errors", default=0)
+    last_throttled_at = models.FloatField("last throttled (epoch s)", default=0.0)
+    window_started = models.FloatField("window started (epoch s)", default=0.0)
+    window_calls = models.FloatField("calls in the window", default=0.0)
+    measured_rate = models.FloatField("measured calls/s", null=True, blank=True)
+    updated_at = models.DateTimeField("updated", auto_now=True)
+
+    class Meta:
+        """One row per provider, made on first use or when a person sets a cap."""
+
+        verbose_name = "provider rate limit"
+        verbose_name_plural = "provider rate limits"
+        ordering = ["provider"]
+        default_permissions = ("add", "view", "change")
+
+    def __str__(self) -> str:
+        return f"rate limit of {self.provider}"

@@ -370,6 +370,13 @@ def policy_changed(target: Any, *, actor: Actor, changes: Mapping[str, Any]) -> 
                         details={name: str(value) if value is not None else None for name, value in changes.items()})
 
 
+@_emits(Action.POLICY_CHANGED)
+def rate_limit_changed(provider: str, *, actor: Actor, before: int | None, after: int | None, source: str) -> AuditEvent:
+    """Rotation's cap on calls per second at a provider changed (``None``: no cap; ``source``: where it now comes from)."""
+    return audit.record(Action.POLICY_CHANGED, actor=actor, target=("kms_provider", provider),
+                        details={"rate_limit": {"provider": provider, "cap": [before, after], "source": source}})
+
+
 @_emits(Action.ROTATION_STARTED)
 def rotation_started(target: Any, *, actor: Actor, run_id: int, kind: str, reason: str, incident_ref: str,
                      approvals_required: int | Omittable = OMITTED, destination: str | None | Omittable = OMITTED,
@@ -420,12 +427,14 @@ run_break_glass = _decision("run_break_glass", Action.ROTATION_BREAK_GLASS,
 
 @_emits(Action.ROTATION_BATCH)
 def batch_rewrapped(kek: KeyEncryptionKey, *, actor: Actor, run_id: int, first_id: int, last_id: int, rewrapped: int,
-                 failed_ids: Sequence[int] = (), failed_errors: Sequence[str] = ()) -> AuditEvent:
-    """A batch of a run's data keys was rewrapped (outcome failure, with ids and error names, if some were not)."""
+                 failed_ids: Sequence[int] = (), failed_errors: Sequence[str] = (),
+                 throttled: bool | Omittable = OMITTED) -> AuditEvent:
+    """A batch of a run's data keys was rewrapped (failure with ids and errors if some were not; throttled: cut short)."""
     details: dict[str, Any] = {"run_id": run_id, "first_id": first_id, "last_id": last_id, "rewrapped": rewrapped}
     if failed_ids:
         details["failed_ids"] = list(failed_ids)
         details["failed_errors"] = list(failed_errors)
+    details.update(_given(throttled=throttled))
     return audit.record(Action.ROTATION_BATCH, actor=actor, target=kek,
                         outcome=Outcome.FAILURE if failed_ids else Outcome.SUCCESS, details=details)
 

@@ -133,8 +133,11 @@ class DataKey(models.Model):
     shown in clear, like AWS KMS logs it in CloudTrail. Never put secrets in it.
     """
 
+    # No index of its own: datakey_kek_version_id starts with kek_id. Every index on DataKey
+    # costs a write per rewrapped row (a rewrap changes kek_version, so never a HOT update).
     kek = models.ForeignKey(
-        KeyEncryptionKey, on_delete=models.PROTECT, related_name="data_keys", verbose_name="key-encryption key"
+        KeyEncryptionKey, on_delete=models.PROTECT, related_name="data_keys", verbose_name="key-encryption key",
+        db_index=False,
     )
     kek_version = models.PositiveIntegerField(
         "KEK version", help_text="The KEK version that wrapped this data key (rotation moves it to the primary)."
@@ -149,20 +152,28 @@ class DataKey(models.Model):
     )
     purpose = models.CharField("purpose", max_length=200, blank=True, help_text="What the data key encrypts.")
     owner_ref = models.CharField(
-        "owner", max_length=255, blank=True, db_index=True,
+        "owner", max_length=255, blank=True,
         help_text="Who uses the key, e.g. app.model.field or an external id.",
     )
     created_at = models.DateTimeField("created", auto_now_add=True)
     last_rewrapped_at = models.DateTimeField("last rewrapped", null=True, blank=True)
 
     class Meta:
-        """Indexed for the rotation query (KEK, version below N, by id) and keyset paging."""
+        """Indexed for the rotation query (KEK, version below N, by id), keyset paging and exact owner lookups.
+
+        Nothing more: each index is one more write per row a rotation rewraps. ``owner_ref``
+        has a plain index (its lookups are exact), not the extra ``LIKE`` pattern index
+        ``db_index`` adds on PostgreSQL.
+        """
 
         verbose_name = "data key"
         verbose_name_plural = "data keys"
         ordering = ["-id"]
         default_permissions = ("add", "view")
-        indexes = [models.Index(fields=["kek", "kek_version", "id"], name="datakey_kek_version_id")]
+        indexes = [
+            models.Index(fields=["kek", "kek_version", "id"], name="datakey_kek_version_id"),
+            models.Index(fields=["owner_ref"], name="datakey_owner_ref"),
+        ]
         permissions = [("unwrap_datakey", "Can unwrap data keys")]
 
     def __str__(self) -> str:

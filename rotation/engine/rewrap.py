@@ -8,7 +8,9 @@ worker renews it before every batch, and a lease that runs out is taken over.
 
 from __future__ import annotations
 
+import json
 import random
+import time
 
 from django.conf import settings
 from django.db import connection, transaction
@@ -17,9 +19,9 @@ from django.utils import timezone
 
 from keyvault.audit import events
 from keyvault.keys import services as key_services
-from keyvault.kms import KMSError, ProviderUnavailable
+from keyvault.kms import EncryptResult, KMSError, RewrapItem, Throttled
 from keyvault.models import DataKey
-from rotation.engine import leases, states
+from rotation.engine import leases, ratelimit, states
 from rotation.engine.dispatch import dispatcher
 from rotation.engine.states import ENGINE
 from rotation.exceptions import RotationError
@@ -29,6 +31,10 @@ S = RotationRun.State
 
 #: Id-range partitions per round when HMD_ROTATION_PARTITIONS is not set.
 DEFAULT_PARTITIONS = 4
+#: The failure recorded for a data key whose ciphertext turned out to belong to another key.
+FOREIGN_CIPHERTEXT = "ForeignCiphertext"
+#: Tries of one batch while the provider throttles (each waits out its pause) before the task retries later.
+THROTTLED_ATTEMPTS = 5
 
 
 def fan_out(run: RotationRun, driver) -> int:
@@ -107,41 +113,117 @@ def rewrap_batch(run: RotationRun, *, driver, after: int, hi: int, batch_size: i
 
     Rows another worker holds are skipped (``SKIP LOCKED``); rows that moved to the
     target already no longer match. A data key the provider cannot open is counted
-    as failed and left on its old version (nothing is ever made unreadable).
+    as failed and left on its old version (nothing is ever made unreadable). The
+    provider calls go through the driver's bulk method, paced by the provider's rate
+    limit (:mod:`rotation.engine.ratelimit`); when the provider throttles, what was
+    rewrapped before is kept and the rest waits for the next batch.
+
+    :raises Throttled: the provider kept refusing for its quota (the task retries later).
+    :raises ProviderUnavailable: the provider is down (nothing of this batch is written).
     """
     source = key_services.provider_for(run.kek)
     destination_kek = driver.destination_kek(run)
     destination = key_services.provider_for(destination_kek)
+    costs = driver.operation_costs(run, source, destination)
+    deadline = time.time() + max_slot_wait()
+    for _ in range(THROTTLED_ATTEMPTS):
+        grant = ratelimit.reserve(costs, batch_size)
+        if grant.ready_at(0) > deadline:  # a long pause asked by the provider: the task retries later instead
+            ratelimit.release(grant, 0)
+            delay = grant.ready_at(0) - time.time()
+            raise Throttled(f"rotation paused for {delay:.0f} s at the provider's request", retry_after=delay)
+        grant.wait_for(0)  # before the transaction: waiting for a slot holds no locks
+        handled = 0
+        try:
+            handled, last, throttle = _rewrap_locked(run, driver, source, destination, destination_kek,
+                                                     after=after, hi=hi, grant=grant)
+            if throttle is not None:  # before the release: the rate that was refused is still counted
+                ratelimit.throttled(costs, retry_after=throttle.retry_after)
+        finally:
+            ratelimit.release(grant, handled)
+        if throttle is None or handled:
+            return handled, last
+    raise throttle
+
+
+def max_slot_wait() -> float:
+    """How long one batch may wait for its provider's slots in all: a third of a partition lease.
+
+    The lease is renewed before each batch, so a batch that waited longer would lose its
+    partition to another worker; a longer pause goes back to the task's retry instead.
+    """
+    return settings.ROTATION_LEASE_SECONDS / 3
+
+
+def _rewrap_locked(run, driver, source, destination, destination_kek, *, after: int, hi: int, grant):
+    """The transaction of :func:`rewrap_batch`: (rows handled, last id, the Throttled that cut it short or None)."""
     now = timezone.now()
     with transaction.atomic():
-        rows = list(
-            driver.remaining(run).filter(id__gt=after, id__lt=hi).order_by("id")
-            .select_for_update(skip_locked=True)
-            .values_list("id", "wrapped_key", "encryption_context")[:batch_size]
-        )
+        rows = _locked_rows(driver.remaining(run).filter(id__gt=after, id__lt=hi).order_by("id")
+                            .select_for_update(skip_locked=True)
+                            .values_list("id", "wrapped_key", "encryption_context")[:grant.rows])
         if not rows:
-            return 0, hi
+            return 0, hi, None
+        items = [RewrapItem(wrapped, context) for _, wrapped, context in rows]
+        outcomes, throttle = _rewrap_paced(run, driver, source, destination, items, grant)
+        if not outcomes:
+            return 0, after, throttle
+        rows = rows[:len(outcomes)]
         updates, failures = [], []
-        for pk, wrapped, context in rows:
-            try:
-                result = driver.rewrap_one(run, source, destination, bytes(wrapped), context)
-            except ProviderUnavailable:
-                raise
-            except KMSError as exc:
-                failures.append((pk, type(exc).__name__))
-                continue
-            updates.append((pk, result.ciphertext, result.key_version, context))
+        expected_key = destination_kek.provider_key_id
+        for (pk, _, context), outcome in zip(rows, outcomes):
+            if isinstance(outcome, KMSError):
+                failures.append((pk, type(outcome).__name__))
+            elif outcome.key_id != expected_key:
+                failures.append((pk, FOREIGN_CIPHERTEXT))  # the row held another key's ciphertext: left as it is
+            else:
+                updates.append((pk, outcome.ciphertext, outcome.key_version, context))
         if updates:
             _verify_sample(destination, destination_kek, updates)
-            _bulk_write(updates, now, kek_id=destination_kek.pk)
+            _bulk_write(updates, now, kek_id=destination_kek.pk, moves=destination_kek.pk != run.kek_id)
         RotationRun.objects.filter(pk=run.pk).update(
             rewrapped=F("rewrapped") + len(updates), failed_deks=F("failed_deks") + len(failures),
             heartbeat_at=now, paused_reason="",
         )
         events.batch_rewrapped(run.kek, actor=ENGINE, run_id=run.pk, first_id=rows[0][0], last_id=rows[-1][0],
                                rewrapped=len(updates), failed_ids=[pk for pk, _ in failures[:20]],
-                               failed_errors=sorted({name for _, name in failures}))
-    return len(rows), rows[-1][0]
+                               failed_errors=sorted({name for _, name in failures}),
+                               **({"throttled": True} if throttle is not None else {}))
+    return len(rows), rows[-1][0], throttle
+
+
+def _locked_rows(queryset) -> list[tuple[int, bytes, dict]]:
+    """The batch's (id, wrapped key, context) rows, read with the queryset's own SQL.
+
+    A plain cursor, not the ORM's row conversion: that costs several times the read
+    itself per row, and a batch reads thousands.
+    """
+    sql, params = queryset.query.sql_with_params()
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return [(pk, bytes(wrapped), json.loads(context) if isinstance(context, str) else context)
+                for pk, wrapped, context in cursor.fetchall()]
+
+
+def _rewrap_paced(run, driver, source, destination, items, grant) -> tuple[list, Throttled | None]:
+    """The driver's bulk rewrap over ``items``, in chunks paced by the grant.
+
+    Returns the outcomes (aligned with the first items) and, if the provider throttled,
+    the error that stopped it: the items after the last outcome were not rewrapped.
+    """
+    outcomes: list = []
+    step = grant.chunk_rows(len(items))
+    for start in range(0, len(items), step):
+        chunk = items[start:start + step]
+        grant.wait_for(start)
+        try:
+            results = driver.rewrap_many(run, source, destination, chunk)
+        except Throttled as exc:
+            return outcomes, exc
+        if len(results) != len(chunk) or not all(isinstance(r, (EncryptResult, KMSError)) for r in results):
+            raise RotationError(f"{source.name}: rewrap_many returned {len(results)} results for {len(chunk)} items")
+        outcomes.extend(results)
+    return outcomes, None
 
 
 def _verify_sample(provider, kek, updates) -> None:
@@ -152,23 +234,39 @@ def _verify_sample(provider, kek, updates) -> None:
         raise RotationError(f"verification of data key #{pk} failed: provider reports another key or version")
 
 
-def _bulk_write(updates, now, *, kek_id: int) -> None:
-    """One UPDATE for the batch (PostgreSQL: ``UPDATE … FROM (VALUES …)``), never a save() per row."""
+#: Per-connection scratch table of the PostgreSQL write (emptied at every commit).
+REWRAPPED_TABLE = "kv_rewrapped"
+
+
+def _bulk_write(updates, now, *, kek_id: int, moves: bool = True) -> None:
+    """Write the batch's new wrapped keys in one UPDATE, never a save() per row.
+
+    PostgreSQL: binary ``COPY`` of (id, wrapped key, version) into a temporary table and
+    one ``UPDATE … FROM`` it — no SQL text to build or parse per row. ``kek_id`` is
+    written only when data keys move to another KEK (a migration).
+    """
     table = DataKey._meta.db_table
-    if connection.vendor == "postgresql":
-        values = ", ".join(["(%s::bigint, %s::bytea, %s::integer)"] * len(updates))
-        params = [p for pk, blob, version, _ in updates for p in (pk, blob, version)]
-        with connection.cursor() as cursor:
+    kek_column = "kek_id = %s, " if moves else ""
+    kek_param = [kek_id] if moves else []
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute(f"CREATE TEMP TABLE IF NOT EXISTS {REWRAPPED_TABLE} (id bigint, w bytea, ver integer) "
+                           "ON COMMIT DELETE ROWS")
+            # Empty already after each commit; not when batches share an outer transaction (tests, drive()).
+            cursor.execute(f"DELETE FROM {REWRAPPED_TABLE}")
+            with cursor.cursor.copy(f"COPY {REWRAPPED_TABLE} (id, w, ver) FROM STDIN (FORMAT BINARY)") as copy:
+                copy.set_types(["int8", "bytea", "int4"])
+                for pk, blob, version, _ in updates:
+                    copy.write_row((pk, blob, version))
             cursor.execute(
-                f"UPDATE {table} AS d SET wrapped_key = v.w, kek_version = v.ver, kek_id = %s, last_rewrapped_at = %s "
-                f"FROM (VALUES {values}) AS v(id, w, ver) WHERE d.id = v.id",
-                [kek_id, now, *params],
+                f"UPDATE {table} AS d SET wrapped_key = r.w, kek_version = r.ver, {kek_column}last_rewrapped_at = %s "
+                f"FROM {REWRAPPED_TABLE} AS r WHERE d.id = r.id",
+                [*kek_param, now],
             )
-    else:
-        with connection.cursor() as cursor:
+        else:
             cursor.executemany(
-                f"UPDATE {table} SET wrapped_key = %s, kek_version = %s, kek_id = %s, last_rewrapped_at = %s WHERE id = %s",
-                [(blob, version, kek_id, now, pk) for pk, blob, version, _ in updates],
+                f"UPDATE {table} SET wrapped_key = %s, kek_version = %s, {kek_column}last_rewrapped_at = %s WHERE id = %s",
+                [(blob, version, *kek_param, now, pk) for pk, blob, version, _ in updates],
             )
 
 

@@ -58,6 +58,7 @@ def flaky_provider(settings, tmp_path):
         "keyring_path": str(tmp_path / "flaky.keyring"),
         "master_key": settings.LOCAL_KMS_MASTER_KEY,
         "outage_flag": str(flag),
+        "throttle_flag": str(tmp_path / "throttle"),
     }
     with override_settings(KMS=kms):
         yield flag

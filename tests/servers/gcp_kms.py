@@ -795,6 +795,9 @@ class CloudKMSEmulator:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # A connection per request (HTTP/1.0) from a client's pool of requests in flight: socketserver's
+    # backlog of 5 drops the rest of a burst, and they reconnect only after a second (a 1 s timeout fails).
+    request_queue_size = 128
     emulator: CloudKMSEmulator
 
 

@@ -9,6 +9,7 @@ import contextlib
 import json
 import time
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import CommandError
 
@@ -60,6 +61,7 @@ def run_summary(run: RotationRun) -> dict:
         "retire_after": run.retire_after.isoformat() if run.retire_after else None,
         "paused_reason": run.paused_reason,
         "last_error": run.last_error,
+        "rate_limits": [limit.as_dict() for limit in services.rate_limits_for_run(run)],
         "approvals": [
             {"approver": a.approver.get_username(), "decision": a.decision, "break_glass": a.break_glass}
             for a in run.approvals.select_related("approver")
@@ -134,8 +136,14 @@ class Command(KeyvaultCommand):
 
         sub.add_parser("sweep", help="Run the beat sweep once now (what Celery beat does every minute).")
 
+        limit = sub.add_parser("rate-limit", help="Show or change rotation's cap on calls per second at a provider.")
+        limit.add_argument("--provider", help="Provider name (aws, gcp, vault …); default: every configured one.")
+        change = limit.add_mutually_exclusive_group()
+        change.add_argument("--cap", type=int, help="Calls per second, all workers together; 0: no cap.")
+        change.add_argument("--default", action="store_true", help="Back to the HMD_ROTATION_RATE_LIMITS default.")
+
     def handle(self, *args, subcommand, **options):
-        return getattr(self, "_" + subcommand)(options)
+        return getattr(self, "_" + subcommand.replace("-", "_"))(options)
 
     def _user(self, options):
         username = options.get("user")
@@ -193,6 +201,8 @@ class Command(KeyvaultCommand):
             f"  rewrapped {summary['rewrapped']}/{summary['total']} ({summary['percent']}%), failed {summary['failed']}\n"
             f"  versions v{summary['previous_version']} -> v{summary['target_version']}, coverage {summary['coverage']}"
         )
+        for limit in services.rate_limits_for_run(run_numbered(options["run_id"])):
+            self.stdout.write(f"  rate limit {limit.describe()}")
         if summary["last_error"]:
             self.stdout.write(f"  last error: {summary['last_error']}")
 
@@ -262,6 +272,20 @@ class Command(KeyvaultCommand):
         )
         for warning in policy.warnings():
             self.stderr.write(f"warning: {warning}")
+
+    def _rate_limit(self, options):
+        provider = options["provider"]
+        if options["cap"] is not None or options["default"]:
+            if not provider:
+                raise CommandError("say which provider: --provider NAME")
+            try:
+                services.set_rate_limit(provider, None if options["default"] else options["cap"],
+                                        actor=self.actor(options))
+            except ValueError as exc:
+                raise CommandError(str(exc)) from None
+        names = [provider] if provider else sorted(settings.KMS.get("providers", {}))
+        for name in names:
+            self.stdout.write(services.rate_limit_status(name).describe())
 
     def _sweep(self, options):
         started = services.dispatch_due_rotations()

@@ -61,6 +61,10 @@
     root.querySelectorAll('[data-field="eta"]').forEach(function (node) { node.textContent = formatEta(data.eta_seconds); });
     setMessage(root, "paused_reason", data.paused_reason);
     setMessage(root, "last_error", data.last_error);
+    (data.rate_limits || []).forEach(function (limit) {
+      var item = root.querySelector('[data-rate-limit="' + limit.provider + '"]');
+      if (item) { item.textContent = limit.text; }
+    });
     var state = document.getElementById("kv-run-state");
     if (state) {
       state.textContent = data.state_label;
