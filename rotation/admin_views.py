@@ -203,6 +203,7 @@ def run_progress(run: RotationRun, *, now: datetime | None = None) -> dict:
         "paused_reason": run.paused_reason,
         "last_error": run.last_error,
         "rate_limits": [{**limit.as_dict(), "text": limit.describe()} for limit in services.rate_limits_for_run(run)],
+        "partitions": services.partition_overview(run.pk, now=now).as_dict(),
         "actions": sorted(available_run_actions(run)),
         "steps": steps,
         "updated_at": now.isoformat(),

@@ -14,6 +14,7 @@ from rotation.engine.dispatch import dispatcher
 from rotation.engine.drivers.secret import repointed_event
 from rotation.engine.policies import POLICY_FIELDS, create_kek_with_policy, ensure_policy, policy_of
 from rotation.engine.ratelimit import RateStatus
+from rotation.engine.leases import overview as partition_overview
 from rotation.engine.ratelimit import for_run as rate_limits_for_run
 from rotation.engine.ratelimit import set_cap as set_rate_limit
 from rotation.engine.ratelimit import status as rate_limit_status
@@ -53,7 +54,7 @@ __all__ = [
     "TERMINAL", "TRANSITIONS", "approvals_required", "cancel", "check_secret_change", "check_secret_references",
     "create_kek_with_policy", "decide", "dispatch", "dispatch_due_rotations", "drive", "due_policies", "enqueue_run", "ensure_policy",
     "ensure_secret_policy", "execute_run", "fan_out", "flag_expiring_secrets", "inline_dispatch", "is_break_glass",
-    "mark_paused", "note_pause", "policy_of", "provide_secret_value", "rate_limit_status", "rate_limits_for_run",
+    "mark_paused", "note_pause", "partition_overview", "policy_of", "provide_secret_value", "rate_limit_status", "rate_limits_for_run",
     "recover", "refresh_secret", "register_secret", "repointed_event", "set_rate_limit",
     "require_run_permission", "resume", "resume_stalled_runs", "rewrap_batch", "rewrap_partition", "rollback",
     "secrets_needing_attention", "start_due_secret_rotations", "start_run", "tick", "tick_manual_step",

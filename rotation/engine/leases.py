@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.conf import settings
@@ -141,3 +142,81 @@ def reset_for_redispatch(partition: RewrapPartition, *, now: datetime) -> bool:
         owner="", lease_expires_at=now + lease_period(),
         takeovers=F("takeovers") + _one_if(~Q(owner="")),
     ))
+
+
+# -- read-only view: the run page and ``manage.py rotation status`` -------------------
+
+#: Open partitions listed one by one; a run has a handful (DEFAULT_PARTITIONS), so this only bounds the odd big run.
+PARTITIONS_SHOWN = 50
+EXPIRED_LABEL = "expired \N{EM DASH} will be taken over"
+UNTAKEN_LABEL = "not taken yet"
+
+
+@dataclass(frozen=True)
+class PartitionView:
+    """One open partition as people see it; ``owner`` comes from workers, so every page escapes it."""
+
+    id: int
+    lo: int
+    hi: int
+    owner: str
+    lease_expires_at: datetime | None
+    lease_expired: bool
+    handled: int
+    size: int
+    takeovers: int
+
+    @property
+    def lease_label(self) -> str:
+        if self.lease_expired:
+            return EXPIRED_LABEL
+        return f"until {self.lease_expires_at:%Y-%m-%d %H:%M:%S}" if self.lease_expires_at else "\N{EM DASH}"
+
+    @property
+    def progress_label(self) -> str:
+        percent = 100.0 * self.handled / self.size if self.size > 0 else 100.0
+        return f"{self.handled}/{self.size} ids ({percent:.0f}%)"
+
+    def as_dict(self) -> dict:
+        return {
+            "id": self.id, "lo": self.lo, "hi": self.hi, "owner": self.owner or None,
+            "owner_label": self.owner or UNTAKEN_LABEL,
+            "lease_expires_at": self.lease_expires_at.isoformat() if self.lease_expires_at else None,
+            "lease_expired": self.lease_expired, "lease_label": self.lease_label, "cursor_handled": self.handled,
+            "size": self.size, "progress_label": self.progress_label, "takeovers": self.takeovers,
+        }
+
+
+@dataclass(frozen=True)
+class PartitionOverview:
+    done: int
+    open: int
+    shown: list[PartitionView]
+
+    @property
+    def summary(self) -> str:
+        return f"{self.done} done, {self.open} open"
+
+    def as_dict(self) -> dict:
+        return {"done": self.done, "open": self.open, "summary": self.summary,
+                "open_partitions": [view.as_dict() for view in self.shown]}
+
+
+def _view(partition: RewrapPartition, now: datetime) -> PartitionView:
+    expires = partition.lease_expires_at
+    return PartitionView(
+        id=partition.pk, lo=partition.lo, hi=partition.hi, owner=partition.owner, lease_expires_at=expires,
+        lease_expired=expires is not None and expires < now,
+        handled=max(0, min(partition.cursor + 1, partition.hi) - partition.lo), size=partition.hi - partition.lo,
+        takeovers=partition.takeovers,
+    )
+
+
+def overview(run_id: int, *, now: datetime | None = None) -> PartitionOverview:
+    """Counts of a run's done and open partitions, and its open ones (id range, owner, lease, cursor)."""
+    now = now or timezone.now()
+    partitions = RewrapPartition.objects.filter(run_id=run_id)
+    open_ones = list(open_partitions(run_id).order_by("lo")[:PARTITIONS_SHOWN])
+    total = partitions.count()
+    open_count = open_partitions(run_id).count() if len(open_ones) == PARTITIONS_SHOWN else len(open_ones)
+    return PartitionOverview(done=total - open_count, open=open_count, shown=[_view(p, now) for p in open_ones])

@@ -62,6 +62,7 @@ def run_summary(run: RotationRun) -> dict:
         "paused_reason": run.paused_reason,
         "last_error": run.last_error,
         "rate_limits": [limit.as_dict() for limit in services.rate_limits_for_run(run)],
+        "partitions": services.partition_overview(run.pk).as_dict(),
         "approvals": [
             {"approver": a.approver.get_username(), "decision": a.decision, "break_glass": a.break_glass}
             for a in run.approvals.select_related("approver")
@@ -203,6 +204,11 @@ class Command(KeyvaultCommand):
         )
         for limit in services.rate_limits_for_run(run_numbered(options["run_id"])):
             self.stdout.write(f"  rate limit {limit.describe()}")
+        partitions = summary["partitions"]
+        self.stdout.write(f"  partitions: {partitions['summary']}")
+        for part in partitions["open_partitions"]:
+            self.stdout.write(f"    #{part['id']} ids [{part['lo']}, {part['hi']}) {part['owner_label']!r}: "
+                              f"lease {part['lease_label']}, {part['progress_label']}")
         if summary["last_error"]:
             self.stdout.write(f"  last error: {summary['last_error']}")
 

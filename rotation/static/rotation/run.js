@@ -47,6 +47,29 @@
     });
   }
 
+  function updatePartitions(root, partitions) {
+    // Owners come from workers: cells are filled with textContent, never HTML.
+    if (!partitions) { return; }
+    setText(root, "partitions_summary", partitions.summary);
+    var table = document.getElementById("kv-partitions");
+    if (!table) { return; }
+    var body = table.querySelector("tbody");
+    body.replaceChildren();
+    partitions.open_partitions.forEach(function (part) {
+      var row = document.createElement("tr");
+      row.className = "kv-partition" + (part.lease_expired ? " kv-lease-expired" : "");
+      [[part.id, ""], ["[" + part.lo + ", " + part.hi + ")", ""], [part.owner_label, "kv-partition-owner"],
+        [part.lease_label, "kv-partition-lease"], [part.progress_label, ""]].forEach(function (cellSpec) {
+        var cell = document.createElement("td");
+        cell.textContent = String(cellSpec[0]);
+        if (cellSpec[1]) { cell.className = cellSpec[1]; }
+        row.appendChild(cell);
+      });
+      body.appendChild(row);
+    });
+    table.hidden = partitions.open_partitions.length === 0;
+  }
+
   function update(root, data) {
     var bar = document.getElementById("kv-progress-bar");
     if (bar) { bar.value = data.percent; bar.textContent = data.percent + "%"; }
@@ -75,6 +98,7 @@
     root.querySelectorAll("[data-run-action]").forEach(function (node) {
       node.hidden = data.actions.indexOf(node.getAttribute("data-run-action")) < 0;
     });
+    updatePartitions(root, data.partitions);
     updateSteps(data.steps);
   }
 
