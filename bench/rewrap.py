@@ -2,6 +2,7 @@
 """Bulk rewrap throughput of the rotation engine against a hand-written floor (Keyvault issues 4 and 14).
 
     .venv/bin/python bench/rewrap.py [--provider local|vault|aws|gcp] [--n N] [--rounds R] [--keep]
+    .venv/bin/python bench/rewrap.py --kill N [--n 30000]     # worker-kill mode, see bench/_workerkill.py
 
 Every mode: a fresh PostgreSQL database (default ``kv_bench_rewrap``), ``manage.py migrate``,
 one KEK made through ``keyvault.keys.services.create_kek`` at the provider, its rotation
@@ -55,6 +56,8 @@ LOCAL_X2_TARGET = 1_000_000 / 20
 #: Informational since issue 14: on a quiet disk the naive loop commits fast enough that no rewrap reaches it.
 ENGINE_VS_NAIVE_INFO = 30.0
 DEFAULT_N = {"local": 1_000_000, "vault": 20_000, "aws": 1_000, "gcp": 1_000}
+#: Worker-kill mode (issue 14): a 30k-DEK rotation on two workers.
+KILL_N = 30_000
 DEFAULT_ROUNDS = {"local": 1, "vault": 3, "aws": 3, "gcp": 3}
 
 
@@ -264,12 +267,16 @@ def parse_args() -> argparse.Namespace:
                         "(default: the product's default)")
     parser.add_argument("--partitions", type=int, default=None, help="HMD_ROTATION_PARTITIONS for the engine "
                         "(default: the product's default)")
+    parser.add_argument("--kill", type=int, default=0, metavar="N", help="worker-kill mode (local only): an "
+                        "undisturbed rotation, then one with a worker SIGKILLed N times (default --n 30 000)")
     parser.add_argument("--db", default="kv_bench_rewrap", help="PostgreSQL database (dropped and recreated)")
     parser.add_argument("--redis-url", default=REDIS_URL, help="Celery broker (its DB is flushed at start and end)")
     parser.add_argument("--data-dir", help="data folder (default: a temporary folder, removed at the end)")
     parser.add_argument("--keep", action="store_true", help="leave the database and data folder in place")
     args = parser.parse_args()
-    args.n = args.n or DEFAULT_N[args.provider]
+    if args.kill and args.provider != "local":
+        parser.error("--kill runs on the local provider only")
+    args.n = args.n or (KILL_N if args.kill else DEFAULT_N[args.provider])
     args.rounds = args.rounds or DEFAULT_ROUNDS[args.provider]
     return args
 
@@ -413,6 +420,10 @@ def main() -> int:
                 load_s = load_data_keys(args.db, kek, args.n)
             check_all_on(kek, 1, args.n, sample=200 if remote is None else 20)
 
+            if args.kill:
+                from bench import _workerkill
+
+                return 0 if _workerkill.measure(args, env, data_dir, kek, timeout) else 1
             rates = {"floor": [], "engine x1": [], "engine x2": [], "naive": []}
             if remote:
                 seconds = measure_remote(args, env, data_dir, kek, remote, rates, timeout)
