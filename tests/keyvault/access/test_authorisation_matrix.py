@@ -206,6 +206,15 @@ def migration_destination(world):
     return {"destination": str(services.create_kek(name="delta", actor=Actor.system("tests")).pk), "reason": "matrix"}
 
 
+def local_rate_limit(world):
+    from keyvault.audit import Actor
+    from rotation import services as rotation
+
+    if not hasattr(world, "local_rate_limit"):
+        world.local_rate_limit = rotation.set_rate_limit("local", 300, actor=Actor.system("matrix"))
+    return world.local_rate_limit.pk
+
+
 def policy_settings(world):
     return {"period": "90d", "grace_period": "7d", "approvals_required": "1", "auto": "on", "usage_threshold": "",
             "window_weekdays": "", "window_start": "", "window_end": ""}
@@ -302,6 +311,15 @@ MATRIX: tuple[Row, ...] = (
     Row("policy page", "GET", admin_url("rotation_rotationpolicy_change", alpha_policy), VIEW),
     Row("policy change", "POST", admin_url("rotation_rotationpolicy_change", alpha_policy), ADMIN_POST, policy_settings),
     Row("add policy", "GET", admin_url("rotation_rotationpolicy_add"), NOBODY),
+    Row("rate limit list", "GET", admin_url("rotation_providerratelimit_changelist"), VIEW),
+    Row("rate limit page", "GET", admin_url("rotation_providerratelimit_change", local_rate_limit), VIEW),
+    Row("rate limit change", "POST", admin_url("rotation_providerratelimit_change", local_rate_limit), ADMIN_POST,
+        lambda w: {"provider": "local", "cap": "200"}),
+    Row("add rate limit form", "GET", admin_url("rotation_providerratelimit_add"), ADMIN_GET),
+    Row("add rate limit", "POST", admin_url("rotation_providerratelimit_add"), ADMIN_POST,
+        lambda w: {"provider": "local", "cap": "100"}),
+    Row("delete rate limit", "POST", admin_url("rotation_providerratelimit_delete", local_rate_limit), NOBODY,
+        lambda w: {"post": "yes"}),
     Row("delete policy", "POST", admin_url("rotation_rotationpolicy_delete", alpha_policy), NOBODY,
         lambda w: {"post": "yes"}),
     # reports and SIEM consumers (keyvault.console.report_views, keyvault.audit.siem)
