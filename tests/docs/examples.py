@@ -53,8 +53,9 @@ class Block:
         return f"{self.path.relative_to(ROOT)}:{self.line}"
 
 
-def blocks(path: Path) -> list[Block]:
-    text = path.read_text()
+def blocks(path: Path, text: str | None = None) -> list[Block]:
+    """The fenced blocks of ``path`` (or of ``text``, read as if it were that file)."""
+    text = path.read_text() if text is None else text
     found = []
     for match in FENCE.finditer(text):
         line = text.count("\n", 0, match.start()) + 1
