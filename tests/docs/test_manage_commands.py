@@ -157,3 +157,21 @@ def test_an_angled_placeholder_is_a_value_not_a_redirection(tmp_path):
     bad = _doc(tmp_path, "`manage.py rotation policy --kek <kek> --approvals`\n")
 
     assert len(bad) == 1 and "argument --approvals: expected one argument" in bad[0]
+
+
+def test_the_rotation_cli_synopsis_names_every_subcommand():
+    import argparse
+
+    from django.core.management import load_command_class
+
+    # given the subcommands `manage.py rotation` really has
+    parser = load_command_class("rotation", "rotation").create_parser("manage.py", "rotation")
+    real = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+    # when key-rotation.md's one-line synopsis of the CLI is read
+    found = invocations_in_markdown(ROOT / "docs" / "ops" / "key-rotation.md")
+    synopses = [item for item in found if isinstance(item, Invocation) and item.synopsis and item.argv[0] == "rotation"]
+
+    # then it lists them all (the checker already refuses any it lists that do not exist)
+    assert len(synopses) == 1
+    assert set(synopses[0].argv[1].split(commands.ALT)) == set(real)
