@@ -23,6 +23,8 @@ In ``docs/**/*.md`` and ``README.md``:
   the real argparse parser of that command (``tests/docs/commands.py``,
   ``tests/docs/test_manage_commands.py``), so a ``shell`` block or a sentence cannot name a
   subcommand or a flag that does not exist.
+- the Python snippets of ``keyvault/kms/README.md`` run, each against the backend its fence
+  names (``python local``, ``python aws`` …; ``tests/docs/test_kms_readme.py``).
 """
 
 from __future__ import annotations
