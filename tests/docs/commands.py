@@ -5,7 +5,8 @@ Where commands are looked for (:func:`documents`): ``docs/**/*.md``, ``README.md
 shell (``console``, ``shell``, ``sh``, ``bash``, untagged), in YAML blocks (a list such as
 ``command: ["python", "manage.py", "rotation", "sweep"]``) and in inline ``code`` spans of the
 prose; and the runbooks once more *as the console renders them* (``Runbook.html()``, the
-panel beside each action), so what an operator copies from the console is what is checked.
+panel beside each action), so what an operator copies from the console is what is checked;
+and the ``<code>`` elements of the console's own templates (:func:`console_templates`).
 
 How a line is read (:func:`invocations_in_shell`): continuation lines (``\\``) are joined,
 heredoc bodies skipped, ``$(…)`` substitutions checked on their own and replaced by a
@@ -327,6 +328,27 @@ def invocations_in_rendered_runbook(slug: str, rendered_html: str, source: Path)
             if isinstance(invocation, Invocation):
                 invocation = Invocation(where, invocation.argv, invocation.synopsis)
             found.append(invocation)
+    return found
+
+
+def console_templates() -> list[Path]:
+    """The console's own templates that name a ``manage.py`` command (in ``<code>``)."""
+    found = [*(ROOT / "keyvault").rglob("templates/**/*.html"), *(ROOT / "rotation").rglob("templates/**/*.html")]
+    return sorted(path for path in found if "manage.py" in path.read_text())
+
+
+def invocations_in_template(path: Path) -> list[Invocation | Problem]:
+    """Invocations in the ``<code>`` elements of a console template, located by line."""
+    text = path.read_text()
+    parser = _CodeText()
+    parser.feed(text)
+    lines = text.splitlines()
+    found: list[Invocation | Problem] = []
+    for code in parser.codes:
+        if "manage.py" in code:
+            first = code.strip().splitlines()[0]
+            line = next((n for n, source in enumerate(lines, 1) if first in source), 0)
+            found += invocations_in_line(html.unescape(code), f"{_rel(path)}:{line}", strict=True)
     return found
 
 

@@ -32,6 +32,15 @@ def test_every_manage_py_command_of_a_runbook_parses_as_the_console_renders_it(s
     assert bad == [], "manage.py would refuse (console runbook panel):\n" + "\n".join(bad)
 
 
+@pytest.mark.parametrize("template", commands.console_templates(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_manage_py_command_a_console_page_shows_parses(template):
+    found = commands.invocations_in_template(template)
+
+    assert found, f"{template} names manage.py but no command was read from it"
+    bad = failures(found)
+    assert bad == [], "manage.py would refuse (console page):\n" + "\n".join(bad)
+
+
 def _argvs(found) -> set[str]:
     return {" ".join(item.argv) for item in found if isinstance(item, Invocation)}
 
