@@ -21,10 +21,10 @@ are then not demanded, as a synopsis leaves them out).
 How it is checked (:func:`check`): the name must be a Django command of this project
 (``get_commands()``), and the words after it must parse with that command's own parser
 (``load_command_class(app, name).create_parser("manage.py", name)``): subcommands and flags
-exist, required arguments are there, typed values convert. Names in capitals (``NAME``,
-``RUN_ID``), ``<kek>``, ``$KEK``/``${KEK}``, ``…``/``...`` and a ``$(…)`` result are
-placeholders: accepted wherever a value goes, even where the parser wants an int or one of
-a few choices — but never as a subcommand name.
+exist and are spelt out (no abbreviations), required arguments are there, typed values
+convert. Names in capitals (``NAME``, ``RUN_ID``), ``<kek>``, ``$KEK``/``${KEK}``,
+``…``/``...`` and a ``$(…)`` result are placeholders: accepted wherever a value goes, even
+where the parser wants an int or one of a few choices — but never as a subcommand name.
 """
 
 from __future__ import annotations
@@ -390,8 +390,13 @@ def _parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParse
 
 
 def _loosen(parser: argparse.ArgumentParser, *, synopsis: bool) -> None:
-    """Accept placeholders as values; for a synopsis, also demand no required argument."""
+    """Accept placeholders as values; for a synopsis, also demand no required argument.
+
+    Abbreviated flags (``--witnes`` for ``--witness``) are refused: argparse would take them,
+    but a later flag with the same prefix would break the doc.
+    """
     for each in _parsers(parser):
+        each.allow_abbrev = False
         for action in each._actions:
             if isinstance(action, argparse._SubParsersAction):
                 action.required = action.required and not synopsis  # subcommands must still exist

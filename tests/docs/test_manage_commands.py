@@ -184,3 +184,9 @@ def test_the_rotation_cli_synopsis_names_every_subcommand():
     # then it lists them all (the checker already refuses any it lists that do not exist)
     assert len(synopses) == 1
     assert set(synopses[0].argv[1].split(commands.ALT)) == set(real)
+
+
+def test_an_abbreviated_flag_is_reported(tmp_path):
+    bad = _doc(tmp_path, "```shell\npython manage.py audit verify --witnes s3://bucket/prod/\n```\n")
+
+    assert len(bad) == 1 and "unrecognized arguments: --witnes" in bad[0]
