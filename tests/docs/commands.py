@@ -287,7 +287,7 @@ def invocations_in_markdown(path: Path, text: str | None = None) -> list[Invocat
             if prose.split("\n")[line - 1].lstrip().startswith("|"):
                 span = span.replace("\\|", "|")  # a table cell escapes its pipes, even in code (GFM)
             found += invocations_in_line(span.replace("\n", " "), f"{_rel(path)}:{line}", strict=True)
-    return found
+    return sorted(found, key=lambda item: int(item.where.rsplit(":", 1)[1]))  # in reading order
 
 
 class _CodeText(HTMLParser):
