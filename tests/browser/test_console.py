@@ -153,3 +153,27 @@ def test_schedule_deletion_asks_for_the_key_name(login_as, shots):
     shots(admin, "scheduled")
     kek.refresh_from_db()
     assert kek.state == KeyEncryptionKey.State.PENDING_DELETION
+
+
+def test_the_runbook_panel_wraps_long_commands_instead_of_cutting_them_off(login_as, shots):
+    from keyvault.audit import Actor
+    from keyvault.keys import services as key_services
+
+    # given the emergency rotation form, whose runbook shows a long command
+    kek = key_services.create_kek(name="payments", actor=Actor.system("bootstrap"))
+    admin = login_as("administrator")
+    admin.goto(f"/keyvault/keyencryptionkey/{kek.pk}/change/")
+    admin.click(".object-tools >> text=Emergency rotate")
+    panel = admin.locator("aside.kv-runbook")
+    expect(panel).to_contain_text("Runbook: Emergency KEK rotation")
+    shots(admin, "emergency-runbook")
+
+    # then every command block fits the panel: nothing hidden past its right edge
+    blocks = panel.locator("pre")
+    assert blocks.count() >= 1
+    for index in range(blocks.count()):
+        block = blocks.nth(index)
+        assert "manage.py" in block.inner_text()
+        overflow = block.evaluate("el => [el.scrollWidth, el.clientWidth, el.getBoundingClientRect().right]")
+        panel_right = panel.evaluate("el => el.getBoundingClientRect().right")
+        assert overflow[0] <= overflow[1] and overflow[2] <= panel_right + 1, f"runbook command cut off: {overflow}"

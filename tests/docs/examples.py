@@ -1,6 +1,6 @@
 """Reading the runnable examples out of the operator docs.
 
-In ``docs/ops/*.md``:
+In ``docs/**/*.md`` and ``README.md``:
 
 - a fenced block tagged ``console`` is executed, in order, by ``tests/docs/test_examples.py``
   against a scratch instance (SQLite, the local provider, a real Celery worker on the
@@ -12,7 +12,19 @@ In ``docs/ops/*.md``:
   plus fake AWS credentials; real ``AWS_*`` profiles, ``VAULT_*``/``BAO_*`` and
   ``GOOGLE_*`` variables are removed. Each block is a separate ``bash -euo pipefail``.
 - ``json``, ``yaml`` and ``hcl`` blocks are parsed.
-- ``shell`` (or untagged) blocks are shown to people, never run (production-only steps).
+- ``shell`` (``sh``, ``bash``, or untagged) blocks are shown to people, never run. The rule
+  for choosing: a shell example that works as written against the scratch instance above is a
+  ``console`` block, so it runs. It stays ``shell`` only when it cannot: it acts on production
+  systems (systemd, Kubernetes, a cloud account, a production database), never ends
+  (``make run``), runs the test suite itself (``make test``), lists configuration rather than
+  commands, or names placeholders to fill in (``--kek NAME``, ``RUN_ID``).
+- every ``manage.py …`` in any block, YAML command list or inline ``code`` span — here, in
+  ``keyvault/**/README.md`` and in the runbooks as the console renders them — is parsed by
+  the real argparse parser of that command (``tests/docs/commands.py``,
+  ``tests/docs/test_manage_commands.py``), so a ``shell`` block or a sentence cannot name a
+  subcommand or a flag that does not exist.
+- the Python snippets of ``keyvault/kms/README.md`` run, each against the backend its fence
+  names (``python local``, ``python aws`` …; ``tests/docs/test_kms_readme.py``).
 """
 
 from __future__ import annotations
@@ -23,6 +35,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = sorted((ROOT / "docs").rglob("*.md"))
+#: The documents whose examples run or parse: the docs and the top-level README.
+EXAMPLE_DOCS = [*DOCS, ROOT / "README.md"]
 FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```\s*$", re.MULTILINE | re.DOTALL)
 
 
@@ -53,8 +67,9 @@ class Block:
         return f"{self.path.relative_to(ROOT)}:{self.line}"
 
 
-def blocks(path: Path) -> list[Block]:
-    text = path.read_text()
+def blocks(path: Path, text: str | None = None) -> list[Block]:
+    """The fenced blocks of ``path`` (or of ``text``, read as if it were that file)."""
+    text = path.read_text() if text is None else text
     found = []
     for match in FENCE.finditer(text):
         line = text.count("\n", 0, match.start()) + 1
@@ -63,4 +78,4 @@ def blocks(path: Path) -> list[Block]:
 
 
 def all_blocks(language: str) -> list[Block]:
-    return [block for path in DOCS for block in blocks(path) if block.language == language]
+    return [block for path in EXAMPLE_DOCS for block in blocks(path) if block.language == language]

@@ -1,4 +1,4 @@
-"""Every runnable example in docs/ops executes against a scratch instance; config samples parse; links resolve."""
+"""Every runnable example in docs/ and README.md executes against a scratch instance; config samples parse; links resolve."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.docs.examples import DOCS, ROOT, all_blocks, blocks
+from tests.docs.examples import EXAMPLE_DOCS, ROOT, all_blocks, blocks
 from tests.scratch import make_scratch
 
 pytestmark = pytest.mark.slow
@@ -136,7 +136,7 @@ def _anchors(path: Path) -> set[str]:
     return anchors
 
 
-@pytest.mark.parametrize("doc", DOCS + [ROOT / "README.md"], ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize("doc", EXAMPLE_DOCS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_relative_links_resolve(doc):
     for target in LINK.findall(doc.read_text()):
         if re.match(r"^[a-z]+:", target):

@@ -88,3 +88,16 @@ def test_break_glass_bypasses_with_reason_and_is_audited(kek, operator, make_use
     event = AuditEvent.objects.get(action="rotation.break_glass")
     assert event.actor == "user:oscar" and event.details["comment"] == "INC-9 approvers unreachable"
     assert RunStep.objects.get(run=run, key="precheck.approvals").evidence.startswith("break-glass:")
+
+
+def test_break_glass_does_not_let_the_initiator_approve_their_own_run(kek, make_user):
+    # given an on-call engineer in the break-glass group who starts the run
+    oncall = make_user("olga", "Key administrators", "Break glass")
+    run = start(kek, oncall, 1)
+
+    # when they try to let it through with break-glass, then it is refused and nothing is recorded
+    with pytest.raises(ApprovalRefused, match="initiator"):
+        decide(run, oncall, break_glass=True, comment="INC-9 nobody else awake")
+    run.refresh_from_db()
+    assert run.state == S.PENDING_APPROVAL and run.approvals.count() == 0
+    assert not AuditEvent.objects.filter(action="rotation.break_glass").exists()
