@@ -49,9 +49,17 @@ class ProviderUnhealthy(Exception):
 
 
 def check_kms() -> None:
-    from keyvault.kms import get_provider
+    """The default provider's health check; its result also sets ``keyvault_kms_provider_healthy``."""
+    from keyvault.kms import get_provider, registry
+    from keyvault.kms.metrics import record_health
 
-    status = get_provider().health_check()
+    name = registry.default_provider_name()
+    try:
+        status = get_provider(name).health_check()
+    except Exception:
+        record_health(name, False)
+        raise
+    record_health(name, status.healthy)
     if not status.healthy:
         raise ProviderUnhealthy()
 

@@ -66,3 +66,23 @@ def test_the_middleware_runs_before_host_validation(settings):
     ours = f"{HealthzMiddleware.__module__}.{HealthzMiddleware.__name__}"
     assert names.index(ours) < names.index("django.middleware.common.CommonMiddleware")
     assert names.index(ours) < names.index("django.middleware.csrf.CsrfViewMiddleware")
+
+
+def test_each_probe_sets_the_provider_health_gauge(client, settings, tmp_path):
+    # the KeyvaultKMSProviderUnhealthy alert reads this gauge; probes keep it fresh
+    from prometheus_client import REGISTRY
+
+    def gauge():
+        return REGISTRY.get_sample_value("keyvault_kms_provider_healthy", {"provider": "local"})
+
+    assert client.get("/healthz").status_code == 200
+    assert gauge() == 1
+
+    # when the local keyring cannot be read, the next probe turns it to 0
+    unreadable = tmp_path / "not-a-keyring"
+    unreadable.mkdir()
+    kms = {**settings.KMS, "providers": {**settings.KMS["providers"]}}
+    kms["providers"]["local"] = {**kms["providers"]["local"], "keyring_path": str(unreadable)}
+    settings.KMS = kms
+    assert client.get("/healthz").status_code == 503
+    assert gauge() == 0
