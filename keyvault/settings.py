@@ -343,6 +343,7 @@ def _insert_after(anchor: str, *names: str) -> None:
 
 
 _insert_after("django.middleware.security.SecurityMiddleware",
+              "keyvault.ops.healthz.HealthzMiddleware",  # any Host: probes send the pod's address
               "whitenoise.middleware.WhiteNoiseMiddleware", "csp.middleware.CSPMiddleware",
               "keyvault.web.request_guard.RejectMalformedRequestMiddleware")  # 400 before any view or query
 _insert_after("django.contrib.auth.middleware.AuthenticationMiddleware",

@@ -88,3 +88,46 @@ def test_the_scan_finds_variables():
     assert {"HMD_DEBUG", "HMD_SECRET_KEY", "HMD_DATABASE_URL", "HMD_KMS_PROVIDER"} <= names
     assert "HMD_DATABASE_PASSWORD_REF" not in names and "HMD_DATABASE_PASSWORD" in names
     assert {"HMD_WEB_WORKERS", "HMD_WORKER_CONCURRENCY"} <= names  # deploy/ and the Procfile count too
+
+
+# -- every variable a document names exists ----------------------------------------------------
+
+#: A variable named in prose or a sample: ``HMD_DATABASE_PASSWORD_REF``, ``HMD_SECRET_KEY_FILE``.
+NAMED = re.compile(r"\b(HMD_[A-Z0-9_]*[A-Z0-9])\b")
+#: Names that stand for a family, not one variable: ``HMD_X_FILE``, ``HMD_<NAME>_REF``,
+#: ``HMD_MANAGED_PAYMENTS_API`` (a managed secret's value), ``HMD_TEST_*`` (the docs harness).
+PLACEHOLDER = re.compile(r"^HMD_(?:X|MANAGED|TEST)(?:_|$)")
+#: Settings read through ``get_secret`` take ``_REF``; every setting takes ``_FILE``.
+SECRET_SUFFIXES, ANY_SUFFIXES = ("_REF",), ("_FILE",)
+
+
+def documents() -> list[Path]:
+    paths = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    return paths + sorted(ROOT.glob("keyvault/**/README.md")) + sorted((ROOT / "rotation").rglob("*.md"))
+
+
+def unknown_variables(text: str, known: set[str], secrets: set[str]) -> set[str]:
+    unknown = set()
+    for name in set(NAMED.findall(text)):
+        if PLACEHOLDER.match(name) or name in known or name.endswith("_"):
+            continue
+        if any(name.endswith(s) and name[: -len(s)] in known for s in ANY_SUFFIXES):
+            continue
+        if any(name.endswith(s) and name[: -len(s)] in secrets for s in SECRET_SUFFIXES):
+            continue
+        unknown.add(name)
+    return unknown
+
+
+@pytest.mark.parametrize("path", documents(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_variable_a_document_names_is_read_by_the_code(path):
+    # HMD_X_REF only for the settings read through get_secret: HMD_VAULT_TOKEN_REF would be ignored
+    text = re.sub(r"<[A-Z_]+>", "X", path.read_text())  # HMD_<NAME>_FILE is a pattern, not a variable
+    assert unknown_variables(text, variables_in_code(), secret_variables_in_code()) == set()
+
+
+def test_the_document_scan_refuses_what_does_not_exist():
+    known, secrets = {"HMD_DATABASE_PASSWORD", "HMD_VAULT_TOKEN"}, {"HMD_DATABASE_PASSWORD"}
+    assert unknown_variables("HMD_DATABASE_PASSWORD_REF HMD_VAULT_TOKEN_FILE HMD_X_REF", known, secrets) == set()
+    assert unknown_variables("HMD_VAULT_TOKEN_REF HMD_DB_PASSWORD", known, secrets) == {
+        "HMD_VAULT_TOKEN_REF", "HMD_DB_PASSWORD"}

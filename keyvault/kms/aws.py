@@ -69,6 +69,9 @@ EMPTY_FILLER = b"\x00"
 #: Encryption-context keys Keyvault reserves for the wrapper header.
 CONTEXT_PREFIX = "kv:"
 MAX_PLAINTEXT_BYTES = 4096
+#: The tag every key Keyvault creates carries (value: the KEK's name). IAM policies condition
+#: key management on it (``aws:ResourceTag/keyvault:name``, docs/ops/secrets.md).
+NAME_TAG = "keyvault:name"
 MIN_PENDING_DAYS, MAX_PENDING_DAYS, DEFAULT_PENDING_DAYS = 7, 30, 30
 MIN_ROTATION_DAYS, MAX_ROTATION_DAYS, DEFAULT_ROTATION_DAYS = 90, 2560, 365
 DEFAULT_STATE_TTL = 10.0
@@ -615,7 +618,7 @@ class AWSKMSProvider(KMSProvider):
             Description=description,
             KeyUsage="ENCRYPT_DECRYPT",
             KeySpec="SYMMETRIC_DEFAULT",
-            Tags=[{"TagKey": "keyvault:name", "TagValue": key_id}],
+            Tags=[{"TagKey": NAME_TAG, "TagValue": key_id}],
         )["KeyMetadata"]
         try:
             self._call("create_alias", AliasName=alias, TargetKeyId=metadata["KeyId"])

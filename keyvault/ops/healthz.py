@@ -4,6 +4,14 @@ For load balancers and orchestrators: no login, plain HTTP allowed, JSON body,
 200 when every check passes, 503 otherwise. The body names each check, whether
 it passed, how long it took and, on failure, only the error's class: never a
 message, URL, path or credential (they can hold hostnames, passwords or key ids).
+
+Any ``Host`` is accepted here, and only here: a Kubernetes probe sends the pod's
+address (``Host: 10.1.2.3:8000``), which is never in ``HMD_ALLOWED_HOSTS``, so
+through the normal stack (``CommonMiddleware`` validates the host) every probe
+got 400 and no pod became Ready. :class:`HealthzMiddleware` sits before
+``CommonMiddleware`` and answers the exact path ``/healthz`` itself. The host is
+never read, so nothing built from it (a redirect, an absolute URL, a cookie
+domain) can be poisoned; the body is the same whatever the host.
 """
 
 from __future__ import annotations
@@ -41,9 +49,17 @@ class ProviderUnhealthy(Exception):
 
 
 def check_kms() -> None:
-    from keyvault.kms import get_provider
+    """The default provider's health check; its result also sets ``keyvault_kms_provider_healthy``."""
+    from keyvault.kms import get_provider, registry
+    from keyvault.kms.metrics import record_health
 
-    status = get_provider().health_check()
+    name = registry.default_provider_name()
+    try:
+        status = get_provider(name).health_check()
+    except Exception:
+        record_health(name, False)
+        raise
+    record_health(name, status.healthy)
     if not status.healthy:
         raise ProviderUnhealthy()
 
@@ -65,9 +81,25 @@ def run_checks() -> tuple[bool, dict]:
     return all(result["ok"] for result in results.values()), results
 
 
+#: The one path served whatever the ``Host`` header says.
+HEALTHZ_PATH = "/healthz"
+
+
 @never_cache
 @require_GET
 def healthz(request):
     healthy, checks = run_checks()
     body = {"status": "ok" if healthy else "unavailable", "checks": checks}
     return JsonResponse(body, status=200 if healthy else 503)
+
+
+class HealthzMiddleware:
+    """Serve exactly ``/healthz`` before host validation (see the module docstring); pass everything else on."""
+
+    def __init__(self, get_response) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request):
+        if request.path_info == HEALTHZ_PATH:
+            return healthz(request)
+        return self.get_response(request)
