@@ -1,0 +1,140 @@
+"""``backup verify`` in process: every data key opened and tallied per KEK version, failures typed, nothing kept.
+
+The whole drill (pg_dump, destroy, restore into a fresh database and folder) is in
+``test_backup_drill.py``; here each outcome is produced directly on the test database.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
+
+from keyvault.audit import Action
+from keyvault.keys import services
+from keyvault.kms import reset_providers
+from keyvault.models import AuditEvent, DataKey
+from keyvault.ops import backup
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def payments(system_actor):
+    return services.create_kek(name="payments", actor=system_actor)
+
+
+def data_keys(kek, actor, count: int) -> list[tuple[int, bytes]]:
+    """``count`` data keys under ``kek``: their ids and plaintexts (to show that none is ever reported)."""
+    made = []
+    for number in range(count):
+        row, plain = services.create_data_key(kek, actor=actor, encryption_context={"tenant": str(number)})
+        with plain:
+            made.append((row.pk, bytes(plain.plaintext)))
+    return made
+
+
+def keyring_path(settings) -> Path:
+    return Path(settings.KMS["providers"]["local"]["keyring_path"])
+
+
+def test_every_data_key_opens_in_batches_and_nothing_plain_is_reported(payments, system_actor):
+    # given five data keys
+    made = data_keys(payments, system_actor, 5)
+    seen = []
+
+    # when the restore is verified two rows at a time
+    report = backup.verify_restore(actor=system_actor, batch_size=2, progress=lambda done, total: seen.append((done, total)))
+
+    # then all opened, counted under payments v1, batch by batch, and the chain verified
+    assert report.ok
+    assert (report.checked, report.opened, report.failed, report.skipped) == (5, 5, 0, 0)
+    assert report.tallies[("payments", 1)].ok == 5
+    assert seen == [(2, 5), (4, 5), (5, 5)]
+    assert report.audit.ok
+    # and neither the report nor the audit event holds a plaintext key
+    text = json.dumps(report.as_dict()) + "\n".join(report.lines())
+    for _, plaintext in made:
+        assert plaintext.hex() not in text and base64.b64encode(plaintext).decode() not in text
+    event = AuditEvent.objects.filter(action=Action.DATA_KEY_UNWRAPPED, target_type="backup").get()
+    assert event.details == {"checked": 5, "ok": 5, "failed": 0, "skipped": 0, "failures": {}}
+
+
+def test_a_keyring_older_than_the_database_is_reported_as_a_missing_version(payments, system_actor, settings):
+    # given a keyring copied before a rotation, and data keys wrapped under v2 after it
+    data_keys(payments, system_actor, 2)
+    old_keyring = keyring_path(settings).read_bytes()
+    services.rotate_kek_version(payments, actor=system_actor)
+    newer = [pk for pk, _ in data_keys(payments, system_actor, 3)]
+    # when the old keyring is put back (a restore of the keyring from the older backup)
+    keyring_path(settings).write_bytes(old_keyring)
+    reset_providers()
+
+    report = backup.verify_restore(actor=system_actor)
+
+    # then v1 opens, and each v2 data key is named as missing from the keyring
+    assert not report.ok
+    assert report.tallies[("payments", 1)].ok == 2
+    v2 = report.tallies[("payments", 2)]
+    assert v2.ok == 0 and v2.failed == {backup.Failure.VERSION_MISSING: 3}
+    assert sorted(v2.named["version_missing"]) == sorted(newer)
+    assert [(f.version, f.reason) for f in report.findings] == [(2, backup.Failure.VERSION_MISSING)]
+    assert any("keyring older than database" in line for line in report.lines())
+
+
+def test_a_data_key_under_another_context_is_a_wrong_context_failure(payments, system_actor):
+    [(pk, _), _] = data_keys(payments, system_actor, 2)
+    DataKey.objects.filter(pk=pk).update(encryption_context={"tenant": "someone else"})
+
+    report = backup.verify_restore(actor=system_actor)
+
+    tally = report.tallies[("payments", 1)]
+    assert (tally.ok, tally.failed, tally.named) == (1, {backup.Failure.WRONG_CONTEXT: 1}, {"wrong_context": [pk]})
+    assert report.findings == []  # the keyring has the version: it is this data key that does not open
+
+
+def test_the_data_keys_of_a_disabled_kek_are_skipped_and_said_so(payments, system_actor):
+    data_keys(payments, system_actor, 2)
+    services.disable_kek(payments, actor=system_actor, reason="not in use")
+
+    report = backup.verify_restore(actor=system_actor)
+
+    assert report.ok and report.skipped == 2 and report.checked == 0
+    assert "2 skipped (kek not enabled in the restored inventory)" in "\n".join(report.lines())
+
+
+def test_a_key_missing_from_the_keyring_fails_every_data_key_of_it(payments, system_actor, settings):
+    data_keys(payments, system_actor, 2)
+    keyring_path(settings).unlink()  # a keyring restored from before the KEK existed (here: none at all)
+    reset_providers()
+
+    report = backup.verify_restore(actor=system_actor)
+
+    assert report.tallies[("payments", 1)].failed == {backup.Failure.KEY_MISSING: 2}
+    assert [f.reason for f in report.findings] == [backup.Failure.KEY_MISSING]
+
+
+def test_the_command_prints_json_and_exits_non_zero_on_a_failure(payments, system_actor, capsys):
+    [(pk, _)] = data_keys(payments, system_actor, 1)
+    call_command("backup", "verify", "--json", "--quiet")
+    assert json.loads(capsys.readouterr().out)["data_keys"]["ok"] == 1
+
+    DataKey.objects.filter(pk=pk).update(encryption_context={})
+    with pytest.raises(CommandError, match=r"restore NOT verified: 1 data key\(s\) failed"):
+        call_command("backup", "verify", "--json", "--quiet")
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] is False and report["versions"][0]["failed_data_keys"] == {"wrong_context": [pk]}
+
+
+def test_only_the_named_keks_are_checked(payments, system_actor):
+    other = services.create_kek(name="billing", actor=system_actor)
+    data_keys(payments, system_actor, 1)
+    data_keys(other, system_actor, 2)
+
+    report = backup.verify_restore(actor=system_actor, kek_names=["billing"])
+
+    assert list(report.tallies) == [("billing", 1)] and report.checked == 2
