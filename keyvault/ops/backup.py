@@ -37,6 +37,7 @@ from keyvault.kms import (
     VersionState,
     get_provider,
 )
+from keyvault.kms.bulk import map_bounded
 from keyvault.models import DataKey, KeyEncryptionKey, KeyVersion
 
 #: Data keys read from the database and opened per batch.
@@ -72,7 +73,7 @@ _EXPLANATIONS = {
                            "damaged ciphertext, or another key with the same id)",
     Failure.VERSION_MISMATCH: "opened under another KEK version than the database records",
     Failure.KEY_DISABLED: "the KEK is enabled in the database but disabled at the provider",
-    Failure.PROVIDER_UNAVAILABLE: "the provider is not configured or could not be reached",
+    Failure.PROVIDER_UNAVAILABLE: "the provider is not configured, could not be reached or refused access",
 }
 
 
@@ -200,13 +201,13 @@ class _KekState:
 
     def classify(self, error: KMSError, version: int) -> Failure:
         """The reason for a data key that did not open (the provider's own error says little, on purpose)."""
-        if isinstance(error, ProviderUnavailable):
-            return Failure.PROVIDER_UNAVAILABLE
         if isinstance(error, KeyNotFound):
             return Failure.KEY_MISSING
         if isinstance(error, KeyDisabled):
             return Failure.KEY_DISABLED
-        return _version_failure(self.info, version) or Failure.WRONG_CONTEXT
+        if isinstance(error, InvalidCiphertext):
+            return _version_failure(self.info, version) or Failure.WRONG_CONTEXT
+        return Failure.PROVIDER_UNAVAILABLE  # unavailable, access denied, misconfigured
 
 
 def _version_failure(info: KeyInfo | None, version: int) -> Failure | None:
@@ -262,7 +263,9 @@ def check_data_keys(report: RestoreReport, *, kek_names: Iterable[str] = (), bat
     """Open every data key (of ``kek_names``, or all) through its provider; tally into ``report``.
 
     Reads in id order, ``batch_size`` rows at a time, so memory stays flat on millions
-    of rows. ``progress(done, total)`` is called after each batch.
+    of rows; a remote provider gets its batch with as many requests in flight as it is
+    configured for (``HMD_AWS_KMS_CONCURRENCY`` …). ``progress(done, total)`` is called
+    after each batch.
     """
     keks = KeyEncryptionKey.objects.order_by("pk")
     if kek_names:
@@ -275,38 +278,49 @@ def check_data_keys(report: RestoreReport, *, kek_names: Iterable[str] = (), bat
             "pk", "kek_id", "kek_version", "wrapped_key", "encryption_context")[:batch_size])
         if not batch:
             break
+        by_kek: dict[int, list[tuple[int, int, bytes, dict]]] = {}
         for pk, kek_id, version, wrapped, context in batch:
-            _check_one(report, states[kek_id], pk, version, bytes(wrapped), context)
+            by_kek.setdefault(kek_id, []).append((pk, version, bytes(wrapped), context))
+        for kek_id, items in by_kek.items():
+            _check(report, states[kek_id], items)
         after, done = batch[-1][0], done + len(batch)
         if progress is not None:
             progress(done, total)
 
 
-def _check_one(report: RestoreReport, kek: _KekState, pk: int, version: int, wrapped: bytes, context: dict) -> None:
-    tally = report.tally(kek.name, version)
-    if not kek.enabled:
-        tally.skipped[Skip.KEK_NOT_ENABLED] += 1
-        return
-    if version in kek.retired_versions:
-        tally.skipped[Skip.VERSION_NOT_ENABLED] += 1
-        return
-    if kek.unusable is not None:
-        tally.fail(kek.unusable, pk)
-        return
+def _check(report: RestoreReport, kek: _KekState, items: list[tuple[int, int, bytes, dict]]) -> None:
+    """Tally one KEK's share of a batch: skipped by the inventory, failed for the whole KEK, or opened."""
+    to_open = []
+    for pk, version, wrapped, context in items:
+        tally = report.tally(kek.name, version)
+        if not kek.enabled:
+            tally.skipped[Skip.KEK_NOT_ENABLED] += 1
+        elif version in kek.retired_versions:
+            tally.skipped[Skip.VERSION_NOT_ENABLED] += 1
+        elif kek.unusable is not None:
+            tally.fail(kek.unusable, pk)
+        else:
+            to_open.append((pk, version, wrapped, context))
+    for (pk, version, _, _), outcome in zip(to_open, _open_all(kek.provider, to_open), strict=True):
+        tally = report.tally(kek.name, version)
+        if isinstance(outcome, KMSError):
+            tally.fail(kek.classify(outcome, version), pk)
+        elif outcome != version:
+            tally.fail(Failure.VERSION_MISMATCH, pk)
+        else:
+            tally.ok += 1
+
+
+def _open_all(provider: KMSProvider, items: list[tuple[int, int, bytes, dict]]) -> list[int | KMSError]:
+    """The KEK version each data key opened under, or the error it met; the plaintexts are dropped at once."""
+
+    def opened_version(item: tuple[int, int, bytes, dict]) -> int:
+        return provider.decrypt(item[2], encryption_context=item[3]).key_version
+
     try:
-        opened = kek.provider.decrypt(wrapped, encryption_context=context)
-    except (InvalidCiphertext, KeyNotFound, KeyDisabled, ProviderUnavailable) as exc:
-        tally.fail(kek.classify(exc, version), pk)
-        return
-    except KMSError:
-        tally.fail(Failure.PROVIDER_UNAVAILABLE, pk)
-        return
-    opened_version = opened.key_version
-    del opened  # the plaintext is not kept: opening it was the check
-    if opened_version != version:
-        tally.fail(Failure.VERSION_MISMATCH, pk)
-    else:
-        tally.ok += 1
+        return map_bounded(opened_version, items, concurrency=getattr(provider, "concurrency", 1))
+    except ProviderUnavailable as exc:  # the provider is down for the whole batch: every item says so
+        return [exc] * len(items)
 
 
 def verify_restore(*, actor: Actor, kek_names: Iterable[str] = (), batch_size: int = BATCH_SIZE,

@@ -7,18 +7,25 @@ The whole drill (pg_dump, destroy, restore into a fresh database and folder) is 
 from __future__ import annotations
 
 import base64
+import copy
 import json
+import os
+import signal
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
+from django.test import override_settings
 
 from keyvault.audit import Action
 from keyvault.keys import services
-from keyvault.kms import reset_providers
+from keyvault.kms import get_provider, reset_providers
 from keyvault.models import AuditEvent, DataKey
 from keyvault.ops import backup
+from tests.servers.openbao import running_openbao
 
 pytestmark = pytest.mark.django_db
 
@@ -138,3 +145,62 @@ def test_only_the_named_keks_are_checked(payments, system_actor):
     report = backup.verify_restore(actor=system_actor, kek_names=["billing"])
 
     assert list(report.tallies) == [("billing", 1)] and report.checked == 2
+
+
+# -- remote providers: real servers -----------------------------------------------------------
+
+
+@pytest.fixture
+def aws(settings, moto_server):
+    """The ``aws`` provider on the session's moto server (many requests in flight per batch)."""
+    kms = copy.deepcopy(settings.KMS)
+    kms["providers"]["aws"] = {"region": moto_server.region, "endpoint_url": moto_server.endpoint_url,
+                               "connect_timeout": 2.0, "read_timeout": 5.0, "max_attempts": 2}
+    with override_settings(KMS=kms):
+        yield
+
+
+@pytest.fixture
+def frozen_vault(settings) -> Iterator[Callable[[], None]]:
+    """The ``vault`` provider on a private OpenBao; calling the fixture's value freezes the server (SIGSTOP)."""
+    with running_openbao() as server:
+        server.enable_secrets_engine("transit", "transit")
+        kms = copy.deepcopy(settings.KMS)
+        kms["providers"]["vault"] = {"addr": server.addr, "token": server.root_token, "mount": "transit",
+                                     "timeout": 1.0}
+        try:
+            with override_settings(KMS=kms):
+                yield lambda: os.kill(server.process.pid, signal.SIGSTOP)
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+
+
+def test_data_keys_at_aws_are_opened_many_at_a_time(aws, system_actor):
+    kek = services.create_kek(name=f"orders-{uuid.uuid4().hex[:6]}", actor=system_actor, provider_name="aws")
+    assert get_provider("aws").concurrency > 1
+    data_keys(kek, system_actor, 20)
+
+    report = backup.verify_restore(actor=system_actor, batch_size=8)
+
+    assert report.ok, list(report.lines())
+    assert report.tallies[(kek.name, 1)].ok == 20 and report.findings == []
+
+
+def test_a_provider_that_does_not_answer_is_reported_for_each_of_its_data_keys(frozen_vault, payments, system_actor):
+    # given data keys at a Vault server and at the local keyring; then the Vault server stops answering
+    kek = services.create_kek(name="ledger", actor=system_actor, provider_name="vault")
+    at_vault = [pk for pk, _ in data_keys(kek, system_actor, 3)]
+    data_keys(payments, system_actor, 1)
+    frozen_vault()
+
+    report = backup.verify_restore(actor=system_actor)
+
+    # then the Vault data keys are named as provider_unavailable, the local ones open, and the restore fails
+    assert not report.ok
+    ledger = report.tallies[("ledger", 1)]
+    assert ledger.failed == {backup.Failure.PROVIDER_UNAVAILABLE: 3}
+    assert sorted(ledger.named["provider_unavailable"]) == sorted(at_vault)
+    assert report.tallies[("payments", 1)].ok == 1
+    [finding] = report.findings
+    assert finding.kek == "ledger" and finding.reason is backup.Failure.PROVIDER_UNAVAILABLE
+    assert "ProviderUnavailable" in finding.detail
