@@ -26,7 +26,6 @@ from keyvault import audit
 from keyvault.audit import Actor, events
 from keyvault.audit import status as audit_status
 from keyvault.kms import (
-    ConfigurationError,
     InvalidCiphertext,
     KeyDisabled,
     KeyInfo,
@@ -222,36 +221,51 @@ def _version_failure(info: KeyInfo | None, version: int) -> Failure | None:
 
 
 def _kek_state(kek: KeyEncryptionKey, report: RestoreReport) -> _KekState:
+    """What the provider holds of ``kek``, with any difference from the inventory added to ``report``.
+
+    The differences of a KEK that is not enabled (its data keys are skipped) are warnings.
+    """
+    if kek.state == KeyEncryptionKey.State.DESTROYED:
+        return _KekState(kek.name, None, None, None, False, frozenset())
+    found: list[Finding] = []
+    state = _compare_with_provider(kek, found)
+    if state.enabled:
+        report.findings.extend(found)
+    else:
+        report.findings.extend(Finding(f.kek, f.version, None, f"KEK {kek.state.replace('_', ' ')}: {f.detail}")
+                               for f in found)
+    return state
+
+
+def _compare_with_provider(kek: KeyEncryptionKey, found: list[Finding]) -> _KekState:
     versions = {v.number: v.state for v in KeyVersion.objects.filter(kek=kek)}
     retired = frozenset(n for n, state in versions.items() if state != KeyVersion.State.ENABLED)
     enabled = kek.state == KeyEncryptionKey.State.ENABLED
-    if kek.state == KeyEncryptionKey.State.DESTROYED:
-        return _KekState(kek.name, None, None, None, enabled, retired)
     try:
         provider = get_provider(kek.provider)
         info = provider.describe_key(kek.provider_key_id)
-    except (ConfigurationError, ProviderUnavailable) as exc:
-        report.findings.append(Finding(kek.name, None, Failure.PROVIDER_UNAVAILABLE,
-                                       f"provider {kek.provider!r}: {type(exc).__name__}: {exc}"))
-        return _KekState(kek.name, None, None, Failure.PROVIDER_UNAVAILABLE, enabled, retired)
     except KeyNotFound:
-        report.findings.append(Finding(kek.name, None, Failure.KEY_MISSING,
-                                       f"provider {kek.provider!r} has no key {kek.provider_key_id!r}"))
-        return _KekState(kek.name, provider, None, Failure.KEY_MISSING, enabled, retired)
+        found.append(Finding(kek.name, None, Failure.KEY_MISSING,
+                             f"provider {kek.provider!r} has no key {kek.provider_key_id!r}"))
+        return _KekState(kek.name, None, None, Failure.KEY_MISSING, enabled, retired)
+    except KMSError as exc:  # not configured here, unreachable, access refused, keyring unreadable
+        found.append(Finding(kek.name, None, Failure.PROVIDER_UNAVAILABLE,
+                             f"provider {kek.provider!r}: {type(exc).__name__}: {exc}"))
+        return _KekState(kek.name, None, None, Failure.PROVIDER_UNAVAILABLE, enabled, retired)
     for number, state in sorted(versions.items()):
         if state == KeyVersion.State.DESTROYED:
             continue
         problem = _version_failure(info, number)
         if problem is Failure.VERSION_MISSING:
-            report.findings.append(Finding(kek.name, number, problem, f"the database has v{number} ({state}) but "
-                                           f"provider {kek.provider!r} does not: keyring older than database"))
+            found.append(Finding(kek.name, number, problem, f"the database has v{number} ({state}) but "
+                                 f"provider {kek.provider!r} does not: keyring older than database"))
         elif problem is Failure.VERSION_RETIRED and state == KeyVersion.State.ENABLED:
-            report.findings.append(Finding(kek.name, number, problem, f"v{number} is enabled in the database but "
-                                           f"{info.version(number).state} at provider {kek.provider!r}: keyring "
-                                           "newer than database"))
+            found.append(Finding(kek.name, number, problem, f"v{number} is enabled in the database but "
+                                 f"{info.version(number).state} at provider {kek.provider!r}: keyring "
+                                 "newer than database"))
     unknown = sorted(v.version for v in info.versions if v.version not in versions)
     if unknown:
-        report.findings.append(Finding(kek.name, None, None, (
+        found.append(Finding(kek.name, None, None, (
             f"provider {kek.provider!r} holds {', '.join(f'v{n}' for n in unknown)}, which the database does not "
             "know: the database is older than the keyring (data keys wrapped after the database backup are not "
             "in it)")))

@@ -204,3 +204,18 @@ def test_a_provider_that_does_not_answer_is_reported_for_each_of_its_data_keys(f
     [finding] = report.findings
     assert finding.kek == "ledger" and finding.reason is backup.Failure.PROVIDER_UNAVAILABLE
     assert "ProviderUnavailable" in finding.detail
+
+
+def test_what_the_provider_lacks_of_a_disabled_kek_is_a_warning(payments, system_actor, settings):
+    # given a disabled KEK whose key is not in the restored keyring
+    data_keys(payments, system_actor, 1)
+    services.disable_kek(payments, actor=system_actor)
+    keyring_path(settings).unlink()
+    reset_providers()
+
+    report = backup.verify_restore(actor=system_actor)
+
+    # then its data key is skipped, the missing key is said, and nothing fails
+    assert report.ok and report.skipped == 1
+    [finding] = report.findings
+    assert finding.reason is None and finding.detail.startswith("KEK disabled: provider 'local' has no key")
