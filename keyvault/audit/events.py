@@ -170,6 +170,16 @@ def data_key_unwrap_failed(data_key: DataKey, *, actor: Actor, error: str) -> Au
                         details={"error": error})
 
 
+@_emits(Action.DATA_KEY_UNWRAPPED)
+def data_keys_verified(*, actor: Actor, checked: int, ok: int, failed: int, skipped: int,
+                       failures: Mapping[str, Mapping[str, int]]) -> AuditEvent:
+    """``backup verify`` opened every data key of a restored instance and kept no plaintext (counts only)."""
+    return audit.record(Action.DATA_KEY_UNWRAPPED, actor=actor, target=("backup", "verify"),
+                        outcome=Outcome.FAILURE if failed else Outcome.SUCCESS,
+                        details={"checked": checked, "ok": ok, "failed": failed, "skipped": skipped,
+                                 "failures": {name: dict(counts) for name, counts in failures.items()}})
+
+
 @_emits(Action.DATA_KEY_REWRAPPED)
 def data_key_rewrapped(data_key: DataKey, *, actor: Actor, kek: str, from_version: int, to_version: int) -> AuditEvent:
     """One data key was re-wrapped under its KEK's primary version."""
