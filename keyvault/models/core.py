@@ -426,6 +426,7 @@ class ManagedSecret(models.Model):
         DATABASE_CREDENTIAL = "database_credential", "PostgreSQL credential"
         TLS_CERTIFICATE = "tls_certificate", "TLS certificate"
         OAUTH_CLIENT_SECRET = "oauth_client_secret", "OAuth/OIDC client secret"
+        VAULT_APPROLE_SECRET_ID = "vault_approle_secret_id", "Vault AppRole secret id"
         GENERIC = "generic", "Generic secret"
 
     class Status(models.TextChoices):
