@@ -42,36 +42,46 @@ class AppRoleSecretIdExecutor(Executor):
         "mount": "AppRole auth mount (default approle)",
         "vault_source": "configured Vault secret source that administers the role (default vault)",
     }
-    required_config = ("role",)
     rotation_period = timedelta(days=30)
     grace_period = timedelta(hours=1)
 
-    def validate_config(self, config: dict) -> None:
-        super().validate_config(config)
-        for key in ("role", "mount"):
-            value = config.get(key, "approle")
-            if not isinstance(value, str) or not _NAME.match(value):
-                raise SecretConfigError(f"{key!r} must be a Vault name (letters, digits, _ . -), got {value!r}")
+    def validate_config(self, config: dict) -> dict:
+        """The configuration with its defaults, checked on its own (no other key is accepted).
+
+        :raises SecretConfigError: ``role`` is missing, a key is unknown, or a name is not a Vault name.
+        """
+        unknown = sorted(set(config) - set(self.config_help))
+        if unknown:
+            raise SecretConfigError(f"unknown configuration key(s) {', '.join(unknown)} "
+                                    f"(known: {', '.join(sorted(self.config_help))})")
+        if config.get("role") in (None, ""):
+            raise SecretConfigError("configuration needs 'role'")
+        options = {"mount": "approle", "vault_source": "vault", **config}
+        for key in ("role", "mount", "vault_source"):
+            if not isinstance(options[key], str) or not _NAME.match(options[key]):
+                raise SecretConfigError(f"{key!r} must be a Vault name (letters, digits, _ . -), got {options[key]!r}")
+        return options
 
     # -- Vault ------------------------------------------------------------------------
-    @staticmethod
-    def _vault(ctx: Context):
-        name = ctx.secret.config.get("vault_source") or "vault"
+    def _options(self, ctx: Context) -> dict:
+        return self.validate_config(ctx.secret.config)
+
+    def _vault(self, ctx: Context):
+        name = self._options(ctx)["vault_source"]
         source = get_source(name)
         if not hasattr(source, "api"):
             raise SecretConfigError(f"secret {ctx.secret.name}: secret source {name!r} is not a Vault source")
         return source
 
     def _role_path(self, ctx: Context, tail: str) -> str:
-        self.validate_config(ctx.secret.config)
-        mount = ctx.secret.config.get("mount") or "approle"
-        return f"auth/{mount}/role/{ctx.config('role')}/{tail}"
+        options = self._options(ctx)
+        return f"auth/{options['mount']}/role/{options['role']}/{tail}"
 
     def _call(self, ctx: Context, tail: str, payload: dict | None = None, *, what: str, method: str = "POST") -> dict:
         status, body = self._vault(ctx).api(method, self._role_path(ctx, tail), payload, what=what)
         if status in (400, 404):
             errors = "; ".join(body.get("errors") or []) or f"HTTP {status}"
-            raise ExecutorError(f"vault refused {what} for role {ctx.config('role')!r}: {errors}")
+            raise ExecutorError(f"vault refused {what} for role {self._options(ctx)['role']!r}: {errors}")
         return body.get("data") or {}
 
     def _accessor_of(self, ctx: Context, secret_id: str) -> str:
@@ -79,7 +89,7 @@ class AppRoleSecretIdExecutor(Executor):
         accessor = data.get("secret_id_accessor")
         if not accessor:
             raise ExecutorError(f"secret {ctx.secret.name}: its current value is not a live secret id of role "
-                                f"{ctx.config('role')!r}")
+                                f"{self._options(ctx)['role']!r}")
         return accessor
 
     def _destroy(self, ctx: Context, accessor: str) -> bool:
@@ -97,7 +107,7 @@ class AppRoleSecretIdExecutor(Executor):
         ctx.state["previous_version"] = current.version
         ctx.state["previous_accessor"] = self._accessor_of(ctx, current.value)
         self._call(ctx, "role-id", method="GET", what="reading the role id")
-        ctx.tick("precheck.source", f"version {current.version} is a live secret id of role {ctx.config('role')!r} "
+        ctx.tick("precheck.source", f"version {current.version} is a live secret id of role {self._options(ctx)['role']!r} "
                                     f"(accessor {ctx.state['previous_accessor']})")
 
     def rotate(self, ctx: Context) -> None:
@@ -115,7 +125,7 @@ class AppRoleSecretIdExecutor(Executor):
         ctx.save()  # before the value is stored anywhere: a crash now leaves an accessor to destroy
         written = ctx.write(secret_id)
         ctx.state.update(new_version=written.version, new_value=fingerprint(secret_id))
-        ctx.tick("rotate.install", f"secret id (accessor {accessor}) issued for role {ctx.config('role')!r} and "
+        ctx.tick("rotate.install", f"secret id (accessor {accessor}) issued for role {self._options(ctx)['role']!r} and "
                                    f"written as version {written.version}; the previous one still works")
 
     def verify(self, ctx: Context) -> None:
@@ -123,12 +133,12 @@ class AppRoleSecretIdExecutor(Executor):
         if current.version != ctx.state["new_version"] or fingerprint(current.value) != ctx.state["new_value"]:
             raise VerificationFailed("reading the secret back did not return the new secret id")
         role_id = self._call(ctx, "role-id", method="GET", what="reading the role id").get("role_id")
-        mount = ctx.secret.config.get("mount") or "approle"
+        mount = self._options(ctx)["mount"]
         try:
             login = self._vault(ctx).try_login(AppRoleAuth(role_id or "", current.value, mount))
         except SecretAccessDenied as exc:
             raise VerificationFailed(f"a login with the new secret id was refused: {exc}") from None
-        ctx.tick("verify.login", f"logged in to auth/{mount} as role {ctx.config('role')!r} with the new secret id "
+        ctx.tick("verify.login", f"logged in to auth/{mount} as role {self._options(ctx)['role']!r} with the new secret id "
                                  f"(policies {', '.join(login.get('token_policies') or []) or 'none'}); token revoked")
 
     def retire(self, ctx: Context) -> None:
