@@ -70,6 +70,8 @@ def local_provider() -> LocalKMSProvider:
 
     :raises ConfigurationError: the local provider is not configured here.
     """
+    if not settings.LOCAL_KMS_MASTER_KEY:
+        raise ConfigurationError("the local provider is not configured here (no HMD_LOCAL_KMS_MASTER_KEY)")
     provider = get_provider("local")
     provider = getattr(provider, "wrapped", provider)
     if not isinstance(provider, LocalKMSProvider):
@@ -100,7 +102,12 @@ def rekey_local_keyring(*, actor: Actor, new_key_file: str | Path | None = None,
         key = secrets.token_bytes(32)
         write_master_key_file(path, key)
         generated = True
-    result = provider.rekey(key)
+    try:
+        result = provider.rekey(key)
+    except ConfigurationError:
+        if generated:  # refused before anything changed: the generated key was never used
+            path.unlink(missing_ok=True)
+        raise
     development_file = None
     if uses_development_key():
         development_file = Path(settings.DATA_DIR) / DEVELOPMENT_MASTER_KEY_FILE

@@ -109,6 +109,8 @@ def test_configured_instance_switches_to_the_new_key_file(tmp_path):
 
 def test_a_bad_new_key_file_is_a_one_line_error_and_changes_nothing(tmp_path):
     scratch = make_scratch(tmp_path / "data")
+    # (before any key exists there is nothing to re-key, and the key it generated is removed again)
+    _one_line_error(scratch.run("kms", "rekey-local", check=False), "there is no local keyring at")
     sealed = _populate(scratch)
     keyring = scratch.data_dir / "local-kms.keyring"
     before = keyring.read_bytes()
