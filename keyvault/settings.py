@@ -21,7 +21,7 @@ from keyvault.config import (
     private_data_dir,
     secret_sources_config,
 )
-from keyvault.kms.local import generate_master_key
+from keyvault.kms.local import DEVELOPMENT_MASTER_KEY_FILE, generate_master_key
 from keyvault.kms.registry import providers_from_env
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -251,7 +251,7 @@ ROTATION_BREAK_GLASS_GROUP = env.str("HMD_ROTATION_BREAK_GLASS_GROUP", default="
 KMS_PROVIDER = env.str("HMD_KMS_PROVIDER", default="local")
 LOCAL_KMS_KEYRING = env.str("HMD_LOCAL_KMS_KEYRING", default=str(DATA_DIR / "local-kms.keyring"))
 if KMS_PROVIDER == "local" or is_set("HMD_LOCAL_KMS_MASTER_KEY") or is_set("HMD_LOCAL_KMS_MASTER_KEY_REF") or DEBUG:
-    LOCAL_KMS_MASTER_KEY = _secret("HMD_LOCAL_KMS_MASTER_KEY", "local_kms_master_key", generate_master_key)
+    LOCAL_KMS_MASTER_KEY = _secret("HMD_LOCAL_KMS_MASTER_KEY", DEVELOPMENT_MASTER_KEY_FILE, generate_master_key)
 else:
     LOCAL_KMS_MASTER_KEY = None
 

@@ -449,6 +449,18 @@ def batch_rewrapped(kek: KeyEncryptionKey, *, actor: Actor, run_id: int, first_i
                         outcome=Outcome.FAILURE if failed_ids else Outcome.SUCCESS, details=details)
 
 
+# -- Keyvault's own secrets (keyvault.keys.master_key) -------------------------------------------
+
+
+@_emits(Action.KMS_MASTER_KEY_REKEYED)
+def local_master_key_rekeyed(keyring: str, *, actor: Actor, keys: int, new_key_file: str, generated: bool,
+                             fingerprint: str, already: bool, development_key_file: str | None) -> AuditEvent:
+    """The local provider's keyring was re-encrypted under a new master key (its fingerprint, never the key)."""
+    return audit.record(Action.KMS_MASTER_KEY_REKEYED, actor=actor, target=("keyring", keyring), details={
+        "keys": keys, "new_key_file": new_key_file, "generated": generated, "new_key_fingerprint": fingerprint,
+        "already_rekeyed": already, "development_key_file": development_key_file})
+
+
 # -- managed secrets (rotation.managed_secrets, the secret driver, executors) -------------------
 
 

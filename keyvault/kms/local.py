@@ -35,6 +35,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -92,6 +93,10 @@ def _now() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
 
 
+#: The file in HMD_DATA_DIR that holds the master key generated in development (HMD_DEBUG=true, no key set).
+DEVELOPMENT_MASTER_KEY_FILE = "local_kms_master_key"
+
+
 def decode_master_key(encoded: str | bytes) -> bytes:
     """Decode a base64 master key and check it is 32 bytes.
 
@@ -109,6 +114,83 @@ def decode_master_key(encoded: str | bytes) -> bytes:
 def generate_master_key() -> str:
     """Return a new random master key, base64-encoded."""
     return base64.b64encode(secrets.token_bytes(32)).decode("ascii")
+
+
+def read_master_key_file(path: str | os.PathLike) -> bytes:
+    """The master key in ``path`` (base64, one trailing newline allowed), as 32 bytes.
+
+    :raises ConfigurationError: the file is missing or unreadable, or holds no valid key.
+    """
+    try:
+        text = Path(path).read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not ASCII text"
+        raise ConfigurationError(f"master key file {path} is unreadable: {reason}") from None
+    try:
+        return decode_master_key(text)
+    except ConfigurationError:
+        raise ConfigurationError(f"master key file {path} does not hold 32 random bytes, base64-encoded") from None
+
+
+def write_master_key_file(path: str | os.PathLike, key: bytes, *, replace: bool = False) -> None:
+    """Store ``key`` (base64, one line) in ``path``, mode 0600, durably: fsync of the file and its folder.
+
+    A new file is created exclusively (an existing one is never overwritten); with
+    ``replace=True`` the file is written beside ``path`` and renamed over it, so a reader
+    sees the old key or the new one, never a part.
+
+    :raises ConfigurationError: ``path`` exists (without ``replace``) or cannot be written.
+    """
+    path = Path(path)
+    data = base64.b64encode(key) + b"\n"
+    target = path
+    try:
+        if replace:
+            fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+            target = Path(tmp)
+        else:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise ConfigurationError(f"{path} exists already; choose a new file for the new master key") from None
+    except OSError as exc:
+        raise ConfigurationError(f"cannot write master key file {path}: {exc.strerror}") from None
+    try:
+        _write_private(fd, data)
+        if replace:
+            os.replace(target, path)
+        _fsync_folder(path.parent)
+    except BaseException as exc:
+        target.unlink(missing_ok=True)  # ours: made by mkstemp or created exclusively above
+        if isinstance(exc, OSError):
+            raise ConfigurationError(f"cannot write master key file {path}: {exc.strerror}") from None
+        raise
+
+
+def _write_private(fd: int, data: bytes) -> None:
+    """Write ``data`` to the new file ``fd`` (made 0600 first), flush it to the disk and close it."""
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_folder(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+@dataclass(frozen=True)
+class RekeyResult:
+    """What :meth:`LocalKMSProvider.rekey` did."""
+
+    #: keys in the keyring (every version of each was carried over as it was).
+    keys: int
+    #: the keyring was sealed under the new key already (an earlier re-keying reached its rename).
+    already: bool
 
 
 def _fast_constructor(cls, fields: tuple[str, ...]):
@@ -242,6 +324,7 @@ class LocalKMSProvider(KMSProvider):
         self.path = Path(keyring_path)
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self._master = AESGCM(master_key)
+        self._master_key = master_key  # only to refuse re-keying under the same key
         self.max_encryptions = max_encryptions_per_version
         self.reservation_block = reservation_block
         # Never more than 1/64 of the limit in one block, so several processes can share a small limit.
@@ -293,22 +376,35 @@ class LocalKMSProvider(KMSProvider):
         return (st.st_ino, st.st_mtime_ns, st.st_size)
 
     def _read_keyring(self) -> dict:
+        blob = self._read_blob()
+        return {"keys": {}} if blob is None else self._open_blob(blob, self._master)
+
+    def _read_blob(self) -> bytes | None:
+        """The keyring file's bytes, ``None`` if there is none yet."""
         try:
-            blob = self.path.read_bytes()
+            return self.path.read_bytes()
         except FileNotFoundError:
-            return {"keys": {}}
+            return None
         except OSError as exc:
             raise ConfigurationError(f"local keyring {self.path} is unreadable: {exc.strerror}") from None
+
+    def _open_blob(self, blob: bytes, master: AESGCM) -> dict:
+        """The keyring sealed in ``blob`` (magic ‖ nonce ‖ AES-GCM of the JSON), opened with ``master``."""
         if not blob.startswith(_KEYRING_MAGIC) or len(blob) < len(_KEYRING_MAGIC) + NONCE_BYTES + TAG_BYTES:
             raise ConfigurationError(f"local keyring {self.path} is not a Keyvault keyring")
         nonce = blob[len(_KEYRING_MAGIC) : len(_KEYRING_MAGIC) + NONCE_BYTES]
         try:
-            data = self._master.decrypt(nonce, blob[len(_KEYRING_MAGIC) + NONCE_BYTES :], _KEYRING_AAD)
+            data = master.decrypt(nonce, blob[len(_KEYRING_MAGIC) + NONCE_BYTES :], _KEYRING_AAD)
         except InvalidTag:
             raise ConfigurationError(
                 f"local keyring {self.path} cannot be opened with this master key (wrong HMD_LOCAL_KMS_MASTER_KEY?)"
             ) from None
         return json.loads(data)
+
+    @staticmethod
+    def _seal(keyring: dict, master: AESGCM) -> bytes:
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        return _KEYRING_MAGIC + nonce + master.encrypt(nonce, json.dumps(keyring, sort_keys=True).encode(), _KEYRING_AAD)
 
     def _storage_error(self, exc: OSError, doing: str, outcome: str = "") -> StorageUnavailable:
         """``exc`` from the keyring's folder as a one-line typed error (the path and the system's reason)."""
@@ -319,36 +415,37 @@ class LocalKMSProvider(KMSProvider):
         )
 
     def _write_keyring(self, keyring: dict) -> None:
-        """Replace the keyring file atomically: temp file, fsync, rename, fsync of the folder.
+        """Replace the keyring file atomically with ``keyring`` sealed under the master key."""
+        self._replace_file(self._seal(keyring, self._master))
+
+    def _replace_file(self, blob: bytes, check: Callable[[Path], None] | None = None) -> None:
+        """Replace the keyring file atomically: temp file (0600), fsync, ``check(temp)``, rename, fsync of the folder.
 
         :raises StorageUnavailable: the folder refused (full, read-only, no access); the
-            keyring file is then as it was, with no temp file left behind.
+            keyring file is then as it was, with no temp file left behind (so too when
+            ``check`` raises).
         """
-        nonce = secrets.token_bytes(NONCE_BYTES)
-        sealed = self._master.encrypt(nonce, json.dumps(keyring, sort_keys=True).encode(), _KEYRING_AAD)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
         except OSError as exc:
             raise self._storage_error(exc, "write", "; the keyring is unchanged") from exc
         try:
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(_KEYRING_MAGIC + nonce + sealed)
-                handle.flush()
-                os.fsync(handle.fileno())
+            _write_private(fd, blob)
+            if check is not None:
+                check(Path(tmp))
             os.replace(tmp, self.path)
         except BaseException as exc:
             Path(tmp).unlink(missing_ok=True)
             if isinstance(exc, OSError):
                 raise self._storage_error(exc, "write", "; the keyring is unchanged") from exc
             raise
+        self._sync_folder()
+
+    def _sync_folder(self) -> None:
+        """fsync the keyring's folder, so that a rename survives a power cut."""
         try:
-            dir_fd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            _fsync_folder(self.path.parent)
         except OSError as exc:
             raise self._storage_error(
                 exc, "sync the folder of", "; the new keyring is in place but may not survive a power cut"
@@ -454,6 +551,63 @@ class LocalKMSProvider(KMSProvider):
                 self._invalidate()
                 self._bump_generation()
                 return result
+            finally:
+                fcntl.flock(lock_fd, fcntl.LOCK_UN)
+                os.close(lock_fd)
+
+    def rekey(self, new_master_key: bytes | str) -> RekeyResult:
+        """Re-encrypt the keyring under ``new_master_key``, atomically, and use that key from now on.
+
+        Under the keyring's lock: the file is opened with the current master key, sealed
+        under the new one into a temp file (0600) beside it, fsynced, read back and opened
+        with the new key, then renamed over the keyring; the folder is fsynced and every
+        process sharing the keyring is told it changed. Until the rename the current key
+        opens the keyring; after it only the new key does. Processes still holding the old
+        key then refuse to read the keyring, and so never write it (every change re-reads
+        the file under the same lock). Versions, states and encryption counts are kept as
+        they are, so every ciphertext made before still decrypts.
+
+        A keyring the current key cannot open but ``new_master_key`` can is one whose
+        re-keying already reached the rename (a run that stopped after it): nothing is
+        written and the result says ``already=True``.
+
+        :raises ConfigurationError: the new key is not 32 bytes, is the key in use, there is
+            no keyring yet, or neither key opens it.
+        :raises StorageUnavailable: the folder refused the temp file or the rename; the
+            keyring is unchanged and the current key still opens it.
+        """
+        if isinstance(new_master_key, str):
+            new_master_key = decode_master_key(new_master_key)
+        if len(new_master_key) != 32:
+            raise ConfigurationError("the new local KMS master key must be 32 bytes")
+        new_master = AESGCM(new_master_key)
+        with self._mutex:
+            lock_fd = self._lock_keyring()
+            try:
+                blob = self._read_blob()
+                if blob is None:
+                    raise ConfigurationError(f"there is no local keyring at {self.path} to re-key")
+                already = False
+                try:
+                    keyring = self._open_blob(blob, self._master)
+                except ConfigurationError:
+                    keyring = self._open_blob(blob, new_master)  # raises too when neither key opens it
+                    already = True
+                else:
+                    if new_master_key == self._master_key:
+                        raise ConfigurationError("the new master key is the one the keyring is sealed with already")
+
+                    def check(written: Path) -> None:
+                        if self._open_blob(written.read_bytes(), new_master) != keyring:
+                            raise ConfigurationError("the re-keyed keyring did not read back as written; nothing changed")
+
+                    self._replace_file(self._seal(keyring, new_master), check)
+                self._master, self._master_key = new_master, new_master_key
+                self._keyring = keyring
+                self._signature = self._file_signature()
+                self._invalidate()
+                self._bump_generation()
+                return RekeyResult(keys=len(keyring["keys"]), already=already)
             finally:
                 fcntl.flock(lock_fd, fcntl.LOCK_UN)
                 os.close(lock_fd)

@@ -257,6 +257,7 @@ class AuditEvent(models.Model):
         DEVICE_THROTTLE_RESET = "2fa.throttle_reset", "Two-factor throttling reset"
         SIEM_CONSUMER_CREATED = "siem.consumer_created", "SIEM consumer created"
         SIEM_CONSUMER_CHANGED = "siem.consumer_changed", "SIEM consumer changed"
+        KMS_MASTER_KEY_REKEYED = "kms.master_key_rekeyed", "Local KMS keyring re-keyed under a new master key"
         OTHER = "other", "Other"
 
     class Outcome(models.TextChoices):
@@ -425,6 +426,7 @@ class ManagedSecret(models.Model):
         DATABASE_CREDENTIAL = "database_credential", "PostgreSQL credential"
         TLS_CERTIFICATE = "tls_certificate", "TLS certificate"
         OAUTH_CLIENT_SECRET = "oauth_client_secret", "OAuth/OIDC client secret"
+        VAULT_APPROLE_SECRET_ID = "vault_approle_secret_id", "Vault AppRole secret id"
         GENERIC = "generic", "Generic secret"
 
     class Status(models.TextChoices):

@@ -87,13 +87,9 @@ class VaultKVSource(SecretSource):
         if ca_cert and not Path(ca_cert).is_file():
             raise SecretSourceConfigurationError(f"the vault CA bundle {ca_cert} does not exist (HMD_VAULT_CACERT)")
         self.addr, self.mount, self.auth = addr, mount, auth
-        self._client = hvac.Client(
-            url=addr,
-            token=auth.token if isinstance(auth, TokenAuth) else "",
-            verify=ca_cert or True,
-            timeout=timeout,
-            namespace=namespace or None,
-        )
+        self._hvac = hvac
+        self._connection = {"url": addr, "verify": ca_cert or True, "timeout": timeout, "namespace": namespace or None}
+        self._client = self._new_client(auth.token if isinstance(auth, TokenAuth) else "")
         self._login_lock = threading.Lock()
         self._token_deadline = 0.0
 
@@ -176,6 +172,46 @@ class VaultKVSource(SecretSource):
         if status < 300 or status in (400, 404):
             return status, body
         raise SecretSourceError(f"vault at {self.addr} answered HTTP {status} to {what}")
+
+    def _new_client(self, token: str = ""):
+        # token="" keeps hvac from falling back to VAULT_TOKEN or ~/.vault-token.
+        return self._hvac.Client(token=token, **self._connection)
+
+    def api(self, method: str, api_path: str, payload: dict | None = None, *, what: str) -> tuple[int, dict]:
+        """One request to any path of this Vault, with this source's own login.
+
+        For executors that administer Vault itself (``rotation.executors.approle``); returns
+        ``(status, body)`` for 2xx, 400 and 404.
+
+        :raises SecretAccessDenied, SecretSourceUnavailable, SecretSourceConfigurationError:
+        """
+        return self._request(method, api_path.lstrip("/"), payload, what=what)
+
+    def try_login(self, auth) -> dict:
+        """Log in with ``auth`` (e.g. an AppRole secret id) on a client of its own, then revoke that token.
+
+        Proves a credential works without keeping what it gave; returns the login's ``auth``
+        block (policies, lease), never used to send anything else.
+
+        :raises SecretAccessDenied: Vault refused the login.
+        :raises SecretSourceUnavailable: Vault is unreachable.
+        """
+        client = self._new_client()
+        try:
+            response = auth.login(client)
+        except self._http_errors.RequestException as exc:
+            raise SecretSourceUnavailable(f"vault at {self.addr} is unreachable ({type(exc).__name__})") from None
+        except Exception as exc:  # hvac.exceptions.*: a refused login
+            detail = "; ".join(getattr(exc, "errors", None) or []) or type(exc).__name__
+            raise SecretAccessDenied(f"vault refused the {auth.method} login: {detail}") from None
+        login = response.get("auth") or {}
+        client.token = login.get("client_token") or ""
+        if client.token:
+            try:
+                client.auth.token.revoke_self()
+            except Exception:  # noqa: BLE001 - the proof stands; the token expires with its TTL
+                pass
+        return {key: value for key, value in login.items() if key not in ("client_token", "accessor")}
 
     def _url(self, kind: str, path: str) -> str:
         return f"{self.mount}/{kind}/{quote(path, safe='/')}"

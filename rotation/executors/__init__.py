@@ -15,6 +15,7 @@ EXECUTORS = {
     "tls_certificate": "rotation.executors.tls.TLSCertificateExecutor",
     "oauth_client_secret": "rotation.executors.oauth.OAuthClientSecretExecutor",
     "generic": "rotation.executors.generic.GenericSecretExecutor",
+    "vault_approle_secret_id": "rotation.executors.approle.AppRoleSecretIdExecutor",
 }
 
 

@@ -15,7 +15,7 @@ from datetime import timedelta
 
 from django.core.management.base import CommandError
 
-from keyvault.keys import services
+from keyvault.keys import master_key, services
 from keyvault.models import KeyEncryptionKey
 from rotation import services as rotation_services
 from rotation.models import format_period
@@ -95,6 +95,17 @@ class Command(KeyvaultCommand):
         gdk.add_argument("--owner", default="", help="Owner reference recorded with the data key.")
         gdk.add_argument("--purpose", default="")
         gdk.add_argument("--show-plaintext", action="store_true", help="Also print the plaintext key (base64). Handle with care.")
+
+        rekey = sub.add_parser(
+            "rekey-local",
+            help="Re-encrypt the local provider's keyring under a new master key, atomically "
+            "(docs/ops/keyvault-secrets.md).",
+        )
+        rekey.add_argument(
+            "--new-master-key-file", metavar="PATH",
+            help="File (mode 0600) holding the new key: 32 random bytes, base64. Default: generate one into "
+            "HMD_DATA_DIR/local_kms_master_key.<UTC time>.",
+        )
 
     def handle(self, *args, subcommand, **options):
         return getattr(self, "_" + subcommand.replace("-", "_"))(options)
@@ -223,6 +234,18 @@ class Command(KeyvaultCommand):
             read_base64_stdin(), actor=self.actor(options), encryption_context=parse_context(options["context"])
         )
         self._write_binary(plaintext)
+
+    def _rekey_local(self, options):
+        outcome = master_key.rekey_local_keyring(actor=self.actor(options), new_key_file=options["new_master_key_file"])
+        did = "was already sealed under" if outcome.already else "re-encrypted under"
+        self.stdout.write(f"local keyring ({outcome.keys} key(s)) {did} the master key in {outcome.new_key_file} "
+                          f"({outcome.fingerprint})")
+        if outcome.development_key_file:
+            self.stdout.write(f"development key file {outcome.development_key_file} now holds it; nothing to switch")
+        else:
+            self.stdout.write(f"next: give every process HMD_LOCAL_KMS_MASTER_KEY_FILE={outcome.new_key_file} "
+                              "(or that value in your secret store) and restart it; until then processes on the "
+                              "old key refuse the keyring")
 
     def _write_binary(self, data: bytes) -> None:
         self.stdout.flush()
