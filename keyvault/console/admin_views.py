@@ -111,6 +111,8 @@ class ActionOutcome:
     message: str
     url_name: str = ""
     args: tuple = ()
+    #: What the action did not do that the operator may assume it did (shown as a warning).
+    warning: str = ""
 
 
 def _disable(kek: KeyEncryptionKey, data: dict, actor: Actor) -> ActionOutcome:
@@ -413,6 +415,8 @@ class KEKActionViewsMixin:
                     form.add_error(None, service_error_message(exc))
                 else:
                     messages.success(request, outcome.message)
+                    if outcome.warning:
+                        messages.warning(request, outcome.warning)
                     if outcome.url_name:
                         return HttpResponseRedirect(
                             reverse(f"{self.admin_site.name}:{outcome.url_name}", args=outcome.args))
@@ -445,7 +449,7 @@ class KEKActionViewsMixin:
             if form.is_valid():
                 state = KeyVersion.State(form.cleaned_data["state"])
                 try:
-                    services.set_version_state(
+                    changed = services.set_version_state(
                         kek, number, state, actor=Actor.from_request(request), reason=form.cleaned_data["reason"]
                     )
                 except SERVICE_ERRORS as exc:
@@ -453,7 +457,11 @@ class KEKActionViewsMixin:
                                    type(exc).__name__)
                     form.add_error(None, service_error_message(exc))
                 else:
-                    messages.success(request, f"v{number} of {kek.name} is now {state.label.lower()}.")
+                    where = "at the provider" if changed.enforced_by == "provider" else "in Keyvault only"
+                    messages.success(request, f"v{number} of {kek.name} is now {state.label.lower()} {where}.")
+                    if changed.enforced_by != "provider" and state != KeyVersion.State.ENABLED:
+                        messages.warning(request, services.revocation_gap(kek)
+                                         or f"Provider {kek.provider} still accepts v{number}; only Keyvault refuses it.")
                     return HttpResponseRedirect(self._change_url(kek))
         else:
             form = RetireVersionForm(kek=kek, version=version)

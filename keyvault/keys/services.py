@@ -286,6 +286,10 @@ def set_version_state(
     The primary cannot be retired. A version that still wraps data keys cannot be
     retired either unless ``force`` (an emergency, with a reason): those keys would
     stop decrypting.
+
+    :returns: the version, its ``enforced_by`` saying who now refuses or allows it: ``"provider"``,
+        or ``"inventory"`` when the provider cannot change that version's state (then only
+        Keyvault refuses it; :func:`revocation_gap` says what is left open).
     """
     state = KeyVersion.State(state)
     with transaction.atomic():
@@ -310,10 +314,34 @@ def set_version_state(
         previous_state = version.state
         version.state = state
         version.save(update_fields=["state"])
+        version.enforced_by = enforced
         events.version_state_changed(kek, actor=actor, version=number, from_state=previous_state, to_state=state.value,
                                      enforced_by=enforced, data_keys_on_version=remaining, forced=force, reason=reason)
         transaction.on_commit(envelopes.forget)
     return version
+
+
+def revocation_gap(kek: KeyEncryptionKey) -> str:
+    """What disabling one of ``kek``'s versions leaves open at its provider ('' when the provider refuses it too).
+
+    AWS KMS cannot disable one backing-key version: a version Keyvault retires is refused by
+    Keyvault only, and the key still decrypts with that material for anyone its key policy and
+    IAM allow. Revoking it there means moving every data key to another KMS key (a migrate run)
+    and then disabling, or scheduling the deletion of, the old key. Shown wherever a version of
+    such a key is disabled (console, ``kms set-version-state``, a rotation run's retirement).
+    """
+    provider = provider_for(kek)
+    if provider.supports(Capability.DISABLE_VERSION):
+        return ""
+    title = provider.title or provider.name
+    return (
+        f"{title} cannot disable one key version: Keyvault refuses the old versions of {kek.name}, but "
+        f"{title} still decrypts with their material for anyone allowed to use the key. To revoke them at "
+        f"{title}, migrate the data keys to a new key (python manage.py kms create-key NEW --provider {kek.provider}; "
+        f"python manage.py rotation start --kek {kek.name} --kind migrate --destination NEW --reason REASON), "
+        f"then disable it (python manage.py kms disable-key {kek.name} --reason REASON) "
+        f"or schedule its deletion (python manage.py kms schedule-key-deletion {kek.name})."
+    )
 
 
 def refresh_kek(kek: KeyEncryptionKey) -> KeyEncryptionKey:
