@@ -22,7 +22,7 @@ from django.db.models import Count
 from django.utils import timezone
 
 from keyvault.audit import Actor, events
-from keyvault.exceptions import CoverageIncomplete, InvalidStateTransition, KeyNotUsable
+from keyvault.exceptions import CoverageIncomplete, DataKeyNotSuperseded, InvalidStateTransition, KeyNotUsable
 from keyvault.keys import envelopes
 from keyvault.keys.fields import rewrap_field
 from keyvault.kms import Capability, KeyState, KMSProvider, UnsupportedOperation, VersionState, get_provider
@@ -442,6 +442,61 @@ def rewrap_data_key(data_key: DataKey, *, actor: Actor) -> DataKey:
         events.data_key_rewrapped(data_key, actor=actor, kek=kek.name, from_version=previous,
                                   to_version=result.key_version)
     return data_key
+
+
+def destroy_data_key(data_key: DataKey, *, replaced_by: DataKey, actor: Actor, reason: str) -> None:
+    """Delete a superseded data key's wrapped copy from the registry, for good (after a DEK compromise).
+
+    The owner has re-encrypted its data under ``replaced_by``; removing the old wrapped copy
+    means nobody can ask Keyvault to unwrap the compromised DEK again (copies in database
+    backups are outside its reach). Refused unless ``replaced_by`` is another, newer data key
+    of the same owner that opens now: it is unwrapped through its provider and the plaintext
+    wiped at once, so the only data key that opens an owner's data is never the one deleted.
+
+    :raises DataKeyNotSuperseded: no owner, the replacement is this key, older, another owner's,
+        or does not open (its KEK or version is not usable, or the provider refuses it).
+    :raises ValueError: no reason given.
+    """
+    if not reason.strip():
+        raise ValueError("destroying a data key needs a reason (incident or ticket)")
+    with transaction.atomic():
+        locked = DataKey.objects.select_for_update().select_related("kek").filter(pk__in=[data_key.pk, replaced_by.pk])
+        rows = {row.pk: row for row in locked.order_by("pk")}
+        data_key, replacement = rows.get(data_key.pk), rows.get(replaced_by.pk)
+        if data_key is None:
+            raise DataKeyNotSuperseded("that data key does not exist (already destroyed?)")
+        _require_replacement(data_key, replacement)
+        fingerprint, kek_name, version = data_key.fingerprint, data_key.kek.name, data_key.kek_version
+        target_pk = data_key.pk
+        data_key.delete()
+        data_key.pk = target_pk  # the audit event names the row it removed
+        events.data_key_destroyed(data_key, actor=actor, kek=kek_name, kek_version=version,
+                                  owner_ref=data_key.owner_ref, fingerprint=fingerprint, replaced_by=replacement.pk,
+                                  reason=reason.strip())
+
+
+def _require_replacement(data_key: DataKey, replacement: DataKey | None) -> None:
+    """:raises DataKeyNotSuperseded: ``replacement`` does not take ``data_key``'s place (see :func:`destroy_data_key`)."""
+    name = f"data key #{data_key.pk}"
+    if not data_key.owner_ref:
+        raise DataKeyNotSuperseded(f"{name} has no owner, so no newer data key can be shown to replace it")
+    if replacement is None or replacement.pk == data_key.pk:
+        raise DataKeyNotSuperseded(f"{name} needs another data key that replaces it")
+    if replacement.owner_ref != data_key.owner_ref:
+        raise DataKeyNotSuperseded(
+            f"data key #{replacement.pk} belongs to {replacement.owner_ref!r}, not {data_key.owner_ref!r}")
+    if replacement.pk < data_key.pk:
+        raise DataKeyNotSuperseded(f"data key #{replacement.pk} is older than {name}; only a newer one replaces it")
+    try:
+        require_usable(replacement.kek)
+        _version_usable(replacement)
+        opened = provider_for(replacement.kek).decrypt(bytes(replacement.wrapped_key),
+                                                       encryption_context=replacement.encryption_context)
+    except Exception as exc:  # noqa: BLE001 - whatever stops it opening, it cannot replace the old key
+        raise DataKeyNotSuperseded(
+            f"data key #{replacement.pk} does not open ({type(exc).__name__}), so {name} is still the one that does"
+        ) from None
+    del opened  # opening it was the check; the plaintext is not used
 
 
 # -- direct encryption (CLI) -----------------------------------------------------

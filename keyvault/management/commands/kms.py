@@ -16,7 +16,7 @@ from datetime import timedelta
 from django.core.management.base import CommandError
 
 from keyvault.keys import services
-from keyvault.models import KeyEncryptionKey
+from keyvault.models import DataKey, KeyEncryptionKey
 from rotation import services as rotation_services
 from rotation.models import format_period
 
@@ -49,6 +49,13 @@ def kek_named(name: str) -> KeyEncryptionKey:
     if kek is None:
         raise CommandError(f"no KEK named {name!r} (create it: python manage.py kms create-key {name})")
     return kek
+
+
+def data_key_numbered(pk: int) -> DataKey:
+    data_key = DataKey.objects.select_related("kek").filter(pk=pk).first()
+    if data_key is None:
+        raise CommandError(f"no data key #{pk}")
+    return data_key
 
 
 class Command(KeyvaultCommand):
@@ -120,6 +127,14 @@ class Command(KeyvaultCommand):
         gdk.add_argument("--owner", default="", help="Owner reference recorded with the data key.")
         gdk.add_argument("--purpose", default="")
         gdk.add_argument("--show-plaintext", action="store_true", help="Also print the plaintext key (base64). Handle with care.")
+
+        destroy = sub.add_parser(
+            "destroy-data-key",
+            help="Delete a superseded data key from the registry for good (after its owner re-encrypted under a newer one).")
+        destroy.add_argument("data_key_id", type=int, metavar="ID")
+        destroy.add_argument("--replaced-by", type=int, required=True, metavar="ID",
+                             help="The newer data key of the same owner that now encrypts its data (it must open).")
+        destroy.add_argument("--reason", required=True, help="Incident or ticket; audited.")
 
     def handle(self, *args, subcommand, **options):
         return getattr(self, "_" + subcommand.replace("-", "_"))(options)
@@ -226,6 +241,11 @@ class Command(KeyvaultCommand):
         if version.state != "enabled":
             gap = services.revocation_gap(kek) or f"provider {kek.provider} still accepts v{version.number}"
             self.stderr.write(f"warning: {gap}")
+
+    def _destroy_data_key(self, options):
+        old, new = data_key_numbered(options["data_key_id"]), data_key_numbered(options["replaced_by"])
+        services.destroy_data_key(old, replaced_by=new, actor=self.actor(options), reason=options["reason"])
+        self.stdout.write(f"destroyed data key #{old.pk} of {old.owner_ref}; data key #{new.pk} replaces it")
 
     def _encrypt(self, options):
         plaintext = sys.stdin.buffer.read()
