@@ -153,3 +153,22 @@ def test_the_console_warns_when_a_version_is_disabled_in_keyvault_only(aws, syst
     text = response.content.decode()
     assert response.status_code == 200
     assert "disabled in Keyvault only" in text and "AWS KMS still decrypts" in text and "--kind migrate" in text
+
+
+def test_the_console_emergency_rotate_on_aws_warns_that_it_does_not_revoke(aws, system_actor):
+    # given: an AWS KEK
+    name = unique("console-emergency")
+    run_cli("kms", "create-key", name, "--provider", "aws")
+    kek = KeyEncryptionKey.objects.get(name=name)
+    client = Client()
+    client.force_login(make_role_user("administrator"))
+
+    # when: an emergency rotation is started from its page
+    url = reverse("admin:keyvault_keyencryptionkey_emergency_rotate", args=[kek.pk])
+    response = client.post(url, {"reason": "role credentials leaked", "incident_ref": "INC-12"}, follow=True)
+
+    # then: the run started, and the page says AWS still decrypts and names the migration
+    text = response.content.decode()
+    assert RotationRun.objects.filter(kek=kek, kind="emergency").exists()
+    assert "This emergency run rotates and rewraps, but AWS KMS cannot disable one key version" in text
+    assert "--kind migrate" in text
