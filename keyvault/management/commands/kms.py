@@ -120,14 +120,6 @@ class Command(KeyvaultCommand):
         version_state.add_argument("--confirm", default="", metavar="NAME",
                                    help="The KEK's name again, required to destroy a version.")
 
-        gdk = sub.add_parser("generate-data-key", help="Create and register a data key; prints JSON.")
-        gdk.add_argument("--key", required=True, help="KEK name.")
-        gdk.add_argument("--context", action="append", metavar="KEY=VALUE")
-        gdk.add_argument("--key-spec", default="AES_256", choices=["AES_256", "AES_128"])
-        gdk.add_argument("--owner", default="", help="Owner reference recorded with the data key.")
-        gdk.add_argument("--purpose", default="")
-        gdk.add_argument("--show-plaintext", action="store_true", help="Also print the plaintext key (base64). Handle with care.")
-
         destroy = sub.add_parser(
             "destroy-data-key",
             help="Delete a superseded data key from the registry for good (after its owner re-encrypted under a newer one).")
@@ -135,6 +127,14 @@ class Command(KeyvaultCommand):
         destroy.add_argument("--replaced-by", type=int, required=True, metavar="ID",
                              help="The newer data key of the same owner that now encrypts its data (it must open).")
         destroy.add_argument("--reason", required=True, help="Incident or ticket; audited.")
+
+        gdk = sub.add_parser("generate-data-key", help="Create and register a data key; prints JSON.")
+        gdk.add_argument("--key", required=True, help="KEK name.")
+        gdk.add_argument("--context", action="append", metavar="KEY=VALUE")
+        gdk.add_argument("--key-spec", default="AES_256", choices=["AES_256", "AES_128"])
+        gdk.add_argument("--owner", default="", help="Owner reference recorded with the data key.")
+        gdk.add_argument("--purpose", default="")
+        gdk.add_argument("--show-plaintext", action="store_true", help="Also print the plaintext key (base64). Handle with care.")
 
     def handle(self, *args, subcommand, **options):
         return getattr(self, "_" + subcommand.replace("-", "_"))(options)
