@@ -19,6 +19,10 @@ class CoverageIncomplete(KeyvaultError):
     """A key version still protects data keys, so it cannot be retired yet."""
 
 
+class DataKeyNotSuperseded(KeyvaultError):
+    """A data key cannot be destroyed: no newer data key of its owner opens in its place."""
+
+
 class AuditWriteRefused(KeyvaultError):
     """Audit events are append-only: they cannot be changed or deleted."""
 

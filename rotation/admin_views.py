@@ -41,6 +41,7 @@ from keyvault.console.admin_views import (
     runbook_for,
     service_error_message,
 )
+from keyvault.keys import services as key_services
 from keyvault.models import AuditEvent, KeyEncryptionKey
 from rotation import permissions, runbooks, services
 from rotation.forms import DecisionForm, RunControlForm, TickStepForm
@@ -85,7 +86,9 @@ def start_from_console(kek: KeyEncryptionKey, data: dict, actor: Actor, *, kind:
                    "by someone other than you before it rotates.")
     else:
         message = f"Started run #{run.pk} of {kek.name}; a worker rotates the key and rewraps its data keys."
-    return ActionOutcome(message, "rotation_rotationrun_change", (run.pk,))
+    gap = key_services.revocation_gap(kek) if kind == RotationRun.Kind.EMERGENCY else ""
+    warning = f"This emergency run rotates and rewraps, but {gap}" if gap else ""
+    return ActionOutcome(message, "rotation_rotationrun_change", (run.pk,), warning=warning)
 
 
 @dataclass(frozen=True)

@@ -187,6 +187,15 @@ def data_key_rewrapped(data_key: DataKey, *, actor: Actor, kek: str, from_versio
                         details={"kek": kek, "from_version": from_version, "to_version": to_version})
 
 
+@_emits(Action.DATA_KEY_DESTROYED)
+def data_key_destroyed(data_key: DataKey, *, actor: Actor, kek: str, kek_version: int, owner_ref: str,
+                       fingerprint: str, replaced_by: int, reason: str) -> AuditEvent:
+    """A superseded data key's wrapped copy was deleted from the registry for good (its replacement named)."""
+    return audit.record(Action.DATA_KEY_DESTROYED, actor=actor, target=_datakey(data_key),
+                        details={"kek": kek, "kek_version": kek_version, "owner_ref": owner_ref,
+                                 "fingerprint": fingerprint, "replaced_by": replaced_by, "reason": reason})
+
+
 @_emits(Action.DATA_KEY_REWRAPPED)
 def field_rewrapped(label: str, *, actor: Actor, rewrapped: int) -> AuditEvent:
     """An encrypted model field's values (``app.model.field``) were moved to their KEKs' primary versions."""

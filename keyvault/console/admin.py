@@ -31,6 +31,7 @@ from django.utils.http import urlencode
 from keyvault.keys import services
 from keyvault.console.admin_views import (
     AuditChainViewsMixin,
+    DataKeyViewsMixin,
     KEKActionViewsMixin,
     available_actions,
     kek_coverage,
@@ -353,7 +354,7 @@ class KeyEncryptionKeyAdmin(KEKActionViewsMixin, admin.ModelAdmin):
 
 
 @admin.register(DataKey)
-class DataKeyAdmin(ReadOnlyAdmin):
+class DataKeyAdmin(DataKeyViewsMixin, ReadOnlyAdmin):
     list_display = ("id", "kek", "kek_version", "owner_ref", "created", "fingerprint")
     list_filter = ("kek", OwnerFilter)
     list_select_related = ("kek",)

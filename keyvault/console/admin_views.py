@@ -32,7 +32,9 @@ from django.views.decorators.debug import sensitive_post_parameters
 from keyvault import audit
 from keyvault.audit import Actor
 from keyvault.audit import status as audit_status
-from keyvault.console.forms import ConfirmForm, CreateKEKForm, DisableForm, RetireVersionForm, ScheduleDeletionForm
+from keyvault.console.forms import (
+    ConfirmForm, CreateKEKForm, DestroyDataKeyForm, DisableForm, RetireVersionForm, ScheduleDeletionForm,
+)
 from keyvault.exceptions import AuditVerificationTooSoon, KeyvaultError
 from keyvault.keys import services
 from keyvault.kms.errors import KMSError
@@ -62,6 +64,7 @@ ACTION_RUNBOOKS = {
     "verify-audit-chain": "audit-verification",
     "approve-run": "run-approval",
     "edit-policy": "rotation-policy",
+    "destroy-data-key": "data-key-destruction",
 }
 
 
@@ -111,6 +114,8 @@ class ActionOutcome:
     message: str
     url_name: str = ""
     args: tuple = ()
+    #: What the action did not do that the operator may assume it did (shown as a warning).
+    warning: str = ""
 
 
 def _disable(kek: KeyEncryptionKey, data: dict, actor: Actor) -> ActionOutcome:
@@ -413,6 +418,8 @@ class KEKActionViewsMixin:
                     form.add_error(None, service_error_message(exc))
                 else:
                     messages.success(request, outcome.message)
+                    if outcome.warning:
+                        messages.warning(request, outcome.warning)
                     if outcome.url_name:
                         return HttpResponseRedirect(
                             reverse(f"{self.admin_site.name}:{outcome.url_name}", args=outcome.args))
@@ -445,7 +452,7 @@ class KEKActionViewsMixin:
             if form.is_valid():
                 state = KeyVersion.State(form.cleaned_data["state"])
                 try:
-                    services.set_version_state(
+                    changed = services.set_version_state(
                         kek, number, state, actor=Actor.from_request(request), reason=form.cleaned_data["reason"]
                     )
                 except SERVICE_ERRORS as exc:
@@ -453,7 +460,11 @@ class KEKActionViewsMixin:
                                    type(exc).__name__)
                     form.add_error(None, service_error_message(exc))
                 else:
-                    messages.success(request, f"v{number} of {kek.name} is now {state.label.lower()}.")
+                    where = "at the provider" if changed.enforced_by == "provider" else "in Keyvault only"
+                    messages.success(request, f"v{number} of {kek.name} is now {state.label.lower()} {where}.")
+                    if changed.enforced_by != "provider" and state != KeyVersion.State.ENABLED:
+                        messages.warning(request, services.revocation_gap(kek)
+                                         or f"Provider {kek.provider} still accepts v{number}; only Keyvault refuses it.")
                     return HttpResponseRedirect(self._change_url(kek))
         else:
             form = RetireVersionForm(kek=kek, version=version)
@@ -476,6 +487,69 @@ class KEKActionViewsMixin:
             extra={"version": version, "unavailable": "" if not version.is_primary else
                    "This is the primary version; rotate the key before retiring it."},
         )
+
+
+# -- data keys -----------------------------------------------------------------------
+
+#: Destroying a data key is as final as deleting a KEK, and needs the same permission.
+DESTROY_DATA_KEY_PERMISSION = "keyvault.schedule_deletion_keyencryptionkey"
+
+
+class DataKeyViewsMixin:
+    """The data key page's *Destroy* view: a superseded data key deleted for good, through the key services."""
+
+    def get_urls(self):
+        destroy = path("<path:object_id>/destroy/", self.admin_site.admin_view(self.destroy_data_key_view),
+                       name="keyvault_datakey_destroy")
+        return [destroy, *super().get_urls()]
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        extra_context = dict(extra_context or {})
+        if request.user.has_perm(DESTROY_DATA_KEY_PERMISSION):
+            extra_context["destroy_url"] = reverse(f"{self.admin_site.name}:keyvault_datakey_destroy", args=[object_id])
+        return super().change_view(request, object_id, form_url, extra_context)
+
+    @method_decorator(sensitive_post_parameters())
+    def destroy_data_key_view(self, request, object_id: str):
+        if not request.user.has_perm(DESTROY_DATA_KEY_PERMISSION):
+            raise PermissionDenied
+        data_key = self.get_object(request, unquote(object_id))
+        if data_key is None:
+            raise Http404("No data key with that id.")
+        if request.method == "POST":
+            form = DestroyDataKeyForm(request.POST, data_key=data_key)
+            if form.is_valid():
+                replacement = form.cleaned_data["replaced_by"]
+                try:
+                    services.destroy_data_key(data_key, replaced_by=replacement, actor=Actor.from_request(request),
+                                              reason=form.cleaned_data["reason"])
+                except SERVICE_ERRORS as exc:
+                    logger.warning("console: destroying data key #%s refused: %s", data_key.pk, type(exc).__name__)
+                    form.add_error(None, service_error_message(exc))
+                else:
+                    messages.success(request, f"Destroyed data key #{object_id}; data key #{replacement.pk} replaces it.")
+                    return HttpResponseRedirect(reverse(f"{self.admin_site.name}:keyvault_datakey_changelist"))
+        else:
+            form = DestroyDataKeyForm(data_key=data_key)
+        context = {
+            **self.admin_site.each_context(request),
+            "title": f"Destroy data key #{data_key.pk}",
+            "subtitle": str(data_key),
+            "opts": self.opts,
+            "original": data_key,
+            "form": form,
+            "adminform": helpers.AdminForm(form, [(None, {"fields": list(form.base_fields)})], {}),
+            "media": self.media + form.media,
+            "action": "destroy-data-key",
+            "intro": (f"Data key #{data_key.pk} of {data_key.owner_ref or 'no owner'} is deleted from the registry for "
+                      "good. Keyvault refuses unless a newer data key of the same owner opens in its place."),
+            "submit_label": "Destroy data key",
+            "danger": True,
+            "cancel_url": reverse(f"{self.admin_site.name}:keyvault_datakey_change", args=[data_key.pk]),
+            "runbook": runbook_for("destroy-data-key"),
+        }
+        request.current_app = self.admin_site.name
+        return TemplateResponse(request, ACTION_TEMPLATE, context)
 
 
 # -- audit chain status ------------------------------------------------------------

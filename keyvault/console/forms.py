@@ -11,7 +11,7 @@ from django.core.exceptions import ValidationError
 
 from keyvault.keys import services
 from keyvault.kms.registry import default_provider_name, provider_names
-from keyvault.models import KeyEncryptionKey, KeyVersion
+from keyvault.models import DataKey, KeyEncryptionKey, KeyVersion
 
 #: Google Cloud KMS's longest rotation period (876,000 hours); longer makes no sense.
 MAX_ROTATION_PERIOD_DAYS = 36_500
@@ -160,3 +160,41 @@ class RetireVersionForm(KEKActionForm):
             except ValidationError as error:
                 self.add_error("confirm_name", error)
         return cleaned
+
+
+class DestroyDataKeyForm(forms.Form):
+    """Destroy a superseded data key: its replacement, a reason, and its id typed again."""
+
+    replaced_by = forms.IntegerField(
+        label="Replaced by data key",
+        min_value=1,
+        help_text="The id of the newer data key of the same owner that now encrypts its data. It must open.",
+    )
+    reason = forms.CharField(
+        label="Reason",
+        max_length=500,
+        widget=forms.Textarea(attrs={"rows": 3, "cols": 60}),
+        help_text="Incident or ticket; recorded in the audit log.",
+    )
+    confirm = forms.CharField(
+        label="Type the data key's id to confirm",
+        max_length=20,
+        widget=forms.TextInput(attrs={"autocomplete": "off", "spellcheck": "false"}),
+        help_text="Destruction is final: nobody can unwrap this data key through Keyvault again.",
+    )
+
+    def __init__(self, *args, data_key: DataKey, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.data_key = data_key
+
+    def clean_confirm(self) -> str:
+        typed = self.cleaned_data["confirm"].strip().lstrip("#")
+        if typed != str(self.data_key.pk):
+            raise ValidationError(f"Type {self.data_key.pk} to confirm.")
+        return typed
+
+    def clean_replaced_by(self) -> DataKey:
+        replacement = DataKey.objects.select_related("kek").filter(pk=self.cleaned_data["replaced_by"]).first()
+        if replacement is None:
+            raise ValidationError("There is no data key with that id.")
+        return replacement

@@ -22,7 +22,7 @@ from django.db.models import Count
 from django.utils import timezone
 
 from keyvault.audit import Actor, events
-from keyvault.exceptions import CoverageIncomplete, InvalidStateTransition, KeyNotUsable
+from keyvault.exceptions import CoverageIncomplete, DataKeyNotSuperseded, InvalidStateTransition, KeyNotUsable
 from keyvault.keys import envelopes
 from keyvault.keys.fields import rewrap_field
 from keyvault.kms import Capability, KeyState, KMSProvider, UnsupportedOperation, VersionState, get_provider
@@ -286,6 +286,10 @@ def set_version_state(
     The primary cannot be retired. A version that still wraps data keys cannot be
     retired either unless ``force`` (an emergency, with a reason): those keys would
     stop decrypting.
+
+    :returns: the version, its ``enforced_by`` saying who now refuses or allows it: ``"provider"``,
+        or ``"inventory"`` when the provider cannot change that version's state (then only
+        Keyvault refuses it; :func:`revocation_gap` says what is left open).
     """
     state = KeyVersion.State(state)
     with transaction.atomic():
@@ -310,10 +314,34 @@ def set_version_state(
         previous_state = version.state
         version.state = state
         version.save(update_fields=["state"])
+        version.enforced_by = enforced
         events.version_state_changed(kek, actor=actor, version=number, from_state=previous_state, to_state=state.value,
                                      enforced_by=enforced, data_keys_on_version=remaining, forced=force, reason=reason)
         transaction.on_commit(envelopes.forget)
     return version
+
+
+def revocation_gap(kek: KeyEncryptionKey) -> str:
+    """What disabling one of ``kek``'s versions leaves open at its provider ('' when the provider refuses it too).
+
+    AWS KMS cannot disable one backing-key version: a version Keyvault retires is refused by
+    Keyvault only, and the key still decrypts with that material for anyone its key policy and
+    IAM allow. Revoking it there means moving every data key to another KMS key (a migrate run)
+    and then disabling, or scheduling the deletion of, the old key. Shown wherever a version of
+    such a key is disabled (console, ``kms set-version-state``, a rotation run's retirement).
+    """
+    provider = provider_for(kek)
+    if provider.supports(Capability.DISABLE_VERSION):
+        return ""
+    title = provider.title or provider.name
+    return (
+        f"{title} cannot disable one key version: Keyvault refuses the old versions of {kek.name}, but "
+        f"{title} still decrypts with their material for anyone allowed to use the key. To revoke them at "
+        f"{title}, migrate the data keys to a new key (python manage.py kms create-key NEW --provider {kek.provider}; "
+        f"python manage.py rotation start --kek {kek.name} --kind migrate --destination NEW --reason REASON), "
+        f"then disable it (python manage.py kms disable-key {kek.name} --reason REASON) "
+        f"or schedule its deletion (python manage.py kms schedule-key-deletion {kek.name})."
+    )
 
 
 def refresh_kek(kek: KeyEncryptionKey) -> KeyEncryptionKey:
@@ -414,6 +442,61 @@ def rewrap_data_key(data_key: DataKey, *, actor: Actor) -> DataKey:
         events.data_key_rewrapped(data_key, actor=actor, kek=kek.name, from_version=previous,
                                   to_version=result.key_version)
     return data_key
+
+
+def destroy_data_key(data_key: DataKey, *, replaced_by: DataKey, actor: Actor, reason: str) -> None:
+    """Delete a superseded data key's wrapped copy from the registry, for good (after a DEK compromise).
+
+    The owner has re-encrypted its data under ``replaced_by``; removing the old wrapped copy
+    means nobody can ask Keyvault to unwrap the compromised DEK again (copies in database
+    backups are outside its reach). Refused unless ``replaced_by`` is another, newer data key
+    of the same owner that opens now: it is unwrapped through its provider and the plaintext
+    wiped at once, so the only data key that opens an owner's data is never the one deleted.
+
+    :raises DataKeyNotSuperseded: no owner, the replacement is this key, older, another owner's,
+        or does not open (its KEK or version is not usable, or the provider refuses it).
+    :raises ValueError: no reason given.
+    """
+    if not reason.strip():
+        raise ValueError("destroying a data key needs a reason (incident or ticket)")
+    with transaction.atomic():
+        locked = DataKey.objects.select_for_update().select_related("kek").filter(pk__in=[data_key.pk, replaced_by.pk])
+        rows = {row.pk: row for row in locked.order_by("pk")}
+        data_key, replacement = rows.get(data_key.pk), rows.get(replaced_by.pk)
+        if data_key is None:
+            raise DataKeyNotSuperseded("that data key does not exist (already destroyed?)")
+        _require_replacement(data_key, replacement)
+        fingerprint, kek_name, version = data_key.fingerprint, data_key.kek.name, data_key.kek_version
+        target_pk = data_key.pk
+        data_key.delete()
+        data_key.pk = target_pk  # the audit event names the row it removed
+        events.data_key_destroyed(data_key, actor=actor, kek=kek_name, kek_version=version,
+                                  owner_ref=data_key.owner_ref, fingerprint=fingerprint, replaced_by=replacement.pk,
+                                  reason=reason.strip())
+
+
+def _require_replacement(data_key: DataKey, replacement: DataKey | None) -> None:
+    """:raises DataKeyNotSuperseded: ``replacement`` does not take ``data_key``'s place (see :func:`destroy_data_key`)."""
+    name = f"data key #{data_key.pk}"
+    if not data_key.owner_ref:
+        raise DataKeyNotSuperseded(f"{name} has no owner, so no newer data key can be shown to replace it")
+    if replacement is None or replacement.pk == data_key.pk:
+        raise DataKeyNotSuperseded(f"{name} needs another data key that replaces it")
+    if replacement.owner_ref != data_key.owner_ref:
+        raise DataKeyNotSuperseded(
+            f"data key #{replacement.pk} belongs to {replacement.owner_ref!r}, not {data_key.owner_ref!r}")
+    if replacement.pk < data_key.pk:
+        raise DataKeyNotSuperseded(f"data key #{replacement.pk} is older than {name}; only a newer one replaces it")
+    try:
+        require_usable(replacement.kek)
+        _version_usable(replacement)
+        opened = provider_for(replacement.kek).decrypt(bytes(replacement.wrapped_key),
+                                                       encryption_context=replacement.encryption_context)
+    except Exception as exc:  # noqa: BLE001 - whatever stops it opening, it cannot replace the old key
+        raise DataKeyNotSuperseded(
+            f"data key #{replacement.pk} does not open ({type(exc).__name__}), so {name} is still the one that does"
+        ) from None
+    del opened  # opening it was the check; the plaintext is not used
 
 
 # -- direct encryption (CLI) -----------------------------------------------------

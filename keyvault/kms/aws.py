@@ -338,6 +338,7 @@ class AWSKMSProvider(KMSProvider):
     """Symmetric AWS KMS keys; see the module docstring for the design."""
 
     name = "aws"
+    title = "AWS KMS"
     OPTIONS = (
         Option("region", "HMD_AWS_REGION", ""),
         Option("endpoint_url", "HMD_AWS_KMS_ENDPOINT_URL", ""),

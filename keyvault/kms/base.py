@@ -181,6 +181,8 @@ class KMSProvider(abc.ABC):
 
     #: Registry name, as used in ``HMD_KMS_PROVIDER``.
     name: str = ""
+    #: What operators call the backend ("AWS KMS"), in messages; the registry name when empty.
+    title: str = ""
     #: Optional behaviours this backend supports (see :class:`Capability`).
     capabilities: frozenset[Capability] = frozenset()
     #: The options :meth:`from_config` takes that come from ``HMD_*`` variables (keyvault/kms/options.py).

@@ -203,6 +203,7 @@ class GCPKMSProvider(KMSProvider):
     """KEKs held by Google Cloud KMS, one crypto key per ``key_id`` in one key ring."""
 
     name = "gcp"
+    title = "Cloud KMS"
     OPTIONS = (
         Option("project", "HMD_GCP_PROJECT", ""),
         Option("location", "HMD_GCP_LOCATION", "global"),

@@ -291,6 +291,7 @@ class LocalKMSProvider(KMSProvider):
     """AES-256-GCM KEKs kept in a local, master-key-encrypted keyring file."""
 
     name = "local"
+    title = "the local keyring"
     # The keyring path (in HMD_DATA_DIR) and the master key (a secret) come from the project's settings.
     OPTIONS = (
         Option("max_encryptions_per_version", "HMD_LOCAL_KMS_MAX_ENCRYPTIONS", DEFAULT_MAX_ENCRYPTIONS, "int"),

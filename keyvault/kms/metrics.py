@@ -261,6 +261,10 @@ class InstrumentedProvider(KMSProvider):
         return self.wrapped.name
 
     @property
+    def title(self) -> str:  # type: ignore[override]
+        return self.wrapped.title
+
+    @property
     def capabilities(self):  # type: ignore[override]
         return self.wrapped.capabilities
 

@@ -414,6 +414,7 @@ class PKCS11Provider(KMSProvider):
     """AES-256 KEKs inside a PKCS#11 token (HSM), AES-GCM done by the token."""
 
     name = "pkcs11"
+    title = "the PKCS#11 token"
     OPTIONS = (
         Option("library", "HMD_PKCS11_LIBRARY", ""),
         Option("token_label", "HMD_PKCS11_TOKEN_LABEL", ""),

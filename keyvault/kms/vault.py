@@ -276,6 +276,7 @@ class VaultTransitProvider(KMSProvider):
     """KEKs in HashiCorp Vault's (or OpenBao's) Transit engine; see the module docstring."""
 
     name = "vault"
+    title = "Vault Transit"
     OPTIONS = (
         Option("addr", "HMD_VAULT_ADDR", ""),
         Option("token", "HMD_VAULT_TOKEN", ""),

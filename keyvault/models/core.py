@@ -226,6 +226,7 @@ class AuditEvent(models.Model):
         DATA_KEY_CREATED = "datakey.created", "Data key created"
         DATA_KEY_UNWRAPPED = "datakey.unwrapped", "Data key unwrapped"
         DATA_KEY_REWRAPPED = "datakey.rewrapped", "Data key rewrapped"
+        DATA_KEY_DESTROYED = "datakey.destroyed", "Data key destroyed"
         CRYPTO_ENCRYPT = "crypto.encrypt", "Encrypt"
         CRYPTO_DECRYPT = "crypto.decrypt", "Decrypt"
         AUDIT_EXPORTED = "audit.exported", "Audit log exported"

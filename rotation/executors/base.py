@@ -44,6 +44,10 @@ class VerificationFailed(ExecutorError):
     """The new credential did not work when tried for real."""
 
 
+class CredentialRetired(ExecutorError):
+    """The previous credential was destroyed at retirement; rolling back to it would install one that cannot work."""
+
+
 class WaitingForPerson(Exception):  # noqa: N818 - a pause, not an error
     """The run waits for a manual runbook step (or for a value a person provides)."""
 

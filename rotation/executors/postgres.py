@@ -44,6 +44,7 @@ from datetime import timedelta
 from rotation.executors import outbound
 from rotation.executors.base import (
     Context,
+    CredentialRetired,
     Executor,
     ExecutorError,
     SecretConfigError,
@@ -301,17 +302,41 @@ class PostgresCredentialExecutor(Executor):
             ctx.tick("retire", f"skipped: {old} is the active role again (a later rotation switched back)")
             return
         _, sql = _psycopg()
+        mode = ctx.secret.config.get("retire", "nologin")
         with self._admin(ctx) as admin:
-            if ctx.secret.config.get("retire", "nologin") == "password":
+            if mode == "password":
                 self._set_password(admin, old, secrets.token_urlsafe(PASSWORD_BYTES))
                 note = f"{old}'s password reset to a random value nobody holds"
             else:
                 admin.execute(sql.SQL("ALTER ROLE {} WITH NOLOGIN").format(sql.Identifier(old)))
                 note = f"{old} set to NOLOGIN (it becomes the inactive role of the next rotation)"
+            # Recorded at once: a rollback of a run that fails from here on must know the old credential is locked.
+            ctx.state["retired"] = mode
+            ctx.save()
             can_login = admin.execute("SELECT rolcanlogin FROM pg_roles WHERE rolname = %s", [old]).fetchone()[0]
         ctx.tick("retire", note + ("" if can_login else "; rolcanlogin is false"))
 
     def rollback(self, ctx: Context) -> str:
+        """Make the previous credential current again; after retirement only where it can still log in.
+
+        :raises CredentialRetired: the old role's password was replaced by a random one (``retire: password``).
+        """
+        retired = ctx.state.get("retired")
+        if retired == "password":
+            raise CredentialRetired(
+                f"{ctx.state.get('previous_user')}'s password was replaced by a random value at retirement "
+                "(retire: password), so the previous secret version no longer logs in; the source was left as it is. "
+                "Start a new rotation instead (python manage.py rotation start --secret NAME)"
+            )
+        unlocked = ""
+        if retired:
+            _, sql = _psycopg()
+            old = ctx.state["previous_user"]
+            with self._admin(ctx) as admin:
+                admin.execute(sql.SQL("ALTER ROLE {} WITH LOGIN").format(sql.Identifier(old)))
+            ctx.state.pop("retired")
+            ctx.save()
+            unlocked = f"{old} may log in again (it was set to NOLOGIN at retirement); "
         if self._single(ctx) and ctx.state.get("password_changed"):
             # The old password is in the source's previous version: give it back to the role.
             old = self._parse(ctx.read(version=ctx.state["previous_version"]).value)
@@ -323,7 +348,7 @@ class PostgresCredentialExecutor(Executor):
                 return "previous password restored"
         note = super().rollback(ctx)
         ctx.state.pop("new_version", None)
-        return note
+        return unlocked + note
 
     def on_failure(self, ctx: Context, exc: Exception) -> str:
         if self._single(ctx) and ctx.state.get("password_changed") and not ctx.state.get("verified"):

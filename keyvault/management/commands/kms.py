@@ -16,7 +16,7 @@ from datetime import timedelta
 from django.core.management.base import CommandError
 
 from keyvault.keys import master_key, services
-from keyvault.models import KeyEncryptionKey
+from keyvault.models import DataKey, KeyEncryptionKey
 from rotation import services as rotation_services
 from rotation.models import format_period
 
@@ -49,6 +49,13 @@ def kek_named(name: str) -> KeyEncryptionKey:
     if kek is None:
         raise CommandError(f"no KEK named {name!r} (create it: python manage.py kms create-key {name})")
     return kek
+
+
+def data_key_numbered(pk: int) -> DataKey:
+    data_key = DataKey.objects.select_related("kek").filter(pk=pk).first()
+    if data_key is None:
+        raise CommandError(f"no data key #{pk}")
+    return data_key
 
 
 class Command(KeyvaultCommand):
@@ -87,6 +94,39 @@ class Command(KeyvaultCommand):
             p = sub.add_parser(name, help=text)
             p.add_argument("--context", action="append", metavar="KEY=VALUE", help="Encryption context pair (repeatable).")
             p.add_argument("--provider", help="Provider that made the ciphertext (default: HMD_KMS_PROVIDER).")
+
+        # Key and version states: the console's Disable/Enable, Schedule/Cancel deletion and Retire version.
+        disable = sub.add_parser("disable-key", help="Disable a KEK: it refuses every crypto operation until enabled.")
+        disable.add_argument("name")
+        disable.add_argument("--reason", required=True, help="Incident or ticket; audited.")
+        enable = sub.add_parser("enable-key", help="Enable a disabled KEK.")
+        enable.add_argument("name")
+        deletion = sub.add_parser("schedule-key-deletion",
+                                  help="Schedule a KEK's destruction after a waiting period; crypto stops at once.")
+        deletion.add_argument("name")
+        deletion.add_argument("--waiting-days", type=int, default=services.DEFAULT_DELETION_WAIT_DAYS,
+                              help=f"{services.MIN_DELETION_WAIT_DAYS}-{services.MAX_DELETION_WAIT_DAYS} days "
+                              f"(default {services.DEFAULT_DELETION_WAIT_DAYS}).")
+        cancel = sub.add_parser("cancel-key-deletion", help="Cancel a scheduled deletion; the KEK stays disabled.")
+        cancel.add_argument("name")
+        version_state = sub.add_parser(
+            "set-version-state", help="Enable, disable or destroy one version of a KEK (says whether the provider enforces it).")
+        version_state.add_argument("name")
+        version_state.add_argument("version", type=int)
+        version_state.add_argument("state", choices=["enabled", "disabled", "destroyed"])
+        version_state.add_argument("--reason", default="", help="Why; audited (required with --force).")
+        version_state.add_argument("--force", action="store_true",
+                                   help="Retire a version that still wraps data keys (they stop opening).")
+        version_state.add_argument("--confirm", default="", metavar="NAME",
+                                   help="The KEK's name again, required to destroy a version.")
+
+        destroy = sub.add_parser(
+            "destroy-data-key",
+            help="Delete a superseded data key from the registry for good (after its owner re-encrypted under a newer one).")
+        destroy.add_argument("data_key_id", type=int, metavar="ID")
+        destroy.add_argument("--replaced-by", type=int, required=True, metavar="ID",
+                             help="The newer data key of the same owner that now encrypts its data (it must open).")
+        destroy.add_argument("--reason", required=True, help="Incident or ticket; audited.")
 
         gdk = sub.add_parser("generate-data-key", help="Create and register a data key; prints JSON.")
         gdk.add_argument("--key", required=True, help="KEK name.")
@@ -180,6 +220,43 @@ class Command(KeyvaultCommand):
             self.stdout.write(json.dumps({"name": options["name"], "primary_version": version.number}))
         else:
             self.stdout.write(f"rotated {options['name']}: version {version.number} is now primary")
+
+    def _disable_key(self, options):
+        kek = services.disable_kek(kek_named(options["name"]), actor=self.actor(options), reason=options["reason"])
+        self.stdout.write(f"disabled {kek.name}: it refuses every encrypt and decrypt until enabled")
+
+    def _enable_key(self, options):
+        kek = services.enable_kek(kek_named(options["name"]), actor=self.actor(options))
+        self.stdout.write(f"enabled {kek.name}")
+
+    def _schedule_key_deletion(self, options):
+        kek = services.schedule_kek_deletion(kek_named(options["name"]), actor=self.actor(options),
+                                             waiting_days=options["waiting_days"])
+        self.stdout.write(f"{kek.name} is pending deletion on {kek.deletion_date:%Y-%m-%d %H:%M} UTC; it refuses all "
+                          "cryptography now (kms cancel-key-deletion keeps it)")
+
+    def _cancel_key_deletion(self, options):
+        kek = services.cancel_kek_deletion(kek_named(options["name"]), actor=self.actor(options))
+        self.stdout.write(f"cancelled the deletion of {kek.name}; it stays disabled until enabled (kms enable-key)")
+
+    def _set_version_state(self, options):
+        kek = kek_named(options["name"])
+        if options["state"] == "destroyed" and options["confirm"] != kek.name:
+            raise CommandError(f"destroying a version is final: repeat the key's name with --confirm {kek.name}")
+        version = services.set_version_state(kek, options["version"], options["state"], actor=self.actor(options),
+                                             force=options["force"], reason=options["reason"])
+        if version.enforced_by == "provider":
+            self.stdout.write(f"v{version.number} of {kek.name} is now {version.state} at provider {kek.provider}")
+            return
+        self.stdout.write(f"v{version.number} of {kek.name} is now {version.state} in Keyvault only")
+        if version.state != "enabled":
+            gap = services.revocation_gap(kek) or f"provider {kek.provider} still accepts v{version.number}"
+            self.stderr.write(f"warning: {gap}")
+
+    def _destroy_data_key(self, options):
+        old, new = data_key_numbered(options["data_key_id"]), data_key_numbered(options["replaced_by"])
+        services.destroy_data_key(old, replaced_by=new, actor=self.actor(options), reason=options["reason"])
+        self.stdout.write(f"destroyed data key #{old.pk} of {old.owner_ref}; data key #{new.pk} replaces it")
 
     def _encrypt(self, options):
         plaintext = sys.stdin.buffer.read()

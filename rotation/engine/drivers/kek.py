@@ -240,14 +240,23 @@ class KekRotation(Driver):
         return S.COMPLETED
 
     def retire_old(self, run: RotationRun) -> str:
-        """Disable the versions below the target (the key services refuse one that still wraps data keys)."""
+        """Disable the versions below the target (the key services refuse one that still wraps data keys).
+
+        Where the provider cannot disable a version (AWS KMS) the note says so, and how to revoke it there.
+        """
         kek = run.kek
-        retired = []
+        retired, inventory_only = [], []
         for version in kek.versions.filter(number__lt=run.target_version, state=KeyVersion.State.ENABLED):
-            key_services.set_version_state(kek, version.number, KeyVersion.State.DISABLED, actor=self.hooks.actor,
-                                           reason=f"retired by rotation run #{run.pk}")
+            changed = key_services.set_version_state(kek, version.number, KeyVersion.State.DISABLED,
+                                                     actor=self.hooks.actor, reason=f"retired by rotation run #{run.pk}")
             retired.append(f"v{version.number}")
-        return f"disabled {', '.join(retired) or 'nothing (no enabled older versions)'}"
+            if changed.enforced_by != "provider":
+                inventory_only.append(f"v{version.number}")
+        note = f"disabled {', '.join(retired) or 'nothing (no enabled older versions)'}"
+        if inventory_only:
+            gap = key_services.revocation_gap(kek) or f"provider {kek.provider} still accepts them"
+            note += f" in Keyvault only ({', '.join(inventory_only)}). {gap}"
+        return note
 
     def refuse_if_followed(self, run: RotationRun) -> None:
         """Only the newest run of a KEK can be rolled back. :raises InvalidRunTransition:"""

@@ -167,6 +167,7 @@ class Command(KeyvaultCommand):
             )
         self.stdout.write(str(run.pk))
         self.stdout.flush()
+        self._warn_revocation_gap(run)
         if options["inline"]:
             run = services.drive(run.pk)
         if options["wait"] or options["inline"]:
@@ -187,10 +188,19 @@ class Command(KeyvaultCommand):
             if run.state in WAIT_DONE:
                 if run.state == S.RETIRING and run.retire_after:
                     self.stderr.write(f"all data keys rewrapped and verified; old versions retire after {run.retire_after:%Y-%m-%d %H:%M} UTC")
+                if run.state == S.COMPLETED:
+                    self._warn_revocation_gap(run)
                 return
             if run.state in WAIT_FAILED:
                 raise CommandError(f"run #{run.pk} ended {run.get_state_display().lower()}: {run.last_error or run.reason}")
             time.sleep(1)
+
+    def _warn_revocation_gap(self, run: RotationRun) -> None:
+        """An emergency run of a KEK whose provider keeps old versions usable does not revoke them there: say so."""
+        if run.kek_id and run.kind == RotationRun.Kind.EMERGENCY:
+            gap = key_services.revocation_gap(run.kek)
+            if gap:
+                self.stderr.write(f"warning: run #{run.pk} rotates and rewraps, but {gap}")
 
     def _status(self, options):
         summary = run_summary(run_numbered(options["run_id"]))

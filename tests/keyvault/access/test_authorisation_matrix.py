@@ -4,7 +4,8 @@ Every row is requested by each role (users in the role groups, never superusers)
 anonymous must be sent to the login page, auditors read everything and act on
 nothing (except verifying the audit chain), operators may rotate, key
 administrators may do every key action. Nobody adds, changes or deletes data keys
-or audit events, and no role manages users.
+or audit events (key administrators may only destroy a data key another one has
+replaced, through the key services), and no role manages users.
 """
 
 from __future__ import annotations
@@ -133,6 +134,17 @@ def charlie(world):
 
 def data_key(world):
     return world.data_key.pk
+
+
+def destroy_data_key_form(world) -> dict:
+    """A valid destroy request: a newer data key of the same owner is made to replace the world's one."""
+    from keyvault.audit import Actor
+    from keyvault.keys import services
+
+    replacement, plain = services.create_data_key(world.alpha, actor=Actor.system("tests"),
+                                                  owner_ref=world.data_key.owner_ref, encryption_context={"table": "card"})
+    with plain:
+        return {"replaced_by": str(replacement.pk), "reason": "matrix", "confirm": str(world.data_key.pk)}
 
 
 def first_event(world):
@@ -269,6 +281,9 @@ MATRIX: tuple[Row, ...] = (
     Row("change data key", "POST", admin_url("keyvault_datakey_change", data_key), NOBODY,
         lambda w: {"purpose": "tampered"}),
     Row("delete data key", "GET", admin_url("keyvault_datakey_delete", data_key), NOBODY),
+    # ... except that key administrators destroy a superseded one, through the key services (kms destroy-data-key)
+    Row("destroy data key form", "GET", admin_url("keyvault_datakey_destroy", data_key), ADMIN_GET),
+    Row("destroy data key", "POST", admin_url("keyvault_datakey_destroy", data_key), ADMIN_POST, destroy_data_key_form),
     # KMS providers and metrics
     Row("providers page", "GET", site_url("keyvault_providers"), VIEW),
     Row("metrics", "GET", site_url("metrics"), METRICS),
@@ -409,7 +424,7 @@ def test_every_console_route_of_ours_is_in_the_matrix():
 
     covered = {row.url.name for row in MATRIX}
     ours = {f"{action.url_name}" for action in kek_actions()}
-    ours |= {"keyvault_keyencryptionkey_retire_version", "keyvault_auditevent_verify",
+    ours |= {"keyvault_keyencryptionkey_retire_version", "keyvault_auditevent_verify", "keyvault_datakey_destroy",
              "keyvault_keyencryptionkey_add", "keyvault_providers", "metrics"}
     ours |= {"keyvault_siemconsumer_add", "reports:index", "reports:report", "reports:export", "siem-events"}
     ours |= {"keyvault_managedsecret_add", "keyvault_managedsecret_rotate", "keyvault_managedsecret_provide_value"}

@@ -21,7 +21,8 @@ from django.utils import timezone
 from psycopg import sql
 
 from rotation import services
-from rotation.executors.base import SecretConfigError
+from rotation.models import RotationRun
+from rotation.executors.base import CredentialRetired, SecretConfigError
 from rotation.executors.postgres import scram_matches, scram_verifier
 from tests.rotation.executors.conftest import rotate, steps
 
@@ -67,6 +68,10 @@ def connect_as(app_db, document):
 
 @pytest.fixture
 def db_secret(app_db, file_source, system_actor):
+    return _register_db_secret(app_db, file_source, system_actor)
+
+
+def _register_db_secret(app_db, file_source, system_actor, **config):
     initial = {"engine": "postgres", "host": "127.0.0.1", "port": 5432, "dbname": app_db["db"],
                "username": app_db["blue"], "password": "initial-" + app_db["blue"]}
     file_source.write("payments/db", json.dumps(initial))
@@ -74,7 +79,7 @@ def db_secret(app_db, file_source, system_actor):
         name="payments-db", secret_type="database_credential", source="file", path="payments/db",
         owner="payments", actor=system_actor,
         config={"host": "127.0.0.1", "port": 5432, "dbname": app_db["db"],
-                "usernames": [app_db["blue"], app_db["green"]], "admin_dsn": ADMIN_DSN},
+                "usernames": [app_db["blue"], app_db["green"]], "admin_dsn": ADMIN_DSN, **config},
     )
     services.update_secret_policy(secret, actor=system_actor, grace_period=timedelta(hours=1))
     return secret
@@ -207,3 +212,54 @@ def test_config_with_a_password_in_the_admin_dsn_is_refused(file_source, system_
             name="leaky2", secret_type="database_credential", source="file", path="l/db", actor=system_actor,
             config={"host": "h", "dbname": "d", "usernames": ["a", "b"], "admin_dsn": "host=h", "admin_password": "pw"},
         )
+
+
+def _failed_after_retirement(run, *, now):
+    """Retire ``run`` at PostgreSQL, then leave it failed, as a crash between the retirement and its record does."""
+    services.execute_run(run.pk, now=now)
+    run.refresh_from_db()
+    assert run.state == "completed" and run.executor_state.get("retired")
+    RotationRun.objects.filter(pk=run.pk).update(state="failed", last_error="worker lost after retirement")
+    run.refresh_from_db()
+    return run
+
+
+def test_rollback_after_retire_password_is_refused_and_changes_nothing(app_db, admin, file_source, system_actor):
+    # given: the secret retires old roles by scrambling their password, and a run got past retirement
+    db_secret = _register_db_secret(app_db, file_source, system_actor, retire="password")
+    t0 = timezone.now()
+    run = rotate(db_secret, actor=system_actor, now=t0)
+    run = _failed_after_retirement(run, now=t0 + timedelta(hours=2))
+    before = file_source.read("payments/db")
+    assert not stored_matches(admin, app_db["blue"], "initial-" + app_db["blue"])
+
+    # when / then: rolling back is refused with a typed error naming what happened
+    with pytest.raises(CredentialRetired, match="retire: password"):
+        services.rollback(run, actor=system_actor, reason="app errors")
+    run.refresh_from_db()
+    after = file_source.read("payments/db")
+    assert run.state == "failed"
+    assert (after.version, after.value) == (before.version, before.value)
+    assert json.loads(after.value)["username"] == app_db["green"]
+
+
+def test_rollback_after_retire_nologin_lets_the_old_role_log_in_again(
+    db_secret, app_db, admin, file_source, system_actor
+):
+    # given: the default retire mode (NOLOGIN), and a run that got past retirement
+    t0 = timezone.now()
+    run = rotate(db_secret, actor=system_actor, now=t0)
+    run = _failed_after_retirement(run, now=t0 + timedelta(hours=2))
+    assert not can_login(admin, app_db["blue"])
+
+    # when: rolled back
+    services.rollback(run, actor=system_actor, reason="app errors")
+    run.refresh_from_db()
+
+    # then: the source names blue again, and blue really logs in with that password
+    restored = json.loads(file_source.read("payments/db").value)
+    assert run.state == "rolled_back"
+    assert restored["username"] == app_db["blue"] and can_login(admin, app_db["blue"])
+    assert stored_matches(admin, app_db["blue"], restored["password"])
+    with connect_as(app_db, restored) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == (app_db["blue"],)
