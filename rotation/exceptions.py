@@ -25,3 +25,23 @@ class ApprovalRefused(RotationError):
 
 class RunNotPermitted(RotationError):
     """The user lacks a permission this kind of run needs (an emergency rotation, for one)."""
+
+
+class ExecutorError(RotationError):
+    """A step of a secret rotation failed; the old credential stays valid."""
+
+
+class SecretConfigError(ExecutorError):
+    """The managed secret's configuration is missing something its executor needs."""
+
+
+class ConfigFieldError(SecretConfigError):
+    """One field of a managed secret's configuration is missing, unknown or has a bad value (``field`` names it)."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"config field {field!r}: {problem}")
+        self.field, self.problem = field, problem
+
+
+class VerificationFailed(ExecutorError):
+    """The new credential did not work when tried for real."""

@@ -13,7 +13,7 @@ a person through the steps IdPs support for overlap (two secrets valid at once):
    secret at the IdP; ticking that earlier is refused. Keyvault then checks that the
    old secret is really refused by the token endpoint before completing.
 
-Config: ``token_endpoint`` (https, or http on localhost; either way listed in
+Config (:attr:`OAuthClientSecretExecutor.schema`): ``token_endpoint`` (https, or http on localhost; either way listed in
 ``HMD_OUTBOUND_ALLOWLIST``, see :mod:`rotation.executors.outbound`; a redirect is refused, never followed), ``client_id``, ``scope``
 (optional), ``auth_method``: ``client_secret_basic`` (default) or ``client_secret_post``.
 """
@@ -28,10 +28,10 @@ import urllib.request
 from datetime import timedelta
 
 from rotation.executors import outbound
-from rotation.executors.base import Context, Executor, ExecutorError, SecretConfigError, VerificationFailed, WaitingForPerson
+from rotation.executors.base import Context, Executor, ExecutorError, VerificationFailed, WaitingForPerson
+from rotation.executors.schema import CHOICE, TEXT, ConfigSchema, Field, printable, token_url
 
 TOKEN_TIMEOUT = 10.0
-_LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -75,28 +75,30 @@ def token_request(endpoint: str, client_id: str, client_secret: str, *, scope: s
 
 
 class OAuthClientSecretExecutor(Executor):
-    required_config = ("token_endpoint", "client_id")
     rotation_period = timedelta(days=180)
     grace_period = timedelta(days=7)  # the overlap window before the old secret is revoked at the IdP
     auto_rotate = False  # a person hands over each new secret
-    config_help = {"token_endpoint": "IdP token URL", "client_id": "the client's id", "scope": "optional scope",
-                   "auth_method": "client_secret_basic (default) or client_secret_post"}
+    schema = ConfigSchema((
+        Field("token_endpoint", TEXT, "the IdP's token URL; https (http only on localhost), in "
+              "HMD_OUTBOUND_ALLOWLIST", required=True, check=token_url, max_length=2000, form="URL"),
+        Field("client_id", TEXT, "the client's id at the IdP", required=True),
+        Field("scope", TEXT, "scope asked for in the verification token request", check=printable,
+              max_length=1000),
+        Field("auth_method", CHOICE, "how the secret is sent (RFC 6749 §2.3.1)", default="client_secret_basic",
+              choices=("client_secret_basic", "client_secret_post")),
+    ))
 
-    def validate_config(self, config: dict) -> None:
-        super().validate_config(config)
-        url = urllib.parse.urlsplit(str(config["token_endpoint"]))
-        if url.scheme != "https" and not (url.scheme == "http" and url.hostname in _LOCAL_HOSTS):
-            raise SecretConfigError("token_endpoint must be https (http only on localhost)")
-        if config.get("auth_method", "client_secret_basic") not in ("client_secret_basic", "client_secret_post"):
-            raise SecretConfigError("auth_method is client_secret_basic or client_secret_post")
-        outbound.require_url(config["token_endpoint"], what="token_endpoint")
+    def validate_config(self, config: dict) -> dict:
+        options = super().validate_config(config)
+        outbound.require_url(options["token_endpoint"], what="token_endpoint")
+        return options
 
     def _request(self, ctx: Context, secret_value: str, *, step: str) -> tuple[bool, str]:
-        cfg = ctx.secret.config
+        cfg = ctx.options
         # Checked again before every request: the allowlist may have shrunk since the secret was saved.
         outbound.require_url(ctx.config("token_endpoint"), what="token_endpoint", ctx=ctx, step=step)
         return token_request(ctx.config("token_endpoint"), ctx.config("client_id"), secret_value,
-                             scope=cfg.get("scope", ""), auth_method=cfg.get("auth_method", "client_secret_basic"))
+                             scope=cfg.get("scope", ""), auth_method=cfg["auth_method"])
 
     def precheck(self, ctx: Context) -> None:
         current = ctx.read()

@@ -14,12 +14,17 @@ configured endpoint that the server now presents the new certificate. If it does
 not, the previous version is restored. Retirement deletes the old version (and
 with it the old private key) from the source.
 
-Config: ``common_name``, ``sans`` (DNS names / IP addresses), ``endpoint``
-(``host:port`` to verify, listed in ``HMD_OUTBOUND_ALLOWLIST``), ``server_name`` (SNI, default the common name),
-``issuer``: ``self_signed`` (default) or ``internal_ca`` with ``ca_ref``
-(``{"source": …, "path": …}``), ``key_type``: ``ec`` (P-256, default) or ``rsa``
-(3072 bits), ``validity_days`` (90), ``verify_attempts`` (10, 0.3 s apart, for
-servers that reload their certificate on a timer).
+Config (:attr:`TLSCertificateExecutor.schema`): ``common_name``, ``sans`` (DNS names / IP
+addresses), ``endpoint`` (``host:port`` to verify, listed in ``HMD_OUTBOUND_ALLOWLIST``),
+``server_name`` (SNI, default the common name), ``issuer``: ``self_signed`` (default) or
+``internal_ca`` with ``ca_ref`` (``{"source": …, "path": …}``), ``key_type``: ``ec``
+(P-256, default) or ``rsa`` (3072 bits), ``validity_days`` (90), ``verify_attempts`` (10,
+0.3 s apart, for servers that reload their certificate on a timer).
+
+An **emergency** run (key compromise) retires the old certificate at once; with an
+``internal_ca`` issuer it also waits for a person to revoke the old serial at the CA
+(manual step ``ca.revoke``, the serial and fingerprint shown) — the bundle CA here has
+no CRL of its own to publish.
 """
 
 from __future__ import annotations
@@ -41,10 +46,11 @@ from rotation.executors.base import (
     Context,
     Executor,
     ExecutorError,
-    SecretConfigError,
     VerificationFailed,
     source_named,
 )
+from rotation.executors import schema as checks
+from rotation.executors.schema import CHOICE, INTEGER, REFERENCE, TEXT, TEXT_LIST, ConfigSchema, Field
 
 _KEY_BLOCK = re.compile(r"-----BEGIN ([A-Z ]*PRIVATE KEY)-----.+?-----END \1-----", re.S)
 HANDSHAKE_TIMEOUT = 5.0
@@ -165,31 +171,36 @@ def peer_certificate(host: str, port: int, *, server_name: str, trust_pem: str |
 
 class TLSCertificateExecutor(Executor):
     rotation_period = timedelta(days=60)
-    required_config = ("common_name",)
-    config_help = {
-        "common_name": "certificate CN", "sans": "list of DNS names / IPs", "endpoint": "host:port to verify",
-        "server_name": "SNI name (default: common_name)", "issuer": "self_signed (default) or internal_ca",
-        "ca_ref": "{\"source\": …, \"path\": …} of the CA's PEM bundle", "key_type": "ec (default) or rsa",
-        "validity_days": "90",
-    }
+    schema = ConfigSchema((
+        Field("common_name", TEXT, "the certificate's subject CN (a DNS name, `*.` allowed)", required=True,
+              check=checks.dns_name_or_wildcard, form="DNS name"),
+        Field("sans", TEXT_LIST, "subjectAltNames (default: the common name)", check=checks.dns_name_or_wildcard,
+              items=(0, 100), unique=True, form="DNS names / IPs"),
+        Field("endpoint", TEXT, "where the new certificate is checked by a TLS handshake; in "
+              "HMD_OUTBOUND_ALLOWLIST (none: key and certificate are only matched)", check=checks.host_port,
+              form="host:port"),
+        Field("server_name", TEXT, "SNI name sent in the handshake (default: the common name)", check=checks.dns_name,
+              form="DNS name"),
+        Field("issuer", CHOICE, "who signs: a self-signed certificate (internal/dev) or the CA in ca_ref",
+              default="self_signed", choices=("self_signed", "internal_ca")),
+        Field("ca_ref", REFERENCE, "secret source and path of the CA's PEM bundle (certificate + key)",
+              required_if=("issuer", "internal_ca")),
+        Field("key_type", CHOICE, "new private key: EC P-256 or RSA 3072", default="ec", choices=("ec", "rsa")),
+        Field("validity_days", INTEGER, "days the new certificate is valid", default=90, minimum=1, maximum=825),
+        Field("verify_attempts", INTEGER, "handshakes tried, 0.3 s apart, while the server reloads", default=10,
+              minimum=1, maximum=100),
+    ))
 
-    def validate_config(self, config: dict) -> None:
-        super().validate_config(config)
-        if config.get("issuer", "self_signed") not in ("self_signed", "internal_ca"):
-            raise SecretConfigError("issuer is 'self_signed' or 'internal_ca'")
-        if config.get("issuer") == "internal_ca" and not isinstance(config.get("ca_ref"), dict):
-            raise SecretConfigError("issuer internal_ca needs ca_ref: {\"source\": …, \"path\": …}")
-        if config.get("key_type", "ec") not in ("ec", "rsa"):
-            raise SecretConfigError("key_type is 'ec' or 'rsa'")
-        if config.get("endpoint"):
-            host, port = self._endpoint(config)
+    def validate_config(self, config: dict) -> dict:
+        options = super().validate_config(config)
+        if options.get("endpoint"):
+            host, port = self._endpoint(options)
             outbound.require("tls", host, port, what="endpoint")
+        return options
 
     @staticmethod
-    def _endpoint(config: dict) -> tuple[str, int]:
-        host, _, port = str(config["endpoint"]).rpartition(":")
-        if not host or not port.isdigit():
-            raise SecretConfigError("endpoint is host:port")
+    def _endpoint(options: dict) -> tuple[str, int]:
+        host, _, port = options["endpoint"].rpartition(":")
         return host.strip("[]"), int(port)
 
     def inspect(self, value: str) -> dict:
@@ -199,7 +210,7 @@ class TLSCertificateExecutor(Executor):
         return facts
 
     def _ca(self, ctx: Context) -> PemBundle | None:
-        if ctx.secret.config.get("issuer", "self_signed") != "internal_ca":
+        if ctx.options["issuer"] != "internal_ca":
             return None
         ref = ctx.config("ca_ref")
         ca = PemBundle(source_named(ref["source"]).read(ref["path"]).value)
@@ -224,11 +235,10 @@ class TLSCertificateExecutor(Executor):
     def rotate(self, ctx: Context) -> None:
         if ctx.state.get("new_version"):
             return
-        cfg = ctx.secret.config
+        cfg = ctx.options
         ca = self._ca(ctx)
-        key, csr, cert = issue(common_name=ctx.config("common_name"), sans=list(cfg.get("sans") or []),
-                               key_type=cfg.get("key_type", "ec"), days=int(cfg.get("validity_days", 90)),
-                               ca=ca, now=ctx.now)
+        key, csr, cert = issue(common_name=cfg["common_name"], sans=list(cfg.get("sans") or []),
+                               key_type=cfg["key_type"], days=cfg["validity_days"], ca=ca, now=ctx.now)
         facts = certificate_facts(cert)
         ctx.tick("rotate.key", f"new {facts['key_type']} private key")
         ctx.state["csr"] = csr.public_bytes(serialization.Encoding.PEM).decode()
@@ -246,14 +256,14 @@ class TLSCertificateExecutor(Executor):
             raise VerificationFailed("the installed private key does not match the certificate")
         if certificate_facts(bundle.certificate)["fingerprint"] != ctx.state["new_fingerprint"]:
             raise VerificationFailed("the source does not hold the new certificate")
-        if not ctx.secret.config.get("endpoint"):
+        if not ctx.options.get("endpoint"):
             ctx.tick("verify.handshake", "no endpoint configured: checked that key and certificate match only")
             return
-        host, port = self._endpoint(ctx.secret.config)
+        host, port = self._endpoint(ctx.options)
         outbound.require("tls", host, port, what="endpoint", ctx=ctx, step="verify.handshake")
-        server_name = ctx.secret.config.get("server_name") or ctx.config("common_name")
+        server_name = ctx.options.get("server_name") or ctx.options["common_name"]
         trust = _pem(bundle.certificates[-1]) if len(bundle.certificates) > 1 else _pem(bundle.certificate)
-        attempts = int(ctx.secret.config.get("verify_attempts", 10))
+        attempts = ctx.options["verify_attempts"]
         seen = None
         for attempt in range(max(1, attempts)):
             try:

@@ -79,6 +79,8 @@ class ManagedSecretRotation(Driver):
     def check_start(self, secret: ManagedSecret, *, kind: str, destination) -> None:
         if kind == RotationRun.Kind.MIGRATE or destination is not None:
             raise RotationError("managed secrets are rotated, not migrated between KEKs")
+        # A row saved under an older schema is refused here, by field, rather than failing mid-run.
+        Context(run=None, secret=secret, now=timezone.now()).options  # noqa: B018 - raises ConfigFieldError
 
     def runbook_name(self, secret: ManagedSecret) -> str:
         return f"secret-{secret.secret_type}"
@@ -154,6 +156,7 @@ class ManagedSecretRotation(Driver):
         executor = executor_of(run.secret)
         ctx = self.context(run, now)
         try:
+            ctx.options  # noqa: B018 - a configuration that no longer validates fails the run here, by field
             if run.state == S.QUEUED:
                 run, started = self.start(run_id, now)
                 if not started:
