@@ -36,11 +36,14 @@ class SecretConfigError(ExecutorError):
 
 
 class ConfigFieldError(SecretConfigError):
-    """One field of a managed secret's configuration is missing, unknown or has a bad value (``field`` names it)."""
+    """One field of a managed secret's configuration is missing, unknown or has a bad value (``field`` names it).
 
-    def __init__(self, field: str, problem: str):
-        super().__init__(f"config field {field!r}: {problem}")
-        self.field, self.problem = field, problem
+    ``in_config`` is False for a field of the secret itself (its ``source``), True for a configuration key.
+    """
+
+    def __init__(self, field: str, problem: str, *, in_config: bool = True):
+        super().__init__(f"{'config field' if in_config else 'field'} {field!r}: {problem}")
+        self.field, self.problem, self.in_config = field, problem, in_config
 
 
 class VerificationFailed(ExecutorError):

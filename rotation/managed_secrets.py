@@ -95,7 +95,8 @@ def check_secret_config(secret: ManagedSecret) -> dict:
     configured = source_names()
     if secret.source not in configured:
         raise ConfigFieldError("source", f"secret source {secret.source!r} is not configured "
-                                         f"(configured: {', '.join(configured) or 'none'}; each is configured by its HMD_* variables)")
+                                         f"(configured: {', '.join(configured) or 'none'}; each is configured by its HMD_* variables)",
+                               in_config=False)
     return executor_for(secret.secret_type).validate_config(secret.config)
 
 

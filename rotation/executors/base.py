@@ -81,7 +81,7 @@ class Context:
                 self._options = executor_for(self.secret.secret_type).schema.validate(self.secret.config)
             except ConfigFieldError as exc:
                 raise ConfigFieldError(exc.field, f"{exc.problem} (secret {self.secret.name}; fix it with "
-                                       f"manage.py secret change {self.secret.name})") from None
+                                       f"manage.py secret change {self.secret.name})", in_config=exc.in_config) from None
         return self._options
 
     def config(self, key: str, default=_MISSING):

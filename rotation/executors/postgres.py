@@ -56,6 +56,7 @@ from rotation.executors.base import (
     ExecutorError,
     SecretConfigError,
     VerificationFailed,
+    WaitingForPerson,
     source_named,
 )
 from rotation.executors import schema as checks
@@ -65,6 +66,8 @@ SCRAM_ITERATIONS = 4096
 CONNECT_TIMEOUT = 5
 #: 256 bits of randomness, URL-safe (no quoting trouble in connection strings).
 PASSWORD_BYTES = 32
+#: How long ``pg_terminate_backend`` waits for each ended session to exit.
+SESSION_END_TIMEOUT_MS = 5000
 
 
 def scram_verifier(password: str, *, salt: bytes | None = None, iterations: int = SCRAM_ITERATIONS) -> str:
@@ -274,7 +277,9 @@ class PostgresCredentialExecutor(Executor):
         password = secrets.token_urlsafe(PASSWORD_BYTES)
         with self._admin(ctx) as admin:
             self._set_password(admin, user, password)
-            ctx.state["password_changed"] = True
+            # Sessions that began before this instant logged in with the old password (ended in an emergency).
+            changed_at = admin.execute("SELECT statement_timestamp()").fetchone()[0]
+            ctx.state.update(password_changed=True, password_changed_at=changed_at.isoformat())
             ctx.save()
             ctx.tick("rotate.password", f"{user} has a new 256-bit password (sent as a SCRAM-SHA-256 verifier)")
             stored = self._stored_verifier_matches(admin, user, password)
@@ -298,6 +303,7 @@ class PostgresCredentialExecutor(Executor):
 
     def retire(self, ctx: Context) -> None:
         if self._single(ctx):
+            self._end_sessions(ctx, ctx.state["previous_user"], before=ctx.state.get("password_changed_at"))
             ctx.tick("retire", "single-user mode: the old password stopped working at the switch")
             return
         old = ctx.state["previous_user"]
@@ -316,7 +322,40 @@ class PostgresCredentialExecutor(Executor):
                 admin.execute(sql.SQL("ALTER ROLE {} WITH NOLOGIN").format(sql.Identifier(old)))
                 note = f"{old} set to NOLOGIN (it becomes the inactive role of the next rotation)"
             can_login = admin.execute("SELECT rolcanlogin FROM pg_roles WHERE rolname = %s", [old]).fetchone()[0]
+        self._end_sessions(ctx, old)  # after the lock, so an ended session cannot log in again
         ctx.tick("retire", note + ("" if can_login else "; rolcanlogin is false"))
+
+    def _end_sessions(self, ctx: Context, role: str, *, before: str | None = None) -> None:
+        """End the open sessions of the retired credential (``terminate_sessions``), or wait for a person to.
+
+        Locking a role or changing its password stops new logins only. In an emergency the
+        sessions an attacker may hold must go too: ``pg_terminate_backend`` on every session
+        of ``role`` (single-user: those that began ``before`` the password changed).
+        :raises WaitingForPerson: the admin role may not signal them (needs ``pg_signal_backend``).
+        """
+        when = ctx.options["terminate_sessions"]
+        if when == "never" or (when == "emergency" and ctx.run.kind != "emergency"):
+            return
+        if ctx.step_done("retire.sessions") or ctx.step_done("sessions.manual"):
+            return
+        psycopg, _ = _psycopg()
+        where = "usename = %s AND pid <> pg_backend_pid()" + (" AND backend_start < %s::timestamptz" if before else "")
+        params = [role, before] if before else [role]
+        with self._admin(ctx, step="retire.sessions") as admin:
+            try:
+                ended = admin.execute(
+                    f"SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, {SESSION_END_TIMEOUT_MS})) "  # noqa: S608
+                    f"FROM pg_stat_activity WHERE {where}", params).fetchone()[0]
+            except psycopg.errors.InsufficientPrivilege as exc:
+                raise WaitingForPerson("sessions.manual", (
+                    f"the admin role may not end {role}'s sessions ({_first_line(exc)}): as a superuser run "
+                    f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}', "
+                    "then tick 'sessions.manual'")) from None
+            left = admin.execute(f"SELECT count(*) FROM pg_stat_activity WHERE {where}", params).fetchone()[0]  # noqa: S608
+        if left:
+            raise ExecutorError(f"{left} session(s) of {role} are still open after pg_terminate_backend")
+        scope = f"that began before its password changed ({before})" if before else "of the old role"
+        ctx.tick("retire.sessions", f"{ended} session(s) of {role} {scope} ended with pg_terminate_backend; none left")
 
     def rollback(self, ctx: Context) -> str:
         if self._single(ctx) and ctx.state.get("password_changed"):
