@@ -13,6 +13,12 @@ a person through the steps IdPs support for overlap (two secrets valid at once):
    secret at the IdP; ticking that earlier is refused. Keyvault then checks that the
    old secret is really refused by the token endpoint before completing.
 
+An **emergency** run (leaked secret) has no overlap window and lets a person **revoke
+now**: ``idp.revoke`` may be ticked at any point, even before the new secret exists
+(applications then fail until it is deployed — the price of shutting out whoever holds
+the leaked one); a current secret the IdP already refuses is not an error then. The
+check that the old secret is refused still runs before the run completes.
+
 Config (:attr:`OAuthClientSecretExecutor.schema`): ``token_endpoint`` (https, or http on localhost; either way listed in
 ``HMD_OUTBOUND_ALLOWLIST``, see :mod:`rotation.executors.outbound`; a redirect is refused, never followed), ``client_id``, ``scope``
 (optional), ``auth_method``: ``client_secret_basic`` (default) or ``client_secret_post``.
@@ -105,6 +111,10 @@ class OAuthClientSecretExecutor(Executor):
         ctx.state["previous_version"] = current.version
         ctx.tick("precheck.source", f"version {current.version} read from {ctx.secret.source}")
         accepted, detail = self._request(ctx, current.value, step="precheck.token")
+        if not accepted and ctx.run.kind == "emergency":
+            # Revoke now: in an emergency the leaked secret may be revoked at the IdP before the new one exists.
+            ctx.tick("precheck.token", f"the current secret is already refused ({detail}): revoked at the IdP")
+            return
         if not accepted:
             raise ExecutorError(f"the current secret is already refused by the token endpoint ({detail})")
         ctx.tick("precheck.token", f"token request with the current secret: {detail}")
@@ -138,6 +148,8 @@ class OAuthClientSecretExecutor(Executor):
     def before_manual_tick(self, run, key: str, *, now) -> None:
         if key == "deploy" and not (run.executor_state or {}).get("new_version"):
             raise ExecutorError("store the new secret in Keyvault before deploying it")
+        if key == "idp.revoke" and run.kind == "emergency":
+            return  # revoke now: a leaked secret is revoked at once, outage or not
         if key == "idp.revoke":
             if run.state != "retiring" or not run.retire_after:
                 raise ExecutorError("the old secret is revoked only after the new one is verified")

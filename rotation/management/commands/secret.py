@@ -88,6 +88,8 @@ class Command(KeyvaultCommand):
         show = sub.add_parser("show", help="A managed secret's fields, configuration and observed metadata.")
         show.add_argument("name")
         show.add_argument("--json", action="store_true")
+        refresh = sub.add_parser("refresh", help="Read the current value and record its non-secret facts (TLS: expiry).")
+        refresh.add_argument("name")
         sub.add_parser("list", help="Every managed secret: name, type, source:path, status.")
         sub.add_parser("check", help="List managed secrets whose stored configuration no longer validates (exit 1 if any).")
         schema = sub.add_parser("schema", help="The configuration keys of a type (or of every type) as a table.")
@@ -143,6 +145,11 @@ class Command(KeyvaultCommand):
             return
         for name, value in facts.items():
             self.stdout.write(f"{name}: {json.dumps(value, default=str) if isinstance(value, dict) else value}")
+
+    def _refresh(self, options):
+        secret = services.refresh_secret(secret_named(options["name"]), actor=self.actor(options))
+        expires = f", expires {secret.expires_at:%Y-%m-%d %H:%M} UTC" if secret.expires_at else ""
+        self.stdout.write(f"{secret.name}: version {secret.metadata.get('version', '?')} read{expires}")
 
     def _list(self, options):
         for secret in ManagedSecret.objects.order_by("name"):

@@ -167,16 +167,21 @@ def test_an_admin_role_without_createrole_is_refused_before_anything_changes(
     assert file_source.read("x/db").version == "1"
 
 
+def single_user_secret(app_db, file_source, actor):
+    """``solo-db``: blue alone (``mode: single``), holding its initial password."""
+    role = app_db["blue"]
+    file_source.write("solo/db", json.dumps({"username": role, "password": "initial-" + role}))
+    return services.register_secret(
+        name="solo-db", secret_type="database_credential", source="file", path="solo/db", actor=actor,
+        config={"host": "127.0.0.1", "dbname": app_db["db"], "mode": "single", "username": role, "admin_dsn": ADMIN_DSN},
+    )
+
+
 def test_single_user_mode_changes_the_one_role_and_rollback_gives_the_old_password_back(
     app_db, admin, file_source, system_actor
 ):
     role = app_db["blue"]
-    file_source.write("solo/db", json.dumps({"username": role, "password": "initial-" + role}))
-    secret = services.register_secret(
-        name="solo-db", secret_type="database_credential", source="file", path="solo/db", actor=system_actor,
-        config={"host": "127.0.0.1", "dbname": app_db["db"], "mode": "single", "username": role,
-                "admin_dsn": ADMIN_DSN},
-    )
+    secret = single_user_secret(app_db, file_source, system_actor)
     run = rotate(secret, actor=system_actor)
     new = json.loads(file_source.read("solo/db").value)
     assert run.state == "retiring"
@@ -278,11 +283,7 @@ def test_an_emergency_single_user_rotation_ends_only_sessions_older_than_the_new
     app_db, admin, file_source, system_actor
 ):
     role = app_db["blue"]
-    file_source.write("solo/db", json.dumps({"username": role, "password": "initial-" + role}))
-    secret = services.register_secret(
-        name="solo-db", secret_type="database_credential", source="file", path="solo/db", actor=system_actor,
-        config={"host": "127.0.0.1", "dbname": app_db["db"], "mode": "single", "username": role, "admin_dsn": ADMIN_DSN},
-    )
+    secret = single_user_secret(app_db, file_source, system_actor)
     old = connect_as(app_db, {"username": role, "password": "initial-" + role})
 
     run = rotate(secret, actor=system_actor, kind="emergency", incident_ref="INC-16")
