@@ -153,3 +153,17 @@ def test_the_add_form_shows_each_types_keys_and_puts_a_refusal_on_its_field(admi
         "HMD_* variables)"]
     assert bad.context["adminform"].form.errors["config"] == ["config field 'length': must be an integer, not str"]
     assert not ManagedSecret.objects.exists()
+
+
+def test_rotation_status_of_a_secret_run_lists_its_steps_not_data_keys(file_source, system_actor, capsys):  # noqa: F811
+    file_source.write("app/api", "v1")
+    services.register_secret(name="api", secret_type="generic", source="file", path="app/api", actor=system_actor)
+    call_command("rotation", "start", "--secret", "api", "--inline")
+    run_id = capsys.readouterr().out.strip()
+
+    call_command("rotation", "status", run_id)
+
+    out = capsys.readouterr().out
+    assert out.startswith(f"run #{run_id} on_demand of secret api: retiring\n  the old credential retires after ")
+    assert "  [done] rotate.install (auto) by system:rotation-engine\n" in out
+    assert "  [pending] rotate.consumers (manual)\n" in out and "rewrapped" not in out
