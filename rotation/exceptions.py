@@ -1,5 +1,7 @@
 """Errors raised by the rotation engine's services."""
 
+from __future__ import annotations
+
 from keyvault.exceptions import KeyvaultError
 
 
@@ -44,6 +46,11 @@ class ConfigFieldError(SecretConfigError):
     def __init__(self, field: str, problem: str, *, in_config: bool = True):
         super().__init__(f"{'config field' if in_config else 'field'} {field!r}: {problem}")
         self.field, self.problem, self.in_config = field, problem, in_config
+
+    def of_secret(self, name: str) -> ConfigFieldError:
+        """The same refusal of a stored secret's field, naming the secret and how to fix it."""
+        return ConfigFieldError(self.field, f"{self.problem} (secret {name}; fix it with manage.py secret change {name})",
+                                in_config=self.in_config)
 
 
 class VerificationFailed(ExecutorError):

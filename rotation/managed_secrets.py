@@ -18,12 +18,10 @@ from keyvault.exceptions import KeyvaultError
 from keyvault.models import ManagedSecret
 from keyvault.secrets import OwnSecretRefused
 from keyvault.secrets.base import SecretSourceError
-from keyvault.secrets.registry import source_names
-from rotation.engine.drivers.secret import executor_of, secret_due_at
+from rotation.engine.drivers.secret import check_secret_config, executor_of, secret_due_at
 from rotation.engine.policies import ensure_policy, update_policy
 from rotation.exceptions import RotationError
-from rotation.executors import executor_for
-from rotation.executors.base import ConfigFieldError, SecretConfigError, source_for, source_named
+from rotation.executors.base import SecretConfigError, source_for, source_named
 from rotation.models import RotationPolicy, RotationRun
 
 log = logging.getLogger(__name__)
@@ -84,20 +82,6 @@ def refresh_secret(secret: ManagedSecret, *, actor: Actor) -> ManagedSecret:
 SECRET_FIELDS = ("source", "path", "config", "owner", "description", "warn_before")
 #: Fields that decide where the value is read from and where executors send it: changing one re-points the secret.
 POINTER_FIELDS = ("source", "path", "config")
-
-
-def check_secret_config(secret: ManagedSecret) -> dict:
-    """The secret's source is configured and its type's schema and executor accept its config; returns the options.
-
-    :raises ConfigFieldError: names the field (``source``, or the config key).
-    :raises SecretConfigError: the executor refuses it (``HMD_OUTBOUND_ALLOWLIST``).
-    """
-    configured = source_names()
-    if secret.source not in configured:
-        raise ConfigFieldError("source", f"secret source {secret.source!r} is not configured "
-                                         f"(configured: {', '.join(configured) or 'none'}; each is configured by its HMD_* variables)",
-                               in_config=False)
-    return executor_for(secret.secret_type).validate_config(secret.config)
 
 
 def invalid_secret_configs() -> list[tuple[ManagedSecret, SecretConfigError]]:

@@ -80,8 +80,7 @@ class Context:
             try:
                 self._options = executor_for(self.secret.secret_type).schema.validate(self.secret.config)
             except ConfigFieldError as exc:
-                raise ConfigFieldError(exc.field, f"{exc.problem} (secret {self.secret.name}; fix it with "
-                                       f"manage.py secret change {self.secret.name})", in_config=exc.in_config) from None
+                raise exc.of_secret(self.secret.name) from None
         return self._options
 
     def config(self, key: str, default=_MISSING):

@@ -103,6 +103,15 @@ def test_check_lists_stored_configs_that_no_longer_validate(stale, capsys):
     assert "all 1 managed secret configuration(s) are valid" in capsys.readouterr().out
 
 
+def test_the_daily_check_tells_the_owner_about_a_stale_configuration(stale, mailoutbox):
+    flagged = services.flag_expiring_secrets()
+
+    assert [secret.name for secret in flagged] == ["old"]
+    reasons = AuditEvent.objects.get(action="secret", target_id="old", details__event="needs_attention").details["reasons"]
+    assert reasons == ["configuration no longer valid: config field 'note': unknown key for this type (known: alphabet, "
+                       "length) (manage.py secret change old)"]
+
+
 def test_a_run_of_a_stale_secret_is_refused_at_start_naming_the_field(stale, system_actor):
     with pytest.raises(ConfigFieldError, match="config field 'note': unknown key .*manage.py secret change old"):
         services.start_run(secret=stale, actor=system_actor)
