@@ -290,9 +290,12 @@ class ManagedSecretAdmin(admin.ModelAdmin):
             else:
                 messages.success(request, f"Started run #{run.pk} of {secret.name}.")
                 return HttpResponseRedirect(reverse("admin:rotation_rotationrun_change", args=[run.pk]))
+        intro = f"{secret.get_secret_type_display()} in {secret.source}:{secret.path}."
+        emergency = _runbook(secret.secret_type, "emergency")
+        if emergency_allowed and emergency is not None and emergency != _runbook(secret.secret_type):
+            intro += f" An emergency run follows its own runbook, “{emergency.title}”, shown on the run."
         return self._render(request, secret, title=f"Rotate {secret.name}", form=form, action="rotate-secret",
-                            intro=f"{secret.get_secret_type_display()} in {secret.source}:{secret.path}.",
-                            submit_label="Start rotation", runbook=_runbook(secret.secret_type))
+                            intro=intro, submit_label="Start rotation", runbook=_runbook(secret.secret_type))
 
     @method_decorator(sensitive_post_parameters("value"))
     def provide_value_view(self, request, object_id):

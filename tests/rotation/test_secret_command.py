@@ -176,3 +176,34 @@ def test_rotation_status_of_a_secret_run_lists_its_steps_not_data_keys(file_sour
     assert out.startswith(f"run #{run_id} on_demand of secret api: retiring\n  the old credential retires after ")
     assert "  [done] rotate.install (auto) by system:rotation-engine\n" in out
     assert "  [pending] rotate.consumers (manual)\n" in out and "rewrapped" not in out
+
+
+def test_the_change_form_puts_a_refused_config_key_on_the_config_field_and_changes_nothing(
+    admin_console, file_source, system_actor  # noqa: F811
+):
+    file_source.write("app/api", "v1")
+    secret = services.register_secret(name="api", secret_type="generic", source="file", path="app/api",
+                                      config={"length": 48}, actor=system_actor)
+
+    response = admin_console.post(f"/keyvault/managedsecret/{secret.pk}/change/", {
+        "source": "file", "path": "app/api", "owner": "", "description": "", "warn_before": "",
+        "config": json.dumps({"length": 48, "alphabet": "base64"})})
+
+    assert response.status_code == 200
+    assert response.context["adminform"].form.errors["config"] == [
+        "config field 'alphabet': must be one of urlsafe, hex (got 'base64')"]
+    assert ManagedSecret.objects.get(pk=secret.pk).config == {"length": 48}
+
+
+def test_the_rotate_page_names_the_emergency_runbook_of_the_type(admin_console, file_source, system_actor):  # noqa: F811
+    from rotation.executors.tls import _key_pem, _pem, issue
+
+    key, _, cert = issue(common_name="dev.local", sans=["dev.local"])
+    file_source.write("tls/dev", _pem(cert) + _key_pem(key))
+    secret = services.register_secret(name="dev-tls", secret_type="tls_certificate", source="file", path="tls/dev",
+                                      actor=system_actor, config={"common_name": "dev.local"})
+
+    page = admin_console.get(f"/keyvault/managedsecret/{secret.pk}/rotate/").content.decode()
+
+    assert "Runbook: TLS certificate renewal" in page
+    assert "follows its own runbook, “Emergency TLS certificate rotation (compromised private key)”" in page
