@@ -83,7 +83,7 @@ def check_secret_config(secret: ManagedSecret, *, allowlist: bool = True) -> dic
                                          f"(configured: {', '.join(configured) or 'none'}; each is configured by its "
                                          "HMD_* variables)", in_config=False)
     executor = executor_for(secret.secret_type)
-    return executor.validate_config(secret.config) if allowlist else executor.schema.validate(secret.config)
+    return executor.validate_config(secret.config) if allowlist else executor.options(secret.config)
 
 
 class ManagedSecretRotation(Driver):

@@ -154,3 +154,35 @@ def test_random_configurations_through_the_executor_raise_only_configuration_err
             pass
 
     check()
+
+
+# -- one definition per type ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("secret_type", sorted(EXECUTORS))
+def test_every_executor_declares_its_schema(secret_type):
+    from rotation.executors.base import Executor
+
+    # then: its own schema with at least one key, or deliberately none (cookie keys have one optional key)
+    assert type(executor_for(secret_type)).schema is not Executor.schema, (
+        f"{secret_type}: declare `schema = ConfigSchema(...)` (rotation/executors/schema.py) instead of checking "
+        "the configuration by hand; the console form, the CLI, the docs table and the run use it")
+
+
+def test_an_executor_without_a_schema_is_still_checked_by_its_own_validate_config():
+    from rotation.executors.base import Executor
+    from rotation.executors.generic import GenericSecretExecutor
+
+    class Legacy(GenericSecretExecutor):
+        schema = Executor.schema
+
+        def validate_config(self, config):
+            if "role" not in config:
+                raise SecretConfigError("configuration needs 'role'")
+            return {"mount": "approle", **config}
+
+    assert Legacy().options({"role": "app"}) == {"mount": "approle", "role": "app"}
+    with pytest.raises(SecretConfigError, match="needs 'role'"):
+        Legacy().options({})
+    # and a declared schema wins over the base validate_config
+    assert GenericSecretExecutor().options({}) == {"length": 32, "alphabet": "urlsafe"}
