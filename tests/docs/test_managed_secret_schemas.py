@@ -26,10 +26,15 @@ def test_the_table_in_the_doc_is_the_schema(secret_type):
     assert _shown_table(secret_type) == executor_for(secret_type).schema.markdown_table()
 
 
-def test_every_type_has_a_walkthrough_and_an_emergency_in_the_doc():
+#: The application secret types this part of secrets.md walks through (Keyvault's own, such as its Vault
+#: secret_id, have their runbooks in keyvault-secrets.md; their schema table is still required above).
+WALKED_THROUGH = ("generic", "cookie_signing", "tls_certificate", "oauth_client_secret", "database_credential")
+
+
+def test_every_application_type_has_a_walkthrough_a_fallback_and_an_emergency_in_the_doc():
     text = SECRETS_DOC.read_text()
     section = text[text.index("## Managed secret types"):text.index("## Envelope encryption")]
-    for secret_type in EXECUTORS:
+    for secret_type in WALKED_THROUGH:
         part = section[section.index(f"<!-- schema:{secret_type} -->"):]
         part = part[: part.find("\n### ")] if "\n### " in part else part
         assert "rotation start --secret" in part, secret_type
