@@ -18,10 +18,9 @@ from keyvault.exceptions import KeyvaultError
 from keyvault.models import ManagedSecret
 from keyvault.secrets import OwnSecretRefused
 from keyvault.secrets.base import SecretSourceError
-from rotation.engine.drivers.secret import executor_of, secret_due_at
+from rotation.engine.drivers.secret import check_secret_config, executor_of, secret_due_at
 from rotation.engine.policies import ensure_policy, update_policy
 from rotation.exceptions import RotationError
-from rotation.executors import executor_for
 from rotation.executors.base import SecretConfigError, source_for, source_named
 from rotation.models import RotationPolicy, RotationRun
 
@@ -46,12 +45,13 @@ def register_secret(
     """Put a secret under management: validate its config, read what can be read, give it a policy.
 
     :raises django.core.exceptions.ValidationError: bad name or config (secret-looking keys are refused).
-    :raises ExecutorError: the executor needs more configuration.
+    :raises ConfigFieldError: unknown source, or a config field missing, unknown or bad (the type's schema).
+    :raises SecretConfigError: an endpoint outside ``HMD_OUTBOUND_ALLOWLIST``, or a path to Keyvault's own secrets.
     """
     secret = ManagedSecret(name=name, secret_type=secret_type, source=source, path=path, owner=owner,
                            description=description, config=config or {}, warn_before=warn_before)
     secret.full_clean()
-    executor_for(secret_type).validate_config(secret.config)
+    check_secret_config(secret)
     check_secret_references(secret, actor=actor)
     with transaction.atomic():
         secret.save()
@@ -82,6 +82,21 @@ def refresh_secret(secret: ManagedSecret, *, actor: Actor) -> ManagedSecret:
 SECRET_FIELDS = ("source", "path", "config", "owner", "description", "warn_before")
 #: Fields that decide where the value is read from and where executors send it: changing one re-points the secret.
 POINTER_FIELDS = ("source", "path", "config")
+
+
+def invalid_secret_configs() -> list[tuple[ManagedSecret, SecretConfigError]]:
+    """Managed secrets whose stored configuration no longer passes :func:`check_secret_config` (a data check).
+
+    Rows saved before a schema became stricter stay in the database; this lists them with the
+    problem, so they are fixed (``manage.py secret change``) before their next run fails on it.
+    """
+    found = []
+    for secret in ManagedSecret.objects.order_by("name"):
+        try:
+            check_secret_config(secret)
+        except SecretConfigError as exc:
+            found.append((secret, exc))
+    return found
 
 
 def check_secret_references(secret: ManagedSecret, *, actor: Actor | None = None) -> None:
@@ -195,6 +210,6 @@ def _apply_secret_change(secret: ManagedSecret, changed: dict, *, actor: Actor |
         if busy is not None:
             raise RotationError(f"secret {secret.name} has run #{busy.pk} ({busy.get_state_display().lower()}); "
                                 "complete, cancel or roll it back before changing its source, path or configuration")
-        executor_for(secret.secret_type).validate_config(secret.config)
+        check_secret_config(secret)
         check_secret_references(secret, actor=actor)
     return repointed

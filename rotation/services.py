@@ -32,8 +32,8 @@ from rotation.engine.sweep import (
     dispatch_due_rotations, due_policies, flag_expiring_secrets, secrets_needing_attention, start_due_secret_rotations,
 )
 from rotation.managed_secrets import (
-    POINTER_FIELDS, SECRET_FIELDS, check_secret_change, check_secret_references, ensure_secret_policy,
-    refresh_secret, register_secret, update_secret, update_secret_policy,
+    POINTER_FIELDS, SECRET_FIELDS, check_secret_change, check_secret_config, check_secret_references,
+    ensure_secret_policy, invalid_secret_configs, refresh_secret, register_secret, update_secret, update_secret_policy,
 )
 from rotation.models import RotationPolicy
 
@@ -51,9 +51,11 @@ def dispatch(name: str, *args, **options) -> None:
 __all__ = [
     "DEFAULT_PARTITIONS", "ENGINE", "ManagedSecret", "POINTER_FIELDS", "POLICY_FIELDS", "RateStatus", "SECRET_FIELDS",
     "SECRET_TRANSITIONS",
-    "TERMINAL", "TRANSITIONS", "approvals_required", "cancel", "check_secret_change", "check_secret_references",
+    "TERMINAL", "TRANSITIONS", "approvals_required", "cancel", "check_secret_change", "check_secret_config",
+    "check_secret_references",
     "create_kek_with_policy", "decide", "dispatch", "dispatch_due_rotations", "drive", "due_policies", "enqueue_run", "ensure_policy",
-    "ensure_secret_policy", "execute_run", "fan_out", "flag_expiring_secrets", "inline_dispatch", "is_break_glass",
+    "ensure_secret_policy", "execute_run", "fan_out", "flag_expiring_secrets", "inline_dispatch", "invalid_secret_configs",
+    "is_break_glass",
     "mark_paused", "note_pause", "partition_overview", "policy_of", "provide_secret_value", "rate_limit_status", "rate_limits_for_run",
     "recover", "refresh_secret", "register_secret", "repointed_event", "set_rate_limit",
     "require_run_permission", "resume", "resume_stalled_runs", "rewrap_batch", "rewrap_partition", "rollback",

@@ -27,6 +27,8 @@ from keyvault.audit import Actor
 from keyvault.console.admin_views import SERVICE_ERRORS, service_error_message
 from keyvault.models import ManagedSecret
 from keyvault.secrets import SecretSourceError
+from rotation.exceptions import ConfigFieldError
+from rotation.executors import EXECUTORS, executor_for
 from rotation.permissions import EMERGENCY_RUN as EMERGENCY_PERMISSION  # as for KEKs: no grace period needs it
 
 ACTION_TEMPLATE = "keyvault/action.html"
@@ -69,9 +71,12 @@ class ManagedSecretForm(forms.ModelForm):
         model = ManagedSecret
         fields = ("name", "secret_type", "source", "path", "owner", "description", "config", "warn_before")
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["config"].help_text = config_help()
+
     def clean(self):
         from rotation import services
-        from rotation.executors import executor_for
 
         data = super().clean()
         if self.instance.pk is not None:
@@ -83,18 +88,36 @@ class ManagedSecretForm(forms.ModelForm):
                 services.check_secret_change(self.instance, actor=self.actor, **changes)
             except ValidationError:
                 pass  # the model's own validation reports these on the fields
+            except ConfigFieldError as exc:
+                raise ValidationError({_form_field(exc): service_error_message(exc)}) from None
             except SERVICE_ERRORS as exc:
                 raise ValidationError(service_error_message(exc)) from None
             return data
         if data.get("secret_type"):
+            secret = ManagedSecret(name=data.get("name") or "", secret_type=data["secret_type"],
+                                   source=data.get("source") or "", path=data.get("path") or "",
+                                   config=data.get("config") or {})
             try:
-                executor_for(data["secret_type"]).validate_config(data.get("config") or {})
-                services.check_secret_references(ManagedSecret(
-                    name=data.get("name") or "", secret_type=data["secret_type"], source=data.get("source") or "",
-                    path=data.get("path") or "", config=data.get("config") or {}), actor=self.actor)
+                services.check_secret_config(secret)
+                services.check_secret_references(secret, actor=self.actor)
+            except ConfigFieldError as exc:
+                raise ValidationError({_form_field(exc): service_error_message(exc)}) from None
             except SERVICE_ERRORS as exc:
                 raise ValidationError({"config": service_error_message(exc)}) from None
         return data
+
+
+def config_help():
+    """The configuration field's help: the model's note, then each type's keys from its schema (* required)."""
+    keys = format_html_join("", "<li><code>{}</code>: {}</li>", (
+        (secret_type, executor_for(secret_type).schema.summary()) for secret_type in sorted(EXECUTORS)))
+    return format_html("{} Keys per type (* required; <code>manage.py secret schema TYPE</code> explains each):"
+                       "<ul>{}</ul>", ManagedSecret._meta.get_field("config").help_text, keys)
+
+
+def _form_field(exc: ConfigFieldError) -> str:
+    """The form field a refused configuration is reported on: ``source``, or ``config`` for a config key."""
+    return "config" if exc.in_config else exc.field
 
 
 class StartSecretRotationForm(forms.Form):
@@ -267,9 +290,12 @@ class ManagedSecretAdmin(admin.ModelAdmin):
             else:
                 messages.success(request, f"Started run #{run.pk} of {secret.name}.")
                 return HttpResponseRedirect(reverse("admin:rotation_rotationrun_change", args=[run.pk]))
+        intro = f"{secret.get_secret_type_display()} in {secret.source}:{secret.path}."
+        emergency = _runbook(secret.secret_type, "emergency")
+        if emergency_allowed and emergency is not None and emergency != _runbook(secret.secret_type):
+            intro += f" An emergency run follows its own runbook, “{emergency.title}”, shown on the run."
         return self._render(request, secret, title=f"Rotate {secret.name}", form=form, action="rotate-secret",
-                            intro=f"{secret.get_secret_type_display()} in {secret.source}:{secret.path}.",
-                            submit_label="Start rotation", runbook=_runbook(secret.secret_type))
+                            intro=intro, submit_label="Start rotation", runbook=_runbook(secret.secret_type))
 
     @method_decorator(sensitive_post_parameters("value"))
     def provide_value_view(self, request, object_id):

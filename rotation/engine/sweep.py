@@ -18,11 +18,11 @@ from keyvault.keys import services as key_services
 from keyvault.kms import KMSError
 from keyvault.models import KeyEncryptionKey, ManagedSecret
 from rotation.engine.dispatch import dispatcher
-from rotation.engine.drivers.secret import notify_secret
+from rotation.engine.drivers.secret import check_secret_config, notify_secret
 from rotation.engine.policies import ensure_policy
 from rotation.engine.recovery import recover
 from rotation.engine.runs import start_run
-from rotation.exceptions import RunAlreadyActive
+from rotation.exceptions import RunAlreadyActive, SecretConfigError
 from rotation.models import RotationPolicy, RotationRun, format_period
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,8 @@ def _due_reason(policy: RotationPolicy, now: datetime) -> str:
 
 
 def secrets_needing_attention(now: datetime | None = None) -> list[tuple[ManagedSecret, list[str]]]:
-    """Secrets that are expired, expiring within their warning window, overdue for rotation, or failed."""
+    """Secrets that are expired, expiring within their warning window, overdue for rotation, failed,
+    or whose stored configuration no longer validates (their next run would be refused)."""
     now = now or timezone.now()
     found = []
     for secret in ManagedSecret.objects.select_related("rotation_policy").order_by("name"):
@@ -127,6 +128,10 @@ def secrets_needing_attention(now: datetime | None = None) -> list[tuple[Managed
             reasons.append(f"rotation overdue since {policy.next_due_at:%Y-%m-%d %H:%M} UTC")
         if secret.status == ManagedSecret.Status.FAILED:
             reasons.append("last rotation failed")
+        try:
+            check_secret_config(secret)
+        except SecretConfigError as exc:
+            reasons.append(f"configuration no longer valid: {exc} (manage.py secret change {secret.name})")
         if reasons:
             found.append((secret, reasons))
     return found

@@ -8,6 +8,7 @@ format lives below, in :mod:`keyvault.secrets.keyring`: the project's settings r
 """
 
 from keyvault.kms.loading import import_string
+from rotation.exceptions import ExecutorError
 
 EXECUTORS = {
     "cookie_signing": "rotation.executors.cookie.CookieSigningExecutor",
@@ -24,8 +25,6 @@ def executor_for(secret_type: str):
 
     :raises ExecutorError: no executor for that type.
     """
-    from rotation.executors.base import ExecutorError  # base needs Django; this package's import must not
-
     try:
         dotted = EXECUTORS[secret_type]
     except KeyError:

@@ -26,22 +26,14 @@ from typing import Any
 
 from keyvault.secrets.base import SecretSource, SecretVersion
 from keyvault.secrets.managed import OWN_COOKIE_KEYRING, ManagedSource, managed_source
-from rotation.exceptions import RotationError
+from rotation.executors import executor_for
+from rotation.exceptions import ConfigFieldError, ExecutorError, SecretConfigError, VerificationFailed
+from rotation.executors.schema import ConfigSchema
 
 log = logging.getLogger(__name__)
 _MISSING = object()
-
-
-class ExecutorError(RotationError):
-    """A step of a secret rotation failed; the old credential stays valid."""
-
-
-class SecretConfigError(ExecutorError):
-    """The managed secret's configuration is missing something its executor needs."""
-
-
-class VerificationFailed(ExecutorError):
-    """The new credential did not work when tried for real."""
+__all__ = ["ConfigFieldError", "Context", "Executor", "ExecutorError", "SecretConfigError", "VerificationFailed",
+           "WaitingForPerson", "fingerprint", "source_for", "source_named"]
 
 
 class CredentialRetired(ExecutorError):
@@ -76,10 +68,27 @@ class Context:
     state: dict = field(default_factory=dict)
     tick_step: Callable[..., None] | None = None
     actor: Any = None
+    _options: dict | None = field(default=None, repr=False)
 
     # -- configuration --------------------------------------------------------------
+    @property
+    def options(self) -> dict:
+        """The secret's configuration checked against its type's schema, defaults filled in.
+
+        A row saved under an older schema that no longer validates fails the phase here with
+        the field named (``secret NAME: config field 'port': …``), before anything is changed.
+
+        :raises ConfigFieldError:
+        """
+        if self._options is None:
+            try:
+                self._options = executor_for(self.secret.secret_type).options(self.secret.config)
+            except ConfigFieldError as exc:
+                raise exc.of_secret(self.secret.name) from None
+        return self._options
+
     def config(self, key: str, default=_MISSING):
-        value = self.secret.config.get(key, default)
+        value = self.options.get(key, default)
         if value is _MISSING or value in ("", None) and default is _MISSING:
             raise SecretConfigError(f"secret {self.secret.name}: configuration needs {key!r}")
         return value
@@ -149,11 +158,10 @@ def source_named(name: str, *, allow_own: tuple[str, ...] = ()) -> ManagedSource
 
 
 class Executor(abc.ABC):
-    """Rotation of one secret type. Subclasses document their config keys in :attr:`config_help`."""
+    """Rotation of one secret type. Subclasses declare their configuration in :attr:`schema`."""
 
-    #: Config keys: name -> help text (shown in the console's add form).
-    config_help: dict[str, str] = {}
-    required_config: tuple[str, ...] = ()
+    #: The type's configuration: checked at registration, before every run, and shown in the docs.
+    schema: ConfigSchema = ConfigSchema()
     #: The policy a newly managed secret of this type gets: a rotation every ``rotation_period``;
     #: the old credential keeps working ``grace_period`` after the switch.
     rotation_period: timedelta = timedelta(days=90)
@@ -165,11 +173,28 @@ class Executor(abc.ABC):
         """Fields of a new :class:`rotation.models.RotationPolicy` for a secret of this type."""
         return {"period": self.rotation_period, "grace_period": self.grace_period, "auto": self.auto_rotate}
 
-    def validate_config(self, config: dict) -> None:
-        """:raises SecretConfigError: a required key is missing or a value is unusable."""
-        missing = [key for key in self.required_config if config.get(key) in (None, "")]
-        if missing:
-            raise SecretConfigError(f"configuration needs {', '.join(repr(k) for k in missing)}")
+    def options(self, config: dict) -> dict:
+        """The configuration checked against :attr:`schema`, defaults filled in (no environment checks).
+
+        An executor written before schemas (no ``schema``, its own :meth:`validate_config`) is
+        checked by that instead, so it keeps working until it declares one
+        (``tests/rotation/executors/test_schema.py`` fails until it does).
+
+        :raises ConfigFieldError: a field is missing, unknown or has a bad value.
+        """
+        if type(self).schema is Executor.schema and type(self).validate_config is not Executor.validate_config:
+            return self.validate_config(config)
+        return self.schema.validate(config)
+
+    def validate_config(self, config: dict) -> dict:
+        """The configuration with defaults filled in, if the schema and the environment accept it.
+
+        Subclasses add the checks that depend on the operator's environment (``HMD_OUTBOUND_ALLOWLIST``).
+
+        :raises ConfigFieldError: a field is missing, unknown or has a bad value.
+        :raises SecretConfigError: the environment refuses it.
+        """
+        return self.schema.validate(config)
 
     @abc.abstractmethod
     def precheck(self, ctx: Context) -> None:

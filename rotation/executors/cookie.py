@@ -6,8 +6,8 @@ token lifetime, ``SESSION_COOKIE_AGE`` by default); retirement then removes it, 
 everything signed with it stops verifying. Keyvault's own console reads its
 ``SECRET_KEY`` from such a keyring when ``HMD_SECRET_KEY_KEYRING(_FILE)`` is set.
 
-Config: none required. ``format``: ``django`` (default) or ``json`` (same document,
-for other applications).
+Config (:attr:`CookieSigningExecutor.schema`): none required. ``format``: ``django``
+(default) or ``json`` (same document, for other applications).
 """
 
 from __future__ import annotations
@@ -18,11 +18,15 @@ from django.conf import settings
 
 from keyvault.secrets import keyring
 from rotation.executors.base import Context, Executor, ExecutorError, VerificationFailed, fingerprint
+from rotation.executors.schema import CHOICE, ConfigSchema, Field
 
 
 class CookieSigningExecutor(Executor):
     rotation_period = timedelta(days=90)
-    config_help = {"format": "django (SECRET_KEY + SECRET_KEY_FALLBACKS) or json (generic keyring)"}
+    schema = ConfigSchema((
+        Field("format", CHOICE, "who reads the keyring: Django (SECRET_KEY + SECRET_KEY_FALLBACKS) or any "
+              "application (the same JSON document)", default="django", choices=("django", "json")),
+    ))
 
     def policy_defaults(self) -> dict:
         """Grace: the longest session lifetime (``SESSION_COOKIE_AGE``), so no signed-in user is logged out."""

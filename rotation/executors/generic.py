@@ -1,6 +1,7 @@
 """Generic secrets: a new random value written as a new version; retirement deletes the old version.
 
-Config: ``length`` (bytes of randomness, default 32), ``alphabet``: ``urlsafe`` (default) or ``hex``.
+Config (:attr:`GenericSecretExecutor.schema`): ``length`` (bytes of randomness, default 32),
+``alphabet``: ``urlsafe`` (default) or ``hex``.
 For values another system must accept (passwords, API keys), use a type-specific executor.
 """
 
@@ -9,10 +10,15 @@ from __future__ import annotations
 import secrets
 
 from rotation.executors.base import Context, Executor, VerificationFailed, fingerprint
+from rotation.executors.schema import CHOICE, INTEGER, ConfigSchema, Field
 
 
 class GenericSecretExecutor(Executor):
-    config_help = {"length": "bytes of randomness (default 32)", "alphabet": "urlsafe (default) or hex"}
+    schema = ConfigSchema((
+        Field("length", INTEGER, "bytes of randomness in each new value", default=32, minimum=16, maximum=1024),
+        Field("alphabet", CHOICE, "how the bytes are written: URL-safe base64 or hexadecimal", default="urlsafe",
+              choices=("urlsafe", "hex")),
+    ))
 
     def precheck(self, ctx: Context) -> None:
         current = ctx.read()
@@ -22,8 +28,8 @@ class GenericSecretExecutor(Executor):
     def rotate(self, ctx: Context) -> None:
         if ctx.state.get("new_version"):
             return
-        length = int(ctx.secret.config.get("length", 32))
-        value = secrets.token_hex(length) if ctx.secret.config.get("alphabet") == "hex" else secrets.token_urlsafe(length)
+        length = ctx.options["length"]
+        value = secrets.token_hex(length) if ctx.options["alphabet"] == "hex" else secrets.token_urlsafe(length)
         written = ctx.write(value)
         ctx.state.update(new_version=written.version, new_value=fingerprint(value))
         ctx.tick("rotate.install", f"version {written.version} written ({fingerprint(value)})")

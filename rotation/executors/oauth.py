@@ -13,7 +13,13 @@ a person through the steps IdPs support for overlap (two secrets valid at once):
    secret at the IdP; ticking that earlier is refused. Keyvault then checks that the
    old secret is really refused by the token endpoint before completing.
 
-Config: ``token_endpoint`` (https, or http on localhost; either way listed in
+An **emergency** run (leaked secret) has no overlap window and lets a person **revoke
+now**: ``idp.revoke`` may be ticked at any point, even before the new secret exists
+(applications then fail until it is deployed — the price of shutting out whoever holds
+the leaked one); a current secret the IdP already refuses is not an error then. The
+check that the old secret is refused still runs before the run completes.
+
+Config (:attr:`OAuthClientSecretExecutor.schema`): ``token_endpoint`` (https, or http on localhost; either way listed in
 ``HMD_OUTBOUND_ALLOWLIST``, see :mod:`rotation.executors.outbound`; a redirect is refused, never followed), ``client_id``, ``scope``
 (optional), ``auth_method``: ``client_secret_basic`` (default) or ``client_secret_post``.
 """
@@ -28,10 +34,10 @@ import urllib.request
 from datetime import timedelta
 
 from rotation.executors import outbound
-from rotation.executors.base import Context, Executor, ExecutorError, SecretConfigError, VerificationFailed, WaitingForPerson
+from rotation.executors.base import Context, Executor, ExecutorError, VerificationFailed, WaitingForPerson
+from rotation.executors.schema import CHOICE, TEXT, ConfigSchema, Field, printable, token_url
 
 TOKEN_TIMEOUT = 10.0
-_LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -75,34 +81,40 @@ def token_request(endpoint: str, client_id: str, client_secret: str, *, scope: s
 
 
 class OAuthClientSecretExecutor(Executor):
-    required_config = ("token_endpoint", "client_id")
     rotation_period = timedelta(days=180)
     grace_period = timedelta(days=7)  # the overlap window before the old secret is revoked at the IdP
     auto_rotate = False  # a person hands over each new secret
-    config_help = {"token_endpoint": "IdP token URL", "client_id": "the client's id", "scope": "optional scope",
-                   "auth_method": "client_secret_basic (default) or client_secret_post"}
+    schema = ConfigSchema((
+        Field("token_endpoint", TEXT, "the IdP's token URL; https (http only on localhost), in "
+              "HMD_OUTBOUND_ALLOWLIST", required=True, check=token_url, max_length=2000, form="URL"),
+        Field("client_id", TEXT, "the client's id at the IdP", required=True),
+        Field("scope", TEXT, "scope asked for in the verification token request", check=printable,
+              max_length=1000),
+        Field("auth_method", CHOICE, "how the secret is sent (RFC 6749 §2.3.1)", default="client_secret_basic",
+              choices=("client_secret_basic", "client_secret_post")),
+    ))
 
-    def validate_config(self, config: dict) -> None:
-        super().validate_config(config)
-        url = urllib.parse.urlsplit(str(config["token_endpoint"]))
-        if url.scheme != "https" and not (url.scheme == "http" and url.hostname in _LOCAL_HOSTS):
-            raise SecretConfigError("token_endpoint must be https (http only on localhost)")
-        if config.get("auth_method", "client_secret_basic") not in ("client_secret_basic", "client_secret_post"):
-            raise SecretConfigError("auth_method is client_secret_basic or client_secret_post")
-        outbound.require_url(config["token_endpoint"], what="token_endpoint")
+    def validate_config(self, config: dict) -> dict:
+        options = super().validate_config(config)
+        outbound.require_url(options["token_endpoint"], what="token_endpoint")
+        return options
 
     def _request(self, ctx: Context, secret_value: str, *, step: str) -> tuple[bool, str]:
-        cfg = ctx.secret.config
+        cfg = ctx.options
         # Checked again before every request: the allowlist may have shrunk since the secret was saved.
         outbound.require_url(ctx.config("token_endpoint"), what="token_endpoint", ctx=ctx, step=step)
         return token_request(ctx.config("token_endpoint"), ctx.config("client_id"), secret_value,
-                             scope=cfg.get("scope", ""), auth_method=cfg.get("auth_method", "client_secret_basic"))
+                             scope=cfg.get("scope", ""), auth_method=cfg["auth_method"])
 
     def precheck(self, ctx: Context) -> None:
         current = ctx.read()
         ctx.state["previous_version"] = current.version
         ctx.tick("precheck.source", f"version {current.version} read from {ctx.secret.source}")
         accepted, detail = self._request(ctx, current.value, step="precheck.token")
+        if not accepted and ctx.run.kind == "emergency":
+            # Revoke now: in an emergency the leaked secret may be revoked at the IdP before the new one exists.
+            ctx.tick("precheck.token", f"the current secret is already refused ({detail}): revoked at the IdP")
+            return
         if not accepted:
             raise ExecutorError(f"the current secret is already refused by the token endpoint ({detail})")
         ctx.tick("precheck.token", f"token request with the current secret: {detail}")
@@ -136,6 +148,8 @@ class OAuthClientSecretExecutor(Executor):
     def before_manual_tick(self, run, key: str, *, now) -> None:
         if key == "deploy" and not (run.executor_state or {}).get("new_version"):
             raise ExecutorError("store the new secret in Keyvault before deploying it")
+        if key == "idp.revoke" and run.kind == "emergency":
+            return  # revoke now: a leaked secret is revoked at once, outage or not
         if key == "idp.revoke":
             if run.state != "retiring" or not run.retire_after:
                 raise ExecutorError("the old secret is revoked only after the new one is verified")

@@ -24,12 +24,20 @@ accept logins without a password (``trust``).
 Stored value (JSON, the shape AWS Secrets Manager uses for database secrets):
 ``{"engine": "postgres", "host", "port", "dbname", "username", "password"}``.
 
-Config: ``host``, ``port`` (5432), ``dbname``, ``usernames`` (two roles) or
-``username`` with ``mode: single``; ``admin_dsn`` (a libpq connection string for a
-role with CREATEROLE, *without* a password) and optionally ``admin_password_ref``
-(``{"source": …, "path": …}``, where the admin password is kept); ``retire``:
-``nologin`` (default) or ``password``. Every host named (``host`` and those of
-``admin_dsn``) must be listed in ``HMD_OUTBOUND_ALLOWLIST`` (:mod:`rotation.executors.outbound`).
+Config (:attr:`PostgresCredentialExecutor.schema`): ``host``, ``port`` (5432), ``dbname``,
+``usernames`` (two roles) or ``username`` with ``mode: single``; ``admin_dsn`` (a libpq
+connection string for a role with CREATEROLE, *without* a password) and optionally
+``admin_password_ref`` (``{"source": …, "path": …}``, where the admin password is kept);
+``retire``: ``nologin`` (default) or ``password``; ``terminate_sessions``: ``emergency``
+(default), ``always`` or ``never``. Every host named (``host`` and those of ``admin_dsn``)
+must be listed in ``HMD_OUTBOUND_ALLOWLIST`` (:mod:`rotation.executors.outbound`).
+
+**Sessions.** Locking a role stops new logins only: sessions already open stay open.
+At retirement of an **emergency** run (``terminate_sessions: emergency``, the default;
+``always`` also does it at planned retirements) the privileged connection ends them with
+``pg_terminate_backend``: every session of the old role (blue/green), or, single-user,
+every session of the role that started before its password changed. Terminating needs
+superuser, or membership of ``pg_signal_backend`` (superuser sessions are never ended).
 """
 
 from __future__ import annotations
@@ -49,13 +57,18 @@ from rotation.executors.base import (
     ExecutorError,
     SecretConfigError,
     VerificationFailed,
+    WaitingForPerson,
     source_named,
 )
+from rotation.executors import schema as checks
+from rotation.executors.schema import CHOICE, INTEGER, REFERENCE, TEXT, TEXT_LIST, ConfigSchema, Field
 
 SCRAM_ITERATIONS = 4096
 CONNECT_TIMEOUT = 5
 #: 256 bits of randomness, URL-safe (no quoting trouble in connection strings).
 PASSWORD_BYTES = 32
+#: How long ``pg_terminate_backend`` waits for each ended session to exit.
+SESSION_END_TIMEOUT_MS = 5000
 
 
 def scram_verifier(password: str, *, salt: bytes | None = None, iterations: int = SCRAM_ITERATIONS) -> str:
@@ -92,38 +105,35 @@ def _psycopg():
 
 
 class PostgresCredentialExecutor(Executor):
-    required_config = ("host", "dbname", "admin_dsn")
     rotation_period = timedelta(days=30)
-    config_help = {
-        "host": "database host", "port": "port (5432)", "dbname": "database the application connects to",
-        "usernames": "the two roles for blue/green, e.g. [\"app_blue\", \"app_green\"]",
-        "username": "the one role (mode: single)", "mode": "blue_green (default) or single",
-        "admin_dsn": "libpq connection string of a role with CREATEROLE, without password",
-        "admin_password_ref": "{\"source\": …, \"path\": …} holding the admin password (optional)",
-        "retire": "nologin (default) or password",
-    }
+    schema = ConfigSchema((
+        Field("host", TEXT, "the database host applications connect to (libpq: comma list, or a socket folder); "
+              "in HMD_OUTBOUND_ALLOWLIST", required=True, check=checks.postgres_hosts, form="host[,host…]"),
+        Field("port", INTEGER, "the database port", default=5432, minimum=1, maximum=65535),
+        Field("dbname", TEXT, "the database the application connects to", required=True, check=checks.postgres_name),
+        Field("mode", CHOICE, "two roles switched in turn (no downtime) or one role whose password changes",
+              default="blue_green", choices=("blue_green", "single")),
+        Field("usernames", TEXT_LIST, "the two roles with the same privileges, e.g. app_blue, app_green",
+              required_if=("mode", "blue_green"), items=(2, 2), unique=True, check=checks.postgres_name, form="roles"),
+        Field("username", TEXT, "the one role", required_if=("mode", "single"), check=checks.postgres_name),
+        Field("admin_dsn", TEXT, "libpq connection string of a role with CREATEROLE, without password or service; "
+              "its hosts in HMD_OUTBOUND_ALLOWLIST", required=True, check=checks.libpq_dsn, max_length=2000,
+              form="libpq string"),
+        Field("admin_password_ref", REFERENCE, "secret source and path of the admin role's password"),
+        Field("retire", CHOICE, "how the old role is locked at retirement: NOLOGIN, or a random password",
+              default="nologin", choices=("nologin", "password")),
+        Field("terminate_sessions", CHOICE, "when the old role's open sessions are ended (pg_terminate_backend) "
+              "at retirement", default="emergency", choices=("emergency", "always", "never")),
+    ))
 
     # -- configuration and connections --------------------------------------------------
-    def validate_config(self, config: dict) -> None:
-        super().validate_config(config)
+    def validate_config(self, config: dict) -> dict:
+        options = super().validate_config(config)
         psycopg, _ = _psycopg()
-        try:
-            admin = psycopg.conninfo.conninfo_to_dict(config["admin_dsn"])
-        except psycopg.ProgrammingError as exc:
-            raise SecretConfigError(f"admin_dsn is not a libpq connection string: {exc}") from None
-        if "password" in admin:
-            raise SecretConfigError("admin_dsn must not contain a password; use admin_password_ref")
-        if config.get("mode", "blue_green") == "single":
-            if not config.get("username"):
-                raise SecretConfigError("single-user mode needs 'username'")
-        else:
-            users = config.get("usernames")
-            if not isinstance(users, list) or len(users) != 2 or len(set(users)) != 2 or not all(users):
-                raise SecretConfigError("blue/green mode needs 'usernames': two different roles")
-        if config.get("retire", "nologin") not in ("nologin", "password"):
-            raise SecretConfigError("retire is 'nologin' or 'password'")
-        for what, host, port in self._endpoints(config, admin):
+        admin = psycopg.conninfo.conninfo_to_dict(options["admin_dsn"])
+        for what, host, port in self._endpoints(options, admin):
             outbound.require("postgresql", host, port, what=what)
+        return options
 
     @staticmethod
     def _endpoints(config: dict, admin: dict) -> list[tuple[str, str, int | None]]:
@@ -137,7 +147,7 @@ class PostgresCredentialExecutor(Executor):
         if "service" in admin:
             raise SecretConfigError("admin_dsn must name its host, not a service (HMD_OUTBOUND_ALLOWLIST is checked)")
         try:
-            port = int(config.get("port", 5432))
+            port = int(config.get("port") or 5432)
             found = [("host", host, port) for host in _local(str(config["host"]).split(","))]
             hosts = (admin.get("host") or "").split(",")
             addresses = (admin.get("hostaddr") or "").split(",") if admin.get("hostaddr") else []
@@ -158,18 +168,18 @@ class PostgresCredentialExecutor(Executor):
     def _check_outbound(self, ctx: Context, *, admin: bool, step: str) -> None:
         psycopg, _ = _psycopg()
         dsn = psycopg.conninfo.conninfo_to_dict(ctx.config("admin_dsn"))
-        for what, host, port in self._endpoints(ctx.secret.config, dsn):
+        for what, host, port in self._endpoints(ctx.options, dsn):
             if admin == what.startswith("admin_dsn"):
                 outbound.require("postgresql", host, port, what=what, ctx=ctx, step=step)
 
     def _single(self, ctx: Context) -> bool:
-        return ctx.secret.config.get("mode", "blue_green") == "single"
+        return ctx.options["mode"] == "single"
 
     def _admin(self, ctx: Context, *, step: str = ""):
         psycopg, _ = _psycopg()
         self._check_outbound(ctx, admin=True, step=step)
         password = None
-        ref = ctx.secret.config.get("admin_password_ref")
+        ref = ctx.options.get("admin_password_ref")
         if ref:
             password = source_named(ref["source"]).read(ref["path"]).value
         try:
@@ -181,10 +191,10 @@ class PostgresCredentialExecutor(Executor):
     def _login(self, ctx: Context, username: str, password: str) -> str:
         """A real login as ``username``; returns ``current_user`` as the server reports it."""
         psycopg, _ = _psycopg()
-        cfg = ctx.secret.config
+        cfg = ctx.options
         self._check_outbound(ctx, admin=False, step="")
         try:
-            with psycopg.connect(host=cfg["host"], port=int(cfg.get("port", 5432)), dbname=cfg["dbname"],
+            with psycopg.connect(host=cfg["host"], port=cfg["port"], dbname=cfg["dbname"],
                                  user=username, password=password, connect_timeout=CONNECT_TIMEOUT) as conn:
                 return conn.execute("SELECT current_user").fetchone()[0]
         except psycopg.OperationalError as exc:
@@ -206,8 +216,8 @@ class PostgresCredentialExecutor(Executor):
         return bool(row) and scram_matches(row[0], password)
 
     def _document(self, ctx: Context, username: str, password: str) -> str:
-        cfg = ctx.secret.config
-        return json.dumps({"engine": "postgres", "host": cfg["host"], "port": int(cfg.get("port", 5432)),
+        cfg = ctx.options
+        return json.dumps({"engine": "postgres", "host": cfg["host"], "port": cfg["port"],
                            "dbname": cfg["dbname"], "username": username, "password": password})
 
     def _parse(self, value: str) -> dict:
@@ -268,7 +278,9 @@ class PostgresCredentialExecutor(Executor):
         password = secrets.token_urlsafe(PASSWORD_BYTES)
         with self._admin(ctx) as admin:
             self._set_password(admin, user, password)
-            ctx.state["password_changed"] = True
+            # Sessions that began before this instant logged in with the old password (ended in an emergency).
+            changed_at = admin.execute("SELECT statement_timestamp()").fetchone()[0]
+            ctx.state.update(password_changed=True, password_changed_at=changed_at.isoformat())
             ctx.save()
             ctx.tick("rotate.password", f"{user} has a new 256-bit password (sent as a SCRAM-SHA-256 verifier)")
             stored = self._stored_verifier_matches(admin, user, password)
@@ -292,6 +304,7 @@ class PostgresCredentialExecutor(Executor):
 
     def retire(self, ctx: Context) -> None:
         if self._single(ctx):
+            self._end_sessions(ctx, ctx.state["previous_user"], before=ctx.state.get("password_changed_at"))
             ctx.tick("retire", "single-user mode: the old password stopped working at the switch")
             return
         old = ctx.state["previous_user"]
@@ -302,7 +315,7 @@ class PostgresCredentialExecutor(Executor):
             ctx.tick("retire", f"skipped: {old} is the active role again (a later rotation switched back)")
             return
         _, sql = _psycopg()
-        mode = ctx.secret.config.get("retire", "nologin")
+        mode = ctx.options["retire"]
         with self._admin(ctx) as admin:
             if mode == "password":
                 self._set_password(admin, old, secrets.token_urlsafe(PASSWORD_BYTES))
@@ -314,7 +327,40 @@ class PostgresCredentialExecutor(Executor):
             ctx.state["retired"] = mode
             ctx.save()
             can_login = admin.execute("SELECT rolcanlogin FROM pg_roles WHERE rolname = %s", [old]).fetchone()[0]
+        self._end_sessions(ctx, old)  # after the lock, so an ended session cannot log in again
         ctx.tick("retire", note + ("" if can_login else "; rolcanlogin is false"))
+
+    def _end_sessions(self, ctx: Context, role: str, *, before: str | None = None) -> None:
+        """End the open sessions of the retired credential (``terminate_sessions``), or wait for a person to.
+
+        Locking a role or changing its password stops new logins only. In an emergency the
+        sessions an attacker may hold must go too: ``pg_terminate_backend`` on every session
+        of ``role`` (single-user: those that began ``before`` the password changed).
+        :raises WaitingForPerson: the admin role may not signal them (needs ``pg_signal_backend``).
+        """
+        when = ctx.options["terminate_sessions"]
+        if when == "never" or (when == "emergency" and ctx.run.kind != "emergency"):
+            return
+        if ctx.step_done("retire.sessions") or ctx.step_done("sessions.manual"):
+            return
+        psycopg, _ = _psycopg()
+        where = "usename = %s AND pid <> pg_backend_pid()" + (" AND backend_start < %s::timestamptz" if before else "")
+        params = [role, before] if before else [role]
+        with self._admin(ctx, step="retire.sessions") as admin:
+            try:
+                ended = admin.execute(
+                    f"SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, {SESSION_END_TIMEOUT_MS})) "  # noqa: S608
+                    f"FROM pg_stat_activity WHERE {where}", params).fetchone()[0]
+            except psycopg.errors.InsufficientPrivilege as exc:
+                raise WaitingForPerson("sessions.manual", (
+                    f"the admin role may not end {role}'s sessions ({_first_line(exc)}): as a superuser run "
+                    f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}', "
+                    "then tick 'sessions.manual'")) from None
+            left = admin.execute(f"SELECT count(*) FROM pg_stat_activity WHERE {where}", params).fetchone()[0]  # noqa: S608
+        if left:
+            raise ExecutorError(f"{left} session(s) of {role} are still open after pg_terminate_backend")
+        scope = f"that began before its password changed ({before})" if before else "of the old role"
+        ctx.tick("retire.sessions", f"{ended} session(s) of {role} {scope} ended with pg_terminate_backend; none left")
 
     def rollback(self, ctx: Context) -> str:
         """Make the previous credential current again; after retirement only where it can still log in.

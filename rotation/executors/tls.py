@@ -14,12 +14,19 @@ configured endpoint that the server now presents the new certificate. If it does
 not, the previous version is restored. Retirement deletes the old version (and
 with it the old private key) from the source.
 
-Config: ``common_name``, ``sans`` (DNS names / IP addresses), ``endpoint``
-(``host:port`` to verify, listed in ``HMD_OUTBOUND_ALLOWLIST``), ``server_name`` (SNI, default the common name),
-``issuer``: ``self_signed`` (default) or ``internal_ca`` with ``ca_ref``
-(``{"source": …, "path": …}``), ``key_type``: ``ec`` (P-256, default) or ``rsa``
-(3072 bits), ``validity_days`` (90), ``verify_attempts`` (10, 0.3 s apart, for
-servers that reload their certificate on a timer).
+Config (:attr:`TLSCertificateExecutor.schema`): ``common_name``, ``sans`` (DNS names / IP
+addresses), ``endpoint`` (``host:port`` to verify, listed in ``HMD_OUTBOUND_ALLOWLIST``),
+``server_name`` (SNI, default the common name), ``issuer``: ``self_signed`` (default) or
+``internal_ca`` with ``ca_ref`` (``{"source": …, "path": …}``), ``key_type``: ``ec``
+(P-256, default) or ``rsa`` (3072 bits), ``validity_days`` (90), ``verify_attempts`` (10,
+0.3 s apart, for servers that reload their certificate on a timer).
+
+An **emergency** run (key compromise) retires the old certificate at once and, before
+its key is deleted, revokes it: with an ``internal_ca`` issuer and ``crl_ref``, Keyvault
+adds the old serial (reason keyCompromise) to the CA's CRL kept there, signed by the CA
+key; without ``crl_ref`` the run waits for a person to revoke it at the CA (manual step
+``ca.revoke``, serial and fingerprint shown). A self-signed certificate has no CA: it is
+deleted with its key, and pinning clients must drop it.
 """
 
 from __future__ import annotations
@@ -36,15 +43,19 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from keyvault.secrets.base import SecretNotFound
 from rotation.executors import outbound
 from rotation.executors.base import (
+    ConfigFieldError,
     Context,
     Executor,
     ExecutorError,
-    SecretConfigError,
     VerificationFailed,
+    WaitingForPerson,
     source_named,
 )
+from rotation.executors import schema as checks
+from rotation.executors.schema import CHOICE, INTEGER, REFERENCE, TEXT, TEXT_LIST, ConfigSchema, Field
 
 _KEY_BLOCK = re.compile(r"-----BEGIN ([A-Z ]*PRIVATE KEY)-----.+?-----END \1-----", re.S)
 HANDSHAKE_TIMEOUT = 5.0
@@ -149,6 +160,34 @@ def issue(*, common_name: str, sans: list[str], key_type: str = "ec", days: int 
     return key, csr, builder.sign(signing_key, hashes.SHA256())
 
 
+#: How long a CRL Keyvault publishes is valid (clients refetch it before then).
+CRL_VALIDITY = timedelta(days=7)
+
+
+def revoked_crl(ca: PemBundle, source, path: str, *, serial: int, now: datetime) -> tuple[str, int]:
+    """The CA's CRL at ``source:path`` with ``serial`` added (keyCompromise), signed by ``ca``; (PEM, entries)."""
+    entries: list[x509.RevokedCertificate] = []
+    try:
+        existing = x509.load_pem_x509_crl(source.read(path).value.encode())
+    except SecretNotFound:
+        existing = None
+    except ValueError:
+        raise ExecutorError(f"crl_ref {path}: the stored value is not a PEM CRL") from None
+    if existing is not None:
+        if existing.issuer != ca.certificate.subject or not existing.is_signature_valid(ca.certificate.public_key()):
+            raise ExecutorError(f"crl_ref {path}: the stored CRL is not signed by this CA")
+        entries = list(existing)
+    if all(entry.serial_number != serial for entry in entries):
+        entries.append(x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now)
+                       .add_extension(x509.CRLReason(x509.ReasonFlags.key_compromise), critical=False).build())
+    builder = (x509.CertificateRevocationListBuilder().issuer_name(ca.certificate.subject)
+               .last_update(now).next_update(now + CRL_VALIDITY))
+    for entry in entries:
+        builder = builder.add_revoked_certificate(entry)
+    crl = builder.sign(ca.key, hashes.SHA256())
+    return crl.public_bytes(serialization.Encoding.PEM).decode(), len(entries)
+
+
 def peer_certificate(host: str, port: int, *, server_name: str, trust_pem: str | None) -> x509.Certificate:
     """Handshake with ``host:port`` and return the certificate it presents (verified against ``trust_pem`` if given)."""
     if trust_pem:
@@ -163,33 +202,47 @@ def peer_certificate(host: str, port: int, *, server_name: str, trust_pem: str |
     return x509.load_der_x509_certificate(der)
 
 
+def _crl_needs_the_internal_ca(options: dict) -> None:
+    if "crl_ref" in options and options["issuer"] != "internal_ca":
+        raise ConfigFieldError("crl_ref", "only with issuer internal_ca (Keyvault signs the CRL with that CA's key)")
+    if "crl_ref" in options and options["crl_ref"] == options.get("ca_ref"):
+        raise ConfigFieldError("crl_ref", "must not be ca_ref: the CRL would overwrite the CA's bundle")
+
+
 class TLSCertificateExecutor(Executor):
     rotation_period = timedelta(days=60)
-    required_config = ("common_name",)
-    config_help = {
-        "common_name": "certificate CN", "sans": "list of DNS names / IPs", "endpoint": "host:port to verify",
-        "server_name": "SNI name (default: common_name)", "issuer": "self_signed (default) or internal_ca",
-        "ca_ref": "{\"source\": …, \"path\": …} of the CA's PEM bundle", "key_type": "ec (default) or rsa",
-        "validity_days": "90",
-    }
+    schema = ConfigSchema((
+        Field("common_name", TEXT, "the certificate's subject CN (a DNS name, `*.` allowed)", required=True,
+              check=checks.dns_name_or_wildcard, form="DNS name"),
+        Field("sans", TEXT_LIST, "subjectAltNames (default: the common name)", check=checks.dns_name_or_wildcard,
+              items=(0, 100), unique=True, form="DNS names / IPs"),
+        Field("endpoint", TEXT, "where the new certificate is checked by a TLS handshake; in "
+              "HMD_OUTBOUND_ALLOWLIST (none: key and certificate are only matched)", check=checks.host_port,
+              form="host:port"),
+        Field("server_name", TEXT, "SNI name sent in the handshake (default: the common name)", check=checks.dns_name,
+              form="DNS name"),
+        Field("issuer", CHOICE, "who signs: a self-signed certificate (internal/dev) or the CA in ca_ref",
+              default="self_signed", choices=("self_signed", "internal_ca")),
+        Field("ca_ref", REFERENCE, "secret source and path of the CA's PEM bundle (certificate + key)",
+              required_if=("issuer", "internal_ca")),
+        Field("crl_ref", REFERENCE, "secret source and path where Keyvault publishes the internal CA's CRL; an "
+              "emergency run adds the old serial (keyCompromise). None: a person revokes at the CA"),
+        Field("key_type", CHOICE, "new private key: EC P-256 or RSA 3072", default="ec", choices=("ec", "rsa")),
+        Field("validity_days", INTEGER, "days the new certificate is valid", default=90, minimum=1, maximum=825),
+        Field("verify_attempts", INTEGER, "handshakes tried, 0.3 s apart, while the server reloads", default=10,
+              minimum=1, maximum=100),
+    ), rules=(_crl_needs_the_internal_ca,))
 
-    def validate_config(self, config: dict) -> None:
-        super().validate_config(config)
-        if config.get("issuer", "self_signed") not in ("self_signed", "internal_ca"):
-            raise SecretConfigError("issuer is 'self_signed' or 'internal_ca'")
-        if config.get("issuer") == "internal_ca" and not isinstance(config.get("ca_ref"), dict):
-            raise SecretConfigError("issuer internal_ca needs ca_ref: {\"source\": …, \"path\": …}")
-        if config.get("key_type", "ec") not in ("ec", "rsa"):
-            raise SecretConfigError("key_type is 'ec' or 'rsa'")
-        if config.get("endpoint"):
-            host, port = self._endpoint(config)
+    def validate_config(self, config: dict) -> dict:
+        options = super().validate_config(config)
+        if options.get("endpoint"):
+            host, port = self._endpoint(options)
             outbound.require("tls", host, port, what="endpoint")
+        return options
 
     @staticmethod
-    def _endpoint(config: dict) -> tuple[str, int]:
-        host, _, port = str(config["endpoint"]).rpartition(":")
-        if not host or not port.isdigit():
-            raise SecretConfigError("endpoint is host:port")
+    def _endpoint(options: dict) -> tuple[str, int]:
+        host, _, port = options["endpoint"].rpartition(":")
         return host.strip("[]"), int(port)
 
     def inspect(self, value: str) -> dict:
@@ -199,7 +252,7 @@ class TLSCertificateExecutor(Executor):
         return facts
 
     def _ca(self, ctx: Context) -> PemBundle | None:
-        if ctx.secret.config.get("issuer", "self_signed") != "internal_ca":
+        if ctx.options["issuer"] != "internal_ca":
             return None
         ref = ctx.config("ca_ref")
         ca = PemBundle(source_named(ref["source"]).read(ref["path"]).value)
@@ -207,10 +260,38 @@ class TLSCertificateExecutor(Executor):
             raise ExecutorError("the internal CA bundle needs the CA certificate and its private key")
         return ca
 
+    def _revoke(self, ctx: Context) -> None:
+        """Emergency: revoke the old certificate at its CA before its key is deleted (idempotent).
+
+        With ``crl_ref`` Keyvault is the internal CA's CRL publisher: it adds the old serial
+        (reason keyCompromise) to the CRL there, signed with the CA key, keeping the entries
+        already listed. Otherwise a person revokes it at the CA (manual step ``ca.revoke``).
+        :raises WaitingForPerson: no CRL to publish; the serial and fingerprint are in the message.
+        """
+        if ctx.step_done("ca.revoke"):
+            return
+        serial, fp = ctx.state.get("previous_serial", "?"), ctx.state.get("previous_fingerprint", "?")
+        ca = self._ca(ctx)
+        if ca is None:
+            ctx.tick("ca.revoke", f"self-signed: no CA to revoke at; serial {serial} ({fp}) is deleted with its key "
+                                  "below — remove it from every trust store that pinned it")
+            return
+        ref = ctx.options.get("crl_ref")
+        if ref is None:
+            raise WaitingForPerson("ca.revoke", f"revoke the old certificate at the CA (serial {serial}, {fp}, reason "
+                                                "keyCompromise), then tick 'ca.revoke'")
+        source = source_named(ref["source"])
+        crl, count = revoked_crl(ca, source, ref["path"], serial=int(serial, 16), now=ctx.now)
+        written = source.write(ref["path"], crl)
+        ctx.tick("ca.revoke", f"serial {serial} ({fp}) added to the CRL at {ref['source']}:{ref['path']} "
+                              f"(keyCompromise; version {written.version}, {count} revoked certificate(s)); "
+                              "publish it where clients fetch it")
+
     def precheck(self, ctx: Context) -> None:
         current = ctx.read()
         facts = certificate_facts(PemBundle(current.value).certificate)
-        ctx.state.update(previous_version=current.version, previous_fingerprint=facts["fingerprint"])
+        ctx.state.update(previous_version=current.version, previous_fingerprint=facts["fingerprint"],
+                         previous_serial=facts["serial"])
         ctx.tick("precheck.source", f"version {current.version}: {facts['subject']}, expires {facts['not_after']}")
         ca = self._ca(ctx)
         if ca is not None:
@@ -224,11 +305,10 @@ class TLSCertificateExecutor(Executor):
     def rotate(self, ctx: Context) -> None:
         if ctx.state.get("new_version"):
             return
-        cfg = ctx.secret.config
+        cfg = ctx.options
         ca = self._ca(ctx)
-        key, csr, cert = issue(common_name=ctx.config("common_name"), sans=list(cfg.get("sans") or []),
-                               key_type=cfg.get("key_type", "ec"), days=int(cfg.get("validity_days", 90)),
-                               ca=ca, now=ctx.now)
+        key, csr, cert = issue(common_name=cfg["common_name"], sans=list(cfg.get("sans") or []),
+                               key_type=cfg["key_type"], days=cfg["validity_days"], ca=ca, now=ctx.now)
         facts = certificate_facts(cert)
         ctx.tick("rotate.key", f"new {facts['key_type']} private key")
         ctx.state["csr"] = csr.public_bytes(serialization.Encoding.PEM).decode()
@@ -246,14 +326,14 @@ class TLSCertificateExecutor(Executor):
             raise VerificationFailed("the installed private key does not match the certificate")
         if certificate_facts(bundle.certificate)["fingerprint"] != ctx.state["new_fingerprint"]:
             raise VerificationFailed("the source does not hold the new certificate")
-        if not ctx.secret.config.get("endpoint"):
+        if not ctx.options.get("endpoint"):
             ctx.tick("verify.handshake", "no endpoint configured: checked that key and certificate match only")
             return
-        host, port = self._endpoint(ctx.secret.config)
+        host, port = self._endpoint(ctx.options)
         outbound.require("tls", host, port, what="endpoint", ctx=ctx, step="verify.handshake")
-        server_name = ctx.secret.config.get("server_name") or ctx.config("common_name")
+        server_name = ctx.options.get("server_name") or ctx.options["common_name"]
         trust = _pem(bundle.certificates[-1]) if len(bundle.certificates) > 1 else _pem(bundle.certificate)
-        attempts = int(ctx.secret.config.get("verify_attempts", 10))
+        attempts = ctx.options["verify_attempts"]
         seen = None
         for attempt in range(max(1, attempts)):
             try:
@@ -271,6 +351,8 @@ class TLSCertificateExecutor(Executor):
         raise VerificationFailed(f"TLS handshake with {host}:{port}: {error}")
 
     def retire(self, ctx: Context) -> None:
+        if ctx.run.kind == "emergency":
+            self._revoke(ctx)
         previous = ctx.state.get("previous_version")
         if previous and ctx.source().writable:
             ctx.source().delete_version(ctx.secret.path, previous)

@@ -21,8 +21,9 @@ from keyvault.models import AuditEvent, ManagedSecret
 from keyvault.ops import notify
 from keyvault.secrets.base import SecretSourceUnavailable
 from rotation.engine.drivers.base import Driver
-from rotation.exceptions import ApprovalRefused, RotationError
+from rotation.exceptions import ApprovalRefused, ConfigFieldError, RotationError
 from rotation.executors import executor_for
+from keyvault.secrets.registry import source_names
 from rotation.executors.base import Context, Executor, WaitingForPerson
 from rotation.models import RotationPolicy, RotationRun, RunStep
 
@@ -68,6 +69,23 @@ def executor_of(secret: ManagedSecret) -> Executor:
     return executor_for(secret.secret_type)
 
 
+def check_secret_config(secret: ManagedSecret, *, allowlist: bool = True) -> dict:
+    """The secret's source is configured and its type's schema and executor accept its config; returns the options.
+
+    :param allowlist: also check its endpoints against ``HMD_OUTBOUND_ALLOWLIST`` (the executor's own check);
+        a run checks them before each connection instead, where a refusal is audited as a failed step.
+    :raises ConfigFieldError: names the field (``source``, or the config key).
+    :raises SecretConfigError: the executor refuses it (``HMD_OUTBOUND_ALLOWLIST``).
+    """
+    configured = source_names()
+    if secret.source not in configured:
+        raise ConfigFieldError("source", f"secret source {secret.source!r} is not configured "
+                                         f"(configured: {', '.join(configured) or 'none'}; each is configured by its "
+                                         "HMD_* variables)", in_config=False)
+    executor = executor_for(secret.secret_type)
+    return executor.validate_config(secret.config) if allowlist else executor.options(secret.config)
+
+
 class ManagedSecretRotation(Driver):
     """A managed secret of any type; its executor does the work of each phase."""
 
@@ -79,6 +97,11 @@ class ManagedSecretRotation(Driver):
     def check_start(self, secret: ManagedSecret, *, kind: str, destination) -> None:
         if kind == RotationRun.Kind.MIGRATE or destination is not None:
             raise RotationError("managed secrets are rotated, not migrated between KEKs")
+        # A row saved under an older schema is refused here, by field (the allowlist is checked at each connection).
+        try:
+            check_secret_config(secret, allowlist=False)
+        except ConfigFieldError as exc:
+            raise exc.of_secret(secret.name) from None
 
     def runbook_name(self, secret: ManagedSecret) -> str:
         return f"secret-{secret.secret_type}"
@@ -154,6 +177,7 @@ class ManagedSecretRotation(Driver):
         executor = executor_of(run.secret)
         ctx = self.context(run, now)
         try:
+            ctx.options  # noqa: B018 - a configuration that no longer validates fails the run here, by field
             if run.state == S.QUEUED:
                 run, started = self.start(run_id, now)
                 if not started:

@@ -186,7 +186,10 @@ class Command(KeyvaultCommand):
             if run.secret_id and run.paused_reason.startswith("waiting for a person"):
                 return  # a guided secret rotation: the run page / `rotation tick` continue it
             if run.state in WAIT_DONE:
-                if run.state == S.RETIRING and run.retire_after:
+                if run.state == S.RETIRING and run.retire_after and run.secret_id:
+                    self.stderr.write(f"new credential installed and verified; the old one retires after "
+                                      f"{run.retire_after:%Y-%m-%d %H:%M} UTC (`rotation work {run.pk}` then)")
+                elif run.state == S.RETIRING and run.retire_after:
                     self.stderr.write(f"all data keys rewrapped and verified; old versions retire after {run.retire_after:%Y-%m-%d %H:%M} UTC")
                 if run.state == S.COMPLETED:
                     self._warn_revocation_gap(run)
@@ -207,6 +210,8 @@ class Command(KeyvaultCommand):
         if options["json"]:
             self.stdout.write(json.dumps(summary, indent=2))
             return
+        if summary["secret"]:
+            return self._secret_status(summary)
         self.stdout.write(
             f"run #{summary['id']} {summary['kind']} of {run_numbered(options['run_id']).target_label}: {summary['state']}\n"
             f"  rewrapped {summary['rewrapped']}/{summary['total']} ({summary['percent']}%), failed {summary['failed']}\n"
@@ -219,6 +224,19 @@ class Command(KeyvaultCommand):
         for part in partitions["open_partitions"]:
             self.stdout.write(f"    #{part['id']} ids [{part['lo']}, {part['hi']}) {part['owner_label']!r}: "
                               f"lease {part['lease_label']}, {part['progress_label']}")
+        if summary["last_error"]:
+            self.stdout.write(f"  last error: {summary['last_error']}")
+
+    def _secret_status(self, summary: dict) -> None:
+        """A managed secret's run: no data keys, but steps a person may have to do."""
+        self.stdout.write(f"run #{summary['id']} {summary['kind']} of secret {summary['secret']}: {summary['state']}")
+        if summary["paused_reason"]:
+            self.stdout.write(f"  paused: {summary['paused_reason']}")
+        if summary["retire_after"] and summary["state"] == S.RETIRING:
+            self.stdout.write(f"  the old credential retires after {summary['retire_after']}")
+        for step in summary["steps"]:
+            who = f" by {step['done_by']}" if step["done_by"] else ""
+            self.stdout.write(f"  [{step['status']}] {step['key']} ({'auto' if step['automatic'] else 'manual'}){who}")
         if summary["last_error"]:
             self.stdout.write(f"  last error: {summary['last_error']}")
 

@@ -158,3 +158,54 @@ def test_a_plain_http_token_endpoint_off_localhost_is_refused(file_source, syste
     with pytest.raises(SecretConfigError, match="https"):
         services.register_secret(name="x", secret_type="oauth_client_secret", source="file", path="o/x",
                                  actor=system_actor, config={"token_endpoint": "http://idp.example/token", "client_id": "c"})
+
+
+# -- issue 15: the emergency variant lets a person revoke the leaked secret now ----------------------------------
+
+
+def test_an_emergency_run_lets_the_leaked_secret_be_revoked_before_the_new_one_exists(
+    client_secret, idp, file_source, system_actor, make_user
+):
+    from keyvault.audit import Actor
+
+    alice = Actor.user(make_user("alice"))
+    with services.inline_dispatch():
+        run = services.start_run(secret=client_secret, actor=system_actor, kind="emergency", incident_ref="INC-15")
+    run = services.drive(run.pk)
+    assert run.state == "rotating" and "idp.create" in run.paused_reason
+
+    # when: revoke now — the leaked secret is revoked at the IdP and ticked before anything else
+    idp.valid.discard("old-secret-1")
+    services.tick_manual_step(run, "idp.revoke", actor=alice, evidence="secret 41 deleted at 03:12")
+
+    # and: the new secret is created, handed over and deployed
+    idp.valid.add("new-secret-2")
+    with services.inline_dispatch():
+        services.tick_manual_step(run, "idp.create", actor=alice, evidence="secret 42")
+        services.provide_secret_value(run, "new-secret-2", actor=alice)
+        services.tick_manual_step(run, "deploy", actor=alice, evidence="billing restarted")
+    run = services.drive(run.pk)
+
+    # then: no overlap window — verified, the old secret proven refused, and completed
+    assert run.state == "completed", run.last_error
+    assert file_source.read("oauth/billing").value == "new-secret-2"
+    assert "refused" in run.steps.get(key="verify.revoked").evidence
+    assert steps(run)["idp.revoke"] == "done"
+
+
+def test_a_secret_already_revoked_is_noted_by_an_emergency_run_but_fails_a_planned_one(client_secret, idp, system_actor):
+    # given: the IdP already refuses the current secret
+    idp.valid.discard("old-secret-1")
+
+    # when / then: an on-demand run fails its pre-check
+    with services.inline_dispatch():
+        run = services.start_run(secret=client_secret, actor=system_actor)
+    run = services.drive(run.pk)
+    assert run.state == "failed" and "already refused" in run.last_error
+
+    # when / then: an emergency run notes it and waits for the new secret
+    with services.inline_dispatch():
+        emergency = services.start_run(secret=client_secret, actor=system_actor, kind="emergency", incident_ref="INC-9")
+    emergency = services.drive(emergency.pk)
+    assert emergency.state == "rotating", emergency.last_error
+    assert "revoked at the IdP" in emergency.steps.get(key="precheck.token").evidence

@@ -20,6 +20,7 @@ from django.core.exceptions import ValidationError
 from django.utils import timezone
 from psycopg import sql
 
+from keyvault.models import ManagedSecret
 from rotation import services
 from rotation.models import RotationRun
 from rotation.executors.base import CredentialRetired, SecretConfigError
@@ -171,16 +172,21 @@ def test_an_admin_role_without_createrole_is_refused_before_anything_changes(
     assert file_source.read("x/db").version == "1"
 
 
+def single_user_secret(app_db, file_source, actor):
+    """``solo-db``: blue alone (``mode: single``), holding its initial password."""
+    role = app_db["blue"]
+    file_source.write("solo/db", json.dumps({"username": role, "password": "initial-" + role}))
+    return services.register_secret(
+        name="solo-db", secret_type="database_credential", source="file", path="solo/db", actor=actor,
+        config={"host": "127.0.0.1", "dbname": app_db["db"], "mode": "single", "username": role, "admin_dsn": ADMIN_DSN},
+    )
+
+
 def test_single_user_mode_changes_the_one_role_and_rollback_gives_the_old_password_back(
     app_db, admin, file_source, system_actor
 ):
     role = app_db["blue"]
-    file_source.write("solo/db", json.dumps({"username": role, "password": "initial-" + role}))
-    secret = services.register_secret(
-        name="solo-db", secret_type="database_credential", source="file", path="solo/db", actor=system_actor,
-        config={"host": "127.0.0.1", "dbname": app_db["db"], "mode": "single", "username": role,
-                "admin_dsn": ADMIN_DSN},
-    )
+    secret = single_user_secret(app_db, file_source, system_actor)
     run = rotate(secret, actor=system_actor)
     new = json.loads(file_source.read("solo/db").value)
     assert run.state == "retiring"
@@ -263,3 +269,122 @@ def test_rollback_after_retire_nologin_lets_the_old_role_log_in_again(
     assert stored_matches(admin, app_db["blue"], restored["password"])
     with connect_as(app_db, restored) as conn:
         assert conn.execute("SELECT current_user").fetchone() == (app_db["blue"],)
+
+
+# -- issue 15: the emergency variant ends the sessions opened with the leaked credential ---------------------
+
+
+def session_is_open(conn) -> bool:
+    try:
+        return conn.execute("SELECT 1").fetchone() == (1,)
+    except psycopg.OperationalError:
+        return False
+
+
+def test_an_emergency_run_locks_the_leaked_role_and_ends_its_open_sessions_at_once(
+    db_secret, app_db, admin, file_source, system_actor
+):
+    # given: two sessions opened with the (leaked) blue credential, e.g. one of them an attacker's
+    before = json.loads(file_source.read("payments/db").value)
+    leaked = [connect_as(app_db, before), connect_as(app_db, before)]
+
+    # when: an emergency rotation runs (no grace period)
+    run = rotate(db_secret, actor=system_actor, kind="emergency", incident_ref="INC-15")
+    after = json.loads(file_source.read("payments/db").value)
+
+    # then: green is active, blue can no longer log in, and both blue sessions are gone
+    assert run.state == "completed", run.last_error
+    assert after["username"] == app_db["green"] and not can_login(admin, app_db["blue"])
+    assert [session_is_open(conn) for conn in leaked] == [False, False]
+    assert admin.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = %s", [app_db["blue"]]).fetchone() == (0,)
+    step = run.steps.get(key="retire.sessions")
+    assert step.status == "done" and step.evidence.startswith("2 session(s) of " + app_db["blue"])
+    with connect_as(app_db, after) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == (app_db["green"],)
+    for conn in leaked:
+        conn.close()
+
+
+def test_a_planned_retirement_leaves_open_sessions_unless_configured_to_end_them(
+    db_secret, app_db, admin, file_source, system_actor
+):
+    before = json.loads(file_source.read("payments/db").value)
+    t0 = timezone.now()
+
+    # given: the default (end sessions only in an emergency), and a session on blue
+    kept = connect_as(app_db, before)
+    run = rotate(db_secret, actor=system_actor, now=t0)
+    services.execute_run(run.pk, now=t0 + timedelta(hours=2))
+    run.refresh_from_db()
+    # then: a planned retirement locks blue but does not cut its open session
+    assert run.state == "completed" and not can_login(admin, app_db["blue"]) and session_is_open(kept)
+    kept.close()
+
+    # given: terminate_sessions: always, and a session on green (active now)
+    # (set directly: through update_secret it is a re-pointing, whose next run needs an approver)
+    ManagedSecret.objects.filter(pk=db_secret.pk).update(config={**db_secret.config, "terminate_sessions": "always"})
+    db_secret.refresh_from_db()
+    active = json.loads(file_source.read("payments/db").value)
+    ended = connect_as(app_db, active)
+    run2 = rotate(db_secret, actor=system_actor, now=t0 + timedelta(days=1))
+    services.execute_run(run2.pk, now=t0 + timedelta(days=1, hours=2))
+    run2.refresh_from_db()
+    # then: the planned retirement of green ends its session too
+    assert run2.state == "completed", run2.last_error
+    assert not session_is_open(ended) and run2.steps.get(key="retire.sessions").status == "done"
+    ended.close()
+
+
+def test_an_emergency_single_user_rotation_ends_only_sessions_older_than_the_new_password(
+    app_db, admin, file_source, system_actor
+):
+    role = app_db["blue"]
+    secret = single_user_secret(app_db, file_source, system_actor)
+    old = connect_as(app_db, {"username": role, "password": "initial-" + role})
+
+    run = rotate(secret, actor=system_actor, kind="emergency", incident_ref="INC-16")
+
+    assert run.state == "completed", run.last_error
+    assert not session_is_open(old)
+    evidence = run.steps.get(key="retire.sessions").evidence
+    assert evidence.startswith(f"1 session(s) of {role} that began before its password changed")
+    with connect_as(app_db, json.loads(file_source.read("solo/db").value)) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == (role,)
+    old.close()
+
+
+def test_an_admin_role_that_may_not_end_sessions_makes_the_run_wait_for_a_person(
+    app_db, admin, file_source, system_actor
+):
+    # given: an admin role with CREATEROLE but neither superuser nor pg_signal_backend
+    weak = app_db["db"] + "_admin"
+    admin.execute(sql.SQL("CREATE ROLE {} LOGIN CREATEROLE").format(sql.Identifier(weak)))
+    try:
+        file_source.write("w/db", json.dumps({"username": app_db["blue"], "password": "initial-" + app_db["blue"]}))
+        secret = services.register_secret(
+            name="weak-signal", secret_type="database_credential", source="file", path="w/db", actor=system_actor,
+            config={"host": "127.0.0.1", "dbname": app_db["db"], "usernames": [app_db["blue"], app_db["green"]],
+                    "admin_dsn": f"host=127.0.0.1 user={weak} dbname=postgres"},
+        )
+        leaked = connect_as(app_db, {"username": app_db["blue"], "password": "initial-" + app_db["blue"]})
+
+        # when: the emergency run reaches retirement
+        run = rotate(secret, actor=system_actor, kind="emergency", incident_ref="INC-17")
+
+        # then: blue is locked, its session still open, and the run waits for a superuser's manual step
+        assert run.state == "retiring" and run.paused_reason.startswith("waiting for a person")
+        assert "pg_terminate_backend" in run.paused_reason and not can_login(admin, app_db["blue"])
+        assert session_is_open(leaked)
+
+        # when: a superuser ends it by hand and ticks the step
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", [app_db["blue"]])
+        services.tick_manual_step(run, "sessions.manual", actor=system_actor, evidence="ended 1 session as postgres")
+        run = services.drive(run.pk)
+
+        # then: the run completes
+        assert run.state == "completed", run.last_error
+        assert not session_is_open(leaked)
+        leaked.close()
+    finally:
+        admin.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(weak)))
+        admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(weak)))

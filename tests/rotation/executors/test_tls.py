@@ -182,3 +182,85 @@ def test_a_value_that_is_not_a_certificate_is_reported_not_crashed(file_source, 
     run = rotate(secret, actor=system_actor)
     assert run.state == "failed" and "no PEM certificate" in run.last_error
     assert ManagedSecret.objects.get(pk=secret.pk).status == "failed"
+
+
+# -- issue 15: the emergency variant revokes the old certificate at its CA --------------------------------------
+
+
+def test_an_emergency_run_adds_the_old_serial_to_the_internal_cas_crl_and_keeps_earlier_entries(
+    file_source, internal_ca, system_actor
+):
+    # given: a served certificate whose secret names where the CA's CRL is kept
+    key, _, cert = issue(common_name="pay.internal", sans=["pay.internal"], ca=internal_ca)
+    file_source.write("tls/pay", bundle_text(key, cert, _pem(internal_ca.certificate)))
+    server = ReloadingTLSServer(lambda: file_source.read("tls/pay").value)
+    try:
+        secret = services.register_secret(
+            name="pay-tls", secret_type="tls_certificate", source="file", path="tls/pay", actor=system_actor,
+            config={"common_name": "pay.internal", "issuer": "internal_ca", "ca_ref": {"source": "file", "path": "pki/ca"},
+                    "crl_ref": {"source": "file", "path": "pki/crl"}, "endpoint": f"127.0.0.1:{server.port}",
+                    "verify_attempts": 3})
+
+        # when: the key is reported compromised and an emergency run goes through
+        run = rotate(secret, actor=system_actor, kind="emergency", incident_ref="INC-15")
+
+        # then: completed at once; the CRL, signed by the CA, lists the old serial as keyCompromise
+        assert run.state == "completed", run.last_error
+        crl = x509.load_pem_x509_crl(file_source.read("pki/crl").value.encode())
+        assert crl.is_signature_valid(internal_ca.certificate.public_key())
+        entry = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
+        assert entry is not None
+        assert entry.extensions.get_extension_for_class(x509.CRLReason).value.reason == x509.ReasonFlags.key_compromise
+        assert f"serial {cert.serial_number:x}" in run.steps.get(key="ca.revoke").evidence
+        assert [v.version for v in file_source.list_versions("tls/pay")] == ["2"]  # the old key is gone
+
+        # when: the new certificate is compromised too
+        second = PemBundle(file_source.read("tls/pay").value).certificate
+        run2 = rotate(secret, actor=system_actor, kind="emergency", incident_ref="INC-16")
+
+        # then: both serials are listed
+        assert run2.state == "completed", run2.last_error
+        crl = x509.load_pem_x509_crl(file_source.read("pki/crl").value.encode())
+        assert {e.serial_number for e in crl} == {cert.serial_number, second.serial_number}
+    finally:
+        server.close()
+
+
+def test_without_a_crl_the_emergency_run_waits_for_a_person_to_revoke_at_the_ca(served_cert, file_source, system_actor):
+    secret, _, cert = served_cert
+
+    run = rotate(secret, actor=system_actor, kind="emergency", incident_ref="INC-15")
+
+    # then: the new pair is live, and the run waits with the serial to revoke; the old key is still there
+    assert run.state == "retiring" and "revoke the old certificate at the CA" in run.paused_reason
+    assert f"serial {cert.serial_number:x}" in run.paused_reason
+    assert len(file_source.list_versions("tls/api")) == 2
+
+    # when: a person revoked it at the CA and ticks the step
+    services.tick_manual_step(run, "ca.revoke", actor=system_actor, evidence="revoked in the CA console, keyCompromise")
+    run = services.drive(run.pk)
+
+    # then: the old version, with its key, is deleted
+    assert run.state == "completed", run.last_error
+    assert len(file_source.list_versions("tls/api")) == 1
+
+
+def test_a_self_signed_emergency_run_has_no_ca_to_revoke_at_and_says_so(file_source, system_actor):
+    key, _, cert = issue(common_name="dev.local", sans=["dev.local"])
+    file_source.write("tls/dev", bundle_text(key, cert))
+    secret = services.register_secret(name="dev-tls", secret_type="tls_certificate", source="file", path="tls/dev",
+                                      actor=system_actor, config={"common_name": "dev.local"})
+
+    run = rotate(secret, actor=system_actor, kind="emergency", incident_ref="INC-15")
+
+    assert run.state == "completed", run.last_error
+    assert run.steps.get(key="ca.revoke").evidence.startswith("self-signed: no CA to revoke at")
+
+
+def test_a_crl_needs_the_internal_ca_that_signs_it(file_source, system_actor):
+    from rotation.exceptions import ConfigFieldError
+
+    with pytest.raises(ConfigFieldError, match="'crl_ref': only with issuer internal_ca"):
+        services.register_secret(name="x-tls", secret_type="tls_certificate", source="file", path="tls/x",
+                                 actor=system_actor, inspect=False,
+                                 config={"common_name": "x.local", "crl_ref": {"source": "file", "path": "pki/crl"}})
