@@ -30,41 +30,32 @@ from datetime import timedelta
 from keyvault.kms.vault import AppRoleAuth
 from keyvault.secrets import get_source
 from keyvault.secrets.base import SecretAccessDenied
+from rotation.executors.schema import TEXT, ConfigSchema, Field
 from rotation.executors.base import Context, Executor, ExecutorError, SecretConfigError, VerificationFailed, fingerprint
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def vault_name(value: str) -> None:
+    """A Vault role, mount or source name: letters, digits, ``_ . -``, starting with a letter or digit."""
+    if not _NAME.match(value):
+        raise ValueError(f"{value!r} is not a Vault name (letters, digits, _ . -)")
 CONSUMERS_STEP = "rotate.consumers"
 
 
 class AppRoleSecretIdExecutor(Executor):
-    config_help = {
-        "role": "AppRole role name (required)",
-        "mount": "AppRole auth mount (default approle)",
-        "vault_source": "configured Vault secret source that administers the role (default vault)",
-    }
+    schema = ConfigSchema((
+        Field("role", TEXT, "AppRole role name", required=True, check=vault_name, form="name"),
+        Field("mount", TEXT, "AppRole auth mount", default="approle", check=vault_name, form="name"),
+        Field("vault_source", TEXT, "configured Vault secret source that administers the role",
+              default="vault", check=vault_name, form="name"),
+    ))
     rotation_period = timedelta(days=30)
     grace_period = timedelta(hours=1)
 
-    def validate_config(self, config: dict) -> dict:
-        """The configuration with its defaults, checked on its own (no other key is accepted).
-
-        :raises SecretConfigError: ``role`` is missing, a key is unknown, or a name is not a Vault name.
-        """
-        unknown = sorted(set(config) - set(self.config_help))
-        if unknown:
-            raise SecretConfigError(f"unknown configuration key(s) {', '.join(unknown)} "
-                                    f"(known: {', '.join(sorted(self.config_help))})")
-        if config.get("role") in (None, ""):
-            raise SecretConfigError("configuration needs 'role'")
-        options = {"mount": "approle", "vault_source": "vault", **config}
-        for key in ("role", "mount", "vault_source"):
-            if not isinstance(options[key], str) or not _NAME.match(options[key]):
-                raise SecretConfigError(f"{key!r} must be a Vault name (letters, digits, _ . -), got {options[key]!r}")
-        return options
-
     # -- Vault ------------------------------------------------------------------------
     def _options(self, ctx: Context) -> dict:
-        return self.validate_config(ctx.secret.config)
+        return ctx.options
 
     def _vault(self, ctx: Context):
         name = self._options(ctx)["vault_source"]

@@ -132,10 +132,10 @@ def test_a_value_that_is_not_a_secret_id_of_the_role_stops_the_run_before_anythi
 
 def test_registration_refuses_a_missing_or_unsafe_name_and_unknown_keys(system_actor, tmp_path):
     with override_settings(SECRET_SOURCES={"default": "file", "sources": {"file": {"directory": str(tmp_path)}}}):
-        for config, message in (({}, "configuration needs 'role'"),
-                                ({"role": "../sys/policy"}, "'role' must be a Vault name"),
-                                ({"role": "ok", "mount": "a/b"}, "'mount' must be a Vault name"),
-                                ({"role": "ok", "colour": "red"}, "unknown configuration key")):
+        for config, message in (({}, "field 'role': is required"),
+                                ({"role": "../sys/policy"}, "field 'role': '../sys/policy' is not a Vault name"),
+                                ({"role": "ok", "mount": "a/b"}, "field 'mount': 'a/b' is not a Vault name"),
+                                ({"role": "ok", "colour": "red"}, "field 'colour': unknown key")):
             with pytest.raises((SecretConfigError, ValidationError), match=message):
                 services.register_secret(name="approle-bad", secret_type="vault_approle_secret_id", source="file",
                                          path="x", config=config, actor=system_actor)

@@ -24,6 +24,7 @@ VALID = {
                             "admin_dsn": "host=127.0.0.1 port=5432 user=postgres dbname=postgres",
                             "admin_password_ref": {"source": "file", "path": "db/admin"}, "retire": "password",
                             "terminate_sessions": "always"},
+    "vault_approle_secret_id": {"role": "billing-app", "mount": "approle-prod"},
 }
 
 
