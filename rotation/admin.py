@@ -19,7 +19,7 @@ from keyvault.audit import Actor
 from keyvault.console.admin_views import KEKAction, register_kek_actions, register_kek_panel, runbook_for
 from keyvault.models import KeyEncryptionKey
 from rotation import permissions, services
-from rotation.admin_views import RotationRunViewsMixin, kek_rotation_panel, start_from_console
+from rotation.admin_views import BADGES, RotationRunViewsMixin, kek_rotation_panel, run_status, start_from_console
 from rotation.forms import (
     EmergencyRotationForm, MigrateForm, ProviderRateLimitForm, RotationPolicyForm, StartRotationForm,
 )
@@ -180,11 +180,19 @@ class RotationRunAdmin(RotationRunViewsMixin, admin.ModelAdmin):
 
     @admin.display(description="state", ordering="state")
     def state_display(self, obj: RotationRun):
-        return _state_badge(obj.state, RotationRun.State(obj.state).label)
+        return _state_badge(obj.state, BADGES.get(obj.state, RotationRun.State(obj.state).label))
 
     @admin.display(description="progress")
     def progress_display(self, obj: RotationRun):
-        return format_html('<progress max="100" value="{}">{}%</progress> {}%', obj.percent, obj.percent, obj.percent)
+        """The run page's sentence (retiring reads as done with one pending step); a bar only while it means something."""
+        status = run_status(obj)
+        bar = format_html('<progress max="100" value="{}">{}%</progress> {}%', obj.percent, obj.percent, obj.percent) \
+            if status.show_bar and status.phase == "working" else ""
+        return format_html('<div class="kv-run-status-cell kv-phase-{}">{}<small>{}</small></div>',
+                           status.phase, bar, status.summary)
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).select_related("policy").prefetch_related("approvals")
 
     def has_add_permission(self, request) -> bool:
         return False  # runs are started from a KEK's page (or the CLI / the beat sweep)
