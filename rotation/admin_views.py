@@ -109,7 +109,10 @@ def kek_rotation_panel(kek: KeyEncryptionKey, *, user, admin_site_name: str = "a
     if not user.has_perm(permissions.VIEW_POLICY) and not user.has_perm(VIEW_PERMISSION):
         return None
     policy = services.ensure_policy(kek)
-    runs = list(RotationRun.objects.filter(kek=kek).order_by("-created_at")[:5]) if user.has_perm(VIEW_PERMISSION) else []
+    runs = list(RotationRun.objects.filter(kek=kek).select_related("kek", "policy").prefetch_related("approvals")
+                .order_by("-created_at")[:5]) if user.has_perm(VIEW_PERMISSION) else []
+    for run in runs:
+        run.status = run_status(run)  # the run page's badge and sentence, for the panel's table
     active = next((run for run in runs if run.is_active), None)
     edit_url = ""
     if user.has_perm(POLICY_CHANGE_PERMISSION):
