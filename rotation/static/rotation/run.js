@@ -155,6 +155,8 @@
     if (line) { line.hidden = !data.show_bar; }
     var counts = document.getElementById("kv-progress-counts");
     if (counts) { counts.hidden = !data.show_counts; }
+    var partitions = document.getElementById("kv-partitions-box");
+    if (partitions) { partitions.hidden = !data.show_counts; } // nothing to partition before data keys are counted
     updateApprovals(data);
     updateTimeline(data.timeline);
     root.setAttribute("data-state", data.state);
