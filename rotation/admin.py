@@ -19,7 +19,7 @@ from keyvault.audit import Actor
 from keyvault.console.admin_views import KEKAction, register_kek_actions, register_kek_panel, runbook_for
 from keyvault.models import KeyEncryptionKey
 from rotation import permissions, services
-from rotation.admin_views import RotationRunViewsMixin, kek_rotation_panel, start_from_console
+from rotation.admin_views import RotationRunViewsMixin, kek_rotation_panel, run_status, start_from_console
 from rotation.forms import (
     EmergencyRotationForm, MigrateForm, ProviderRateLimitForm, RotationPolicyForm, StartRotationForm,
 )
@@ -158,7 +158,7 @@ class RotationPolicyAdmin(admin.ModelAdmin):
 
 @admin.register(RotationRun)
 class RotationRunAdmin(RotationRunViewsMixin, admin.ModelAdmin):
-    list_display = ("run_id", "target", "kind", "state_display", "progress_display", "initiator", "created_at")
+    list_display = ("run_id", "target", "kind", "status_display", "initiator", "created_at")
     list_display_links = ("run_id",)
     list_filter = ("state", "kind")
     list_select_related = ("kek",)
@@ -178,13 +178,17 @@ class RotationRunAdmin(RotationRunViewsMixin, admin.ModelAdmin):
     def target(self, obj: RotationRun):
         return obj.target_label
 
-    @admin.display(description="state", ordering="state")
-    def state_display(self, obj: RotationRun):
-        return _state_badge(obj.state, RotationRun.State(obj.state).label)
+    @admin.display(description="status", ordering="state")
+    def status_display(self, obj: RotationRun):
+        """The run page's badge and sentence (retiring reads as done with one pending step); a bar only while working."""
+        status = run_status(obj)
+        bar = format_html('<progress max="100" value="{}">{}%</progress> {}%', obj.percent, obj.percent, obj.percent) \
+            if status.show_bar and status.phase == "working" else ""
+        return format_html('<div class="kv-run-status-cell kv-phase-{}">{}<span class="kv-run-sentence">{}</span>{}</div>',
+                           status.phase, _state_badge(obj.state, status.badge), status.summary, bar)
 
-    @admin.display(description="progress")
-    def progress_display(self, obj: RotationRun):
-        return format_html('<progress max="100" value="{}">{}%</progress> {}%', obj.percent, obj.percent, obj.percent)
+    def get_queryset(self, request):
+        return super().get_queryset(request).select_related("policy").prefetch_related("approvals")
 
     def has_add_permission(self, request) -> bool:
         return False  # runs are started from a KEK's page (or the CLI / the beat sweep)

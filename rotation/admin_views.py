@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import ClassVar
 
 from django.contrib import messages
@@ -63,6 +63,8 @@ TIMELINE_ACTIONS = (
     AuditEvent.Action.ROTATION_STARTED, AuditEvent.Action.ROTATION_STATE, AuditEvent.Action.ROTATION_APPROVED,
     AuditEvent.Action.ROTATION_REJECTED, AuditEvent.Action.ROTATION_BREAK_GLASS,
 )
+#: States a run never leaves: its page offers no controls at all.
+TERMINAL_STATES = frozenset(services.TERMINAL)
 #: How many of a run's audit events the run page lists (newest); the audit log has them all.
 RUN_EVENTS_SHOWN = 100
 
@@ -110,7 +112,10 @@ def kek_rotation_panel(kek: KeyEncryptionKey, *, user, admin_site_name: str = "a
     if not user.has_perm(permissions.VIEW_POLICY) and not user.has_perm(VIEW_PERMISSION):
         return None
     policy = services.ensure_policy(kek)
-    runs = list(RotationRun.objects.filter(kek=kek).order_by("-created_at")[:5]) if user.has_perm(VIEW_PERMISSION) else []
+    runs = list(RotationRun.objects.filter(kek=kek).select_related("kek", "policy").prefetch_related("approvals")
+                .order_by("-created_at")[:5]) if user.has_perm(VIEW_PERMISSION) else []
+    for run in runs:
+        run.status = run_status(run)  # the run page's badge and sentence, for the panel's table
     active = next((run for run in runs if run.is_active), None)
     edit_url = ""
     if user.has_perm(POLICY_CHANGE_PERMISSION):
@@ -150,26 +155,84 @@ def runbook_section_html(runbook: runbooks.Runbook | None, section: str) -> Safe
     return format_html('<h2 class="kv-runbook-title">{}: {}</h2>{}', title, runbook.title, body)
 
 
-def available_run_actions(run: RotationRun) -> set[str]:
-    """Which controls apply to the run in its current state (permissions are checked separately)."""
-    allowed = set()
-    if run.state == S.PENDING_APPROVAL:
-        allowed.add("approve")
-    if run.state in (S.PENDING_APPROVAL, S.QUEUED, S.FAILED):
-        allowed.add("cancel")
-    if S.ROLLED_BACK in services.TRANSITIONS[run.state]:
-        allowed.add("rollback")
-    if run.state == S.FAILED:
-        allowed.add("resume")
-    return allowed
+def available_run_actions(run: RotationRun) -> frozenset[str]:
+    """Which controls apply to the run in its current state (permissions are checked separately).
+
+    The engine's transition table decides (``rotation.engine.states.people_actions``), so the page
+    never offers a move the services would refuse.
+    """
+    return services.run_actions(run)
 
 
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
 
 
+def when(value: datetime | None) -> str:
+    """A moment as the run page shows it: minutes, in UTC, the zone written out."""
+    return f"{value.astimezone(UTC):%Y-%m-%d %H:%M} UTC" if value else "—"
+
+
+#: How each state reads at a glance: the badge's phase (its colour) and label.
+PHASES = {
+    S.PENDING_APPROVAL: "waiting", S.QUEUED: "waiting", S.ROTATING: "working", S.REWRAPPING: "working",
+    S.VERIFYING: "working", S.RETIRING: "done_pending", S.COMPLETED: "done", S.FAILED: "failed",
+    S.CANCELLED: "stopped", S.ROLLED_BACK: "stopped",
+}
+BADGES = {S.RETIRING: "Done, retirement pending"}
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    """A run's state in words: the badge, one sentence, and whether data-key counters mean anything."""
+
+    phase: str
+    badge: str
+    summary: str
+    show_bar: bool
+    show_counts: bool
+
+
+def run_status(run: RotationRun) -> RunStatus:
+    """How the run page and the run list describe a run (one place, so both read the same)."""
+    rewraps = bool(run.kek_id)
+    old = f"v{run.previous_version}" if run.previous_version else ""
+    thing = (f"old version {old}" if old else "old version") if rewraps else "old value"
+    if run.state == S.PENDING_APPROVAL:
+        required = run.policy.approvals_required if run.policy else 0
+        given = sum(1 for approval in run.approvals.all() if approval.decision == "approve")
+        summary = f"Waiting for approval ({given} of {required})."
+    elif run.state == S.QUEUED:
+        summary = "Queued; a worker picks it up shortly."
+    elif run.state == S.ROTATING:
+        summary = "Creating the new version at the provider." if rewraps else "Rotating the secret."
+    elif run.state == S.REWRAPPING:
+        summary = f"Rewrapping data keys: {run.rewrapped:,} of {run.total_deks:,}."
+    elif run.state == S.VERIFYING:
+        summary = "Verifying the new version."
+    elif run.state == S.RETIRING:
+        done = ("Rewrapped and verified" if run.total_deks else "Rotated and verified; no data keys to rewrap"
+                ) if rewraps else "Rotated and verified"
+        retires = f"retires on {when(run.retire_after)}" if run.retire_after else "retires when the grace period ends"
+        summary = f"{done}; {thing} {retires}."
+    elif run.state == S.COMPLETED:
+        summary = f"Completed; {thing} retired {when(run.finished_at)}."
+    elif run.state == S.FAILED:
+        summary = f"Failed {when(run.finished_at)}: {run.last_error or 'no error recorded'}"
+    elif run.state == S.ROLLED_BACK:
+        summary = f"Rolled back {when(run.finished_at)}; nothing was retired."
+    else:
+        summary = f"Cancelled {when(run.finished_at)}."
+    stopped = run.state in (S.FAILED, S.CANCELLED, S.ROLLED_BACK)
+    show_counts = rewraps and run.total_deks > 0
+    return RunStatus(
+        phase=PHASES[run.state], badge=BADGES.get(run.state, S(run.state).label), summary=summary,
+        show_bar=show_counts and not stopped, show_counts=show_counts,
+    )
+
+
 def run_progress(run: RotationRun, *, now: datetime | None = None) -> dict:
-    """State, counters, rate and ETA of a run, and its checklist (what ``progress.json`` returns)."""
+    """Everything the run page shows that can change (what ``progress.json`` returns to ``run.js``)."""
     now = now or timezone.now()
     rate = None
     if run.rewrap_started_at and run.rewrapped:
@@ -186,12 +249,19 @@ def run_progress(run: RotationRun, *, now: datetime | None = None) -> dict:
         }
         for step in run.steps.order_by("order")
     ]
+    status = run_status(run)
+    approvals = list(run.approvals.select_related("approver").order_by("created_at"))
     return {
         "id": run.pk,
         "kek": run.kek.name if run.kek_id else None,
         "kind": run.kind,
         "state": run.state,
         "state_label": S(run.state).label,
+        "phase": status.phase,
+        "badge": status.badge,
+        "summary": status.summary,
+        "show_bar": status.show_bar,
+        "show_counts": status.show_counts,
         "active": run.is_active,
         "total": run.total_deks,
         "rewrapped": run.rewrapped,
@@ -203,11 +273,24 @@ def run_progress(run: RotationRun, *, now: datetime | None = None) -> dict:
         "previous_version": run.previous_version,
         "target_version": run.target_version,
         "retire_after": _iso(run.retire_after),
+        "retire_after_label": when(run.retire_after) if run.retire_after else None,
         "paused_reason": run.paused_reason,
         "last_error": run.last_error,
         "rate_limits": [{**limit.as_dict(), "text": limit.describe()} for limit in services.rate_limits_for_run(run)],
         "partitions": services.partition_overview(run.pk, now=now).as_dict(),
         "actions": sorted(available_run_actions(run)),
+        "approvals_required": run.policy.approvals_required if run.policy else 0,
+        "approvals": [
+            {"who": approval.approver.get_username() if approval.approver_id else "—",
+             "decision": approval.get_decision_display(), "comment": approval.comment,
+             "break_glass": approval.break_glass, "at": _iso(approval.created_at), "when": when(approval.created_at)}
+            for approval in approvals
+        ],
+        "timeline": [
+            {"at": _iso(entry.event.timestamp), "when": when(entry.event.timestamp), "label": entry.label,
+             "actor": entry.event.actor}
+            for entry in run_timeline(run)
+        ],
         "steps": steps,
         "updated_at": now.isoformat(),
     }
@@ -244,19 +327,27 @@ def run_timeline(run: RotationRun) -> list[TimelineEntry]:
 
 
 @dataclass(frozen=True)
-class StepGroup:
-    section: str
+class RunbookSection:
+    """One section of the run's runbook: its live checklist items, then its other Markdown."""
+
+    key: str
     title: str
     steps: list[RunStep]
+    guidance: SafeString
 
 
-def step_groups(run: RotationRun) -> list[StepGroup]:
+def runbook_sections(run: RotationRun, runbook: runbooks.Runbook | None) -> list[RunbookSection]:
+    """The runbook rendered once: each section's steps (with their status) and its guidance."""
     steps = list(run.steps.order_by("order"))
-    return [
-        StepGroup(section, title, [step for step in steps if step.section == section])
-        for section, title in runbooks.SECTION_TITLES.items()
-        if any(step.section == section for step in steps)
-    ]
+    for step in steps:
+        step.title_html = runbooks.render_inline(step.title)
+    sections = []
+    for key, title in runbooks.SECTION_TITLES.items():
+        own = [step for step in steps if step.section == key]
+        guidance = runbooks.render_markdown(runbook.guidance(key)) if runbook and key in runbook.sections else ""
+        if own or guidance:
+            sections.append(RunbookSection(key, title, own, mark_safe(guidance)))  # noqa: S308 - rendered above
+    return sections
 
 
 # -- views -------------------------------------------------------------------------
@@ -328,11 +419,13 @@ class RotationRunViewsMixin:
         user = request.user
         site = self.admin_site.name
         state_actions = available_run_actions(run)
+        # Every control the user may use is on the page, hidden unless the state allows it: run.js
+        # shows Roll back the moment the run can be rolled back, without a reload.
         controls = [
             {"label": control.button, "url": reverse(f"{site}:rotation_rotationrun_{slug}", args=[run.pk]),
              "slug": slug, "danger": control.danger}
             for slug, control in RUN_CONTROLS.items()
-            if slug in state_actions and user.has_perm(CANCEL_PERMISSION)
+            if user.has_perm(CANCEL_PERMISSION) and run.state not in TERMINAL_STATES
         ]
         can_approve = user.has_perm(APPROVE_PERMISSION) and "approve" in state_actions
         decision_form = None
@@ -343,6 +436,7 @@ class RotationRunViewsMixin:
         target = _audit_target(run)
         if target and user.has_perm("keyvault.view_auditevent"):
             audit_url = reverse(f"{site}:keyvault_auditevent_changelist") + f"?target_type={target[0]}&target_id={target[1]}"
+        runbook = run_runbook(run)
         events = list(run_events(run).order_by("-sequence")[:RUN_EVENTS_SHOWN]) if user.has_perm(
             "keyvault.view_auditevent") else []
         context = {
@@ -356,17 +450,17 @@ class RotationRunViewsMixin:
             "progress_url": reverse(f"{site}:rotation_rotationrun_progress", args=[run.pk]),
             "kek_url": kek_url,
             "audit_url": audit_url,
-            "timeline": run_timeline(run),
-            "approvals": list(run.approvals.select_related("approver")),
-            "approvals_required": run.policy.approvals_required if run.policy else 0,
+            "status": run_status(run),
+            "created_label": when(run.created_at),
             "decision_form": decision_form,
             "decide_url": reverse(f"{site}:rotation_rotationrun_approve", args=[run.pk]),
             "is_initiator": run.initiated_by_id == user.pk,
             "controls": controls,
-            "step_groups": step_groups(run),
+            "runbook_sections": runbook_sections(run, runbook),
             "tick_form": TickStepForm() if user.has_perm(TICK_PERMISSION) else None,
             "events": events,
-            "runbook": run_runbook(run),
+            "runbook": runbook,
+            "runbook_intro": runbooks.render_markdown(runbook.intro) if runbook and runbook.intro else "",
             "rate_limits_url": reverse(f"{site}:rotation_providerratelimit_changelist")
             if user.has_perm("rotation.view_providerratelimit") else "",
             **(extra_context or {}),

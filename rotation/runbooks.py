@@ -75,6 +75,20 @@ class Runbook:
         """The whole runbook as HTML (for the console panel)."""
         return render_markdown(self.markdown(heading_level=3, with_title=False))
 
+    def guidance(self, section: str) -> str:
+        """A section's Markdown without its tagged checklist items (the run page lists those live)."""
+        kept: list[str] = []
+        skipping = False
+        for line in self.sections.get(section, "").splitlines():
+            if _ITEM.match(line.strip()):
+                skipping = True  # the item and its indented continuation lines
+                continue
+            if skipping and line.startswith((" ", "\t")) and line.strip():
+                continue
+            skipping = False
+            kept.append(line)
+        return "\n".join(kept).strip()
+
     def markdown(self, *, heading_level: int = 2, with_title: bool = True) -> str:
         """The runbook as Markdown, with tags turned into ☐ (manual) and ⚙ (automatic) marks."""
         hashes = "#" * heading_level
@@ -99,6 +113,14 @@ def render_markdown(text: str) -> SafeString:
     # Runbooks are files in this repository, reviewed like code; raw HTML in them is escaped anyway.
     html = markdown_lib.markdown(text, extensions=["fenced_code", "tables"], output_format="html")
     return mark_safe(html)  # noqa: S308 - produced by Python-Markdown from our own files
+
+
+def render_inline(text: str) -> SafeString:
+    """One line of runbook Markdown (a checklist item) as inline HTML: `code`, **bold**, links."""
+    html = markdown_lib.markdown(text, output_format="html").strip()
+    if html.startswith("<p>") and html.endswith("</p>") and html.count("<p>") == 1:
+        html = html[3:-4]
+    return mark_safe(html)  # noqa: S308 - Python-Markdown output of our own reviewed files
 
 
 def parse(slug: str, text: str) -> Runbook:

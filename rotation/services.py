@@ -26,7 +26,8 @@ from rotation.engine.runs import (
     start_run, tick_manual_step,
 )
 from rotation.engine.states import ENGINE, SECRET_TRANSITIONS, TERMINAL, TRANSITIONS
-from rotation.engine.states import tick
+from rotation.engine.states import people_actions, tick
+from rotation.engine.wiring import driver_for
 from rotation.engine.recovery import recover, resume_stalled_runs
 from rotation.engine.sweep import (
     dispatch_due_rotations, due_policies, flag_expiring_secrets, secrets_needing_attention, start_due_secret_rotations,
@@ -35,12 +36,17 @@ from rotation.managed_secrets import (
     POINTER_FIELDS, SECRET_FIELDS, check_secret_change, check_secret_config, check_secret_references,
     ensure_secret_policy, invalid_secret_configs, refresh_secret, register_secret, update_secret, update_secret_policy,
 )
-from rotation.models import RotationPolicy
+from rotation.models import RotationPolicy, RotationRun
 
 
 def update_policy(kek: KeyEncryptionKey, *, actor: Actor, **changes) -> RotationPolicy:
     """Change a KEK's rotation policy (its schedule: period, next due date) and the usage limit that follows it."""
     return _update_policy(kek, actor=actor, **changes)
+
+
+def run_actions(run: RotationRun) -> frozenset[str]:
+    """What a person may do to ``run`` now (approve, cancel, roll back, resume), from its driver's state table."""
+    return people_actions(run.state, rewraps=driver_for(run).rewraps)
 
 
 def dispatch(name: str, *args, **options) -> None:
@@ -58,7 +64,7 @@ __all__ = [
     "is_break_glass",
     "mark_paused", "note_pause", "partition_overview", "policy_of", "provide_secret_value", "rate_limit_status", "rate_limits_for_run",
     "recover", "refresh_secret", "register_secret", "repointed_event", "set_rate_limit",
-    "require_run_permission", "resume", "resume_stalled_runs", "rewrap_batch", "rewrap_partition", "rollback",
+    "require_run_permission", "resume", "run_actions", "resume_stalled_runs", "rewrap_batch", "rewrap_partition", "rollback",
     "secrets_needing_attention", "start_due_secret_rotations", "start_run", "tick", "tick_manual_step",
     "update_policy", "update_secret", "update_secret_policy",
 ]

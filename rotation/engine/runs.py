@@ -178,7 +178,7 @@ def cancel(run: RotationRun, *, actor: Actor, reason: str = "") -> RotationRun:
     """Cancel a run that has not started rotating (or one that failed)."""
     with transaction.atomic():
         run = states.locked_run(run.pk)
-        if run.state not in (S.PENDING_APPROVAL, S.QUEUED, S.FAILED):
+        if "cancel" not in states.people_actions(run.state, rewraps=driver_for(run).rewraps):
             raise InvalidRunTransition(
                 f"run #{run.pk} is {run.get_state_display().lower()}; roll it back instead of cancelling"
             )

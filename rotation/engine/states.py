@@ -52,6 +52,28 @@ def table(*, rewraps: bool) -> dict[str, set[str]]:
     return TRANSITIONS if rewraps else SECRET_TRANSITIONS
 
 
+#: What a person can do to a run, by the state each action moves it to. ``approve`` and
+#: ``resume`` both queue a run: approval from *pending approval*, resume from *failed*.
+PEOPLE_ACTIONS = ("approve", "cancel", "rollback", "resume")
+
+
+def people_actions(state: str, *, rewraps: bool) -> frozenset[str]:
+    """The actions the transition table allows a person from ``state`` (the console offers only these).
+
+    Derived from the table itself, so the run page and the services that refuse a move
+    cannot disagree about which moves exist.
+    """
+    allowed = table(rewraps=rewraps)[state]
+    actions = set()
+    if S.QUEUED in allowed:
+        actions.add("approve" if state == S.PENDING_APPROVAL else "resume")
+    if S.CANCELLED in allowed:
+        actions.add("cancel")
+    if S.ROLLED_BACK in allowed:
+        actions.add("rollback")
+    return frozenset(actions)
+
+
 def locked_run(run_id: int) -> RotationRun:
     """The run, its row locked until the transaction ends."""
     return RotationRun.objects.select_for_update(of=("self",)).select_related("kek", "secret", "policy").get(pk=run_id)

@@ -84,7 +84,7 @@ def test_operator_starts_a_rotation_a_second_user_approves_and_the_page_follows_
     assert not errors, errors
     expect(operator.locator("#kv-progress-percent")).to_have_text("100")
     expect(operator.locator("[data-field=rewrapped]")).to_have_text(str(DATA_KEYS))
-    expect(operator.locator("#kv-run-state")).to_have_text("Retiring old versions")
+    expect(operator.locator("#kv-run-state")).to_have_text("Done, retirement pending")
     for step in ("rotate", "rewrap", "verify.sample", "verify.coverage"):
         expect(operator.locator(f"li[data-step='{step}']")).to_have_attribute("data-status", "done")
     expect(operator.locator("li[data-step='verify.sample'] .kv-step-status")).to_have_text("Done")
