@@ -15,7 +15,7 @@ from datetime import timedelta
 
 from django.core.management.base import CommandError
 
-from keyvault.keys import master_key, services
+from keyvault.keys import impact, master_key, services
 from keyvault.models import KeyEncryptionKey
 from rotation import services as rotation_services
 from rotation.models import format_period
@@ -75,6 +75,27 @@ class Command(KeyvaultCommand):
             p = sub.add_parser(name, help=text)
             p.add_argument("name")
             p.add_argument("--json", action="store_true", help="Machine-readable output.")
+
+        delete = sub.add_parser(
+            "schedule-deletion",
+            help="Show what deleting a KEK breaks and schedule its destruction (7-30 days; cancel-deletion undoes it).",
+        )
+        delete.add_argument("name")
+        delete.add_argument("--waiting-days", type=int, default=services.DEFAULT_DELETION_WAIT_DAYS,
+                            help=f"Days before destruction ({services.MIN_DELETION_WAIT_DAYS}-"
+                            f"{services.MAX_DELETION_WAIT_DAYS}, default {services.DEFAULT_DELETION_WAIT_DAYS}).")
+        delete.add_argument("--dry-run", action="store_true", help="Only show the impact; schedule nothing.")
+        delete.add_argument("--json", action="store_true", help="Machine-readable output.")
+
+        cancel = sub.add_parser("cancel-deletion",
+                                help="Cancel a scheduled deletion; the KEK stays disabled until enabled (as AWS KMS).")
+        cancel.add_argument("name")
+
+        enable = sub.add_parser("enable-key", help="Enable a disabled KEK (e.g. after cancel-deletion).")
+        enable.add_argument("name")
+        disable = sub.add_parser("disable-key", help="Disable a KEK: it refuses every encrypt and decrypt until enabled.")
+        disable.add_argument("name")
+        disable.add_argument("--reason", default="")
 
         for name, text in (("encrypt", "Encrypt stdin with a KEK; base64 ciphertext on stdout."),
                            ("envelope-encrypt", "Envelope-encrypt stdin under a KEK; base64 blob on stdout.")):
@@ -180,6 +201,52 @@ class Command(KeyvaultCommand):
             self.stdout.write(json.dumps({"name": options["name"], "primary_version": version.number}))
         else:
             self.stdout.write(f"rotated {options['name']}: version {version.number} is now primary")
+
+    def _write_impact(self, found: impact.DeletionImpact) -> None:
+        self.stdout.write(f"deleting {found.kek} breaks: {found.data_keys} data key(s), "
+                          f"{found.field_values} encrypted field value(s), {len(found.runs)} active run(s)")
+        for version in found.versions:
+            mark = " (primary)" if version.primary else ""
+            self.stdout.write(f"  v{version.number}{mark}: {version.data_keys} data key(s)")
+        for item in found.fields:
+            new = "; new values are sealed under it" if item.configured else ""
+            self.stdout.write(f"  field {item.label}: {item.values} value(s){new}")
+        self.stdout.write("  managed secrets: " + (", ".join(found.managed_secrets) or "none (their values stay in their "
+                                                   "secret sources)"))
+        for run in found.runs:
+            self.stdout.write(f"  run #{run.run_id} {run.target} ({run.kind}, {run.state}): {run.role}")
+
+    def _schedule_deletion(self, options):
+        kek = kek_named(options["name"])
+        found = impact.deletion_impact(kek)
+        if options["dry_run"]:
+            if options["json"]:
+                self.stdout.write(json.dumps({**found.as_dict(), "scheduled": False}, indent=2))
+            else:
+                self._write_impact(found)
+                self.stdout.write("dry run: nothing scheduled")
+            return
+        kek = services.schedule_kek_deletion(kek, actor=self.actor(options), waiting_days=options["waiting_days"])
+        if options["json"]:
+            self.stdout.write(json.dumps({**found.as_dict(), "scheduled": True,
+                                          "deletion_date": kek.deletion_date.isoformat()}, indent=2))
+            return
+        self._write_impact(found)
+        self.stdout.write(f"scheduled {kek.name} for deletion on {kek.deletion_date:%Y-%m-%d %H:%M} UTC; it refuses "
+                          f"all cryptography now (undo: python manage.py kms cancel-deletion {kek.name})")
+
+    def _cancel_deletion(self, options):
+        kek = services.cancel_kek_deletion(kek_named(options["name"]), actor=self.actor(options))
+        self.stdout.write(f"cancelled the deletion of {kek.name}; it stays disabled until enabled, as with AWS KMS "
+                          f"(python manage.py kms enable-key {kek.name})")
+
+    def _enable_key(self, options):
+        kek = services.enable_kek(kek_named(options["name"]), actor=self.actor(options))
+        self.stdout.write(f"enabled {kek.name}")
+
+    def _disable_key(self, options):
+        kek = services.disable_kek(kek_named(options["name"]), actor=self.actor(options), reason=options["reason"])
+        self.stdout.write(f"disabled {kek.name}: it refuses every encrypt and decrypt until enabled")
 
     def _encrypt(self, options):
         plaintext = sys.stdin.buffer.read()
