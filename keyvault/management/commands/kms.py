@@ -17,6 +17,7 @@ from django.core.management.base import CommandError
 
 from keyvault.keys import impact, master_key, services
 from keyvault.models import KeyEncryptionKey
+from keyvault.ops.bootstrap import DEMO_DATA_KEYS, MAX_DEMO_DATA_KEYS, seed_demo_data_keys
 from rotation import services as rotation_services
 from rotation.models import format_period
 
@@ -90,6 +91,12 @@ class Command(KeyvaultCommand):
         cancel = sub.add_parser("cancel-deletion",
                                 help="Cancel a scheduled deletion; the KEK stays disabled until enabled (as AWS KMS).")
         cancel.add_argument("name")
+
+        seed = sub.add_parser("seed-demo", help="Register demo data keys under a KEK, so a rotation has something to "
+                              "rewrap (development; purpose 'demo').")
+        seed.add_argument("name")
+        seed.add_argument("--data-keys", type=int, default=DEMO_DATA_KEYS,
+                          help=f"How many (default {DEMO_DATA_KEYS}, at most {MAX_DEMO_DATA_KEYS}).")
 
         enable = sub.add_parser("enable-key", help="Enable a disabled KEK (e.g. after cancel-deletion).")
         enable.add_argument("name")
@@ -239,6 +246,12 @@ class Command(KeyvaultCommand):
         kek = services.cancel_kek_deletion(kek_named(options["name"]), actor=self.actor(options))
         self.stdout.write(f"cancelled the deletion of {kek.name}; it stays disabled until enabled, as with AWS KMS "
                           f"(python manage.py kms enable-key {kek.name})")
+
+    def _seed_demo(self, options):
+        kek = kek_named(options["name"])
+        rows = seed_demo_data_keys(kek, count=options["data_keys"], actor=self.actor(options))
+        self.stdout.write(f"registered {len(rows)} demo data key(s) under {kek.name} "
+                          f"(v{rows[-1].kek_version}; {kek.data_keys.count()} in all)")
 
     def _enable_key(self, options):
         kek = services.enable_kek(kek_named(options["name"]), actor=self.actor(options))
