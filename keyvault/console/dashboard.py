@@ -79,7 +79,7 @@ class PendingDeletionItem:
     kek_id: int
     kek: str
     deletion_date: datetime
-    days_left: int  # whole days left, rounded down (0: destroyed within a day)
+    days_left: int  # days left, a started day counted whole (7 right after scheduling 7; 0: due, the sweep destroys it)
     data_keys: int
 
 
@@ -260,7 +260,7 @@ def pending_deletions(*, now: datetime) -> list[PendingDeletionItem]:
             .annotate(n=Count("data_keys")).order_by("deletion_date", "name"))
     return [
         PendingDeletionItem(kek_id=row.pk, kek=row.name, deletion_date=row.deletion_date,
-                            days_left=max(0, _days_between(row.deletion_date, now)) if row.deletion_date else 0,
+                            days_left=max(0, -_days_between(now, row.deletion_date)) if row.deletion_date else 0,
                             data_keys=row.n)
         for row in keks
     ]

@@ -55,7 +55,7 @@ def dashboard_charts(data: dashboard.Dashboard) -> dict[str, str]:
                         for item in coverage) + ".",
             bars=[(item.kek, item.share) for item in coverage],
             warn_below=100.0,
-            empty="No key-encryption keys yet",
+            empty="No enabled or disabled key-encryption keys",
             missing="no data keys",
         )),
         "certificates_chart": mark_safe(charts.timeline_chart(  # noqa: S308

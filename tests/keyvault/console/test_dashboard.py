@@ -213,8 +213,10 @@ def test_pending_deletions_count_days_left_and_data_keys(fleet, system_actor):
 
     items = dashboard.pending_deletions(now=fleet["now"] + timedelta(days=2, hours=1))
 
-    assert [(item.kek, item.days_left, item.data_keys) for item in items] == [("soon", 4, 8)]
-    assert dashboard.pending_deletions(now=fleet["now"] + timedelta(days=6, hours=23))[0].days_left == 0
+    assert [(item.kek, item.days_left, item.data_keys) for item in items] == [("soon", 5, 8)]  # 4 days 23 h
+    assert dashboard.pending_deletions(now=fleet["now"])[0].days_left == 7
+    assert dashboard.pending_deletions(now=fleet["now"] + timedelta(days=6, hours=23))[0].days_left == 1
+    assert dashboard.pending_deletions(now=fleet["now"] + timedelta(days=8))[0].days_left == 0
 
 
 def test_empty_charts_say_so():
