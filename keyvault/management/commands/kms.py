@@ -182,6 +182,7 @@ class Command(KeyvaultCommand):
             "provider": kek.provider,
             "provider_key_id": kek.provider_key_id,
             "state": kek.state,
+            "deletion_date": kek.deletion_date.isoformat() if kek.deletion_date else None,
             "rotation_period": format_period(policy.period),
             "next_rotation_at": policy.next_due_at.isoformat() if policy.next_due_at else None,
             "last_rotated_at": kek.last_rotated_at.isoformat() if kek.last_rotated_at else None,
@@ -197,6 +198,9 @@ class Command(KeyvaultCommand):
             self.stdout.write(json.dumps(info, indent=2))
             return
         self.stdout.write(f"{info['name']}: {info['state']} at {info['provider']} ({info['provider_key_id']})")
+        if info["deletion_date"]:
+            self.stdout.write(f"destroyed on {info['deletion_date']} unless cancelled "
+                              f"(python manage.py kms cancel-deletion {info['name']}; the key then stays disabled)")
         self.stdout.write(f"rotation every {info['rotation_period']}, next {info['next_rotation_at']}")
         for v in info["versions"]:
             mark = " (primary)" if v["primary"] else ""

@@ -93,6 +93,9 @@ def test_schedule_then_cancel_from_the_cli_leaves_the_key_disabled(keys, capsys)
     assert suppliers.state == KeyEncryptionKey.State.PENDING_DELETION
     assert "field fieldapp.supplier.national_id: 1 value(s)" in out and "scheduled suppliers for deletion" in out
 
+    call_command("kms", "describe-key", "suppliers")
+    assert "unless cancelled (python manage.py kms cancel-deletion suppliers" in capsys.readouterr().out
+
     call_command("kms", "cancel-deletion", "suppliers")
     assert "stays disabled" in capsys.readouterr().out
     suppliers.refresh_from_db()
