@@ -36,7 +36,7 @@ from keyvault.console.forms import (
     ConfirmForm, CreateKEKForm, DestroyDataKeyForm, DisableForm, RetireVersionForm, ScheduleDeletionForm,
 )
 from keyvault.exceptions import AuditVerificationTooSoon, KeyvaultError
-from keyvault.keys import services
+from keyvault.keys import impact, services
 from keyvault.kms.errors import KMSError
 from keyvault.models import KeyEncryptionKey, KeyVersion
 from rotation import services as rotation_services
@@ -98,6 +98,8 @@ class KEKAction:
     perform: Callable[[KeyEncryptionKey, dict, Actor], ActionOutcome]
     explanation: str
     danger: bool = False
+    #: Extra template context for the action's page (e.g. what a deletion would break), or None.
+    details: Callable[[KeyEncryptionKey], dict] | None = None
 
     @property
     def url_name(self) -> str:
@@ -134,6 +136,10 @@ def _schedule_deletion(kek: KeyEncryptionKey, data: dict, actor: Actor) -> Actio
         f"Scheduled {kek.name} for deletion on {kek.deletion_date:%Y-%m-%d %H:%M} UTC. "
         "It refuses all cryptography now; cancel the deletion before that date to keep it."
     )
+
+
+def _deletion_details(kek: KeyEncryptionKey) -> dict:
+    return {"impact": impact.deletion_impact(kek)}
 
 
 def _cancel_deletion(kek: KeyEncryptionKey, data: dict, actor: Actor) -> ActionOutcome:
@@ -180,6 +186,7 @@ OWN_KEK_ACTIONS: tuple[KEKAction, ...] = (
             "ends. Data keys it wraps can then never be opened again."
         ),
         danger=True,
+        details=_deletion_details,
     ),
     KEKAction(
         slug="cancel-deletion",
@@ -438,7 +445,7 @@ class KEKActionViewsMixin:
             intro=spec.explanation,
             submit_label=spec.button,
             danger=spec.danger,
-            extra={"unavailable": unavailable},
+            extra={"unavailable": unavailable, **(spec.details(kek) if spec.details else {})},
         )
 
     @method_decorator(sensitive_post_parameters())

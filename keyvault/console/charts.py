@@ -92,7 +92,7 @@ def hbar_chart(
     chart_id: str,
     title: str,
     description: str,
-    bars: Sequence[tuple[str, float]],
+    bars: Sequence[tuple[str, float | None]],
     max_value: float = 100.0,
     unit: str = "%",
     warn_below: float | None = None,
@@ -100,8 +100,12 @@ def hbar_chart(
     row_height: int = 22,
     label_width: int = 170,
     empty: str = "No data",
+    missing: str = "no data",
 ) -> str:
-    """Horizontal bars (e.g. coverage per KEK), label on the left, value on the right of each bar."""
+    """Horizontal bars (e.g. coverage per KEK), label on the left, value on the right of each bar.
+
+    A bar whose value is None has nothing to measure: no bar, the text ``missing`` instead.
+    """
     height = max(60, 16 + row_height * len(bars))
     parts = _open(chart_id, title, description, width, height)
     if not bars:
@@ -110,9 +114,12 @@ def hbar_chart(
     parts.append(f'<line x1="{label_width}" y1="8" x2="{label_width}" y2="{height - 8}" stroke="{AXIS}"/>')
     for index, (label, value) in enumerate(bars):
         y = 8 + index * row_height
-        bar_w = plot_w * max(0.0, min(value, max_value)) / max_value if max_value else 0
-        colour = BAR_WARN if warn_below is not None and value < warn_below else BAR_OK
-        text = f"{_number(round(value, 1))}{unit}"
+        if value is None:
+            bar_w, colour, text = 0.0, BAR_OK, missing
+        else:
+            bar_w = plot_w * max(0.0, min(value, max_value)) / max_value if max_value else 0
+            colour = BAR_WARN if warn_below is not None and value < warn_below else BAR_OK
+            text = f"{_number(round(value, 1))}{unit}"
         parts.append(
             f'<g class="kv-chart-bar"><text x="{label_width - 6}" y="{y + row_height * 0.65:.1f}" text-anchor="end" '
             f'fill="{TEXT}" {FONT}>{_esc(label)}</text>'

@@ -67,8 +67,20 @@ class CoverageItem:
     on_primary: int
 
     @property
-    def share(self) -> float:
-        return round(100.0 * self.on_primary / self.total, 1) if self.total else 100.0
+    def share(self) -> float | None:
+        """Percent of the data keys on the primary version; None when the KEK wraps no data keys."""
+        return round(100.0 * self.on_primary / self.total, 1) if self.total else None
+
+
+@dataclass(frozen=True)
+class PendingDeletionItem:
+    """A KEK scheduled for deletion: when it is destroyed and what it still wraps."""
+
+    kek_id: int
+    kek: str
+    deletion_date: datetime
+    days_left: int  # days left, a started day counted whole (7 right after scheduling 7; 0: due, the sweep destroys it)
+    data_keys: int
 
 
 @dataclass(frozen=True)
@@ -105,6 +117,7 @@ class Dashboard:
     certificates: list[CertificateItem] = field(default_factory=list)
     certificates_available: bool = False
     chain_status: object | None = None
+    pending_deletions: list[PendingDeletionItem] = field(default_factory=list)
 
     @property
     def overdue(self) -> list[DueItem]:
@@ -122,8 +135,12 @@ class Dashboard:
         return self.due_within(30)
 
     @property
+    def keks_without_data_keys(self) -> list[CoverageItem]:
+        return [item for item in self.coverage if item.share is None]
+
+    @property
     def low_coverage(self) -> list[CoverageItem]:
-        return [item for item in self.coverage if item.share < 100.0]
+        return [item for item in self.coverage if item.share is not None and item.share < 100.0]
 
 
 # -- panels --------------------------------------------------------------------------
@@ -237,6 +254,18 @@ def coverage(*, kek: str = "") -> list[CoverageItem]:
     return items
 
 
+def pending_deletions(*, now: datetime) -> list[PendingDeletionItem]:
+    """KEKs pending deletion, soonest destroyed first, with the data keys each still wraps."""
+    keks = (KeyEncryptionKey.objects.filter(state=KeyEncryptionKey.State.PENDING_DELETION)
+            .annotate(n=Count("data_keys")).order_by("deletion_date", "name"))
+    return [
+        PendingDeletionItem(kek_id=row.pk, kek=row.name, deletion_date=row.deletion_date,
+                            days_left=max(0, -_days_between(now, row.deletion_date)) if row.deletion_date else 0,
+                            data_keys=row.n)
+        for row in keks
+    ]
+
+
 def problem_runs(*, since: datetime | None = None, until: datetime | None = None, kek: str = "") -> list[RunItem]:
     """Failed runs, and active runs paused because something (a provider) is down."""
     runs = RotationRun.objects.select_related("kek").filter(
@@ -334,4 +363,5 @@ def build(*, now: datetime | None = None, chain_status: bool = True) -> Dashboar
         certificates=certificates or [],
         certificates_available=certificates is not None,
         chain_status=status,
+        pending_deletions=pending_deletions(now=now),
     )

@@ -136,6 +136,8 @@ def _context(request, **extra) -> dict:
         "is_nav_sidebar_enabled": False,
         "available_apps": [],
         "next": _next_url(request),
+        "enforced": settings.REQUIRE_2FA,  # what the middleware does, not what production would do
+        "debug": settings.DEBUG,
         **extra,
     }
 

@@ -21,6 +21,8 @@ from keyvault.console import charts, dashboard, reports
 
 VIEW_PERMISSION = "keyvault.view_auditevent"
 EXPORT_PERMISSION = "keyvault.export_auditevent"
+#: Cancelling a deletion is the schedule-deletion permission (``admin_views.OWN_KEK_ACTIONS``).
+CANCEL_DELETION_PERMISSION = "keyvault.schedule_deletion_keyencryptionkey"
 CONSOLE_INDEX_TEMPLATE = "keyvault/reports/console_index.html"
 
 
@@ -35,7 +37,8 @@ def _require(request, permission: str) -> None:
 def dashboard_charts(data: dashboard.Dashboard) -> dict[str, str]:
     """The three dashboard charts as inline SVG (escaped inside ``charts``; safe to mark safe)."""
     months = data.rotations_per_month
-    coverage = sorted(data.coverage, key=lambda item: (item.share, item.kek))[:25]
+    # Lowest share first; KEKs wrapping no data keys last, labelled "no data keys" rather than a 100% bar.
+    coverage = sorted(data.coverage, key=lambda item: (item.share is None, item.share or 0.0, item.kek))[:25]
     return {
         "rotations_chart": mark_safe(charts.bar_chart(  # noqa: S308 - charts escapes every label
             chart_id="kv-chart-rotations",
@@ -48,10 +51,12 @@ def dashboard_charts(data: dashboard.Dashboard) -> dict[str, str]:
             chart_id="kv-chart-coverage",
             title="Version coverage per KEK",
             description="Share of each KEK's data keys wrapped by its primary version (lowest first): "
-            + ", ".join(f"{item.kek} {item.share}%" for item in coverage) + ".",
+            + ", ".join(f"{item.kek} " + ("no data keys" if item.share is None else f"{item.share}%")
+                        for item in coverage) + ".",
             bars=[(item.kek, item.share) for item in coverage],
             warn_below=100.0,
-            empty="No key-encryption keys yet",
+            empty="No enabled or disabled key-encryption keys",
+            missing="no data keys",
         )),
         "certificates_chart": mark_safe(charts.timeline_chart(  # noqa: S308
             chart_id="kv-chart-certificates",
@@ -73,7 +78,8 @@ def console_index(request, extra_context=None):
     if request.user.has_perm(VIEW_PERMISSION):
         data = dashboard.build()
         context.update(dashboard=data, **dashboard_charts(data),
-                       can_export=request.user.has_perm(EXPORT_PERMISSION))
+                       can_export=request.user.has_perm(EXPORT_PERMISSION),
+                       can_cancel_deletion=request.user.has_perm(CANCEL_DELETION_PERMISSION))
     response = admin.site.index(request, extra_context=context)
     response.template_name = CONSOLE_INDEX_TEMPLATE  # extends admin/index.html; not yet rendered
     return response

@@ -5,6 +5,7 @@ the same workers, so the bound it asserts is relative to what this machine does 
 """
 
 import os
+import re
 import time
 from pathlib import Path
 
@@ -73,7 +74,8 @@ def rotate(env: dict, kek_name: str, *, disturb=None, at: float = KILL_AT, timeo
     ``progress(run_id) -> (state, rewrapped)`` reads the run (errors while the database is down count as "not yet").
     """
     started = time.monotonic()
-    run_id = int(manage(env, "rotation", "start", "--kek", kek_name, "--reason", "fault test"))
+    started_line = manage(env, "rotation", "start", "--kek", kek_name, "--reason", "fault test")  # run #ID started (…)
+    run_id = int(re.search(r"run #(\d+) started", started_line).group(1))
     if disturb is not None:
         wait_for(lambda: progress(run_id)[1] >= N_KEYS * at, timeout, f"{at:.0%} rewrapped")
         disturb(run_id)

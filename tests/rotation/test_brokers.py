@@ -5,6 +5,7 @@ start --wait`` returns only once a worker on that broker has rewrapped everythin
 """
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -49,7 +50,7 @@ def test_rotation_completes_on_a_real_worker(kind, tmp_path):
     )
     try:
         started = scratch.run("rotation", "start", "--kek", "payments", "--wait", timeout=120)
-        run_id = started.stdout.decode().split()[0]
+        run_id = re.search(r"run #(\d+) started \(KEK payments, on demand\)", started.stdout.decode()).group(1)
         status = scratch.run("rotation", "status", run_id).stdout.decode()
     finally:
         os.killpg(worker.pid, signal.SIGTERM)

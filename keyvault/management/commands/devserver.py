@@ -17,7 +17,7 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand
 
 from keyvault.config import env
-from keyvault.ops.bootstrap import bootstrap
+from keyvault.ops.bootstrap import DEMO_DATA_KEYS, bootstrap
 
 
 class Command(BaseCommand):
@@ -26,13 +26,16 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("--addr", default=env.str("HMD_RUN_ADDR", default="127.0.0.1:8000"))
         parser.add_argument("--no-worker", action="store_true", help="Run only the web console.")
+        parser.add_argument("--no-demo", action="store_true",
+                            help="Register no demo data keys under the KEK a fresh installation gets.")
 
-    def handle(self, *args, addr, no_worker, **options):
+    def handle(self, *args, addr, no_worker, no_demo, **options):
         call_command("migrate", interactive=False, verbosity=0)
         if not settings.DEBUG:
             # Without DEBUG, runserver serves no static files: WhiteNoise serves the collected ones.
             call_command("collectstatic", interactive=False, verbosity=0)
-        result = bootstrap(admin_password=env.str("HMD_ADMIN_PASSWORD", default="") or None)
+        result = bootstrap(admin_password=env.str("HMD_ADMIN_PASSWORD", default="") or None,
+                           demo_data_keys=0 if no_demo else DEMO_DATA_KEYS)
         if result.admin_created:
             if result.generated_password:
                 self.stdout.write(self.style.WARNING(
@@ -42,7 +45,9 @@ class Command(BaseCommand):
             else:
                 self.stdout.write(f"Created administrator {result.admin_username!r} (password from HMD_ADMIN_PASSWORD).")
         if result.kek_created:
-            self.stdout.write("Created the local KEK 'default'.")
+            demo = (f", with {result.demo_data_keys} registered demo data keys for a first rotation to rewrap"
+                    if result.demo_data_keys else "")
+            self.stdout.write(f"Created the local KEK 'default'{demo}.")
         processes = self._start(addr, no_worker)
         self.stdout.write(self.style.SUCCESS(f"Keyvault console: http://{addr}/  (Ctrl-C stops web, worker and beat)"))
         self._supervise(processes)

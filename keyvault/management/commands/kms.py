@@ -15,8 +15,9 @@ from datetime import timedelta
 
 from django.core.management.base import CommandError
 
-from keyvault.keys import master_key, services
+from keyvault.keys import impact, master_key, services
 from keyvault.models import DataKey, KeyEncryptionKey
+from keyvault.ops.bootstrap import DEMO_DATA_KEYS, MAX_DEMO_DATA_KEYS, seed_demo_data_keys
 from rotation import services as rotation_services
 from rotation.models import format_period
 
@@ -83,6 +84,12 @@ class Command(KeyvaultCommand):
             p.add_argument("name")
             p.add_argument("--json", action="store_true", help="Machine-readable output.")
 
+        seed = sub.add_parser("seed-demo", help="Register demo data keys under a KEK, so a rotation has something to "
+                              "rewrap (development; purpose 'demo').")
+        seed.add_argument("name")
+        seed.add_argument("--data-keys", type=int, default=DEMO_DATA_KEYS,
+                          help=f"How many (default {DEMO_DATA_KEYS}, at most {MAX_DEMO_DATA_KEYS}).")
+
         for name, text in (("encrypt", "Encrypt stdin with a KEK; base64 ciphertext on stdout."),
                            ("envelope-encrypt", "Envelope-encrypt stdin under a KEK; base64 blob on stdout.")):
             p = sub.add_parser(name, help=text)
@@ -102,11 +109,13 @@ class Command(KeyvaultCommand):
         enable = sub.add_parser("enable-key", help="Enable a disabled KEK.")
         enable.add_argument("name")
         deletion = sub.add_parser("schedule-key-deletion",
-                                  help="Schedule a KEK's destruction after a waiting period; crypto stops at once.")
+                                  help="Show what deleting a KEK breaks and schedule its destruction after a waiting period; crypto stops at once.")
         deletion.add_argument("name")
         deletion.add_argument("--waiting-days", type=int, default=services.DEFAULT_DELETION_WAIT_DAYS,
                               help=f"{services.MIN_DELETION_WAIT_DAYS}-{services.MAX_DELETION_WAIT_DAYS} days "
                               f"(default {services.DEFAULT_DELETION_WAIT_DAYS}).")
+        deletion.add_argument("--dry-run", action="store_true", help="Only show what deleting it breaks; schedule nothing.")
+        deletion.add_argument("--json", action="store_true", help="Machine-readable output.")
         cancel = sub.add_parser("cancel-key-deletion", help="Cancel a scheduled deletion; the KEK stays disabled.")
         cancel.add_argument("name")
         version_state = sub.add_parser(
@@ -194,6 +203,7 @@ class Command(KeyvaultCommand):
             "provider": kek.provider,
             "provider_key_id": kek.provider_key_id,
             "state": kek.state,
+            "deletion_date": kek.deletion_date.isoformat() if kek.deletion_date else None,
             "rotation_period": format_period(policy.period),
             "next_rotation_at": policy.next_due_at.isoformat() if policy.next_due_at else None,
             "last_rotated_at": kek.last_rotated_at.isoformat() if kek.last_rotated_at else None,
@@ -209,6 +219,9 @@ class Command(KeyvaultCommand):
             self.stdout.write(json.dumps(info, indent=2))
             return
         self.stdout.write(f"{info['name']}: {info['state']} at {info['provider']} ({info['provider_key_id']})")
+        if info["deletion_date"]:
+            self.stdout.write(f"destroyed on {info['deletion_date']} unless cancelled "
+                              f"(python manage.py kms cancel-key-deletion {info['name']}; the key then stays disabled)")
         self.stdout.write(f"rotation every {info['rotation_period']}, next {info['next_rotation_at']}")
         for v in info["versions"]:
             mark = " (primary)" if v["primary"] else ""
@@ -225,19 +238,53 @@ class Command(KeyvaultCommand):
         kek = services.disable_kek(kek_named(options["name"]), actor=self.actor(options), reason=options["reason"])
         self.stdout.write(f"disabled {kek.name}: it refuses every encrypt and decrypt until enabled")
 
+    def _write_impact(self, found: impact.DeletionImpact) -> None:
+        self.stdout.write(f"deleting {found.kek} breaks: {found.data_keys} data key(s), "
+                          f"{found.field_values} encrypted field value(s), {len(found.runs)} active run(s)")
+        for version in found.versions:
+            mark = " (primary)" if version.primary else ""
+            self.stdout.write(f"  v{version.number}{mark}: {version.data_keys} data key(s)")
+        for item in found.fields:
+            new = "; new values are sealed under it" if item.configured else ""
+            self.stdout.write(f"  field {item.label}: {item.values} value(s){new}")
+        self.stdout.write("  managed secrets: " + (", ".join(found.managed_secrets) or "none (their values stay in their "
+                                                   "secret sources)"))
+        for run in found.runs:
+            self.stdout.write(f"  run #{run.run_id} {run.target} ({run.kind}, {run.state}): {run.role}")
+
+    def _seed_demo(self, options):
+        kek = kek_named(options["name"])
+        rows = seed_demo_data_keys(kek, count=options["data_keys"], actor=self.actor(options))
+        self.stdout.write(f"registered {len(rows)} demo data key(s) under {kek.name} "
+                          f"(v{rows[-1].kek_version}; {kek.data_keys.count()} in all)")
+
     def _enable_key(self, options):
         kek = services.enable_kek(kek_named(options["name"]), actor=self.actor(options))
         self.stdout.write(f"enabled {kek.name}")
 
     def _schedule_key_deletion(self, options):
-        kek = services.schedule_kek_deletion(kek_named(options["name"]), actor=self.actor(options),
-                                             waiting_days=options["waiting_days"])
+        kek = kek_named(options["name"])
+        found = impact.deletion_impact(kek)
+        if options["dry_run"]:
+            if options["json"]:
+                self.stdout.write(json.dumps({**found.as_dict(), "scheduled": False}, indent=2))
+            else:
+                self._write_impact(found)
+                self.stdout.write("dry run: nothing scheduled")
+            return
+        kek = services.schedule_kek_deletion(kek, actor=self.actor(options), waiting_days=options["waiting_days"])
+        if options["json"]:
+            self.stdout.write(json.dumps({**found.as_dict(), "scheduled": True,
+                                          "deletion_date": kek.deletion_date.isoformat()}, indent=2))
+            return
+        self._write_impact(found)
         self.stdout.write(f"{kek.name} is pending deletion on {kek.deletion_date:%Y-%m-%d %H:%M} UTC; it refuses all "
-                          "cryptography now (kms cancel-key-deletion keeps it)")
+                          f"cryptography now (undo: python manage.py kms cancel-key-deletion {kek.name})")
 
     def _cancel_key_deletion(self, options):
         kek = services.cancel_kek_deletion(kek_named(options["name"]), actor=self.actor(options))
-        self.stdout.write(f"cancelled the deletion of {kek.name}; it stays disabled until enabled (kms enable-key)")
+        self.stdout.write(f"cancelled the deletion of {kek.name}; it stays disabled until enabled, as with AWS KMS "
+                          f"(python manage.py kms enable-key {kek.name})")
 
     def _set_version_state(self, options):
         kek = kek_named(options["name"])

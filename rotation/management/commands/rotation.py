@@ -81,7 +81,8 @@ class Command(KeyvaultCommand):
         super().add_arguments(parser)
         sub = parser.add_subparsers(dest="subcommand", required=True)
 
-        start = sub.add_parser("start", help="Start a rotation of a KEK or a managed secret; prints the run id.")
+        start = sub.add_parser("start", help="Start a rotation of a KEK or a managed secret; prints "
+                               "'run #ID started (TARGET, KIND)'.")
         target = start.add_mutually_exclusive_group(required=True)
         target.add_argument("--kek")
         target.add_argument("--secret", help="Name of a managed secret (cookie keys, DB credential, TLS, OAuth).")
@@ -165,7 +166,7 @@ class Command(KeyvaultCommand):
                 kind=options["kind"], reason=options["reason"], incident_ref=options["incident"],
                 destination=destination,
             )
-        self.stdout.write(str(run.pk))
+        self.stdout.write(f"run #{run.pk} started ({run.target_label}, {run.get_kind_display().lower()})")
         self.stdout.flush()
         self._warn_revocation_gap(run)
         if options["inline"]:

@@ -402,6 +402,45 @@ def test_schedule_deletion_then_cancel(administrator, world):
     assert events("kek.deletion_cancelled")[-1].actor == "user:administrator"
 
 
+def test_schedule_deletion_page_shows_what_breaks(administrator, world):
+    response = administrator.get(url("keyvault_keyencryptionkey_schedule_deletion", world.alpha.pk))
+
+    assert response.status_code == 200
+    found = response.context["impact"]
+    assert [(v.number, v.data_keys) for v in found.versions] == [(1, 0), (2, 2)]
+    page = response.content.decode()
+    summary = re.search(r'id="kv-impact-summary">(.*?)</p>', page, flags=re.S).group(1)
+    assert "2 data keys" in re.sub(r"<[^>]+>", "", summary)
+    assert 'id="kv-impact-runs"' in page and "No active run." in page
+    assert "leaves the key <strong>disabled</strong>" in page
+
+
+def test_home_page_panel_lists_keys_pending_deletion_with_days_left_and_cancel(administrator, world):
+    page = administrator.get(reverse("admin:index")).content.decode()
+
+    panel = re.search(r'id="kv-panel-pending-deletion".*?</div>', page, flags=re.S).group(0)
+    assert "1 key pending deletion" in panel and 'data-kek="charlie"' in panel
+    assert re.search(r'class="kv-days-left">30 days<', panel)
+    assert url("keyvault_keyencryptionkey_cancel_deletion", world.charlie.pk) in panel
+    assert "<strong>disabled</strong>" in panel
+
+
+def test_auditors_see_pending_deletions_but_no_cancel_link(auditor, world):
+    page = auditor.get(reverse("admin:index")).content.decode()
+
+    panel = re.search(r'id="kv-panel-pending-deletion".*?</div>', page, flags=re.S).group(0)
+    assert "charlie" in panel and "kv-cancel-deletion" not in panel
+
+
+def test_home_page_says_no_data_keys_instead_of_full_coverage(auditor, world):
+    page = auditor.get(reverse("admin:index")).content.decode()
+
+    chart = re.search(r'id="kv-chart-coverage".*?</svg>', page, flags=re.S).group(0)
+    assert "<title>bravo: no data keys</title>" in chart and "bravo: 100%" not in chart
+    assert "<title>alpha: 100%</title>" in chart  # alpha: both data keys on its primary v2
+    assert re.search(r'id="kv-coverage-empty">No data keys: bravo \(', page)
+
+
 # -- retiring versions -------------------------------------------------------------
 
 

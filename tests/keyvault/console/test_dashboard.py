@@ -60,8 +60,9 @@ def test_dashboard_counts_keys_due_rotations_and_coverage(fleet):
     assert [item.kek for item in data.due_30] == ["soon", "later"]
     coverage = {item.kek: item for item in data.coverage}
     assert (coverage["soon"].primary, coverage["soon"].total, coverage["soon"].on_primary) == (2, 8, 4)
-    assert coverage["soon"].share == 50.0 and coverage["late"].share == 100.0
+    assert coverage["soon"].share == 50.0 and coverage["late"].share is None  # late wraps no data keys
     assert [item.kek for item in data.low_coverage] == ["soon"]
+    assert [item.kek for item in data.keks_without_data_keys] == ["late", "later", "off"]
     assert data.chain_status is not None and data.chain_status.ok
 
 
@@ -197,6 +198,25 @@ def test_hbar_and_timeline_place_marks_within_the_plot():
     xs = [float(c.get("cx")) for c in root.iter(f"{SVG}circle")]
     assert xs[0] == 170 and 170 < xs[1] < 640
     assert any("(expired)" in (t or "") for t in texts(root))
+
+
+def test_hbar_bar_without_a_value_says_why_instead_of_drawing_one():
+    root = parse(charts.hbar_chart(chart_id="n", title="t", description="d", bars=[("a", 50.0), ("b", None)],
+                                   missing="no data keys"))
+
+    assert [float(r.get("width")) > 0 for r in root.iter(f"{SVG}rect")] == [True, False]
+    assert texts(root) == ["a", "50%", "b", "no data keys"]
+
+
+def test_pending_deletions_count_days_left_and_data_keys(fleet, system_actor):
+    key_services.schedule_kek_deletion(fleet["soon"], actor=system_actor, waiting_days=7, now=fleet["now"])
+
+    items = dashboard.pending_deletions(now=fleet["now"] + timedelta(days=2, hours=1))
+
+    assert [(item.kek, item.days_left, item.data_keys) for item in items] == [("soon", 5, 8)]  # 4 days 23 h
+    assert dashboard.pending_deletions(now=fleet["now"])[0].days_left == 7
+    assert dashboard.pending_deletions(now=fleet["now"] + timedelta(days=6, hours=23))[0].days_left == 1
+    assert dashboard.pending_deletions(now=fleet["now"] + timedelta(days=8))[0].days_left == 0
 
 
 def test_empty_charts_say_so():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -141,7 +142,7 @@ def test_cli_starts_a_secret_rotation(file_source, system_actor, capsys):  # noq
     services.register_secret(name="web-cookies", secret_type="cookie_signing", source="file", path="web/keyring",
                              actor=system_actor)
     call_command("rotation", "start", "--secret", "web-cookies", "--inline")
-    run_id = int(capsys.readouterr().out.strip().splitlines()[0])
+    run_id = int(re.match(r"run #(\d+) started \(secret web-cookies, ", capsys.readouterr().out).group(1))
     run = RotationRun.objects.get(pk=run_id)
     assert run.secret.name == "web-cookies" and run.state == "retiring"
     assert len(keyring.parse(file_source.read("web/keyring").value)[1]) == 1
