@@ -167,7 +167,7 @@ def test_the_add_form_shows_each_types_keys_and_puts_a_refusal_on_its_field(admi
 def test_rotation_status_of_a_secret_run_lists_its_steps_not_data_keys(file_source, system_actor, capsys):  # noqa: F811
     file_source.write("app/api", "v1")
     services.register_secret(name="api", secret_type="generic", source="file", path="app/api", actor=system_actor)
-    call_command("rotation", "start", "--secret", "api", "--inline")
+    call_command("rotation", "start", "--secret", "api", "--inline", "--id-only")
     run_id = capsys.readouterr().out.strip()
 
     call_command("rotation", "status", run_id)

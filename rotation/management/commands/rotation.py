@@ -92,6 +92,8 @@ class Command(KeyvaultCommand):
         start.add_argument("--destination", help="Destination KEK (for --kind migrate).")
         start.add_argument("--wait", action="store_true",
                            help="Follow progress on stderr; exit 0 once everything is rewrapped and verified.")
+        start.add_argument("--id-only", action="store_true",
+                           help="Print only the run id, for scripts: run=$(python manage.py rotation start ... --id-only).")
         start.add_argument("--inline", action="store_true",
                            help="Do the work in this process instead of on Celery workers (one-shot jobs).")
 
@@ -166,7 +168,10 @@ class Command(KeyvaultCommand):
                 kind=options["kind"], reason=options["reason"], incident_ref=options["incident"],
                 destination=destination,
             )
-        self.stdout.write(f"run #{run.pk} started ({run.target_label}, {run.get_kind_display().lower()})")
+        if options["id_only"]:
+            self.stdout.write(str(run.pk))
+        else:
+            self.stdout.write(f"run #{run.pk} started ({run.target_label}, {run.get_kind_display().lower()})")
         self.stdout.flush()
         self._warn_revocation_gap(run)
         if options["inline"]:

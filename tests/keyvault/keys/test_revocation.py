@@ -114,7 +114,7 @@ def test_an_emergency_run_on_aws_warns_then_a_migration_and_disable_key_revoke_a
 
     # when: an emergency rotation runs to the end
     out, err = run_cli("rotation", "start", "--kek", old, "--kind", "emergency", "--incident", "INC-9",
-                       "--reason", "role credentials leaked", "--inline", "--wait")
+                       "--reason", "role credentials leaked", "--inline", "--wait", "--id-only")
 
     # then: it says, at the start and at the end, that AWS still decrypts the old material
     run = RotationRun.objects.get(pk=int(out.split()[0]))
