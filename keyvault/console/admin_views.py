@@ -240,6 +240,22 @@ def available_actions(user, kek: KeyEncryptionKey, admin_site_name: str = "admin
 
 
 @dataclass(frozen=True)
+class GroupedActions:
+    """The KEK page's buttons: one primary action, the other safe ones, and the destructive ones (in a menu)."""
+
+    primary: ActionLink | None
+    more: list[ActionLink]
+    danger: list[ActionLink]
+
+
+def group_actions(links: list[ActionLink]) -> GroupedActions:
+    """The first safe action (Rotate now, when offered) stands alone; the rest go in the "More actions" menu."""
+    safe = [link for link in links if not link.danger]
+    return GroupedActions(primary=safe[0] if safe else None, more=safe[1:],
+                          danger=[link for link in links if link.danger])
+
+
+@dataclass(frozen=True)
 class CoverageRow:
     number: int
     state: str
