@@ -39,12 +39,14 @@ from keyvault.console.admin_views import (
     kek_panels,
 )
 from keyvault.audit import Actor
+from keyvault.console import reports, selection
 from keyvault.console.timezones import format_when
 from keyvault.models import AuditCheckpoint, AuditEvent, DataKey, KeyEncryptionKey, KeyVersion
 from django import forms
 from django.contrib.admin import helpers
 from django.core.exceptions import PermissionDenied
 from django.db import IntegrityError
+from django.http import HttpResponse
 from django.template.response import TemplateResponse
 from django.utils.decorators import method_decorator
 from django.views.decorators.debug import sensitive_post_parameters
@@ -171,6 +173,34 @@ class OwnerFilter(ExactInputFilter):
     parameter_name = "owner_ref"
 
 
+EXPORT_PERMISSION = "keyvault.export_auditevent"
+
+
+@admin.action(description="Export selected as CSV (recorded in the audit log)", permissions=["export"])
+def export_selected_csv(modeladmin, request, queryset):
+    """The safe bulk action: the chosen rows' metadata as a sealed CSV, audited (``selection.export_selection``)."""
+    try:
+        result = selection.export_selection(modeladmin.opts.model_name, queryset.values_list("pk", flat=True),
+                                            actor=Actor.from_request(request))
+    except reports.InvalidReportRequest as exc:
+        modeladmin.message_user(request, str(exc), level="error")
+        return None
+    response = HttpResponse(result.content, content_type=result.content_type)
+    response["Content-Disposition"] = f'attachment; filename="{result.filename}"'
+    response["X-Keyvault-Audit-Event"] = str(result.event_sequence)
+    response["Cache-Control"] = "no-store"
+    return response
+
+
+class SelectionExport:
+    """Lists whose rows may be exported in bulk: by whoever may export the audit log (auditors, administrators)."""
+
+    actions = [export_selected_csv]
+
+    def has_export_permission(self, request) -> bool:
+        return request.user.has_perm(EXPORT_PERMISSION)
+
+
 class ReadOnlyAdmin(admin.ModelAdmin):
     """Viewable by whoever has the view permission; nobody adds, changes or deletes."""
 
@@ -261,14 +291,13 @@ class KEKChangeList(ChangeList):
 
 
 @admin.register(KeyEncryptionKey)
-class KeyEncryptionKeyAdmin(KEKActionViewsMixin, admin.ModelAdmin):
+class KeyEncryptionKeyAdmin(KEKActionViewsMixin, SelectionExport, admin.ModelAdmin):
     list_display = ("name", "state_display", "provider", "primary_version", "last_rotated_at", "next_rotation",
                     "data_key_count")
     list_filter = ("state", "provider")
     search_fields = ("name",)
     show_full_result_count = False
     show_facets = ShowFacets.NEVER
-    actions = None
     inlines = [KeyVersionInline]
     editable_fields = ("description", "max_encryptions_per_version")
     fieldsets = (
@@ -358,7 +387,7 @@ class KeyEncryptionKeyAdmin(KEKActionViewsMixin, admin.ModelAdmin):
 
 
 @admin.register(DataKey)
-class DataKeyAdmin(ReadOnlyAdmin):
+class DataKeyAdmin(SelectionExport, ReadOnlyAdmin):
     list_display = ("id", "kek", "kek_version", "owner_ref", "created", "fingerprint")
     list_filter = ("kek", OwnerFilter)
     list_select_related = ("kek",)
@@ -394,7 +423,7 @@ TARGET_LABELS = {"keyencryptionkey": "KEK", "datakey": "data key"}
 
 
 @admin.register(AuditEvent)
-class AuditEventAdmin(AuditChainViewsMixin, ReadOnlyAdmin):
+class AuditEventAdmin(AuditChainViewsMixin, SelectionExport, ReadOnlyAdmin):
     list_display = ("sequence", "time", "actor", "action", "target", "outcome_display", "short_hash")
     list_filter = (ActorFilter, "action", TargetTypeFilter, TargetIdFilter, ("timestamp", admin.DateFieldListFilter))
     sortable_by = ("sequence", "timestamp")

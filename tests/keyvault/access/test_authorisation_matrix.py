@@ -276,6 +276,10 @@ MATRIX: tuple[Row, ...] = (
     # issue 16: global search (each kind filtered by view permission) and the user's own preferences
     Row("global search", "GET", site_url("console-search", "?q=matrix"), VIEW),
     Row("preferences page", "GET", site_url("console-preferences"), VIEW),
+    # auditors and administrators get the CSV; an operator is not offered the action and gets the list again
+    # (tests/keyvault/console/test_selection.py tells the two 200s apart)
+    Row("export selected KEKs", "POST", admin_url("keyvault_keyencryptionkey_changelist"),
+        {"anonymous": LOGIN, "auditor": 200, "operator": 200, "administrator": 200}, lambda w: {"action": "export_selected_csv", "_selected_action": [w.alpha.pk]}),
     Row("set own time zone", "POST", site_url("console-preferences"),
         {"anonymous": LOGIN, "auditor": 302, "operator": 302, "administrator": 302},
         lambda w: {"time_zone": "Europe/Berlin"}),
