@@ -33,6 +33,7 @@ from keyvault import audit
 from keyvault.audit import Actor
 from keyvault.audit import status as audit_status
 from keyvault.console.forms import ConfirmForm, CreateKEKForm, DisableForm, RetireVersionForm, ScheduleDeletionForm
+from keyvault.console.timezones import format_when
 from keyvault.exceptions import AuditVerificationTooSoon, KeyvaultError
 from keyvault.keys import services
 from keyvault.kms.errors import KMSError
@@ -126,7 +127,7 @@ def _enable(kek: KeyEncryptionKey, data: dict, actor: Actor) -> ActionOutcome:
 def _schedule_deletion(kek: KeyEncryptionKey, data: dict, actor: Actor) -> ActionOutcome:
     kek = services.schedule_kek_deletion(kek, actor=actor, waiting_days=data["waiting_days"])
     return ActionOutcome(
-        f"Scheduled {kek.name} for deletion on {kek.deletion_date:%Y-%m-%d %H:%M} UTC. "
+        f"Scheduled {kek.name} for deletion on {format_when(kek.deletion_date)}. "
         "It refuses all cryptography now; cancel the deletion before that date to keep it."
     )
 

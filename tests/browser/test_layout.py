@@ -124,16 +124,31 @@ def test_every_console_page_fits_at_1280_and_1920_px(browser, live_server):
                 # when the page is opened at this width
                 response = page.goto(url)
                 assert response is not None and response.status == 200, f"{url}: {response and response.status}"
-                page.screenshot(path=str(GALLERY / f"{width}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)}.png"),
-                                full_page=True)
+                name = re.sub(r"[^A-Za-z0-9_.-]+", "_", label)
+                page.screenshot(path=str(GALLERY / f"{width}-{name}.png"), full_page=True)
                 # then nothing is wider than the window, except inside a scroll container
                 found = page.evaluate(OVERFLOW_JS)
                 if found["scrollWidth"] > found["clientWidth"] or found["wide"]:
                     problems.append(f"{width}px {url}: {found}")
     finally:
         context.close()
+    _write_index(pages)
     assert problems == []
     assert len(list(GALLERY.glob("1280-*.png"))) >= len(pages)
+
+
+def _write_index(pages) -> None:
+    """artifacts/browser/gallery/index.html: every page, its URL and its two screenshots, for a reviewer."""
+    from html import escape
+
+    rows = []
+    for label, url in pages:
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", label)
+        shots = " ".join(f'<a href="{width}-{name}.png">{width} px</a>' for width in WIDTHS)
+        rows.append(f"<tr><td>{escape(label)}</td><td><code>{escape(url)}</code></td><td>{shots}</td></tr>")
+    (GALLERY / "index.html").write_text(
+        "<!doctype html><meta charset=utf-8><title>Keyvault console gallery</title>"
+        "<h1>Every console page at 1280 and 1920 px</h1><table>" + "".join(rows) + "</table>\n", encoding="utf-8")
 
 
 def test_kek_page_has_one_primary_action_and_a_menu_for_the_rest(browser, live_server):
