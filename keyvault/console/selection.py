@@ -90,7 +90,8 @@ def get_selection(model_name: str) -> SelectionSpec:
 def build_selection(model_name: str, pks: Iterable) -> reports.Report:
     """The chosen rows of ``model_name`` as a report, in primary-key order, stamped with the chain position.
 
-    :raises InvalidReportRequest: an unknown model, no rows, or more than :data:`MAX_SELECTION`.
+    :raises InvalidReportRequest: an unknown model, no rows (or none that exist), or more than
+        :data:`MAX_SELECTION`.
     """
     spec = get_selection(model_name)
     keys = list(dict.fromkeys(pks))
@@ -101,6 +102,8 @@ def build_selection(model_name: str, pks: Iterable) -> reports.Report:
     sequence, head_hash = audit.chain_position()
     rows = spec.model._default_manager.filter(pk__in=keys).select_related(*spec.related).order_by("pk")
     body = [{key: read(row) for key, _, read in spec.columns} for row in rows]
+    if not body:
+        raise reports.InvalidReportRequest("none of the selected rows exist")
     title = f"Selected {spec.model._meta.verbose_name_plural}"
     return reports.Report(
         name=spec.name, title=title, description=f"{len(body)} {spec.model._meta.verbose_name_plural} chosen on the "

@@ -34,7 +34,8 @@ def test_an_export_holds_the_chosen_rows_and_is_recorded(world):
         assert plaintext.hex() not in text and bytes(key.wrapped_key).hex() not in text
 
 
-@pytest.mark.parametrize("model, pks", [("datakey", []), ("user", [1]), ("datakey", range(selection.MAX_SELECTION + 1))])
+@pytest.mark.parametrize("model, pks", [("datakey", []), ("user", [1]), ("datakey", [10**12]),
+                                        ("datakey", range(selection.MAX_SELECTION + 1))])
 def test_an_empty_unknown_or_huge_selection_is_refused_and_records_nothing(world, model, pks):
     before = AuditEvent.objects.count()
     with pytest.raises(reports.InvalidReportRequest):
@@ -65,8 +66,9 @@ def test_the_action_is_not_offered_to_who_may_not_export(world, client):
 
 
 def test_the_command_exports_the_same_way(world, capsys, tmp_path):
-    target = tmp_path / "runs.csv"
-    call_command("export_selection", "auditevent", "1", "2", "-o", str(target))
+    first, second = AuditEvent.objects.order_by("sequence")[:2]
+    target = tmp_path / "events.csv"
+    call_command("export_selection", "auditevent", str(first.pk), str(second.pk), "-o", str(target))
     content = target.read_bytes()
-    assert content.decode().count("\n1,") + content.decode().count("\n2,") == 2
+    assert f'\n{first.sequence},' in content.decode() and f'\n{second.sequence},' in content.decode()
     assert reports.verify_export(content).event.details["report"] == "selection-auditevent"
