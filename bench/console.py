@@ -365,6 +365,10 @@ def pages(keks: dict, extras: list, n_data_keys: int, end: datetime) -> list[tup
         ("audit: search 'svc-crm'", "/keyvault/auditevent/?q=svc-crm"),
         ("audit: page 50", "/keyvault/auditevent/?p=50"),
         ("audit checkpoints: first page", "/keyvault/auditcheckpoint/"),
+        # issue 16: the global search page (keyvault.console.search), by name, by number and by request id
+        ("global search: KEK name 'team-01'", "/search/?q=team-01"),
+        ("global search: data key / run id", f"/search/?q={max(1, n_data_keys // 2)}"),
+        ("global search: request id", "/search/?q=" + "0" * 32),
     ]
 
 

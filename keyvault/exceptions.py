@@ -37,3 +37,11 @@ class AuditVerificationTooSoon(KeyvaultError):
     def __init__(self, message: str, *, retry_after: int):
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class InvalidSearch(KeyvaultError):
+    """The search term is empty or too long."""
+
+
+class InvalidPreference(KeyvaultError):
+    """A console preference names a value Keyvault does not know (e.g. an unknown time zone)."""

@@ -134,6 +134,8 @@ LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
+# One date format on every page, zone named (keyvault.console.timezones); each user may pick a zone.
+FORMAT_MODULE_PATH = ["keyvault.console.formats"]
 
 STATIC_URL = "static/"
 STATIC_ROOT = DATA_DIR / "static"
@@ -347,7 +349,8 @@ _insert_after("django.middleware.security.SecurityMiddleware",
               "whitenoise.middleware.WhiteNoiseMiddleware", "csp.middleware.CSPMiddleware",
               "keyvault.web.request_guard.RejectMalformedRequestMiddleware")  # 400 before any view or query
 _insert_after("django.contrib.auth.middleware.AuthenticationMiddleware",
-              "keyvault.access.security.DeniedAuditMiddleware", "django_otp.middleware.OTPMiddleware")
+              "keyvault.access.security.DeniedAuditMiddleware", "django_otp.middleware.OTPMiddleware",
+              "keyvault.console.timezones.TimeZoneMiddleware")
 _insert_after("django.contrib.messages.middleware.MessageMiddleware",  # both may leave a message
               "keyvault.access.security.SessionExpiryMiddleware", "keyvault.console.otp.RequireOTPMiddleware")
 MIDDLEWARE.append("axes.middleware.AxesMiddleware")  # last, as django-axes requires

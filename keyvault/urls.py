@@ -2,7 +2,7 @@ from django.contrib import admin
 from django.urls import include, path
 
 from keyvault.audit import siem
-from keyvault.console import report_views
+from keyvault.console import report_views, views as console_views
 from keyvault.console.admin_views import providers_view
 from keyvault.console.otp import enrol_view, register_device_admin, verify_view
 from keyvault.ops.healthz import healthz
@@ -16,6 +16,8 @@ urlpatterns = [
     path("otp/enrol/", enrol_view, name="otp-enrol"),
     path("otp/verify/", verify_view, name="otp-verify"),
     path("keyvault/providers/", admin.site.admin_view(providers_view), name="keyvault_providers"),
+    path("search/", admin.site.admin_view(console_views.search_view), name="console-search"),
+    path("preferences/", admin.site.admin_view(console_views.preferences_view), name="console-preferences"),
     path("siem/events", siem.events_view, name="siem-events"),
     path("reports/", include(report_views.urlpatterns())),
     path("", admin.site.admin_view(report_views.console_index), name="console-home"),  # admin:index, with dashboard

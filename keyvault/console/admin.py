@@ -26,6 +26,7 @@ from django.db.models import F, IntegerField, OuterRef, Subquery
 from django.urls import reverse
 from django.utils.functional import cached_property
 from django.utils.html import format_html
+from django.utils.text import capfirst
 from django.utils.http import urlencode
 
 from keyvault.keys import services
@@ -34,15 +35,19 @@ from keyvault.console.admin_views import (
     DataKeyViewsMixin,
     KEKActionViewsMixin,
     available_actions,
+    group_actions,
     kek_coverage,
     kek_panels,
 )
 from keyvault.audit import Actor
+from keyvault.console import reports, selection
+from keyvault.console.timezones import format_when
 from keyvault.models import AuditCheckpoint, AuditEvent, DataKey, KeyEncryptionKey, KeyVersion
 from django import forms
 from django.contrib.admin import helpers
 from django.core.exceptions import PermissionDenied
 from django.db import IntegrityError
+from django.http import HttpResponse
 from django.template.response import TemplateResponse
 from django.utils.decorators import method_decorator
 from django.views.decorators.debug import sensitive_post_parameters
@@ -169,6 +174,42 @@ class OwnerFilter(ExactInputFilter):
     parameter_name = "owner_ref"
 
 
+EXPORT_PERMISSION = "keyvault.export_auditevent"
+
+
+@admin.action(description="Export selected as CSV (recorded in the audit log)", permissions=["export"])
+def export_selected_csv(modeladmin, request, queryset):
+    """The safe bulk action: the chosen rows' metadata as a sealed CSV, audited (``selection.export_selection``)."""
+    try:
+        result = selection.export_selection(modeladmin.opts.model_name, queryset.values_list("pk", flat=True),
+                                            actor=Actor.from_request(request))
+    except reports.InvalidReportRequest as exc:
+        modeladmin.message_user(request, str(exc), level="error")
+        return None
+    response = HttpResponse(result.content, content_type=result.content_type)
+    response["Content-Disposition"] = f'attachment; filename="{result.filename}"'
+    response["X-Keyvault-Audit-Event"] = str(result.event_sequence)
+    response["Cache-Control"] = "no-store"
+    return response
+
+
+class SelectionExport:
+    """Lists whose rows may be exported in bulk: by whoever may export the audit log (auditors, administrators)."""
+
+    actions = [export_selected_csv]
+
+    def has_export_permission(self, request) -> bool:
+        return request.user.has_perm(EXPORT_PERMISSION)
+
+    def response_action(self, request, queryset):
+        """Refuse a selection that is not row ids (a database refuses ``pk__in`` past 64 bits with a 500)."""
+        selected = request.POST.getlist(helpers.ACTION_CHECKBOX_NAME)
+        if not all(value.isascii() and value.isdigit() and int(value) < 2**63 for value in selected):
+            self.message_user(request, "The selection holds something that is not a row id.", level="error")
+            return None
+        return super().response_action(request, queryset)
+
+
 class ReadOnlyAdmin(admin.ModelAdmin):
     """Viewable by whoever has the view permission; nobody adds, changes or deletes."""
 
@@ -191,8 +232,8 @@ def _pretty_json(value) -> str:
 
 
 def _compact_time(value):
-    return format_html('<time datetime="{}">{}</time>', value.isoformat(),
-                       value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"))
+    """A ``<time>`` in the console's one format (``timezones.format_when``: the user's zone, named)."""
+    return format_html('<time datetime="{}">{}</time>', value.astimezone(UTC).isoformat(), format_when(value))
 
 
 def _state_badge(state: str, label: str):
@@ -259,14 +300,13 @@ class KEKChangeList(ChangeList):
 
 
 @admin.register(KeyEncryptionKey)
-class KeyEncryptionKeyAdmin(KEKActionViewsMixin, admin.ModelAdmin):
+class KeyEncryptionKeyAdmin(KEKActionViewsMixin, SelectionExport, admin.ModelAdmin):
     list_display = ("name", "state_display", "provider", "primary_version", "last_rotated_at", "next_rotation",
                     "data_key_count")
     list_filter = ("state", "provider")
     search_fields = ("name",)
     show_full_result_count = False
     show_facets = ShowFacets.NEVER
-    actions = None
     inlines = [KeyVersionInline]
     editable_fields = ("description", "max_encryptions_per_version")
     fieldsets = (
@@ -323,8 +363,10 @@ class KeyEncryptionKeyAdmin(KEKActionViewsMixin, admin.ModelAdmin):
             audit_url = reverse("admin:keyvault_auditevent_changelist") + "?" + urlencode(
                 {"target_type": "keyencryptionkey", "target_id": kek.name}
             )
+            actions = available_actions(request.user, kek, self.admin_site.name)
             extra_context.update(
-                kek_actions=available_actions(request.user, kek, self.admin_site.name),
+                kek_actions=actions,
+                kek_actions_grouped=group_actions(actions),
                 coverage=kek_coverage(kek, user=request.user, admin_site_name=self.admin_site.name),
                 audit_url=audit_url if request.user.has_perm("keyvault.view_auditevent") else "",
                 kek_panels=kek_panels(kek, user=request.user, admin_site_name=self.admin_site.name),
@@ -354,7 +396,7 @@ class KeyEncryptionKeyAdmin(KEKActionViewsMixin, admin.ModelAdmin):
 
 
 @admin.register(DataKey)
-class DataKeyAdmin(DataKeyViewsMixin, ReadOnlyAdmin):
+class DataKeyAdmin(DataKeyViewsMixin, SelectionExport, ReadOnlyAdmin):
     list_display = ("id", "kek", "kek_version", "owner_ref", "created", "fingerprint")
     list_filter = ("kek", OwnerFilter)
     list_select_related = ("kek",)
@@ -371,7 +413,7 @@ class DataKeyAdmin(DataKeyViewsMixin, ReadOnlyAdmin):
         # The wrapped bytes are needed for the fingerprint only; nothing else reads them.
         return super().get_queryset(request).select_related("kek")
 
-    @admin.display(description="created (UTC)")
+    @admin.display(description="created")
     def created(self, obj: DataKey):
         return _compact_time(obj.created_at)
 
@@ -390,7 +432,7 @@ TARGET_LABELS = {"keyencryptionkey": "KEK", "datakey": "data key"}
 
 
 @admin.register(AuditEvent)
-class AuditEventAdmin(AuditChainViewsMixin, ReadOnlyAdmin):
+class AuditEventAdmin(AuditChainViewsMixin, SelectionExport, ReadOnlyAdmin):
     list_display = ("sequence", "time", "actor", "action", "target", "outcome_display", "short_hash")
     list_filter = (ActorFilter, "action", TargetTypeFilter, TargetIdFilter, ("timestamp", admin.DateFieldListFilter))
     sortable_by = ("sequence", "timestamp")
@@ -402,7 +444,7 @@ class AuditEventAdmin(AuditChainViewsMixin, ReadOnlyAdmin):
     class Media:
         css = CONSOLE_CSS
 
-    @admin.display(description="time (UTC)", ordering="timestamp")
+    @admin.display(description="time", ordering="timestamp")
     def time(self, obj: AuditEvent):
         return _compact_time(obj.timestamp)
 
@@ -472,7 +514,26 @@ def _app_list_with_providers(request, app_label=None):
     return app_list
 
 
-admin.site.get_app_list = _app_list_with_providers
+#: Third-party apps shown together under one heading instead of as "Axes" and "Otp_Totp".
+SIGN_IN_SECURITY_APPS = ("axes", "otp_totp")
+SIGN_IN_SECURITY_LABEL = "Sign-in security"
+
+
+def regroup_sign_in_security(app_list: list[dict]) -> list[dict]:
+    """Lockouts (django-axes) and TOTP devices (django-otp) as one "Sign-in security" app, listed last."""
+    grouped = [app for app in app_list if app["app_label"] in SIGN_IN_SECURITY_APPS]
+    if not grouped:
+        return app_list
+    merged = {**grouped[0], "name": SIGN_IN_SECURITY_LABEL,
+              "models": [model for app in grouped for model in app["models"]]}
+    return [app for app in app_list if app["app_label"] not in SIGN_IN_SECURITY_APPS] + [merged]
+
+
+def _console_app_list(request, app_label=None):
+    return regroup_sign_in_security(_app_list_with_providers(request, app_label))
+
+
+admin.site.get_app_list = _console_app_list
 
 
 # -- SIEM consumers (keyvault.audit.siem) ------------------------------------------------------
@@ -668,9 +729,25 @@ def restrict_lookups(site=admin.site) -> None:
 _site_get_urls = admin.site.get_urls
 
 
+def plain_changelist_titles(site=admin.site) -> None:
+    """Title every list page by what it lists ("Key-encryption keys"), not "Select key-encryption key to change"."""
+    for model_admin in site._registry.values():
+        default = model_admin.changelist_view
+        if getattr(default, "plain_title", False):
+            continue
+
+        def changelist_view(request, extra_context=None, _admin=model_admin, _default=default):
+            title = capfirst(_admin.opts.verbose_name_plural)
+            return _default(request, extra_context={"title": title, **(extra_context or {})})
+
+        changelist_view.plain_title = True
+        model_admin.changelist_view = changelist_view
+
+
 def _urls_after_restricting_lookups():
     """Built once every app has registered its admins (the URLconf asks for them last)."""
     restrict_lookups(admin.site)
+    plain_changelist_titles(admin.site)
     return _site_get_urls()
 
 

@@ -35,6 +35,7 @@ from keyvault.audit import status as audit_status
 from keyvault.console.forms import (
     ConfirmForm, CreateKEKForm, DestroyDataKeyForm, DisableForm, RetireVersionForm, ScheduleDeletionForm,
 )
+from keyvault.console.timezones import format_when
 from keyvault.exceptions import AuditVerificationTooSoon, KeyvaultError
 from keyvault.keys import impact, services
 from keyvault.kms.errors import KMSError
@@ -133,7 +134,7 @@ def _enable(kek: KeyEncryptionKey, data: dict, actor: Actor) -> ActionOutcome:
 def _schedule_deletion(kek: KeyEncryptionKey, data: dict, actor: Actor) -> ActionOutcome:
     kek = services.schedule_kek_deletion(kek, actor=actor, waiting_days=data["waiting_days"])
     return ActionOutcome(
-        f"Scheduled {kek.name} for deletion on {kek.deletion_date:%Y-%m-%d %H:%M} UTC. "
+        f"Scheduled {kek.name} for deletion on {format_when(kek.deletion_date)}. "
         "It refuses all cryptography now; cancel the deletion before that date to keep it."
     )
 
@@ -249,6 +250,22 @@ def available_actions(user, kek: KeyEncryptionKey, admin_site_name: str = "admin
         for action in kek_actions()
         if kek.state in action.states and action.allowed(user)
     ]
+
+
+@dataclass(frozen=True)
+class GroupedActions:
+    """The KEK page's buttons: one primary action, the other safe ones, and the destructive ones (in a menu)."""
+
+    primary: ActionLink | None
+    more: list[ActionLink]
+    danger: list[ActionLink]
+
+
+def group_actions(links: list[ActionLink]) -> GroupedActions:
+    """The first safe action (Rotate now, when offered) stands alone; the rest go in the "More actions" menu."""
+    safe = [link for link in links if not link.danger]
+    return GroupedActions(primary=safe[0] if safe else None, more=safe[1:],
+                          danger=[link for link in links if link.danger])
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,10 @@ typed by users (KEK names, certificate names) cannot inject markup. Charts are
 accessible: ``role="img"`` with a ``<title>`` and ``<desc>``, every bar carries a
 text label with its value, and each mark has its own ``<title>`` tooltip. Colours
 are presentation attributes, not ``style=``, so a strict Content-Security-Policy
-(no inline styles or scripts) does not affect them.
+(no inline styles or scripts) does not affect them; they are only the fallback of a chart
+seen on its own. In the console every text, axis and mark also carries a class that
+``console.css`` colours from the admin's CSS variables, so the charts follow the light
+or dark theme (a stylesheet rule wins over a presentation attribute).
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ AXIS = "#767676"
 TEXT = "#333333"
 FONT = 'font-family="sans-serif" font-size="11"'
 SVG_NS = "http://www.w3.org/2000/svg"
+
+
+def _mark_class(colour: str) -> str:
+    return {BAR_WARN: "kv-chart-mark-warn", BAR_OK: "kv-chart-mark-ok"}.get(colour, "kv-chart-mark")
 
 
 def _esc(value) -> str:
@@ -43,7 +50,7 @@ def _open(chart_id: str, title: str, description: str, width: int, height: int) 
 
 
 def _empty(parts: list[str], width: int, height: int, message: str) -> str:
-    parts.append(f'<text x="{width // 2}" y="{height // 2}" text-anchor="middle" fill="{TEXT}" {FONT}>'
+    parts.append(f'<text x="{width // 2}" y="{height // 2}" text-anchor="middle" fill="{TEXT}" class="kv-chart-label" {FONT}>'
                  f"{_esc(message)}</text>")
     parts.append("</svg>")
     return "".join(parts)
@@ -69,7 +76,7 @@ def bar_chart(
     slot = plot_w / len(bars)
     bar_w = max(2.0, slot * 0.7)
     baseline = top + plot_h
-    parts.append(f'<line x1="{left}" y1="{baseline}" x2="{width - right}" y2="{baseline}" stroke="{AXIS}"/>')
+    parts.append(f'<line x1="{left}" y1="{baseline}" x2="{width - right}" y2="{baseline}" stroke="{AXIS}" class="kv-chart-axis"/>')
     for index, (label, value) in enumerate(bars):
         bar_h = plot_h * value / peak
         x = left + index * slot + (slot - bar_w) / 2
@@ -77,10 +84,10 @@ def bar_chart(
         centre = x + bar_w / 2
         parts.append(
             f'<g class="kv-chart-bar"><rect x="{x:.1f}" y="{y:.1f}" width="{bar_w:.1f}" height="{bar_h:.1f}" '
-            f'fill="{BAR}"><title>{_esc(label)}: {_esc(_number(value))}</title></rect>'
-            f'<text x="{centre:.1f}" y="{y - 4:.1f}" text-anchor="middle" fill="{TEXT}" {FONT}>'
+            f'fill="{BAR}" class="kv-chart-mark"><title>{_esc(label)}: {_esc(_number(value))}</title></rect>'
+            f'<text x="{centre:.1f}" y="{y - 4:.1f}" text-anchor="middle" fill="{TEXT}" class="kv-chart-label" {FONT}>'
             f"{_esc(_number(value))}</text>"
-            f'<text x="{centre:.1f}" y="{baseline + 16}" text-anchor="middle" fill="{TEXT}" {FONT}>'
+            f'<text x="{centre:.1f}" y="{baseline + 16}" text-anchor="middle" fill="{TEXT}" class="kv-chart-label" {FONT}>'
             f"{_esc(label)}</text></g>"
         )
     parts.append("</svg>")
@@ -111,7 +118,7 @@ def hbar_chart(
     if not bars:
         return _empty(parts, width, height, empty)
     plot_w = width - label_width - 60
-    parts.append(f'<line x1="{label_width}" y1="8" x2="{label_width}" y2="{height - 8}" stroke="{AXIS}"/>')
+    parts.append(f'<line x1="{label_width}" y1="8" x2="{label_width}" y2="{height - 8}" stroke="{AXIS}" class="kv-chart-axis"/>')
     for index, (label, value) in enumerate(bars):
         y = 8 + index * row_height
         if value is None:
@@ -122,10 +129,11 @@ def hbar_chart(
             text = f"{_number(round(value, 1))}{unit}"
         parts.append(
             f'<g class="kv-chart-bar"><text x="{label_width - 6}" y="{y + row_height * 0.65:.1f}" text-anchor="end" '
-            f'fill="{TEXT}" {FONT}>{_esc(label)}</text>'
-            f'<rect x="{label_width}" y="{y + 3}" width="{bar_w:.1f}" height="{row_height - 6}" fill="{colour}">'
+            f'fill="{TEXT}" class="kv-chart-label" {FONT}>{_esc(label)}</text>'
+            f'<rect x="{label_width}" y="{y + 3}" width="{bar_w:.1f}" height="{row_height - 6}" fill="{colour}" '
+            f'class="{_mark_class(colour)}">'
             f"<title>{_esc(label)}: {_esc(text)}</title></rect>"
-            f'<text x="{label_width + bar_w + 4:.1f}" y="{y + row_height * 0.65:.1f}" fill="{TEXT}" {FONT}>'
+            f'<text x="{label_width + bar_w + 4:.1f}" y="{y + row_height * 0.65:.1f}" fill="{TEXT}" class="kv-chart-label" {FONT}>'
             f"{_esc(text)}</text></g>"
         )
     parts.append("</svg>")
@@ -157,13 +165,13 @@ def timeline_chart(
     plot_w = plot_right - plot_left
     axis_y = height - 20
     end = start + timedelta(days=days)
-    parts.append(f'<line x1="{plot_left}" y1="{axis_y}" x2="{plot_right}" y2="{axis_y}" stroke="{AXIS}"/>')
+    parts.append(f'<line x1="{plot_left}" y1="{axis_y}" x2="{plot_right}" y2="{axis_y}" stroke="{AXIS}" class="kv-chart-axis"/>')
     step = 15 if days > 45 else 7
     for offset in range(0, days + 1, step):
         x = plot_left + plot_w * offset / days
         tick = start + timedelta(days=offset)
-        parts.append(f'<line x1="{x:.1f}" y1="{axis_y}" x2="{x:.1f}" y2="{axis_y + 4}" stroke="{AXIS}"/>'
-                     f'<text x="{x:.1f}" y="{axis_y + 15}" text-anchor="middle" fill="{TEXT}" {FONT}>'
+        parts.append(f'<line x1="{x:.1f}" y1="{axis_y}" x2="{x:.1f}" y2="{axis_y + 4}" stroke="{AXIS}" class="kv-chart-axis"/>'
+                     f'<text x="{x:.1f}" y="{axis_y + 15}" text-anchor="middle" fill="{TEXT}" class="kv-chart-label" {FONT}>'
                      f"{tick:%m-%d}</text>")
     for index, (label, when) in enumerate(items):
         y = 12 + index * row_height
@@ -173,10 +181,10 @@ def timeline_chart(
         date_text = f"{when:%Y-%m-%d}" + (" (expired)" if when < start else "")
         parts.append(
             f'<g class="kv-chart-item"><text x="{label_width - 6}" y="{y + 4}" text-anchor="end" fill="{TEXT}" '
-            f'{FONT}>{_esc(label)}</text>'
-            f'<line x1="{plot_left}" y1="{y}" x2="{x:.1f}" y2="{y}" stroke="{AXIS}" stroke-dasharray="2,3"/>'
-            f'<circle cx="{x:.1f}" cy="{y}" r="5" fill="{colour}"><title>{_esc(label)}: {_esc(date_text)}</title>'
-            f'</circle><text x="{min(x + 8, width - 4):.1f}" y="{y + 4}" fill="{TEXT}" {FONT}>{_esc(date_text)}</text></g>'
+            f'class="kv-chart-label" {FONT}>{_esc(label)}</text>'
+            f'<line x1="{plot_left}" y1="{y}" x2="{x:.1f}" y2="{y}" stroke="{AXIS}" class="kv-chart-axis" stroke-dasharray="2,3"/>'
+            f'<circle cx="{x:.1f}" cy="{y}" r="5" fill="{colour}" class="{_mark_class(colour)}"><title>{_esc(label)}: {_esc(date_text)}</title>'
+            f'</circle><text x="{min(x + 8, width - 4):.1f}" y="{y + 4}" fill="{TEXT}" class="kv-chart-label" {FONT}>{_esc(date_text)}</text></g>'
         )
     parts.append("</svg>")
     return "".join(parts)

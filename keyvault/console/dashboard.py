@@ -17,7 +17,7 @@ from django.db.models.functions import TruncMonth
 from django.utils import timezone
 
 from keyvault.keys import services
-from keyvault.models import KeyEncryptionKey, KeyVersion
+from keyvault.models import AuditEvent, KeyEncryptionKey, KeyVersion
 from rotation import services as rotation_services
 from rotation.models import NIST_MAX_ORIGINATOR_DAYS, RotationPolicy, RotationRun
 
@@ -338,6 +338,14 @@ def expiring_certificates(*, now: datetime, days: int = CERTIFICATE_HORIZON_DAYS
                         status=getattr(row, "get_status_display", lambda: "")())
         for row in rows
     ]
+
+
+RECENT_EVENTS = 10
+
+
+def recent_events_of(user, *, limit: int = RECENT_EVENTS) -> list:
+    """The audit events ``user`` caused, newest first (the home page's "Your recent activity")."""
+    return list(AuditEvent.objects.filter(actor=f"user:{user.get_username()}").order_by("-sequence")[:limit])
 
 
 def build(*, now: datetime | None = None, chain_status: bool = True) -> Dashboard:

@@ -79,7 +79,8 @@ def console_index(request, extra_context=None):
         data = dashboard.build()
         context.update(dashboard=data, **dashboard_charts(data),
                        can_export=request.user.has_perm(EXPORT_PERMISSION),
-                       can_cancel_deletion=request.user.has_perm(CANCEL_DELETION_PERMISSION))
+                       can_cancel_deletion=request.user.has_perm(CANCEL_DELETION_PERMISSION),
+                       recent_events=dashboard.recent_events_of(request.user))
     response = admin.site.index(request, extra_context=context)
     response.template_name = CONSOLE_INDEX_TEMPLATE  # extends admin/index.html; not yet rendered
     return response

@@ -25,6 +25,7 @@ from django.views.decorators.debug import sensitive_post_parameters
 
 from keyvault.audit import Actor
 from keyvault.console.admin_views import SERVICE_ERRORS, service_error_message
+from keyvault.console.timezones import format_when
 from keyvault.models import ManagedSecret
 from keyvault.secrets import SecretSourceError
 from rotation.exceptions import ConfigFieldError
@@ -188,10 +189,10 @@ class ManagedSecretAdmin(admin.ModelAdmin):
             return "—"
         now = timezone.now()
         if policy.next_due_at <= now:
-            return format_html('<span class="kv-state kv-overdue">overdue since {}</span>', f"{policy.next_due_at:%Y-%m-%d}")
+            return format_html('<span class="kv-state kv-overdue">overdue since {}</span>', format_when(policy.next_due_at))
         if policy.next_due_at <= now + obj.effective_warn_before:
-            return format_html('<span class="kv-state kv-due">due {}</span>', f"{policy.next_due_at:%Y-%m-%d}")
-        return f"{policy.next_due_at:%Y-%m-%d}"
+            return format_html('<span class="kv-state kv-due">due {}</span>', format_when(policy.next_due_at))
+        return format_when(policy.next_due_at)
 
     @admin.display(description="observed")
     def metadata_display(self, obj: ManagedSecret):
@@ -209,7 +210,7 @@ class ManagedSecretAdmin(admin.ModelAdmin):
         return format_html(
             '<a href="{}">every {}, grace {}, {} approval(s), {}</a>; next due {}', url, format_period(policy.period),
             format_period(policy.grace_period), policy.approvals_required, "automatic" if policy.auto else "manual",
-            f"{policy.next_due_at:%Y-%m-%d %H:%M} UTC" if policy.next_due_at else "—")
+            format_when(policy.next_due_at))
 
     @admin.display(description="recent runs")
     def runs_display(self, obj: ManagedSecret):

@@ -21,9 +21,12 @@ from keyvault.models.core import (
     ManagedSecret,
     SiemConsumer,
 )
+from keyvault.models.preferences import DEFAULT_TIME_ZONE, ConsolePreference
 from keyvault.models.totp import DEVICE_GRACE_FAILURES, DEVICE_MAX_BACKOFF_SECONDS, TOTPDevice, new_totp_key
 
 __all__ = [
+    "DEFAULT_TIME_ZONE",
+    "ConsolePreference",
     "DEVICE_GRACE_FAILURES",
     "DEVICE_MAX_BACKOFF_SECONDS",
     "AppendOnlyQuerySet",

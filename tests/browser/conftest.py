@@ -77,6 +77,20 @@ def shots(request):
     return shot
 
 
+def log_in(browser, live_server, username: str, *, width: int = 1440, timeout_ms: int = 10_000, **context_options):
+    """A new browser context (``context_options``: e.g. ``color_scheme``) and a page signed in as ``username``."""
+    context = browser.new_context(base_url=live_server.url, viewport={"width": width, "height": 900},
+                                  **context_options)
+    context.set_default_timeout(timeout_ms)
+    page = context.new_page()
+    page.goto("/login/")
+    page.fill("#id_username", username)
+    page.fill("#id_password", PASSWORD)
+    page.click("input[type=submit]")
+    page.wait_for_url(f"{live_server.url}/")
+    return context, page
+
+
 @pytest.fixture
 def login_as(browser, live_server):
     """``login_as(role)`` → a Playwright page logged in as a new user in that role's group."""
@@ -84,15 +98,8 @@ def login_as(browser, live_server):
 
     def login(role: str):
         make_role_user(role, password=PASSWORD)
-        context = browser.new_context(base_url=live_server.url, viewport={"width": 1440, "height": 900})
-        context.set_default_timeout(10_000)
+        context, page = log_in(browser, live_server, role)
         contexts.append(context)
-        page = context.new_page()
-        page.goto("/login/")
-        page.fill("#id_username", role)
-        page.fill("#id_password", PASSWORD)
-        page.click("input[type=submit]")
-        page.wait_for_url(f"{live_server.url}/")
         assert page.locator("#user-tools").inner_text().upper().startswith(f"WELCOME, {role.upper()}")
         return page
 

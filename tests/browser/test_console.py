@@ -137,6 +137,7 @@ def test_schedule_deletion_asks_for_the_key_name(login_as, shots):
     kek = services.create_kek(name="old-reports", actor=Actor.system("bootstrap"))
     admin = login_as("administrator")
     admin.goto(f"/keyvault/keyencryptionkey/{kek.pk}/change/")
+    admin.click("#kv-kek-menu summary")  # destructive actions wait in the "More actions" menu
     admin.click(".object-tools >> text=Schedule deletion")
     admin.fill("#id_waiting_days", "7")
     admin.fill("#id_confirm_name", "old-report")
@@ -163,6 +164,7 @@ def test_the_runbook_panel_wraps_long_commands_instead_of_cutting_them_off(login
     kek = key_services.create_kek(name="payments", actor=Actor.system("bootstrap"))
     admin = login_as("administrator")
     admin.goto(f"/keyvault/keyencryptionkey/{kek.pk}/change/")
+    admin.click("#kv-kek-menu summary")
     admin.click(".object-tools >> text=Emergency rotate")
     panel = admin.locator("aside.kv-runbook")
     expect(panel).to_contain_text("Runbook: Emergency KEK rotation")

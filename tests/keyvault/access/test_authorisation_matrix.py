@@ -64,9 +64,10 @@ class site_url:  # noqa: N801 - reads as a function in the table
     """A URL outside the admin namespace (``keyvault/urls.py``), reversed by ``name``."""
 
     name: str
+    query: str = ""
 
     def __call__(self, world: World) -> str:
-        return reverse(self.name)
+        return reverse(self.name) + self.query
 
 
 #: /metrics answers 401 (not a login redirect): scrapers cannot follow one.
@@ -287,6 +288,16 @@ MATRIX: tuple[Row, ...] = (
     # KMS providers and metrics
     Row("providers page", "GET", site_url("keyvault_providers"), VIEW),
     Row("metrics", "GET", site_url("metrics"), METRICS),
+    # issue 16: global search (each kind filtered by view permission) and the user's own preferences
+    Row("global search", "GET", site_url("console-search", "?q=matrix"), VIEW),
+    Row("preferences page", "GET", site_url("console-preferences"), VIEW),
+    # auditors and administrators get the CSV; an operator is not offered the action and gets the list again
+    # (tests/keyvault/console/test_selection.py tells the two 200s apart)
+    Row("export selected KEKs", "POST", admin_url("keyvault_keyencryptionkey_changelist"),
+        {"anonymous": LOGIN, "auditor": 200, "operator": 200, "administrator": 200}, lambda w: {"action": "export_selected_csv", "_selected_action": [w.alpha.pk]}),
+    Row("set own time zone", "POST", site_url("console-preferences"),
+        {"anonymous": LOGIN, "auditor": 302, "operator": 302, "administrator": 302},
+        lambda w: {"time_zone": "Europe/Berlin"}),
     # hardening: the health probe is open; two-factor enrolment needs a password login first
     Row("healthz", "GET", site_url("healthz"), {"anonymous": 200, "auditor": 200, "operator": 200,
                                                 "administrator": 200}),
@@ -426,6 +437,7 @@ def test_every_console_route_of_ours_is_in_the_matrix():
     ours = {f"{action.url_name}" for action in kek_actions()}
     ours |= {"keyvault_keyencryptionkey_retire_version", "keyvault_auditevent_verify", "keyvault_datakey_destroy",
              "keyvault_keyencryptionkey_add", "keyvault_providers", "metrics"}
+    ours |= {"console-search", "console-preferences"}
     ours |= {"keyvault_siemconsumer_add", "reports:index", "reports:report", "reports:export", "siem-events"}
     ours |= {"keyvault_managedsecret_add", "keyvault_managedsecret_rotate", "keyvault_managedsecret_provide_value"}
     ours |= {f"rotation_rotationrun_{name}" for name in ("progress", "approve", "tick", *RUN_CONTROLS)}
