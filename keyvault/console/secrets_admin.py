@@ -75,6 +75,8 @@ class ManagedSecretForm(forms.ModelForm):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.fields["config"].help_text = config_help()
+        self.fields["source"].widget = forms.Select(choices=source_choices(self.instance.source))
+
 
     def clean(self):
         from rotation import services
@@ -106,6 +108,22 @@ class ManagedSecretForm(forms.ModelForm):
             except SERVICE_ERRORS as exc:
                 raise ValidationError({"config": service_error_message(exc)}) from None
         return data
+
+
+def source_choices(current: str = "") -> list[tuple[str, str]]:
+    """The configured secret sources to pick from; a stored source no longer configured stays shown, marked.
+
+    Only the choice is offered here: a forged value is refused by ``check_secret_references`` with the
+    message that names the configured sources.
+    """
+    from keyvault.secrets.registry import default_source_name, source_names
+
+    default = default_source_name()
+    names = source_names()
+    choices = [(name, f"{name} (default)" if name == default else name) for name in names]
+    if current and current not in names:
+        choices.append((current, f"{current} (not configured)"))
+    return [("", "---------"), *choices]
 
 
 def config_help():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -149,6 +150,9 @@ def admin_console(client):
 def test_the_add_form_shows_each_types_keys_and_puts_a_refusal_on_its_field(admin_console, file_source):  # noqa: F811
     page = admin_console.get("/keyvault/managedsecret/add/").content.decode()
     assert "<code>database_credential</code>: host* (host[,host…]); port (integer 1–65535)" in page
+    # the source is a choice of the configured sources, not free text
+    picker = re.search(r'<select name="source"[^>]*>(.*?)</select>', page, re.S)
+    assert picker and re.findall(r'<option value="([^"]*)"', picker.group(1)) == ["", "file"]
 
     base = {"name": "api", "secret_type": "generic", "path": "app/api", "owner": "", "description": "",
             "warn_before": ""}
@@ -207,3 +211,10 @@ def test_the_rotate_page_names_the_emergency_runbook_of_the_type(admin_console, 
 
     assert "Runbook: TLS certificate renewal" in page
     assert "follows its own runbook, “Emergency TLS certificate rotation (compromised private key)”" in page
+
+
+def test_a_stored_source_no_longer_configured_stays_shown_and_marked(file_source):  # noqa: F811
+    from keyvault.console.secrets_admin import source_choices
+
+    assert ("vault-old", "vault-old (not configured)") in source_choices("vault-old")
+    assert [value for value, _ in source_choices("file")] == ["", "file"]
