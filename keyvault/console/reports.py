@@ -494,8 +494,8 @@ def build(name: str, filters: Filters | Mapping | None = None, *, now: datetime 
 
 
 def build_page(name: str, filters: Filters | Mapping | None = None, *, after: int | None = None,
-               limit: int = PAGE_ROWS, now: datetime | None = None) -> Report:
-    """One page of report ``name``: the ``limit`` rows after key ``after`` (keyset paging, no OFFSET).
+               limit: int | None = None, now: datetime | None = None) -> Report:
+    """One page of report ``name``: ``limit`` (:data:`PAGE_ROWS`) rows after key ``after`` (keyset paging, no OFFSET).
 
     A report without a :class:`Keyset` is small and is built whole (:func:`build`).
     """
@@ -504,6 +504,7 @@ def build_page(name: str, filters: Filters | Mapping | None = None, *, after: in
         return build(name, filters, now=now)
     if not isinstance(filters, Filters):
         filters = parse_filters(filters or {}, allowed=spec.filters)
+    limit = limit or PAGE_ROWS
     sequence, head_hash = audit.chain_position()
     chosen = spec.keyset.queryset(filters, sequence)
     if after is not None:
