@@ -40,7 +40,7 @@ from keyvault.console.admin_views import (
 from django.utils.dateparse import date_re
 
 from keyvault.audit import Actor
-from keyvault.console.reports import InvalidReportRequest, parse_moment
+from keyvault.console.reports import InvalidReportRequest, keyset_beyond, parse_moment
 from keyvault.models import AuditCheckpoint, AuditEvent, DataKey, KeyEncryptionKey, KeyVersion
 from django import forms
 from django.contrib.admin import helpers
@@ -182,6 +182,8 @@ class DateRangeFilter(admin.ListFilter):
     title = "time (UTC)"
     field_name = "timestamp"
     parameters = ("from", "to")
+    #: While a range is chosen the list is in time order (``KeysetChangeList.time_field``).
+    orders_by_time = True
     template = "admin/keyvault/range_filter.html"
 
     def __init__(self, request, params, model, model_admin) -> None:
@@ -273,6 +275,8 @@ class KeysetChangeList(ChangeList):
     """
 
     keyset_field = "id"
+    #: A column whose index (``time_field``, ``keyset_field``) serves a time range; "" if none.
+    time_field = ""
 
     def __init__(self, request, *args, **kwargs) -> None:
         self.cursor = {name: _cursor_value(request.GET.get(name)) for name in CURSOR_PARAMS}
@@ -292,18 +296,32 @@ class KeysetChangeList(ChangeList):
         remove = [*(remove or []), *(name for name in CURSOR_PARAMS if name not in keep)]
         return super().get_query_string(new_params, remove)
 
+    def _order(self) -> tuple[str, ...]:
+        """The keys rows are in: by time then key while a time range is chosen, else by key alone."""
+        ranged = self.time_field and any(
+            getattr(spec, "orders_by_time", False) and any(spec.used_parameters.values())
+            for spec in self.filter_specs)
+        return (self.time_field, self.keyset_field) if ranged else (self.keyset_field,)
+
+    def _beyond(self, queryset, cursor: int, *, older: bool):
+        """Rows strictly before (``older``) or after the row whose key is ``cursor``, in :meth:`_order`."""
+        order = self._order()
+        return keyset_beyond(queryset, key=self.keyset_field, cursor=cursor, older=older,
+                             time_field=order[0] if len(order) > 1 else "")
+
     def get_results(self, request) -> None:
         key, limit = self.keyset_field, self.list_per_page
+        order = self._order()
         queryset = self.queryset.order_by()
         rows = []
         if self.cursor["after"] is not None:
-            newer = list(queryset.filter(**{f"{key}__gt": self.cursor["after"]}).order_by(key)[: limit + 1])
+            newer = list(self._beyond(queryset, self.cursor["after"], older=False).order_by(*order)[: limit + 1])
             if len(newer) > limit:
                 rows, self.has_newer, self.has_older = newer[:limit][::-1], True, True
         if not rows:  # the first page, or the page before a cursor
-            older = queryset.order_by(f"-{key}")
+            older = queryset.order_by(*(f"-{name}" for name in order))
             if self.cursor["before"] is not None and self.cursor["after"] is None:
-                older = older.filter(**{f"{key}__lt": self.cursor["before"]})
+                older = self._beyond(older, self.cursor["before"], older=True)
                 self.has_newer = True
             rows = list(older[: limit + 1])
             self.has_older = len(rows) > limit
@@ -330,10 +348,12 @@ class KeysetPagedAdmin(admin.ModelAdmin):
     """Lists too big for OFFSET paging: keyset pages, no sorting but newest first."""
 
     keyset_field = "id"
+    time_field = ""
     sortable_by = ()
 
     def get_changelist(self, request, **kwargs):
-        return type(f"{type(self).__name__}ChangeList", (KeysetChangeList,), {"keyset_field": self.keyset_field})
+        return type(f"{type(self).__name__}ChangeList", (KeysetChangeList,),
+                    {"keyset_field": self.keyset_field, "time_field": self.time_field})
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -567,6 +587,7 @@ class AuditEventAdmin(AuditChainViewsMixin, KeysetPagedAdmin, ReadOnlyAdmin):
     list_display = ("sequence", "time", "actor", "action", "target", "outcome_display", "request", "short_hash")
     list_filter = (OutcomeFilter, DateRangeFilter, ActorFilter, "action", TargetTypeFilter, TargetIdFilter)
     keyset_field = "sequence"
+    time_field = "timestamp"
     search_fields = ("actor", "target_id", "request_id")  # shows the search box; get_search_results decides
     search_help_text = ("Exact actor (alice, user:alice, system:beat), target (a KEK name, a data key id) "
                         "or request id.")

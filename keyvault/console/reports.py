@@ -176,6 +176,22 @@ class Report:
         }
 
 
+def keyset_beyond(queryset: QuerySet, *, key: str, cursor: int, older: bool, time_field: str = "") -> QuerySet:
+    """Rows strictly before (``older``) or after the row whose unique ``key`` is ``cursor``.
+
+    In ``key`` order, or with ``time_field`` in (time, key) order: the bound on time alone lets a
+    (time, key) index start at the cursor's row, and the OR settles rows of the same moment.
+    """
+    op = "lt" if older else "gt"
+    if not time_field:
+        return queryset.filter(**{f"{key}__{op}": cursor})
+    moment = queryset.model._default_manager.filter(**{key: cursor}).values_list(time_field, flat=True).first()
+    if moment is None:  # no such row: start from the edge
+        return queryset
+    return queryset.filter(**{f"{time_field}__{op}e": moment}).filter(
+        Q(**{f"{time_field}__{op}": moment}) | Q(**{f"{key}__{op}": cursor}))
+
+
 @dataclass(frozen=True)
 class Keyset:
     """How a report that can be large is paged and streamed: by a unique key, in ascending order.
@@ -189,6 +205,11 @@ class Keyset:
     key: str
     row: Callable[[object], dict]
     notes: Callable[[Filters], list[str]]
+    #: Ordered by (``time_field``, ``key``) when the filters narrow the time (served by one index).
+    time_field: str = ""
+
+    def time_ordered(self, filters: Filters) -> bool:
+        return bool(self.time_field and (filters.since or filters.until))
 
 
 @dataclass(frozen=True)
@@ -355,9 +376,11 @@ def activity_events(filters: Filters, up_to: int | None = None) -> QuerySet:
     """Audit events in chain order, by a user (as actor) and/or about a KEK (as target).
 
     Each filter is served by an index ending in ``sequence`` (``audit_actor_seq``,
-    ``audit_target_seq``), so a page of them is one index range scan.
+    ``audit_target_seq``), so a page of them is one index range scan. A period is listed in
+    time order (``audit_time_seq``), which is chain order as the chain stamps events in turn.
     """
-    chosen = AuditEvent.objects.order_by("sequence")
+    period = filters.since or filters.until
+    chosen = AuditEvent.objects.order_by(*(("timestamp", "sequence") if period else ("sequence",)))
     if filters.user:
         chosen = chosen.filter(actor=f"user:{filters.user}")
     if filters.kek:
@@ -460,7 +483,7 @@ REPORTS: dict[str, ReportSpec] = {
         ReportSpec("activity", "Who did what",
                    "Audit events, with their hashes, by a user (actor) and/or about a KEK (target).",
                    ("since", "until", "user", "kek"), ACTIVITY_COLUMNS, activity_rows,
-                   keyset=Keyset(activity_events, "sequence", _activity_row, activity_notes)),
+                   keyset=Keyset(activity_events, "sequence", _activity_row, activity_notes, "timestamp")),
         ReportSpec("violations", "Overdue rotations and violations",
                    "Overdue rotations, key versions past their cryptoperiod (policy period, else NIST SP 800-57), "
                    "policies beyond NIST guidance, failed and paused rotation runs.",
@@ -508,7 +531,8 @@ def build_page(name: str, filters: Filters | Mapping | None = None, *, after: in
     sequence, head_hash = audit.chain_position()
     chosen = spec.keyset.queryset(filters, sequence)
     if after is not None:
-        chosen = chosen.filter(**{f"{spec.keyset.key}__gt": after})
+        chosen = keyset_beyond(chosen, key=spec.keyset.key, cursor=after, older=False,
+                               time_field=spec.keyset.time_field if spec.keyset.time_ordered(filters) else "")
     objects = list(chosen[: limit + 1])
     more = len(objects) > limit
     objects = objects[:limit]

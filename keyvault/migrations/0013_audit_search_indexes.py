@@ -13,7 +13,15 @@ class Migration(migrations.Migration):
     operations = [
         migrations.AddIndex(
             model_name='auditevent',
+            index=models.Index(fields=['timestamp', 'sequence'], name='audit_time_seq'),
+        ),
+        migrations.AddIndex(
+            model_name='auditevent',
             index=models.Index(fields=['actor', 'sequence'], name='audit_actor_seq'),
+        ),
+        migrations.AddIndex(
+            model_name='auditevent',
+            index=models.Index(fields=['action', 'sequence'], name='audit_action_seq'),
         ),
         migrations.AddIndex(
             model_name='auditevent',

@@ -299,9 +299,13 @@ class AuditEvent(models.Model):
         indexes = [
             models.Index(fields=["target_type", "target_id", "sequence"], name="audit_target_seq"),
             models.Index(fields=["actor", "sequence"], name="audit_actor_seq"),
+            models.Index(fields=["action", "sequence"], name="audit_action_seq"),
             models.Index(fields=["target_id", "sequence"], name="audit_target_id_seq"),
             models.Index(fields=["request_id", "sequence"], name="audit_request_id_seq"),
             models.Index(fields=["outcome", "sequence"], name="audit_outcome_seq"),
+            # A time range is listed in time order from this index, a page an index range scan
+            # wherever the range lies (ordering a range by sequence alone would scan from the head).
+            models.Index(fields=["timestamp", "sequence"], name="audit_time_seq"),
         ]
 
     def __str__(self) -> str:

@@ -790,3 +790,24 @@ def test_audit_list_pages_by_key_without_offset(auditor, world, settings):
         assert "before=" not in second.context["cl"].get_query_string({"outcome": "success"})
     finally:
         AuditEventAdmin.list_per_page = original
+
+
+def test_a_time_range_is_listed_newest_first_and_paged_by_time(auditor, world):
+    from keyvault.console.admin import AuditEventAdmin
+
+    for number in range(6):
+        services.rotate_kek_version(world.alpha, actor=Actor(name=f"user:ranger{number}"))
+    today = timezone.now().date()
+    expected = list(AuditEvent.objects.order_by("-timestamp", "-sequence").values_list("sequence", flat=True))
+    original, AuditEventAdmin.list_per_page = AuditEventAdmin.list_per_page, 4
+    try:
+        seen, params = [], {"from": str(today), "to": str(today)}
+        while True:
+            cl = auditor.get(url("keyvault_auditevent_changelist"), params).context["cl"]
+            seen += [event.sequence for event in cl.result_list]
+            if not cl.older_query:
+                break
+            params = {"from": str(today), "to": str(today), "before": cl.older_query.split("before=")[1].split("&")[0]}
+        assert seen == expected
+    finally:
+        AuditEventAdmin.list_per_page = original

@@ -537,3 +537,16 @@ def test_activity_page_links_the_next_page_and_marks_failures_red(client, seeded
     text = last_page.content.decode()
     assert '<tr class="kv-row-problem">' in text and "denied" in text
     assert "end of the report" in text and "first page" in text
+
+
+def test_a_period_of_activity_pages_in_time_order(seeded):
+    period = {"since": "2000-01-01", "until": "2100-01-01"}
+    whole = [row["sequence"] for row in reports.build("activity", period).rows]
+    seen, after = [], None
+    while True:
+        page = reports.build_page("activity", period, after=after, limit=4)
+        seen += [row["sequence"] for row in page.rows]
+        if page.next_after is None:
+            break
+        after = page.next_after
+    assert seen == whole and len(whole) > 4
