@@ -13,7 +13,7 @@ no facets, filters and sorting only on indexed columns, related rows joined.
 from __future__ import annotations
 
 import json
-from datetime import UTC
+from datetime import UTC, timedelta
 
 from django.contrib import admin
 from django.contrib.admin.options import ShowFacets
@@ -22,7 +22,8 @@ from django.contrib.admin.views.main import ChangeList
 from django.core.paginator import Paginator
 from django.db import connections
 from django.db.models.expressions import RawSQL
-from django.db.models import F, IntegerField, OuterRef, Subquery
+from django.contrib import messages
+from django.db.models import F, IntegerField, OuterRef, Q, Subquery
 from django.urls import reverse
 from django.utils.functional import cached_property
 from django.utils.html import format_html
@@ -39,9 +40,12 @@ from keyvault.console.admin_views import (
     kek_coverage,
     kek_panels,
 )
+from django.utils.dateparse import date_re
+
 from keyvault.audit import Actor
 from keyvault.console import reports, selection
 from keyvault.console.timezones import format_when
+from keyvault.console.reports import InvalidReportRequest, keyset_beyond, parse_moment
 from keyvault.models import AuditCheckpoint, AuditEvent, DataKey, KeyEncryptionKey, KeyVersion
 from django import forms
 from django.contrib.admin import helpers
@@ -208,6 +212,188 @@ class SelectionExport:
             self.message_user(request, "The selection holds something that is not a row id.", level="error")
             return None
         return super().response_action(request, queryset)
+class DateRangeFilter(admin.ListFilter):
+    """Events between two moments, any range: ``from`` and ``to`` take a date or an ISO 8601 date-time (UTC).
+
+    ``to`` as a bare date includes that whole day. A value that is not a date is reported on the
+    page and selects nothing, rather than being ignored.
+    """
+
+    title = "time (UTC)"
+    field_name = "timestamp"
+    parameters = ("from", "to")
+    #: While a range is chosen the list is in time order (``KeysetChangeList.time_field``).
+    orders_by_time = True
+    template = "admin/keyvault/range_filter.html"
+
+    def __init__(self, request, params, model, model_admin) -> None:
+        super().__init__(request, params, model, model_admin)
+        for name in self.parameters:
+            if name in params:
+                self.used_parameters[name] = params.pop(name)[-1].strip()[:64]
+        self.bounds, self.error = {}, ""
+        try:
+            self.bounds = parse_range(self.used_parameters.get("from"), self.used_parameters.get("to"))
+        except InvalidReportRequest as exc:
+            self.error = str(exc)
+
+    def has_output(self) -> bool:
+        return True
+
+    def expected_parameters(self) -> list[str]:
+        return list(self.parameters)
+
+    def queryset(self, request, queryset):
+        if self.error:
+            messages.error(request, f"Time filter: {self.error}")
+            return queryset.none()
+        lookups = {}
+        if "from" in self.bounds:
+            lookups[f"{self.field_name}__gte"] = self.bounds["from"]
+        if "to" in self.bounds:
+            lookups[f"{self.field_name}__lt"] = self.bounds["to"]
+        return queryset.filter(**lookups)
+
+    def choices(self, changelist):
+        other = {k: v for k, v in changelist.params.items() if k not in self.parameters}
+        yield {
+            "values": [(name, self.used_parameters.get(name, "")) for name in self.parameters],
+            "hidden": sorted(other.items()),
+            "error": self.error,
+            "active": any(self.used_parameters.values()),
+            "clear_query_string": changelist.get_query_string(remove=list(self.parameters)),
+        }
+
+
+def parse_range(start: str | None, end: str | None) -> dict:
+    """``{"from": datetime, "to": datetime}`` (``to`` exclusive; a bare date ends after that day).
+
+    :raises InvalidReportRequest: not a date, or ``from`` not before ``to``.
+    """
+    bounds = {}
+    if start:
+        bounds["from"] = parse_moment(start, name="from")
+    if end:
+        bounds["to"] = parse_moment(end, name="to")
+        if date_re.match(end.strip()):  # a day: up to the end of it
+            bounds["to"] += timedelta(days=1)
+    if "from" in bounds and "to" in bounds and bounds["from"] >= bounds["to"]:
+        raise InvalidReportRequest("from must be before to")
+    return bounds
+
+
+class OutcomeFilter(admin.SimpleListFilter):
+    """Success, failure, denied, or both kinds of trouble at once (the ``audit_outcome_seq`` index)."""
+
+    title = "outcome"
+    parameter_name = "outcome"
+    PROBLEMS = "problems"
+
+    def lookups(self, request, model_admin):
+        return [*AuditEvent.Outcome.choices, (self.PROBLEMS, "Failure or denied")]
+
+    def queryset(self, request, queryset):
+        value = self.value()
+        if value == self.PROBLEMS:
+            return queryset.filter(outcome__in=[AuditEvent.Outcome.FAILURE, AuditEvent.Outcome.DENIED])
+        if value in AuditEvent.Outcome.values:
+            return queryset.filter(outcome=value)
+        return queryset
+
+
+#: Query-string names of the keyset cursor: rows older (``before``) or newer (``after``) than a key.
+CURSOR_PARAMS = ("before", "after")
+
+
+class KeysetChangeList(ChangeList):
+    """A change list paged by key, newest first: ``?before=K`` / ``?after=K`` instead of ``?p=N``.
+
+    Page *n* of an OFFSET list reads and throws away every row before it; a keyset page is
+    one index range scan of ``list_per_page + 1`` rows wherever it is. The list is always in
+    descending ``keyset_field`` order (a unique, indexed column); counts stay estimated or
+    capped (``EstimatedCountPaginator``).
+    """
+
+    keyset_field = "id"
+    #: A column whose index (``time_field``, ``keyset_field``) serves a time range; "" if none.
+    time_field = ""
+
+    def __init__(self, request, *args, **kwargs) -> None:
+        self.cursor = {name: _cursor_value(request.GET.get(name)) for name in CURSOR_PARAMS}
+        self.has_newer = self.has_older = False
+        super().__init__(request, *args, **kwargs)
+
+    def get_filters_params(self, params=None):
+        lookup_params = super().get_filters_params(params)
+        for name in CURSOR_PARAMS:
+            lookup_params.pop(name, None)
+        return lookup_params
+
+    def get_query_string(self, new_params=None, remove=None) -> str:
+        # Changing a filter starts again at the newest rows.
+        new_params = dict(new_params or {})
+        keep = {name for name in CURSOR_PARAMS if name in new_params}
+        remove = [*(remove or []), *(name for name in CURSOR_PARAMS if name not in keep)]
+        return super().get_query_string(new_params, remove)
+
+    def _order(self) -> tuple[str, ...]:
+        """The keys rows are in: by time then key while a time range is chosen, else by key alone."""
+        ranged = self.time_field and any(
+            getattr(spec, "orders_by_time", False) and any(spec.used_parameters.values())
+            for spec in self.filter_specs)
+        return (self.time_field, self.keyset_field) if ranged else (self.keyset_field,)
+
+    def _beyond(self, queryset, cursor: int, *, older: bool):
+        """Rows strictly before (``older``) or after the row whose key is ``cursor``, in :meth:`_order`."""
+        order = self._order()
+        return keyset_beyond(queryset, key=self.keyset_field, cursor=cursor, older=older,
+                             time_field=order[0] if len(order) > 1 else "")
+
+    def get_results(self, request) -> None:
+        key, limit = self.keyset_field, self.list_per_page
+        order = self._order()
+        queryset = self.queryset.order_by()
+        rows = []
+        if self.cursor["after"] is not None:
+            newer = list(self._beyond(queryset, self.cursor["after"], older=False).order_by(*order)[: limit + 1])
+            if len(newer) > limit:
+                rows, self.has_newer, self.has_older = newer[:limit][::-1], True, True
+        if not rows:  # the first page, or the page before a cursor
+            older = queryset.order_by(*(f"-{name}" for name in order))
+            if self.cursor["before"] is not None and self.cursor["after"] is None:
+                older = self._beyond(older, self.cursor["before"], older=True)
+                self.has_newer = True
+            rows = list(older[: limit + 1])
+            self.has_older = len(rows) > limit
+            rows = rows[:limit]
+        self.paginator = self.model_admin.get_paginator(request, self.queryset, limit)
+        self.result_list = rows
+        self.result_count = self.paginator.count
+        self.full_result_count = None
+        self.show_full_result_count = False
+        self.show_admin_actions = False
+        self.can_show_all = False
+        self.multi_page = self.has_newer or self.has_older
+        self.newer_query = self.get_query_string({"after": getattr(rows[0], key)}) if rows and self.has_newer else ""
+        self.older_query = self.get_query_string({"before": getattr(rows[-1], key)}) if rows and self.has_older else ""
+        self.newest_query = self.get_query_string() if self.has_newer else ""
+
+
+def _cursor_value(value: str | None) -> int | None:
+    """A cursor is a positive integer key; anything else starts at the newest rows."""
+    return int(value) if value and value.isdigit() and len(value) < 19 else None
+
+
+class KeysetPagedAdmin(admin.ModelAdmin):
+    """Lists too big for OFFSET paging: keyset pages, no sorting but newest first."""
+
+    keyset_field = "id"
+    time_field = ""
+    sortable_by = ()
+
+    def get_changelist(self, request, **kwargs):
+        return type(f"{type(self).__name__}ChangeList", (KeysetChangeList,),
+                    {"keyset_field": self.keyset_field, "time_field": self.time_field})
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -396,11 +582,11 @@ class KeyEncryptionKeyAdmin(KEKActionViewsMixin, SelectionExport, admin.ModelAdm
 
 
 @admin.register(DataKey)
-class DataKeyAdmin(DataKeyViewsMixin, SelectionExport, ReadOnlyAdmin):
+class DataKeyAdmin(DataKeyViewsMixin, SelectionExport, KeysetPagedAdmin, ReadOnlyAdmin):
     list_display = ("id", "kek", "kek_version", "owner_ref", "created", "fingerprint")
     list_filter = ("kek", OwnerFilter)
     list_select_related = ("kek",)
-    sortable_by = ("id",)
+    keyset_field = "id"
     paginator = EstimatedCountPaginator
     fields = ("id", "kek", "kek_version", "fingerprint", "key_spec", "context_display", "purpose", "owner_ref",
               "created_at", "last_rewrapped_at")
@@ -432,21 +618,49 @@ TARGET_LABELS = {"keyencryptionkey": "KEK", "datakey": "data key"}
 
 
 @admin.register(AuditEvent)
-class AuditEventAdmin(AuditChainViewsMixin, SelectionExport, ReadOnlyAdmin):
-    list_display = ("sequence", "time", "actor", "action", "target", "outcome_display", "short_hash")
-    list_filter = (ActorFilter, "action", TargetTypeFilter, TargetIdFilter, ("timestamp", admin.DateFieldListFilter))
-    sortable_by = ("sequence", "timestamp")
+class AuditEventAdmin(AuditChainViewsMixin, SelectionExport, KeysetPagedAdmin, ReadOnlyAdmin):
+    """The audit log: newest first, keyset-paged, searchable by exact actor, target or request id.
+
+    Every filter and the search are served by an index ending in ``sequence`` (``AuditEvent.Meta``),
+    so a page is one index range scan however long the log is. Failures and denials are marked red.
+    """
+
+    list_display = ("sequence", "time", "actor", "action", "target", "outcome_display", "request", "short_hash")
+    list_filter = (OutcomeFilter, DateRangeFilter, ActorFilter, "action", TargetTypeFilter, TargetIdFilter)
+    keyset_field = "sequence"
+    time_field = "timestamp"
+    search_fields = ("actor", "target_id", "request_id")  # shows the search box; get_search_results decides
+    search_help_text = ("Exact actor (alice, user:alice, system:beat), target (a KEK name, a data key id) "
+                        "or request id.")
     paginator = EstimatedCountPaginator
     fields = ("sequence", "timestamp", "actor", "action", "target_type", "target_id", "outcome", "request_id",
               "ip_address", "details_display", "prev_hash", "hash")
     readonly_fields = fields
 
     class Media:
-        css = CONSOLE_CSS
+        css = {"all": (*CONSOLE_CSS["all"], "keyvault/reports.css")}
 
-    @admin.display(description="time", ordering="timestamp")
+    def get_search_results(self, request, queryset, search_term):
+        """Exact matches on indexed columns, never ``LIKE '%…%'`` over the whole log."""
+        term = search_term.strip()[:255]
+        if not term:
+            return queryset, False
+        if not term.isprintable():  # PostgreSQL refuses NUL in a parameter; such a value names nothing
+            return queryset.none(), False
+        actors = {term} if ":" in term else {term, f"user:{term}", f"system:{term}"}
+        return queryset.filter(Q(actor__in=actors) | Q(target_id=term) | Q(request_id=term)), False
+
+    @admin.display(description="time")
     def time(self, obj: AuditEvent):
         return _compact_time(obj.timestamp)
+
+    @admin.display(description="request id")
+    def request(self, obj: AuditEvent):
+        """The request id, linked to every event of that request."""
+        if not obj.request_id:
+            return "—"
+        return format_html('<a href="?{}" class="kv-request-id" title="{}">{}…</a>', urlencode({"q": obj.request_id}),
+                           obj.request_id, obj.request_id[:8])
 
     @admin.display(description="target")
     def target(self, obj: AuditEvent):
@@ -460,8 +674,12 @@ class AuditEventAdmin(AuditChainViewsMixin, SelectionExport, ReadOnlyAdmin):
 
     @admin.display(description="outcome")
     def outcome_display(self, obj: AuditEvent):
-        return format_html('<span class="kv-outcome kv-outcome-{}">{}</span>', obj.outcome,
-                           AuditEvent.Outcome(obj.outcome).label)
+        """A badge; failures and denials red (reports.css also tints their whole row)."""
+        label = AuditEvent.Outcome(obj.outcome).label
+        if obj.outcome == AuditEvent.Outcome.SUCCESS:
+            return format_html('<span class="kv-outcome kv-outcome-success">{}</span>', label)
+        return format_html('<strong class="kv-outcome kv-outcome-{} kv-outcome-problem">&#9888; {}</strong>',
+                           obj.outcome, label)
 
     @admin.display(description="hash")
     def short_hash(self, obj: AuditEvent):
@@ -682,6 +900,8 @@ def declared_lookups(model_admin, request=None) -> set[str]:
             paths.add(item)
         elif getattr(item, "parameter_name", None):
             paths.add(item.parameter_name)
+        elif getattr(item, "parameters", None):  # a filter of several parameters (DateRangeFilter)
+            paths.update(item.parameters)
     return paths
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from django.contrib import admin
 from django.core.exceptions import PermissionDenied
-from django.http import Http404, HttpResponse
+from django.http import Http404, HttpResponse, StreamingHttpResponse
 from django.template.response import TemplateResponse
+from django.utils.http import urlencode
 from django.utils.safestring import mark_safe
 from django.views.decorators.http import require_GET, require_POST
 
@@ -115,16 +116,23 @@ def report_view(request, name: str):
     _require(request, VIEW_PERMISSION)
     spec = _spec_or_404(name)
     values = {key: request.GET.get(key, "")[:200] for key in spec.filters}
+    after = request.GET.get("after", "")
     error, report = "", None
     try:
-        report = reports.build(spec.name, request.GET)
+        if spec.keyset is not None:  # can be large: one keyset page at a time
+            report = reports.build_page(spec.name, request.GET, after=int(after) if after.isdigit() else None)
+        else:
+            report = reports.build(spec.name, request.GET)
     except reports.InvalidReportRequest as exc:
         error = str(exc)
     request.current_app = admin.site.name
     context = _context(
         request, title=spec.title, spec=spec, report=report, error=error, values=values,
-        table=reports.table(report) if report else [], can_export=request.user.has_perm(EXPORT_PERMISSION),
-        formats=("csv", "json"),
+        table=reports.marked_table(report) if report else [], can_export=request.user.has_perm(EXPORT_PERMISSION),
+        formats=("csv", "json"), paged_from=after if after.isdigit() else "",
+        first_page_query=urlencode({k: v for k, v in values.items() if v}),
+        next_page_query=urlencode({**{k: v for k, v in values.items() if v}, "after": report.next_after})
+        if report and report.next_after is not None else "",
     )
     return TemplateResponse(request, "keyvault/reports/report.html", context, status=400 if error else 200)
 
@@ -137,6 +145,8 @@ def report_export(request, name: str, fmt: str):
     if fmt not in ("csv", "json"):
         raise Http404("No such format.")
     try:
+        if fmt == "csv" and spec.keyset is not None:
+            return _streamed(reports.stream_csv(spec.name, request.POST, actor=Actor.from_request(request)))
         report = reports.build(spec.name, request.POST)
     except reports.InvalidReportRequest as exc:
         return HttpResponse(f"Bad request: {exc}\n", status=400, content_type="text/plain; charset=utf-8")
@@ -146,6 +156,15 @@ def report_export(request, name: str, fmt: str):
     response["X-Keyvault-Body-SHA256"] = result.body_sha256
     response["X-Keyvault-Audit-Event"] = str(result.event_sequence)
     response["X-Keyvault-Chain-Position"] = f"{report.chain_sequence}:{report.chain_hash}"
+    response["Cache-Control"] = "no-store"
+    return response
+
+
+def _streamed(stream: reports.StreamedExport) -> StreamingHttpResponse:
+    """The CSV as it is produced; its hash and audit event are in the seal on its last line."""
+    response = StreamingHttpResponse(stream, content_type=stream.content_type)
+    response["Content-Disposition"] = f'attachment; filename="{stream.filename}"'
+    response["X-Keyvault-Chain-Position"] = f"{stream.report.chain_sequence}:{stream.report.chain_hash}"
     response["Cache-Control"] = "no-store"
     return response
 

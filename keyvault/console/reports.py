@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from django.db.models import Prefetch, Q
+from django.db.models import Prefetch, Q, QuerySet
 from django.template.loader import render_to_string
 from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
@@ -43,7 +43,12 @@ from rotation import services as rotation_services
 from rotation.models import NIST_MAX_ORIGINATOR_DAYS, Approval, RotationPolicy, RotationRun, RunStep
 
 #: The most rows one report returns; a longer result says it was truncated (narrow the period).
+#: A paged report's CSV (``stream_csv``) has no such limit: it is streamed, never held whole.
 MAX_ROWS = 50_000
+#: Rows on one console page of a paged report (``build_page``).
+PAGE_ROWS = 100
+#: Rows fetched per round trip (server-side cursor) while a CSV is streamed.
+STREAM_CHUNK_ROWS = 2_000
 FORMATS = ("csv", "json", "html")
 CONTENT_TYPES = {"csv": "text/csv; charset=utf-8", "json": "application/json", "html": "text/html; charset=utf-8"}
 TRAILER = re.compile(
@@ -150,6 +155,9 @@ class Report:
     chain_hash: str
     truncated: bool = False
     notes: list[str] = field(default_factory=list)
+    #: A keyset page (``build_page``): the key to continue after, if there are more rows.
+    paged: bool = False
+    next_after: int | None = None
 
     def document(self, *, generated_by: str) -> dict:
         """The JSON body (without the seal)."""
@@ -168,6 +176,42 @@ class Report:
         }
 
 
+def keyset_beyond(queryset: QuerySet, *, key: str, cursor: int, older: bool, time_field: str = "") -> QuerySet:
+    """Rows strictly before (``older``) or after the row whose unique ``key`` is ``cursor``.
+
+    In ``key`` order, or with ``time_field`` in (time, key) order: the bound on time alone lets a
+    (time, key) index start at the cursor's row, and the OR settles rows of the same moment.
+    """
+    op = "lt" if older else "gt"
+    if not time_field:
+        return queryset.filter(**{f"{key}__{op}": cursor})
+    moment = queryset.model._default_manager.filter(**{key: cursor}).values_list(time_field, flat=True).first()
+    if moment is None:  # no such row: start from the edge
+        return queryset
+    return queryset.filter(**{f"{time_field}__{op}e": moment}).filter(
+        Q(**{f"{time_field}__{op}": moment}) | Q(**{f"{key}__{op}": cursor}))
+
+
+@dataclass(frozen=True)
+class Keyset:
+    """How a report that can be large is paged and streamed: by a unique key, in ascending order.
+
+    ``queryset(filters, up_to)`` gives the report's objects ordered by ``key`` and no later than the
+    audit chain position ``up_to`` (so a page or a file matches the position it is stamped with);
+    ``row`` turns one object into a row; ``notes`` says what the filters mean.
+    """
+
+    queryset: Callable[[Filters, int], QuerySet]
+    key: str
+    row: Callable[[object], dict]
+    notes: Callable[[Filters], list[str]]
+    #: Ordered by (``time_field``, ``key``) when the filters narrow the time (served by one index).
+    time_field: str = ""
+
+    def time_ordered(self, filters: Filters) -> bool:
+        return bool(self.time_field and (filters.since or filters.until))
+
+
 @dataclass(frozen=True)
 class ReportSpec:
     name: str
@@ -176,6 +220,8 @@ class ReportSpec:
     filters: tuple[str, ...]
     columns: tuple[Column, ...]
     rows: Callable[[Filters, datetime], tuple[list[dict], list[str]]]
+    #: Set for reports that can be large: the console pages them by key and streams their CSV.
+    keyset: Keyset | None = None
 
 
 def _when(moment: datetime | None) -> str | None:
@@ -326,9 +372,15 @@ ROTATION_COLUMNS = (
 # (3) who did what: audit events by actor or by target
 
 
-def activity_rows(filters: Filters, now: datetime) -> tuple[list[dict], list[str]]:
-    """Audit events in chain order, by a user (as actor) and/or about a KEK (as target)."""
-    chosen = AuditEvent.objects.order_by("sequence")
+def activity_events(filters: Filters, up_to: int | None = None) -> QuerySet:
+    """Audit events in chain order, by a user (as actor) and/or about a KEK (as target).
+
+    Each filter is served by an index ending in ``sequence`` (``audit_actor_seq``,
+    ``audit_target_seq``), so a page of them is one index range scan. A period is listed in
+    time order (``audit_time_seq``), which is chain order as the chain stamps events in turn.
+    """
+    period = filters.since or filters.until
+    chosen = AuditEvent.objects.order_by(*(("timestamp", "sequence") if period else ("sequence",)))
     if filters.user:
         chosen = chosen.filter(actor=f"user:{filters.user}")
     if filters.kek:
@@ -337,11 +389,21 @@ def activity_rows(filters: Filters, now: datetime) -> tuple[list[dict], list[str
         chosen = chosen.filter(timestamp__gte=filters.since)
     if filters.until:
         chosen = chosen.filter(timestamp__lt=filters.until)
-    notes = []
+    if up_to is not None:
+        chosen = chosen.filter(sequence__lte=up_to)
+    return chosen
+
+
+def activity_notes(filters: Filters) -> list[str]:
     if not filters.user and not filters.kek:
-        notes.append("No user or KEK given: every event in the period is listed.")
-    rows = [_activity_row(event) for event in chosen[: MAX_ROWS + 1]]
-    return rows, notes
+        return ["No user or KEK given: every event in the period is listed."]
+    return []
+
+
+def activity_rows(filters: Filters, now: datetime) -> tuple[list[dict], list[str]]:
+    """Audit events in chain order, by a user (as actor) and/or about a KEK (as target)."""
+    rows = [_activity_row(event) for event in activity_events(filters)[: MAX_ROWS + 1]]
+    return rows, activity_notes(filters)
 
 
 def _activity_row(event: AuditEvent) -> dict:
@@ -420,7 +482,8 @@ REPORTS: dict[str, ReportSpec] = {
                    ("since", "until", "user", "kek"), ROTATION_COLUMNS, rotation_rows),
         ReportSpec("activity", "Who did what",
                    "Audit events, with their hashes, by a user (actor) and/or about a KEK (target).",
-                   ("since", "until", "user", "kek"), ACTIVITY_COLUMNS, activity_rows),
+                   ("since", "until", "user", "kek"), ACTIVITY_COLUMNS, activity_rows,
+                   keyset=Keyset(activity_events, "sequence", _activity_row, activity_notes, "timestamp")),
         ReportSpec("violations", "Overdue rotations and violations",
                    "Overdue rotations, key versions past their cryptoperiod (policy period, else NIST SP 800-57), "
                    "policies beyond NIST guidance, failed and paused rotation runs.",
@@ -451,6 +514,32 @@ def build(name: str, filters: Filters | Mapping | None = None, *, now: datetime 
     return Report(name=spec.name, title=spec.title, description=spec.description, columns=list(spec.columns),
                   rows=rows, filters=filters, generated_at=now, chain_sequence=sequence, chain_hash=head_hash,
                   truncated=truncated, notes=notes)
+
+
+def build_page(name: str, filters: Filters | Mapping | None = None, *, after: int | None = None,
+               limit: int | None = None, now: datetime | None = None) -> Report:
+    """One page of report ``name``: ``limit`` (:data:`PAGE_ROWS`) rows after key ``after`` (keyset paging, no OFFSET).
+
+    A report without a :class:`Keyset` is small and is built whole (:func:`build`).
+    """
+    spec = get_spec(name)
+    if spec.keyset is None:
+        return build(name, filters, now=now)
+    if not isinstance(filters, Filters):
+        filters = parse_filters(filters or {}, allowed=spec.filters)
+    limit = limit or PAGE_ROWS
+    sequence, head_hash = audit.chain_position()
+    chosen = spec.keyset.queryset(filters, sequence)
+    if after is not None:
+        chosen = keyset_beyond(chosen, key=spec.keyset.key, cursor=after, older=False,
+                               time_field=spec.keyset.time_field if spec.keyset.time_ordered(filters) else "")
+    objects = list(chosen[: limit + 1])
+    more = len(objects) > limit
+    objects = objects[:limit]
+    return Report(name=spec.name, title=spec.title, description=spec.description, columns=list(spec.columns),
+                  rows=[spec.keyset.row(obj) for obj in objects], filters=filters, generated_at=now or timezone.now(),
+                  chain_sequence=sequence, chain_hash=head_hash, notes=spec.keyset.notes(filters), paged=True,
+                  next_after=getattr(objects[-1], spec.keyset.key) if more else None)
 
 
 # -- exports -------------------------------------------------------------------------------
@@ -546,18 +635,26 @@ def _one_line(value: str) -> str:
     return neutralise_formulas(" ".join(str(value).split()))
 
 
-def render_csv(report: Report, *, generated_by: str) -> bytes:
-    out = io.StringIO()
+def _csv_preamble(out, report: Report, *, generated_by: str, rows_line: str | None) -> SpreadsheetSafeWriter:
+    """The commented header lines and the column names; returns the writer for the rows."""
     out.write(f"# Keyvault report: {report.name} - {_one_line(report.title)}\n")
     out.write(f"# generated_at: {_iso(report.generated_at)}\n")
     out.write(f"# generated_by: {_one_line(generated_by)}\n")
     out.write(f"# filters: {_one_line(report.filters.describe())}\n")
     out.write(f"# audit_chain_position: sequence={report.chain_sequence} hash={report.chain_hash}\n")
-    out.write(f"# rows: {len(report.rows)}{' (truncated)' if report.truncated else ''}\n")
+    if rows_line is not None:
+        out.write(f"# rows: {rows_line}\n")
     for note in report.notes:
         out.write(f"# note: {_one_line(note)}\n")
     writer = SpreadsheetSafeWriter(out)
     writer.writeheader([column.key for column in report.columns])
+    return writer
+
+
+def render_csv(report: Report, *, generated_by: str) -> bytes:
+    out = io.StringIO()
+    writer = _csv_preamble(out, report, generated_by=generated_by,
+                           rows_line=f"{len(report.rows)}{' (truncated)' if report.truncated else ''}")
     for row in report.rows:
         writer.writerow([_csv_value(row.get(column.key)) for column in report.columns])
     return out.getvalue().encode("utf-8")
@@ -573,7 +670,7 @@ def canonical_json(document: Mapping) -> bytes:
 
 
 def render_html(report: Report, *, generated_by: str, standalone: bool = True) -> bytes:
-    context = {"report": report, "generated_by": generated_by, "table": table(report), "standalone": standalone,
+    context = {"report": report, "generated_by": generated_by, "table": marked_table(report), "standalone": standalone,
                "generated_iso": _iso(report.generated_at)}
     text = render_to_string("keyvault/reports/export.html", context)
     return (text if text.endswith("\n") else text + "\n").encode("utf-8")
@@ -587,6 +684,15 @@ def table(report: Report) -> list[list[tuple[bool, object]]]:
         return False, "—" if value is None or value == "" else _cell(value)
 
     return [[cell(row.get(column.key)) for column in report.columns] for row in report.rows]
+
+
+#: Outcomes a report marks (red in the console and the HTML export).
+PROBLEM_OUTCOMES = frozenset({AuditEvent.Outcome.FAILURE, AuditEvent.Outcome.DENIED})
+
+
+def marked_table(report: Report) -> list[tuple[bool, list]]:
+    """:func:`table`'s rows, each with a flag: is its outcome a failure or a denial?"""
+    return [(row.get("outcome") in PROBLEM_OUTCOMES, cells) for row, cells in zip(report.rows, table(report))]
 
 
 def _body(report: Report, fmt: str, generated_by: str) -> bytes:
@@ -624,6 +730,81 @@ def export(report: Report, *, fmt: str, actor: Actor) -> Export:
     return Export(report=report.name, format=fmt, content=_seal(body, fmt, digest=digest, sequence=event.sequence,
                                                                   report=report.name),
                   body_sha256=digest, event_sequence=event.sequence, rows=len(report.rows))
+
+
+class StreamedExport:
+    """A CSV export of a paged report, produced row chunk by row chunk as it is iterated.
+
+    The body is the same sealed CSV :func:`export` writes, except that the row count comes last
+    (``# rows: N`` just before the seal) since it is known only then. The ``audit.exported``
+    event is recorded when the last row has been written, with the SHA-256 of everything before
+    the seal, and the seal names it: a download cut short has no seal and does not verify
+    (``audit verify-export``), and no event claims it. ``body_sha256``, ``event_sequence`` and
+    ``rows`` are set once the iteration is complete.
+    """
+
+    format = "csv"
+    content_type = CONTENT_TYPES["csv"]
+
+    def __init__(self, name: str, filters: Filters | Mapping | None, *, actor: Actor,
+                 now: datetime | None = None) -> None:
+        spec = get_spec(name)
+        if spec.keyset is None:
+            raise InvalidReportRequest(f"the {name} report is not streamed; use export()")
+        if not isinstance(filters, Filters):
+            filters = parse_filters(filters or {}, allowed=spec.filters)
+        self.spec, self.actor = spec, actor
+        sequence, head_hash = audit.chain_position()
+        self.report = Report(name=spec.name, title=spec.title, description=spec.description,
+                             columns=list(spec.columns), rows=[], filters=filters,
+                             generated_at=now or timezone.now(), chain_sequence=sequence, chain_hash=head_hash,
+                             notes=spec.keyset.notes(filters))
+        self.body_sha256: str | None = None
+        self.event_sequence: int | None = None
+        self.rows = 0
+
+    @property
+    def filename(self) -> str:
+        return f"keyvault-{self.spec.name}-at-{self.report.chain_sequence}.csv"
+
+    def __iter__(self):
+        digest = hashlib.sha256()
+        out = io.StringIO()
+        writer = _csv_preamble(out, self.report, generated_by=self.actor.name, rows_line=None)
+        columns = [column.key for column in self.report.columns]
+        objects = self.spec.keyset.queryset(self.report.filters, self.report.chain_sequence)
+        for obj in objects.iterator(chunk_size=STREAM_CHUNK_ROWS):
+            row = self.spec.keyset.row(obj)
+            writer.writerow([_csv_value(row.get(key)) for key in columns])
+            self.rows += 1
+            if self.rows % STREAM_CHUNK_ROWS == 0:
+                yield self._take(out, digest)
+        out.write(f"# rows: {self.rows}\n")
+        yield self._take(out, digest)
+        self.body_sha256 = digest.hexdigest()
+        event = events.report_exported(self.spec.name, actor=self.actor, fmt="csv",
+                                       filters=self.report.filters.as_dict(), rows=self.rows, truncated=False,
+                                       chain_sequence=self.report.chain_sequence,
+                                       chain_hash=self.report.chain_hash, body_sha256=self.body_sha256)
+        self.event_sequence = event.sequence
+        yield _seal(b"", "csv", digest=self.body_sha256, sequence=event.sequence, report=self.spec.name)
+
+    @staticmethod
+    def _take(out: io.StringIO, digest) -> bytes:
+        chunk = out.getvalue().encode("utf-8")
+        out.seek(0)
+        out.truncate()
+        digest.update(chunk)
+        return chunk
+
+
+def stream_csv(name: str, filters: Filters | Mapping | None = None, *, actor: Actor,
+               now: datetime | None = None) -> StreamedExport:
+    """Report ``name`` (one with a :class:`Keyset`) as a sealed CSV produced while it is read.
+
+    :raises InvalidReportRequest: an unknown report, a bad filter, or a report that is not paged.
+    """
+    return StreamedExport(name, filters, actor=actor, now=now)
 
 
 # -- verifying an export -------------------------------------------------------------------

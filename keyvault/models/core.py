@@ -294,7 +294,20 @@ class AuditEvent(models.Model):
         ordering = ["-sequence"]
         default_permissions = ("view",)
         permissions = [("export_auditevent", "Can export and verify the audit log")]
-        indexes = [models.Index(fields=["target_type", "target_id", "sequence"], name="audit_target_seq")]
+        # Each search and filter of the audit list is an index scan that stops after one page (keyset
+        # paging on sequence, newest first): by target, by actor, by target id alone, by request id,
+        # and by outcome (failures and denials are rare, so "show me the failures" must not scan).
+        indexes = [
+            models.Index(fields=["target_type", "target_id", "sequence"], name="audit_target_seq"),
+            models.Index(fields=["actor", "sequence"], name="audit_actor_seq"),
+            models.Index(fields=["action", "sequence"], name="audit_action_seq"),
+            models.Index(fields=["target_id", "sequence"], name="audit_target_id_seq"),
+            models.Index(fields=["request_id", "sequence"], name="audit_request_id_seq"),
+            models.Index(fields=["outcome", "sequence"], name="audit_outcome_seq"),
+            # A time range is listed in time order from this index, a page an index range scan
+            # wherever the range lies (ordering a range by sequence alone would scan from the head).
+            models.Index(fields=["timestamp", "sequence"], name="audit_time_seq"),
+        ]
 
     def __str__(self) -> str:
         return f"#{self.sequence} {self.action} by {self.actor}"

@@ -38,20 +38,35 @@ class Command(KeyvaultCommand):
 
     def handle(self, *args, name, **options):
         spec = reports.get_spec(name)
-        report = reports.build(spec.name, {key: options.get(key) for key in ("since", "until", "user", "kek")})
-        result = reports.export(report, fmt=options["format"], actor=self.actor(options))
-        if options.get("output"):
-            Path(options["output"]).write_bytes(result.content)
+        filters = {key: options.get(key) for key in ("since", "until", "user", "kek")}
+        if options["format"] == "csv" and spec.keyset is not None:
+            # A report that can be large is streamed (every row, no cap), as the console's CSV is.
+            result = reports.stream_csv(spec.name, filters, actor=self.actor(options))
+            chunks, report = result, result.report
         else:
-            out = getattr(self.stdout, "_out", sys.stdout)
-            buffer = getattr(out, "buffer", None)
-            if buffer is not None:
-                out.flush()
-                buffer.write(result.content)
-                buffer.flush()
-            else:
-                out.write(result.content.decode("utf-8"))
+            report = reports.build(spec.name, filters)
+            result = reports.export(report, fmt=options["format"], actor=self.actor(options))
+            chunks = [result.content]
+        self.write_chunks(chunks, options.get("output"))
         self.stderr.write(
             f"{result.rows} rows; body sha256 {result.body_sha256}; recorded as audit event #{result.event_sequence} "
             f"(chain position #{report.chain_sequence} at production)"
         )
+
+    def write_chunks(self, chunks, output: str | None) -> None:
+        if output:
+            with Path(output).open("wb") as target:
+                for chunk in chunks:
+                    target.write(chunk)
+            return
+        out = getattr(self.stdout, "_out", sys.stdout)
+        buffer = getattr(out, "buffer", None)
+        if buffer is not None:
+            out.flush()
+        for chunk in chunks:
+            if buffer is not None:
+                buffer.write(chunk)
+            else:
+                out.write(chunk.decode("utf-8"))
+        if buffer is not None:
+            buffer.flush()

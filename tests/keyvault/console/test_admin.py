@@ -212,10 +212,10 @@ def test_audit_log_filters_by_actor_action_target_and_date(auditor, world):
     assert len(rotated) == 2
     bravo = sequences(target_type="keyencryptionkey", target_id="bravo")
     assert {AuditEvent.objects.get(sequence=s).action for s in bravo} == {"kek.created", "kek.disabled"}
-    today = timezone.now().replace(hour=0, minute=0, second=0, microsecond=0)
-    assert sequences(timestamp__gte=str(today + timedelta(days=1))) == []
-    assert len(sequences(timestamp__gte=str(today), timestamp__lt=str(today + timedelta(days=1)))) == (
-        AuditEvent.objects.count())
+    today = timezone.now().date()
+    assert sequences(**{"from": str(today + timedelta(days=1))}) == []
+    # "to" as a date includes that whole day
+    assert len(sequences(**{"from": str(today), "to": str(today)})) == AuditEvent.objects.count()
     # the input filter keeps the other filters when it is submitted
     html = page_text(auditor.get(changelist, {"action__exact": "kek.rotated"}))
     assert '<input type="hidden" name="action__exact" value="kek.rotated">' in html
@@ -730,3 +730,123 @@ def test_big_changelists_never_count_the_whole_table(auditor, world, monkeypatch
     assert f"more than 1 {noun}" in page_text(response)
     counts = [q["sql"] for q in queries.captured_queries if "COUNT(" in q["sql"].upper()]
     assert counts and all("LIMIT" in sql.upper() for sql in counts), counts
+
+
+# -- audit log: search, outcome, date range, keyset pages (issue 16) ---------------------------
+
+
+@pytest.fixture
+def trouble(world):
+    """Given a denial (by mallory, in request r-0042) and a failed login among the world's successes."""
+    from keyvault.audit import events as audit_events
+
+    mallory = Actor(name="user:mallory", request_id="r-0042")
+    denied = audit_events.access_denied(actor=mallory, method="POST", path="/keyvault/keyencryptionkey/1/rotate/")
+    failed = audit_events.password_login_failed("root", actor=Actor(name="user:root"), known_user=False)
+    return denied, failed
+
+
+def audit_sequences(client, **params) -> list[int]:
+    response = client.get(url("keyvault_auditevent_changelist"), params)
+    assert response.status_code == 200
+    return [event.sequence for event in response.context["cl"].result_list]
+
+
+def test_audit_search_matches_actor_target_or_request_id_exactly(auditor, world, trouble):
+    denied, failed = trouble
+    # an actor by its short name or in full
+    assert audit_sequences(auditor, q="mallory") == [denied.sequence]
+    assert audit_sequences(auditor, q="user:mallory") == [denied.sequence]
+    # a target id (the KEK's events) and a request id
+    bravo = audit_sequences(auditor, q="bravo")
+    assert bravo and all(AuditEvent.objects.get(sequence=s).target_id == "bravo" for s in bravo)
+    assert audit_sequences(auditor, q="r-0042") == [denied.sequence]
+    # exact, not a substring
+    assert audit_sequences(auditor, q="mall") == []
+
+
+def test_audit_outcome_filter_and_failures_marked_red(auditor, world, trouble):
+    denied, failed = trouble
+
+    assert audit_sequences(auditor, outcome="denied") == [denied.sequence]
+    assert audit_sequences(auditor, outcome="failure") == [failed.sequence]
+    assert audit_sequences(auditor, outcome="problems") == [failed.sequence, denied.sequence]
+    successes = audit_sequences(auditor, outcome="success")
+    assert successes and not {denied.sequence, failed.sequence} & set(successes)
+
+    html = page_text(auditor.get(url("keyvault_auditevent_changelist")))
+    assert html.count("kv-outcome-problem") == 2  # exactly the two bad events carry the red marker
+    assert re.search(r'class="kv-outcome kv-outcome-denied kv-outcome-problem">&#9888; Denied<', html)
+    assert "keyvault/reports.css" in html  # the stylesheet that paints them red
+
+
+def test_audit_date_range_takes_any_range_and_explains_a_bad_date(auditor, world):
+    now = timezone.now()
+    everything = AuditEvent.objects.count()
+    assert len(audit_sequences(auditor, **{"from": (now - timedelta(days=400)).date().isoformat()})) == everything
+    assert len(audit_sequences(auditor, to=(now - timedelta(days=1)).date().isoformat())) == 0
+    later = (now + timedelta(minutes=1)).strftime("%Y-%m-%dT%H:%M:%S")
+    assert audit_sequences(auditor, **{"from": later}) == []
+    assert len(audit_sequences(auditor, to=later)) == everything
+
+    response = auditor.get(url("keyvault_auditevent_changelist"), {"from": "2026-13-45"})
+    assert response.status_code == 200 and list(response.context["cl"].result_list) == []
+    assert any("from: not a date" in m for m in messages_of(response))
+    backwards = auditor.get(url("keyvault_auditevent_changelist"), {"from": "2026-02-01", "to": "2026-01-01"})
+    assert any("from must be before to" in m for m in messages_of(backwards))
+
+
+def test_audit_list_pages_by_key_without_offset(auditor, world, settings):
+    # given more events than fit a page
+    for number in range(7):
+        services.rotate_kek_version(world.alpha, actor=Actor(name=f"user:pager{number}"))
+    all_sequences = list(AuditEvent.objects.order_by("-sequence").values_list("sequence", flat=True))
+    from keyvault.console.admin import AuditEventAdmin
+
+    page_size = 5
+    original, AuditEventAdmin.list_per_page = AuditEventAdmin.list_per_page, page_size
+    try:
+        # when the pages are walked through their "older" links
+        seen, params, queries = [], {}, []
+        while True:
+            with CaptureQueriesContext(connection) as captured:
+                response = auditor.get(url("keyvault_auditevent_changelist"), params)
+            queries += [q["sql"] for q in captured.captured_queries]
+            cl = response.context["cl"]
+            seen += [event.sequence for event in cl.result_list]
+            if not cl.older_query:
+                break
+            params = {"before": cl.older_query.split("before=")[1].split("&")[0]}
+        # then every event appears once, newest first, and no query skipped rows with OFFSET
+        assert seen == all_sequences
+        assert not any("OFFSET" in sql.upper() for sql in queries if "keyvault_auditevent" in sql)
+        # and "newer" from the second page leads back to the first
+        second = auditor.get(url("keyvault_auditevent_changelist"), {"before": all_sequences[page_size - 1]})
+        newer = second.context["cl"].newer_query
+        back = auditor.get(url("keyvault_auditevent_changelist") + newer)
+        assert [e.sequence for e in back.context["cl"].result_list] == all_sequences[:page_size]
+        # a filter link drops the cursor: it starts again at the newest match
+        assert "before=" not in second.context["cl"].get_query_string({"outcome": "success"})
+    finally:
+        AuditEventAdmin.list_per_page = original
+
+
+def test_a_time_range_is_listed_newest_first_and_paged_by_time(auditor, world):
+    from keyvault.console.admin import AuditEventAdmin
+
+    for number in range(6):
+        services.rotate_kek_version(world.alpha, actor=Actor(name=f"user:ranger{number}"))
+    today = timezone.now().date()
+    expected = list(AuditEvent.objects.order_by("-timestamp", "-sequence").values_list("sequence", flat=True))
+    original, AuditEventAdmin.list_per_page = AuditEventAdmin.list_per_page, 4
+    try:
+        seen, params = [], {"from": str(today), "to": str(today)}
+        while True:
+            cl = auditor.get(url("keyvault_auditevent_changelist"), params).context["cl"]
+            seen += [event.sequence for event in cl.result_list]
+            if not cl.older_query:
+                break
+            params = {"from": str(today), "to": str(today), "before": cl.older_query.split("before=")[1].split("&")[0]}
+        assert seen == expected
+    finally:
+        AuditEventAdmin.list_per_page = original

@@ -436,3 +436,117 @@ def test_export_needs_the_export_permission_and_a_post(client, seeded):
 def test_anonymous_is_sent_to_login(client):
     response = client.get(reverse("reports:index"))
     assert response.status_code == 302 and response["Location"].startswith(reverse("admin:login"))
+
+
+# -- who did what at volume: keyset pages and a streamed CSV (issue 16) ---------------------------
+
+
+def test_activity_pages_by_key_and_together_make_the_whole_report(seeded):
+    whole = reports.build("activity", {})
+
+    pages, after = [], None
+    while True:
+        page = reports.build_page("activity", {}, after=after, limit=7)
+        pages.append(page)
+        if page.next_after is None:
+            break
+        after = page.next_after
+
+    assert len(pages) > 2 and all(page.paged and len(page.rows) <= 7 for page in pages)
+    assert [row["sequence"] for page in pages for row in page.rows] == [row["sequence"] for row in whole.rows]
+    assert pages[-1].next_after is None
+
+
+def test_a_page_stops_at_the_chain_position_it_is_stamped_with(seeded):
+    page = reports.build_page("activity", {}, limit=10_000)
+    assert max(row["sequence"] for row in page.rows) == page.chain_sequence
+
+
+def test_streamed_csv_holds_every_row_and_verifies(seeded):
+    # given the expected rows
+    expected = [str(row["sequence"]) for row in reports.build("activity", {"kek": "payments"}).rows]
+
+    # when the CSV is streamed in small chunks
+    stream = reports.stream_csv("activity", {"kek": "payments"}, actor=SYSTEM)
+    original, reports.STREAM_CHUNK_ROWS = reports.STREAM_CHUNK_ROWS, 3
+    try:
+        chunks = list(stream)
+    finally:
+        reports.STREAM_CHUNK_ROWS = original
+    content = b"".join(chunks)
+
+    # then it came in several pieces, holds every row, and its seal names a recorded export event
+    assert len(chunks) > 3
+    body, seal = body_and_seal(content)
+    lines = body.decode().splitlines()
+    data = list(csv.reader(line for line in lines if not line.startswith("#")))
+    assert [row[0] for row in data[1:]] == expected
+    assert lines[-1] == f"# rows: {len(expected)}" and stream.rows == len(expected)
+    check = reports.verify_export(content)
+    assert check.body_sha256 == stream.body_sha256 == hashlib.sha256(body).hexdigest()
+    assert check.event.sequence == stream.event_sequence
+    assert check.event.details["rows"] == len(expected) and check.event.details["report"] == "activity"
+
+
+def test_a_streamed_csv_cut_short_records_nothing_and_does_not_verify(seeded):
+    exports = AuditEvent.objects.filter(action=audit.Action.AUDIT_EXPORTED)
+    before = exports.count()
+    stream = iter(reports.stream_csv("activity", {}, actor=SYSTEM))
+
+    first = next(stream)
+    stream.close()  # the client went away
+
+    assert exports.count() == before
+    with pytest.raises(reports.ExportNotVerified):
+        reports.verify_export(first)
+
+
+def test_console_streams_the_activity_csv_and_the_cli_writes_the_same_kind(client, seeded, tmp_path):
+    client.force_login(make_role_user("auditor"))
+
+    response = client.post(reverse("reports:export", args=["activity", "csv"]), {"user": "olivia"})
+
+    assert response.status_code == 200 and response.streaming
+    content = b"".join(response.streaming_content)
+    check = reports.verify_export(content)
+    assert check.event.actor == "user:auditor" and check.event.details["filters"]["user"] == "olivia"
+    assert response["Content-Disposition"].startswith('attachment; filename="keyvault-activity-at-')
+
+    target = tmp_path / "activity.csv"
+    call_command("report", "activity", "--user", "olivia", "--output", str(target), stderr=StringIO())
+    assert reports.verify_export(target.read_bytes()).event.details["rows"] == check.event.details["rows"]
+
+
+def test_activity_page_links_the_next_page_and_marks_failures_red(client, seeded):
+    from keyvault.audit import events as audit_events
+
+    denied = audit_events.access_denied(actor=Actor(name="user:olivia"), method="GET", path="/keyvault/")
+    client.force_login(make_role_user("auditor"))
+    assert AuditEvent.objects.filter(actor="user:olivia").count() >= 2
+    original, reports.PAGE_ROWS = reports.PAGE_ROWS, 1
+    try:
+        first = client.get(reverse("reports:report", args=["activity"]), {"user": "olivia"})
+        page = first.content.decode()
+        report = first.context["report"]
+        assert report.paged and len(report.rows) == 1
+        assert f'href="?user=olivia&amp;after={report.next_after}"' in page
+        last_page = client.get(reverse("reports:report", args=["activity"]),
+                               {"user": "olivia", "after": denied.sequence - 1})
+    finally:
+        reports.PAGE_ROWS = original
+    text = last_page.content.decode()
+    assert '<tr class="kv-row-problem">' in text and "denied" in text
+    assert "end of the report" in text and "first page" in text
+
+
+def test_a_period_of_activity_pages_in_time_order(seeded):
+    period = {"since": "2000-01-01", "until": "2100-01-01"}
+    whole = [row["sequence"] for row in reports.build("activity", period).rows]
+    seen, after = [], None
+    while True:
+        page = reports.build_page("activity", period, after=after, limit=4)
+        seen += [row["sequence"] for row in page.rows]
+        if page.next_after is None:
+            break
+        after = page.next_after
+    assert seen == whole and len(whole) > 4
