@@ -74,8 +74,10 @@ class ManagedSecretForm(forms.ModelForm):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.fields["config"].help_text = config_help()
-        self.fields["source"].widget = forms.Select(choices=source_choices(self.instance.source))
+        if "config" in self.fields:  # absent where the user may only view the secret (read-only fields)
+            self.fields["config"].help_text = config_help()
+        if "source" in self.fields:
+            self.fields["source"].widget = forms.Select(choices=source_choices(self.instance.source))
 
 
     def clean(self):
