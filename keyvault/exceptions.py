@@ -59,6 +59,14 @@ class ApiForbidden(KeyvaultError):
         self.code = code
 
 
+class ApiBadRequest(KeyvaultError):
+    """A request item the API cannot take as given, e.g. an encryption context that is not a string map (400)."""
+
+    def __init__(self, message: str, *, code: str):
+        super().__init__(message)
+        self.code = code
+
+
 class ApiNotFound(KeyvaultError):
     """No such KEK or data key *for this client*: foreign ones answer the same (404)."""
 

@@ -26,7 +26,14 @@ from django.utils import timezone
 from django.utils.crypto import salted_hmac
 
 from keyvault.audit import Actor, events
-from keyvault.exceptions import ApiAuthenticationFailed, ApiForbidden, ApiNotFound, ApiRateLimited, PayloadTooLarge
+from keyvault.exceptions import (
+    ApiAuthenticationFailed,
+    ApiBadRequest,
+    ApiForbidden,
+    ApiNotFound,
+    ApiRateLimited,
+    PayloadTooLarge,
+)
 from keyvault.keys import envelopes
 from keyvault.keys import services as key_services
 from keyvault.kms import InvalidCiphertext
@@ -266,9 +273,12 @@ def check_context(client: ApiClient, context: Mapping[str, str] | None) -> dict[
     """The context, validated and normalised, if it meets the client's constraints.
 
     :raises ApiForbidden: a required key is missing, or its value matches none of the allowed ones.
-    :raises TypeError, ValueError: not a string-to-string mapping, or too large.
+    :raises ApiBadRequest: not a string-to-string mapping of valid Unicode, or too large.
     """
-    context = normalise_context(context)
+    try:
+        context = normalise_context(context)
+    except (TypeError, ValueError) as exc:  # UnicodeEncodeError (a lone surrogate) is a ValueError
+        raise ApiBadRequest(f"invalid encryption context: {type(exc).__name__}", code="invalid-context") from None
     for key, allowed in client.context_constraints.items():
         if key not in context:
             raise ApiForbidden(f"encryption context must contain {key!r}", code="context")

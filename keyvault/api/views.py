@@ -21,8 +21,9 @@ from typing import Any
 
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse
-from ninja import NinjaAPI, Schema
-from ninja.errors import AuthenticationError, ValidationError
+from ninja import NinjaAPI, Schema, Status
+from django.http import Http404
+from ninja.errors import AuthenticationError, HttpError, ValidationError
 from ninja.security import HttpBearer
 from prometheus_client import Counter, Histogram
 from pydantic import ConfigDict, Field
@@ -30,6 +31,7 @@ from pydantic import ConfigDict, Field
 from keyvault.api import services
 from keyvault.exceptions import (
     ApiAuthenticationFailed,
+    ApiBadRequest,
     ApiForbidden,
     ApiNotFound,
     ApiRateLimited,
@@ -103,8 +105,8 @@ def problem_for(exc: Exception) -> ApiProblem:
         case ProviderUnavailable():
             retry = getattr(exc, "retry_after", None)
             return ApiProblem("provider-unavailable", retry_after=int(retry or PROVIDER_RETRY_AFTER))
-        case TypeError() | ValueError():
-            return ApiProblem("invalid-context", str(exc)[:200])
+        case ApiBadRequest():
+            return ApiProblem(exc.code, str(exc)[:200])
     raise exc
 
 
@@ -128,6 +130,11 @@ class Bearer(HttpBearer):
         services.throttle(client)
         if not length.isdigit() or int(length) > MAX_BODY_BYTES:
             raise PayloadTooLarge(f"bodies larger than {MAX_BODY_BYTES} bytes are refused")
+        if request.method == "POST" and not hasattr(request, "_body"):
+            # The API's own limit replaces DATA_UPLOAD_MAX_MEMORY_SIZE (the console's): read it here.
+            request._body = request.read(MAX_BODY_BYTES + 1)
+            if len(request._body) > MAX_BODY_BYTES:
+                raise PayloadTooLarge(f"bodies larger than {MAX_BODY_BYTES} bytes are refused")
         return client
 
     def authenticate(self, request, token):  # pragma: no cover - __call__ does it all
@@ -183,12 +190,16 @@ def _on_service_error(request, exc):
     return _problem_response(request, problem_for(exc))
 
 
-for _error in (ApiProblem, ApiAuthenticationFailed, ApiForbidden, ApiNotFound, ApiRateLimited, PayloadTooLarge,
+for _error in (ApiProblem, ApiAuthenticationFailed, ApiBadRequest, ApiForbidden, ApiNotFound, ApiRateLimited, PayloadTooLarge,
                InvalidCiphertext, KeyNotFound, KeyDisabled, ProviderUnavailable):
     api.add_exception_handler(_error, _on_service_error)
 api.add_exception_handler(AuthenticationError, lambda request, exc: _problem_response(request, ApiProblem("unauthorized")))
 api.add_exception_handler(ValidationError, lambda request, exc: _problem_response(
     request, ApiProblem("invalid-request", "; ".join(_describe(e) for e in exc.errors[:5]))))
+api.add_exception_handler(HttpError, lambda request, exc: _problem_response(
+    request, ApiProblem("invalid-request", str(exc)[:200]) if exc.status_code == 400 else ApiProblem("unauthorized")
+    if exc.status_code == 401 else ApiProblem("not-found")))
+api.add_exception_handler(Http404, lambda request, exc: _problem_response(request, ApiProblem("not-found")))
 api.add_exception_handler(RequestDataTooBig, lambda request, exc: _problem_response(
     request, ApiProblem("payload-too-large")))
 
@@ -376,8 +387,8 @@ def generate_data_key(request, name: str, payload: GenerateIn | GenerateBatchIn)
 
     if isinstance(payload, GenerateBatchIn):
         services.kek_for(client, name)  # a foreign KEK is 404 for the whole call, as for one item
-        return 200, _batch(request, payload.batch, one)
-    return 201, one(payload)
+        return Status(200, _batch(request, payload.batch, one))
+    return Status(201, one(payload))
 
 
 def _unwrap_one(request, client, actor, data_key_id: int, context: Context) -> dict:
@@ -395,14 +406,15 @@ def _unwrap_one(request, client, actor, data_key_id: int, context: Context) -> d
 def unwrap_data_key(request, data_key_id: int, payload: UnwrapIn):
     client, actor = _start(request, ApiClient.Operation.UNWRAP)
     result = _unwrap_one(request, client, actor, data_key_id, payload.context)
-    return 200, {"plaintext": result["plaintext"], "kek_version": result["kek_version"]}
+    return Status(200, {"plaintext": result["plaintext"], "kek_version": result["kek_version"]})
 
 
 @api.post("/data-keys/unwrap", response={200: BatchOut, **ERRORS}, url_name="unwrap_data_keys", exclude_none=True,
           summary="Unwrap many data keys by id")
 def unwrap_data_keys(request, payload: UnwrapBatchIn):
     client, actor = _start(request, ApiClient.Operation.UNWRAP)
-    return 200, _batch(request, payload.batch, lambda item: _unwrap_one(request, client, actor, item.id, item.context))
+    return Status(200, _batch(request, payload.batch,
+                              lambda item: _unwrap_one(request, client, actor, item.id, item.context)))
 
 
 @api.get("/data-keys/{data_key_id}", response={200: DataKeyMetadata, **ERRORS}, url_name="describe_data_key",
@@ -412,16 +424,16 @@ def describe_data_key(request, data_key_id: int):
     if not 0 < data_key_id < 2**63:
         raise ApiNotFound("no such data key")
     row = services.data_key_for(client, data_key_id)
-    return 200, {
+    return Status(200, {
         "id": row.pk, "kek": row.kek.name, "kek_version": row.kek_version, "key_spec": row.key_spec,
         "purpose": row.purpose, "owner_ref": row.owner_ref, "context_keys": sorted(row.encryption_context),
         "created_at": row.created_at.isoformat(),
         "last_rewrapped_at": row.last_rewrapped_at.isoformat() if row.last_rewrapped_at else None,
-    }
+    })
 
 
-@api.post("/keks/{name}/encrypt", response={200: CiphertextOut | BatchOut, **ERRORS}, url_name="encrypt", exclude_none=True,
-          summary="Envelope-encrypt up to 4 KiB under a KEK")
+@api.post("/keks/{name}/encrypt", response={200: CiphertextOut | BatchOut, **ERRORS}, url_name="encrypt",
+          exclude_none=True, summary="Envelope-encrypt up to 4 KiB under a KEK")
 def encrypt(request, name: str, payload: EncryptIn | EncryptBatchIn):
     client, actor = _start(request, ApiClient.Operation.ENCRYPT)
 
@@ -431,8 +443,8 @@ def encrypt(request, name: str, payload: EncryptIn | EncryptBatchIn):
 
     if isinstance(payload, EncryptBatchIn):
         services.kek_for(client, name)
-        return 200, _batch(request, payload.batch, one)
-    return 200, one(payload)
+        return Status(200, _batch(request, payload.batch, one))
+    return Status(200, one(payload))
 
 
 def _blob_operation(operation: str, call: Callable, field: str):
@@ -443,8 +455,8 @@ def _blob_operation(operation: str, call: Callable, field: str):
             return {field: _b64(call(client, _unb64(item.ciphertext), actor=actor, context=item.context))}
 
         if isinstance(payload, CiphertextBatchIn):
-            return 200, _batch(request, payload.batch, one)
-        return 200, one(payload)
+            return Status(200, _batch(request, payload.batch, one))
+        return Status(200, one(payload))
 
     return view
 
@@ -465,4 +477,4 @@ def list_keks(request):
     for kek in services.usable_keks(client):
         primary = next((v.number for v in kek.versions.all() if v.is_primary), None)
         keks.append({"name": kek.name, "state": kek.state, "primary_version": primary, "provider": kek.provider})
-    return 200, {"keks": keks}
+    return Status(200, {"keks": keks})

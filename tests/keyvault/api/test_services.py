@@ -10,7 +10,7 @@ from django.test import override_settings
 from django.utils import timezone
 
 from keyvault.api import services
-from keyvault.exceptions import ApiAuthenticationFailed, ApiForbidden, ApiNotFound, ApiRateLimited
+from keyvault.exceptions import ApiAuthenticationFailed, ApiBadRequest, ApiForbidden, ApiNotFound, ApiRateLimited
 from keyvault.keys import services as key_services
 from keyvault.models import ApiClient, ApiToken, AuditEvent
 
@@ -128,8 +128,9 @@ def test_context_constraints_need_the_keys_and_match_values_or_globs(kek, system
         with pytest.raises(ApiForbidden) as caught:
             services.check_context(client, bad)
         assert caught.value.code == "context"
-    with pytest.raises(TypeError):
-        services.check_context(client, {"service": 1})
+    for invalid in ({"service": 1}, {"service": "billing", "tenant": "acme-1", "region": "\ud800"}):
+        with pytest.raises(ApiBadRequest):
+            services.check_context(client, invalid)
 
 
 def test_address_allowlist(kek, system_actor):
