@@ -321,9 +321,18 @@ def data_key_for(client: ApiClient, data_key_id: int) -> DataKey:
     return row
 
 
-def usable_keks(client: ApiClient) -> list[KeyEncryptionKey]:
-    """The client's KEKs, with their versions loaded."""
-    return list(client.keks.prefetch_related("versions").order_by("name"))
+def describe_data_key(client: ApiClient, data_key_id: int, *, actor: Actor) -> DataKey:
+    """A data key of the client's, for its metadata (the read is audited)."""
+    row = data_key_for(client, data_key_id)
+    events.api_metadata_read(actor=actor, operation="describe", kek=row.kek.name, data_key=row.pk)
+    return row
+
+
+def usable_keks(client: ApiClient, *, actor: Actor) -> list[KeyEncryptionKey]:
+    """The client's KEKs, with their versions loaded (the read is audited)."""
+    keks = list(client.keks.prefetch_related("versions").order_by("name"))
+    events.api_metadata_read(actor=actor, operation="list_keks")
+    return keks
 
 
 def actor_for(client: ApiClient, *, ip_address: str | None, request_id: str) -> Actor:

@@ -126,6 +126,7 @@ class Bearer(HttpBearer):
         length = request.META.get("CONTENT_LENGTH") or "0"
         client = services.authenticate(request.headers.get("Authorization"))
         request._api_client = client.name
+        request._api_actor = services.actor_for(client, ip_address=client_ip(request), request_id=request_id(request))
         services.check_address(client, client_ip(request))
         services.throttle(client)
         if not length.isdigit() or int(length) > MAX_BODY_BYTES:
@@ -359,11 +360,8 @@ def _unb64(text: str) -> bytes:
 
 
 def _start(request: HttpRequest, operation: str) -> tuple[ApiClient, Any]:
-    client = request.auth
-    actor = request._api_actor = services.actor_for(client, ip_address=client_ip(request),
-                                                   request_id=request_id(request))
-    services.check_operation(client, operation)
-    return client, actor
+    services.check_operation(request.auth, operation)
+    return request.auth, request._api_actor
 
 
 def _batch(request: HttpRequest, items: list, one: Callable[[Any], dict]) -> dict:
@@ -433,10 +431,10 @@ def unwrap_data_keys(request, payload: UnwrapBatchIn):
 @api.get("/data-keys/{data_key_id}", response={200: DataKeyMetadata, **ERRORS}, url_name="describe_data_key",
          summary="A data key's metadata (never key material)")
 def describe_data_key(request, data_key_id: int):
-    client, _ = _start(request, ApiClient.Operation.DESCRIBE)
+    client, actor = _start(request, ApiClient.Operation.DESCRIBE)
     if not 0 < data_key_id < 2**63:
         raise ApiNotFound("no such data key")
-    row = services.data_key_for(client, data_key_id)
+    row = services.describe_data_key(client, data_key_id, actor=actor)
     return Status(200, {
         "id": row.pk, "kek": row.kek.name, "kek_version": row.kek_version, "key_spec": row.key_spec,
         "purpose": row.purpose, "owner_ref": row.owner_ref, "context_keys": sorted(row.encryption_context),
@@ -484,10 +482,8 @@ api.post("/rewrap", response={200: CiphertextOut | BatchOut, **ERRORS}, url_name
 
 @api.get("/keks", response={200: KeksOut, **ERRORS}, url_name="list_keks", summary="The KEKs this client may use")
 def list_keks(request):
-    client = request.auth
-    request._api_actor = services.actor_for(client, ip_address=client_ip(request), request_id=request_id(request))
     keks = []
-    for kek in services.usable_keks(client):
+    for kek in services.usable_keks(request.auth, actor=request._api_actor):
         primary = next((v.number for v in kek.versions.all() if v.is_primary), None)
         keks.append({"name": kek.name, "state": kek.state, "primary_version": primary, "provider": kek.provider})
     return Status(200, {"keks": keks})

@@ -569,6 +569,15 @@ def api_call_refused(*, actor: Actor, operation: str, reason: str, kek: str | No
                         details={"operation": operation, "reason": reason, "kek": kek, "data_key": data_key})
 
 
+@_emits(Action.API_READ)
+def api_metadata_read(*, actor: Actor, operation: str, kek: str | None = None,
+                      data_key: int | None = None) -> AuditEvent:
+    """An API client read metadata: a data key's (``describe``) or the list of its KEKs (never key material)."""
+    target = ("datakey", data_key) if data_key is not None else ("api", operation)
+    return audit.record(Action.API_READ, actor=actor, target=target,
+                        details={"operation": operation, "kek": kek, "data_key": data_key})
+
+
 @_emits(Action.DATA_KEY_REWRAPPED)
 def envelope_rewrapped(kek_name: str, *, actor: Actor, to_version: int) -> AuditEvent:
     """An envelope blob's DEK was moved to its KEK's primary version (the blob is the caller's, not stored)."""

@@ -80,7 +80,6 @@ class ApiToken(models.Model):
     expires_at = models.DateTimeField("expires", null=True, blank=True, editable=False,
                                       help_text="Set when a newer token replaces this one (end of the overlap).")
     revoked_at = models.DateTimeField("revoked", null=True, blank=True, editable=False)
-    last_used_at = models.DateTimeField("last used", null=True, blank=True, editable=False)
 
     class Meta:
         """Written only by ``keyvault.api.services``."""

@@ -261,6 +261,7 @@ class AuditEvent(models.Model):
         API_CLIENT_CREATED = "api.client_created", "API client created"
         API_CLIENT_CHANGED = "api.client_changed", "API client changed (token rotated, revoked)"
         API_DENIED = "api.denied", "API call refused"
+        API_READ = "api.read", "API metadata read"
         KMS_MASTER_KEY_REKEYED = "kms.master_key_rekeyed", "Local KMS keyring re-keyed under a new master key"
         OTHER = "other", "Other"
 

@@ -194,6 +194,10 @@ def test_refusals_of_a_known_client_are_audited_without_context_values(api, worl
     api.post(f"data-keys/{world.foreign_data_key.pk}/unwrap", {"context": CTX}, token=world.valid,
              address=GOOD_ADDRESS)
     api.post("keks/billing-kek/data-keys", {"context": BAD_CTX}, token=world.valid, address=GOOD_ADDRESS)
-    refused = AuditEvent.objects.filter(action="api.denied", actor="api:valid").order_by("sequence")
-    assert [e.details["reason"] for e in refused] == ["not_found", "context"]
+    api.get("keks", token=world.valid, address=BAD_ADDRESS)
+    api.get("keks", token=world.revoked, address=GOOD_ADDRESS)  # not a known client any more: not audited
+    refused = AuditEvent.objects.filter(action="api.denied").order_by("sequence")
+    assert [(e.actor, e.details["reason"]) for e in refused] == [
+        ("api:valid", "not_found"), ("api:valid", "context"), ("api:valid", "address")]
+    assert refused.last().ip_address == BAD_ADDRESS
     assert all(e.outcome == "denied" and "hr" not in str(e.details) for e in refused)

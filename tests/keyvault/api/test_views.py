@@ -86,6 +86,9 @@ def test_describe_gives_metadata_never_key_material(api, token, data_key):
     assert body["id"] == data_key["id"] and body["kek"] == "billing-kek" and body["context_keys"] == ["service"]
     assert not {"plaintext", "ciphertext", "wrapped_key", "context"} & set(body)
     assert data_key["ciphertext"] not in response.content.decode()
+    read = AuditEvent.objects.get(action="api.read")
+    assert read.actor == "api:billing" and read.details == {"operation": "describe", "kek": "billing-kek",
+                                                            "data_key": data_key["id"]}
 
 
 def test_encrypt_decrypt_rewrap_round_trip(api, token, kek, system_actor):
@@ -122,6 +125,7 @@ def test_list_keks_shows_only_the_clients(api, token, other_kek):
     response = api.get("keks", token=token)
     assert response.json() == {"keks": [{"name": "billing-kek", "state": "enabled", "primary_version": 1,
                                          "provider": "local"}]}
+    assert AuditEvent.objects.filter(action="api.read", actor="api:billing", details__operation="list_keks").exists()
 
 
 def test_batches_align_and_one_bad_item_fails_alone(api, token, data_key):
