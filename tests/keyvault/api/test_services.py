@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
+import redis
 from django.core.management import call_command
 from django.test import override_settings
 from django.utils import timezone
@@ -15,6 +20,8 @@ from keyvault.keys import services as key_services
 from keyvault.models import ApiClient, ApiToken, AuditEvent
 
 pytestmark = pytest.mark.django_db
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def bearer(token: str) -> str:
@@ -188,3 +195,41 @@ def test_cli_create_rotate_list_revoke(kek, capsys):
         services.authenticate(bearer(new_token))
     events = AuditEvent.objects.filter(actor__startswith="system:cli:").values_list("action", flat=True)
     assert list(events.order_by("sequence")) == ["api.client_created", "api.client_changed", "api.client_changed"]
+
+
+THROTTLE_ELSEWHERE = """
+import django, sys
+django.setup()
+from keyvault.api import services
+from keyvault.exceptions import ApiRateLimited
+from keyvault.models import ApiClient
+client = ApiClient(pk=int(sys.argv[1]), rate_limit_per_second=3)
+try:
+    services.throttle(client, now=float(sys.argv[2]))
+except ApiRateLimited:
+    print("429")
+else:
+    print("ok")
+"""
+
+
+def test_the_rate_limit_is_one_budget_across_processes_through_redis(billing, settings):
+    # given the shared cache is Redis (HMD_CACHE_URL), as in production
+    url = os.environ.get("HMD_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+    redis.Redis.from_url(url).flushdb()
+    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": url,
+                                   "KEY_PREFIX": "keyvault"}}
+    client, _ = billing
+    client.rate_limit_per_second = 3
+    window = 5000.5
+
+    # when this process spends the client's budget for one second
+    for _ in range(3):
+        services.throttle(client, now=window)
+
+    # then another process is refused in that second, and allowed in the next
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "keyvault.settings", "HMD_CACHE_URL": url}
+    answers = [subprocess.run([sys.executable, "-c", THROTTLE_ELSEWHERE, str(client.pk), str(now)], env=env,
+                              capture_output=True, text=True, check=True, cwd=ROOT).stdout.strip()
+               for now in (window, window + 1)]
+    assert answers == ["429", "ok"]
