@@ -6,8 +6,10 @@ import base64
 import copy
 import json
 import socket
+from datetime import timedelta
 
 import pytest
+from django.utils import timezone
 from prometheus_client import REGISTRY
 
 from keyvault.api import services
@@ -15,7 +17,7 @@ from keyvault.api.views import MAX_BATCH, MAX_BODY_BYTES, PROBLEM_BASE
 from keyvault.keys import envelopes
 from keyvault.keys import services as key_services
 from keyvault.kms.envelope import read_header
-from keyvault.models import ApiClient, AuditEvent, DataKey, KeyEncryptionKey, KeyVersion
+from keyvault.models import ApiClient, ApiToken, AuditEvent, DataKey, KeyEncryptionKey, KeyVersion
 
 pytestmark = pytest.mark.django_db
 
@@ -249,3 +251,18 @@ def test_openapi_schema_is_3_1_and_names_every_endpoint(api):
         "/api/v1/data-keys/{data_key_id}", "/api/v1/keks/{name}/encrypt", "/api/v1/decrypt", "/api/v1/rewrap",
         "/api/v1/keks"}
     assert schema["components"]["securitySchemes"]["Bearer"]["scheme"] == "bearer"
+
+
+def test_a_rotated_token_overlaps_then_the_old_one_is_refused(api, billing, system_actor):
+    _, old = billing
+    new = services.rotate_token("billing", actor=system_actor, overlap=timedelta(hours=1))
+    assert api.get("keks", token=old).status_code == 200
+    assert api.get("keks", token=new).status_code == 200
+
+    # when the overlap has passed
+    ApiToken.objects.exclude(expires_at=None).update(expires_at=timezone.now() - timedelta(seconds=1))
+
+    problem(api.get("keks", token=old), "unauthorized", 401)
+    assert api.get("keks", token=new).status_code == 200
+    services.revoke_client("billing", actor=system_actor)
+    problem(api.get("keks", token=new), "unauthorized", 401)
