@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -104,7 +105,7 @@ def problem_for(exc: Exception) -> ApiProblem:
             return ApiProblem("key-not-usable", str(exc))
         case ProviderUnavailable():
             retry = getattr(exc, "retry_after", None)
-            return ApiProblem("provider-unavailable", retry_after=int(retry or PROVIDER_RETRY_AFTER))
+            return ApiProblem("provider-unavailable", retry_after=max(1, math.ceil(retry or PROVIDER_RETRY_AFTER)))
         case ApiBadRequest():
             return ApiProblem(exc.code, str(exc)[:200])
     raise exc
