@@ -45,3 +45,39 @@ class InvalidSearch(KeyvaultError):
 
 class InvalidPreference(KeyvaultError):
     """A console preference names a value Keyvault does not know (e.g. an unknown time zone)."""
+
+
+class ApiAuthenticationFailed(KeyvaultError):
+    """No, unknown, expired or revoked API token, or a revoked or expired client (401; one error for all)."""
+
+
+class ApiForbidden(KeyvaultError):
+    """The API client may not do this: operation, context or source address not allowed (403)."""
+
+    def __init__(self, message: str, *, code: str):
+        super().__init__(message)
+        self.code = code
+
+
+class ApiBadRequest(KeyvaultError):
+    """A request item the API cannot take as given, e.g. an encryption context that is not a string map (400)."""
+
+    def __init__(self, message: str, *, code: str):
+        super().__init__(message)
+        self.code = code
+
+
+class ApiNotFound(KeyvaultError):
+    """No such KEK or data key *for this client*: foreign ones answer the same (404)."""
+
+
+class ApiRateLimited(KeyvaultError):
+    """The API client went over its rate limit (429)."""
+
+    def __init__(self, message: str, *, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class PayloadTooLarge(KeyvaultError):
+    """A request or one item of it is larger than the API takes (413)."""

@@ -1,6 +1,7 @@
 from django.contrib import admin
 from django.urls import include, path
 
+from keyvault.api.views import api as application_api
 from keyvault.audit import siem
 from keyvault.console import report_views, views as console_views
 from keyvault.console.admin_views import providers_view
@@ -18,6 +19,7 @@ urlpatterns = [
     path("keyvault/providers/", admin.site.admin_view(providers_view), name="keyvault_providers"),
     path("search/", admin.site.admin_view(console_views.search_view), name="console-search"),
     path("preferences/", admin.site.admin_view(console_views.preferences_view), name="console-preferences"),
+    path("api/v1/", application_api.urls),
     path("siem/events", siem.events_view, name="siem-events"),
     path("reports/", include(report_views.urlpatterns())),
     path("", admin.site.admin_view(report_views.console_index), name="console-home"),  # admin:index, with dashboard

@@ -530,3 +530,56 @@ def outbound_refused(secret: ManagedSecret, *, actor: Actor, run_id: int, endpoi
     """A rotation run's executor was refused an endpoint outside the outbound allowlist; nothing was sent."""
     return _secret(secret, "outbound_refused", actor=actor, outcome=Outcome.DENIED, run_id=run_id, endpoint=endpoint,
                    what=what)
+
+
+# -- application clients of the API (keyvault.api.services) ------------------------------------
+
+
+@_emits(Action.API_CLIENT_CREATED)
+def api_client_created(client: Any, *, actor: Actor, owner: str, keks: Sequence[str], operations: Sequence[str],
+                       context_keys: Sequence[str], networks: Sequence[str], expires_at: str | None,
+                       token_prefix: str) -> AuditEvent:
+    """An API client was created with its first token (only the token's prefix is recorded)."""
+    return audit.record(Action.API_CLIENT_CREATED, actor=actor, target=("apiclient", client.name), details={
+        "owner": owner, "keks": list(keks), "operations": list(operations), "context_keys": list(context_keys),
+        "networks": list(networks), "expires_at": expires_at, "token_prefix": token_prefix})
+
+
+@_emits(Action.API_CLIENT_CHANGED)
+def api_token_rotated(client: Any, *, actor: Actor, token_prefix: str, previous_prefix: str | None,
+                      previous_expires_at: str | None) -> AuditEvent:
+    """An API client got a new token; the previous one works until ``previous_expires_at`` (the overlap)."""
+    return audit.record(Action.API_CLIENT_CHANGED, actor=actor, target=("apiclient", client.name), details={
+        "event": "token_rotated", "token_prefix": token_prefix, "previous_prefix": previous_prefix,
+        "previous_expires_at": previous_expires_at})
+
+
+@_emits(Action.API_CLIENT_CHANGED)
+def api_client_revoked(client: Any, *, actor: Actor, reason: str, tokens_revoked: int) -> AuditEvent:
+    """An API client was revoked: every token of it answers 401 from now on."""
+    return audit.record(Action.API_CLIENT_CHANGED, actor=actor, target=("apiclient", client.name), details={
+        "event": "revoked", "reason": reason, "tokens_revoked": tokens_revoked})
+
+
+@_emits(Action.API_DENIED)
+def api_call_refused(*, actor: Actor, operation: str, reason: str, kek: str | None = None,
+                     data_key: int | None = None) -> AuditEvent:
+    """An authenticated API client was refused an operation (``reason`` a stable code; no context values)."""
+    return audit.record(Action.API_DENIED, actor=actor, target=("api", operation), outcome=Outcome.DENIED,
+                        details={"operation": operation, "reason": reason, "kek": kek, "data_key": data_key})
+
+
+@_emits(Action.API_READ)
+def api_metadata_read(*, actor: Actor, operation: str, kek: str | None = None,
+                      data_key: int | None = None) -> AuditEvent:
+    """An API client read metadata: a data key's (``describe``) or the list of its KEKs (never key material)."""
+    target = ("datakey", data_key) if data_key is not None else ("api", operation)
+    return audit.record(Action.API_READ, actor=actor, target=target,
+                        details={"operation": operation, "kek": kek, "data_key": data_key})
+
+
+@_emits(Action.DATA_KEY_REWRAPPED)
+def envelope_rewrapped(kek_name: str, *, actor: Actor, to_version: int) -> AuditEvent:
+    """An envelope blob's DEK was moved to its KEK's primary version (the blob is the caller's, not stored)."""
+    return audit.record(Action.DATA_KEY_REWRAPPED, actor=actor, target=("keyencryptionkey", kek_name),
+                        details={"envelope": True, "to_version": to_version})

@@ -975,3 +975,4 @@ admin.site.get_urls = _urls_after_restricting_lookups
 
 
 from keyvault.console import secrets_admin  # noqa: E402,F401 - registers the managed-secret pages
+from keyvault.console import api_admin  # noqa: E402,F401 - registers the API client pages

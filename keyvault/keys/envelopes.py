@@ -162,3 +162,15 @@ def decrypt(blob: bytes, *, actor: Actor, encryption_context: Mapping[str, str] 
         raise
     events.envelope_decrypted(view.name, actor=actor, size=len(plaintext))
     return plaintext
+
+
+def rewrap(blob: bytes, *, actor: Actor, encryption_context: Mapping[str, str] | None = None) -> bytes:
+    """Move a blob's DEK to its KEK's primary version, audited (failures as a failed decrypt)."""
+    try:
+        view = kek_for_blob(blob)
+        moved = encryptor(view).rewrap(blob, encryption_context=encryption_context)
+    except Exception as exc:
+        events.envelope_decrypt_failed(actor=actor, error=type(exc).__name__)
+        raise
+    events.envelope_rewrapped(view.name, actor=actor, to_version=read_header(moved).kek_version)
+    return moved

@@ -21,10 +21,13 @@ from keyvault.models.core import (
     ManagedSecret,
     SiemConsumer,
 )
+from keyvault.models.api import ApiClient, ApiToken
 from keyvault.models.preferences import DEFAULT_TIME_ZONE, ConsolePreference
 from keyvault.models.totp import DEVICE_GRACE_FAILURES, DEVICE_MAX_BACKOFF_SECONDS, TOTPDevice, new_totp_key
 
 __all__ = [
+    "ApiClient",
+    "ApiToken",
     "DEFAULT_TIME_ZONE",
     "ConsolePreference",
     "DEVICE_GRACE_FAILURES",

@@ -258,6 +258,10 @@ class AuditEvent(models.Model):
         DEVICE_THROTTLE_RESET = "2fa.throttle_reset", "Two-factor throttling reset"
         SIEM_CONSUMER_CREATED = "siem.consumer_created", "SIEM consumer created"
         SIEM_CONSUMER_CHANGED = "siem.consumer_changed", "SIEM consumer changed"
+        API_CLIENT_CREATED = "api.client_created", "API client created"
+        API_CLIENT_CHANGED = "api.client_changed", "API client changed (token rotated, revoked)"
+        API_DENIED = "api.denied", "API call refused"
+        API_READ = "api.read", "API metadata read"
         KMS_MASTER_KEY_REKEYED = "kms.master_key_rekeyed", "Local KMS keyring re-keyed under a new master key"
         OTHER = "other", "Other"
 

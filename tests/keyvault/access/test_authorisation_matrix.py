@@ -90,6 +90,14 @@ def siem_consumer(world):
     return siem.create_consumer(name="matrix", actor=siem.Actor.system("tests"))[0].pk
 
 
+def api_client(world):
+    from keyvault.api import services as api_services
+    from keyvault.audit import Actor
+
+    return api_services.create_client(name="matrix-app", actor=Actor.system("tests"), keks=["alpha"],
+                                      operations=["unwrap"])[0].pk
+
+
 def a_user(world):
     from django.contrib.auth.models import User
 
@@ -359,6 +367,19 @@ MATRIX: tuple[Row, ...] = (
         lambda w: {"name": "collector"}),
     Row("deactivate SIEM consumer", "POST", admin_url("keyvault_siemconsumer_change", siem_consumer), ADMIN_POST),
     Row("SIEM events without a token", "GET", site_url("siem-events"), TOKEN_ONLY),
+    # application API clients (keyvault.console.api_admin); the API itself: tests/keyvault/api/test_authorisation.py
+    Row("API client list", "GET", admin_url("keyvault_apiclient_changelist"), VIEW),
+    Row("API client page", "GET", admin_url("keyvault_apiclient_change", api_client), VIEW),
+    Row("add API client form", "GET", admin_url("keyvault_apiclient_add"), ADMIN_GET),
+    Row("add API client", "POST", admin_url("keyvault_apiclient_add"), ADMIN_POST_PAGE,
+        lambda w: {"name": "app", "keks": ["alpha"], "operations": ["unwrap"], "rate_limit_per_second": "10"}),
+    Row("rotate API client token form", "GET", admin_url("keyvault_apiclient_rotate_token", api_client), ADMIN_GET),
+    Row("rotate API client token", "POST", admin_url("keyvault_apiclient_rotate_token", api_client),
+        ADMIN_POST_PAGE, lambda w: {"overlap_hours": "1"}),
+    Row("revoke API client form", "GET", admin_url("keyvault_apiclient_revoke", api_client), ADMIN_GET),
+    Row("revoke API client", "POST", admin_url("keyvault_apiclient_revoke", api_client), ADMIN_POST,
+        lambda w: {"reason": "matrix"}),
+    Row("API without a token", "GET", site_url("api-v1:list_keks"), TOKEN_ONLY),
     # managed secrets (keyvault.console.secrets_admin)
     Row("secret list", "GET", admin_url("keyvault_managedsecret_changelist"), VIEW),
     Row("secret page", "GET", admin_url("keyvault_managedsecret_change", managed_secret), VIEW),
@@ -438,6 +459,8 @@ def test_every_console_route_of_ours_is_in_the_matrix():
     ours |= {"keyvault_keyencryptionkey_retire_version", "keyvault_auditevent_verify", "keyvault_datakey_destroy",
              "keyvault_keyencryptionkey_add", "keyvault_providers", "metrics"}
     ours |= {"console-search", "console-preferences"}
+    ours |= {"keyvault_apiclient_add", "keyvault_apiclient_rotate_token", "keyvault_apiclient_revoke",
+             "api-v1:list_keks"}
     ours |= {"keyvault_siemconsumer_add", "reports:index", "reports:report", "reports:export", "siem-events"}
     ours |= {"keyvault_managedsecret_add", "keyvault_managedsecret_rotate", "keyvault_managedsecret_provide_value"}
     ours |= {f"rotation_rotationrun_{name}" for name in ("progress", "approve", "tick", *RUN_CONTROLS)}

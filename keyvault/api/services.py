@@ -1,0 +1,412 @@
+"""Application clients: who may call ``/api/v1/``, with which token, on which KEKs, for what.
+
+The console and ``manage.py api client`` create, re-token and revoke clients here, audited.
+The API views authenticate and scope every call here, then call the key services
+(``keyvault.keys.services``, ``keyvault.keys.envelopes``), which stay the one writer of key
+state and audit each call with the client as actor (``api:<name>``).
+
+Tokens are 256 random bits, shown once. Only an HMAC of a token is stored, keyed with a key
+derived from ``SECRET_KEY``: the database alone grants no access (a dump's digests cannot be
+replayed and cannot be checked against guesses without the server's secret).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hmac
+import ipaddress
+import secrets
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timedelta
+
+from django.core.cache import cache
+from django.db import transaction
+from django.utils import timezone
+from django.utils.crypto import salted_hmac
+
+from keyvault.audit import Actor, events
+from keyvault.exceptions import (
+    ApiAuthenticationFailed,
+    ApiBadRequest,
+    ApiForbidden,
+    ApiNotFound,
+    ApiRateLimited,
+    PayloadTooLarge,
+)
+from keyvault.keys import envelopes
+from keyvault.keys import services as key_services
+from keyvault.kms import InvalidCiphertext
+from keyvault.kms.context import normalise_context
+from keyvault.kms.envelope import read_header
+from keyvault.models import ApiClient, ApiToken, DataKey, KeyEncryptionKey
+
+TOKEN_PREFIX = "kvapi_"
+TOKEN_BYTES = 32  # 256 bits
+_DIGEST_SALT = "keyvault.api.token"
+#: How long the previous token keeps working after a rotation, by default.
+DEFAULT_OVERLAP = timedelta(hours=24)
+OPERATIONS = tuple(ApiClient.Operation.values)
+MAX_TOKEN_LENGTH = 200
+
+
+def token_digest(token: str) -> str:
+    """The stored form of a token: HMAC-SHA256 under a key derived from ``SECRET_KEY``."""
+    return salted_hmac(_DIGEST_SALT, token, algorithm="sha256").hexdigest()
+
+
+def _new_token() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(TOKEN_BYTES)
+
+
+def _issue(client: ApiClient) -> tuple[ApiToken, str]:
+    token = _new_token()
+    row = ApiToken.objects.create(client=client, digest=token_digest(token), prefix=token[: len(TOKEN_PREFIX) + 4])
+    return row, token
+
+
+# -- validation of a client's settings ------------------------------------------------------------
+
+
+def parse_operations(values: Iterable[str]) -> list[str]:
+    """:raises ValueError: an operation Keyvault does not know."""
+    ops = sorted({value.strip() for value in values if value.strip()})
+    unknown = [op for op in ops if op not in OPERATIONS]
+    if unknown:
+        raise ValueError(f"unknown operation(s) {', '.join(unknown)}; choose from {', '.join(OPERATIONS)}")
+    return ops
+
+
+def parse_context_requirements(items: Iterable[str]) -> dict[str, list[str]]:
+    """``service=billing``, ``tenant=acme-*`` or a bare ``tenant`` (required, any value) -> constraints.
+
+    :raises ValueError: an empty key.
+    """
+    constraints: dict[str, list[str]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not key:
+            raise ValueError(f"context requirement {item!r} has no key (use KEY or KEY=VALUE)")
+        allowed = constraints.setdefault(key, [])
+        if sep:
+            allowed.append(value)
+    return constraints
+
+
+def parse_networks(values: Iterable[str]) -> list[str]:
+    """:raises ValueError: not a CIDR."""
+    return [str(ipaddress.ip_network(value.strip(), strict=False)) for value in values if value.strip()]
+
+
+def _keks(names: Sequence[str]) -> list[KeyEncryptionKey]:
+    found = {kek.name: kek for kek in KeyEncryptionKey.objects.filter(name__in=names)}
+    missing = [name for name in names if name not in found]
+    if missing:
+        raise ValueError(f"no KEK named {', '.join(missing)}")
+    return [found[name] for name in names]
+
+
+# -- management (console and CLI) ---------------------------------------------------------------
+
+
+def create_client(
+    *, name: str, actor: Actor, keks: Sequence[str], operations: Sequence[str], owner: str = "",
+    context_constraints: Mapping[str, Sequence[str]] | None = None, allowed_networks: Sequence[str] = (),
+    expires_at: datetime | None = None, rate_limit_per_second: int | None = None,
+) -> tuple[ApiClient, str]:
+    """Create a client and its first token; the token is returned once and never stored.
+
+    :raises ValueError: the name is taken, a KEK does not exist, an operation or CIDR is invalid.
+    """
+    ops = parse_operations(operations)
+    if not ops:
+        raise ValueError("a client needs at least one operation")
+    networks = parse_networks(allowed_networks)
+    constraints = {str(k): [str(v) for v in vals] for k, vals in (context_constraints or {}).items()}
+    with transaction.atomic():
+        if ApiClient.objects.filter(name=name).exists():
+            raise ValueError(f"an API client named {name!r} already exists")
+        kek_rows = _keks(list(keks))
+        client = ApiClient.objects.create(
+            name=name, owner=owner, operations=ops, context_constraints=constraints, allowed_networks=networks,
+            expires_at=expires_at, created_by=actor.name,
+            **({"rate_limit_per_second": rate_limit_per_second} if rate_limit_per_second is not None else {}),
+        )
+        client.keks.set(kek_rows)
+        row, token = _issue(client)
+        events.api_client_created(client, actor=actor, owner=owner, keks=[k.name for k in kek_rows], operations=ops,
+                                  context_keys=sorted(constraints), networks=networks,
+                                  expires_at=expires_at.isoformat() if expires_at else None, token_prefix=row.prefix)
+    return client, token
+
+
+def _client_named(name: str) -> ApiClient:
+    client = ApiClient.objects.select_for_update().filter(name=name).first()
+    if client is None:
+        raise ValueError(f"no API client named {name!r}")
+    return client
+
+
+def rotate_token(name: str, *, actor: Actor, overlap: timedelta = DEFAULT_OVERLAP,
+                 now: datetime | None = None) -> str:
+    """Issue a new token; the newest previous one keeps working for ``overlap``, any older one stops now.
+
+    :raises ValueError: no such client, or it is revoked.
+    """
+    now = now or timezone.now()
+    with transaction.atomic():
+        client = _client_named(name)
+        if not client.enabled:
+            raise ValueError(f"API client {name!r} is revoked; create a new one")
+        live = list(client.tokens.select_for_update().filter(revoked_at__isnull=True).order_by("-created_at", "-pk"))
+        previous = live[0] if live else None
+        for older in live[1:]:
+            older.revoked_at = now
+            older.save(update_fields=["revoked_at"])
+        if previous is not None:
+            ends = now + overlap
+            previous.expires_at = min(previous.expires_at, ends) if previous.expires_at else ends
+            previous.save(update_fields=["expires_at"])
+        row, token = _issue(client)
+        events.api_token_rotated(client, actor=actor, token_prefix=row.prefix,
+                                 previous_prefix=previous.prefix if previous else None,
+                                 previous_expires_at=previous.expires_at.isoformat() if previous else None)
+    return token
+
+
+def revoke_client(name: str, *, actor: Actor, reason: str = "", now: datetime | None = None) -> ApiClient:
+    """Revoke a client: every token of it answers 401 at once. Idempotent.
+
+    :raises ValueError: no such client.
+    """
+    now = now or timezone.now()
+    with transaction.atomic():
+        client = _client_named(name)
+        if not client.enabled:
+            return client
+        count = client.tokens.filter(revoked_at__isnull=True).update(revoked_at=now)
+        client.enabled = False
+        client.revoked_at = now
+        client.save(update_fields=["enabled", "revoked_at"])
+        events.api_client_revoked(client, actor=actor, reason=reason, tokens_revoked=count)
+    return client
+
+
+def list_clients() -> list[ApiClient]:
+    """Every client, with its KEKs loaded."""
+    return list(ApiClient.objects.prefetch_related("keks", "tokens"))
+
+
+def active_token_count(client: ApiClient, *, now: datetime | None = None) -> int:
+    now = now or timezone.now()
+    return sum(1 for t in client.tokens.all() if t.revoked_at is None and (t.expires_at is None or t.expires_at > now))
+
+
+# -- per call (the API views) -------------------------------------------------------------------
+
+
+def authenticate(header: str | None, *, now: datetime | None = None) -> ApiClient:
+    """The client whose usable token is in ``Authorization: Bearer <token>``.
+
+    :raises ApiAuthenticationFailed: missing, malformed, unknown, expired or revoked token, or the
+        client is revoked or expired (one error for all of them).
+    """
+    now = now or timezone.now()
+    scheme, _, token = (header or "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or len(token) > MAX_TOKEN_LENGTH:
+        raise ApiAuthenticationFailed("a bearer token is required")
+    digest = token_digest(token)
+    row = ApiToken.objects.select_related("client").filter(digest=digest).first()
+    if (
+        row is None
+        or not hmac.compare_digest(row.digest, digest)
+        or row.revoked_at is not None
+        or (row.expires_at is not None and row.expires_at <= now)
+        or not row.client.enabled
+        or (row.client.expires_at is not None and row.client.expires_at <= now)
+    ):
+        raise ApiAuthenticationFailed("invalid, expired or revoked token")
+    return row.client
+
+
+def check_address(client: ApiClient, address: str | None) -> None:
+    """:raises ApiForbidden: the client has an allowlist and ``address`` is not in it."""
+    if not client.allowed_networks:
+        return
+    try:
+        ip = ipaddress.ip_address(address or "")
+    except ValueError:
+        raise ApiForbidden("source address not allowed", code="address") from None
+    if not any(ip in ipaddress.ip_network(net) for net in client.allowed_networks):
+        raise ApiForbidden("source address not allowed", code="address")
+
+
+def throttle(client: ApiClient, *, now: float | None = None) -> None:
+    """Count one call in the client's one-second window, shared by every process through the cache.
+
+    :raises ApiRateLimited: the window is full (``retry_after`` = 1 s).
+    """
+    limit = client.rate_limit_per_second
+    if not limit:
+        return
+    window = int(now if now is not None else time.time())
+    key = f"api-rate:{client.pk}:{window}"
+    cache.add(key, 0, timeout=5)
+    try:
+        count = cache.incr(key)
+    except ValueError:  # expired between add and incr
+        cache.add(key, 1, timeout=5)
+        count = 1
+    if count > limit:
+        raise ApiRateLimited("rate limit exceeded", retry_after=1)
+
+
+def check_operation(client: ApiClient, operation: str) -> None:
+    """:raises ApiForbidden: the client may not do ``operation``."""
+    if operation not in client.operations:
+        raise ApiForbidden(f"this client may not {operation}", code="operation")
+
+
+def check_context(client: ApiClient, context: Mapping[str, str] | None) -> dict[str, str]:
+    """The context, validated and normalised, if it meets the client's constraints.
+
+    :raises ApiForbidden: a required key is missing, or its value matches none of the allowed ones.
+    :raises ApiBadRequest: not a string-to-string mapping of valid Unicode, or too large.
+    """
+    try:
+        context = normalise_context(context)
+    except (TypeError, ValueError) as exc:  # UnicodeEncodeError (a lone surrogate) is a ValueError
+        raise ApiBadRequest(f"invalid encryption context: {type(exc).__name__}", code="invalid-context") from None
+    for key, allowed in client.context_constraints.items():
+        if key not in context:
+            raise ApiForbidden(f"encryption context must contain {key!r}", code="context")
+        if allowed and not any(fnmatch.fnmatchcase(context[key], pattern) for pattern in allowed):
+            raise ApiForbidden(f"encryption context value of {key!r} is not allowed", code="context")
+    return context
+
+
+def _satisfies(client: ApiClient, context: Mapping[str, str]) -> bool:
+    try:
+        check_context(client, context)
+    except ApiForbidden:
+        return False
+    return True
+
+
+def kek_for(client: ApiClient, name: str) -> KeyEncryptionKey:
+    """The KEK ``name`` if this client may use it.
+
+    :raises ApiNotFound: no such KEK, or not this client's (the same answer).
+    """
+    kek = client.keks.filter(name=name).first()
+    if kek is None:
+        raise ApiNotFound("no such KEK")
+    return kek
+
+
+def data_key_for(client: ApiClient, data_key_id: int) -> DataKey:
+    """The data key ``data_key_id`` if it is under one of the client's KEKs, in a context it may use.
+
+    :raises ApiNotFound: no such data key, or not this client's (the same answer).
+    """
+    row = (
+        DataKey.objects.select_related("kek")
+        .filter(pk=data_key_id, kek__in=client.keks.all())
+        .first()
+    )
+    if row is None or not _satisfies(client, row.encryption_context):
+        raise ApiNotFound("no such data key")
+    return row
+
+
+def describe_data_key(client: ApiClient, data_key_id: int, *, actor: Actor) -> DataKey:
+    """A data key of the client's, for its metadata (the read is audited)."""
+    row = data_key_for(client, data_key_id)
+    events.api_metadata_read(actor=actor, operation="describe", kek=row.kek.name, data_key=row.pk)
+    return row
+
+
+def usable_keks(client: ApiClient, *, actor: Actor) -> list[KeyEncryptionKey]:
+    """The client's KEKs, with their versions loaded (the read is audited)."""
+    keks = list(client.keks.prefetch_related("versions").order_by("name"))
+    events.api_metadata_read(actor=actor, operation="list_keks")
+    return keks
+
+
+def actor_for(client: ApiClient, *, ip_address: str | None, request_id: str) -> Actor:
+    """The audit actor of a call: ``api:<client name>``."""
+    return Actor(name=f"api:{client.name}", ip_address=ip_address, request_id=request_id)
+
+
+def refused(actor: Actor, *, operation: str, reason: str, kek: str | None = None,
+            data_key: int | None = None) -> None:
+    """Audit a refusal of an authenticated client."""
+    events.api_call_refused(actor=actor, operation=operation, reason=reason, kek=kek, data_key=data_key)
+
+
+# -- the operations (one item each; the views batch them) ----------------------------------------
+
+#: The most plaintext ``encrypt`` takes in one item (as AWS KMS ``Encrypt``).
+MAX_ENCRYPT_BYTES = 4096
+
+
+def generate_data_key(client: ApiClient, kek_name: str, *, actor: Actor, context: Mapping[str, str] | None,
+                      purpose: str = "", owner_ref: str = "") -> tuple[DataKey, bytearray]:
+    """A new data key under the client's KEK, registered in the inventory (plaintext: wipe it after use)."""
+    kek = kek_for(client, kek_name)
+    context = check_context(client, context)
+    row, plain = key_services.create_data_key(kek, actor=actor, encryption_context=context, purpose=purpose[:200],
+                                              owner_ref=owner_ref[:200])
+    return row, plain.plaintext
+
+
+def unwrap_data_key(client: ApiClient, data_key_id: int, *, actor: Actor,
+                    context: Mapping[str, str] | None) -> tuple[DataKey, bytearray]:
+    """The data key's plaintext from its *current* wrapping (rotation-transparent).
+
+    :raises InvalidCiphertext: the context is not the one the data key was made with (opaque, audited).
+    """
+    context = check_context(client, context)
+    row = data_key_for(client, data_key_id)
+    if context != normalise_context(row.encryption_context):
+        events.data_key_unwrap_failed(row, actor=actor, error="InvalidCiphertext")
+        raise InvalidCiphertext()
+    return row, key_services.unwrap_data_key(row, actor=actor)
+
+
+def _client_kek_of_blob(client: ApiClient, blob: bytes) -> KeyEncryptionKey:
+    """The client's KEK a blob names; a blob of any other KEK is as opaque as garbage."""
+    header = read_header(blob)
+    kek = client.keks.filter(provider_key_id=header.kek_id).first()
+    if kek is None:
+        raise InvalidCiphertext()
+    return kek
+
+
+def encrypt(client: ApiClient, kek_name: str, plaintext: bytes, *, actor: Actor,
+            context: Mapping[str, str] | None) -> bytes:
+    """An envelope blob of ``plaintext`` under the client's KEK (audited).
+
+    :raises PayloadTooLarge: more than :data:`MAX_ENCRYPT_BYTES`.
+    """
+    if len(plaintext) > MAX_ENCRYPT_BYTES:
+        raise PayloadTooLarge(f"plaintext is larger than {MAX_ENCRYPT_BYTES} bytes; use a data key")
+    kek = kek_for(client, kek_name)
+    context = check_context(client, context)
+    return envelopes.encrypt(kek, plaintext, actor=actor, encryption_context=context)
+
+
+def decrypt(client: ApiClient, blob: bytes, *, actor: Actor, context: Mapping[str, str] | None) -> bytes:
+    """Open an envelope blob of one of the client's KEKs (the KEK named by the blob's header)."""
+    context = check_context(client, context)
+    _client_kek_of_blob(client, blob)
+    return envelopes.decrypt(blob, actor=actor, encryption_context=context)
+
+
+def rewrap(client: ApiClient, blob: bytes, *, actor: Actor, context: Mapping[str, str] | None) -> bytes:
+    """Move a blob of one of the client's KEKs to that KEK's primary version."""
+    context = check_context(client, context)
+    _client_kek_of_blob(client, blob)
+    return envelopes.rewrap(blob, actor=actor, encryption_context=context)
