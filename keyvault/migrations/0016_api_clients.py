@@ -7,7 +7,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('keyvault', '0014_console_preference'),
+        ('keyvault', '0015_audit_search_indexes'),
     ]
 
     operations = [
