@@ -5,14 +5,16 @@ The API views authenticate and scope every call here, then call the key services
 (``keyvault.keys.services``, ``keyvault.keys.envelopes``), which stay the one writer of key
 state and audit each call with the client as actor (``api:<name>``).
 
-Tokens are 256 random bits, shown once. Only an HMAC of a token is stored, keyed with a key
-derived from ``SECRET_KEY``: the database alone grants no access (a dump's digests cannot be
-replayed and cannot be checked against guesses without the server's secret).
+Tokens are 256 random bits, shown once. Only their SHA-256 is stored: the database alone grants
+no access (a digest is not a token, and 256 random bits cannot be guessed from it). No server
+key is involved on purpose: ``SECRET_KEY`` is itself a rotated secret (the cookie-signing
+keyring), and its rotation must not log every application out.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import hmac
 import ipaddress
 import secrets
@@ -23,7 +25,6 @@ from datetime import datetime, timedelta
 from django.core.cache import cache
 from django.db import transaction
 from django.utils import timezone
-from django.utils.crypto import salted_hmac
 
 from keyvault.audit import Actor, events
 from keyvault.exceptions import (
@@ -43,7 +44,6 @@ from keyvault.models import ApiClient, ApiToken, DataKey, KeyEncryptionKey
 
 TOKEN_PREFIX = "kvapi_"
 TOKEN_BYTES = 32  # 256 bits
-_DIGEST_SALT = "keyvault.api.token"
 #: How long the previous token keeps working after a rotation, by default.
 DEFAULT_OVERLAP = timedelta(hours=24)
 OPERATIONS = tuple(ApiClient.Operation.values)
@@ -51,8 +51,8 @@ MAX_TOKEN_LENGTH = 200
 
 
 def token_digest(token: str) -> str:
-    """The stored form of a token: HMAC-SHA256 under a key derived from ``SECRET_KEY``."""
-    return salted_hmac(_DIGEST_SALT, token, algorithm="sha256").hexdigest()
+    """The stored form of a token: its SHA-256 (a token has 256 random bits, so no key or salt is needed)."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
 def _new_token() -> str:
