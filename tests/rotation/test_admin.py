@@ -21,7 +21,7 @@ from keyvault.console import admin_views as key_views
 from keyvault.keys import services as key_services
 from keyvault.models import AuditEvent, KeyVersion
 from rotation import services
-from rotation.admin_views import run_timeline
+from rotation.run_page import run_timeline
 from rotation.models import Approval, RotationPolicy, RotationRun, RunStep
 from tests.rotation.conftest import seed_data_keys
 from tests.rotation.executors.conftest import file_source  # noqa: F401 - fixture
