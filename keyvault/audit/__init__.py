@@ -1,10 +1,40 @@
 """The audit log: the one place that writes audit events.
 
 Every event is chained: ``hash = SHA-256(canonical JSON of the event, including
-prev_hash)``. Writers lock the chain head row, so concurrent web processes and
-workers append one after another and the chain never forks. An event is written
+prev_hash)``. Appending locks the chain head row, so concurrent web processes and
+workers append one after another and the chain never forks. An event is recorded
 in the caller's transaction: if it cannot be written, the operation it records
 fails too (fail-closed, as Vault refuses requests its audit devices cannot log).
+
+Group commit (PostgreSQL, ``AUDIT_GROUP_COMMIT``, on by default). Appending in the
+caller's transaction held the head lock until that transaction committed, so every
+audited operation was serial, one commit (fsync) each. Instead an event is written
+to an outbox (``AuditPendingEvent``, no sequence, no hash) in the caller's
+transaction — no lock, so callers run concurrently — and after that transaction
+commits the caller blocks in :func:`_await_sequenced` until its event is in the
+chain: whoever takes the head lock appends *every* committed outbox event in one
+short transaction (sequence, prev-hash, hash, due checkpoints; outbox rows deleted
+in the same transaction), so 32 waiting callers cost one or two commits, not 32.
+Why an outbox rather than a leader appending followers' events in its own
+transaction: the event and the key-state change commit or roll back together, as
+before — an event for an operation that rolled back, or an operation without its
+event, cannot happen. The guarantees:
+
+- no event, no success: the outbox row is inserted in the caller's transaction, so
+  if it cannot be written the operation rolls back with it;
+- exactly one event per call: the outbox row is inserted once, and moved into the
+  chain and deleted in one transaction under the head lock, so it is appended once;
+- nothing lost when a writer is killed: before its commit, neither the operation nor
+  the event exists; after it, the event is durable in the outbox and the next append
+  by anyone, the beat's checkpoint and ``audit verify`` sweep it into the chain;
+- the chain stays verifiable: only the head-lock holder assigns sequences, exactly as
+  on the serial path; a checkpoint is signed at every ``AUDIT_CHECKPOINT_INTERVAL``-th
+  event even inside a batch.
+
+An event's timestamp is when the operation recorded it, so within the chain
+timestamps are nearly but not strictly ordered. Callers that need the event's
+position at once (report exports, checkpoints) pass ``sequenced=True`` and take the
+serial path; SQLite (one host) always does.
 
 Every ``AUDIT_CHECKPOINT_INTERVAL`` events, every ``AUDIT_CHECKPOINT_SECONDS`` when
 the head has moved (beat) and on demand, the head is signed with the Ed25519 audit
@@ -37,11 +67,14 @@ from keyvault.audit import witness as audit_witness
 from keyvault.audit.walk import ROW_FIELDS as _ROW_FIELDS
 from keyvault.audit.witness import WitnessEntry
 from keyvault.exceptions import AuditWitnessUnavailable
-from keyvault.models.core import AuditChainHead, AuditCheckpoint, AuditEvent
+from keyvault.models.core import AuditChainHead, AuditCheckpoint, AuditEvent, AuditPendingEvent
 from keyvault.web.request_meta import client_ip, request_id
 
 GENESIS_HASH = "0" * 64
 VERIFY_CHUNK = 5000
+PENDING_BATCH = 2000
+_PENDING_FIELDS = ("timestamp", "actor", "action", "target_type", "target_id", "outcome", "request_id",
+                   "ip_address", "details")
 
 Action = AuditEvent.Action
 Outcome = AuditEvent.Outcome
@@ -163,8 +196,15 @@ def record(
     target=None,
     outcome: str = Outcome.SUCCESS,
     details: Mapping | None = None,
+    sequenced: bool = False,
 ) -> AuditEvent:
-    """Append one event to the chain, in the caller's transaction.
+    """Record one event, atomically with the caller's transaction (see the module docstring).
+
+    On PostgreSQL with group commit the event goes to the outbox in the caller's
+    transaction and is appended to the chain right after it commits; the returned
+    event then has no ``sequence`` yet. ``sequenced=True`` takes the serial path
+    (the head locked in the caller's transaction) for callers that need the
+    event's position at once (report exports, checkpoints).
 
     :param target: a model instance (KEKs are named by their name) or a
         ``(type, id)`` tuple.
@@ -173,30 +213,113 @@ def record(
     details = dict(details or {})
     _check_details(details)
     target_type, target_id = _target(target)
+    fields = dict(
+        timestamp=timezone.now(),
+        actor=actor.name,
+        action=str(action),
+        target_type=target_type,
+        target_id=target_id[:255],
+        outcome=str(outcome),
+        request_id=actor.request_id,
+        ip_address=actor.ip_address,
+        details=details,
+    )
+    if sequenced or not group_commit_active():
+        return _append_serial(fields)
+    return _append_grouped(fields)
+
+
+def group_commit_active() -> bool:
+    """Whether :func:`record` uses the outbox here: PostgreSQL, enabled, and a transaction that will commit.
+
+    Inside a Django ``TestCase`` transaction (the ``db`` fixture) nothing ever commits,
+    so ``on_commit`` never runs and an outboxed event would never reach the chain:
+    there the serial path keeps the event visible at once.
+    """
+    connection = transaction.get_connection()
+    if not settings.AUDIT_GROUP_COMMIT or connection.vendor != "postgresql":
+        return False
+    return not (connection.atomic_blocks and connection.atomic_blocks[0]._from_testcase)
+
+
+def _append_serial(fields: dict) -> AuditEvent:
     with transaction.atomic():
         head = _locked_head()
-        sequence = head.last_sequence + 1
-        now = timezone.now()
-        fields = dict(
-            sequence=sequence,
-            timestamp=now,
-            actor=actor.name,
-            action=str(action),
-            target_type=target_type,
-            target_id=target_id[:255],
-            outcome=str(outcome),
-            request_id=actor.request_id,
-            ip_address=actor.ip_address,
-            details=details,
-            prev_hash=head.last_hash,
-        )
-        digest = hashlib.sha256(canonical_bytes(**fields)).hexdigest()
-        event = AuditEvent.objects.create(hash=digest, **fields)
-        AuditChainHead.objects.filter(pk=head.pk).update(last_sequence=sequence, last_hash=digest)
-        interval = settings.AUDIT_CHECKPOINT_INTERVAL
+        events = _append_locked(head, [fields])
+    return events[0]
+
+
+def _append_locked(head: AuditChainHead, pending: list[dict]) -> list[AuditEvent]:
+    """Chain ``pending`` after the locked head, in order: one insert, one head move, checkpoints due."""
+    sequence, prev_hash = head.last_sequence, head.last_hash
+    events, due = [], []
+    interval = settings.AUDIT_CHECKPOINT_INTERVAL
+    for fields in pending:
+        sequence += 1
+        fields = {**fields, "sequence": sequence, "prev_hash": prev_hash}
+        prev_hash = hashlib.sha256(canonical_bytes(**fields)).hexdigest()
+        events.append(AuditEvent(hash=prev_hash, **fields))
         if interval and sequence % interval == 0:
-            _sign_checkpoint(sequence, digest)
-    return event
+            due.append((sequence, prev_hash))
+    AuditEvent.objects.bulk_create(events)
+    AuditChainHead.objects.filter(pk=head.pk).update(last_sequence=sequence, last_hash=prev_hash)
+    for checkpoint_sequence, digest in due:
+        _sign_checkpoint(checkpoint_sequence, digest)
+    return events
+
+
+def _append_grouped(fields: dict) -> AuditEvent:
+    pending = AuditPendingEvent.objects.create(**fields)  # in the caller's transaction, or committed now
+    if transaction.get_connection().in_atomic_block:
+        transaction.on_commit(partial(_await_sequenced, pending.pk), robust=True)
+        return AuditEvent(sequence=None, prev_hash="", hash="", **fields)
+    return _await_sequenced(pending.pk, fields)
+
+
+def _await_sequenced(pending_id: int, fields: dict | None = None) -> AuditEvent | None:
+    """After the caller commits: return once its event is in the chain, appending a batch if needed.
+
+    Callers whose event another caller already appended return without taking the
+    lock; the rest queue on the head lock, and each one that gets it appends every
+    event committed so far (group commit). A failure here does not lose the event:
+    it stays in the outbox, committed, for the next append (or the beat) to take.
+    With ``fields`` (a caller outside any transaction) the appended event is returned.
+    """
+    while AuditPendingEvent.objects.filter(pk=pending_id).exists():
+        appended = drain_pending()
+        if pending_id in appended:
+            return appended[pending_id]
+    return _appended_event(fields) if fields else None
+
+
+def _appended_event(fields: dict) -> AuditEvent:
+    """The chained event another caller appended for these outbox fields (the first, if two are identical)."""
+    candidates = AuditEvent.objects.filter(
+        timestamp=fields["timestamp"], actor=fields["actor"], action=fields["action"],
+        target_type=fields["target_type"], target_id=fields["target_id"], outcome=fields["outcome"],
+        request_id=fields["request_id"]).order_by("sequence")
+    return next(event for event in candidates
+                if event.details == fields["details"] and event.ip_address == fields["ip_address"])
+
+
+def drain_pending(*, batch: int = PENDING_BATCH) -> dict[int, AuditEvent]:
+    """Append up to ``batch`` committed outbox events to the chain in one short transaction, by outbox id."""
+    with transaction.atomic():
+        head = _locked_head()
+        rows = list(AuditPendingEvent.objects.order_by("id").values("id", *_PENDING_FIELDS)[:batch])
+        if not rows:
+            return {}
+        appended = _append_locked(head, [{name: row[name] for name in _PENDING_FIELDS} for row in rows])
+        AuditPendingEvent.objects.filter(pk__in=[row["id"] for row in rows]).delete()
+    return {row["id"]: event for row, event in zip(rows, appended, strict=True)}
+
+
+def drain_all_pending() -> int:
+    """Append every committed outbox event (the beat and ``audit verify`` sweep events whose writer died)."""
+    total = 0
+    while count := len(drain_pending()):
+        total += count
+    return total
 
 
 def _locked_head() -> AuditChainHead:
@@ -244,7 +367,7 @@ def _sign_checkpoint(sequence: int, digest: str) -> AuditCheckpoint:
 def checkpoint(*, actor: Actor) -> AuditCheckpoint:
     """Sign the chain head now (after recording that we did)."""
     with transaction.atomic():
-        event = record(Action.AUDIT_CHECKPOINT, actor=actor)
+        event = record(Action.AUDIT_CHECKPOINT, actor=actor, sequenced=True)
         existing = AuditCheckpoint.objects.filter(sequence=event.sequence).first()
         return existing or _sign_checkpoint(event.sequence, event.hash)
 
@@ -255,6 +378,7 @@ def checkpoint_if_moved() -> AuditCheckpoint | None:
     No event is recorded for it, so an idle chain stays as it is; the checkpoint
     keeps the part of the chain no witness has seen to a few seconds' worth of events.
     """
+    drain_all_pending()  # events whose writer died after committing them
     with transaction.atomic():
         head = _locked_head()  # writers wait: the head cannot move between reading it and signing it
         newest = AuditCheckpoint.objects.order_by("-sequence").values_list("sequence", flat=True).first()
