@@ -51,6 +51,7 @@ import base64
 import hashlib
 import hmac
 import json
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -73,8 +74,15 @@ from keyvault.web.request_meta import client_ip, request_id
 GENESIS_HASH = "0" * 64
 VERIFY_CHUNK = 5000
 PENDING_BATCH = 2000
+APPEND_LOCK_KEY = 0x6B76_6175_6469_7421  # the outbox appenders' advisory lock
+POLL_SECONDS = (0.0005, 0.004)  # a waiting caller asks again after this long, doubling up to the second
 _PENDING_FIELDS = ("timestamp", "actor", "action", "target_type", "target_id", "outcome", "request_id",
                    "ip_address", "details")
+_TAKE_PENDING = (
+    "DELETE FROM keyvault_auditpendingevent WHERE id IN "
+    "(SELECT id FROM keyvault_auditpendingevent ORDER BY id LIMIT %s) "
+    "RETURNING id, " + ", ".join(_PENDING_FIELDS)
+)
 
 Action = AuditEvent.Action
 Outcome = AuditEvent.Outcome
@@ -277,19 +285,38 @@ def _append_grouped(fields: dict) -> AuditEvent:
 
 
 def _await_sequenced(pending_id: int, fields: dict | None = None) -> AuditEvent | None:
-    """After the caller commits: return once its event is in the chain, appending a batch if needed.
+    """After the caller commits: return once its event is in the chain, appending a batch if it can.
 
-    Callers whose event another caller already appended return without taking the
-    lock; the rest queue on the head lock, and each one that gets it appends every
-    event committed so far (group commit). A failure here does not lose the event:
-    it stays in the outbox, committed, for the next append (or the beat) to take.
+    One query both asks whether the event is still in the outbox and tries the
+    appenders' advisory lock. Gone: another caller appended it, return. Lock taken:
+    append every committed outbox event in one transaction (group commit). Lock busy:
+    someone is appending; wait a moment and ask again. Waiters never queue on a lock
+    one after another, so a batch of N costs one append and N cheap polls, not N
+    transactions in a row. A failure here does not lose the event: it stays in the
+    outbox, committed, for the next append (or the beat, or ``audit verify``) to take.
     With ``fields`` (a caller outside any transaction) the appended event is returned.
     """
-    while AuditPendingEvent.objects.filter(pk=pending_id).exists():
-        appended = drain_pending()
+    connection = transaction.get_connection()
+    delay = POLL_SECONDS[0]
+    while True:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_try_advisory_lock(%s) FROM keyvault_auditpendingevent WHERE id = %s",
+                           [APPEND_LOCK_KEY, pending_id])
+            row = cursor.fetchone()
+        if row is None:
+            return _appended_event(fields) if fields else None
+        if not row[0]:
+            time.sleep(delay)
+            delay = min(delay * 2, POLL_SECONDS[1])
+            continue
+        try:
+            with transaction.atomic():
+                appended = _append_outbox(PENDING_BATCH)
+        finally:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_advisory_unlock(%s)", [APPEND_LOCK_KEY])
         if pending_id in appended:
             return appended[pending_id]
-    return _appended_event(fields) if fields else None
 
 
 def _appended_event(fields: dict) -> AuditEvent:
@@ -305,13 +332,25 @@ def _appended_event(fields: dict) -> AuditEvent:
 def drain_pending(*, batch: int = PENDING_BATCH) -> dict[int, AuditEvent]:
     """Append up to ``batch`` committed outbox events to the chain in one short transaction, by outbox id."""
     with transaction.atomic():
-        head = _locked_head()
-        rows = list(AuditPendingEvent.objects.order_by("id").values("id", *_PENDING_FIELDS)[:batch])
-        if not rows:
-            return {}
-        appended = _append_locked(head, [{name: row[name] for name in _PENDING_FIELDS} for row in rows])
-        AuditPendingEvent.objects.filter(pk__in=[row["id"] for row in rows]).delete()
-    return {row["id"]: event for row, event in zip(rows, appended, strict=True)}
+        with transaction.get_connection().cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [APPEND_LOCK_KEY])
+        return _append_outbox(batch)
+
+
+def _append_outbox(batch: int) -> dict[int, AuditEvent]:
+    """Under the appenders' lock, in a transaction: move the oldest ``batch`` outbox events into the chain."""
+    head = _locked_head()  # serial-path writers (sequenced=True) lock only the head
+    with transaction.get_connection().cursor() as cursor:
+        cursor.execute(_TAKE_PENDING, [batch])
+        rows = sorted(cursor.fetchall())
+    if not rows:
+        return {}
+    pending = [dict(zip(_PENDING_FIELDS, row[1:], strict=True)) for row in rows]
+    for fields in pending:
+        if isinstance(fields["details"], str):
+            fields["details"] = json.loads(fields["details"])
+    appended = _append_locked(head, pending)
+    return {row[0]: event for row, event in zip(rows, appended, strict=True)}
 
 
 def drain_all_pending() -> int:
