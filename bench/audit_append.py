@@ -152,12 +152,7 @@ def main() -> int:
         return 1 if args.strict and not (target_ok and chain_ok and one_each) else 0
     finally:
         if not args.keep:
-            from django.db import connections
-
-            connections.close_all()
-            common.drop_database(args.db)
-            if made_dir:
-                common.remove_dir(data_dir)
+            common.discard_instance(args.db, data_dir, made_dir)
 
 
 if __name__ == "__main__":

@@ -354,11 +354,29 @@ def _append_outbox(batch: int) -> dict[int, AuditEvent]:
 
 
 def drain_all_pending() -> int:
-    """Append every committed outbox event (the beat and ``audit verify`` sweep events whose writer died)."""
+    """Append every committed outbox event (the beat and ``audit verify`` sweep events whose writer died).
+
+    The outbox is used on PostgreSQL only; elsewhere there is nothing to append.
+    """
+    if transaction.get_connection().vendor != "postgresql":
+        return 0
     total = 0
     while count := len(drain_pending()):
         total += count
     return total
+
+
+def newest_event(**filters) -> AuditEvent | None:
+    """The newest event matching ``filters``, counting those committed but not yet appended.
+
+    For decisions that read the log behind a row lock (a run started while a secret is
+    re-pointed): once the other transaction commits, its event is in the outbox even
+    before it is in the chain. An outbox event comes back unsaved, with no ``sequence``.
+    """
+    pending = AuditPendingEvent.objects.filter(**filters).order_by("-id").values(*_PENDING_FIELDS).first()
+    if pending is not None:
+        return AuditEvent(sequence=None, prev_hash="", hash="", **pending)
+    return AuditEvent.objects.filter(**filters).order_by("-sequence").first()
 
 
 def _locked_head() -> AuditChainHead:
