@@ -78,6 +78,10 @@ def test_32_writer_threads_keep_the_chain_intact_with_one_event_per_call():
     result = audit.verify_chain()
     assert result.ok, str(result)
     assert result.checkpoints == len(expected) // 50  # signed at every 50th event, inside batches too
+    with connection.cursor() as cursor:  # events appended together share the appending transaction's id
+        cursor.execute("SELECT count(DISTINCT xmin::text) FROM keyvault_auditevent")
+        [(transactions,)] = cursor.fetchall()
+    assert transactions < len(expected) / 2, f"{transactions} appends for {len(expected)} events: no group commit"
 
 
 def test_concurrent_key_service_calls_each_leave_one_event(system_actor):
