@@ -122,6 +122,16 @@ def remove_dir(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def discard_instance(db_name: str, data_dir: Path, own_dir: bool) -> None:
+    """Close this process's connections, drop the database, remove the data folder if we made it."""
+    from django.db import connections
+
+    connections.close_all()
+    drop_database(db_name)
+    if own_dir:
+        remove_dir(data_dir)
+
+
 # -- processes ---------------------------------------------------------------------
 
 

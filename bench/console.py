@@ -598,12 +598,7 @@ def main() -> int:
         if server is not None:
             server.stop()
         if not args.keep:
-            from django.db import connections
-
-            connections.close_all()
-            c.drop_database(args.db)
-            if own_dir:
-                c.remove_dir(data_dir)
+            c.discard_instance(args.db, data_dir, own_dir)
 
 
 if __name__ == "__main__":

@@ -313,6 +313,9 @@ AUDIT_WITNESS_S3_LOCK_MODE = env.str("HMD_AUDIT_WITNESS_S3_LOCK_MODE", default="
 AUDIT_WITNESS_S3_RETAIN_DAYS = env.int("HMD_AUDIT_WITNESS_S3_RETAIN_DAYS", default=400)
 AUDIT_CHECKPOINT_SECONDS = env.float("HMD_AUDIT_CHECKPOINT_SECONDS", default=60.0)
 AUDIT_VERIFY_NOW_SECONDS = env.int("HMD_AUDIT_VERIFY_NOW_SECONDS", default=60)
+# Group commit of the audit chain on PostgreSQL (keyvault/audit/__init__.py): events are written to an
+# outbox in the caller's transaction and sequenced in batches; off = the serial path (head locked per event).
+AUDIT_GROUP_COMMIT = env.bool("HMD_AUDIT_GROUP_COMMIT", default=True)
 if AUDIT_CHECKPOINT_SECONDS > 0:
     # Signs the head when it moved since the last checkpoint, so the unwitnessed tail stays short.
     CELERY_BEAT_SCHEDULE["audit-checkpoint"] = {"task": "keyvault.audit_checkpoint", "schedule": AUDIT_CHECKPOINT_SECONDS}

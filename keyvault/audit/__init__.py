@@ -1,10 +1,40 @@
 """The audit log: the one place that writes audit events.
 
 Every event is chained: ``hash = SHA-256(canonical JSON of the event, including
-prev_hash)``. Writers lock the chain head row, so concurrent web processes and
-workers append one after another and the chain never forks. An event is written
+prev_hash)``. Appending locks the chain head row, so concurrent web processes and
+workers append one after another and the chain never forks. An event is recorded
 in the caller's transaction: if it cannot be written, the operation it records
 fails too (fail-closed, as Vault refuses requests its audit devices cannot log).
+
+Group commit (PostgreSQL, ``AUDIT_GROUP_COMMIT``, on by default). Appending in the
+caller's transaction held the head lock until that transaction committed, so every
+audited operation was serial, one commit (fsync) each. Instead an event is written
+to an outbox (``AuditPendingEvent``, no sequence, no hash) in the caller's
+transaction — no lock, so callers run concurrently — and after that transaction
+commits the caller blocks in :func:`_await_sequenced` until its event is in the
+chain: whoever takes the head lock appends *every* committed outbox event in one
+short transaction (sequence, prev-hash, hash, due checkpoints; outbox rows deleted
+in the same transaction), so 32 waiting callers cost one or two commits, not 32.
+Why an outbox rather than a leader appending followers' events in its own
+transaction: the event and the key-state change commit or roll back together, as
+before — an event for an operation that rolled back, or an operation without its
+event, cannot happen. The guarantees:
+
+- no event, no success: the outbox row is inserted in the caller's transaction, so
+  if it cannot be written the operation rolls back with it;
+- exactly one event per call: the outbox row is inserted once, and moved into the
+  chain and deleted in one transaction under the head lock, so it is appended once;
+- nothing lost when a writer is killed: before its commit, neither the operation nor
+  the event exists; after it, the event is durable in the outbox and the next append
+  by anyone, the beat's checkpoint and ``audit verify`` sweep it into the chain;
+- the chain stays verifiable: only the head-lock holder assigns sequences, exactly as
+  on the serial path; a checkpoint is signed at every ``AUDIT_CHECKPOINT_INTERVAL``-th
+  event even inside a batch.
+
+An event's timestamp is when the operation recorded it, so within the chain
+timestamps are nearly but not strictly ordered. Callers that need the event's
+position at once (report exports, checkpoints) pass ``sequenced=True`` and take the
+serial path; SQLite (one host) always does.
 
 Every ``AUDIT_CHECKPOINT_INTERVAL`` events, every ``AUDIT_CHECKPOINT_SECONDS`` when
 the head has moved (beat) and on demand, the head is signed with the Ed25519 audit
@@ -21,6 +51,7 @@ import base64
 import hashlib
 import hmac
 import json
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -37,11 +68,21 @@ from keyvault.audit import witness as audit_witness
 from keyvault.audit.walk import ROW_FIELDS as _ROW_FIELDS
 from keyvault.audit.witness import WitnessEntry
 from keyvault.exceptions import AuditWitnessUnavailable
-from keyvault.models.core import AuditChainHead, AuditCheckpoint, AuditEvent
+from keyvault.models.core import AuditChainHead, AuditCheckpoint, AuditEvent, AuditPendingEvent
 from keyvault.web.request_meta import client_ip, request_id
 
 GENESIS_HASH = "0" * 64
 VERIFY_CHUNK = 5000
+PENDING_BATCH = 2000
+APPEND_LOCK_KEY = 0x6B76_6175_6469_7421  # the outbox appenders' advisory lock
+POLL_SECONDS = (0.0005, 0.004)  # a waiting caller asks again after this long, doubling up to the second
+_PENDING_FIELDS = ("timestamp", "actor", "action", "target_type", "target_id", "outcome", "request_id",
+                   "ip_address", "details")
+_TAKE_PENDING = (
+    "DELETE FROM keyvault_auditpendingevent WHERE id IN "
+    "(SELECT id FROM keyvault_auditpendingevent ORDER BY id LIMIT %s) "
+    "RETURNING id, " + ", ".join(_PENDING_FIELDS)
+)
 
 Action = AuditEvent.Action
 Outcome = AuditEvent.Outcome
@@ -163,8 +204,15 @@ def record(
     target=None,
     outcome: str = Outcome.SUCCESS,
     details: Mapping | None = None,
+    sequenced: bool = False,
 ) -> AuditEvent:
-    """Append one event to the chain, in the caller's transaction.
+    """Record one event, atomically with the caller's transaction (see the module docstring).
+
+    On PostgreSQL with group commit the event goes to the outbox in the caller's
+    transaction and is appended to the chain right after it commits; the returned
+    event then has no ``sequence`` yet. ``sequenced=True`` takes the serial path
+    (the head locked in the caller's transaction) for callers that need the
+    event's position at once (report exports, checkpoints).
 
     :param target: a model instance (KEKs are named by their name) or a
         ``(type, id)`` tuple.
@@ -173,30 +221,162 @@ def record(
     details = dict(details or {})
     _check_details(details)
     target_type, target_id = _target(target)
+    fields = dict(
+        timestamp=timezone.now(),
+        actor=actor.name,
+        action=str(action),
+        target_type=target_type,
+        target_id=target_id[:255],
+        outcome=str(outcome),
+        request_id=actor.request_id,
+        ip_address=actor.ip_address,
+        details=details,
+    )
+    if sequenced or not group_commit_active():
+        return _append_serial(fields)
+    return _append_grouped(fields)
+
+
+def group_commit_active() -> bool:
+    """Whether :func:`record` uses the outbox here: PostgreSQL, enabled, and a transaction that will commit.
+
+    Inside a Django ``TestCase`` transaction (the ``db`` fixture) nothing ever commits,
+    so ``on_commit`` never runs and an outboxed event would never reach the chain:
+    there the serial path keeps the event visible at once.
+    """
+    connection = transaction.get_connection()
+    if not settings.AUDIT_GROUP_COMMIT or connection.vendor != "postgresql":
+        return False
+    return not (connection.atomic_blocks and connection.atomic_blocks[0]._from_testcase)
+
+
+def _append_serial(fields: dict) -> AuditEvent:
     with transaction.atomic():
         head = _locked_head()
-        sequence = head.last_sequence + 1
-        now = timezone.now()
-        fields = dict(
-            sequence=sequence,
-            timestamp=now,
-            actor=actor.name,
-            action=str(action),
-            target_type=target_type,
-            target_id=target_id[:255],
-            outcome=str(outcome),
-            request_id=actor.request_id,
-            ip_address=actor.ip_address,
-            details=details,
-            prev_hash=head.last_hash,
-        )
-        digest = hashlib.sha256(canonical_bytes(**fields)).hexdigest()
-        event = AuditEvent.objects.create(hash=digest, **fields)
-        AuditChainHead.objects.filter(pk=head.pk).update(last_sequence=sequence, last_hash=digest)
-        interval = settings.AUDIT_CHECKPOINT_INTERVAL
+        events = _append_locked(head, [fields])
+    return events[0]
+
+
+def _append_locked(head: AuditChainHead, pending: list[dict]) -> list[AuditEvent]:
+    """Chain ``pending`` after the locked head, in order: one insert, one head move, checkpoints due."""
+    sequence, prev_hash = head.last_sequence, head.last_hash
+    events, due = [], []
+    interval = settings.AUDIT_CHECKPOINT_INTERVAL
+    for fields in pending:
+        sequence += 1
+        fields = {**fields, "sequence": sequence, "prev_hash": prev_hash}
+        prev_hash = hashlib.sha256(canonical_bytes(**fields)).hexdigest()
+        events.append(AuditEvent(hash=prev_hash, **fields))
         if interval and sequence % interval == 0:
-            _sign_checkpoint(sequence, digest)
-    return event
+            due.append((sequence, prev_hash))
+    AuditEvent.objects.bulk_create(events)
+    AuditChainHead.objects.filter(pk=head.pk).update(last_sequence=sequence, last_hash=prev_hash)
+    for checkpoint_sequence, digest in due:
+        _sign_checkpoint(checkpoint_sequence, digest)
+    return events
+
+
+def _append_grouped(fields: dict) -> AuditEvent:
+    pending = AuditPendingEvent.objects.create(**fields)  # in the caller's transaction, or committed now
+    if transaction.get_connection().in_atomic_block:
+        transaction.on_commit(partial(_await_sequenced, pending.pk), robust=True)
+        return AuditEvent(sequence=None, prev_hash="", hash="", **fields)
+    return _await_sequenced(pending.pk, fields)
+
+
+def _await_sequenced(pending_id: int, fields: dict | None = None) -> AuditEvent | None:
+    """After the caller commits: return once its event is in the chain, appending a batch if it can.
+
+    One query both asks whether the event is still in the outbox and tries the
+    appenders' advisory lock. Gone: another caller appended it, return. Lock taken:
+    append every committed outbox event in one transaction (group commit). Lock busy:
+    someone is appending; wait a moment and ask again. Waiters never queue on a lock
+    one after another, so a batch of N costs one append and N cheap polls, not N
+    transactions in a row. A failure here does not lose the event: it stays in the
+    outbox, committed, for the next append (or the beat, or ``audit verify``) to take.
+    With ``fields`` (a caller outside any transaction) the appended event is returned.
+    """
+    connection = transaction.get_connection()
+    delay = POLL_SECONDS[0]
+    while True:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_try_advisory_lock(%s) FROM keyvault_auditpendingevent WHERE id = %s",
+                           [APPEND_LOCK_KEY, pending_id])
+            row = cursor.fetchone()
+        if row is None:
+            return _appended_event(fields) if fields else None
+        if not row[0]:
+            time.sleep(delay)
+            delay = min(delay * 2, POLL_SECONDS[1])
+            continue
+        try:
+            with transaction.atomic():
+                appended = _append_outbox(PENDING_BATCH)
+        finally:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_advisory_unlock(%s)", [APPEND_LOCK_KEY])
+        if pending_id in appended:
+            return appended[pending_id]
+
+
+def _appended_event(fields: dict) -> AuditEvent:
+    """The chained event another caller appended for these outbox fields (the first, if two are identical)."""
+    candidates = AuditEvent.objects.filter(
+        timestamp=fields["timestamp"], actor=fields["actor"], action=fields["action"],
+        target_type=fields["target_type"], target_id=fields["target_id"], outcome=fields["outcome"],
+        request_id=fields["request_id"]).order_by("sequence")
+    return next(event for event in candidates
+                if event.details == fields["details"] and event.ip_address == fields["ip_address"])
+
+
+def drain_pending(*, batch: int = PENDING_BATCH) -> dict[int, AuditEvent]:
+    """Append up to ``batch`` committed outbox events to the chain in one short transaction, by outbox id."""
+    with transaction.atomic():
+        with transaction.get_connection().cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [APPEND_LOCK_KEY])
+        return _append_outbox(batch)
+
+
+def _append_outbox(batch: int) -> dict[int, AuditEvent]:
+    """Under the appenders' lock, in a transaction: move the oldest ``batch`` outbox events into the chain."""
+    head = _locked_head()  # serial-path writers (sequenced=True) lock only the head
+    with transaction.get_connection().cursor() as cursor:
+        cursor.execute(_TAKE_PENDING, [batch])
+        rows = sorted(cursor.fetchall())
+    if not rows:
+        return {}
+    pending = [dict(zip(_PENDING_FIELDS, row[1:], strict=True)) for row in rows]
+    for fields in pending:
+        if isinstance(fields["details"], str):
+            fields["details"] = json.loads(fields["details"])
+    appended = _append_locked(head, pending)
+    return {row[0]: event for row, event in zip(rows, appended, strict=True)}
+
+
+def drain_all_pending() -> int:
+    """Append every committed outbox event (the beat and ``audit verify`` sweep events whose writer died).
+
+    The outbox is used on PostgreSQL only; elsewhere there is nothing to append.
+    """
+    if transaction.get_connection().vendor != "postgresql":
+        return 0
+    total = 0
+    while count := len(drain_pending()):
+        total += count
+    return total
+
+
+def newest_event(**filters) -> AuditEvent | None:
+    """The newest event matching ``filters``, counting those committed but not yet appended.
+
+    For decisions that read the log behind a row lock (a run started while a secret is
+    re-pointed): once the other transaction commits, its event is in the outbox even
+    before it is in the chain. An outbox event comes back unsaved, with no ``sequence``.
+    """
+    pending = AuditPendingEvent.objects.filter(**filters).order_by("-id").values(*_PENDING_FIELDS).first()
+    if pending is not None:
+        return AuditEvent(sequence=None, prev_hash="", hash="", **pending)
+    return AuditEvent.objects.filter(**filters).order_by("-sequence").first()
 
 
 def _locked_head() -> AuditChainHead:
@@ -244,7 +424,7 @@ def _sign_checkpoint(sequence: int, digest: str) -> AuditCheckpoint:
 def checkpoint(*, actor: Actor) -> AuditCheckpoint:
     """Sign the chain head now (after recording that we did)."""
     with transaction.atomic():
-        event = record(Action.AUDIT_CHECKPOINT, actor=actor)
+        event = record(Action.AUDIT_CHECKPOINT, actor=actor, sequenced=True)
         existing = AuditCheckpoint.objects.filter(sequence=event.sequence).first()
         return existing or _sign_checkpoint(event.sequence, event.hash)
 
@@ -255,6 +435,7 @@ def checkpoint_if_moved() -> AuditCheckpoint | None:
     No event is recorded for it, so an idle chain stays as it is; the checkpoint
     keeps the part of the chain no witness has seen to a few seconds' worth of events.
     """
+    drain_all_pending()  # events whose writer died after committing them
     with transaction.atomic():
         head = _locked_head()  # writers wait: the head cannot move between reading it and signing it
         newest = AuditCheckpoint.objects.order_by("-sequence").values_list("sequence", flat=True).first()

@@ -263,8 +263,8 @@ def chain_verified(result: audit.VerifyResult, *, actor: Actor, witness: str) ->
 @_emits(Action.AUDIT_EXPORTED)
 def report_exported(report: str, *, actor: Actor, fmt: str, filters: Mapping[str, Any], rows: int, truncated: bool,
                     chain_sequence: int, chain_hash: str, body_sha256: str) -> AuditEvent:
-    """A report was exported; recorded before the file is handed out, with the body's SHA-256."""
-    return audit.record(Action.AUDIT_EXPORTED, actor=actor, target=("report", report), details={
+    """A report was exported; recorded (sequenced at once: the file is sealed with its position) before it is handed out."""
+    return audit.record(Action.AUDIT_EXPORTED, actor=actor, target=("report", report), sequenced=True, details={
         "report": report, "format": fmt, "filters": dict(filters), "rows": rows, "truncated": truncated,
         "chain_sequence": chain_sequence, "chain_hash": chain_hash, "body_sha256": body_sha256,
     })

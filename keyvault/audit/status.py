@@ -143,6 +143,7 @@ def verify_fully(*, actor: Actor, jobs: int | None = None, witness: str | None =
     """
     if throttle:
         _claim_verify_slot()
+    audit.drain_all_pending()  # committed events whose writer died before appending them
     result = audit.verify_chain(jobs=jobs, witness=witness, use_witness=use_witness)
     events.chain_verified(result, actor=actor, witness=result.witness if result.ok and use_witness else "")
     if result.ok and not use_witness:

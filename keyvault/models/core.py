@@ -369,6 +369,31 @@ class AuditChainHead(models.Model):
         raise AuditWriteRefused("the audit chain head cannot be removed")
 
 
+class AuditPendingEvent(models.Model):
+    """An audited operation's event, committed with the operation but not yet in the chain (group commit).
+
+    Written in the caller's transaction without touching the chain head, then moved
+    into the chain (sequenced, hashed, deleted from here) by
+    :func:`keyvault.audit.drain_pending` in one short transaction per batch. Only
+    ``keyvault.audit`` writes or removes these rows.
+    """
+
+    id = models.BigAutoField(primary_key=True)
+    timestamp = models.DateTimeField("time", editable=False)
+    actor = models.CharField("actor", max_length=150, editable=False)
+    action = models.CharField("action", max_length=64, editable=False)
+    target_type = models.CharField("target type", max_length=64, blank=True, editable=False)
+    target_id = models.CharField("target", max_length=255, blank=True, editable=False)
+    outcome = models.CharField("outcome", max_length=16, editable=False)
+    request_id = models.CharField("request id", max_length=64, blank=True, editable=False)
+    ip_address = models.GenericIPAddressField("IP address", null=True, blank=True, editable=False)
+    details = models.JSONField("details", default=dict, blank=True, editable=False)
+
+    class Meta:
+        verbose_name = "pending audit event"
+        default_permissions = ()
+
+
 class AuditVerification(models.Model):
     """How far the console has verified the chain (one row, shared by every process): the banner's state."""
 

@@ -17,7 +17,7 @@ from django.utils import timezone
 from keyvault import audit
 from keyvault.audit import Action, Actor, events
 from keyvault.kms import ProviderUnavailable
-from keyvault.models import AuditEvent, ManagedSecret
+from keyvault.models import ManagedSecret
 from keyvault.ops import notify
 from keyvault.secrets.base import SecretSourceUnavailable
 from rotation.engine.drivers.base import Driver
@@ -58,11 +58,11 @@ def repointed_event(secret: ManagedSecret):
     """
     last_started = (RotationRun.objects.filter(secret=secret, started_at__isnull=False)
                     .order_by("-started_at").values_list("started_at", flat=True).first())
-    repointings = AuditEvent.objects.filter(action=Action.SECRET, target_type=ManagedSecret._meta.model_name,
-                                            target_id=secret.name, details__event="repointed")
+    filters = dict(action=Action.SECRET, target_type=ManagedSecret._meta.model_name, target_id=secret.name,
+                   details__event="repointed")
     if last_started is not None:
-        repointings = repointings.filter(timestamp__gt=last_started)
-    return repointings.order_by("-sequence").first()
+        filters["timestamp__gt"] = last_started
+    return audit.newest_event(**filters)  # with group commit, a just-committed one may be in the outbox still
 
 
 def executor_of(secret: ManagedSecret) -> Executor:

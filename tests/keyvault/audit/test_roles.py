@@ -24,7 +24,7 @@ from django.db import connection, transaction
 from keyvault import audit
 from keyvault.audit import Action, Actor
 from keyvault.audit import checks as checks_audit
-from keyvault.models import AuditChainHead, AuditCheckpoint, AuditEvent
+from keyvault.models import AuditChainHead, AuditCheckpoint, AuditEvent, AuditPendingEvent
 from tests.audit_owner import AUDIT_TABLES
 from tests.conftest import is_postgres
 from tests.docs.examples import ROOT, blocks
@@ -92,26 +92,35 @@ def head() -> tuple[int, str]:
 
 
 @pytest.mark.postgres
-def test_runtime_role_runs_the_append_path(documented_roles):
+@pytest.mark.parametrize("group_commit", [False, True], ids=["serial", "group-commit"])
+def test_runtime_role_runs_the_append_path(documented_roles, settings, group_commit):
     # given the documented runtime role, as the current role of the application's connection
+    settings.AUDIT_GROUP_COMMIT = group_commit
     actor = Actor.system("tests")
 
-    # when the application records events (creating the genesis head), and signs checkpoints
-    with transaction.atomic():
-        with connection.cursor() as cursor:
-            cursor.execute(f'SET LOCAL ROLE "{documented_roles.app}"')
-            events = [audit.record(Action.OTHER, actor=actor, target=("thing", i)) for i in range(4)]
+    # when the application records events (creating the genesis head; with group commit they are
+    # appended after the transaction commits, still as that role), and signs checkpoints
+    with connection.cursor() as cursor:
+        cursor.execute(f'SET ROLE "{documented_roles.app}"')
+        try:
+            with transaction.atomic():
+                for i in range(4):
+                    audit.record(Action.OTHER, actor=actor, target=("thing", i))
             audit.checkpoint(actor=actor)
             # and the deploy check, as that role, is silent
             problems = checks_audit.check_audit_tables_out_of_reach()
             cursor.execute("SELECT current_user")
             [(current_user,)] = cursor.fetchall()
+        finally:
+            cursor.execute("RESET ROLE")
 
     # then everything was written as the runtime role, and the chain is intact
     assert current_user == documented_roles.app
     assert problems == []
+    assert list(AuditEvent.objects.order_by("sequence").values_list("sequence", "action")) == [
+        *((i, Action.OTHER) for i in range(1, 5)), (5, Action.AUDIT_CHECKPOINT)]
+    assert not AuditPendingEvent.objects.exists()
     last = AuditEvent.objects.order_by("-sequence").first()
-    assert last.sequence == events[-1].sequence + 1 and last.action == Action.AUDIT_CHECKPOINT
     assert head() == (last.sequence, last.hash)
     assert AuditCheckpoint.objects.filter(sequence=last.sequence).exists()
     assert audit.verify_chain().ok

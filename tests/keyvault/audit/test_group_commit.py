@@ -1,0 +1,225 @@
+"""Group commit of the audit chain on PostgreSQL: concurrent writers, killed writers, failed writes.
+
+Events go to the outbox in the caller's transaction and are appended in batches under the
+head lock (keyvault/audit/__init__.py). Real PostgreSQL, real threads and real processes.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import psycopg
+import pytest
+from django.db import OperationalError, connection, connections, transaction
+
+from keyvault import audit
+from keyvault.audit import Action, Actor
+from keyvault.keys import services
+from keyvault.models import AuditEvent, AuditPendingEvent, DataKey
+
+ROOT = Path(__file__).resolve().parents[3]
+WRITERS = 32
+
+pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
+
+
+@pytest.fixture(autouse=True)
+def _group_commit(settings):
+    if connection.vendor != "postgresql":
+        pytest.fail("postgres-marked tests run only on PostgreSQL (scripts/test.sh deselects them elsewhere)")
+    settings.AUDIT_GROUP_COMMIT = True
+    settings.AUDIT_CHECKPOINT_INTERVAL = 50  # batches cross checkpoint positions
+
+
+def _calls_in_chain() -> Counter:
+    return Counter(details.get("call") for details in AuditEvent.objects.values_list("details", flat=True))
+
+
+def _raw_connection(**kwargs) -> psycopg.Connection:
+    db = connection.settings_dict
+    return psycopg.connect(host=db["HOST"] or "127.0.0.1", port=db["PORT"] or 5432, dbname=db["NAME"],
+                           user=db["USER"], **kwargs)
+
+
+def test_32_writer_threads_keep_the_chain_intact_with_one_event_per_call():
+    calls_per_writer = 40
+    errors = []
+
+    def write(writer: int) -> None:
+        try:
+            for i in range(calls_per_writer):
+                with transaction.atomic():  # the caller's transaction, as a key service's
+                    audit.record(Action.OTHER, actor=Actor.system(f"writer-{writer}"),
+                                 details={"call": f"{writer}-{i}"})
+                # the call has returned: its event is in the chain already
+                assert not AuditPendingEvent.objects.filter(details__call=f"{writer}-{i}").exists()
+        except Exception as exc:  # reported below
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(WRITERS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert errors == []
+    expected = {f"{w}-{i}" for w in range(WRITERS) for i in range(calls_per_writer)}
+    calls = _calls_in_chain()
+    assert set(calls) == expected and set(calls.values()) == {1}  # exactly one event per call
+    assert sorted(AuditEvent.objects.values_list("sequence", flat=True)) == list(range(1, len(expected) + 1))
+    assert not AuditPendingEvent.objects.exists()
+    result = audit.verify_chain()
+    assert result.ok, str(result)
+    assert result.checkpoints == len(expected) // 50  # signed at every 50th event, inside batches too
+    with connection.cursor() as cursor:  # events appended together share the appending transaction's id
+        cursor.execute("SELECT count(DISTINCT xmin::text) FROM keyvault_auditevent")
+        [(transactions,)] = cursor.fetchall()
+    assert transactions < len(expected) / 2, f"{transactions} appends for {len(expected)} events: no group commit"
+
+
+def test_concurrent_key_service_calls_each_leave_one_event(system_actor):
+    kek = services.create_kek(name="group-commit", actor=system_actor)
+    errors = []
+
+    def create(writer: int) -> None:
+        try:
+            for i in range(10):
+                row, plain = services.create_data_key(kek, actor=system_actor, owner_ref=f"{writer}-{i}")
+                with plain:
+                    pass
+                unwrapped = services.unwrap_data_key(row, actor=system_actor)
+                unwrapped[:] = b"\0" * len(unwrapped)
+        except Exception as exc:  # reported below
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=create, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert errors == []
+    created = Counter(AuditEvent.objects.filter(action=Action.DATA_KEY_CREATED).values_list("target_id", flat=True))
+    unwrapped = Counter(AuditEvent.objects.filter(action=Action.DATA_KEY_UNWRAPPED).values_list("target_id", flat=True))
+    keys = {str(pk) for pk in DataKey.objects.values_list("pk", flat=True)}
+    assert len(keys) == 80
+    assert set(created) == keys and set(created.values()) == {1}
+    assert set(unwrapped) == keys and set(unwrapped.values()) == {1}
+    assert audit.verify_chain().ok
+
+
+WRITER_SCRIPT = """
+import sys, django
+django.setup()
+from django.db import transaction
+from keyvault import audit
+from keyvault.audit import Action, Actor
+name = sys.argv[1]
+for i in range(100000):
+    with transaction.atomic():
+        audit.record(Action.OTHER, actor=Actor.system(name), details={"call": f"{name}-{i}"})
+    print(f"{name}-{i}", flush=True)
+"""
+
+
+class Writer:
+    """A writer process; the calls it reported as returned are collected from its stdout."""
+
+    def __init__(self, name: str, env: dict):
+        self.name = name
+        self.process = subprocess.Popen([sys.executable, "-c", WRITER_SCRIPT, name], cwd=ROOT, env=env,
+                                        stdout=subprocess.PIPE, text=True)
+        self.returned: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.returned.append(line.strip())
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        assert self.process.wait(timeout=30) == -signal.SIGKILL
+        self.reader.join(timeout=10)
+
+
+def _wait_for(condition, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_no_event_is_lost_when_writer_processes_are_killed_mid_request(system_actor):
+    audit.record(Action.OTHER, actor=system_actor, details={"call": "genesis"})
+    db = connection.settings_dict
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "keyvault.settings", "HMD_AUDIT_GROUP_COMMIT": "true",
+           "HMD_AUDIT_CHECKPOINT_INTERVAL": "50",
+           "HMD_DATABASE_URL": f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"}
+
+    # given writers whose events are committed to the outbox but not yet appended: the head is held
+    # by another session, so each is stuck after its commit, waiting to append its batch
+    with _raw_connection() as holder:
+        holder.execute("SELECT 1 FROM keyvault_auditchainhead WHERE id = 1 FOR UPDATE")
+        stuck = [Writer(f"stuck{n}", env) for n in range(8)]
+        _wait_for(lambda: AuditPendingEvent.objects.count() == len(stuck))
+        # when they are killed there, mid-request
+        for writer in stuck:
+            writer.kill()
+        holder.rollback()
+    assert AuditPendingEvent.objects.count() == len(stuck)  # committed, not appended, writer gone
+
+    # and more writers running freely are killed at arbitrary points
+    running = [Writer(f"run{n}", env) for n in range(8)]
+    _wait_for(lambda: all(len(writer.returned) >= 5 for writer in running))
+    for writer in running:
+        writer.kill()
+
+    # then the next append (here the sweep the beat and `audit verify` run) takes every committed event
+    audit.drain_all_pending()
+    assert not AuditPendingEvent.objects.exists()
+    calls = _calls_in_chain()
+    assert set(calls.values()) == {1}  # no call appended twice
+    assert {f"stuck{n}-0" for n in range(8)} <= set(calls)  # committed before the kill: not lost
+    returned = {call for writer in running for call in writer.returned}
+    assert returned <= set(calls)  # every call that returned has its event
+    for writer in running:  # and the chain holds no call the writer had not reached
+        reached = {f"{writer.name}-{i}" for i in range(len(writer.returned) + 1)}
+        assert {call for call in calls if call.startswith(f"{writer.name}-")} <= reached
+    result = audit.verify_chain()
+    assert result.ok, str(result)
+    assert result.events == sum(calls.values())
+
+
+def test_a_call_fails_when_its_event_cannot_be_written(system_actor):
+    kek = services.create_kek(name="fail-closed", actor=system_actor)
+    before = AuditEvent.objects.count()
+
+    # given the outbox cannot be written to (locked by another session past the lock timeout)
+    with _raw_connection() as blocker:
+        blocker.execute("LOCK TABLE keyvault_auditpendingevent IN ACCESS EXCLUSIVE MODE")
+        with connection.cursor() as cursor:
+            cursor.execute("SET lock_timeout = '300ms'")
+        try:
+            # when a key service records its event, then the call fails
+            with pytest.raises(OperationalError, match="lock timeout"):
+                services.create_data_key(kek, actor=system_actor, owner_ref="never")
+        finally:
+            with connection.cursor() as cursor:
+                cursor.execute("RESET lock_timeout")
+            blocker.rollback()
+
+    # and its key-state change was rolled back with the event
+    assert not DataKey.objects.filter(owner_ref="never").exists()
+    assert AuditEvent.objects.count() == before
+    assert not AuditPendingEvent.objects.exists()
+    assert audit.verify_chain().ok
