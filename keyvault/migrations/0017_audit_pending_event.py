@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('keyvault', '0014_console_preference'),
+        ('keyvault', '0016_api_clients'),
     ]
 
     operations = [
