@@ -41,11 +41,14 @@ from keyvault.kms import InvalidCiphertext
 from keyvault.kms.context import normalise_context
 from keyvault.kms.envelope import read_header
 from keyvault.models import ApiClient, ApiToken, DataKey, KeyEncryptionKey
+from keyvault.models.api import MAX_RATE_LIMIT
 
 TOKEN_PREFIX = "kvapi_"
 TOKEN_BYTES = 32  # 256 bits
 #: How long the previous token keeps working after a rotation, by default.
 DEFAULT_OVERLAP = timedelta(hours=24)
+#: The longest overlap: a token meant to be replaced should not outlive a year beside its successor.
+MAX_OVERLAP = timedelta(days=366)
 OPERATIONS = tuple(ApiClient.Operation.values)
 MAX_TOKEN_LENGTH = 200
 
@@ -124,6 +127,8 @@ def create_client(
         raise ValueError("a client needs at least one operation")
     networks = parse_networks(allowed_networks)
     constraints = {str(k): [str(v) for v in vals] for k, vals in (context_constraints or {}).items()}
+    if rate_limit_per_second is not None and not 0 <= rate_limit_per_second <= MAX_RATE_LIMIT:
+        raise ValueError(f"the rate limit must be 0 (no limit) to {MAX_RATE_LIMIT:,} requests per second")
     with transaction.atomic():
         if ApiClient.objects.filter(name=name).exists():
             raise ValueError(f"an API client named {name!r} already exists")
@@ -152,8 +157,10 @@ def rotate_token(name: str, *, actor: Actor, overlap: timedelta = DEFAULT_OVERLA
                  now: datetime | None = None) -> str:
     """Issue a new token; the newest previous one keeps working for ``overlap``, any older one stops now.
 
-    :raises ValueError: no such client, or it is revoked.
+    :raises ValueError: no such client, it is revoked, or the overlap is negative or over a year.
     """
+    if not timedelta(0) <= overlap <= MAX_OVERLAP:
+        raise ValueError(f"the overlap must be between 0 and {MAX_OVERLAP.days} days")
     now = now or timezone.now()
     with transaction.atomic():
         client = _client_named(name)

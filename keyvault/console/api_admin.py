@@ -12,7 +12,7 @@ from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.options import ShowFacets
 from django.core.exceptions import PermissionDenied
-from django.http import HttpResponseRedirect
+from django.http import Http404, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
@@ -48,7 +48,7 @@ class ApiClientCreateForm(forms.Form):
 
 
 class RotateTokenForm(forms.Form):
-    overlap_hours = forms.FloatField(label="overlap (hours)", min_value=0, initial=24,
+    overlap_hours = forms.FloatField(label="overlap (hours)", min_value=0, max_value=24 * 366, initial=24,  # services.MAX_OVERLAP
                                      help_text="How long the current token keeps working beside the new one.")
 
 
@@ -156,7 +156,7 @@ class ApiClientAdmin(admin.ModelAdmin):
     @method_decorator(sensitive_post_parameters())
     def rotate_token_view(self, request, object_id):
         self._may_manage(request)
-        client = get_object_or_404(ApiClient, pk=object_id)
+        client = _client_or_404(object_id)
         form = RotateTokenForm(request.POST if request.method == "POST" else None)
         if request.method == "POST" and form.is_valid():
             try:
@@ -176,7 +176,7 @@ class ApiClientAdmin(admin.ModelAdmin):
 
     def revoke_view(self, request, object_id):
         self._may_manage(request)
-        client = get_object_or_404(ApiClient, pk=object_id)
+        client = _client_or_404(object_id)
         form = RevokeForm(request.POST if request.method == "POST" else None)
         if request.method == "POST" and form.is_valid():
             services.revoke_client(client.name, actor=Actor.from_request(request),
@@ -188,3 +188,14 @@ class ApiClientAdmin(admin.ModelAdmin):
                             intro="Every token of this client answers 401 at once. A revoked client cannot be "
                                   "re-enabled: create a new one.",
                             cancel_url=reverse("admin:keyvault_apiclient_change", args=[client.pk]))
+
+
+#: The largest primary key the database can hold (bigint); a larger number names nothing.
+MAX_ID = 2**63 - 1
+
+
+def _client_or_404(object_id: str) -> ApiClient:
+    """The client with this id; anything but a plain in-range number is a 404, never a 500."""
+    if not (object_id.isascii() and object_id.isdigit()) or int(object_id) > MAX_ID:
+        raise Http404("no such API client")
+    return get_object_or_404(ApiClient, pk=int(object_id))

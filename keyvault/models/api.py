@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from django.core.validators import MaxValueValidator
 from django.db import models
+
+#: The highest per-client rate limit (requests/s) that can be set; far beyond what one deployment serves.
+MAX_RATE_LIMIT = 1_000_000
 
 
 class ApiClient(models.Model):
@@ -43,7 +47,7 @@ class ApiClient(models.Model):
                                       help_text="After this the client's tokens are refused (401).")
     enabled = models.BooleanField("enabled", default=True, help_text="A revoked client's tokens are refused (401).")
     rate_limit_per_second = models.PositiveIntegerField(
-        "rate limit (requests/s)", default=200,
+        "rate limit (requests/s)", default=200, validators=[MaxValueValidator(MAX_RATE_LIMIT)],
         help_text="Requests per second across every web process (shared cache); 0 for no limit.",
     )
     created_by = models.CharField("created by", max_length=150, blank=True, editable=False)

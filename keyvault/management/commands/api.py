@@ -61,8 +61,8 @@ class Command(KeyvaultCommand):
 
     def _rotate_token(self, options):
         hours = options["overlap_hours"]
-        if hours < 0:
-            raise ValueError("--overlap-hours cannot be negative")
+        if not 0 <= hours <= services.MAX_OVERLAP.total_seconds() / 3600:  # timedelta() overflows far beyond
+            raise ValueError(f"--overlap-hours must be 0 to {services.MAX_OVERLAP.total_seconds() / 3600:g}")
         token = services.rotate_token(options["name"], actor=self.actor(options), overlap=timedelta(hours=hours))
         self.stderr.write(f"New token for {options['name']} (shown once); the previous one works for {hours:g} h more:")
         self.stdout.write(token)

@@ -28,7 +28,7 @@ def bearer(token: str) -> str:
     return f"Bearer {token}"
 
 
-def test_create_client_stores_only_a_keyed_digest_of_a_256_bit_token(billing):
+def test_create_client_stores_only_a_digest_of_a_256_bit_token(billing):
     client, token = billing
 
     row = ApiToken.objects.get(client=client)
@@ -236,3 +236,10 @@ def test_the_rate_limit_is_one_budget_across_processes_through_redis(billing, se
                               capture_output=True, text=True, check=True, cwd=ROOT).stdout.strip()
                for now in (window, window + 1)]
     assert answers == ["429", "ok"]
+
+
+def test_a_rate_limit_out_of_range_is_refused_before_the_database_sees_it(system_actor):
+    for limit in (-1, 10**20):
+        with pytest.raises(ValueError, match="rate limit must be 0"):
+            services.create_client(name=f"c{abs(limit) % 97}", actor=system_actor, keks=[], operations=["describe"],
+                                   rate_limit_per_second=limit)

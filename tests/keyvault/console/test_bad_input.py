@@ -241,6 +241,7 @@ def _valid_arguments(route: Route, world) -> dict[str, str]:
         pk = world.alpha.pk if model is type(world.alpha) else model._default_manager.order_by("pk").values_list(
             "pk", flat=True).first()
     valid = {"object_id": str(pk or 1), "number": "1", "key": "precheck.owners", "name": "rotations", "fmt": "csv",
+             "data_key_id": "1",  # the application API (bearer only: every odd value must still answer 4xx)
              "id": str(world.superuser.pk), "app_label": "keyvault", "url": "nowhere/",
              "content_type_id": str(ContentType.objects.get_for_model(type(world.alpha)).pk)}
     if route.name.startswith("admin:rotation_rotationrun_"):
