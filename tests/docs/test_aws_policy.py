@@ -74,7 +74,7 @@ def test_every_tag_the_policies_name_is_the_one_the_provider_puts_on_its_keys():
     named = {key for statement in statements() for key in _tag_keys(statement)}
     assert named == {NAME_TAG}
     # and the prose names no other keyvault tag
-    assert set(re.findall(r"keyvault:[a-z]+", SECRETS_DOC.read_text())) == {NAME_TAG}
+    assert set(re.findall(r"(?<!urn:)keyvault:[a-z]+", SECRETS_DOC.read_text())) == {NAME_TAG}  # urn:keyvault:api:… are problem types
 
 
 @pytest.mark.parametrize("action", sorted(DANGEROUS))
