@@ -225,9 +225,9 @@ def audit_unauthenticated_failure(kind: str, address: str | None, record_first: 
     source = address or "unknown"
     window = int(_now()) // FAILURE_WINDOW_SECONDS
     try:
-        if _increment(f"{_PREFIX}:count:{kind}:{source}:{window}") != 1:
+        if increment(f"{_PREFIX}:count:{kind}:{source}:{window}") != 1:
             return
-        position = _increment(f"{_PREFIX}:windows", timeout=None)  # outlives the cursor's entries
+        position = increment(f"{_PREFIX}:windows", timeout=None)  # outlives the cursor's entries
         cache.set(f"{_PREFIX}:window:{position}", (kind, source, window), timeout=FAILURE_COUNT_TTL)
         flush_failure_summaries()
     except CACHE_ERRORS:  # the cache (Redis) is down: audit every failure rather than lose any
@@ -268,7 +268,8 @@ def _record_summary(kind: str, source: str, window: int, count: int) -> None:
     )
 
 
-def _increment(key: str, *, timeout: int | None = FAILURE_COUNT_TTL) -> int:
+def increment(key: str, *, timeout: int | None = FAILURE_COUNT_TTL) -> int:
+    """Count one more at ``key`` in the shared cache (atomic where the cache is, e.g. Redis); the new count."""
     cache.add(key, 0, timeout=timeout)
     try:
         return cache.incr(key)

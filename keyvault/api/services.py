@@ -22,10 +22,10 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 
-from django.core.cache import cache
 from django.db import transaction
 from django.utils import timezone
 
+from keyvault.access import security
 from keyvault.audit import Actor, events
 from keyvault.exceptions import (
     ApiAuthenticationFailed,
@@ -260,13 +260,7 @@ def throttle(client: ApiClient, *, now: float | None = None) -> None:
         return
     window = int(now if now is not None else time.time())
     key = f"api-rate:{client.pk}:{window}"
-    cache.add(key, 0, timeout=5)
-    try:
-        count = cache.incr(key)
-    except ValueError:  # expired between add and incr
-        cache.add(key, 1, timeout=5)
-        count = 1
-    if count > limit:
+    if security.increment(key, timeout=5) > limit:
         raise ApiRateLimited("rate limit exceeded", retry_after=1)
 
 
