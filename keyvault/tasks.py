@@ -17,5 +17,5 @@ def audit_checkpoint() -> int | None:
 
 @shared_task(name="keyvault.flush_login_failure_summaries", ignore_result=True)
 def flush_login_failure_summaries() -> int:
-    """Every minute (beat): audit the counted failed logins of finished minutes; how many summaries."""
+    """Every minute (beat): audit the counted failed logins and API refusals of finished minutes; how many summaries."""
     return security.flush_failure_summaries()

@@ -8,6 +8,8 @@
 * Failed logins and lockouts (django-axes) are audited by the signal receivers at
   the bottom, through :mod:`keyvault.audit` like every other event: the first per
   client address and minute in full, the rest of that minute as one counted summary.
+  The application API's calls without a valid token and over a rate limit are
+  aggregated the same way (:mod:`keyvault.api.services`).
 
 Audit details name the path and method, never form data: a password typed into
 the wrong field must not end up in the log.
@@ -199,8 +201,8 @@ def _audit_locked_out(sender, request, username, ip_address, **kwargs) -> None:
 
 # -- aggregating what anyone can trigger without an account ---------------------------------
 #
-# A failed login and a refusal while locked out can be produced by anyone, as fast as they
-# can post. The first of each kind from a client address in a minute is audited at once,
+# A failed login, a refusal while locked out, an API call without a valid token and an API
+# call over its client's rate limit can be produced as fast as someone can send them. The first of each kind from a client address in a minute is audited at once,
 # in full; later ones in that minute only count, in the shared cache (every worker and host
 # sees the same count). When the minute is over, one summary event records the count: beat
 # writes it within a minute (keyvault.tasks), or sooner the next such event or login does.
@@ -211,17 +213,25 @@ FAILURE_WINDOW_SECONDS = 60
 FAILURE_COUNT_TTL = 86400
 LOGIN_FAILED = "login_failed"
 LOCKED_OUT = "locked_out"
+#: Application API calls without a valid token (source: the address), and calls over a client's
+#: rate limit (source: the client's name): both can come as fast as a caller can send them.
+API_UNAUTHENTICATED = "api_unauthenticated"
+API_RATE_LIMITED = "api_rate_limited"
 _SUMMARY = {
     LOGIN_FAILED: events.login_failures_summarised,
     LOCKED_OUT: events.lockouts_summarised,
+    API_UNAUTHENTICATED: events.api_unauthenticated_summarised,
+    API_RATE_LIMITED: events.api_rate_limited_summarised,
 }
+#: Whose name a summary is recorded under: the source itself for a client's calls, else anonymous.
+_SUMMARY_ACTOR = {API_RATE_LIMITED: lambda source: Actor(name=f"api:{source}")}
 _PREFIX = "keyvault:auth-failures"
 #: What the shared cache raises when it is unreachable: Redis errors, or I/O errors of the file cache.
 CACHE_ERRORS = (RedisError, OSError)
 
 
 def audit_unauthenticated_failure(kind: str, address: str | None, record_first: Callable[[], None]) -> None:
-    """Audit one failure of ``kind`` from ``address``: the first in its window at once, the rest as a count."""
+    """Audit one failure of ``kind`` from ``address`` (or client): the first in its window at once, the rest as a count."""
     source = address or "unknown"
     window = int(_now()) // FAILURE_WINDOW_SECONDS
     try:
@@ -261,8 +271,10 @@ def flush_failure_summaries(*, now: float | None = None) -> int:
 
 
 def _record_summary(kind: str, source: str, window: int, count: int) -> None:
+    actor = _SUMMARY_ACTOR[kind](source) if kind in _SUMMARY_ACTOR else Actor(
+        name="anonymous", ip_address=None if source == "unknown" else source)
     _SUMMARY[kind](
-        source, actor=Actor(name="anonymous", ip_address=None if source == "unknown" else source),
+        source, actor=actor,
         window_start=datetime.fromtimestamp(window * FAILURE_WINDOW_SECONDS, tz=UTC),
         window_seconds=FAILURE_WINDOW_SECONDS, count=count,
     )

@@ -341,6 +341,26 @@ def actor_for(client: ApiClient, *, ip_address: str | None, request_id: str) -> 
     return Actor(name=f"api:{client.name}", ip_address=ip_address, request_id=request_id)
 
 
+def unauthenticated_call(*, operation: str, ip_address: str | None, request_id: str) -> None:
+    """Audit a call without a valid token: the first per address and minute in full, the rest counted.
+
+    Anyone can send these as fast as they like, so each is in the chain either on its own or
+    in its minute's summary (``count``), never one event each; the token sent is never recorded.
+    """
+    actor = Actor(name="anonymous", ip_address=ip_address, request_id=request_id)
+    security.audit_unauthenticated_failure(
+        security.API_UNAUTHENTICATED, ip_address,
+        lambda: events.api_call_unauthenticated(actor=actor, operation=operation))
+
+
+def rate_limited_call(client: ApiClient, *, actor: Actor, operation: str) -> None:
+    """Audit a call over the client's rate limit: the first per client and minute in full, the rest counted."""
+    security.audit_unauthenticated_failure(
+        security.API_RATE_LIMITED, client.name,
+        lambda: events.api_call_rate_limited(client.name, actor=actor, operation=operation,
+                                             limit=client.rate_limit_per_second))
+
+
 def refused(actor: Actor, *, operation: str, reason: str, kek: str | None = None,
             data_key: int | None = None) -> None:
     """Audit a refusal of an authenticated client."""

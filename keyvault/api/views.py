@@ -3,7 +3,8 @@
 Every call: authenticate (401), source address (403), rate limit (429), operation (403),
 then each item: scope (a KEK or data key that is not the client's answers 404 exactly as
 one that does not exist), context (403), the key service (which audits the call with the
-client as actor). Errors are RFC 9457 problem details whose ``type`` is a stable URN
+client as actor). Refusals before a client is known (401) and over its rate limit (429) are
+audited aggregated per source and minute (:func:`services.unauthenticated_call`). Errors are RFC 9457 problem details whose ``type`` is a stable URN
 (:data:`PROBLEMS`); every failure to open a ciphertext is the one ``decryption-failed``.
 
 A body ``{"batch": [...]}`` of up to :data:`MAX_BATCH` items answers 200 with results aligned
@@ -125,11 +126,20 @@ class Bearer(HttpBearer):
     def __call__(self, request: HttpRequest) -> ApiClient:
         request._api_started = time.perf_counter()
         length = request.META.get("CONTENT_LENGTH") or "0"
-        client = services.authenticate(request.headers.get("Authorization"))
+        try:
+            client = services.authenticate(request.headers.get("Authorization"))
+        except ApiAuthenticationFailed:
+            services.unauthenticated_call(operation=_operation(request), ip_address=client_ip(request),
+                                          request_id=request_id(request))
+            raise
         request._api_client = client.name
         request._api_actor = services.actor_for(client, ip_address=client_ip(request), request_id=request_id(request))
         services.check_address(client, client_ip(request))
-        services.throttle(client)
+        try:
+            services.throttle(client)
+        except ApiRateLimited:
+            services.rate_limited_call(client, actor=request._api_actor, operation=_operation(request))
+            raise
         if not length.isdigit() or int(length) > MAX_BODY_BYTES:
             raise PayloadTooLarge(f"bodies larger than {MAX_BODY_BYTES} bytes are refused")
         if request.method == "POST" and not hasattr(request, "_body"):

@@ -303,11 +303,12 @@ def second_factor_failed(username: str, *, actor: Actor, reason: str) -> AuditEv
                         details={"factor": "totp", "reason": reason})
 
 
-def _failures_summarised(name: str, action: str, outcome: str, kind: str, summary: str) -> Callable[..., AuditEvent]:
+def _failures_summarised(name: str, action: str, outcome: str, kind: str, summary: str,
+                         target_type: str = "address") -> Callable[..., AuditEvent]:
     @_emits(action)
     def constructor(source: str, *, actor: Actor, window_start: datetime, window_seconds: int,
                     count: int) -> AuditEvent:
-        return audit.record(action, actor=actor, target=("address", source), outcome=outcome,
+        return audit.record(action, actor=actor, target=(target_type, source), outcome=outcome,
                             details={"reason": f"{kind}_summary", "window_start": window_start.isoformat(),
                                      "window_seconds": window_seconds, "count": count, "recorded_individually": 1})
 
@@ -322,6 +323,14 @@ login_failures_summarised = _failures_summarised(
 lockouts_summarised = _failures_summarised(
     "lockouts_summarised", Action.ACCESS_DENIED, Outcome.DENIED, "locked_out",
     "How many locked-out sign-ins one address made in a finished window (the first was recorded on its own).")
+api_unauthenticated_summarised = _failures_summarised(
+    "api_unauthenticated_summarised", Action.API_DENIED, Outcome.DENIED, "api_unauthenticated",
+    "How many API calls without a valid token one address made in a finished window (the first was recorded "
+    "on its own).")
+api_rate_limited_summarised = _failures_summarised(
+    "api_rate_limited_summarised", Action.API_DENIED, Outcome.DENIED, "api_rate_limited",
+    "How many calls of one API client were refused over its rate limit in a finished window (the first was "
+    "recorded on its own).", target_type="apiclient")
 
 
 # -- accounts, roles and second factors (keyvault.access.accounts) ------------------------------
@@ -567,6 +576,20 @@ def api_call_refused(*, actor: Actor, operation: str, reason: str, kek: str | No
     """An authenticated API client was refused an operation (``reason`` a stable code; no context values)."""
     return audit.record(Action.API_DENIED, actor=actor, target=("api", operation), outcome=Outcome.DENIED,
                         details={"operation": operation, "reason": reason, "kek": kek, "data_key": data_key})
+
+
+@_emits(Action.API_DENIED)
+def api_call_unauthenticated(*, actor: Actor, operation: str) -> AuditEvent:
+    """An API call without a valid token (the first from its address in its minute; never the token sent)."""
+    return audit.record(Action.API_DENIED, actor=actor, target=("address", actor.ip_address or "unknown"),
+                        outcome=Outcome.DENIED, details={"operation": operation, "reason": "unauthenticated"})
+
+
+@_emits(Action.API_DENIED)
+def api_call_rate_limited(client_name: str, *, actor: Actor, operation: str, limit: int) -> AuditEvent:
+    """An API client went over its rate limit (the first refusal of the client in its minute)."""
+    return audit.record(Action.API_DENIED, actor=actor, target=("apiclient", client_name), outcome=Outcome.DENIED,
+                        details={"operation": operation, "reason": "rate_limited", "limit_per_second": limit})
 
 
 @_emits(Action.API_READ)

@@ -27,7 +27,6 @@ import secrets
 from dataclasses import dataclass
 
 from django.conf import settings
-from django.core.cache import cache
 from django.db.models.functions import Greatest
 from django.http import JsonResponse
 from django.utils import timezone
@@ -35,7 +34,7 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
 from keyvault import audit
-from keyvault.access import accounts
+from keyvault.access import accounts, security
 from keyvault.audit import Actor
 from keyvault.exceptions import KeyvaultError
 from keyvault.audit.witness import WitnessEntry
@@ -166,13 +165,7 @@ def rate_limited(consumer: SiemConsumer) -> int:
         return 0
     now = int(timezone.now().timestamp())
     window = now // 60
-    key = f"keyvault:siem:rate:{consumer.pk}:{window}"
-    cache.add(key, 0, timeout=120)
-    try:
-        calls = cache.incr(key)
-    except ValueError:  # evicted between add and incr
-        cache.set(key, 1, timeout=120)
-        calls = 1
+    calls = security.increment(f"keyvault:siem:rate:{consumer.pk}:{window}", timeout=120)
     return (60 - now % 60) if calls > per_minute else 0
 
 

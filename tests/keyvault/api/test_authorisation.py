@@ -195,9 +195,10 @@ def test_refusals_of_a_known_client_are_audited_without_context_values(api, worl
              address=GOOD_ADDRESS)
     api.post("keks/billing-kek/data-keys", {"context": BAD_CTX}, token=world.valid, address=GOOD_ADDRESS)
     api.get("keks", token=world.valid, address=BAD_ADDRESS)
-    api.get("keks", token=world.revoked, address=GOOD_ADDRESS)  # not a known client any more: not audited
+    api.get("keks", token=world.revoked, address=GOOD_ADDRESS)  # not a known client any more: anonymous
     refused = AuditEvent.objects.filter(action="api.denied").order_by("sequence")
     assert [(e.actor, e.details["reason"]) for e in refused] == [
-        ("api:valid", "not_found"), ("api:valid", "context"), ("api:valid", "address")]
-    assert refused.last().ip_address == BAD_ADDRESS
+        ("api:valid", "not_found"), ("api:valid", "context"), ("api:valid", "address"),
+        ("anonymous", "unauthenticated")]
+    assert refused[2].ip_address == BAD_ADDRESS and refused[3].ip_address == GOOD_ADDRESS
     assert all(e.outcome == "denied" and "hr" not in str(e.details) for e in refused)
