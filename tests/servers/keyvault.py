@@ -7,6 +7,7 @@ embedded broker, ``manage.py`` for everything an operator does.
 
 from __future__ import annotations
 
+import signal
 import sys
 import urllib.request
 from collections.abc import Iterator
@@ -45,24 +46,30 @@ def _healthy(url: str) -> bool:
 
 
 @contextmanager
-def running_keyvault(data_dir: Path, *, worker: bool = False, **extra_env: str) -> Iterator[LiveKeyvault]:
-    """A migrated scratch instance served by gunicorn (one process, four threads) on a free port."""
-    scratch = make_scratch(data_dir, **extra_env)
-    logs = data_dir.parent
+def web_server(scratch: Scratch, log_path: Path) -> Iterator[tuple[str, Process]]:
+    """gunicorn (one process, four threads) serving ``scratch`` on a free port: its URL and process."""
     port = free_port()
     server = Process([sys.executable, "-m", "gunicorn", "-c", str(ROOT / "deploy/gunicorn.conf.py"),
                       "--bind", f"127.0.0.1:{port}", "--workers", "1", "--threads", "4"],
-                     logs / "gunicorn.log", {**scratch.env, "HMD_BIND": f"127.0.0.1:{port}"})
-    started = [server]
+                     log_path, {**scratch.env, "HMD_BIND": f"127.0.0.1:{port}"})
     try:
         url = f"http://127.0.0.1:{port}"
         wait_for(lambda: server.alive and _healthy(url), 60, "gunicorn to answer /healthz",
-                 lambda: (logs / "gunicorn.log").read_text()[-2000:])
-        celery_worker = None
-        if worker:
-            celery_worker = celery(scratch.env, logs / "worker.log", "worker", "--pool", "solo")
-            started.append(celery_worker)
-        yield LiveKeyvault(url=url, scratch=scratch, server=server, worker=celery_worker)
+                 lambda: log_path.read_text()[-2000:])
+        yield url, server
     finally:
-        for process in started:
-            process.kill(15)
+        server.kill(signal.SIGTERM)
+
+
+@contextmanager
+def running_keyvault(data_dir: Path, *, worker: bool = False, **extra_env: str) -> Iterator[LiveKeyvault]:
+    """A migrated scratch instance served by gunicorn, and a Celery worker (solo pool) if asked for."""
+    scratch = make_scratch(data_dir, **extra_env)
+    logs = data_dir.parent
+    with web_server(scratch, logs / "gunicorn.log") as (url, server):
+        celery_worker = celery(scratch.env, logs / "worker.log", "worker", "--pool", "solo") if worker else None
+        try:
+            yield LiveKeyvault(url=url, scratch=scratch, server=server, worker=celery_worker)
+        finally:
+            if celery_worker is not None:
+                celery_worker.kill(signal.SIGTERM)
