@@ -45,6 +45,14 @@ def _unb64(text: str) -> bytes:
     return base64.b64decode(text)
 
 
+def _plaintext(result: dict, sent: dict) -> bytes:
+    return _unb64(result["plaintext"])
+
+
+def _ciphertext(result: dict, sent: dict) -> bytes:
+    return _unb64(result["ciphertext"])
+
+
 def _context(context: Context | None) -> dict[str, str]:
     return dict(context or {})
 
@@ -129,12 +137,13 @@ class KeyvaultClient:
             return ServerError(f"HTTP {response.status_code}", status=response.status_code, retry_after=seconds)
         return error_from_problem(problem, response.status_code, retry_after=seconds)
 
-    def _batch(self, path: str, items: list[dict], convert: Callable[[dict], Any]) -> list[Any]:
-        """Results aligned with ``items``: ``convert(result)`` or the item's typed error."""
+    def _batch(self, path: str, items: list[dict], convert: Callable[[dict, dict], Any]) -> list[Any]:
+        """Results aligned with ``items``: ``convert(result, item sent)`` or the item's typed error."""
         results: list[Any] = []
         for chunk in _chunks(items):
             answer = self._request("POST", path, {"batch": list(chunk)})["batch"]
-            results.extend(error_from_problem(item["error"]) if item.get("error") else convert(item) for item in answer)
+            results.extend(error_from_problem(result["error"]) if result.get("error") else convert(result, sent)
+                           for result, sent in zip(answer, chunk, strict=True))
         return results
 
     # -- data keys -----------------------------------------------------------------------------
@@ -159,8 +168,7 @@ class KeyvaultClient:
     def generate_data_key_batch(self, kek: str, items: Sequence[Mapping[str, Any]]) -> list[DataKey | KeyvaultError]:
         """One data key per item (``{"context": …, "purpose": …, "owner_ref": …}``), aligned with ``items``."""
         bodies = [self._generate_body(i.get("context"), i.get("purpose"), i.get("owner_ref")) for i in items]
-        contexts = iter([body["context"] for body in bodies])
-        return self._batch(f"/keks/{kek}/data-keys", bodies, lambda item: self._data_key(item, next(contexts)))
+        return self._batch(f"/keks/{kek}/data-keys", bodies, lambda result, sent: self._data_key(result, sent["context"]))
 
     def unwrap(self, data_key_id: int, context: Context | None = None) -> bytes:
         """The data key's plaintext, from its current wrapping (the cache first, if there is one)."""
@@ -180,7 +188,7 @@ class KeyvaultClient:
         missing = [index for index, result in enumerate(results) if result is None]
         if missing:
             body = [{"id": int(items[i][0]), "context": _context(items[i][1])} for i in missing]
-            for index, answer in zip(missing, self._batch("/data-keys/unwrap", body, lambda item: _unb64(item["plaintext"])),
+            for index, answer in zip(missing, self._batch("/data-keys/unwrap", body, _plaintext),
                                      strict=True):
                 results[index] = answer
                 if self.cache is not None and isinstance(answer, bytes):
@@ -204,7 +212,7 @@ class KeyvaultClient:
 
     def encrypt_batch(self, kek: str, items: Sequence[tuple[bytes, Context | None]]) -> list[bytes | KeyvaultError]:
         body = [{"plaintext": _b64(plaintext), "context": _context(context)} for plaintext, context in items]
-        return self._batch(f"/keks/{kek}/encrypt", body, lambda item: _unb64(item["ciphertext"]))
+        return self._batch(f"/keks/{kek}/encrypt", body, _ciphertext)
 
     def decrypt(self, ciphertext: bytes, context: Context | None = None) -> bytes:
         """The plaintext of an envelope blob (its KEK comes from the blob's header)."""
@@ -213,7 +221,7 @@ class KeyvaultClient:
 
     def decrypt_batch(self, items: Sequence[tuple[bytes, Context | None]]) -> list[bytes | KeyvaultError]:
         body = [{"ciphertext": _b64(ciphertext), "context": _context(context)} for ciphertext, context in items]
-        return self._batch("/decrypt", body, lambda item: _unb64(item["plaintext"]))
+        return self._batch("/decrypt", body, _plaintext)
 
     def rewrap(self, ciphertext: bytes, context: Context | None = None) -> bytes:
         """The blob moved to its KEK's primary version (same plaintext)."""
@@ -222,4 +230,4 @@ class KeyvaultClient:
 
     def rewrap_batch(self, items: Sequence[tuple[bytes, Context | None]]) -> list[bytes | KeyvaultError]:
         body = [{"ciphertext": _b64(ciphertext), "context": _context(context)} for ciphertext, context in items]
-        return self._batch("/rewrap", body, lambda item: _unb64(item["ciphertext"]))
+        return self._batch("/rewrap", body, _ciphertext)

@@ -155,6 +155,17 @@ def test_the_cache_serves_hits_locally_and_never_across_contexts(live, token):
     assert client.unwrap(other.id, BILLING) == other.plaintext and transport.requests == 3
 
 
+def test_a_generated_batch_caches_each_key_under_its_own_items_context(live, token):
+    # given a batch whose first item fails: the keys after it must not shift onto its context
+    transport = CountingTransport()
+    client = KeyvaultClient(live.url, token, cache=DataKeyCache(), transport=transport)
+    refused, key = client.generate_data_key_batch("billing-kek", [{"context": {"service": "hr"}}, {"context": BILLING}])
+    assert isinstance(refused, Forbidden) and isinstance(key, DataKey)
+    # then the key is a hit under its own context, and not cached under the failed item's
+    assert client.unwrap(key.id, BILLING) == key.plaintext and transport.requests == 1
+    assert client.cache.get(key.id, {"service": "hr"}) is None
+
+
 def test_cache_entries_expire_and_run_out_of_uses_and_are_wiped():
     clock = Clock()
     cache = DataKeyCache(max_age=10, max_uses=2, max_entries=2, clock=clock)
