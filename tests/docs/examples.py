@@ -11,6 +11,9 @@ In ``docs/**/*.md`` and ``README.md``:
   of it sees ``HMD_TEST_VAULT_ADDR`` and ``HMD_TEST_VAULT_TOKEN`` / ``HMD_TEST_AWS_ENDPOINT``
   plus fake AWS credentials; real ``AWS_*`` profiles, ``VAULT_*``/``BAO_*`` and
   ``GOOGLE_*`` variables are removed. Each block is a separate ``bash -euo pipefail``.
+- a document with ``console server`` blocks also gets the scratch instance served by gunicorn
+  on a free port, whose URL every block sees as ``KEYVAULT_URL`` (blocks default it to
+  ``make run``'s ``http://127.0.0.1:8000``, so they work as written beside ``make run``).
 - ``json``, ``yaml`` and ``hcl`` blocks are parsed.
 - ``shell`` (``sh``, ``bash``, or untagged) blocks are shown to people, never run. The rule
   for choosing: a shell example that works as written against the scratch instance above is a

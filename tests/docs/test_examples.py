@@ -80,8 +80,12 @@ def test_console_examples_run(doc, tmp_path):
     console = [b for b in blocks(doc) if b.language == "console"]
     tags = {tag for block in console for tag in block.tags}
     scratch = make_scratch(tmp_path / "instance")
-    with external_servers(tags) as external:
+    with external_servers(tags) as external, ExitStack() as stack:
         env = _block_env(scratch, external)
+        if "server" in tags:
+            from tests.servers.keyvault import web_server
+
+            env["KEYVAULT_URL"], _ = stack.enter_context(web_server(scratch, tmp_path / "gunicorn.log"))
         worker = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "keyvault", "worker", "--pool", "solo", "--loglevel", "WARNING"],
             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,

@@ -1,0 +1,1 @@
+"""Example applications of Keyvault's application API (see README.md)."""
