@@ -33,6 +33,7 @@ class WritingAndReading(threading.Thread):
         self.open_store, self.written, self.errors = open_store, {}, []
         self.stop = threading.Event()
         self.reads = 0
+        self.versions_seen = []  # the KEK version wrapping the data key of each row read, in order
 
     def run(self):
         self.store = self.open_store()  # sqlite3 connections stay in the thread that made them
@@ -43,6 +44,8 @@ class WritingAndReading(threading.Thread):
                 row_id = random.choice(list(self.written))
                 assert self.store.get(row_id) == self.written[row_id], f"row {row_id} changed"
                 self.reads += 1
+                [key_id] = self.store.db.execute("SELECT data_key_id FROM invoices WHERE id = ?", (row_id,)).fetchone()
+                self.versions_seen.append(self.store.client.describe(key_id)["kek_version"])
             except Exception as exc:  # noqa: BLE001 - kept to fail the test with
                 self.errors.append(repr(exc))
                 return
@@ -56,7 +59,10 @@ def _rows_written(loop: WritingAndReading, at_least: int) -> None:
 
 
 def test_the_invoices_example_survives_a_kek_rotation_run_while_working(tmp_path):
-    with running_keyvault(tmp_path / "instance", worker=True) as live:
+    # one data key per rewrap batch and a few provider calls a second, so the rewrap takes seconds and the
+    # app reads in the middle of it
+    with running_keyvault(tmp_path / "instance", worker=True, HMD_ROTATION_BATCH_SIZE="1",
+                          HMD_ROTATION_RATE_LIMITS="local=4") as live:
         live.manage("kms", "create-key", "invoices-kek")
         token = live.create_client("invoices", "invoices-kek", ops="generate,unwrap,describe",
                                    context_require=("app=invoices",), rate_limit=0)
@@ -74,6 +80,9 @@ def test_the_invoices_example_survives_a_kek_rotation_run_while_working(tmp_path
         loop.join(timeout=60)
         assert loop.errors == [], loop.errors
         assert before >= 30 and during > 0 and len(loop.written) >= before + during + 10, (before, during)
+        # the app read in the middle of the rewrap: a key still at v1 after another was already at v2
+        first_v2 = loop.versions_seen.index(2)
+        assert 1 in loop.versions_seen[first_v2:], "no read while the rewrap was under way"
         assert "started (KEK invoices-kek" in rotation.stdout.decode()
 
         # then every row opens, by a fresh process of the app, to what was written
