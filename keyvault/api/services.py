@@ -182,6 +182,56 @@ def rotate_token(name: str, *, actor: Actor, overlap: timedelta = DEFAULT_OVERLA
     return token
 
 
+def token_row(token: str) -> ApiToken | None:
+    """The stored row of ``token`` (found by its digest) with its client, or None for a value Keyvault never issued."""
+    if not token or len(token) > MAX_TOKEN_LENGTH:
+        return None
+    return ApiToken.objects.select_related("client").filter(digest=token_digest(token)).first()
+
+
+def revoke_tokens(name: str, *, actor: Actor, reason: str, token_ids: Sequence[int] | None = None,
+                  keep: int | None = None, now: datetime | None = None) -> list[str]:
+    """Revoke tokens of a client, not the client: those in ``token_ids``, or every one but ``keep``.
+
+    Idempotent: a token revoked already is left as it is. Returns the prefixes revoked now.
+
+    :raises ValueError: no such client, or neither ``token_ids`` nor ``keep`` given.
+    """
+    if (token_ids is None) == (keep is None):
+        raise ValueError("name the tokens to revoke or the one to keep, not both")
+    now = now or timezone.now()
+    with transaction.atomic():
+        client = _client_named(name)
+        live = client.tokens.select_for_update().filter(revoked_at__isnull=True)
+        live = live.filter(pk__in=list(token_ids)) if token_ids is not None else live.exclude(pk=keep)
+        rows = list(live.order_by("pk"))
+        if not rows:
+            return []
+        ApiToken.objects.filter(pk__in=[row.pk for row in rows]).update(revoked_at=now)
+        prefixes = [row.prefix for row in rows]
+        events.api_tokens_revoked(client, actor=actor, token_prefixes=prefixes, reason=reason)
+    return prefixes
+
+
+def reinstate_token(name: str, *, token_id: int, expires_at: datetime | None, actor: Actor, reason: str) -> bool:
+    """Give a live token back the expiry it had before a rotation that is being undone.
+
+    A revoked token stays revoked (returns False): revocation is final.
+
+    :raises ValueError: no such client.
+    """
+    with transaction.atomic():
+        client = _client_named(name)
+        row = client.tokens.select_for_update().filter(pk=token_id, revoked_at__isnull=True).first()
+        if row is None:
+            return False
+        row.expires_at = expires_at
+        row.save(update_fields=["expires_at"])
+        events.api_token_reinstated(client, actor=actor, token_prefix=row.prefix, reason=reason,
+                                    expires_at=expires_at.isoformat() if expires_at else None)
+    return True
+
+
 def revoke_client(name: str, *, actor: Actor, reason: str = "", now: datetime | None = None) -> ApiClient:
     """Revoke a client: every token of it answers 401 at once. Idempotent.
 

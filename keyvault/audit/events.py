@@ -564,6 +564,21 @@ def api_token_rotated(client: Any, *, actor: Actor, token_prefix: str, previous_
 
 
 @_emits(Action.API_CLIENT_CHANGED)
+def api_tokens_revoked(client: Any, *, actor: Actor, token_prefixes: Sequence[str], reason: str) -> AuditEvent:
+    """Some tokens of an API client were revoked (the client itself stays enabled)."""
+    return audit.record(Action.API_CLIENT_CHANGED, actor=actor, target=("apiclient", client.name), details={
+        "event": "tokens_revoked", "token_prefixes": list(token_prefixes), "reason": reason})
+
+
+@_emits(Action.API_CLIENT_CHANGED)
+def api_token_reinstated(client: Any, *, actor: Actor, token_prefix: str, expires_at: str | None,
+                         reason: str) -> AuditEvent:
+    """A token got back the expiry it had before a rotation that was undone (``None``: no expiry)."""
+    return audit.record(Action.API_CLIENT_CHANGED, actor=actor, target=("apiclient", client.name), details={
+        "event": "token_reinstated", "token_prefix": token_prefix, "expires_at": expires_at, "reason": reason})
+
+
+@_emits(Action.API_CLIENT_CHANGED)
 def api_client_revoked(client: Any, *, actor: Actor, reason: str, tokens_revoked: int) -> AuditEvent:
     """An API client was revoked: every token of it answers 401 from now on."""
     return audit.record(Action.API_CLIENT_CHANGED, actor=actor, target=("apiclient", client.name), details={

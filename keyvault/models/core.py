@@ -470,6 +470,7 @@ class ManagedSecret(models.Model):
         TLS_CERTIFICATE = "tls_certificate", "TLS certificate"
         OAUTH_CLIENT_SECRET = "oauth_client_secret", "OAuth/OIDC client secret"
         VAULT_APPROLE_SECRET_ID = "vault_approle_secret_id", "Vault AppRole secret id"
+        API_CLIENT_TOKEN = "api_client_token", "Keyvault API client token"
         GENERIC = "generic", "Generic secret"
 
     class Status(models.TextChoices):

@@ -17,6 +17,7 @@ EXECUTORS = {
     "oauth_client_secret": "rotation.executors.oauth.OAuthClientSecretExecutor",
     "generic": "rotation.executors.generic.GenericSecretExecutor",
     "vault_approle_secret_id": "rotation.executors.approle.AppRoleSecretIdExecutor",
+    "api_client_token": "rotation.executors.apitoken.ApiClientTokenExecutor",
 }
 
 

@@ -212,6 +212,10 @@ class Executor(abc.ABC):
     def retire(self, ctx: Context) -> None:
         """After the grace period: stop the old credential from working."""
 
+    def retire_delay(self, ctx: Context) -> timedelta:
+        """How long after the switch the old credential retires: the policy's grace period (zero in an emergency)."""
+        return ctx.grace
+
     def rollback(self, ctx: Context) -> str:
         """Before retirement: make the previous credential current again. Returns a note for the audit trail."""
         previous = ctx.state.get("previous_version")

@@ -49,6 +49,8 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 
 _opener = urllib.request.build_opener(_NoRedirect)
+#: For other executors that send a credential over HTTP (``rotation.executors.apitoken``).
+no_redirect_opener = _opener
 
 
 def token_request(endpoint: str, client_id: str, client_secret: str, *, scope: str = "",

@@ -263,9 +263,10 @@ class ManagedSecretRotation(Driver):
             secret.save(update_fields=["last_rotated_at", "status", "metadata", "expires_at", "updated_at"])
             if run.policy_id:
                 RotationPolicy.objects.filter(pk=run.policy_id).update(next_due_at=secret_due_at(secret, run.policy))
-            self.move(run, S.RETIRING, retire_after=now + ctx.grace, paused_reason="")
+            retire_after = now + executor_of(secret).retire_delay(ctx)
+            self.move(run, S.RETIRING, retire_after=retire_after, paused_reason="")
             events.secret_rotated(secret, actor=self.hooks.actor, run_id=run.pk,
-                                  new_version=str(ctx.state.get("new_version") or ""), retire_after=now + ctx.grace)
+                                  new_version=str(ctx.state.get("new_version") or ""), retire_after=retire_after)
         return run
 
     def fail(self, run_id: int, exc: Exception, note: str = "the old credential was not changed") -> str:

@@ -25,6 +25,7 @@ VALID = {
                             "admin_password_ref": {"source": "file", "path": "db/admin"}, "retire": "password",
                             "terminate_sessions": "always"},
     "vault_approle_secret_id": {"role": "billing-app", "mount": "approle-prod"},
+    "api_client_token": {"client": "billing", "api_url": "https://keyvault.internal", "overlap_hours": 12},
 }
 
 
@@ -143,6 +144,7 @@ def test_random_configurations_are_accepted_or_refused_by_field_and_never_crash(
     check()
 
 
+@pytest.mark.django_db  # api_client_token looks its client up
 @pytest.mark.parametrize("secret_type", sorted(EXECUTORS))
 def test_random_configurations_through_the_executor_raise_only_configuration_errors(secret_type):
     # The executor adds HMD_OUTBOUND_ALLOWLIST to the schema: still only SecretConfigError.
