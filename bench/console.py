@@ -129,6 +129,7 @@ def _copy_text(value: str) -> str:
 
 def seed_data_keys(conn, keks: dict, n: int, *, start: datetime, end: datetime) -> None:
     from keyvault.kms.local import HEADER
+    from keyvault.models import wrapped_key_fingerprint
 
     rng = random.Random(3)
     names = [name for name, _, _ in DATA_KEKS]
@@ -139,7 +140,8 @@ def seed_data_keys(conn, keks: dict, n: int, *, start: datetime, end: datetime) 
         for v in range(1, versions[name] + 1)
     }
     step = (end - start) / max(n, 1)
-    columns = "kek_id, kek_version, wrapped_key, key_spec, encryption_context, purpose, owner_ref, created_at"
+    columns = ("kek_id, kek_version, wrapped_key, fingerprint, key_spec, encryption_context, purpose, owner_ref, "
+               "created_at")
     chosen = rng.choices(names, weights, k=n)
     with conn.cursor() as cur, cur.copy(f"COPY keyvault_datakey ({columns}) FROM STDIN") as copy:
         lines = []
@@ -148,10 +150,12 @@ def seed_data_keys(conn, keks: dict, n: int, *, start: datetime, end: datetime) 
             top = versions[name]
             # Most keys sit on the primary version; older versions keep a tail (rotation in progress).
             version = top if top == 1 or rng.random() < 0.7 else rng.randint(1, top - 1)
-            body = os.urandom(12 + 32 + 16).hex()
+            wrapped = headers[name, version] + os.urandom(12 + 32 + 16).hex()
+            # As the key services store it with the wrapped key (DataKey.fingerprint).
+            fingerprint = wrapped_key_fingerprint(bytes.fromhex(wrapped))
             created = (start + step * i).isoformat()
             lines.append(
-                f"{keks[name].pk}\t{version}\t\\\\x{headers[name, version]}{body}\tAES_256\t"
+                f"{keks[name].pk}\t{version}\t\\\\x{wrapped}\t{fingerprint}\tAES_256\t"
                 f'{{"tenant": "t{i % 997:04d}"}}\tfield encryption\towner-{i % 10007:05d}\t{created}\n'
             )
             if len(lines) >= COPY_CHUNK:
@@ -348,6 +352,7 @@ def pages(keks: dict, extras: list, n_data_keys: int, end: datetime, head: int) 
     month_from, month_to = (end - timedelta(days=200)).date(), (end - timedelta(days=170)).date()
     week_from, week_to = (end - timedelta(days=100)).date(), (end - timedelta(days=94)).date()
     request_id = sample_request_id(head // 2)
+    fingerprint = sample_fingerprint(n_data_keys // 2)
     return [
         ("KEKs: first page", "/keyvault/keyencryptionkey/"),
         ("KEKs: filter state=disabled", "/keyvault/keyencryptionkey/?state__exact=disabled"),
@@ -382,7 +387,10 @@ def pages(keks: dict, extras: list, n_data_keys: int, end: datetime, head: int) 
         ("audit checkpoints: first page", "/keyvault/auditcheckpoint/"),
         # issue 16: the global search page (keyvault.console.search), by name, by number and by request id
         ("global search: KEK name 'team-01'", "/search/?q=team-01"),
+        ("global search: KEK name 'payments'", "/search/?q=payments"),
         ("global search: data key / run id", f"/search/?q={max(1, n_data_keys // 2)}"),
+        ("global search: data key fingerprint", f"/search/?q={fingerprint}"),
+        ("global search: fingerprint prefix (6 hex)", f"/search/?q={fingerprint[:6]}"),
         ("global search: request id", "/search/?q=" + "0" * 32),
         ("reports: index", "/reports/"),
         ("report who-did-what: first page", "/reports/activity/"),
@@ -396,6 +404,14 @@ def pages(keks: dict, extras: list, n_data_keys: int, end: datetime, head: int) 
         ("report: rotations", "/reports/rotations/"),
         ("report: violations", "/reports/violations/"),
     ]
+
+
+def sample_fingerprint(data_key_id: int) -> str:
+    """The stored fingerprint of a seeded data key near ``data_key_id``, for the search-by-fingerprint pages."""
+    from keyvault.models import DataKey
+
+    row = DataKey.objects.filter(pk__gte=data_key_id).order_by("pk").values_list("fingerprint", flat=True).first()
+    return row or "0" * 16
 
 
 def sample_request_id(sequence: int) -> str:

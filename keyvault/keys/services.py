@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Count
 from django.utils import timezone
 
@@ -28,7 +28,7 @@ from keyvault.keys.fields import rewrap_field
 from keyvault.kms import Capability, KeyState, KMSProvider, UnsupportedOperation, VersionState, get_provider
 from keyvault.kms import DataKey as PlainDataKey
 from keyvault.kms.context import normalise_context
-from keyvault.models import DataKey, KeyEncryptionKey, KeyVersion
+from keyvault.models import DataKey, KeyEncryptionKey, KeyVersion, wrapped_key_fingerprint
 
 KEK = KeyEncryptionKey
 MIN_DELETION_WAIT_DAYS = 7
@@ -266,6 +266,46 @@ def restore_primary_version(
     return version
 
 
+#: Per-connection scratch table of :func:`store_rewrapped_batch` on PostgreSQL (emptied at every commit).
+REWRAPPED_TABLE = "kv_rewrapped"
+
+
+def store_rewrapped_batch(updates, now: datetime, *, kek_id: int, moves: bool = True) -> None:
+    """Write a rotation batch's new wrapped keys (and their fingerprints) in one UPDATE, never a save() per row.
+
+    ``updates`` holds (id, new wrapped key, KEK version, context) tuples; the caller (the
+    rotation engine) has locked the rows, verified a sample and records the batch's audit
+    event in the same transaction. PostgreSQL: binary ``COPY`` into a temporary table and
+    one ``UPDATE … FROM`` it — no SQL text to build or parse per row. ``kek_id`` is
+    written only when data keys move to another KEK (a migration).
+    """
+    table = DataKey._meta.db_table
+    kek_column = "kek_id = %s, " if moves else ""
+    kek_param = [kek_id] if moves else []
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute(f"CREATE TEMP TABLE IF NOT EXISTS {REWRAPPED_TABLE} (id bigint, w bytea, ver integer, "
+                           "fp varchar(16)) ON COMMIT DELETE ROWS")
+            # Empty already after each commit; not when batches share an outer transaction (tests, drive()).
+            cursor.execute(f"DELETE FROM {REWRAPPED_TABLE}")
+            with cursor.cursor.copy(f"COPY {REWRAPPED_TABLE} (id, w, ver, fp) FROM STDIN (FORMAT BINARY)") as copy:
+                copy.set_types(["int8", "bytea", "int4", "varchar"])
+                for pk, blob, version, _ in updates:
+                    copy.write_row((pk, blob, version, wrapped_key_fingerprint(blob)))
+            cursor.execute(
+                f"UPDATE {table} AS d SET wrapped_key = r.w, fingerprint = r.fp, kek_version = r.ver, {kek_column}"
+                f"last_rewrapped_at = %s FROM {REWRAPPED_TABLE} AS r WHERE d.id = r.id",
+                [*kek_param, now],
+            )
+        else:
+            cursor.executemany(
+                f"UPDATE {table} SET wrapped_key = %s, fingerprint = %s, kek_version = %s, {kek_column}"
+                "last_rewrapped_at = %s WHERE id = %s",
+                [(blob, wrapped_key_fingerprint(blob), version, *kek_param, now, pk)
+                 for pk, blob, version, _ in updates],
+            )
+
+
 def version_coverage(kek: KeyEncryptionKey) -> dict[int, int]:
     """How many data keys each version of ``kek`` wraps."""
     rows = DataKey.objects.filter(kek=kek).values("kek_version").annotate(n=Count("id")).order_by()
@@ -388,6 +428,7 @@ def create_data_key(
             kek=kek,
             kek_version=plain.key_version,
             wrapped_key=plain.ciphertext,
+            fingerprint=wrapped_key_fingerprint(plain.ciphertext),
             key_spec=key_spec,
             encryption_context=context,
             purpose=purpose,
@@ -436,9 +477,10 @@ def rewrap_data_key(data_key: DataKey, *, actor: Actor) -> DataKey:
         )
         previous = data_key.kek_version
         data_key.wrapped_key = result.ciphertext
+        data_key.fingerprint = wrapped_key_fingerprint(result.ciphertext)
         data_key.kek_version = result.key_version
         data_key.last_rewrapped_at = timezone.now()
-        data_key.save(update_fields=["wrapped_key", "kek_version", "last_rewrapped_at"])
+        data_key.save(update_fields=["wrapped_key", "fingerprint", "kek_version", "last_rewrapped_at"])
         events.data_key_rewrapped(data_key, actor=actor, kek=kek.name, from_version=previous,
                                   to_version=result.key_version)
     return data_key
