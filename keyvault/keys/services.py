@@ -312,6 +312,20 @@ def version_coverage(kek: KeyEncryptionKey) -> dict[int, int]:
     return {row["kek_version"]: row["n"] for row in rows}
 
 
+def coverage_by_kek(kek_ids=None) -> dict[int, dict[int, int]]:
+    """:func:`version_coverage` of many KEKs (all when ``kek_ids`` is None) in one grouped query.
+
+    KEK id -> {version: data keys}; a KEK that wraps none is absent. One index-only scan
+    of ``(kek, kek_version, id)`` instead of one query per KEK.
+    """
+    rows = DataKey.objects.all() if kek_ids is None else DataKey.objects.filter(kek_id__in=list(kek_ids))
+    coverage: dict[int, dict[int, int]] = {}
+    for kek_id, version, count in rows.values("kek_id", "kek_version").annotate(n=Count("id")).order_by() \
+            .values_list("kek_id", "kek_version", "n"):
+        coverage.setdefault(kek_id, {})[version] = count
+    return coverage
+
+
 def set_version_state(
     kek: KeyEncryptionKey,
     number: int,

@@ -105,6 +105,28 @@ def test_destroy_due_keks_only_after_the_waiting_period(kek, system_actor):
     assert actions()[-1] == "kek.destroyed"
 
 
+def test_coverage_of_many_keks_in_one_query_agrees_with_each_keks_coverage(kek, system_actor,
+                                                                          django_assert_num_queries):
+    # given two KEKs with data keys over versions, and one with none
+    other = services.create_kek(name="other", actor=system_actor)
+    empty = services.create_kek(name="empty", actor=system_actor)
+    for _ in range(2):
+        services.create_data_key(kek, actor=system_actor)[1].wipe()
+    services.rotate_kek_version(kek, actor=system_actor)
+    services.create_data_key(kek, actor=system_actor)[1].wipe()
+    services.create_data_key(other, actor=system_actor)[1].wipe()
+
+    # when all three are counted at once
+    with django_assert_num_queries(1):
+        coverage = services.coverage_by_kek([kek.pk, other.pk, empty.pk])
+
+    # then each agrees with its own count, and the empty one is absent
+    assert coverage == {kek.pk: {1: 2, 2: 1}, other.pk: {1: 1}}
+    assert coverage[kek.pk] == services.version_coverage(kek)
+    assert services.coverage_by_kek() == coverage
+    assert services.coverage_by_kek([other.pk]) == {other.pk: {1: 1}}
+
+
 def test_data_key_lifecycle(kek, system_actor):
     context = {"tenant": "acme"}
     row, plain = services.create_data_key(kek, actor=system_actor, encryption_context=context, owner_ref="billing.invoice")
