@@ -263,6 +263,7 @@ class AuditEvent(models.Model):
         USER_CHANGED = "user.changed", "User changed (flags, groups, permissions)"
         USER_PASSWORD_CHANGED = "user.password_changed", "User password changed"
         USER_DELETED = "user.deleted", "User deleted"
+        USER_PREFERENCE_CHANGED = "user.preference_changed", "User preference changed (time zone)"
         GROUP_CREATED = "group.created", "Group created"
         GROUP_CHANGED = "group.changed", "Group changed (name, permissions)"
         GROUP_DELETED = "group.deleted", "Group deleted"
