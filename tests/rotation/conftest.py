@@ -24,6 +24,7 @@ def seed_data_keys(kek, n, *, context=None):
                             fingerprint=wrapped_key_fingerprint(data_key.ciphertext), encryption_context=ctx, owner_ref=f"seed.{i}"))
         data_key.wipe()
     DataKey.objects.bulk_create(rows, batch_size=2000)
+    key_services.recount_data_keys()  # loaded around the services: their counters catch up
     return DataKey.objects.filter(kek=kek)
 
 
