@@ -179,12 +179,15 @@ def _rewrap_locked(run, driver, source, destination, destination_kek, *, after: 
                 updates.append((pk, outcome.ciphertext, outcome.key_version, context))
         if updates:
             _verify_sample(destination, destination_kek, updates)
-            key_services.store_rewrapped_batch(updates, now, kek_id=destination_kek.pk,
-                                               moves=destination_kek.pk != run.kek_id)
         RotationRun.objects.filter(pk=run.pk).update(
             rewrapped=F("rewrapped") + len(updates), failed_deks=F("failed_deks") + len(failures),
             heartbeat_at=now, paused_reason="",
         )
+        if updates:
+            # After the run's row: the write also moves the KEK versions' data-key counters, and a
+            # rollback locks the run, then the versions; the same order here cannot deadlock with it.
+            key_services.store_rewrapped_batch(updates, now, kek_id=destination_kek.pk,
+                                               moves=destination_kek.pk != run.kek_id)
         events.batch_rewrapped(run.kek, actor=ENGINE, run_id=run.pk, first_id=rows[0][0], last_id=rows[-1][0],
                                rewrapped=len(updates), failed_ids=[pk for pk, _ in failures[:20]],
                                failed_errors=sorted({name for _, name in failures}),
