@@ -259,3 +259,12 @@ def test_refresh_copies_encrypt_counts(kek, system_actor):
     services.refresh_kek(kek)
 
     assert KeyVersion.objects.get(kek=kek, number=1).encrypt_count >= 1
+
+
+def test_the_command_recounts_too(kek, system_actor, capsys):
+    from django.core.management import call_command
+
+    DataKey.objects.bulk_create([DataKey(kek=kek, kek_version=1, wrapped_key=b"loaded", fingerprint="")])
+    call_command("kms", "recount-data-keys")
+    assert capsys.readouterr().out.strip() == "data-key counters: 1 KEK version(s) corrected"
+    assert _counters(kek) == _exact(kek) == {kek.pk: {1: 1}}
