@@ -268,3 +268,17 @@ def test_the_command_recounts_too(kek, system_actor, capsys):
     call_command("kms", "recount-data-keys")
     assert capsys.readouterr().out.strip() == "data-key counters: 1 KEK version(s) corrected"
     assert _counters(kek) == _exact(kek) == {kek.pk: {1: 1}}
+
+
+def test_the_migration_counts_existing_data_keys(kek, system_actor):
+    import importlib
+
+    from django.apps import apps
+
+    services.create_data_key(kek, actor=system_actor)[1].wipe()
+    services.create_data_key(kek, actor=system_actor)[1].wipe()
+    KeyVersion.objects.update(data_keys=0)
+
+    importlib.import_module("keyvault.migrations.0021_keyversion_data_keys_counter").count_data_keys(apps, None)
+
+    assert _counters(kek) == _exact(kek) == {kek.pk: {1: 2}}
