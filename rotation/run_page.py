@@ -100,8 +100,7 @@ def run_status(run: RotationRun) -> RunStatus:
     thing = (f"old version {old}" if old else "old version") if rewraps else "old value"
     if run.state == S.PENDING_APPROVAL:
         required = run.policy.approvals_required if run.policy else 0
-        given = sum(1 for approval in run.approvals.all() if approval.decision == "approve")
-        summary = f"Waiting for approval ({given} of {required})."
+        summary = f"Waiting for approval ({approvals_summary(required, run.approvals.all())})."
     elif run.state == S.QUEUED:
         summary = "Queued; a worker picks it up shortly."
     elif run.state == S.ROTATING:
@@ -129,6 +128,14 @@ def run_status(run: RotationRun) -> RunStatus:
         phase=PHASES[run.state], badge=BADGES.get(run.state, S(run.state).label), summary=summary,
         show_bar=show_counts and not stopped, show_counts=show_counts,
     )
+
+
+def approvals_summary(required: int, approvals) -> str:
+    """What the Approvals heading says: "none required" rather than "0 of 0", else how many of how many."""
+    given = sum(1 for approval in approvals if approval.decision == "approve")
+    if required == 0:
+        return f"none required, {given} given" if given else "none required"
+    return f"{given} of {required} required"
 
 
 def run_progress(run: RotationRun, *, now: datetime | None = None) -> dict:
@@ -180,6 +187,7 @@ def run_progress(run: RotationRun, *, now: datetime | None = None) -> dict:
         "partitions": services.partition_overview(run.pk, now=now).as_dict(),
         "actions": sorted(available_run_actions(run)),
         "approvals_required": run.policy.approvals_required if run.policy else 0,
+        "approvals_summary": approvals_summary(run.policy.approvals_required if run.policy else 0, approvals),
         "approvals": [
             {"who": approval.approver.get_username() if approval.approver_id else "—",
              "decision": approval.get_decision_display(), "comment": approval.comment,

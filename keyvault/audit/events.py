@@ -381,6 +381,13 @@ siem_consumer_changed = _account_event("siem_consumer_changed", Action.SIEM_CONS
                                        "A SIEM consumer was changed or deleted (token HMACed).")
 
 
+@_emits(Action.USER_PREFERENCE_CHANGED)
+def preference_changed(username: str, *, actor: Actor, setting: str, before: str, after: str) -> AuditEvent:
+    """A console user's display preference (``setting``, e.g. ``time_zone``) changed from ``before`` to ``after``."""
+    return audit.record(Action.USER_PREFERENCE_CHANGED, actor=actor, target=("user", username),
+                        details={"setting": setting, "before": before, "after": after})
+
+
 @_emits(Action.DEVICE_THROTTLE_RESET)
 def device_throttle_reset(username: str, *, actor: Actor, device: str, failures_before: int) -> AuditEvent:
     """A user's TOTP device had its failure back-off cleared by an administrator."""

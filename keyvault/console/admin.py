@@ -596,8 +596,8 @@ class DataKeyAdmin(DataKeyViewsMixin, SelectionExport, KeysetPagedAdmin, ReadOnl
         css = CONSOLE_CSS
 
     def get_queryset(self, request):
-        # The wrapped bytes are needed for the fingerprint only; nothing else reads them.
-        return super().get_queryset(request).select_related("kek")
+        # The fingerprint is stored (DataKey.fingerprint): no page needs the wrapped bytes.
+        return super().get_queryset(request).select_related("kek").defer("wrapped_key")
 
     @admin.display(description="created")
     def created(self, obj: DataKey):

@@ -240,14 +240,16 @@ def past_cryptoperiod(*, now: datetime, kek: str = "") -> list[CryptoperiodItem]
 
 
 def coverage(*, kek: str = "") -> list[CoverageItem]:
-    """Share of each live KEK's data keys wrapped by its primary version (``services.version_coverage``)."""
+    """Share of each live KEK's data keys wrapped by its primary version (``services.coverage_by_kek``)."""
     keks = KeyEncryptionKey.objects.filter(state__in=LIVE_KEK_STATES).order_by("name")
     if kek:
         keks = keks.filter(name=kek)
     primaries = dict(KeyVersion.objects.filter(is_primary=True, kek__in=keks).values_list("kek_id", "number"))
+    keks = list(keks)
+    coverage = services.coverage_by_kek(row.pk for row in keks)
     items = []
     for row in keks:
-        counts = services.version_coverage(row)
+        counts = coverage.get(row.pk, {})
         primary = primaries.get(row.pk)
         items.append(CoverageItem(kek=row.name, primary=primary, total=sum(counts.values()),
                                   on_primary=counts.get(primary, 0)))

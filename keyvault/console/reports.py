@@ -256,14 +256,13 @@ def inventory_rows(filters: Filters, now: datetime) -> tuple[list[dict], list[st
     runs = {}
     for run in RotationRun.objects.filter(kek__isnull=False, target_version__isnull=False).order_by("created_at"):
         runs[(run.kek_id, run.target_version)] = run
-    coverage_cache: dict[int, dict[int, int]] = {}
-    rows = []
-    for version in versions[: MAX_ROWS + 1]:
-        kek = version.kek
-        if kek.pk not in coverage_cache:
-            from keyvault.keys import services
+    versions = list(versions[: MAX_ROWS + 1])
+    from keyvault.keys import services
 
-            coverage_cache[kek.pk] = services.version_coverage(kek)
+    coverage = services.coverage_by_kek({version.kek_id for version in versions})  # one query, not one per KEK
+    rows = []
+    for version in versions:
+        kek = version.kek
         if kek.pk not in policies:  # the policy the sweep will give it
             policies[kek.pk] = rotation_services.policy_of(kek)
         policy = policies[kek.pk]
@@ -287,7 +286,7 @@ def inventory_rows(filters: Filters, now: datetime) -> tuple[list[dict], list[st
             "primary": version.is_primary,
             "version_created_at": _when(version.created_at),
             "age_days": (now - version.created_at).days,
-            "data_keys": coverage_cache[kek.pk].get(version.number, 0),
+            "data_keys": coverage.get(kek.pk, {}).get(version.number, 0),
             "encryptions": version.encrypt_count,
             "made_by": made_by,
         })

@@ -4,8 +4,9 @@ Read-only. Every lookup is exact or a prefix/substring on a small table, or hits
 index, so a search stays fast with millions of data keys and audit events:
 
 * KEKs: name contains the term, or provider key id equals it;
-* data keys: by id (a number), or by wrapped-key fingerprint (16 hex digits, as the
-  console shows it: on PostgreSQL computed in the database, elsewhere by a bounded scan);
+* data keys: by id (a number), or by wrapped-key fingerprint as the console shows it (16 hex
+  digits) or its first digits (at least :data:`MIN_FINGERPRINT_PREFIX`), through the indexed
+  ``DataKey.fingerprint`` column the key services keep with the wrapped key;
 * rotation runs: by id (a number or ``#12``), or incident reference equal to the term;
 * managed secrets: name contains the term;
 * audit events: request id equal to the term.
@@ -16,12 +17,9 @@ which sees everything). The console page and ``manage.py search`` both call :fun
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass, field
 
-from django.db import connections
-from django.db.models.expressions import RawSQL
 from django.urls import reverse
 
 from keyvault.exceptions import InvalidSearch
@@ -30,10 +28,10 @@ from rotation.models import RotationRun
 
 #: Hits shown per kind.
 LIMIT = 20
-#: Without a database-side SHA-256 (SQLite), a fingerprint search reads at most this many data keys.
-FINGERPRINT_SCAN_LIMIT = 200_000
 MAX_TERM = 200
-FINGERPRINT = re.compile(r"^[0-9a-f]{16}$")
+#: Fewer hex digits match too many data keys to be a useful search (a number is also an id).
+MIN_FINGERPRINT_PREFIX = 6
+FINGERPRINT = re.compile(r"^[0-9a-f]{%d,16}$" % MIN_FINGERPRINT_PREFIX)
 NUMBER = re.compile(r"^[0-9]{1,18}$")
 
 
@@ -75,38 +73,23 @@ def _keks(term: str) -> list[Hit]:
                 reverse("admin:keyvault_keyencryptionkey_change", args=[row.pk])) for row in rows]
 
 
-def _data_key_hit(row: DataKey, fingerprint: str) -> Hit:
-    return Hit("Data key", f"data key #{row.pk}", f"KEK {row.kek.name} v{row.kek_version} · fingerprint {fingerprint}",
+def _data_key_hit(row: DataKey) -> Hit:
+    return Hit("Data key", f"data key #{row.pk}", f"KEK {row.kek.name} v{row.kek_version} · fingerprint {row.fingerprint}",
                reverse("admin:keyvault_datakey_change", args=[row.pk]))
 
 
-def _data_keys_by_fingerprint(term: str, notes: list[str]) -> list[DataKey]:
-    rows = DataKey.objects.order_by("id")
-    if connections[rows.db].vendor == "postgresql":
-        expression = RawSQL("substr(encode(sha256(wrapped_key), 'hex'), 1, 16)", ())
-        return list(rows.select_related("kek").annotate(fp=expression).filter(fp=term)[:LIMIT])
-    found, scanned = [], 0
-    for row in rows.only("id", "wrapped_key").iterator(chunk_size=2000):
-        scanned += 1
-        if hashlib.sha256(bytes(row.wrapped_key)).hexdigest()[:16] == term:
-            found.append(row)
-        if scanned >= FINGERPRINT_SCAN_LIMIT or len(found) >= LIMIT:
-            break
-    if scanned >= FINGERPRINT_SCAN_LIMIT:
-        notes.append(f"Fingerprint search read the first {FINGERPRINT_SCAN_LIMIT:,} data keys only (no SHA-256 in "
-                     "this database); search by id, or use PostgreSQL.")
-    return list(DataKey.objects.select_related("kek").filter(pk__in=[row.pk for row in found]).order_by("id"))
-
-
-def _data_keys(term: str, notes: list[str]) -> list[Hit]:
+def _data_keys(term: str) -> list[Hit]:
+    """By id and, for a run of hex digits, by fingerprint or its prefix (a number may be both)."""
+    rows: dict[int, DataKey] = {}
     number = _number(term)
     if number is not None:
-        rows = list(DataKey.objects.select_related("kek").filter(pk=number))
-    elif FINGERPRINT.match(term.lower()):
-        rows = _data_keys_by_fingerprint(term.lower(), notes)
-    else:
-        return []
-    return [_data_key_hit(row, row.fingerprint) for row in rows]
+        rows.update((row.pk, row) for row in DataKey.objects.select_related("kek").filter(pk=number))
+    prefix = term.lower()
+    if FINGERPRINT.match(prefix):
+        # startswith: a LIKE 'prefix%' the pattern index on PostgreSQL serves; a whole fingerprint is its own prefix.
+        by_fingerprint = DataKey.objects.select_related("kek").filter(fingerprint__startswith=prefix)
+        rows.update((row.pk, row) for row in by_fingerprint.order_by("fingerprint", "id")[:LIMIT])
+    return [_data_key_hit(row) for row in list(rows.values())[:LIMIT]]
 
 
 def _runs(term: str) -> list[Hit]:
@@ -143,7 +126,7 @@ def search(term: str, *, user=None) -> SearchResults:
     results = SearchResults(term=term)
     lookups = (
         ("Key-encryption keys", "keyvault.view_keyencryptionkey", lambda: _keks(term)),
-        ("Data keys", "keyvault.view_datakey", lambda: _data_keys(term, results.notes)),
+        ("Data keys", "keyvault.view_datakey", lambda: _data_keys(term)),
         ("Rotation runs", "rotation.view_rotationrun", lambda: _runs(term)),
         ("Managed secrets", "keyvault.view_managedsecret", lambda: _secrets(term)),
         ("Audit events by request id", "keyvault.view_auditevent", lambda: _audit(term)),

@@ -8,7 +8,7 @@
 * :class:`TimeZoneMiddleware` activates the signed-in user's zone for the request, so every
   conversion (ours and Django's) follows the preference.
 * :func:`set_time_zone` is the one writer of the preference (the Preferences page and
-  ``manage.py preferences`` call it).
+  ``manage.py preferences`` call it); a change is recorded in the audit log.
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ import zoneinfo
 from datetime import UTC, date, datetime
 from functools import lru_cache
 
+from django.db import transaction
 from django.utils import timezone
 
+from keyvault.audit import Actor, events
 from keyvault.exceptions import InvalidPreference
 from keyvault.models import DEFAULT_TIME_ZONE, ConsolePreference
 
@@ -59,14 +61,26 @@ def time_zone_of(user) -> str:
     return row or DEFAULT_TIME_ZONE
 
 
-def set_time_zone(user, *, time_zone: str) -> ConsolePreference:
+def set_time_zone(user, *, time_zone: str, actor: Actor) -> ConsolePreference:
     """Show ``user`` times in ``time_zone`` (an IANA name such as ``Europe/Berlin``, or ``UTC``).
+
+    A change is audited (``user.preference_changed``) in the same transaction: the zone decides
+    how every time on the console reads, so who changed it, and from what, is on record. Setting
+    the zone the user already has records nothing.
 
     :raises InvalidPreference: when the zone is not one :func:`available_time_zones` lists.
     """
     if time_zone not in available_time_zones():
         raise InvalidPreference(f"Unknown time zone {time_zone[:64]!r}: use an IANA name such as Europe/Berlin, or UTC.")
-    preference, _ = ConsolePreference.objects.update_or_create(user=user, defaults={"time_zone": time_zone})
+    with transaction.atomic():
+        preference, _ = ConsolePreference.objects.select_for_update().get_or_create(
+            user=user, defaults={"time_zone": DEFAULT_TIME_ZONE})
+        before = preference.time_zone
+        if before != time_zone:
+            preference.time_zone = time_zone
+            preference.save(update_fields=["time_zone", "updated_at"])
+            events.preference_changed(user.get_username(), actor=actor, setting="time_zone", before=before,
+                                      after=time_zone)
     return preference
 
 

@@ -15,6 +15,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_http_methods
 
+from keyvault.audit import Actor
 from keyvault.console import search, timezones
 from keyvault.exceptions import InvalidPreference, InvalidSearch
 
@@ -51,7 +52,8 @@ def preferences_view(request):
                            initial={"time_zone": timezones.time_zone_of(request.user)})
     if request.method == "POST" and form.is_valid():
         try:
-            timezones.set_time_zone(request.user, time_zone=form.cleaned_data["time_zone"])
+            timezones.set_time_zone(request.user, time_zone=form.cleaned_data["time_zone"],
+                                    actor=Actor.from_request(request))
         except InvalidPreference as exc:
             form.add_error("time_zone", str(exc))
         else:

@@ -21,6 +21,7 @@ from keyvault.models.core import (
     KeyVersion,
     ManagedSecret,
     SiemConsumer,
+    wrapped_key_fingerprint,
 )
 from keyvault.models.api import ApiClient, ApiToken
 from keyvault.models.preferences import DEFAULT_TIME_ZONE, ConsolePreference
@@ -49,4 +50,5 @@ __all__ = [
     "SiemConsumer",
     "TOTPDevice",
     "new_totp_key",
+    "wrapped_key_fingerprint",
 ]

@@ -108,6 +108,14 @@ class KeyVersion(models.Model):
     encrypt_count = models.PositiveBigIntegerField(
         "encryptions", default=0, help_text="Encryptions made with this version, as last reported by the provider."
     )
+    # Kept by the key services with every data key they create, rewrap, move or destroy, so the
+    # inventory report reads counts instead of counting a million index entries. Signed: rows
+    # written around the services (bulk loads) make it drift until ``recount_data_keys``; it
+    # must never make a rewrap fail.
+    data_keys = models.BigIntegerField(
+        "data keys wrapped", default=0, editable=False,
+        help_text="Data keys this version wraps, as the key services counted them.",
+    )
     created_at = models.DateTimeField("created", auto_now_add=True)
 
     class Meta:
@@ -124,6 +132,15 @@ class KeyVersion(models.Model):
 
     def __str__(self) -> str:
         return f"{self.kek.name} v{self.number}"
+
+
+#: Hex digits of a data key's fingerprint.
+FINGERPRINT_LENGTH = 16
+
+
+def wrapped_key_fingerprint(wrapped_key: bytes) -> str:
+    """A short, non-reversible identifier of a wrapped key's bytes: what the console shows and searches."""
+    return hashlib.sha256(bytes(wrapped_key)).hexdigest()[:FINGERPRINT_LENGTH]
 
 
 class DataKey(models.Model):
@@ -157,13 +174,21 @@ class DataKey(models.Model):
     )
     created_at = models.DateTimeField("created", auto_now_add=True)
     last_rewrapped_at = models.DateTimeField("last rewrapped", null=True, blank=True)
+    # Stored, not computed when shown, so that the global search finds a data key by it
+    # through an index. The key services write it with ``wrapped_key`` (a rewrap changes both).
+    fingerprint = models.CharField(
+        "wrapped key fingerprint", max_length=16, blank=True, default="", editable=False,
+        help_text="The first 16 hex digits of SHA-256 over the wrapped key: it changes when the key is rewrapped.",
+    )
 
     class Meta:
-        """Indexed for the rotation query (KEK, version below N, by id), keyset paging and exact owner lookups.
+        """Indexed for the rotation query (KEK, version below N, by id), keyset paging, exact owner lookups
+        and the global search by fingerprint (exact or prefix).
 
         Nothing more: each index is one more write per row a rotation rewraps. ``owner_ref``
         has a plain index (its lookups are exact), not the extra ``LIKE`` pattern index
-        ``db_index`` adds on PostgreSQL.
+        ``db_index`` adds on PostgreSQL; ``fingerprint`` has only that pattern index, which
+        serves equality too.
         """
 
         verbose_name = "data key"
@@ -173,16 +198,13 @@ class DataKey(models.Model):
         indexes = [
             models.Index(fields=["kek", "kek_version", "id"], name="datakey_kek_version_id"),
             models.Index(fields=["owner_ref"], name="datakey_owner_ref"),
+            models.Index(fields=["fingerprint"], name="datakey_fingerprint", opclasses=["varchar_pattern_ops"]),
         ]
         permissions = [("unwrap_datakey", "Can unwrap data keys")]
 
     def __str__(self) -> str:
         return f"data key #{self.pk} ({self.kek_id and self.kek.name} v{self.kek_version})"
 
-    @property
-    def fingerprint(self) -> str:
-        """A short, non-reversible identifier of the wrapped bytes for display."""
-        return hashlib.sha256(bytes(self.wrapped_key)).hexdigest()[:16]
 
 
 class AppendOnlyQuerySet(models.QuerySet):
@@ -249,6 +271,7 @@ class AuditEvent(models.Model):
         USER_CHANGED = "user.changed", "User changed (flags, groups, permissions)"
         USER_PASSWORD_CHANGED = "user.password_changed", "User password changed"
         USER_DELETED = "user.deleted", "User deleted"
+        USER_PREFERENCE_CHANGED = "user.preference_changed", "User preference changed (time zone)"
         GROUP_CREATED = "group.created", "Group created"
         GROUP_CHANGED = "group.changed", "Group changed (name, permissions)"
         GROUP_DELETED = "group.deleted", "Group deleted"

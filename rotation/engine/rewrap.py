@@ -20,7 +20,6 @@ from django.utils import timezone
 from keyvault.audit import events
 from keyvault.keys import services as key_services
 from keyvault.kms import EncryptResult, KMSError, RewrapItem, Throttled
-from keyvault.models import DataKey
 from rotation.engine import leases, ratelimit, states
 from rotation.engine.dispatch import dispatcher
 from rotation.engine.states import ENGINE
@@ -180,11 +179,15 @@ def _rewrap_locked(run, driver, source, destination, destination_kek, *, after: 
                 updates.append((pk, outcome.ciphertext, outcome.key_version, context))
         if updates:
             _verify_sample(destination, destination_kek, updates)
-            _bulk_write(updates, now, kek_id=destination_kek.pk, moves=destination_kek.pk != run.kek_id)
         RotationRun.objects.filter(pk=run.pk).update(
             rewrapped=F("rewrapped") + len(updates), failed_deks=F("failed_deks") + len(failures),
             heartbeat_at=now, paused_reason="",
         )
+        if updates:
+            # After the run's row: the write also moves the KEK versions' data-key counters, and a
+            # rollback locks the run, then the versions; the same order here cannot deadlock with it.
+            key_services.store_rewrapped_batch(updates, now, kek_id=destination_kek.pk,
+                                               moves=destination_kek.pk != run.kek_id)
         events.batch_rewrapped(run.kek, actor=ENGINE, run_id=run.pk, first_id=rows[0][0], last_id=rows[-1][0],
                                rewrapped=len(updates), failed_ids=[pk for pk, _ in failures[:20]],
                                failed_errors=sorted({name for _, name in failures}),
@@ -232,42 +235,6 @@ def _verify_sample(provider, kek, updates) -> None:
     opened = provider.decrypt(ciphertext, encryption_context=context)
     if opened.key_version != version or opened.key_id != kek.provider_key_id:
         raise RotationError(f"verification of data key #{pk} failed: provider reports another key or version")
-
-
-#: Per-connection scratch table of the PostgreSQL write (emptied at every commit).
-REWRAPPED_TABLE = "kv_rewrapped"
-
-
-def _bulk_write(updates, now, *, kek_id: int, moves: bool = True) -> None:
-    """Write the batch's new wrapped keys in one UPDATE, never a save() per row.
-
-    PostgreSQL: binary ``COPY`` of (id, wrapped key, version) into a temporary table and
-    one ``UPDATE … FROM`` it — no SQL text to build or parse per row. ``kek_id`` is
-    written only when data keys move to another KEK (a migration).
-    """
-    table = DataKey._meta.db_table
-    kek_column = "kek_id = %s, " if moves else ""
-    kek_param = [kek_id] if moves else []
-    with connection.cursor() as cursor:
-        if connection.vendor == "postgresql":
-            cursor.execute(f"CREATE TEMP TABLE IF NOT EXISTS {REWRAPPED_TABLE} (id bigint, w bytea, ver integer) "
-                           "ON COMMIT DELETE ROWS")
-            # Empty already after each commit; not when batches share an outer transaction (tests, drive()).
-            cursor.execute(f"DELETE FROM {REWRAPPED_TABLE}")
-            with cursor.cursor.copy(f"COPY {REWRAPPED_TABLE} (id, w, ver) FROM STDIN (FORMAT BINARY)") as copy:
-                copy.set_types(["int8", "bytea", "int4"])
-                for pk, blob, version, _ in updates:
-                    copy.write_row((pk, blob, version))
-            cursor.execute(
-                f"UPDATE {table} AS d SET wrapped_key = r.w, kek_version = r.ver, {kek_column}last_rewrapped_at = %s "
-                f"FROM {REWRAPPED_TABLE} AS r WHERE d.id = r.id",
-                [*kek_param, now],
-            )
-        else:
-            cursor.executemany(
-                f"UPDATE {table} SET wrapped_key = %s, kek_version = %s, {kek_column}last_rewrapped_at = %s WHERE id = %s",
-                [(blob, version, *kek_param, now, pk) for pk, blob, version, _ in updates],
-            )
 
 
 def finish_if_done(run_id: int, driver) -> str:

@@ -248,3 +248,49 @@ def test_the_overflow_check_catches_a_page_that_overflows(browser, live_server):
         assert found["wide"] == [] and found["scrollWidth"] <= found["clientWidth"]
     finally:
         context.close()
+
+
+BADGE_COLOURS_JS = """
+() => Array.from(document.querySelectorAll('.kv-state')).map(badge => {
+  let bg = 'rgba(0, 0, 0, 0)';
+  for (let el = badge; el; el = el.parentElement) {
+    const c = getComputedStyle(el).backgroundColor;
+    if (c && c !== 'transparent' && !c.startsWith('rgba(0, 0, 0, 0')) { bg = c; break; }
+  }
+  return {text: badge.textContent.trim(), cls: badge.className, fg: getComputedStyle(badge).color, background: bg};
+})
+"""
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_run_state_badges_keep_their_contrast_in_both_themes(browser, live_server, scheme):
+    # given a run in every state (the list only reads them), "retiring" among them
+    from rotation.engine.states import S
+    from rotation.models import RotationRun
+
+    from keyvault.keys import services as key_services
+
+    _superuser()
+    runs = {}
+    for state in S:  # a KEK each: a KEK has at most one active run
+        kek = key_services.create_kek(name=f"badge-{state}", actor=Actor.system("tests"))
+        runs[state] = RotationRun.objects.create(kek=kek, policy=rotation.ensure_policy(kek), state=state,
+                                                 initiator="system:tests")
+    retiring = runs[S.RETIRING]
+    context, page = _login(browser, live_server, "root", color_scheme=scheme)
+    badges = []
+    try:  # the run list, and the retiring run on its own page and on its KEK's page
+        for path in ("/rotation/rotationrun/", f"/rotation/rotationrun/{retiring.pk}/change/",
+                     f"/keyvault/keyencryptionkey/{retiring.kek_id}/change/"):
+            page.goto(path)
+            badges += page.evaluate(BADGE_COLOURS_JS)
+        page.screenshot(path=str(GALLERY / f"run-badges-{scheme}.png"), full_page=True)
+    finally:
+        context.close()
+    # then every state's badge is readable on its own background (WCAG AA, 4.5:1)
+    classes = " ".join(badge["cls"] for badge in badges)
+    assert all(f"kv-run-state-{state}" in classes for state in S), classes
+    assert sum("kv-run-state-retiring" in badge["cls"] for badge in badges) >= 3
+    weak = [(badge["text"], badge["fg"], badge["background"]) for badge in badges
+            if _contrast(_rgb(badge["fg"]), _rgb(badge["background"])) < 4.5]
+    assert weak == []

@@ -67,7 +67,7 @@ def test_the_run_page_follows_a_run_to_the_end_without_reloading_and_rolls_it_ba
     approver = second_approver()
     services.decide(run, user=approver, actor=Actor.user(approver), comment="CAB-16 approved")
     expect(admin.locator("#kv-approvals-table")).to_contain_text("CAB-16 approved", timeout=15_000)
-    expect(admin.locator("[data-field=approvals_count]")).to_have_text("1")
+    expect(admin.locator("[data-field=approvals_summary]")).to_have_text("1 of 1 required")
     expect(admin.locator("#kv-no-approvals")).to_be_hidden()
     expect(admin.locator("#kv-timeline-list")).to_contain_text("Pending approval → Queued")
     expect(admin.locator("#kv-decision-form")).to_be_hidden()

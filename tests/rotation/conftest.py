@@ -5,7 +5,7 @@ from django.test import override_settings
 from keyvault.access.roles import KEY_ADMINISTRATORS, KEY_OPERATORS
 from keyvault.keys import services as key_services
 from keyvault.kms import get_provider
-from keyvault.models import DataKey
+from keyvault.models import DataKey, wrapped_key_fingerprint
 
 
 @pytest.fixture
@@ -21,9 +21,10 @@ def seed_data_keys(kek, n, *, context=None):
         ctx = context if context is not None else {"tenant": f"t{i % 7}"}
         data_key = provider.generate_data_key(kek.provider_key_id, encryption_context=ctx)
         rows.append(DataKey(kek=kek, kek_version=data_key.key_version, wrapped_key=data_key.ciphertext,
-                            encryption_context=ctx, owner_ref=f"seed.{i}"))
+                            fingerprint=wrapped_key_fingerprint(data_key.ciphertext), encryption_context=ctx, owner_ref=f"seed.{i}"))
         data_key.wipe()
     DataKey.objects.bulk_create(rows, batch_size=2000)
+    key_services.recount_data_keys()  # loaded around the services: their counters catch up
     return DataKey.objects.filter(kek=kek)
 
 

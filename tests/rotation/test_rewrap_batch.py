@@ -16,7 +16,7 @@ from django.utils import timezone
 from keyvault.audit import Actor
 from keyvault.keys import services as key_services
 from keyvault.kms import Throttled, get_provider
-from keyvault.models import AuditEvent, DataKey
+from keyvault.models import AuditEvent, DataKey, wrapped_key_fingerprint
 from rotation import services
 from rotation.engine import ratelimit, rewrap
 from rotation.models import ProviderRateLimit, RotationRun
@@ -188,8 +188,8 @@ def test_bulk_write_sets_key_version_and_time_and_moves_kek_only_for_migrations(
 
     # when two batches are written in one transaction (the temporary table is reused on PostgreSQL)
     with transaction.atomic():
-        rewrap._bulk_write([(keys[0].pk, b"first", 7, {})], now, kek_id=kek.pk, moves=False)
-        rewrap._bulk_write([(keys[1].pk, b"second", 8, {})], now, kek_id=other.pk, moves=True)
+        key_services.store_rewrapped_batch([(keys[0].pk, b"first", 7, {})], now, kek_id=kek.pk, moves=False)
+        key_services.store_rewrapped_batch([(keys[1].pk, b"second", 8, {})], now, kek_id=other.pk, moves=True)
 
     # then each row got its own values, and only the migrated one changed KEK
     rows = {pk: (bytes(w), v, k, t) for pk, w, v, k, t in DataKey.objects.values_list(
@@ -197,6 +197,10 @@ def test_bulk_write_sets_key_version_and_time_and_moves_kek_only_for_migrations(
     assert rows[keys[0].pk] == (b"first", 7, kek.pk, now)
     assert rows[keys[1].pk] == (b"second", 8, other.pk, now)
     assert rows[keys[2].pk][1:] == (1, kek.pk, None)
+    # and the stored fingerprints follow the new wrapped keys
+    fingerprints = dict(DataKey.objects.values_list("pk", "fingerprint"))
+    assert fingerprints[keys[0].pk] == wrapped_key_fingerprint(b"first")
+    assert fingerprints[keys[1].pk] == wrapped_key_fingerprint(b"second")
 
 
 @pytest.mark.postgres
@@ -204,13 +208,13 @@ def test_the_postgresql_write_goes_through_copy(kek):
     assert connection.vendor == "postgresql"
     key = seed_data_keys(kek, 1).get()
     with transaction.atomic():
-        rewrap._bulk_write([(key.pk, b"copied", 2, {})], timezone.now(), kek_id=kek.pk, moves=False)
+        key_services.store_rewrapped_batch([(key.pk, b"copied", 2, {})], timezone.now(), kek_id=kek.pk, moves=False)
         with connection.cursor() as cursor:
-            cursor.execute(f"SELECT id, w, ver FROM {rewrap.REWRAPPED_TABLE}")
-            staged = [(pk, bytes(w), ver) for pk, w, ver in cursor.fetchall()]
-    assert staged == [(key.pk, b"copied", 2)]
+            cursor.execute(f"SELECT id, w, ver, fp FROM {key_services.REWRAPPED_TABLE}")
+            staged = [(pk, bytes(w), ver, fp) for pk, w, ver, fp in cursor.fetchall()]
+    assert staged == [(key.pk, b"copied", 2, wrapped_key_fingerprint(b"copied"))]
     key.refresh_from_db()
-    assert (bytes(key.wrapped_key), key.kek_version) == (b"copied", 2)
+    assert (bytes(key.wrapped_key), key.kek_version, key.fingerprint) == (b"copied", 2, wrapped_key_fingerprint(b"copied"))
 
 
 # -- real servers -----------------------------------------------------------------------

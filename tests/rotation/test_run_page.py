@@ -137,6 +137,9 @@ def test_a_failed_run_shows_its_error_not_a_full_bar_and_zero_of_zero(administra
     assert 'id="kv-progress-line" hidden' in html and 'id="kv-progress-counts" hidden' in html
     assert (progress["show_bar"], progress["show_counts"], progress["phase"]) == (False, False, "failed")
     assert visible_controls(html) == {"cancel", "rollback", "resume"}
+    # a run that needs no approvals says so, not "0 of 0"
+    assert progress["approvals_summary"] == "none required"
+    assert re.search(r'data-field="approvals_summary">none required<', html) and "0 of 0" not in html
 
 
 def test_a_run_that_failed_midway_keeps_its_counts_but_no_bar(kek):
@@ -160,6 +163,7 @@ def test_progress_json_carries_the_timeline_and_the_approvals(kek, users_for_app
     assert before["approvals"] == [] and before["actions"] == ["approve", "cancel"]
     assert [(a["who"], a["decision"], a["comment"]) for a in after["approvals"]] == [("oscar", "Approve", "CAB-9 ok")]
     assert after["approvals_required"] == 1 and after["actions"] == ["cancel"]
+    assert (before["approvals_summary"], after["approvals_summary"]) == ("0 of 1 required", "1 of 1 required")
     labels = [entry["label"] for entry in after["timeline"]]
     assert labels[0].startswith("Started") and "Pending approval → Queued" in labels
     assert all(entry["when"].endswith(" UTC") for entry in after["timeline"])

@@ -145,6 +145,9 @@ class Command(KeyvaultCommand):
         gdk.add_argument("--purpose", default="")
         gdk.add_argument("--show-plaintext", action="store_true", help="Also print the plaintext key (base64). Handle with care.")
 
+        sub.add_parser("recount-data-keys",
+                       help="Recount the data keys each KEK version wraps (the inventory report's counters), after "
+                       "data keys were loaded or restored around the key services; prints how many were corrected.")
         rekey = sub.add_parser(
             "rekey-local",
             help="Re-encrypt the local provider's keyring under a new master key, atomically "
@@ -181,6 +184,10 @@ class Command(KeyvaultCommand):
         unhealthy = [result.name for result in results if not result.healthy]
         if unhealthy:
             raise CommandError(f"unhealthy: {', '.join(unhealthy)}")
+
+    def _recount_data_keys(self, options):
+        corrected = services.recount_data_keys()
+        self.stdout.write(f"data-key counters: {corrected} KEK version(s) corrected")
 
     def _create_key(self, options):
         if options["rotation_period_days"] < 1:

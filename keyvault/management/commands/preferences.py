@@ -22,5 +22,6 @@ class Command(KeyvaultCommand):
         if account is None:
             raise CommandError(f"no such user: {user}")
         if time_zone:
-            timezones.set_time_zone(account, time_zone=time_zone)
+            # The actor is whoever runs the command (the OS user); --user names whose preference changes.
+            timezones.set_time_zone(account, time_zone=time_zone, actor=self.actor_named(None))
         self.stdout.write(f"time zone: {timezones.time_zone_of(account)}")

@@ -147,8 +147,7 @@
     }
     setText(root, "summary", data.summary);
     setText(root, "retire_after_label", data.retire_after_label);
-    setText(root, "approvals_count", (data.approvals || []).length);
-    setText(root, "approvals_required", data.approvals_required);
+    setText(root, "approvals_summary", data.approvals_summary);
     var status = document.getElementById("kv-status");
     if (status) { status.className = "module kv-run-status kv-phase-" + data.phase; }
     var line = document.getElementById("kv-progress-line");

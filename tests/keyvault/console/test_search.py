@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
+from django.apps import apps as django_apps
 from django.core.management import call_command
+from django.db import connections
 from django.urls import reverse
 
 from keyvault.audit import Actor, events
 from keyvault.console import search
 from keyvault.exceptions import InvalidSearch
+from keyvault.keys import services as key_services
+from keyvault.models import DataKey, wrapped_key_fingerprint
 from rotation import services as rotation
 from tests.keyvault import build_world, make_role_user, use_temp_keyring
 
@@ -85,3 +91,56 @@ def test_the_page_and_the_command_show_the_same_hits(world, client, capsys):
     call_command("search", "alpha")
     out = capsys.readouterr().out
     assert out.splitlines()[0].startswith("KEK\talpha\t")
+
+
+def test_a_data_key_is_found_by_the_first_digits_of_its_fingerprint(world):
+    key = world.data_key
+    prefix = key.fingerprint[:search.MIN_FINGERPRINT_PREFIX]
+    assert f"data key #{key.pk}" in _labels(search.search(prefix.upper()), "Data keys")
+    # fewer digits than the minimum are not a fingerprint search (too many keys would match)
+    short = key.fingerprint[:search.MIN_FINGERPRINT_PREFIX - 1]
+    assert all(hit.label != f"data key #{key.pk}" or short == str(key.pk)
+               for hit in search.search(short).sections["Data keys"])
+
+
+def test_the_displayed_fingerprint_is_the_stored_one_of_the_wrapped_bytes(world):
+    key = DataKey.objects.get(pk=world.data_key.pk)
+    assert key.fingerprint == wrapped_key_fingerprint(key.wrapped_key) != ""
+
+
+def test_a_rewrap_moves_the_search_to_the_new_fingerprint(world):
+    key = world.data_key
+    old = DataKey.objects.get(pk=key.pk).fingerprint
+    key_services.rotate_kek_version(key.kek, actor=Actor.system("tests"), reason="test")
+    rewrapped = key_services.rewrap_data_key(key, actor=Actor.system("tests"))
+    stored = DataKey.objects.get(pk=key.pk)
+    assert stored.fingerprint == rewrapped.fingerprint == wrapped_key_fingerprint(stored.wrapped_key) != old
+    assert _labels(search.search(stored.fingerprint), "Data keys") == [f"data key #{key.pk}"]
+    assert search.search(old).sections["Data keys"] == []
+
+
+def test_the_migration_fills_fingerprints_of_existing_rows(world):
+    key = world.data_key
+    DataKey.objects.filter(pk=key.pk).update(fingerprint="")
+
+    class Editor:  # what the migration reads of a schema editor, over the test's own connection
+        connection = connections["default"]
+
+        def execute(self, sql, params=()):
+            with self.connection.cursor() as cursor:
+                cursor.execute(sql, params)
+
+    fill = importlib.import_module("keyvault.migrations.0019_datakey_fingerprint").fill_fingerprints
+    fill(django_apps, Editor())
+    stored = DataKey.objects.get(pk=key.pk)
+    assert stored.fingerprint == wrapped_key_fingerprint(stored.wrapped_key)
+
+
+@pytest.mark.postgres
+def test_on_postgresql_a_fingerprint_prefix_search_uses_the_index(world):
+    with connections["default"].cursor() as cursor:
+        cursor.execute("SET LOCAL enable_seqscan = off")
+        sql, params = DataKey.objects.filter(fingerprint__startswith="abcdef").query.sql_with_params()
+        cursor.execute("EXPLAIN " + sql, params)
+        plan = "\n".join(row[0] for row in cursor.fetchall())
+    assert "datakey_fingerprint" in plan

@@ -72,3 +72,32 @@ def test_the_command_exports_the_same_way(world, capsys, tmp_path):
     content = target.read_bytes()
     assert f'\n{first.sequence},' in content.decode() and f'\n{second.sequence},' in content.decode()
     assert reports.verify_export(content).event.details["report"] == "selection-auditevent"
+
+
+def test_the_run_list_exports_chosen_runs_like_the_other_lists(world, client, tmp_path):
+    # given two rotation runs and an auditor on the run list
+    from rotation import services as rotation
+
+    chosen = rotation.start_run(kek=world.alpha, actor=Actor.system("tests"), reason="quarterly")
+    other = rotation.start_run(kek=world.bravo, actor=Actor.system("tests"), reason="other") \
+        if world.bravo.state == "enabled" else None
+    client.force_login(make_role_user("auditor"))
+    page = client.get(reverse("admin:rotation_rotationrun_changelist"))
+    assert b'value="export_selected_csv"' in page.content
+
+    # when one run is exported from the list
+    response = client.post(reverse("admin:rotation_rotationrun_changelist"),
+                           {"action": "export_selected_csv", "_selected_action": [chosen.pk]})
+
+    # then the download is the sealed, audited selection of that run only
+    assert response.status_code == 200 and response["Content-Type"].startswith("text/csv")
+    body = response.content.decode()
+    assert f'\n{chosen.pk},"KEK alpha",' in body and '"quarterly"' in body
+    assert other is None or f"\n{other.pk}," not in body
+    event = AuditEvent.objects.get(sequence=int(response["X-Keyvault-Audit-Event"]))
+    assert event.details["report"] == "selection-rotationrun" and event.actor == "user:auditor"
+    assert reports.verify_export(response.content).event.sequence == event.sequence
+    # and the command line gives the same rows
+    target = tmp_path / "runs.csv"
+    call_command("export_selection", "rotationrun", str(chosen.pk), "-o", str(target))
+    assert f'\n{chosen.pk},"KEK alpha",' in target.read_text()

@@ -10,7 +10,9 @@ from django.template import Context, Template
 from django.urls import reverse
 from django.utils import timezone
 
+from keyvault.audit import Actor
 from keyvault.console import timezones
+from keyvault.models import AuditEvent
 from keyvault.exceptions import InvalidPreference
 from tests.keyvault import build_world, make_role_user, use_temp_keyring
 
@@ -47,18 +49,46 @@ def test_a_user_sees_utc_until_they_choose_a_zone(client):
 def test_an_unknown_zone_is_refused_and_nothing_changes(client):
     user = make_role_user("auditor")
     with pytest.raises(InvalidPreference):
-        timezones.set_time_zone(user, time_zone="Mars/Olympus")
+        timezones.set_time_zone(user, time_zone="Mars/Olympus", actor=Actor.user(user))
     client.force_login(user)
     response = client.post(reverse("console-preferences"), {"time_zone": "Mars/Olympus"})
     assert response.status_code == 200 and b"errorlist" in response.content
     assert timezones.time_zone_of(user) == "UTC"
+    assert not AuditEvent.objects.filter(action="user.preference_changed").exists()
+
+
+def _preference_events():
+    return [(e.actor, e.target_type, e.target_id, e.details) for e in
+            AuditEvent.objects.filter(action="user.preference_changed").order_by("sequence")]
+
+
+def test_a_zone_change_on_the_page_is_audited_once_per_change(client):
+    user = make_role_user("auditor")
+    client.force_login(user)
+
+    client.post(reverse("console-preferences"), {"time_zone": "Asia/Tokyo"})
+    client.post(reverse("console-preferences"), {"time_zone": "Asia/Tokyo"})  # the same again: no change
+
+    assert _preference_events() == [("user:auditor", "user", "auditor",
+                                     {"setting": "time_zone", "before": "UTC", "after": "Asia/Tokyo"})]
+
+
+def test_a_zone_change_on_the_command_line_is_audited_with_who_ran_it():
+    make_role_user("operator")
+    call_command("preferences", "--user", "operator", "--time-zone", "Europe/Paris")
+    call_command("preferences", "--user", "operator", "--time-zone", "UTC")
+
+    events = _preference_events()
+    assert [(target, details["before"], details["after"]) for _, _, target, details in events] == [
+        ("operator", "UTC", "Europe/Paris"), ("operator", "Europe/Paris", "UTC")]
+    assert all(actor.startswith("system:cli:") for actor, *_ in events)
 
 
 def test_list_pages_show_times_in_the_users_zone(client, settings, tmp_path):
     use_temp_keyring(settings, tmp_path)
     build_world()
     user = make_role_user("auditor")
-    timezones.set_time_zone(user, time_zone="America/New_York")
+    timezones.set_time_zone(user, time_zone="America/New_York", actor=Actor.user(user))
     client.force_login(user)
     page = client.get(reverse("admin:keyvault_auditevent_changelist")).content.decode()
     assert " EST</time>" in page or " EDT</time>" in page

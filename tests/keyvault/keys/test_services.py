@@ -105,6 +105,72 @@ def test_destroy_due_keks_only_after_the_waiting_period(kek, system_actor):
     assert actions()[-1] == "kek.destroyed"
 
 
+def test_coverage_of_many_keks_in_one_query_agrees_with_each_keks_coverage(kek, system_actor,
+                                                                          django_assert_num_queries):
+    # given two KEKs with data keys over versions, and one with none
+    other = services.create_kek(name="other", actor=system_actor)
+    empty = services.create_kek(name="empty", actor=system_actor)
+    for _ in range(2):
+        services.create_data_key(kek, actor=system_actor)[1].wipe()
+    services.rotate_kek_version(kek, actor=system_actor)
+    services.create_data_key(kek, actor=system_actor)[1].wipe()
+    services.create_data_key(other, actor=system_actor)[1].wipe()
+
+    # when all three are read at once (from the counters the services keep)
+    with django_assert_num_queries(1):
+        coverage = services.coverage_by_kek([kek.pk, other.pk, empty.pk])
+
+    # then each agrees with its own exact count, and the empty one is absent
+    assert coverage == {kek.pk: {1: 2, 2: 1}, other.pk: {1: 1}}
+    assert coverage[kek.pk] == services.version_coverage(kek)
+    assert services.coverage_by_kek() == coverage
+    assert services.coverage_by_kek([other.pk]) == {other.pk: {1: 1}}
+
+
+def _counters(*keks):
+    return {kek.pk: {number: n for number, n in kek.versions.values_list("number", "data_keys") if n} for kek in keks}
+
+
+def _exact(*keks):
+    return {kek.pk: services.version_coverage(kek) for kek in keks}
+
+
+def test_the_version_counters_follow_create_rewrap_bulk_rewrap_move_and_destroy(kek, system_actor):
+    # given data keys made, rotated and rewrapped one by one
+    other = services.create_kek(name="other", actor=system_actor)
+    rows = [services.create_data_key(kek, actor=system_actor, owner_ref="app.x") for _ in range(4)]
+    for _, plain in rows:
+        plain.wipe()
+    services.rotate_kek_version(kek, actor=system_actor)
+    services.rewrap_data_key(rows[0][0], actor=system_actor)
+    assert _counters(kek) == _exact(kek) == {kek.pk: {1: 3, 2: 1}}
+
+    # when the rotation engine's bulk write rewraps two in place and moves one to another KEK
+    services.store_rewrapped_batch([(rows[1][0].pk, b"in-place", 2, {}), (rows[2][0].pk, b"in-place-2", 2, {})],
+                                   timezone.now(), kek_id=kek.pk, moves=False)
+    services.store_rewrapped_batch([(rows[3][0].pk, b"moved", 1, {})], timezone.now(), kek_id=other.pk, moves=True)
+
+    # then the counters moved with the rows
+    assert _counters(kek, other) == _exact(kek, other) == {kek.pk: {2: 3}, other.pk: {1: 1}}
+
+    # and destroying a superseded data key counts it out
+    replacement, plain = services.create_data_key(kek, actor=system_actor, owner_ref="app.x")
+    plain.wipe()
+    services.destroy_data_key(rows[0][0], replaced_by=replacement, actor=system_actor, reason="INC-1")
+    assert _counters(kek) == _exact(kek) == {kek.pk: {2: 3}}
+
+
+def test_recount_repairs_counters_after_rows_were_loaded_around_the_services(kek, system_actor):
+    row, plain = services.create_data_key(kek, actor=system_actor)
+    plain.wipe()
+    DataKey.objects.bulk_create([DataKey(kek=kek, kek_version=1, wrapped_key=b"loaded", fingerprint="")])
+    assert _counters(kek) == {kek.pk: {1: 1}}
+
+    assert services.recount_data_keys() == 1
+    assert _counters(kek) == _exact(kek) == {kek.pk: {1: 2}}
+    assert services.recount_data_keys() == 0
+
+
 def test_data_key_lifecycle(kek, system_actor):
     context = {"tenant": "acme"}
     row, plain = services.create_data_key(kek, actor=system_actor, encryption_context=context, owner_ref="billing.invoice")
@@ -193,3 +259,26 @@ def test_refresh_copies_encrypt_counts(kek, system_actor):
     services.refresh_kek(kek)
 
     assert KeyVersion.objects.get(kek=kek, number=1).encrypt_count >= 1
+
+
+def test_the_command_recounts_too(kek, system_actor, capsys):
+    from django.core.management import call_command
+
+    DataKey.objects.bulk_create([DataKey(kek=kek, kek_version=1, wrapped_key=b"loaded", fingerprint="")])
+    call_command("kms", "recount-data-keys")
+    assert capsys.readouterr().out.strip() == "data-key counters: 1 KEK version(s) corrected"
+    assert _counters(kek) == _exact(kek) == {kek.pk: {1: 1}}
+
+
+def test_the_migration_counts_existing_data_keys(kek, system_actor):
+    import importlib
+
+    from django.apps import apps
+
+    services.create_data_key(kek, actor=system_actor)[1].wipe()
+    services.create_data_key(kek, actor=system_actor)[1].wipe()
+    KeyVersion.objects.update(data_keys=0)
+
+    importlib.import_module("keyvault.migrations.0021_keyversion_data_keys_counter").count_data_keys(apps, None)
+
+    assert _counters(kek) == _exact(kek) == {kek.pk: {1: 2}}
