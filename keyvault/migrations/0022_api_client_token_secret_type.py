@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('keyvault', '0018_api_client_rate_limit_bound'),
+        ('keyvault', '0021_keyversion_data_keys_counter'),
     ]
 
     operations = [
