@@ -186,19 +186,25 @@ def parse_args():
     return parser.parse_args()
 
 
-def settle(quiet: float = 1.0, timeout: float = 300) -> None:
-    """Wait until no audit event was added for ``quiet`` seconds: calls wrk gave up on at its end finish first."""
-    from keyvault.models import AuditEvent, AuditPendingEvent
+def settle(db_name: str, quiet: float = 1.0, timeout: float = 600) -> None:
+    """Wait until the servers' database sessions have been idle for ``quiet`` seconds.
 
-    def count() -> int:
-        return AuditEvent.objects.count() + AuditPendingEvent.objects.count()
+    Calls wrk gave up on at its end (queued in the servers) finish first, so one measurement's
+    leftovers neither load the next nor hold the chain head during it.
+    """
+    from django.db import connection
 
-    last, since, deadline = count(), time.monotonic(), time.monotonic() + timeout
+    def busy() -> int:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND state <> 'idle' "
+                           "AND pid <> pg_backend_pid()", [db_name])
+            return cursor.fetchone()[0]
+
+    since, deadline = time.monotonic(), time.monotonic() + timeout
     while time.monotonic() - since < quiet and time.monotonic() < deadline:
-        time.sleep(0.25)
-        now = count()
-        if now != last:
-            last, since = now, time.monotonic()
+        time.sleep(0.2)
+        if busy():
+            since = time.monotonic()
 
 
 def measure(args, targets: dict) -> dict[str, list[_wrk.Result]]:
@@ -210,7 +216,7 @@ def measure(args, targets: dict) -> dict[str, list[_wrk.Result]]:
         for label in labels[shift:] + labels[:shift]:
             url, script = targets[label]
             results[label].append(_wrk.run(url, script, seconds=args.seconds, connections=args.connections))
-            settle()
+            settle(args.db)
         c.log(f"round {number + 1}/{args.rounds}: " + ", ".join(
             f"{label} {results[label][-1].per_second:,.0f}/s p99 {results[label][-1].p99_ms:.0f} ms" for label in labels))
     return results

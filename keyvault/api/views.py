@@ -18,6 +18,7 @@ import binascii
 import math
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 from django.core.exceptions import RequestDataTooBig
@@ -30,6 +31,7 @@ from ninja.security import HttpBearer
 from prometheus_client import Counter, Histogram
 from pydantic import ConfigDict, Field
 
+from keyvault import audit
 from keyvault.api import services
 from keyvault.exceptions import (
     ApiAuthenticationFailed,
@@ -367,13 +369,16 @@ def _start(request: HttpRequest, operation: str) -> tuple[ApiClient, Any]:
 
 
 def _batch(request: HttpRequest, items: list, one: Callable[[Any], dict]) -> dict:
-    """Every item's result or problem; the batch's audit events commit together, before any answer is sent.
+    """Every item's result or problem.
 
-    One transaction for the batch: one commit (one WAL flush) for its events instead of one per
-    item. An event that cannot be written fails the whole call, so no plaintext leaves unaudited.
+    With audit group commit the batch is one transaction: its events go to the outbox and join
+    the chain in one append after one commit, before any answer is sent (an event that cannot
+    be written fails the whole call). On the serial path each event holds the chain head only
+    for its own append: one transaction there would hold the head for the whole batch and queue
+    every other call behind it.
     """
     results = []
-    with transaction.atomic():
+    with transaction.atomic() if audit.group_commit_active() else nullcontext():
         for item in items:
             try:
                 results.append(one(item))
