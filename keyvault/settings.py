@@ -318,6 +318,9 @@ AUDIT_VERIFY_NOW_SECONDS = env.int("HMD_AUDIT_VERIFY_NOW_SECONDS", default=60)
 # Off by default: measured on 2 cores (bench/audit_append.py) it is 0.6x the serial path with one writer and
 # 1.5x with 32; turn it on where many processes write audit events at once (the application API).
 AUDIT_GROUP_COMMIT = env.bool("HMD_AUDIT_GROUP_COMMIT", default=False)
+# How long a web process trusts its look-up of an API token (keyvault/api/services.py): a revocation
+# made in another process takes effect within this bound; in the revoking process at once.
+API_TOKEN_CACHE_SECONDS = 2.0
 if AUDIT_CHECKPOINT_SECONDS > 0:
     # Signs the head when it moved since the last checkpoint, so the unwitnessed tail stays short.
     CELERY_BEAT_SCHEDULE["audit-checkpoint"] = {"task": "keyvault.audit_checkpoint", "schedule": AUDIT_CHECKPOINT_SECONDS}

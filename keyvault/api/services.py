@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
@@ -162,7 +163,9 @@ def rotate_token(name: str, *, actor: Actor, overlap: timedelta = DEFAULT_OVERLA
     if not timedelta(0) <= overlap <= MAX_OVERLAP:
         raise ValueError(f"the overlap must be between 0 and {MAX_OVERLAP.days} days")
     now = now or timezone.now()
+    forget_tokens()
     with transaction.atomic():
+        transaction.on_commit(forget_tokens)
         client = _client_named(name)
         if not client.enabled:
             raise ValueError(f"API client {name!r} is revoked; create a new one")
@@ -238,7 +241,9 @@ def revoke_client(name: str, *, actor: Actor, reason: str = "", now: datetime | 
     :raises ValueError: no such client.
     """
     now = now or timezone.now()
+    forget_tokens()
     with transaction.atomic():
+        transaction.on_commit(forget_tokens)
         client = _client_named(name)
         if not client.enabled:
             return client
@@ -263,6 +268,39 @@ def active_token_count(client: ApiClient, *, now: datetime | None = None) -> int
 # -- per call (the API views) -------------------------------------------------------------------
 
 
+#: Successful token look-ups a process keeps, at most (the cache is emptied when full).
+TOKEN_CACHE_ENTRIES = 1024
+_token_cache: dict[str, tuple[float, ApiToken]] = {}
+_clock = time.monotonic
+
+
+def forget_tokens() -> None:
+    """Empty this process's token cache (revocations and rotations here take effect at once)."""
+    _token_cache.clear()
+
+
+def _token_row(digest: str) -> ApiToken | None:
+    """The token row (with its client) for ``digest``, from this process's short-lived cache or the database.
+
+    The web process asks the database at most once per ``API_TOKEN_CACHE_SECONDS`` per token:
+    a revocation, a disabled client or changed operations made in *another* process take
+    effect within that bound (in this one at once: :func:`forget_tokens`). Expiry times are
+    checked against the clock on every call, cached or not. Only found tokens are cached,
+    so unknown tokens cannot fill it.
+    """
+    ttl = settings.API_TOKEN_CACHE_SECONDS
+    if ttl > 0:
+        cached = _token_cache.get(digest)
+        if cached is not None and _clock() - cached[0] < ttl:
+            return cached[1]
+    row = ApiToken.objects.select_related("client").filter(digest=digest).first()
+    if row is not None and ttl > 0:
+        if len(_token_cache) >= TOKEN_CACHE_ENTRIES:
+            _token_cache.clear()
+        _token_cache[digest] = (_clock(), row)
+    return row
+
+
 def authenticate(header: str | None, *, now: datetime | None = None) -> ApiClient:
     """The client whose usable token is in ``Authorization: Bearer <token>``.
 
@@ -275,7 +313,7 @@ def authenticate(header: str | None, *, now: datetime | None = None) -> ApiClien
     if scheme.lower() != "bearer" or not token or len(token) > MAX_TOKEN_LENGTH:
         raise ApiAuthenticationFailed("a bearer token is required")
     digest = token_digest(token)
-    row = ApiToken.objects.select_related("client").filter(digest=digest).first()
+    row = _token_row(digest)
     if (
         row is None
         or not hmac.compare_digest(row.digest, digest)

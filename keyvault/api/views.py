@@ -19,9 +19,11 @@ import binascii
 import math
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 from django.core.exceptions import RequestDataTooBig
+from django.db import transaction
 from django.http import HttpRequest, HttpResponse
 from ninja import NinjaAPI, Schema, Status
 from django.http import Http404
@@ -30,6 +32,7 @@ from ninja.security import HttpBearer
 from prometheus_client import Counter, Histogram
 from pydantic import ConfigDict, Field
 
+from keyvault import audit
 from keyvault.api import services
 from keyvault.exceptions import (
     ApiAuthenticationFailed,
@@ -376,17 +379,26 @@ def _start(request: HttpRequest, operation: str) -> tuple[ApiClient, Any]:
 
 
 def _batch(request: HttpRequest, items: list, one: Callable[[Any], dict]) -> dict:
+    """Every item's result or problem.
+
+    With audit group commit the batch is one transaction: its events go to the outbox and join
+    the chain in one append after one commit, before any answer is sent (an event that cannot
+    be written fails the whole call). On the serial path each event holds the chain head only
+    for its own append: one transaction there would hold the head for the whole batch and queue
+    every other call behind it.
+    """
     results = []
-    for item in items:
-        try:
-            results.append(one(item))
-        except Exception as exc:  # noqa: BLE001 - mapped to a per-item problem; unknown errors re-raise
-            problem = problem_for(exc)
-            if isinstance(exc, ApiForbidden | ApiNotFound):
-                services.refused(request._api_actor, operation=_operation(request),
-                                 reason=exc.code if isinstance(exc, ApiForbidden) else "not_found")
-            API_ERRORS.labels(request._api_client, _operation(request), problem.code).inc()
-            results.append({"error": problem_body(problem)})
+    with transaction.atomic() if audit.group_commit_active() else nullcontext():
+        for item in items:
+            try:
+                results.append(one(item))
+            except Exception as exc:  # noqa: BLE001 - mapped to a per-item problem; unknown errors re-raise
+                problem = problem_for(exc)
+                if isinstance(exc, ApiForbidden | ApiNotFound):
+                    services.refused(request._api_actor, operation=_operation(request),
+                                     reason=exc.code if isinstance(exc, ApiForbidden) else "not_found")
+                API_ERRORS.labels(request._api_client, _operation(request), problem.code).inc()
+                results.append({"error": problem_body(problem)})
     return {"batch": results}
 
 

@@ -36,7 +36,7 @@ class Command(KeyvaultCommand):
         rotate.add_argument("name", metavar="NAME")
         rotate.add_argument("--overlap-hours", type=float, default=services.DEFAULT_OVERLAP.total_seconds() / 3600,
                             help="How long the previous token keeps working (default 24).")
-        revoke = sub.add_parser("revoke", help="Revoke a client: its tokens answer 401 at once.")
+        revoke = sub.add_parser("revoke", help="Revoke a client: its tokens answer 401 within 2 s (the web processes' token cache).")
         revoke.add_argument("name", metavar="NAME")
         revoke.add_argument("--reason", default="")
         sub.add_parser("list", help="List clients, their KEKs, operations and live tokens.")

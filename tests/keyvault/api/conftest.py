@@ -15,8 +15,10 @@ ALL_OPS = ["generate", "unwrap", "describe", "encrypt", "decrypt", "rewrap"]
 @pytest.fixture(autouse=True)
 def _fresh_rate_windows():
     cache.clear()
+    services.forget_tokens()
     yield
     cache.clear()
+    services.forget_tokens()
 
 
 @pytest.fixture

@@ -243,3 +243,70 @@ def test_a_rate_limit_out_of_range_is_refused_before_the_database_sees_it(system
         with pytest.raises(ValueError, match="rate limit must be 0"):
             services.create_client(name=f"c{abs(limit) % 97}", actor=system_actor, keks=[], operations=["describe"],
                                    rate_limit_per_second=limit)
+
+
+# -- the per-process token cache ---------------------------------------------------------------
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    fake = _Clock()
+    monkeypatch.setattr(services, "_clock", fake)
+    return fake
+
+
+@override_settings(API_TOKEN_CACHE_SECONDS=2.0)
+def test_a_revocation_in_another_process_takes_effect_within_the_cache_bound(billing, clock, django_assert_num_queries):
+    client, token = billing
+    services.authenticate(f"Bearer {token}")
+    with django_assert_num_queries(0):  # the look-up is cached
+        services.authenticate(f"Bearer {token}")
+    # as another process revokes: the rows change, this process's cache is not told
+    ApiToken.objects.filter(client=client).update(revoked_at=timezone.now())
+    clock.now += 1.9
+    assert services.authenticate(f"Bearer {token}") == client  # still within the bound
+    clock.now += 0.2
+    with pytest.raises(ApiAuthenticationFailed):
+        services.authenticate(f"Bearer {token}")
+
+
+@override_settings(API_TOKEN_CACHE_SECONDS=2.0)
+def test_a_revocation_in_this_process_takes_effect_at_once(billing, clock, system_actor):
+    _, token = billing
+    services.authenticate(f"Bearer {token}")
+    services.revoke_client("billing", actor=system_actor)
+    with pytest.raises(ApiAuthenticationFailed):
+        services.authenticate(f"Bearer {token}")
+
+
+@override_settings(API_TOKEN_CACHE_SECONDS=2.0)
+def test_a_cached_token_still_expires_on_time(kek, clock, system_actor):
+    client, token = services.create_client(name="short", actor=system_actor, keks=[kek.name], operations=["unwrap"],
+                                           expires_at=timezone.now() + timedelta(hours=1))
+    services.authenticate(f"Bearer {token}")
+    with pytest.raises(ApiAuthenticationFailed):
+        services.authenticate(f"Bearer {token}", now=timezone.now() + timedelta(hours=2))
+
+
+@override_settings(API_TOKEN_CACHE_SECONDS=2.0)
+def test_unknown_tokens_are_not_cached(db, clock):
+    for n in range(3):
+        with pytest.raises(ApiAuthenticationFailed):
+            services.authenticate(f"Bearer kvapi_unknown{n}")
+    assert services._token_cache == {}
+
+
+@override_settings(API_TOKEN_CACHE_SECONDS=0)
+def test_no_cache_means_every_call_looks_up(billing, django_assert_num_queries):
+    _, token = billing
+    services.authenticate(f"Bearer {token}")
+    with django_assert_num_queries(1):
+        services.authenticate(f"Bearer {token}")
