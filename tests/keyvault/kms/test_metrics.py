@@ -32,6 +32,23 @@ def test_durations_land_in_their_buckets_and_the_sum():
     assert 45.2 < sample("keyvault_kms_operation_duration_seconds_sum", "meter-buckets") < 45.3
 
 
+def test_a_duration_on_a_bound_counts_in_that_bucket_and_folds_keep_adding():
+    """``le`` means at most: a duration equal to a bound is in its bucket, never the next (the fold bisects)."""
+    from keyvault.kms.metrics import LATENCY_BUCKETS
+
+    calls = meter("meter-bounds", "decrypt")
+    bucket = "keyvault_kms_operation_duration_seconds_bucket"
+    for round_ in range(2):  # the second fold adds to what the first one counted
+        calls.pending.extend(LATENCY_BUCKETS)
+        calls.pending.extend(bound * 1.0001 for bound in LATENCY_BUCKETS)
+        calls.fold()
+        assert not calls.pending
+        for index, bound in enumerate(LATENCY_BUCKETS):
+            # each bound itself, and the step above every lower bound
+            assert sample(bucket, "meter-bounds", le=str(bound)) == (2 * index + 1) * (round_ + 1)
+        assert sample(bucket, "meter-bounds", le="+Inf") == 2 * len(LATENCY_BUCKETS) * (round_ + 1)
+
+
 def test_no_call_is_lost_between_threads():
     calls = meter("meter-threads", "decrypt")
     threads, per_thread = 8, 20_000
