@@ -51,7 +51,6 @@ import base64
 import hashlib
 import hmac
 import json
-import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -75,9 +74,16 @@ GENESIS_HASH = "0" * 64
 VERIFY_CHUNK = 5000
 PENDING_BATCH = 2000
 APPEND_LOCK_KEY = 0x6B76_6175_6469_7421  # the outbox appenders' advisory lock
-POLL_SECONDS = (0.0005, 0.004)  # a waiting caller asks again after this long, doubling up to the second
 _PENDING_FIELDS = ("timestamp", "actor", "action", "target_type", "target_id", "outcome", "request_id",
                    "ip_address", "details")
+_INSERT_PENDING = (
+    "INSERT INTO keyvault_auditpendingevent (" + ", ".join(_PENDING_FIELDS) + ") "
+    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb) RETURNING id"
+)
+_LOCK_HEAD_IF_FREE = ("SELECT id, last_sequence, last_hash FROM keyvault_auditchainhead "
+                      "WHERE id = 1 AND pg_try_advisory_xact_lock(%s) FOR UPDATE SKIP LOCKED")
+_TRY_LOCK_IF_PENDING = "SELECT pg_try_advisory_lock(%s) FROM keyvault_auditpendingevent WHERE id = %s"
+_WAIT_FOR_APPENDER = "SELECT pg_advisory_lock_shared(%s), pg_advisory_unlock_shared(%s)"
 _TAKE_PENDING = (
     "DELETE FROM keyvault_auditpendingevent WHERE id IN "
     "(SELECT id FROM keyvault_auditpendingevent ORDER BY id LIMIT %s) "
@@ -277,11 +283,36 @@ def _append_locked(head: AuditChainHead, pending: list[dict]) -> list[AuditEvent
 
 
 def _append_grouped(fields: dict) -> AuditEvent:
-    pending = AuditPendingEvent.objects.create(**fields)  # in the caller's transaction, or committed now
-    if transaction.get_connection().in_atomic_block:
-        transaction.on_commit(partial(_await_sequenced, pending.pk), robust=True)
+    connection = transaction.get_connection()
+    head = _head_if_uncontended() if connection.in_atomic_block else None
+    if head is not None:  # nobody else appending: chain it here, in the caller's transaction, as the serial path
+        return _append_locked(head, [fields])[0]
+    pending_id = _insert_pending(fields)  # in the caller's transaction, or committed now
+    if connection.in_atomic_block:
+        transaction.on_commit(partial(_await_sequenced, pending_id), robust=True)
         return AuditEvent(sequence=None, prev_hash="", hash="", **fields)
-    return _await_sequenced(pending.pk, fields)
+    return _await_sequenced(pending_id, fields)
+
+
+def _head_if_uncontended() -> AuditChainHead | None:
+    """The locked chain head if the appenders' lock is free (then held to the caller's commit), else None.
+
+    One round trip: the advisory lock is tried in the row's filter. ``None`` too when
+    a ``sequenced=True`` caller holds the head row (``SKIP LOCKED``: this caller does
+    not wait; its event goes to the outbox) and before the head exists (the outbox
+    append creates it).
+    """
+    rows = list(AuditChainHead.objects.raw(_LOCK_HEAD_IF_FREE, [APPEND_LOCK_KEY]))
+    return rows[0] if rows else None
+
+
+def _insert_pending(fields: dict) -> int:
+    """One round trip, no ORM: this insert is on every contended audited call's path."""
+    values = [fields[name] for name in _PENDING_FIELDS]
+    values[-1] = json.dumps(values[-1])
+    with transaction.get_connection().cursor() as cursor:
+        cursor.execute(_INSERT_PENDING, values)
+        return cursor.fetchone()[0]
 
 
 def _await_sequenced(pending_id: int, fields: dict | None = None) -> AuditEvent | None:
@@ -290,25 +321,22 @@ def _await_sequenced(pending_id: int, fields: dict | None = None) -> AuditEvent 
     One query both asks whether the event is still in the outbox and tries the
     appenders' advisory lock. Gone: another caller appended it, return. Lock taken:
     append every committed outbox event in one transaction (group commit). Lock busy:
-    someone is appending; wait a moment and ask again. Waiters never queue on a lock
-    one after another, so a batch of N costs one append and N cheap polls, not N
-    transactions in a row. A failure here does not lose the event: it stays in the
-    outbox, committed, for the next append (or the beat, or ``audit verify``) to take.
+    wait for the holder to let go (a *shared* lock on the same key: every waiter wakes
+    at the holder's unlock together, none queues behind another, no sleep-polling),
+    then ask again. A failure here does not lose the event: it stays in the outbox,
+    committed, for the next append (or the beat, or ``audit verify``) to take.
     With ``fields`` (a caller outside any transaction) the appended event is returned.
     """
     connection = transaction.get_connection()
-    delay = POLL_SECONDS[0]
     while True:
         with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_try_advisory_lock(%s) FROM keyvault_auditpendingevent WHERE id = %s",
-                           [APPEND_LOCK_KEY, pending_id])
+            cursor.execute(_TRY_LOCK_IF_PENDING, [APPEND_LOCK_KEY, pending_id])
             row = cursor.fetchone()
+            if row is not None and not row[0]:
+                cursor.execute(_WAIT_FOR_APPENDER, [APPEND_LOCK_KEY, APPEND_LOCK_KEY])
+                continue
         if row is None:
             return _appended_event(fields) if fields else None
-        if not row[0]:
-            time.sleep(delay)
-            delay = min(delay * 2, POLL_SECONDS[1])
-            continue
         try:
             with transaction.atomic():
                 appended = _append_outbox(PENDING_BATCH)
