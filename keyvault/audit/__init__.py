@@ -6,30 +6,48 @@ workers append one after another and the chain never forks. An event is recorded
 in the caller's transaction: if it cannot be written, the operation it records
 fails too (fail-closed, as Vault refuses requests its audit devices cannot log).
 
-Group commit (PostgreSQL, ``AUDIT_GROUP_COMMIT``, on by default). Appending in the
-caller's transaction held the head lock until that transaction committed, so every
-audited operation was serial, one commit (fsync) each. Instead an event is written
-to an outbox (``AuditPendingEvent``, no sequence, no hash) in the caller's
-transaction — no lock, so callers run concurrently — and after that transaction
-commits the caller blocks in :func:`_await_sequenced` until its event is in the
-chain: whoever takes the head lock appends *every* committed outbox event in one
-short transaction (sequence, prev-hash, hash, due checkpoints; outbox rows deleted
-in the same transaction), so 32 waiting callers cost one or two commits, not 32.
+Group commit (PostgreSQL, ``AUDIT_GROUP_COMMIT``). Appending in the caller's
+transaction held the head lock until that transaction committed, so every audited
+operation was serial, one commit (fsync) each. With group commit a caller first tries
+the appenders' advisory lock together with the head row, in one round trip
+(:func:`_head_if_uncontended`). Free: nobody else is appending, so the caller chains
+its event in its own transaction exactly as the serial path does, holding the lock to
+its commit. Busy: the event is written to an outbox (``AuditPendingEvent``, no
+sequence, no hash) in the caller's transaction — no wait, so callers run
+concurrently — and after that transaction commits the caller blocks in
+:func:`_await_sequenced` until its event is in the chain: whoever takes the lock
+appends *every* committed outbox event in one short transaction (sequence,
+prev-hash, hash, due checkpoints; outbox rows deleted in the same transaction);
+the others wait on a shared lock of the same key, wake together when it is let go,
+and find their events appended. So 32 waiting callers cost one or two commits, not 32.
 Why an outbox rather than a leader appending followers' events in its own
 transaction: the event and the key-state change commit or roll back together, as
 before — an event for an operation that rolled back, or an operation without its
 event, cannot happen. The guarantees:
 
-- no event, no success: the outbox row is inserted in the caller's transaction, so
-  if it cannot be written the operation rolls back with it;
-- exactly one event per call: the outbox row is inserted once, and moved into the
-  chain and deleted in one transaction under the head lock, so it is appended once;
+- no event, no success: the event (chained or in the outbox) is inserted in the
+  caller's transaction, so if it cannot be written the operation rolls back with it;
+- exactly one event per call: the event is inserted once, and an outbox row is moved
+  into the chain and deleted in one transaction under the lock, so it is appended once;
 - nothing lost when a writer is killed: before its commit, neither the operation nor
   the event exists; after it, the event is durable in the outbox and the next append
-  by anyone, the beat's checkpoint and ``audit verify`` sweep it into the chain;
-- the chain stays verifiable: only the head-lock holder assigns sequences, exactly as
-  on the serial path; a checkpoint is signed at every ``AUDIT_CHECKPOINT_INTERVAL``-th
-  event even inside a batch.
+  by anyone takes it (under load within milliseconds; tests assert <= 5 s on a
+  saturated 2-core machine), at the latest beat's sweep (``checkpoint_if_moved``,
+  every ``AUDIT_CHECKPOINT_SECONDS``) or ``audit verify``. Until then the event is
+  as exposed to someone who can delete rows as the chain's unwitnessed tail is
+  (events after the newest witnessed checkpoint), a window of the same bound;
+- the chain stays verifiable: only the lock holder assigns sequences, and the head
+  row is locked as on the serial path; a checkpoint is signed at every
+  ``AUDIT_CHECKPOINT_INTERVAL``-th event even inside a batch.
+
+Measured (``bench/audit_append.py``): group commit does not reach 5,000 events/s on a
+2-core host because PostgreSQL alone, inserting and committing one outbox-sized row
+per transaction from 32 Python processes through psycopg, does not (the bench prints
+that floor in the same run); see docs/ops/production.md, *Audit group commit*.
+A caller that does not wait for sequencing (return at commit, a sequencer appending
+later) was tried and rejected: with no back-pressure the outbox grew without bound
+under load (10,541 unappended events after a minute of 24 writers on a saturated
+host), so the not-yet-chained window was unbounded.
 
 An event's timestamp is when the operation recorded it, so within the chain
 timestamps are nearly but not strictly ordered. Callers that need the event's
