@@ -20,6 +20,9 @@ appends *every* committed outbox event in one short transaction (sequence,
 prev-hash, hash, due checkpoints; outbox rows deleted in the same transaction);
 the others wait on a shared lock of the same key, wake together when it is let go,
 and find their events appended. So 32 waiting callers cost one or two commits, not 32.
+The uncontended path holds the lock to the caller's commit, as the serial path holds
+the head: record the event last in the transaction (the key services do), or other
+callers wait to return for as long as the work after it takes.
 Why an outbox rather than a leader appending followers' events in its own
 transaction: the event and the key-state change commit or roll back together, as
 before — an event for an operation that rolled back, or an operation without its
