@@ -315,8 +315,8 @@ AUDIT_CHECKPOINT_SECONDS = env.float("HMD_AUDIT_CHECKPOINT_SECONDS", default=60.
 AUDIT_VERIFY_NOW_SECONDS = env.int("HMD_AUDIT_VERIFY_NOW_SECONDS", default=60)
 # Group commit of the audit chain on PostgreSQL (keyvault/audit/__init__.py): an uncontended caller chains
 # its event in its own transaction; contended callers write an outbox and are sequenced in batches; off = the
-# serial path (head locked per event). On by default: measured on 2 cores (bench/audit_append.py) it is at
-# least the serial path's rate with 1, 8 and 32 writers (1.2x, 1.2x, 2.1x).
+# serial path (head locked per event). On by default: measured on 2 cores (bench/audit_append.py) it beats
+# the serial path with 1, 8 and 32 writers (1.2x, 1.7x, 1.8x; one loaded run 0.8x with 1: bench/README.md).
 AUDIT_GROUP_COMMIT = env.bool("HMD_AUDIT_GROUP_COMMIT", default=True)
 if AUDIT_CHECKPOINT_SECONDS > 0:
     # Signs the head when it moved since the last checkpoint, so the unwitnessed tail stays short.
