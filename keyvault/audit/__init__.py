@@ -6,30 +6,53 @@ workers append one after another and the chain never forks. An event is recorded
 in the caller's transaction: if it cannot be written, the operation it records
 fails too (fail-closed, as Vault refuses requests its audit devices cannot log).
 
-Group commit (PostgreSQL, ``AUDIT_GROUP_COMMIT``, on by default). Appending in the
-caller's transaction held the head lock until that transaction committed, so every
-audited operation was serial, one commit (fsync) each. Instead an event is written
-to an outbox (``AuditPendingEvent``, no sequence, no hash) in the caller's
-transaction — no lock, so callers run concurrently — and after that transaction
-commits the caller blocks in :func:`_await_sequenced` until its event is in the
-chain: whoever takes the head lock appends *every* committed outbox event in one
-short transaction (sequence, prev-hash, hash, due checkpoints; outbox rows deleted
-in the same transaction), so 32 waiting callers cost one or two commits, not 32.
+Group commit (PostgreSQL, ``AUDIT_GROUP_COMMIT``). Appending in the caller's
+transaction held the head lock until that transaction committed, so every audited
+operation was serial, one commit (fsync) each. With group commit a caller first tries
+the appenders' advisory lock together with the head row, in one round trip
+(:func:`_head_if_uncontended`). Free: nobody else is appending, so the caller chains
+its event in its own transaction exactly as the serial path does, holding the lock to
+its commit. Busy: the event is written to an outbox (``AuditPendingEvent``, no
+sequence, no hash) in the caller's transaction — no wait, so callers run
+concurrently — and after that transaction commits the caller blocks in
+:func:`_await_sequenced` until its event is in the chain: whoever takes the lock
+appends *every* committed outbox event in one short transaction (sequence,
+prev-hash, hash, due checkpoints; outbox rows deleted in the same transaction);
+the others wait on a shared lock of the same key, wake together when it is let go,
+and find their events appended. So 32 waiting callers cost one or two commits, not 32.
+The uncontended path holds the lock to the caller's commit, as the serial path holds
+the head: record the event last in the transaction (the key services do), or other
+callers wait to return for as long as the work after it takes.
 Why an outbox rather than a leader appending followers' events in its own
 transaction: the event and the key-state change commit or roll back together, as
 before — an event for an operation that rolled back, or an operation without its
 event, cannot happen. The guarantees:
 
-- no event, no success: the outbox row is inserted in the caller's transaction, so
-  if it cannot be written the operation rolls back with it;
-- exactly one event per call: the outbox row is inserted once, and moved into the
-  chain and deleted in one transaction under the head lock, so it is appended once;
+- no event, no success: the event (chained or in the outbox) is inserted in the
+  caller's transaction, so if it cannot be written the operation rolls back with it;
+- exactly one event per call: the event is inserted once, and an outbox row is moved
+  into the chain and deleted in one transaction under the lock, so it is appended once;
 - nothing lost when a writer is killed: before its commit, neither the operation nor
   the event exists; after it, the event is durable in the outbox and the next append
-  by anyone, the beat's checkpoint and ``audit verify`` sweep it into the chain;
-- the chain stays verifiable: only the head-lock holder assigns sequences, exactly as
-  on the serial path; a checkpoint is signed at every ``AUDIT_CHECKPOINT_INTERVAL``-th
-  event even inside a batch.
+  by anyone takes it (under load within milliseconds; tests assert <= 5 s on a
+  saturated 2-core machine), at the latest beat's sweep (``checkpoint_if_moved``,
+  every ``AUDIT_CHECKPOINT_SECONDS``) or ``audit verify``. Until then the event is
+  as exposed to someone who can delete rows as the chain's unwitnessed tail is
+  (events after the newest witnessed checkpoint), a window of the same bound;
+- the chain stays verifiable: only the lock holder assigns sequences, and the head
+  row is locked as on the serial path; a checkpoint is signed at every
+  ``AUDIT_CHECKPOINT_INTERVAL``-th event even inside a batch.
+
+Measured (``bench/audit_append.py``, 2 shared cores): group commit reaches 500-700
+events/s with 32 writers, 1.2-2.2x the serial path at 1, 8 and 32 writers, but not
+5,000: the same insert-and-commit per call from 32 Python processes through psycopg
+(no Django, no chain) reaches only 2,700-4,800/s here, PostgreSQL with C clients
+(pgbench) 6,700-9,600/s. The gap is on the Python side, Django and round trips
+(docs/ops/production.md, *Audit group commit*).
+A caller that does not wait for sequencing (return at commit, a sequencer appending
+later) was tried and rejected: with no back-pressure the outbox grew without bound
+under load (10,541 unappended events after a minute of 24 writers on a saturated
+host), so the not-yet-chained window was unbounded.
 
 An event's timestamp is when the operation recorded it, so within the chain
 timestamps are nearly but not strictly ordered. Callers that need the event's
@@ -51,7 +74,6 @@ import base64
 import hashlib
 import hmac
 import json
-import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -75,9 +97,16 @@ GENESIS_HASH = "0" * 64
 VERIFY_CHUNK = 5000
 PENDING_BATCH = 2000
 APPEND_LOCK_KEY = 0x6B76_6175_6469_7421  # the outbox appenders' advisory lock
-POLL_SECONDS = (0.0005, 0.004)  # a waiting caller asks again after this long, doubling up to the second
 _PENDING_FIELDS = ("timestamp", "actor", "action", "target_type", "target_id", "outcome", "request_id",
                    "ip_address", "details")
+_INSERT_PENDING = (
+    "INSERT INTO keyvault_auditpendingevent (" + ", ".join(_PENDING_FIELDS) + ") "
+    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb) RETURNING id"
+)
+_LOCK_HEAD_IF_FREE = ("SELECT id, last_sequence, last_hash FROM keyvault_auditchainhead "
+                      "WHERE id = 1 AND pg_try_advisory_xact_lock(%s) FOR UPDATE SKIP LOCKED")
+_TRY_LOCK_IF_PENDING = "SELECT pg_try_advisory_lock(%s) FROM keyvault_auditpendingevent WHERE id = %s"
+_WAIT_FOR_APPENDER = "SELECT pg_advisory_lock_shared(%s), pg_advisory_unlock_shared(%s)"
 _TAKE_PENDING = (
     "DELETE FROM keyvault_auditpendingevent WHERE id IN "
     "(SELECT id FROM keyvault_auditpendingevent ORDER BY id LIMIT %s) "
@@ -277,11 +306,36 @@ def _append_locked(head: AuditChainHead, pending: list[dict]) -> list[AuditEvent
 
 
 def _append_grouped(fields: dict) -> AuditEvent:
-    pending = AuditPendingEvent.objects.create(**fields)  # in the caller's transaction, or committed now
-    if transaction.get_connection().in_atomic_block:
-        transaction.on_commit(partial(_await_sequenced, pending.pk), robust=True)
+    connection = transaction.get_connection()
+    head = _head_if_uncontended() if connection.in_atomic_block else None
+    if head is not None:  # nobody else appending: chain it here, in the caller's transaction, as the serial path
+        return _append_locked(head, [fields])[0]
+    pending_id = _insert_pending(fields)  # in the caller's transaction, or committed now
+    if connection.in_atomic_block:
+        transaction.on_commit(partial(_await_sequenced, pending_id), robust=True)
         return AuditEvent(sequence=None, prev_hash="", hash="", **fields)
-    return _await_sequenced(pending.pk, fields)
+    return _await_sequenced(pending_id, fields)
+
+
+def _head_if_uncontended() -> AuditChainHead | None:
+    """The locked chain head if the appenders' lock is free (then held to the caller's commit), else None.
+
+    One round trip: the advisory lock is tried in the row's filter. ``None`` too when
+    a ``sequenced=True`` caller holds the head row (``SKIP LOCKED``: this caller does
+    not wait; its event goes to the outbox) and before the head exists (the outbox
+    append creates it).
+    """
+    rows = list(AuditChainHead.objects.raw(_LOCK_HEAD_IF_FREE, [APPEND_LOCK_KEY]))
+    return rows[0] if rows else None
+
+
+def _insert_pending(fields: dict) -> int:
+    """One round trip, no ORM: this insert is on every contended audited call's path."""
+    values = [fields[name] for name in _PENDING_FIELDS]
+    values[-1] = json.dumps(values[-1])
+    with transaction.get_connection().cursor() as cursor:
+        cursor.execute(_INSERT_PENDING, values)
+        return cursor.fetchone()[0]
 
 
 def _await_sequenced(pending_id: int, fields: dict | None = None) -> AuditEvent | None:
@@ -290,25 +344,22 @@ def _await_sequenced(pending_id: int, fields: dict | None = None) -> AuditEvent 
     One query both asks whether the event is still in the outbox and tries the
     appenders' advisory lock. Gone: another caller appended it, return. Lock taken:
     append every committed outbox event in one transaction (group commit). Lock busy:
-    someone is appending; wait a moment and ask again. Waiters never queue on a lock
-    one after another, so a batch of N costs one append and N cheap polls, not N
-    transactions in a row. A failure here does not lose the event: it stays in the
-    outbox, committed, for the next append (or the beat, or ``audit verify``) to take.
+    wait for the holder to let go (a *shared* lock on the same key: every waiter wakes
+    at the holder's unlock together, none queues behind another, no sleep-polling),
+    then ask again. A failure here does not lose the event: it stays in the outbox,
+    committed, for the next append (or the beat, or ``audit verify``) to take.
     With ``fields`` (a caller outside any transaction) the appended event is returned.
     """
     connection = transaction.get_connection()
-    delay = POLL_SECONDS[0]
     while True:
         with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_try_advisory_lock(%s) FROM keyvault_auditpendingevent WHERE id = %s",
-                           [APPEND_LOCK_KEY, pending_id])
+            cursor.execute(_TRY_LOCK_IF_PENDING, [APPEND_LOCK_KEY, pending_id])
             row = cursor.fetchone()
+            if row is not None and not row[0]:
+                cursor.execute(_WAIT_FOR_APPENDER, [APPEND_LOCK_KEY, APPEND_LOCK_KEY])
+                continue
         if row is None:
             return _appended_event(fields) if fields else None
-        if not row[0]:
-            time.sleep(delay)
-            delay = min(delay * 2, POLL_SECONDS[1])
-            continue
         try:
             with transaction.atomic():
                 appended = _append_outbox(PENDING_BATCH)
