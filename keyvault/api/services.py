@@ -203,7 +203,9 @@ def revoke_tokens(name: str, *, actor: Actor, reason: str, token_ids: Sequence[i
     if (token_ids is None) == (keep is None):
         raise ValueError("name the tokens to revoke or the one to keep, not both")
     now = now or timezone.now()
+    forget_tokens()
     with transaction.atomic():
+        transaction.on_commit(forget_tokens)
         client = _client_named(name)
         live = client.tokens.select_for_update().filter(revoked_at__isnull=True)
         live = live.filter(pk__in=list(token_ids)) if token_ids is not None else live.exclude(pk=keep)
@@ -223,7 +225,9 @@ def reinstate_token(name: str, *, token_id: int, expires_at: datetime | None, ac
 
     :raises ValueError: no such client.
     """
+    forget_tokens()
     with transaction.atomic():
+        transaction.on_commit(forget_tokens)
         client = _client_named(name)
         row = client.tokens.select_for_update().filter(pk=token_id, revoked_at__isnull=True).first()
         if row is None:

@@ -288,6 +288,19 @@ def test_a_revocation_in_this_process_takes_effect_at_once(billing, clock, syste
 
 
 @override_settings(API_TOKEN_CACHE_SECONDS=2.0)
+def test_revoking_tokens_but_not_the_client_takes_effect_at_once_in_this_process(billing, clock, system_actor):
+    client, old = billing
+    new = services.rotate_token("billing", actor=system_actor)
+    services.authenticate(f"Bearer {old}")  # cached
+
+    services.revoke_tokens("billing", actor=system_actor, reason="emergency", keep=client.tokens.latest("pk").pk)
+
+    with pytest.raises(ApiAuthenticationFailed):
+        services.authenticate(f"Bearer {old}")
+    assert services.authenticate(f"Bearer {new}").pk == client.pk
+
+
+@override_settings(API_TOKEN_CACHE_SECONDS=2.0)
 def test_a_cached_token_still_expires_on_time(kek, clock, system_actor):
     client, token = services.create_client(name="short", actor=system_actor, keks=[kek.name], operations=["unwrap"],
                                            expires_at=timezone.now() + timedelta(hours=1))
