@@ -306,15 +306,21 @@ def _append_locked(head: AuditChainHead, pending: list[dict]) -> list[AuditEvent
 
 
 def _append_grouped(fields: dict) -> AuditEvent:
-    connection = transaction.get_connection()
-    head = _head_if_uncontended() if connection.in_atomic_block else None
+    if not transaction.get_connection().in_atomic_block:
+        # A caller outside any transaction (an unwrap) gets one short transaction of its own, so it
+        # takes the uncontended path too: one commit, not an outbox insert and then an append.
+        with transaction.atomic():
+            head = _head_if_uncontended()
+            if head is not None:
+                return _append_locked(head, [fields])[0]
+            pending_id = _insert_pending(fields)
+        return _await_sequenced(pending_id, fields)
+    head = _head_if_uncontended()
     if head is not None:  # nobody else appending: chain it here, in the caller's transaction, as the serial path
         return _append_locked(head, [fields])[0]
-    pending_id = _insert_pending(fields)  # in the caller's transaction, or committed now
-    if connection.in_atomic_block:
-        transaction.on_commit(partial(_await_sequenced, pending_id), robust=True)
-        return AuditEvent(sequence=None, prev_hash="", hash="", **fields)
-    return _await_sequenced(pending_id, fields)
+    pending_id = _insert_pending(fields)  # in the caller's transaction
+    transaction.on_commit(partial(_await_sequenced, pending_id), robust=True)
+    return AuditEvent(sequence=None, prev_hash="", hash="", **fields)
 
 
 def _head_if_uncontended() -> AuditChainHead | None:
