@@ -381,14 +381,16 @@ def _start(request: HttpRequest, operation: str) -> tuple[ApiClient, Any]:
 def _batch(request: HttpRequest, items: list, one: Callable[[Any], dict]) -> dict:
     """Every item's result or problem.
 
-    With audit group commit the batch is one transaction: its events go to the outbox and join
-    the chain in one append after one commit, before any answer is sent (an event that cannot
-    be written fails the whole call). On the serial path each event holds the chain head only
-    for its own append: one transaction there would hold the head for the whole batch and queue
-    every other call behind it.
+    The items' events are collected (:func:`keyvault.audit.collected`) and appended together,
+    in item order, in one append when the last item is done, before any answer is sent (events
+    that cannot be written fail the whole call, and no item's result is sent). With audit group
+    commit the batch is also one transaction, so events a key service records inside its own
+    transaction (appended at once) commit with the batch. On the serial path it is not: there
+    such an event holds the chain head only for its own append, where one transaction would
+    hold it for the whole batch and queue every other call behind it.
     """
     results = []
-    with transaction.atomic() if audit.group_commit_active() else nullcontext():
+    with transaction.atomic() if audit.group_commit_active() else nullcontext(), audit.collected():
         for item in items:
             try:
                 results.append(one(item))
@@ -425,10 +427,11 @@ def generate_data_key(request, name: str, payload: GenerateIn | GenerateBatchIn)
     return Status(201, one(payload))
 
 
-def _unwrap_one(request, client, actor, data_key_id: int, context: Context) -> dict:
+def _unwrap_one(request, client, actor, data_key_id: int, context: Context,
+                batch: services.DataKeyBatch | None = None) -> dict:
     if not 0 < data_key_id < 2**63:
         raise ApiNotFound("no such data key")
-    row, plaintext = services.unwrap_data_key(client, data_key_id, actor=actor, context=context)
+    row, plaintext = services.unwrap_data_key(client, data_key_id, actor=actor, context=context, batch=batch)
     try:
         return {"id": row.pk, "plaintext": _b64(plaintext), "kek_version": row.kek_version}
     finally:
@@ -447,8 +450,9 @@ def unwrap_data_key(request, data_key_id: int, payload: UnwrapIn):
           summary="Unwrap many data keys by id")
 def unwrap_data_keys(request, payload: UnwrapBatchIn):
     client, actor = _start(request, ApiClient.Operation.UNWRAP)
+    rows = services.DataKeyBatch(client, [item.id for item in payload.batch])
     return Status(200, _batch(request, payload.batch,
-                              lambda item: _unwrap_one(request, client, actor, item.id, item.context)))
+                              lambda item: _unwrap_one(request, client, actor, item.id, item.context, rows)))
 
 
 @api.get("/data-keys/{data_key_id}", response={200: DataKeyMetadata, **ERRORS}, url_name="describe_data_key",

@@ -74,7 +74,9 @@ import base64
 import hashlib
 import hmac
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -99,10 +101,8 @@ PENDING_BATCH = 2000
 APPEND_LOCK_KEY = 0x6B76_6175_6469_7421  # the outbox appenders' advisory lock
 _PENDING_FIELDS = ("timestamp", "actor", "action", "target_type", "target_id", "outcome", "request_id",
                    "ip_address", "details")
-_INSERT_PENDING = (
-    "INSERT INTO keyvault_auditpendingevent (" + ", ".join(_PENDING_FIELDS) + ") "
-    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb) RETURNING id"
-)
+_INSERT_PENDING = "INSERT INTO keyvault_auditpendingevent (" + ", ".join(_PENDING_FIELDS) + ") VALUES {rows} RETURNING id"
+_PENDING_ROW = "(%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb)"
 _LOCK_HEAD_IF_FREE = ("SELECT id, last_sequence, last_hash FROM keyvault_auditchainhead "
                       "WHERE id = 1 AND pg_try_advisory_xact_lock(%s) FOR UPDATE SKIP LOCKED")
 _TRY_LOCK_IF_PENDING = "SELECT pg_try_advisory_lock(%s) FROM keyvault_auditpendingevent WHERE id = %s"
@@ -261,9 +261,80 @@ def record(
         ip_address=actor.ip_address,
         details=details,
     )
+    buffer = _collecting.get()
+    if buffer is not None and not sequenced and buffer.depth == _atomic_depth():
+        buffer.events.append(fields)
+        return AuditEvent(sequence=None, prev_hash="", hash="", **fields)
     if sequenced or not group_commit_active():
         return _append_serial(fields)
     return _append_grouped(fields)
+
+
+@dataclass
+class _Collected:
+    """Events :func:`record` buffered inside :func:`collected`, and the transaction depth they belong to."""
+
+    depth: int
+    events: list[dict]
+
+
+_collecting: ContextVar[_Collected | None] = ContextVar("audit_collecting", default=None)
+
+
+def _atomic_depth() -> int:
+    return len(transaction.get_connection().atomic_blocks)
+
+
+@contextmanager
+def collected() -> Iterator[list[dict]]:
+    """Inside the block :func:`record` buffers its events; a clean exit appends them all at once.
+
+    For calls that record many events (an API batch): one append for all of them (one head
+    lock and insert, or one multi-row outbox insert) instead of one each, with the same events,
+    in the order recorded. Leaving by an exception drops the buffered events: the exception
+    fails the call, as an event that cannot be written does. If the append fails, it raises
+    here, so the call fails with no event of it written (fail-closed, as :func:`record`).
+
+    Only events recorded at the block's own transaction depth are buffered: an event recorded
+    inside a nested ``atomic`` (a key service's) is appended at once as usual, since that
+    block may roll back and its event must roll back with it. ``sequenced=True`` events too.
+    Nested ``collected`` blocks buffer into the outermost.
+    """
+    if _collecting.get() is not None:
+        yield _collecting.get().events
+        return
+    buffer = _Collected(depth=_atomic_depth(), events=[])
+    token = _collecting.set(buffer)
+    try:
+        yield buffer.events
+    finally:
+        _collecting.reset(token)
+    record_many(buffer.events)
+
+
+def record_many(pending: Sequence[dict]) -> list[AuditEvent]:
+    """Append events (field dicts as :func:`record` builds them) in one go, atomically with the caller's transaction.
+
+    The guarantees of :func:`record`, per event: all of them are written or none (then this
+    raises), each once. Serial path: one head lock, one insert. Group commit: in the chain
+    in the caller's transaction if nobody else is appending, else one multi-row outbox
+    insert, waited for after the commit (returned events then have no ``sequence``).
+    """
+    if not pending:
+        return []
+    if not group_commit_active():
+        with transaction.atomic():
+            return _append_locked(_locked_head(), list(pending))
+    outermost = not transaction.get_connection().in_atomic_block
+    with transaction.atomic() if outermost else nullcontext():
+        head = _head_if_uncontended()
+        if head is not None:
+            return _append_locked(head, list(pending))
+        # Our rows commit together, so an appender that takes the newest takes them all
+        # (it takes the oldest committed ids first): waiting for the newest is enough.
+        newest = _insert_pending(pending)[-1]
+        transaction.on_commit(partial(_await_sequenced, newest), robust=not outermost)
+    return [AuditEvent(sequence=None, prev_hash="", hash="", **fields) for fields in pending]
 
 
 def group_commit_active() -> bool:
@@ -313,12 +384,12 @@ def _append_grouped(fields: dict) -> AuditEvent:
             head = _head_if_uncontended()
             if head is not None:
                 return _append_locked(head, [fields])[0]
-            pending_id = _insert_pending(fields)
+            pending_id = _insert_pending([fields])[0]
         return _await_sequenced(pending_id, fields)
     head = _head_if_uncontended()
     if head is not None:  # nobody else appending: chain it here, in the caller's transaction, as the serial path
         return _append_locked(head, [fields])[0]
-    pending_id = _insert_pending(fields)  # in the caller's transaction
+    pending_id = _insert_pending([fields])[0]  # in the caller's transaction
     transaction.on_commit(partial(_await_sequenced, pending_id), robust=True)
     return AuditEvent(sequence=None, prev_hash="", hash="", **fields)
 
@@ -335,13 +406,15 @@ def _head_if_uncontended() -> AuditChainHead | None:
     return rows[0] if rows else None
 
 
-def _insert_pending(fields: dict) -> int:
-    """One round trip, no ORM: this insert is on every contended audited call's path."""
-    values = [fields[name] for name in _PENDING_FIELDS]
-    values[-1] = json.dumps(values[-1])
+def _insert_pending(pending: Sequence[dict]) -> list[int]:
+    """One round trip, no ORM (this insert is on every contended audited call's path): the outbox ids, ascending."""
+    values = []
+    for fields in pending:
+        values.extend(fields[name] for name in _PENDING_FIELDS[:-1])
+        values.append(json.dumps(fields["details"]))
     with transaction.get_connection().cursor() as cursor:
-        cursor.execute(_INSERT_PENDING, values)
-        return cursor.fetchone()[0]
+        cursor.execute(_INSERT_PENDING.format(rows=", ".join([_PENDING_ROW] * len(pending))), values)
+        return sorted(row[0] for row in cursor.fetchall())
 
 
 def _await_sequenced(pending_id: int, fields: dict | None = None) -> AuditEvent | None:

@@ -13,7 +13,7 @@ know are never used, and the next rotation or ``refresh_kek`` reconciles them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -499,21 +499,35 @@ def create_data_key(
     return row, plain
 
 
-def _version_usable(data_key: DataKey) -> None:
-    state = (
-        KeyVersion.objects.filter(kek_id=data_key.kek_id, number=data_key.kek_version)
-        .values_list("state", flat=True)
-        .first()
-    )
+def _version_usable(data_key: DataKey, states: Mapping[tuple[int, int], str] | None = None) -> None:
+    """:raises KeyNotUsable: the data key's KEK version is not enabled (``states``: looked up already)."""
+    if states is None:
+        states = version_states([data_key])
+    state = states.get((data_key.kek_id, data_key.kek_version))
     if state != KeyVersion.State.ENABLED:
         raise KeyNotUsable(f"v{data_key.kek_version} of KEK {data_key.kek.name!r} is {state or 'unknown'}")
 
 
-def unwrap_data_key(data_key: DataKey, *, actor: Actor) -> bytearray:
-    """Return the plaintext DEK (a bytearray the caller must wipe), audited."""
+def version_states(data_keys: Iterable[DataKey]) -> dict[tuple[int, int], str]:
+    """The state of every KEK version these data keys are wrapped under, in one query: ``(kek_id, number) -> state``."""
+    wanted = {(row.kek_id, row.kek_version) for row in data_keys}
+    if not wanted:
+        return {}
+    found = KeyVersion.objects.filter(kek_id__in={kek_id for kek_id, _ in wanted},
+                                      number__in={number for _, number in wanted})
+    return {(kek_id, number): state for kek_id, number, state in found.values_list("kek_id", "number", "state")
+            if (kek_id, number) in wanted}
+
+
+def unwrap_data_key(data_key: DataKey, *, actor: Actor, states: Mapping[tuple[int, int], str] | None = None) -> bytearray:
+    """Return the plaintext DEK (a bytearray the caller must wipe), audited.
+
+    A caller unwrapping many data keys passes ``states``, their :func:`version_states` looked
+    up once for all of them, instead of one query each.
+    """
     kek = data_key.kek
     require_usable(kek)
-    _version_usable(data_key)
+    _version_usable(data_key, states)
     try:
         opened = provider_for(kek).decrypt(bytes(data_key.wrapped_key), encryption_context=data_key.encryption_context)
     except Exception as exc:
