@@ -54,6 +54,14 @@ later) was tried and rejected: with no back-pressure the outbox grew without bou
 under load (10,541 unappended events after a minute of 24 writers on a saturated
 host), so the not-yet-chained window was unbounded.
 
+Many events of one call (an API batch): inside :func:`collected` :func:`record` buffers the
+events and :func:`record_many` appends them together when the block ends, before the call
+answers — one head lock and insert (serial, or uncontended group commit) or one multi-row
+outbox insert waited for after the commit, instead of one append per event. The same
+guarantees per event: none written unless all are (the call then fails), each once, in the
+order recorded. Events recorded inside a nested ``atomic`` (which may roll back) are not
+buffered but appended at once.
+
 An event's timestamp is when the operation recorded it, so within the chain
 timestamps are nearly but not strictly ordered. Callers that need the event's
 position at once (report exports, checkpoints) pass ``sequenced=True`` and take the
