@@ -493,6 +493,31 @@ def generate_data_key(client: ApiClient, kek_name: str, *, actor: Actor, context
     return row, plain.plaintext
 
 
+def generate_data_keys(client: ApiClient, kek_name: str, items: Sequence[key_services.DataKeyRequest], *,
+                       actor: Actor) -> list[tuple[DataKey, bytearray] | Exception]:
+    """:func:`generate_data_key` for many, aligned with ``items``: each a data key and its plaintext (wipe it)
+    or the exception that item met (a context the client may not use; the KEK or provider refusing).
+
+    The valid items are registered together (:func:`keyvault.keys.services.create_data_keys`:
+    one transaction, one audit append for their events).
+    """
+    kek = kek_for(client, kek_name)
+    outcomes: list = [None] * len(items)
+    wanted: list[tuple[int, key_services.DataKeyRequest]] = []
+    for index, item in enumerate(items):
+        try:
+            context = check_context(client, item.encryption_context)
+        except (ApiBadRequest, ApiForbidden) as exc:
+            outcomes[index] = exc
+            continue
+        wanted.append((index, key_services.DataKeyRequest(encryption_context=context, purpose=item.purpose[:200],
+                                                          owner_ref=item.owner_ref[:200])))
+    made = key_services.create_data_keys(kek, [request for _, request in wanted], actor=actor)
+    for (index, _), outcome in zip(wanted, made, strict=True):
+        outcomes[index] = outcome if isinstance(outcome, Exception) else (outcome[0], outcome[1].plaintext)
+    return outcomes
+
+
 def unwrap_data_key(client: ApiClient, data_key_id: int, *, actor: Actor, context: Mapping[str, str] | None,
                     batch: DataKeyBatch | None = None) -> tuple[DataKey, bytearray]:
     """The data key's plaintext from its *current* wrapping (rotation-transparent).

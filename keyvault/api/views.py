@@ -43,6 +43,7 @@ from keyvault.exceptions import (
     KeyNotUsable,
     PayloadTooLarge,
 )
+from keyvault.keys.services import DataKeyRequest
 from keyvault.kms import InvalidCiphertext
 from keyvault.kms.errors import KeyDisabled, KeyNotFound, ProviderUnavailable
 from keyvault.models import ApiClient
@@ -412,19 +413,38 @@ def _batch(request: HttpRequest, items: list, one: Callable[[Any], dict]) -> dic
 def generate_data_key(request, name: str, payload: GenerateIn | GenerateBatchIn):
     client, actor = _start(request, ApiClient.Operation.GENERATE)
 
-    def one(item: GenerateIn) -> dict:
-        row, plaintext = services.generate_data_key(client, name, actor=actor, context=item.context,
-                                                    purpose=item.purpose, owner_ref=item.owner_ref)
-        try:
-            return {"id": row.pk, "plaintext": _b64(plaintext), "ciphertext": _b64(row.wrapped_key),
-                    "kek": name, "kek_version": row.kek_version}
-        finally:
-            plaintext[:] = bytes(len(plaintext))
-
     if isinstance(payload, GenerateBatchIn):
         services.kek_for(client, name)  # a foreign KEK is 404 for the whole call, as for one item
-        return Status(200, _batch(request, payload.batch, one))
-    return Status(201, one(payload))
+        return Status(200, _generate_batch(request, client, actor, name, payload.batch))
+    made = services.generate_data_key(client, name, actor=actor, context=payload.context, purpose=payload.purpose,
+                                      owner_ref=payload.owner_ref)
+    return Status(201, _generated(made, name))
+
+
+def _generated(made: tuple | Exception, kek_name: str) -> dict:
+    """One generated data key's answer (its plaintext wiped once encoded), or the exception it met, raised."""
+    if isinstance(made, Exception):
+        raise made
+    row, plaintext = made
+    try:
+        return {"id": row.pk, "plaintext": _b64(plaintext), "ciphertext": _b64(row.wrapped_key),
+                "kek": kek_name, "kek_version": row.kek_version}
+    finally:
+        plaintext[:] = bytes(len(plaintext))
+
+
+def _generate_batch(request, client, actor, name: str, items: list[GenerateIn]) -> dict:
+    """A batch's data keys registered together (one insert, one audit append), then answered item by item."""
+    requests = [DataKeyRequest(encryption_context=item.context, purpose=item.purpose, owner_ref=item.owner_ref)
+                for item in items]
+    outcomes = services.generate_data_keys(client, name, requests, actor=actor)
+    try:
+        pending = iter(outcomes)
+        return _batch(request, items, lambda item: _generated(next(pending), name))
+    finally:
+        for outcome in outcomes:  # those not answered (the call failed) are wiped too
+            if not isinstance(outcome, Exception):
+                outcome[1][:] = bytes(len(outcome[1]))
 
 
 def _unwrap_one(request, client, actor, data_key_id: int, context: Context,

@@ -306,10 +306,12 @@ def collected() -> Iterator[list[dict]]:
     Only events recorded at the block's own transaction depth are buffered: an event recorded
     inside a nested ``atomic`` (a key service's) is appended at once as usual, since that
     block may roll back and its event must roll back with it. ``sequenced=True`` events too.
-    Nested ``collected`` blocks buffer into the outermost.
+    A ``collected`` block nested at the same depth buffers into the outer one; one inside a
+    nested ``atomic`` collects and appends its own events, inside that transaction.
     """
-    if _collecting.get() is not None:
-        yield _collecting.get().events
+    outer = _collecting.get()
+    if outer is not None and outer.depth == _atomic_depth():
+        yield outer.events
         return
     buffer = _Collected(depth=_atomic_depth(), events=[])
     token = _collecting.set(buffer)

@@ -198,3 +198,69 @@ def test_plaintext_is_wiped_after_each_item(monkeypatch, api, keys):
     answers = api.post("data-keys/unwrap", {"batch": [items[0], items[-1]]}, token=token).json()["batch"]
     assert [base64.b64decode(a["plaintext"]) != bytes(32) for a in answers] == [True, True]
     assert len(handed_out) == 2 and all(buffer == bytearray(len(buffer)) for buffer in handed_out)
+
+
+GENERATE_ITEMS = [
+    {"context": CTX, "owner_ref": "a"},
+    {"context": {"service": "hr"}},           # a context the client may not use: 403 (refusal event)
+    {"context": {"service": "billing", "n": "1"}, "purpose": "p" * 200, "owner_ref": "b"},
+    {"context": {"service": "billing", "bad": "\ud800"}},  # not valid Unicode: 400, no event
+    {"context": CTX, "owner_ref": "c"},
+]
+
+
+def _created_fields(events) -> list[tuple]:
+    """A created event without what differs between two data keys made alike (the id)."""
+    return [(e[0], e[1], e[2], e[4], e[5]) for e in events]
+
+
+@pytest.mark.django_db
+def test_a_generate_batch_registers_together_with_the_events_single_calls_record(api, billing):
+    _, token = billing
+    before = _last_sequence()
+    answers = api.post("keks/billing-kek/data-keys", {"batch": GENERATE_ITEMS}, token=token).json()["batch"]
+    batch_events = _events_after(before)
+    middle = _last_sequence()
+    singles = [api.post("keks/billing-kek/data-keys", item, token=token) for item in GENERATE_ITEMS]
+    single_events = _events_after(middle)
+
+    assert [a.get("error", {}).get("status") for a in answers] == [None, 403, None, 400, None]
+    assert [s.status_code for s in singles] == [201, 403, 201, 400, 201]
+    for answer, single in zip(answers, singles, strict=True):
+        if "id" in answer:
+            row, single_row = DataKey.objects.get(pk=answer["id"]), DataKey.objects.get(pk=single.json()["id"])
+            assert bytes(row.wrapped_key) == base64.b64decode(answer["ciphertext"])
+            assert (row.owner_ref, row.purpose, row.encryption_context) == (
+                single_row.owner_ref, single_row.purpose, single_row.encryption_context)
+            opened = api.post(f"data-keys/{answer['id']}/unwrap", {"context": row.encryption_context}, token=token)
+            assert opened.json()["plaintext"] == answer["plaintext"]
+    assert KeyVersion.objects.get(kek__name="billing-kek", number=1).data_keys == 6
+    created = [e for e in batch_events if e[1] == "datakey.created"]
+    assert [int(e[3]) for e in created] == [answers[0]["id"], answers[2]["id"], answers[4]["id"]]
+    # the same events as the single calls: the created ones in item order, then the refusal
+    assert _created_fields(created) == _created_fields([e for e in single_events if e[1] == "datakey.created"])
+    assert [{**e[5], "operation": None} for e in batch_events if e[1] == "api.denied"] == [
+        {**e[5], "operation": None} for e in single_events if e[1] == "api.denied"]
+    assert [e[1] for e in batch_events] == ["datakey.created"] * 3 + ["api.denied"]
+    assert [e[5]["reason"] for e in batch_events if e[1] == "api.denied"] == ["context"]
+    assert audit.verify_chain(use_witness=False).ok
+
+
+@pytest.mark.django_db
+def test_a_generate_batch_on_a_disabled_kek_fails_every_item_and_registers_nothing(api, billing, kek, system_actor):
+    _, token = billing
+    key_services.disable_kek(kek, actor=system_actor)
+    answers = api.post("keks/billing-kek/data-keys", {"batch": GENERATE_ITEMS[:1] * 3}, token=token).json()["batch"]
+    assert [a["error"]["type"].removeprefix(PROBLEM_BASE) for a in answers] == ["key-not-usable"] * 3
+    assert not DataKey.objects.exists()
+
+
+@pytest.mark.django_db
+def test_a_generate_batch_whose_events_cannot_be_written_registers_nothing(api, billing):
+    _, token = billing
+    before = _last_sequence()
+    with _audit_inserts_refused(), pytest.raises(Exception, match="audit storage refused"):
+        api.post("keks/billing-kek/data-keys", {"batch": GENERATE_ITEMS}, token=token)
+    assert not DataKey.objects.exists()
+    assert _last_sequence() == before and not AuditPendingEvent.objects.exists()
+    assert KeyVersion.objects.get(kek__name="billing-kek", number=1).data_keys == 0
