@@ -274,8 +274,8 @@ def record(
         buffer.events.append(fields)
         return AuditEvent(sequence=None, prev_hash="", hash="", **fields)
     if sequenced or not group_commit_active():
-        return _append_serial(fields)
-    return _append_grouped(fields)
+        return _append_serial([fields])[0]
+    return _append_grouped([fields])[0]
 
 
 @dataclass
@@ -333,18 +333,8 @@ def record_many(pending: Sequence[dict]) -> list[AuditEvent]:
     if not pending:
         return []
     if not group_commit_active():
-        with transaction.atomic():
-            return _append_locked(_locked_head(), list(pending))
-    outermost = not transaction.get_connection().in_atomic_block
-    with transaction.atomic() if outermost else nullcontext():
-        head = _head_if_uncontended()
-        if head is not None:
-            return _append_locked(head, list(pending))
-        # Our rows commit together, so an appender that takes the newest takes them all
-        # (it takes the oldest committed ids first): waiting for the newest is enough.
-        newest = _insert_pending(pending)[-1]
-        transaction.on_commit(partial(_await_sequenced, newest), robust=not outermost)
-    return [AuditEvent(sequence=None, prev_hash="", hash="", **fields) for fields in pending]
+        return _append_serial(list(pending))
+    return _append_grouped(list(pending))
 
 
 def group_commit_active() -> bool:
@@ -360,11 +350,9 @@ def group_commit_active() -> bool:
     return not (connection.atomic_blocks and connection.atomic_blocks[0]._from_testcase)
 
 
-def _append_serial(fields: dict) -> AuditEvent:
+def _append_serial(pending: list[dict]) -> list[AuditEvent]:
     with transaction.atomic():
-        head = _locked_head()
-        events = _append_locked(head, [fields])
-    return events[0]
+        return _append_locked(_locked_head(), pending)
 
 
 def _append_locked(head: AuditChainHead, pending: list[dict]) -> list[AuditEvent]:
@@ -386,22 +374,27 @@ def _append_locked(head: AuditChainHead, pending: list[dict]) -> list[AuditEvent
     return events
 
 
-def _append_grouped(fields: dict) -> AuditEvent:
-    if not transaction.get_connection().in_atomic_block:
-        # A caller outside any transaction (an unwrap) gets one short transaction of its own, so it
-        # takes the uncontended path too: one commit, not an outbox insert and then an append.
-        with transaction.atomic():
-            head = _head_if_uncontended()
-            if head is not None:
-                return _append_locked(head, [fields])[0]
-            pending_id = _insert_pending([fields])[0]
-        return _await_sequenced(pending_id, fields)
-    head = _head_if_uncontended()
-    if head is not None:  # nobody else appending: chain it here, in the caller's transaction, as the serial path
-        return _append_locked(head, [fields])[0]
-    pending_id = _insert_pending([fields])[0]  # in the caller's transaction
-    transaction.on_commit(partial(_await_sequenced, pending_id), robust=True)
-    return AuditEvent(sequence=None, prev_hash="", hash="", **fields)
+def _append_grouped(pending: list[dict]) -> list[AuditEvent]:
+    """Chain ``pending`` in the caller's transaction if nobody else is appending, else put them in the outbox.
+
+    A caller outside any transaction (an unwrap) gets one short transaction of its own, so it
+    takes the uncontended path too: one commit, not an outbox insert and then an append; when
+    contended it waits here until its events are chained (the newest is returned appended).
+    """
+    outermost = not transaction.get_connection().in_atomic_block
+    with transaction.atomic() if outermost else nullcontext():
+        head = _head_if_uncontended()
+        if head is not None:  # nobody else appending: chain them here, in the caller's transaction, as the serial path
+            return _append_locked(head, pending)
+        # The rows commit together, so an appender that takes the newest takes them all
+        # (it takes the oldest committed ids first): waiting for the newest is enough.
+        newest = _insert_pending(pending)[-1]  # in the caller's transaction
+        if not outermost:
+            transaction.on_commit(partial(_await_sequenced, newest), robust=True)
+    events = [AuditEvent(sequence=None, prev_hash="", hash="", **fields) for fields in pending]
+    if outermost:
+        events[-1] = _await_sequenced(newest, pending[-1])
+    return events
 
 
 def _head_if_uncontended() -> AuditChainHead | None:
