@@ -43,6 +43,7 @@ from keyvault.exceptions import (
     KeyNotUsable,
     PayloadTooLarge,
 )
+from keyvault.keys.services import DataKeyRequest
 from keyvault.kms import InvalidCiphertext
 from keyvault.kms.errors import KeyDisabled, KeyNotFound, ProviderUnavailable
 from keyvault.models import ApiClient
@@ -381,14 +382,16 @@ def _start(request: HttpRequest, operation: str) -> tuple[ApiClient, Any]:
 def _batch(request: HttpRequest, items: list, one: Callable[[Any], dict]) -> dict:
     """Every item's result or problem.
 
-    With audit group commit the batch is one transaction: its events go to the outbox and join
-    the chain in one append after one commit, before any answer is sent (an event that cannot
-    be written fails the whole call). On the serial path each event holds the chain head only
-    for its own append: one transaction there would hold the head for the whole batch and queue
-    every other call behind it.
+    The items' events are collected (:func:`keyvault.audit.collected`) and appended together,
+    in item order, in one append when the last item is done, before any answer is sent (events
+    that cannot be written fail the whole call, and no item's result is sent). With audit group
+    commit the batch is also one transaction, so events a key service records inside its own
+    transaction (appended at once) commit with the batch. On the serial path it is not: there
+    such an event holds the chain head only for its own append, where one transaction would
+    hold it for the whole batch and queue every other call behind it.
     """
     results = []
-    with transaction.atomic() if audit.group_commit_active() else nullcontext():
+    with transaction.atomic() if audit.group_commit_active() else nullcontext(), audit.collected():
         for item in items:
             try:
                 results.append(one(item))
@@ -410,25 +413,45 @@ def _batch(request: HttpRequest, items: list, one: Callable[[Any], dict]) -> dic
 def generate_data_key(request, name: str, payload: GenerateIn | GenerateBatchIn):
     client, actor = _start(request, ApiClient.Operation.GENERATE)
 
-    def one(item: GenerateIn) -> dict:
-        row, plaintext = services.generate_data_key(client, name, actor=actor, context=item.context,
-                                                    purpose=item.purpose, owner_ref=item.owner_ref)
-        try:
-            return {"id": row.pk, "plaintext": _b64(plaintext), "ciphertext": _b64(row.wrapped_key),
-                    "kek": name, "kek_version": row.kek_version}
-        finally:
-            plaintext[:] = bytes(len(plaintext))
-
     if isinstance(payload, GenerateBatchIn):
         services.kek_for(client, name)  # a foreign KEK is 404 for the whole call, as for one item
-        return Status(200, _batch(request, payload.batch, one))
-    return Status(201, one(payload))
+        return Status(200, _generate_batch(request, client, actor, name, payload.batch))
+    made = services.generate_data_key(client, name, actor=actor, context=payload.context, purpose=payload.purpose,
+                                      owner_ref=payload.owner_ref)
+    return Status(201, _generated(made, name))
 
 
-def _unwrap_one(request, client, actor, data_key_id: int, context: Context) -> dict:
+def _generated(made: tuple | Exception, kek_name: str) -> dict:
+    """One generated data key's answer (its plaintext wiped once encoded), or the exception it met, raised."""
+    if isinstance(made, Exception):
+        raise made
+    row, plaintext = made
+    try:
+        return {"id": row.pk, "plaintext": _b64(plaintext), "ciphertext": _b64(row.wrapped_key),
+                "kek": kek_name, "kek_version": row.kek_version}
+    finally:
+        plaintext[:] = bytes(len(plaintext))
+
+
+def _generate_batch(request, client, actor, name: str, items: list[GenerateIn]) -> dict:
+    """A batch's data keys registered together (one insert, one audit append), then answered item by item."""
+    requests = [DataKeyRequest(encryption_context=item.context, purpose=item.purpose, owner_ref=item.owner_ref)
+                for item in items]
+    outcomes = services.generate_data_keys(client, name, requests, actor=actor)
+    try:
+        pending = iter(outcomes)
+        return _batch(request, items, lambda item: _generated(next(pending), name))
+    finally:
+        for outcome in outcomes:  # those not answered (the call failed) are wiped too
+            if not isinstance(outcome, Exception):
+                outcome[1][:] = bytes(len(outcome[1]))
+
+
+def _unwrap_one(request, client, actor, data_key_id: int, context: Context,
+                batch: services.DataKeyBatch | None = None) -> dict:
     if not 0 < data_key_id < 2**63:
         raise ApiNotFound("no such data key")
-    row, plaintext = services.unwrap_data_key(client, data_key_id, actor=actor, context=context)
+    row, plaintext = services.unwrap_data_key(client, data_key_id, actor=actor, context=context, batch=batch)
     try:
         return {"id": row.pk, "plaintext": _b64(plaintext), "kek_version": row.kek_version}
     finally:
@@ -447,8 +470,9 @@ def unwrap_data_key(request, data_key_id: int, payload: UnwrapIn):
           summary="Unwrap many data keys by id")
 def unwrap_data_keys(request, payload: UnwrapBatchIn):
     client, actor = _start(request, ApiClient.Operation.UNWRAP)
+    rows = services.DataKeyBatch(client, [item.id for item in payload.batch])
     return Status(200, _batch(request, payload.batch,
-                              lambda item: _unwrap_one(request, client, actor, item.id, item.context)))
+                              lambda item: _unwrap_one(request, client, actor, item.id, item.context, rows)))
 
 
 @api.get("/data-keys/{data_key_id}", response={200: DataKeyMetadata, **ERRORS}, url_name="describe_data_key",

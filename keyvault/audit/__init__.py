@@ -54,6 +54,14 @@ later) was tried and rejected: with no back-pressure the outbox grew without bou
 under load (10,541 unappended events after a minute of 24 writers on a saturated
 host), so the not-yet-chained window was unbounded.
 
+Many events of one call (an API batch): inside :func:`collected` :func:`record` buffers the
+events and :func:`record_many` appends them together when the block ends, before the call
+answers — one head lock and insert (serial, or uncontended group commit) or one multi-row
+outbox insert waited for after the commit, instead of one append per event. The same
+guarantees per event: none written unless all are (the call then fails), each once, in the
+order recorded. Events recorded inside a nested ``atomic`` (which may roll back) are not
+buffered but appended at once.
+
 An event's timestamp is when the operation recorded it, so within the chain
 timestamps are nearly but not strictly ordered. Callers that need the event's
 position at once (report exports, checkpoints) pass ``sequenced=True`` and take the
@@ -74,7 +82,9 @@ import base64
 import hashlib
 import hmac
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -99,10 +109,8 @@ PENDING_BATCH = 2000
 APPEND_LOCK_KEY = 0x6B76_6175_6469_7421  # the outbox appenders' advisory lock
 _PENDING_FIELDS = ("timestamp", "actor", "action", "target_type", "target_id", "outcome", "request_id",
                    "ip_address", "details")
-_INSERT_PENDING = (
-    "INSERT INTO keyvault_auditpendingevent (" + ", ".join(_PENDING_FIELDS) + ") "
-    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb) RETURNING id"
-)
+_INSERT_PENDING = "INSERT INTO keyvault_auditpendingevent (" + ", ".join(_PENDING_FIELDS) + ") VALUES {rows} RETURNING id"
+_PENDING_ROW = "(%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb)"
 _LOCK_HEAD_IF_FREE = ("SELECT id, last_sequence, last_hash FROM keyvault_auditchainhead "
                       "WHERE id = 1 AND pg_try_advisory_xact_lock(%s) FOR UPDATE SKIP LOCKED")
 _TRY_LOCK_IF_PENDING = "SELECT pg_try_advisory_lock(%s) FROM keyvault_auditpendingevent WHERE id = %s"
@@ -261,9 +269,72 @@ def record(
         ip_address=actor.ip_address,
         details=details,
     )
+    buffer = _collecting.get()
+    if buffer is not None and not sequenced and buffer.depth == _atomic_depth():
+        buffer.events.append(fields)
+        return AuditEvent(sequence=None, prev_hash="", hash="", **fields)
     if sequenced or not group_commit_active():
-        return _append_serial(fields)
-    return _append_grouped(fields)
+        return _append_serial([fields])[0]
+    return _append_grouped([fields])[0]
+
+
+@dataclass
+class _Collected:
+    """Events :func:`record` buffered inside :func:`collected`, and the transaction depth they belong to."""
+
+    depth: int
+    events: list[dict]
+
+
+_collecting: ContextVar[_Collected | None] = ContextVar("audit_collecting", default=None)
+
+
+def _atomic_depth() -> int:
+    return len(transaction.get_connection().atomic_blocks)
+
+
+@contextmanager
+def collected() -> Iterator[list[dict]]:
+    """Inside the block :func:`record` buffers its events; a clean exit appends them all at once.
+
+    For calls that record many events (an API batch): one append for all of them (one head
+    lock and insert, or one multi-row outbox insert) instead of one each, with the same events,
+    in the order recorded. Leaving by an exception drops the buffered events: the exception
+    fails the call, as an event that cannot be written does. If the append fails, it raises
+    here, so the call fails with no event of it written (fail-closed, as :func:`record`).
+
+    Only events recorded at the block's own transaction depth are buffered: an event recorded
+    inside a nested ``atomic`` (a key service's) is appended at once as usual, since that
+    block may roll back and its event must roll back with it. ``sequenced=True`` events too.
+    A ``collected`` block nested at the same depth buffers into the outer one; one inside a
+    nested ``atomic`` collects and appends its own events, inside that transaction.
+    """
+    outer = _collecting.get()
+    if outer is not None and outer.depth == _atomic_depth():
+        yield outer.events
+        return
+    buffer = _Collected(depth=_atomic_depth(), events=[])
+    token = _collecting.set(buffer)
+    try:
+        yield buffer.events
+    finally:
+        _collecting.reset(token)
+    record_many(buffer.events)
+
+
+def record_many(pending: Sequence[dict]) -> list[AuditEvent]:
+    """Append events (field dicts as :func:`record` builds them) in one go, atomically with the caller's transaction.
+
+    The guarantees of :func:`record`, per event: all of them are written or none (then this
+    raises), each once. Serial path: one head lock, one insert. Group commit: in the chain
+    in the caller's transaction if nobody else is appending, else one multi-row outbox
+    insert, waited for after the commit (returned events then have no ``sequence``).
+    """
+    if not pending:
+        return []
+    if not group_commit_active():
+        return _append_serial(list(pending))
+    return _append_grouped(list(pending))
 
 
 def group_commit_active() -> bool:
@@ -279,11 +350,9 @@ def group_commit_active() -> bool:
     return not (connection.atomic_blocks and connection.atomic_blocks[0]._from_testcase)
 
 
-def _append_serial(fields: dict) -> AuditEvent:
+def _append_serial(pending: list[dict]) -> list[AuditEvent]:
     with transaction.atomic():
-        head = _locked_head()
-        events = _append_locked(head, [fields])
-    return events[0]
+        return _append_locked(_locked_head(), pending)
 
 
 def _append_locked(head: AuditChainHead, pending: list[dict]) -> list[AuditEvent]:
@@ -305,22 +374,27 @@ def _append_locked(head: AuditChainHead, pending: list[dict]) -> list[AuditEvent
     return events
 
 
-def _append_grouped(fields: dict) -> AuditEvent:
-    if not transaction.get_connection().in_atomic_block:
-        # A caller outside any transaction (an unwrap) gets one short transaction of its own, so it
-        # takes the uncontended path too: one commit, not an outbox insert and then an append.
-        with transaction.atomic():
-            head = _head_if_uncontended()
-            if head is not None:
-                return _append_locked(head, [fields])[0]
-            pending_id = _insert_pending(fields)
-        return _await_sequenced(pending_id, fields)
-    head = _head_if_uncontended()
-    if head is not None:  # nobody else appending: chain it here, in the caller's transaction, as the serial path
-        return _append_locked(head, [fields])[0]
-    pending_id = _insert_pending(fields)  # in the caller's transaction
-    transaction.on_commit(partial(_await_sequenced, pending_id), robust=True)
-    return AuditEvent(sequence=None, prev_hash="", hash="", **fields)
+def _append_grouped(pending: list[dict]) -> list[AuditEvent]:
+    """Chain ``pending`` in the caller's transaction if nobody else is appending, else put them in the outbox.
+
+    A caller outside any transaction (an unwrap) gets one short transaction of its own, so it
+    takes the uncontended path too: one commit, not an outbox insert and then an append; when
+    contended it waits here until its events are chained (the newest is returned appended).
+    """
+    outermost = not transaction.get_connection().in_atomic_block
+    with transaction.atomic() if outermost else nullcontext():
+        head = _head_if_uncontended()
+        if head is not None:  # nobody else appending: chain them here, in the caller's transaction, as the serial path
+            return _append_locked(head, pending)
+        # The rows commit together, so an appender that takes the newest takes them all
+        # (it takes the oldest committed ids first): waiting for the newest is enough.
+        newest = _insert_pending(pending)[-1]  # in the caller's transaction
+        if not outermost:
+            transaction.on_commit(partial(_await_sequenced, newest), robust=True)
+    events = [AuditEvent(sequence=None, prev_hash="", hash="", **fields) for fields in pending]
+    if outermost:
+        events[-1] = _await_sequenced(newest, pending[-1])
+    return events
 
 
 def _head_if_uncontended() -> AuditChainHead | None:
@@ -335,13 +409,15 @@ def _head_if_uncontended() -> AuditChainHead | None:
     return rows[0] if rows else None
 
 
-def _insert_pending(fields: dict) -> int:
-    """One round trip, no ORM: this insert is on every contended audited call's path."""
-    values = [fields[name] for name in _PENDING_FIELDS]
-    values[-1] = json.dumps(values[-1])
+def _insert_pending(pending: Sequence[dict]) -> list[int]:
+    """One round trip, no ORM (this insert is on every contended audited call's path): the outbox ids, ascending."""
+    values = []
+    for fields in pending:
+        values.extend(fields[name] for name in _PENDING_FIELDS[:-1])
+        values.append(json.dumps(fields["details"]))
     with transaction.get_connection().cursor() as cursor:
-        cursor.execute(_INSERT_PENDING, values)
-        return cursor.fetchone()[0]
+        cursor.execute(_INSERT_PENDING.format(rows=", ".join([_PENDING_ROW] * len(pending))), values)
+        return sorted(row[0] for row in cursor.fetchall())
 
 
 def _await_sequenced(pending_id: int, fields: dict | None = None) -> AuditEvent | None:

@@ -13,7 +13,7 @@ know are never used, and the next rotation or ``refresh_kek`` reconciles them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -21,6 +21,7 @@ from django.db import connection, transaction
 from django.db.models import Count, F
 from django.utils import timezone
 
+from keyvault import audit
 from keyvault.audit import Actor, events
 from keyvault.exceptions import CoverageIncomplete, DataKeyNotSuperseded, InvalidStateTransition, KeyNotUsable
 from keyvault.keys import envelopes
@@ -499,21 +500,99 @@ def create_data_key(
     return row, plain
 
 
-def _version_usable(data_key: DataKey) -> None:
-    state = (
-        KeyVersion.objects.filter(kek_id=data_key.kek_id, number=data_key.kek_version)
-        .values_list("state", flat=True)
-        .first()
-    )
+@dataclass(frozen=True)
+class DataKeyRequest:
+    """One data key of :func:`create_data_keys`: what :func:`create_data_key` takes besides the KEK."""
+
+    encryption_context: Mapping[str, str] | None = None
+    purpose: str = ""
+    owner_ref: str = ""
+    key_spec: str = "AES_256"
+
+
+def create_data_keys(kek: KeyEncryptionKey, requests: Sequence[DataKeyRequest], *,
+                     actor: Actor) -> list[tuple[DataKey, PlainDataKey] | Exception]:
+    """:func:`create_data_key` for many, aligned with ``requests``: one transaction, one insert, one audit append.
+
+    Each outcome is the data key and its plaintext (wipe it), or the exception that item met
+    (the KEK not usable, the provider refusing); the others are registered. The events are the
+    ones each single call records, in order, appended together (``audit.collected``) in the
+    same transaction as the rows.
+    """
+    contexts = [normalise_context(request.encryption_context) for request in requests]
+    outcomes: list = []
+    try:
+        return _create_data_keys(kek, requests, contexts, outcomes, actor)
+    except BaseException:
+        for outcome in outcomes:  # nothing was registered: no plaintext outlives the failure
+            if isinstance(outcome, PlainDataKey):
+                outcome.wipe()
+        raise
+
+
+def _create_data_keys(kek: KeyEncryptionKey, requests: Sequence[DataKeyRequest], contexts: list[dict],
+                      outcomes: list, actor: Actor) -> list[tuple[DataKey, PlainDataKey] | Exception]:
+    with transaction.atomic(), audit.collected():
+        kek = KeyEncryptionKey.objects.get(pk=kek.pk)
+        try:
+            require_usable(kek)
+        except KeyNotUsable as exc:
+            return [exc] * len(requests)
+        provider = provider_for(kek)
+        for request, context in zip(requests, contexts, strict=True):
+            try:
+                outcomes.append(provider.generate_data_key(kek.provider_key_id, encryption_context=context,
+                                                           key_spec=request.key_spec))
+            except Exception as exc:  # noqa: BLE001 - the item's outcome, as a single call would raise it
+                outcomes.append(exc)
+        made = [(request, context, plain) for request, context, plain in zip(requests, contexts, outcomes, strict=True)
+                if not isinstance(plain, Exception)]
+        rows = DataKey.objects.bulk_create([
+            DataKey(kek=kek, kek_version=plain.key_version, wrapped_key=plain.ciphertext,
+                    fingerprint=wrapped_key_fingerprint(plain.ciphertext), key_spec=request.key_spec,
+                    encryption_context=context, purpose=request.purpose, owner_ref=request.owner_ref)
+            for request, context, plain in made])
+        moves: dict[tuple[int, int], int] = {}
+        for row in rows:
+            moves[(kek.pk, row.kek_version)] = moves.get((kek.pk, row.kek_version), 0) + 1
+        _count_data_keys(moves)
+        for row, (request, context, plain) in zip(rows, made, strict=True):
+            events.data_key_created(row, actor=actor, kek=kek.name, kek_version=plain.key_version,
+                                    key_spec=request.key_spec, owner_ref=request.owner_ref,
+                                    context_keys=sorted(context))
+    created = iter(zip(rows, (plain for _, _, plain in made), strict=True))
+    return [outcome if isinstance(outcome, Exception) else next(created) for outcome in outcomes]
+
+
+def _version_usable(data_key: DataKey, states: Mapping[tuple[int, int], str] | None = None) -> None:
+    """:raises KeyNotUsable: the data key's KEK version is not enabled (``states``: looked up already)."""
+    if states is None:
+        states = version_states([data_key])
+    state = states.get((data_key.kek_id, data_key.kek_version))
     if state != KeyVersion.State.ENABLED:
         raise KeyNotUsable(f"v{data_key.kek_version} of KEK {data_key.kek.name!r} is {state or 'unknown'}")
 
 
-def unwrap_data_key(data_key: DataKey, *, actor: Actor) -> bytearray:
-    """Return the plaintext DEK (a bytearray the caller must wipe), audited."""
+def version_states(data_keys: Iterable[DataKey]) -> dict[tuple[int, int], str]:
+    """The state of every KEK version these data keys are wrapped under, in one query: ``(kek_id, number) -> state``."""
+    wanted = {(row.kek_id, row.kek_version) for row in data_keys}
+    if not wanted:
+        return {}
+    found = KeyVersion.objects.filter(kek_id__in={kek_id for kek_id, _ in wanted},
+                                      number__in={number for _, number in wanted})
+    return {(kek_id, number): state for kek_id, number, state in found.values_list("kek_id", "number", "state")
+            if (kek_id, number) in wanted}
+
+
+def unwrap_data_key(data_key: DataKey, *, actor: Actor, states: Mapping[tuple[int, int], str] | None = None) -> bytearray:
+    """Return the plaintext DEK (a bytearray the caller must wipe), audited.
+
+    A caller unwrapping many data keys passes ``states``, their :func:`version_states` looked
+    up once for all of them, instead of one query each.
+    """
     kek = data_key.kek
     require_usable(kek)
-    _version_usable(data_key)
+    _version_usable(data_key, states)
     try:
         opened = provider_for(kek).decrypt(bytes(data_key.wrapped_key), encryption_context=data_key.encryption_context)
     except Exception as exc:
