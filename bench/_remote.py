@@ -110,7 +110,9 @@ def load_data_keys(db: str, kek, n: int, *, threads: int) -> float:
     """``n`` real DEKs wrapped by the provider (from ``threads`` threads), COPYed in; returns seconds."""
     import logging
 
+    from keyvault.keys.services import recount_data_keys
     from keyvault.kms import get_provider
+    from keyvault.models import wrapped_key_fingerprint
 
     # More threads than the provider's connection pool: urllib3 says so for every extra connection.
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
@@ -125,13 +127,15 @@ def load_data_keys(db: str, kek, n: int, *, threads: int) -> float:
 
     with ThreadPoolExecutor(threads) as pool:
         wrapped = list(pool.map(wrap, range(n)))
-    columns = "kek_id, kek_version, wrapped_key, key_spec, encryption_context, purpose, owner_ref, created_at"
+    columns = ("kek_id, kek_version, wrapped_key, fingerprint, key_spec, encryption_context, purpose, owner_ref, "
+               "created_at")
     with c.connect(db) as conn, conn.cursor() as cur:
         with cur.copy(f"COPY keyvault_datakey ({columns}) FROM STDIN") as copy:
             for i, (blob, tenant) in enumerate(wrapped):
-                copy.write(f"{kek.pk}\t1\t\\\\x{blob.hex()}\tAES_256\t"
+                copy.write(f"{kek.pk}\t1\t\\\\x{blob.hex()}\t{wrapped_key_fingerprint(blob)}\tAES_256\t"
                            f'{{"tenant": "{tenant}"}}\tbench\towner-{i % 10007:05d}\tnow\n')
         conn.commit()
+    recount_data_keys()  # the rows came in around the key services, which keep the per-version counts
     return time.perf_counter() - started
 
 

@@ -66,11 +66,14 @@ DEFAULT_ROUNDS = {"local": 1, "vault": 3, "aws": 3, "gcp": 3}
 
 def load_data_keys(db: str, kek, n: int) -> float:
     """``n`` real wrapped DEKs (local provider) COPYed in; returns seconds."""
+    from keyvault.keys.services import recount_data_keys
     from keyvault.kms import get_provider
+    from keyvault.models import wrapped_key_fingerprint
 
     provider = get_provider(kek.provider)
     started = time.perf_counter()
-    columns = "kek_id, kek_version, wrapped_key, key_spec, encryption_context, purpose, owner_ref, created_at"
+    columns = ("kek_id, kek_version, wrapped_key, fingerprint, key_spec, encryption_context, purpose, owner_ref, "
+               "created_at")
     with c.connect(db) as conn, conn.cursor() as cur:
         with cur.copy(f"COPY keyvault_datakey ({columns}) FROM STDIN") as copy:
             lines = []
@@ -79,7 +82,8 @@ def load_data_keys(db: str, kek, n: int) -> float:
                 dek = provider.generate_data_key(kek.provider_key_id, encryption_context={"tenant": tenant})
                 dek.plaintext[:] = bytes(len(dek.plaintext))
                 lines.append(
-                    f"{kek.pk}\t{dek.key_version}\t\\\\x{dek.ciphertext.hex()}\tAES_256\t"
+                    f"{kek.pk}\t{dek.key_version}\t\\\\x{dek.ciphertext.hex()}\t"
+                    f"{wrapped_key_fingerprint(dek.ciphertext)}\tAES_256\t"
                     f'{{"tenant": "{tenant}"}}\tbench\towner-{i % 10007:05d}\tnow\n'
                 )
                 if len(lines) >= COPY_CHUNK:
@@ -88,6 +92,7 @@ def load_data_keys(db: str, kek, n: int) -> float:
             if lines:
                 copy.write("".join(lines))
         conn.commit()
+    recount_data_keys()  # the rows came in around the key services, which keep the per-version counts
     return time.perf_counter() - started
 
 
@@ -106,6 +111,7 @@ def floor_rewrap(db: str, kek, *, batch_size: int) -> tuple[int, float]:
     from keyvault.audit import Actor
     from keyvault.keys import services
     from keyvault.kms import get_provider
+    from keyvault.models import wrapped_key_fingerprint as fingerprint
 
     target = services.rotate_kek_version(kek, actor=Actor.system("bench"), reason="bench floor").number
     provider = get_provider(kek.provider)
@@ -113,7 +119,8 @@ def floor_rewrap(db: str, kek, *, batch_size: int) -> tuple[int, float]:
     done, after = 0, 0
     started = time.perf_counter()
     with c.connect(db) as conn, conn.cursor() as cur:
-        cur.execute("CREATE TEMP TABLE rewrapped (id bigint, w bytea, ver integer) ON COMMIT DELETE ROWS")
+        cur.execute("CREATE TEMP TABLE rewrapped (id bigint, w bytea, ver integer, fp varchar(16)) "
+                    "ON COMMIT DELETE ROWS")
         while True:
             cur.execute(
                 "SELECT id, wrapped_key, encryption_context FROM keyvault_datakey "
@@ -123,13 +130,15 @@ def floor_rewrap(db: str, kek, *, batch_size: int) -> tuple[int, float]:
             rows = cur.fetchall()
             if not rows:
                 break
-            with cur.copy("COPY rewrapped (id, w, ver) FROM STDIN (FORMAT BINARY)") as copy:
-                copy.set_types(["int8", "bytea", "int4"])
+            with cur.copy("COPY rewrapped (id, w, ver, fp) FROM STDIN (FORMAT BINARY)") as copy:
+                copy.set_types(["int8", "bytea", "int4", "varchar"])
                 for pk, wrapped, context in rows:
                     result = rewrap(wrapped, encryption_context=context, key_id=key_id)
-                    copy.write_row((pk, result.ciphertext, result.key_version))
+                    # the row as the key services leave it: its stored fingerprint follows the wrapping
+                    copy.write_row((pk, result.ciphertext, result.key_version, fingerprint(result.ciphertext)))
             cur.execute(
-                "UPDATE keyvault_datakey AS d SET wrapped_key = r.w, kek_version = r.ver, last_rewrapped_at = now() "
+                "UPDATE keyvault_datakey AS d SET wrapped_key = r.w, fingerprint = r.fp, kek_version = r.ver, "
+                "last_rewrapped_at = now() "
                 "FROM rewrapped AS r WHERE d.id = r.id"
             )
             conn.commit()
