@@ -189,7 +189,12 @@ def token_row(token: str) -> ApiToken | None:
     """The stored row of ``token`` (found by its digest) with its client, or None for a value Keyvault never issued."""
     if not token or len(token) > MAX_TOKEN_LENGTH:
         return None
-    return ApiToken.objects.select_related("client").filter(digest=token_digest(token)).first()
+    return _stored_token(token_digest(token))
+
+
+def _stored_token(digest: str) -> ApiToken | None:
+    """The token row with ``digest``, with its client, read from the database (never the per-process cache)."""
+    return ApiToken.objects.select_related("client").filter(digest=digest).first()
 
 
 def revoke_tokens(name: str, *, actor: Actor, reason: str, token_ids: Sequence[int] | None = None,
@@ -297,7 +302,7 @@ def _token_row(digest: str) -> ApiToken | None:
         cached = _token_cache.get(digest)
         if cached is not None and _clock() - cached[0] < ttl:
             return cached[1]
-    row = ApiToken.objects.select_related("client").filter(digest=digest).first()
+    row = _stored_token(digest)
     if row is not None and ttl > 0:
         if len(_token_cache) >= TOKEN_CACHE_ENTRIES:
             _token_cache.clear()
