@@ -118,6 +118,11 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     )
     # Tests use a file too (not shared-cache memory), so locking behaves as in production.
     DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / "test-keyvault.sqlite3")}
+# Keep a connection per web thread or worker instead of opening one per request: a new
+# PostgreSQL connection costs a TCP handshake, authentication and session set-up, which
+# was most of an API call's latency. Health checks drop a connection a database restart broke.
+DATABASES["default"]["CONN_MAX_AGE"] = env.int("HMD_DATABASE_CONN_MAX_AGE", default=300)
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 if is_set("HMD_DATABASE_PASSWORD") or is_set("HMD_DATABASE_PASSWORD_REF"):
     # The password can live in a secret source while the rest of the URL stays plain configuration.
     DATABASES["default"]["PASSWORD"] = _get_secret("HMD_DATABASE_PASSWORD")
