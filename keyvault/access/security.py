@@ -28,7 +28,8 @@ from django.contrib.auth import get_user_model, logout
 from django.contrib.auth.signals import user_logged_in, user_login_failed
 from django.dispatch import receiver
 from django.contrib.auth.views import redirect_to_login
-from django.core.cache import cache
+from django.core.cache import cache, caches
+from django.core.cache.backends.redis import RedisCache
 from django.urls import reverse
 from redis.exceptions import RedisError
 
@@ -282,12 +283,40 @@ def _record_summary(kind: str, source: str, window: int, count: int) -> None:
 
 def increment(key: str, *, timeout: int | None = FAILURE_COUNT_TTL) -> int:
     """Count one more at ``key`` in the shared cache (atomic where the cache is, e.g. Redis); the new count."""
+    redis_client = _redis_client(key)
+    if redis_client is not None:
+        # One round trip instead of Django's add + exists + incr (three, each on a new client
+        # object): this runs on every API call for the per-client rate limit.
+        pipe = redis_client.pipeline(transaction=False)
+        full_key = cache.make_and_validate_key(key)
+        pipe.set(full_key, 0, ex=timeout, nx=True)
+        pipe.incr(full_key)
+        return pipe.execute()[1]
     cache.add(key, 0, timeout=timeout)
     try:
         return cache.incr(key)
     except ValueError:  # evicted between add and incr
         cache.set(key, 1, timeout=timeout)
         return 1
+
+
+def _redis_client(key: str):
+    """The shared cache's Redis client for ``key``, kept per process; None when the cache is not Redis.
+
+    Django's Redis cache builds a new client object (and its callback table) on every call;
+    one per connection pool is enough, as clients are thread-safe.
+    """
+    backend = caches["default"]
+    if not isinstance(backend, RedisCache):
+        return None
+    pool = backend._cache._get_connection_pool(write=True)
+    client = _REDIS_CLIENTS.get(id(pool))
+    if client is None or client.connection_pool is not pool:
+        client = _REDIS_CLIENTS[id(pool)] = backend._cache._client(connection_pool=pool)
+    return client
+
+
+_REDIS_CLIENTS: dict[int, object] = {}
 
 
 @receiver(user_logged_in, dispatch_uid="keyvault.access.security.flush_failure_summaries")

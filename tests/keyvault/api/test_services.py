@@ -323,3 +323,23 @@ def test_no_cache_means_every_call_looks_up(billing, django_assert_num_queries):
     services.authenticate(f"Bearer {token}")
     with django_assert_num_queries(1):
         services.authenticate(f"Bearer {token}")
+
+
+def test_a_redis_count_starts_at_one_and_expires_with_its_window(settings):
+    # given the shared cache is Redis, where a count is one pipelined round trip
+    url = os.environ.get("HMD_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+    server = redis.Redis.from_url(url)
+    server.flushdb()
+    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": url,
+                                   "KEY_PREFIX": "keyvault"}}
+    from django.core.cache import cache
+    from keyvault.access import security
+
+    # when a key is counted three times with a 5-second window
+    counts = [security.increment("probe", timeout=5) for _ in range(3)]
+
+    # then the counts run 1, 2, 3 and the key lapses with the window set by the first count only
+    stored = cache.make_and_validate_key("probe")
+    assert counts == [1, 2, 3]
+    assert 0 < server.ttl(stored) <= 5
+    assert int(server.get(stored)) == 3
