@@ -24,6 +24,7 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import OuterRef, Subquery
 from django.utils import timezone
 
 from keyvault.access import security
@@ -41,7 +42,7 @@ from keyvault.keys import services as key_services
 from keyvault.kms import InvalidCiphertext
 from keyvault.kms.context import normalise_context
 from keyvault.kms.envelope import read_header
-from keyvault.models import ApiClient, ApiToken, DataKey, KeyEncryptionKey
+from keyvault.models import ApiClient, ApiToken, DataKey, KeyEncryptionKey, KeyVersion
 from keyvault.models.api import MAX_RATE_LIMIT
 
 TOKEN_PREFIX = "kvapi_"
@@ -409,7 +410,12 @@ def _client_data_keys(client: ApiClient, ids: Iterable[int]) -> dict[int, DataKe
     ids = {data_key_id for data_key_id in ids if 0 < data_key_id < 2**63}
     if not ids:
         return {}
-    return {row.pk: row for row in DataKey.objects.select_related("kek").filter(pk__in=ids, kek__in=client.keks.all())}
+    # The state of each row's KEK version comes in the same query: an unwrap needs it, and a
+    # second round trip per call was an eighth of a single unwrap's time.
+    version_state = KeyVersion.objects.filter(kek_id=OuterRef("kek_id"), number=OuterRef("kek_version")).values("state")
+    rows = (DataKey.objects.select_related("kek").filter(pk__in=ids, kek__in=client.keks.all())
+            .annotate(version_state=Subquery(version_state[:1])))
+    return {row.pk: row for row in rows}
 
 
 def data_key_for(client: ApiClient, data_key_id: int, *, rows: Mapping[int, DataKey] | None = None) -> DataKey:
@@ -425,8 +431,13 @@ def data_key_for(client: ApiClient, data_key_id: int, *, rows: Mapping[int, Data
     return row
 
 
+def _version_states(rows: Iterable[DataKey]) -> dict[tuple[int, int], str]:
+    """``(kek_id, number) -> state`` of the KEK versions of rows read by :func:`_client_data_keys`."""
+    return {(row.kek_id, row.kek_version): row.version_state for row in rows}
+
+
 class DataKeyBatch:
-    """What a batch unwrap needs from the database, read once for every item: two queries, not three per item.
+    """What a batch unwrap needs from the database, read once for every item: one query, not two per item.
 
     The client's data keys among the batch's ids (a foreign or missing id is simply absent, and
     answers as :func:`data_key_for` does) and the states of their KEK versions.
@@ -434,7 +445,7 @@ class DataKeyBatch:
 
     def __init__(self, client: ApiClient, ids: Iterable[int]):
         self.rows = _client_data_keys(client, ids)
-        self.version_states = key_services.version_states(self.rows.values())
+        self.version_states = _version_states(self.rows.values())
 
 
 def describe_data_key(client: ApiClient, data_key_id: int, *, actor: Actor) -> DataKey:
@@ -538,7 +549,8 @@ def unwrap_data_key(client: ApiClient, data_key_id: int, *, actor: Actor, contex
     if context != normalise_context(row.encryption_context):
         events.data_key_unwrap_failed(row, actor=actor, error="InvalidCiphertext")
         raise InvalidCiphertext()
-    return row, key_services.unwrap_data_key(row, actor=actor, states=batch.version_states if batch else None)
+    states = batch.version_states if batch else _version_states([row])
+    return row, key_services.unwrap_data_key(row, actor=actor, states=states)
 
 
 def _client_kek_of_blob(client: ApiClient, blob: bytes) -> KeyEncryptionKey:
