@@ -9,10 +9,11 @@ fails too (fail-closed, as Vault refuses requests its audit devices cannot log).
 Group commit (PostgreSQL, ``AUDIT_GROUP_COMMIT``). Appending in the caller's
 transaction held the head lock until that transaction committed, so every audited
 operation was serial, one commit (fsync) each. With group commit a caller first tries
-the appenders' advisory lock together with the head row, in one round trip
-(:func:`_head_if_uncontended`). Free: nobody else is appending, so the caller chains
-its event in its own transaction exactly as the serial path does, holding the lock to
-its commit. Busy: the event is written to an outbox (``AuditPendingEvent``, no
+the appenders' advisory lock together with the head row, and if both are free chains
+its event in the same call (:func:`_chain_on_server`). Free: nobody else is appending,
+so the caller chains its event in its own transaction exactly as the serial path does,
+holding the lock to its commit. Chaining runs inside the server (``keyvault_audit_append``,
+migration 0023): no round trip between taking the head and moving it. Busy: the event is written to an outbox (``AuditPendingEvent``, no
 sequence, no hash) in the caller's transaction — no wait, so callers run
 concurrently — and after that transaction commits the caller blocks in
 :func:`_await_sequenced` until its event is in the chain: whoever takes the lock
@@ -111,8 +112,6 @@ _PENDING_FIELDS = ("timestamp", "actor", "action", "target_type", "target_id", "
                    "ip_address", "details")
 _INSERT_PENDING = "INSERT INTO keyvault_auditpendingevent (" + ", ".join(_PENDING_FIELDS) + ") VALUES {rows} RETURNING id"
 _PENDING_ROW = "(%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb)"
-_LOCK_HEAD_IF_FREE = ("SELECT id, last_sequence, last_hash FROM keyvault_auditchainhead "
-                      "WHERE id = 1 AND pg_try_advisory_xact_lock(%s) FOR UPDATE SKIP LOCKED")
 _TRY_LOCK_IF_PENDING = "SELECT pg_try_advisory_lock(%s) FROM keyvault_auditpendingevent WHERE id = %s"
 _WAIT_FOR_APPENDER = "SELECT pg_advisory_lock_shared(%s), pg_advisory_unlock_shared(%s)"
 _TAKE_PENDING = (
@@ -352,11 +351,13 @@ def group_commit_active() -> bool:
 
 def _append_serial(pending: list[dict]) -> list[AuditEvent]:
     with transaction.atomic():
+        if transaction.get_connection().vendor == "postgresql":
+            return _chain_on_server(pending)
         return _append_locked(_locked_head(), pending)
 
 
 def _append_locked(head: AuditChainHead, pending: list[dict]) -> list[AuditEvent]:
-    """Chain ``pending`` after the locked head, in order: one insert, one head move, checkpoints due."""
+    """Chain ``pending`` after the locked head, in order: one insert, one head move, checkpoints due (SQLite)."""
     sequence, prev_hash = head.last_sequence, head.last_hash
     events, due = [], []
     interval = settings.AUDIT_CHECKPOINT_INTERVAL
@@ -374,6 +375,65 @@ def _append_locked(head: AuditChainHead, pending: list[dict]) -> list[AuditEvent
     return events
 
 
+# Stand-ins for the two values of an event's canonical JSON that only the head decides; see
+# _canonical_pieces. Neither the hex hash nor the decimal sequence ever needs escaping.
+_PREV_SLOT = '"prev_hash":"~prev~"'
+_SEQUENCE_MARK = 9_007_199_254_740_993
+_SEQUENCE_SLOT = f'"sequence":{_SEQUENCE_MARK}'
+_CHAIN_ON_SERVER = ("SELECT event_id, event_sequence, event_prev_hash, event_hash "
+                    "FROM keyvault_audit_append(%s, %s, %s::jsonb)")
+
+
+def _canonical_pieces(fields: dict) -> tuple[str, str, str]:
+    """An event's canonical JSON (:func:`canonical_bytes`) cut around its previous hash and its sequence.
+
+    ``before_prev + prev_hash + before_sequence + str(sequence) + after_sequence`` is the
+    canonical JSON of the event at that position. The top-level slots are found from the end:
+    with sorted keys only ``details`` (a nested key could be named alike) comes before
+    ``prev_hash``; what follows either slot is strings, whose quotes JSON escapes.
+    """
+    text = canonical_bytes(**fields, sequence=_SEQUENCE_MARK, prev_hash="~prev~").decode("ascii")
+    prev_at = text.rindex(_PREV_SLOT)
+    before_prev, rest = text[:prev_at + len('"prev_hash":"')], text[prev_at + len(_PREV_SLOT) - 1:]
+    sequence_at = rest.rindex(_SEQUENCE_SLOT)
+    return (before_prev, rest[:sequence_at + len('"sequence":')], rest[sequence_at + len(_SEQUENCE_SLOT):])
+
+
+def _chain_on_server(pending: list[dict], *, try_only: bool = False) -> list[AuditEvent] | None:
+    """Chain ``pending`` with one call of ``keyvault_audit_append`` (PostgreSQL, in the caller's transaction).
+
+    The head is locked, the events hashed and inserted and the head moved inside the server,
+    so no round trip happens while other appenders wait for the head (migration 0023).
+    Checkpoints that fall due are signed here, in the same transaction. ``try_only``: None
+    unless the appenders' lock and the head were both free (group commit's uncontended path).
+    """
+    events_json = json.dumps([_server_event(fields) for fields in pending])
+    connection = transaction.get_connection()
+    with connection.cursor() as cursor:
+        cursor.execute(_CHAIN_ON_SERVER, [try_only, APPEND_LOCK_KEY, events_json])
+        rows = cursor.fetchall()
+    if not rows:
+        if try_only:
+            return None
+        raise RuntimeError("the audit chain append returned no events")
+    events = []
+    interval = settings.AUDIT_CHECKPOINT_INTERVAL
+    for fields, (pk, sequence, prev_hash, digest) in zip(pending, rows, strict=True):
+        event = AuditEvent(pk=pk, sequence=sequence, prev_hash=prev_hash, hash=digest, **fields)
+        event._state.adding, event._state.db = False, connection.alias
+        events.append(event)
+        if interval and sequence % interval == 0:
+            _sign_checkpoint(sequence, digest)
+    return events
+
+
+def _server_event(fields: dict) -> dict:
+    """One event as ``keyvault_audit_append`` reads it: the stored fields and its canonical JSON's pieces."""
+    before_prev, before_sequence, after_sequence = _canonical_pieces(fields)
+    return {**fields, "timestamp": fields["timestamp"].isoformat(), "before_prev": before_prev,
+            "before_sequence": before_sequence, "after_sequence": after_sequence}
+
+
 def _append_grouped(pending: list[dict]) -> list[AuditEvent]:
     """Chain ``pending`` in the caller's transaction if nobody else is appending, else put them in the outbox.
 
@@ -383,9 +443,9 @@ def _append_grouped(pending: list[dict]) -> list[AuditEvent]:
     """
     outermost = not transaction.get_connection().in_atomic_block
     with transaction.atomic() if outermost else nullcontext():
-        head = _head_if_uncontended()
-        if head is not None:  # nobody else appending: chain them here, in the caller's transaction, as the serial path
-            return _append_locked(head, pending)
+        appended = _chain_on_server(pending, try_only=True)
+        if appended is not None:  # nobody else appending: chained here, in the caller's transaction, as the serial path
+            return appended
         # The rows commit together, so an appender that takes the newest takes them all
         # (it takes the oldest committed ids first): waiting for the newest is enough.
         newest = _insert_pending(pending)[-1]  # in the caller's transaction
@@ -395,18 +455,6 @@ def _append_grouped(pending: list[dict]) -> list[AuditEvent]:
     if outermost:
         events[-1] = _await_sequenced(newest, pending[-1])
     return events
-
-
-def _head_if_uncontended() -> AuditChainHead | None:
-    """The locked chain head if the appenders' lock is free (then held to the caller's commit), else None.
-
-    One round trip: the advisory lock is tried in the row's filter. ``None`` too when
-    a ``sequenced=True`` caller holds the head row (``SKIP LOCKED``: this caller does
-    not wait; its event goes to the outbox) and before the head exists (the outbox
-    append creates it).
-    """
-    rows = list(AuditChainHead.objects.raw(_LOCK_HEAD_IF_FREE, [APPEND_LOCK_KEY]))
-    return rows[0] if rows else None
 
 
 def _insert_pending(pending: Sequence[dict]) -> list[int]:
@@ -472,7 +520,7 @@ def drain_pending(*, batch: int = PENDING_BATCH) -> dict[int, AuditEvent]:
 
 def _append_outbox(batch: int) -> dict[int, AuditEvent]:
     """Under the appenders' lock, in a transaction: move the oldest ``batch`` outbox events into the chain."""
-    head = _locked_head()  # serial-path writers (sequenced=True) lock only the head
+    _locked_head()  # serial-path writers (sequenced=True) lock only the head; creates it if missing
     with transaction.get_connection().cursor() as cursor:
         cursor.execute(_TAKE_PENDING, [batch])
         rows = sorted(cursor.fetchall())
@@ -482,7 +530,7 @@ def _append_outbox(batch: int) -> dict[int, AuditEvent]:
     for fields in pending:
         if isinstance(fields["details"], str):
             fields["details"] = json.loads(fields["details"])
-    appended = _append_locked(head, pending)
+    appended = _chain_on_server(pending)
     return {row[0]: event for row, event in zip(rows, appended, strict=True)}
 
 

@@ -238,7 +238,8 @@ def test_service_fails_closed_when_audit_cannot_be_written(monkeypatch):
     def refuse(*args, **kwargs):
         raise DatabaseError("audit storage unavailable")
 
-    monkeypatch.setattr(audit, "_locked_head", refuse)
+    monkeypatch.setattr(audit, "_locked_head", refuse)  # SQLite's append
+    monkeypatch.setattr(audit, "_chain_on_server", refuse)  # PostgreSQL's
 
     with pytest.raises(DatabaseError):
         services.create_kek(name="never-recorded", actor=Actor.system("tests"))
