@@ -19,11 +19,9 @@ import binascii
 import math
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from typing import Any
 
 from django.core.exceptions import RequestDataTooBig
-from django.db import transaction
 from django.http import HttpRequest, HttpResponse
 from ninja import NinjaAPI, Schema, Status
 from django.http import Http404
@@ -384,14 +382,13 @@ def _batch(request: HttpRequest, items: list, one: Callable[[Any], dict]) -> dic
 
     The items' events are collected (:func:`keyvault.audit.collected`) and appended together,
     in item order, in one append when the last item is done, before any answer is sent (events
-    that cannot be written fail the whole call, and no item's result is sent). With audit group
-    commit the batch is also one transaction, so events a key service records inside its own
-    transaction (appended at once) commit with the batch. On the serial path it is not: there
-    such an event holds the chain head only for its own append, where one transaction would
-    hold it for the whole batch and queue every other call behind it.
+    that cannot be written fail the whole call, and no item's result is sent). The batch is no
+    transaction: its events are appended in one statement of their own (the chain head held
+    only inside the server), and an event a key service records inside its own transaction
+    holds the head only for that append, not for the whole batch.
     """
     results = []
-    with transaction.atomic() if audit.group_commit_active() else nullcontext(), audit.collected():
+    with audit.collected():
         for item in items:
             try:
                 results.append(one(item))

@@ -84,7 +84,7 @@ import hashlib
 import hmac
 import json
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -272,7 +272,7 @@ def record(
     if buffer is not None and not sequenced and buffer.depth == _atomic_depth():
         buffer.events.append(fields)
         return AuditEvent(sequence=None, prev_hash="", hash="", **fields)
-    if sequenced or not group_commit_active():
+    if sequenced or not _groups_commits():
         return _append_serial([fields])[0]
     return _append_grouped([fields])[0]
 
@@ -331,9 +331,17 @@ def record_many(pending: Sequence[dict]) -> list[AuditEvent]:
     """
     if not pending:
         return []
-    if not group_commit_active():
+    if not _groups_commits():
         return _append_serial(list(pending))
     return _append_grouped(list(pending))
+
+
+def _groups_commits() -> bool:
+    """Whether an event recorded now goes through group commit: enabled here and inside a transaction.
+
+    Outside one, the event is a transaction of its own: one statement (:func:`_append_serial`).
+    """
+    return group_commit_active() and transaction.get_connection().in_atomic_block
 
 
 def group_commit_active() -> bool:
@@ -350,10 +358,16 @@ def group_commit_active() -> bool:
 
 
 def _append_serial(pending: list[dict]) -> list[AuditEvent]:
+    connection = transaction.get_connection()
+    if connection.vendor != "postgresql":
+        with transaction.atomic():
+            return _append_locked(_locked_head(), pending)
+    if not connection.in_atomic_block:
+        appended = _chain_on_server(pending, own_statement=True)
+        if appended is not None:
+            return appended
     with transaction.atomic():
-        if transaction.get_connection().vendor == "postgresql":
-            return _chain_on_server(pending)
-        return _append_locked(_locked_head(), pending)
+        return _chain_on_server(pending)
 
 
 def _append_locked(head: AuditChainHead, pending: list[dict]) -> list[AuditEvent]:
@@ -381,7 +395,7 @@ _PREV_SLOT = '"prev_hash":"~prev~"'
 _SEQUENCE_MARK = 9_007_199_254_740_993
 _SEQUENCE_SLOT = f'"sequence":{_SEQUENCE_MARK}'
 _CHAIN_ON_SERVER = ("SELECT event_id, event_sequence, event_prev_hash, event_hash "
-                    "FROM keyvault_audit_append(%s, %s, %s::jsonb)")
+                    "FROM keyvault_audit_append(%s, %s, %s, %s::jsonb)")
 
 
 def _canonical_pieces(fields: dict) -> tuple[str, str, str]:
@@ -399,25 +413,29 @@ def _canonical_pieces(fields: dict) -> tuple[str, str, str]:
     return (before_prev, rest[:sequence_at + len('"sequence":')], rest[sequence_at + len(_SEQUENCE_SLOT):])
 
 
-def _chain_on_server(pending: list[dict], *, try_only: bool = False) -> list[AuditEvent] | None:
+def _chain_on_server(pending: list[dict], *, try_only: bool = False,
+                     own_statement: bool = False) -> list[AuditEvent] | None:
     """Chain ``pending`` with one call of ``keyvault_audit_append`` (PostgreSQL, in the caller's transaction).
 
     The head is locked, the events hashed and inserted and the head moved inside the server,
     so no round trip happens while other appenders wait for the head (migration 0023).
     Checkpoints that fall due are signed here, in the same transaction. ``try_only``: None
     unless the appenders' lock and the head were both free (group commit's uncontended path).
+    ``own_statement`` (a caller outside any transaction): the call is its own transaction, so
+    the head is let go when the server commits it, not a round trip later; None when a
+    checkpoint would fall due (then nothing was appended: the caller appends in a transaction).
     """
+    interval = settings.AUDIT_CHECKPOINT_INTERVAL
     events_json = json.dumps([_server_event(fields) for fields in pending])
     connection = transaction.get_connection()
     with connection.cursor() as cursor:
-        cursor.execute(_CHAIN_ON_SERVER, [try_only, APPEND_LOCK_KEY, events_json])
+        cursor.execute(_CHAIN_ON_SERVER, [try_only, APPEND_LOCK_KEY, interval if own_statement else 0, events_json])
         rows = cursor.fetchall()
     if not rows:
-        if try_only:
+        if try_only or own_statement:
             return None
         raise RuntimeError("the audit chain append returned no events")
     events = []
-    interval = settings.AUDIT_CHECKPOINT_INTERVAL
     for fields, (pk, sequence, prev_hash, digest) in zip(pending, rows, strict=True):
         event = AuditEvent(pk=pk, sequence=sequence, prev_hash=prev_hash, hash=digest, **fields)
         event._state.adding, event._state.db = False, connection.alias
@@ -437,24 +455,17 @@ def _server_event(fields: dict) -> dict:
 def _append_grouped(pending: list[dict]) -> list[AuditEvent]:
     """Chain ``pending`` in the caller's transaction if nobody else is appending, else put them in the outbox.
 
-    A caller outside any transaction (an unwrap) gets one short transaction of its own, so it
-    takes the uncontended path too: one commit, not an outbox insert and then an append; when
-    contended it waits here until its events are chained (the newest is returned appended).
+    Only for a caller inside a transaction: one outside any appends in a statement of its own
+    (:func:`_append_serial`), which holds the head no longer than the server takes to commit.
     """
-    outermost = not transaction.get_connection().in_atomic_block
-    with transaction.atomic() if outermost else nullcontext():
-        appended = _chain_on_server(pending, try_only=True)
-        if appended is not None:  # nobody else appending: chained here, in the caller's transaction, as the serial path
-            return appended
-        # The rows commit together, so an appender that takes the newest takes them all
-        # (it takes the oldest committed ids first): waiting for the newest is enough.
-        newest = _insert_pending(pending)[-1]  # in the caller's transaction
-        if not outermost:
-            transaction.on_commit(partial(_await_sequenced, newest), robust=True)
-    events = [AuditEvent(sequence=None, prev_hash="", hash="", **fields) for fields in pending]
-    if outermost:
-        events[-1] = _await_sequenced(newest, pending[-1])
-    return events
+    appended = _chain_on_server(pending, try_only=True)
+    if appended is not None:  # nobody else appending: chained here, in the caller's transaction, as the serial path
+        return appended
+    # The rows commit together, so an appender that takes the newest takes them all
+    # (it takes the oldest committed ids first): waiting for the newest is enough.
+    newest = _insert_pending(pending)[-1]  # in the caller's transaction
+    transaction.on_commit(partial(_await_sequenced, newest), robust=True)
+    return [AuditEvent(sequence=None, prev_hash="", hash="", **fields) for fields in pending]
 
 
 def _insert_pending(pending: Sequence[dict]) -> list[int]:
@@ -468,7 +479,7 @@ def _insert_pending(pending: Sequence[dict]) -> list[int]:
         return sorted(row[0] for row in cursor.fetchall())
 
 
-def _await_sequenced(pending_id: int, fields: dict | None = None) -> AuditEvent | None:
+def _await_sequenced(pending_id: int) -> AuditEvent | None:
     """After the caller commits: return once its event is in the chain, appending a batch if it can.
 
     One query both asks whether the event is still in the outbox and tries the
@@ -478,7 +489,6 @@ def _await_sequenced(pending_id: int, fields: dict | None = None) -> AuditEvent 
     at the holder's unlock together, none queues behind another, no sleep-polling),
     then ask again. A failure here does not lose the event: it stays in the outbox,
     committed, for the next append (or the beat, or ``audit verify``) to take.
-    With ``fields`` (a caller outside any transaction) the appended event is returned.
     """
     connection = transaction.get_connection()
     while True:
@@ -489,7 +499,7 @@ def _await_sequenced(pending_id: int, fields: dict | None = None) -> AuditEvent 
                 cursor.execute(_WAIT_FOR_APPENDER, [APPEND_LOCK_KEY, APPEND_LOCK_KEY])
                 continue
         if row is None:
-            return _appended_event(fields) if fields else None
+            return None
         try:
             with transaction.atomic():
                 appended = _append_outbox(PENDING_BATCH)
@@ -498,16 +508,6 @@ def _await_sequenced(pending_id: int, fields: dict | None = None) -> AuditEvent 
                 cursor.execute("SELECT pg_advisory_unlock(%s)", [APPEND_LOCK_KEY])
         if pending_id in appended:
             return appended[pending_id]
-
-
-def _appended_event(fields: dict) -> AuditEvent:
-    """The chained event another caller appended for these outbox fields (the first, if two are identical)."""
-    candidates = AuditEvent.objects.filter(
-        timestamp=fields["timestamp"], actor=fields["actor"], action=fields["action"],
-        target_type=fields["target_type"], target_id=fields["target_id"], outcome=fields["outcome"],
-        request_id=fields["request_id"]).order_by("sequence")
-    return next(event for event in candidates
-                if event.details == fields["details"] and event.ip_address == fields["ip_address"])
 
 
 def drain_pending(*, batch: int = PENDING_BATCH) -> dict[int, AuditEvent]:

@@ -13,6 +13,12 @@ previous hash and the sequence, neither of which needs escaping); the function h
 ``before_prev || prev_hash || before_sequence || sequence || after_sequence``.
 ``audit verify`` recomputes every hash in Python, and a test compares the two on generated events.
 
+``checkpoint_interval`` > 0: append nothing (no rows) if one of the events would fall on a
+checkpoint (a multiple of it). A caller outside any transaction calls the function as a
+statement of its own, so the head is locked only inside the server, never across a round trip
+to a client; a checkpoint must be signed (in Python: the key is not in the database) in the
+transaction that appends its event, so those few calls append in a transaction instead.
+
 ``try_only``: take the appenders' advisory lock and the head only if both are free, else
 return no rows (group commit's uncontended path). The head is created if missing, unless
 ``try_only`` (the outbox append creates it then).
@@ -21,7 +27,8 @@ return no rows (group commit's uncontended path). The head is created if missing
 from django.db import migrations
 
 INSTALL = """
-CREATE OR REPLACE FUNCTION keyvault_audit_append(try_only boolean, lock_key bigint, p_events jsonb)
+CREATE OR REPLACE FUNCTION keyvault_audit_append(try_only boolean, lock_key bigint, checkpoint_interval integer,
+                                                 p_events jsonb)
 RETURNS TABLE (event_id bigint, event_sequence bigint, event_prev_hash text, event_hash text) AS $$
 DECLARE
     head_sequence bigint;
@@ -47,6 +54,10 @@ BEGIN
             SELECT h.last_sequence, h.last_hash INTO head_sequence, head_hash FROM keyvault_auditchainhead h
                 WHERE h.id = 1 FOR UPDATE;
         END IF;
+    END IF;
+    IF checkpoint_interval > 0 AND (head_sequence + jsonb_array_length(p_events)) / checkpoint_interval
+            > head_sequence / checkpoint_interval THEN
+        RETURN;  -- a checkpoint falls due: the caller appends in a transaction that signs it
     END IF;
     FOR event IN SELECT value FROM jsonb_array_elements(p_events) LOOP
         head_sequence := head_sequence + 1;
@@ -78,7 +89,7 @@ END;
 $$ LANGUAGE plpgsql;
 """
 
-REMOVE = "DROP FUNCTION IF EXISTS keyvault_audit_append(boolean, bigint, jsonb);"
+REMOVE = "DROP FUNCTION IF EXISTS keyvault_audit_append(boolean, bigint, integer, jsonb);"
 
 
 def install(apps, schema_editor):

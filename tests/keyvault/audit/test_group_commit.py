@@ -18,11 +18,12 @@ from pathlib import Path
 import psycopg
 import pytest
 from django.db import OperationalError, connection, connections, transaction
+from django.utils import timezone
 
 from keyvault import audit
 from keyvault.audit import Action, Actor
 from keyvault.keys import services
-from keyvault.models import AuditEvent, AuditPendingEvent, DataKey
+from keyvault.models import AuditCheckpoint, AuditEvent, AuditPendingEvent, DataKey
 
 ROOT = Path(__file__).resolve().parents[3]
 WRITERS = 32
@@ -302,3 +303,46 @@ def test_a_call_fails_when_its_event_cannot_be_written(system_actor):
     assert AuditEvent.objects.count() == before
     assert not AuditPendingEvent.objects.exists()
     assert audit.verify_chain().ok
+
+
+def test_an_event_outside_any_transaction_is_chained_in_its_own_statement_while_the_outbox_appender_is_busy():
+    # given an outbox appender holds the appenders' lock (a caller inside a transaction would
+    # now write to the outbox and wait for it)
+    with _raw_connection(autocommit=True) as appender:
+        appender.execute("SELECT pg_advisory_lock(%s)", [audit.APPEND_LOCK_KEY])
+        # when an event is recorded outside any transaction (an API unwrap)
+        event = audit.record(Action.OTHER, actor=Actor.system("tests"), details={"call": "alone"})
+        appender.execute("SELECT pg_advisory_unlock(%s)", [audit.APPEND_LOCK_KEY])
+
+    # then it is in the chain at once, without the outbox, the head lock let go at its commit
+    assert event.sequence and _where_is("alone") == (1, 0)
+    with _raw_connection() as other:
+        other.execute("SELECT 1 FROM keyvault_auditchainhead WHERE id = 1 FOR UPDATE NOWAIT")
+    assert audit.verify_chain().ok
+
+
+def test_a_call_outside_any_transaction_whose_event_falls_on_a_checkpoint_signs_it(settings):
+    settings.AUDIT_CHECKPOINT_INTERVAL = 5
+    # when 12 events and then a batch of 7 are recorded outside any transaction
+    for call in range(12):
+        audit.record(Action.OTHER, actor=Actor.system("tests"), details={"call": str(call)})
+    with audit.collected():
+        for call in range(12, 19):
+            audit.record(Action.OTHER, actor=Actor.system("tests"), details={"call": str(call)})
+
+    # then the chain has every event once, and a checkpoint at every 5th: none is missing
+    assert _calls_in_chain() == Counter(str(call) for call in range(19))
+    assert list(AuditCheckpoint.objects.order_by("sequence").values_list("sequence", flat=True)) == [5, 10, 15]
+    assert audit.verify_chain().ok
+
+
+def test_the_server_appends_nothing_on_its_own_when_a_checkpoint_would_fall_due(settings):
+    settings.AUDIT_CHECKPOINT_INTERVAL = 3
+    audit.record(Action.OTHER, actor=Actor.system("tests"))  # #1
+    fields = {"timestamp": timezone.now(), "actor": "system:tests", "action": "other", "target_type": "",
+              "target_id": "", "outcome": "success", "request_id": "", "ip_address": None, "details": {}}
+
+    # #2 alone is allowed; #3-#4 would put #3, a checkpoint, outside a signing transaction
+    assert [e.sequence for e in audit._chain_on_server([fields], own_statement=True)] == [2]
+    assert audit._chain_on_server([fields, fields], own_statement=True) is None
+    assert AuditEvent.objects.count() == 2
