@@ -19,12 +19,11 @@ import hmac
 import ipaddress
 import secrets
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db import transaction
-from django.db.models import OuterRef, Subquery
+from django.db import connections, transaction
 from django.utils import timezone
 
 from keyvault.access import security
@@ -406,16 +405,95 @@ def kek_for(client: ApiClient, name: str) -> KeyEncryptionKey:
 
 
 def _client_data_keys(client: ApiClient, ids: Iterable[int]) -> dict[int, DataKey]:
-    """Those of ``ids`` that are data keys under the client's KEKs (with their KEK), in one query."""
-    ids = {data_key_id for data_key_id in ids if 0 < data_key_id < 2**63}
+    """Those of ``ids`` that are data keys under the client's KEKs (with their KEK), in one query.
+
+    Each row also carries ``version_state``, the state of the KEK version that wrapped it: an
+    unwrap needs it, and a second round trip per call was an eighth of a single unwrap's time.
+    """
+    ids = sorted({data_key_id for data_key_id in ids if 0 < data_key_id < 2**63})
     if not ids:
         return {}
-    # The state of each row's KEK version comes in the same query: an unwrap needs it, and a
-    # second round trip per call was an eighth of a single unwrap's time.
-    version_state = KeyVersion.objects.filter(kek_id=OuterRef("kek_id"), number=OuterRef("kek_version")).values("state")
-    rows = (DataKey.objects.select_related("kek").filter(pk__in=ids, kek__in=client.keks.all())
-            .annotate(version_state=Subquery(version_state[:1])))
-    return {row.pk: row for row in rows}
+    return {row.pk: row for row in _read_client_data_keys(client.pk, ids)}
+
+
+def _read_client_data_keys(client_id: int, ids: list[int]) -> Iterator[DataKey]:
+    """The query of :func:`_client_data_keys`, written once as SQL and turned into models as the ORM does.
+
+    On every API call: building and compiling the same query through the ORM took twice as long
+    as PostgreSQL took to answer it (1.4 of 2.9 ms measured, against 0.65 ms for the query).
+    Columns come from the models' metadata and values go through the fields' converters, so
+    the rows are the instances ``DataKey.objects.select_related("kek")`` would give.
+    """
+    connection = connections[DataKey.objects.db]
+    shape = _data_key_query_shape(connection.vendor)
+    placeholders = ", ".join(["%s"] * len(ids))
+    with connection.cursor() as cursor:
+        cursor.execute(shape.sql.format(ids=placeholders), [client_id, *ids])
+        fetched = cursor.fetchall()
+    for values in fetched:
+        data_key = DataKey.from_db(connection.alias, shape.data_key_names, shape.convert(
+            values[:shape.split], shape.data_key_columns, connection))
+        kek = KeyEncryptionKey.from_db(connection.alias, shape.kek_names, shape.convert(
+            values[shape.split:-1], shape.kek_columns, connection))
+        _DATA_KEY_KEK.set_cached_value(data_key, kek)
+        data_key.version_state = values[-1]
+        yield data_key
+
+
+_DATA_KEY_KEK = DataKey._meta.get_field("kek")
+
+
+class _DataKeyQueryShape:
+    """The SQL, columns and converters of :func:`_read_client_data_keys` for one database vendor."""
+
+    def __init__(self, connection):
+        quote = connection.ops.quote_name
+        data_key_fields, kek_fields = DataKey._meta.concrete_fields, KeyEncryptionKey._meta.concrete_fields
+        self.data_key_names = [field.attname for field in data_key_fields]
+        self.kek_names = [field.attname for field in kek_fields]
+        self.data_key_columns = [self._converters(field.get_col("d"), connection) for field in data_key_fields]
+        self.kek_columns = [self._converters(field.get_col("k"), connection) for field in kek_fields]
+        self.split = len(data_key_fields)
+        allowed = ApiClient._meta.get_field("keks")
+        columns = ", ".join([f"d.{quote(field.column)}" for field in data_key_fields]
+                            + [f"k.{quote(field.column)}" for field in kek_fields])
+        version = KeyVersion._meta
+        self.sql = (
+            f"SELECT {columns}, (SELECT v.{quote(version.get_field('state').column)} "
+            f"FROM {quote(version.db_table)} v WHERE v.{quote(version.get_field('kek').column)} = d.{quote(_DATA_KEY_KEK.column)} "
+            f"AND v.{quote(version.get_field('number').column)} = d.{quote(DataKey._meta.get_field('kek_version').column)} "
+            f"LIMIT 1) "
+            f"FROM {quote(DataKey._meta.db_table)} d "
+            f"JOIN {quote(KeyEncryptionKey._meta.db_table)} k ON k.{quote(KeyEncryptionKey._meta.pk.column)} "
+            f"= d.{quote(_DATA_KEY_KEK.column)} "
+            f"JOIN {quote(allowed.remote_field.through._meta.db_table)} a "
+            f"ON a.{quote(allowed.m2m_reverse_name())} = d.{quote(_DATA_KEY_KEK.column)} AND a.{quote(allowed.m2m_column_name())} = %s "
+            f"WHERE d.{quote(DataKey._meta.pk.column)} IN ({{ids}})"
+        )
+
+    @staticmethod
+    def _converters(column, connection) -> tuple:
+        """``(column, converters)`` as the ORM's compiler applies them to a selected column."""
+        return column, connection.ops.get_db_converters(column) + column.get_db_converters(connection)
+
+    @staticmethod
+    def convert(values, columns, connection) -> list:
+        converted = []
+        for value, (column, converters) in zip(values, columns, strict=True):
+            for converter in converters:
+                value = converter(value, column, connection)
+            converted.append(value)
+        return converted
+
+
+_query_shapes: dict[str, _DataKeyQueryShape] = {}
+
+
+def _data_key_query_shape(vendor: str) -> _DataKeyQueryShape:
+    shape = _query_shapes.get(vendor)
+    if shape is None:
+        shape = _query_shapes[vendor] = _DataKeyQueryShape(connections[DataKey.objects.db])
+    return shape
 
 
 def data_key_for(client: ApiClient, data_key_id: int, *, rows: Mapping[int, DataKey] | None = None) -> DataKey:

@@ -17,7 +17,7 @@ from django.utils import timezone
 from keyvault.api import services
 from keyvault.exceptions import ApiAuthenticationFailed, ApiBadRequest, ApiForbidden, ApiNotFound, ApiRateLimited
 from keyvault.keys import services as key_services
-from keyvault.models import ApiClient, ApiToken, AuditEvent
+from keyvault.models import ApiClient, ApiToken, AuditEvent, DataKey
 
 pytestmark = pytest.mark.django_db
 
@@ -343,3 +343,30 @@ def test_a_redis_count_starts_at_one_and_expires_with_its_window(settings):
     assert counts == [1, 2, 3]
     assert 0 < server.ttl(stored) <= 5
     assert int(server.get(stored)) == 3
+
+
+@pytest.mark.django_db
+def test_the_client_data_key_query_gives_the_rows_the_orm_gives(billing, kek, other_kek, system_actor):
+    # given the client's data keys under two versions of its KEK (the first disabled), and a foreign one
+    client, _ = billing
+    first, _ = services.generate_data_key(client, kek.name, actor=system_actor, context={"service": "billing"},
+                                          owner_ref="first")
+    key_services.rotate_kek_version(kek, actor=system_actor)
+    key_services.set_version_state(kek, 1, "disabled", actor=system_actor, force=True, reason="test")
+    second, _ = services.generate_data_key(client, kek.name, actor=system_actor, context={"service": "billing"},
+                                           owner_ref="second")
+    foreign, _ = key_services.create_data_key(other_kek, actor=system_actor, owner_ref="foreign")
+
+    # when the rows are read by the hand-written query
+    rows = services._client_data_keys(client, [first.pk, second.pk, foreign.pk, 999_999])
+
+    # then they are the client's rows only, field for field as DataKey.objects.select_related("kek") reads them
+    expected = {row.pk: row for row in DataKey.objects.select_related("kek").filter(pk__in=[first.pk, second.pk])}
+    assert sorted(rows) == sorted(expected) == sorted([first.pk, second.pk])
+    for pk, row in rows.items():
+        for field in DataKey._meta.concrete_fields:
+            assert getattr(row, field.attname) == getattr(expected[pk], field.attname), field.name
+        for field in row.kek._meta.concrete_fields:
+            assert getattr(row.kek, field.attname) == getattr(expected[pk].kek, field.attname), field.name
+    assert (rows[first.pk].version_state, rows[second.pk].version_state) == ("disabled", "enabled")
+    assert type(rows[first.pk].encryption_context) is dict and type(rows[first.pk].created_at) is type(first.created_at)
