@@ -6,15 +6,21 @@ workers append one after another and the chain never forks. An event is recorded
 in the caller's transaction: if it cannot be written, the operation it records
 fails too (fail-closed, as Vault refuses requests its audit devices cannot log).
 
-Group commit (PostgreSQL, ``AUDIT_GROUP_COMMIT``). Appending in the caller's
-transaction held the head lock until that transaction committed, so every audited
-operation was serial, one commit (fsync) each. With group commit a caller first tries
+On PostgreSQL the append runs inside the server (``keyvault_audit_append``, migration
+0023): lock the head, hash, insert, move the head, in one call. An event recorded outside
+any transaction (an API unwrap) is that call alone, as a statement of its own, so the head
+is let go when the server commits it, never held across a round trip to this process
+(:func:`_append_serial`); an event that falls on a signed checkpoint is appended in a short
+transaction instead, as the checkpoint is signed here before the commit.
+
+Group commit (PostgreSQL, ``AUDIT_GROUP_COMMIT``; callers inside a transaction).
+Appending in the caller's transaction held the head lock until that transaction
+committed, so every audited operation was serial, one commit (fsync) each. With group commit a caller first tries
 the appenders' advisory lock together with the head row, and if both are free chains
 its event in the same call (:func:`_chain_on_server`). Free: nobody else is appending,
 so the caller chains its event in its own transaction exactly as the serial path does,
-holding the lock to its commit. Chaining runs inside the server (``keyvault_audit_append``,
-migration 0023): no round trip between taking the head and moving it. Busy: the event is written to an outbox (``AuditPendingEvent``, no
-sequence, no hash) in the caller's transaction — no wait, so callers run
+holding the lock to its commit. Busy: the event is written to an outbox
+(``AuditPendingEvent``, no sequence, no hash) in the caller's transaction — no wait, so callers run
 concurrently — and after that transaction commits the caller blocks in
 :func:`_await_sequenced` until its event is in the chain: whoever takes the lock
 appends *every* committed outbox event in one short transaction (sequence,
@@ -362,7 +368,7 @@ def _append_serial(pending: list[dict]) -> list[AuditEvent]:
     if connection.vendor != "postgresql":
         with transaction.atomic():
             return _append_locked(_locked_head(), pending)
-    if not connection.in_atomic_block:
+    if not connection.in_atomic_block and connection.get_autocommit():
         appended = _chain_on_server(pending, own_statement=True)
         if appended is not None:
             return appended
