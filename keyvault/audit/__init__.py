@@ -50,12 +50,13 @@ event, cannot happen. The guarantees:
   row is locked as on the serial path; a checkpoint is signed at every
   ``AUDIT_CHECKPOINT_INTERVAL``-th event even inside a batch.
 
-Measured (``bench/audit_append.py``, 2 shared cores): group commit reaches 500-700
-events/s with 32 writers, 1.2-2.2x the serial path at 1, 8 and 32 writers, but not
-5,000: the same insert-and-commit per call from 32 Python processes through psycopg
-(no Django, no chain) reaches only 2,700-4,800/s here, PostgreSQL with C clients
-(pgbench) 6,700-9,600/s. The gap is on the Python side, Django and round trips
-(docs/ops/production.md, *Audit group commit*).
+Measured (``bench/audit_append.py``, 2 shared cores, callers inside a transaction): group
+commit reaches 500-700 events/s with 32 writers, 1.5-2.2x the serial path, but not 5,000:
+the same insert-and-commit per call from 32 Python processes through psycopg (no Django,
+no chain) reaches only 2,500-4,800/s here, PostgreSQL with C clients (pgbench) 5,100-9,600/s.
+The gap is on the Python side, Django and round trips (docs/ops/production.md, *Audit group
+commit*). Callers outside a transaction (API unwraps) append in one statement each and are
+measured by ``bench/api.py``.
 A caller that does not wait for sequencing (return at commit, a sequencer appending
 later) was tried and rejected: with no back-pressure the outbox grew without bound
 under load (10,541 unappended events after a minute of 24 writers on a saturated
