@@ -15,14 +15,15 @@ transaction instead, as the checkpoint is signed here before the commit.
 
 Group commit (PostgreSQL, ``AUDIT_GROUP_COMMIT``; callers inside a transaction).
 Appending in the caller's transaction held the head lock until that transaction
-committed, so every audited operation was serial, one commit (fsync) each. With group commit a caller first tries
-the appenders' advisory lock together with the head row, and if both are free chains
-its event in the same call (:func:`_chain_on_server`). Free: nobody else is appending,
-so the caller chains its event in its own transaction exactly as the serial path does,
-holding the lock to its commit. Busy: the event is written to an outbox
-(``AuditPendingEvent``, no sequence, no hash) in the caller's transaction — no wait, so callers run
-concurrently — and after that transaction commits the caller blocks in
-:func:`_await_sequenced` until its event is in the chain: whoever takes the lock
+committed, so every audited operation was serial, one commit (fsync) each. With group
+commit a caller first tries the appenders' advisory lock together with the head row,
+and if both are free chains its event in the same call (:func:`_chain_on_server`).
+Free: nobody else is appending, so the caller chains its event in its own transaction
+exactly as the serial path does, holding the lock to its commit. Busy: the event is
+written to an outbox (``AuditPendingEvent``, no sequence, no hash) in the caller's
+transaction — no wait, so callers run concurrently — and after that transaction
+commits the caller blocks in :func:`_await_sequenced` until its event is in the
+chain: whoever takes the lock
 appends *every* committed outbox event in one short transaction (sequence,
 prev-hash, hash, due checkpoints; outbox rows deleted in the same transaction);
 the others wait on a shared lock of the same key, wake together when it is let go,
