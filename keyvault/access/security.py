@@ -283,7 +283,7 @@ def _record_summary(kind: str, source: str, window: int, count: int) -> None:
 
 def increment(key: str, *, timeout: int | None = FAILURE_COUNT_TTL) -> int:
     """Count one more at ``key`` in the shared cache (atomic where the cache is, e.g. Redis); the new count."""
-    redis_client = _redis_client(key)
+    redis_client = _redis_client()
     if redis_client is not None:
         # One round trip instead of Django's add + exists + incr (three, each on a new client
         # object): this runs on every API call for the per-client rate limit.
@@ -300,8 +300,8 @@ def increment(key: str, *, timeout: int | None = FAILURE_COUNT_TTL) -> int:
         return 1
 
 
-def _redis_client(key: str):
-    """The shared cache's Redis client for ``key``, kept per process; None when the cache is not Redis.
+def _redis_client():
+    """The shared cache's Redis client, kept per process; None when the cache is not Redis.
 
     Django's Redis cache builds a new client object (and its callback table) on every call;
     one per connection pool is enough, as clients are thread-safe.

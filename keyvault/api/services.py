@@ -425,7 +425,7 @@ def _read_client_data_keys(client_id: int, ids: list[int]) -> Iterator[DataKey]:
     the rows are the instances ``DataKey.objects.select_related("kek")`` would give.
     """
     connection = connections[DataKey.objects.db]
-    shape = _data_key_query_shape(connection.vendor)
+    shape = _data_key_query_shape(connection)
     placeholders = ", ".join(["%s"] * len(ids))
     with connection.cursor() as cursor:
         cursor.execute(shape.sql.format(ids=placeholders), [client_id, *ids])
@@ -489,10 +489,10 @@ class _DataKeyQueryShape:
 _query_shapes: dict[str, _DataKeyQueryShape] = {}
 
 
-def _data_key_query_shape(vendor: str) -> _DataKeyQueryShape:
-    shape = _query_shapes.get(vendor)
+def _data_key_query_shape(connection) -> _DataKeyQueryShape:
+    shape = _query_shapes.get(connection.vendor)
     if shape is None:
-        shape = _query_shapes[vendor] = _DataKeyQueryShape(connections[DataKey.objects.db])
+        shape = _query_shapes[connection.vendor] = _DataKeyQueryShape(connection)
     return shape
 
 
