@@ -20,17 +20,20 @@ commit a caller first tries the appenders' advisory lock together with the head 
 and if both are free chains its event in the same call (:func:`_chain_on_server`).
 Free: nobody else is appending, so the caller chains its event in its own transaction
 exactly as the serial path does, holding the lock to its commit. Busy: the event is
-written to an outbox (``AuditPendingEvent``, no sequence, no hash) in the caller's
-transaction — no wait, so callers run concurrently — and after that transaction
-commits the caller blocks in :func:`_await_sequenced` until its event is in the
-chain: whoever takes the lock
-appends *every* committed outbox event in one short transaction (sequence,
-prev-hash, hash, due checkpoints; outbox rows deleted in the same transaction);
-the others wait on a shared lock of the same key, wake together when it is let go,
-and find their events appended. So 32 waiting callers cost one or two commits, not 32.
+written to an outbox (``AuditPendingEvent``, no sequence, no hash, but its canonical
+JSON's pieces) in the caller's transaction — no wait, so callers run concurrently — and
+the process skips the try for its next few calls (:data:`SKIP_TRIES_AFTER_CONTENTION`).
+After that transaction commits the caller waits in :func:`_await_sequenced` until its
+event is in the chain, in one statement (``keyvault_audit_await``, migration 0025): the
+waiters queue for the appenders' lock inside the server; whoever holds it appends the
+oldest committed outbox events in batches (sequence, prev-hash, hash; outbox rows
+deleted in the same transaction) until its own is in, and the next waiter finds its
+event appended. So 32 waiting callers cost one or two commits, not 32. A batch that
+would reach a signed checkpoint is appended from Python in a transaction that signs it.
 The uncontended path holds the lock to the caller's commit, as the serial path holds
 the head: record the event last in the transaction (the key services do), or other
 callers wait to return for as long as the work after it takes.
+
 Why an outbox rather than a leader appending followers' events in its own
 transaction: the event and the key-state change commit or roll back together, as
 before — an event for an operation that rolled back, or an operation without its
@@ -52,11 +55,11 @@ event, cannot happen. The guarantees:
   ``AUDIT_CHECKPOINT_INTERVAL``-th event even inside a batch.
 
 Measured (``bench/audit_append.py``, 2 shared cores, callers inside a transaction): group
-commit reaches 500-700 events/s with 32 writers, 1.5-2.2x the serial path, but not 5,000:
-the same insert-and-commit per call from 32 Python processes through psycopg (no Django,
-no chain) reaches only 2,500-4,800/s here, PostgreSQL with C clients (pgbench) 5,100-9,600/s.
-The gap is on the Python side, Django and round trips (docs/ops/production.md, *Audit group
-commit*). Callers outside a transaction (API unwraps) append in one statement each and are
+commit reaches about 1,000 events/s with 32 writers (500-700 before the wait moved into the
+server), 2.5x the serial path, but not 5,000: the same insert-and-commit per call from 32
+Python processes through psycopg (no Django, no chain) reaches only 2,500-4,800/s here,
+PostgreSQL with C clients (pgbench) 5,100-9,600/s. The gap is on the Python side, Django and
+round trips (docs/ops/production.md, *Audit group commit*). Callers outside a transaction (API unwraps) append in one statement each and are
 measured by ``bench/api.py``.
 A caller that does not wait for sequencing (return at commit, a sequencer appending
 later) was tried and rejected: with no back-pressure the outbox grew without bound
@@ -96,7 +99,6 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import partial
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -118,8 +120,10 @@ PENDING_BATCH = 2000
 APPEND_LOCK_KEY = 0x6B76_6175_6469_7421  # the outbox appenders' advisory lock
 _PENDING_FIELDS = ("timestamp", "actor", "action", "target_type", "target_id", "outcome", "request_id",
                    "ip_address", "details")
-_INSERT_PENDING = "INSERT INTO keyvault_auditpendingevent (" + ", ".join(_PENDING_FIELDS) + ") VALUES {rows} RETURNING id"
-_PENDING_ROW = "(%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb)"
+_INSERT_PENDING = ("INSERT INTO keyvault_auditpendingevent (" + ", ".join(_PENDING_FIELDS)
+                   + ", canonical_pieces) VALUES {rows} RETURNING id")
+_PENDING_ROW = "(%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb)"
+_AWAIT_ON_SERVER = "SELECT keyvault_audit_await(%s, %s, %s, %s)"
 _TRY_LOCK_IF_PENDING = "SELECT pg_try_advisory_lock(%s) FROM keyvault_auditpendingevent WHERE id = %s"
 _WAIT_FOR_APPENDER = "SELECT pg_advisory_lock_shared(%s), pg_advisory_unlock_shared(%s)"
 _TAKE_PENDING = (
@@ -460,19 +464,32 @@ def _server_event(fields: dict) -> dict:
             "before_sequence": before_sequence, "after_sequence": after_sequence}
 
 
+#: After finding the appenders busy, a process goes straight to the outbox for this many calls
+#: before it tries to chain in its own transaction again. Under contention the try is a round
+#: trip that fails: skipping it took 32 writers from 841 to 1,033 events/s (bench/audit_append.py),
+#: while a lone writer keeps the one-commit path (885/s; always through the outbox: 539/s).
+SKIP_TRIES_AFTER_CONTENTION = 16
+_tries_skipped = SKIP_TRIES_AFTER_CONTENTION  # per process; a lost update between threads only shifts one try
+
+
 def _append_grouped(pending: list[dict]) -> list[AuditEvent]:
     """Chain ``pending`` in the caller's transaction if nobody else is appending, else put them in the outbox.
 
     Only for a caller inside a transaction: one outside any appends in a statement of its own
     (:func:`_append_serial`), which holds the head no longer than the server takes to commit.
     """
-    appended = _chain_on_server(pending, try_only=True)
-    if appended is not None:  # nobody else appending: chained here, in the caller's transaction, as the serial path
-        return appended
+    global _tries_skipped
+    if _tries_skipped < SKIP_TRIES_AFTER_CONTENTION:
+        _tries_skipped += 1  # contended a moment ago: the try would most likely be a wasted round trip
+    else:
+        appended = _chain_on_server(pending, try_only=True)
+        if appended is not None:  # nobody else appending: chained here, in the caller's transaction, as the serial path
+            return appended
+        _tries_skipped = 0
     # The rows commit together, so an appender that takes the newest takes them all
     # (it takes the oldest committed ids first): waiting for the newest is enough.
     newest = _insert_pending(pending)[-1]  # in the caller's transaction
-    transaction.on_commit(partial(_await_sequenced, newest), robust=True)
+    transaction.on_commit(lambda: _await_sequenced(newest), robust=True)  # a lambda: robust logging needs a __qualname__
     return [AuditEvent(sequence=None, prev_hash="", hash="", **fields) for fields in pending]
 
 
@@ -482,6 +499,7 @@ def _insert_pending(pending: Sequence[dict]) -> list[int]:
     for fields in pending:
         values.extend(fields[name] for name in _PENDING_FIELDS[:-1])
         values.append(json.dumps(fields["details"]))
+        values.append(json.dumps(_canonical_pieces(fields)))
     with transaction.get_connection().cursor() as cursor:
         cursor.execute(_INSERT_PENDING.format(rows=", ".join([_PENDING_ROW] * len(pending))), values)
         return sorted(row[0] for row in cursor.fetchall())
@@ -490,15 +508,23 @@ def _insert_pending(pending: Sequence[dict]) -> list[int]:
 def _await_sequenced(pending_id: int) -> AuditEvent | None:
     """After the caller commits: return once its event is in the chain, appending a batch if it can.
 
-    One query both asks whether the event is still in the outbox and tries the
-    appenders' advisory lock. Gone: another caller appended it, return. Lock taken:
-    append every committed outbox event in one transaction (group commit). Lock busy:
-    wait for the holder to let go (a *shared* lock on the same key: every waiter wakes
-    at the holder's unlock together, none queues behind another, no sleep-polling),
-    then ask again. A failure here does not lose the event: it stays in the outbox,
-    committed, for the next append (or the beat, or ``audit verify``) to take.
+    First in one statement inside the server (``keyvault_audit_await``, migration 0025):
+    queue for the appenders' lock unless the event is gone already, then append the
+    outbox's oldest events in batches until it is in. When that statement leaves the
+    append to Python (a batch reaching a checkpoint, or rows written without their
+    pieces), the Python loop: one query both asks whether the event is still in the
+    outbox and tries the lock. Gone: another caller appended it, return. Lock taken:
+    append the committed outbox events in one transaction, signing checkpoints. Lock busy:
+    wait for the holder to let go (a *shared* lock on the same key), then ask again.
+    A failure here does not lose the event: it stays in the outbox, committed, for the
+    next append (or the beat, or ``audit verify``) to take.
     """
     connection = transaction.get_connection()
+    with connection.cursor() as cursor:
+        cursor.execute(_AWAIT_ON_SERVER, [APPEND_LOCK_KEY, pending_id, PENDING_BATCH, settings.AUDIT_CHECKPOINT_INTERVAL])
+        if cursor.fetchone()[0] == "appended":
+            return None
+    # A checkpoint falls due (signed here) or an outbox row from before migration 0025: from Python.
     while True:
         with connection.cursor() as cursor:
             cursor.execute(_TRY_LOCK_IF_PENDING, [APPEND_LOCK_KEY, pending_id])
@@ -606,7 +632,9 @@ def _sign_checkpoint(sequence: int, digest: str) -> AuditCheckpoint:
         signature=signature,
     )
     # Only a committed checkpoint is witnessed: a rolled-back one would read as "missing from the database".
-    transaction.on_commit(partial(audit_witness.publish, WitnessEntry.of(cp)), robust=True)
+    # (a lambda, not a partial: Django logs a robust callback's failure by its __qualname__)
+    entry = WitnessEntry.of(cp)
+    transaction.on_commit(lambda: audit_witness.publish(entry), robust=True)
     return cp
 
 

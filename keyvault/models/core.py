@@ -413,6 +413,9 @@ class AuditPendingEvent(models.Model):
     request_id = models.CharField("request id", max_length=64, blank=True, editable=False)
     ip_address = models.GenericIPAddressField("IP address", null=True, blank=True, editable=False)
     details = models.JSONField("details", default=dict, blank=True, editable=False)
+    # The event's canonical JSON cut around its previous hash and sequence (keyvault.audit._canonical_pieces),
+    # computed by the writer, so the server appends outbox rows without a round trip to Python.
+    canonical_pieces = models.JSONField("canonical pieces", null=True, blank=True, editable=False)
 
     class Meta:
         verbose_name = "pending audit event"

@@ -209,9 +209,12 @@ def test_no_event_is_lost_when_writer_processes_are_killed_mid_request(system_ac
         holder.execute("SELECT 1 FROM keyvault_auditchainhead WHERE id = 1 FOR UPDATE")
         stuck = [Writer(f"stuck{n}", env) for n in range(8)]
         _wait_for(lambda: all(_unchained(writer) for writer in stuck))
-        # when they are killed there, mid-request
+        # when they are killed there, mid-request, and their sessions with them (a server session
+        # outlives its killed client until it next writes to it: it would finish the append)
         for writer in stuck:
             writer.kill()
+        holder.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                       "WHERE query LIKE 'SELECT keyvault_audit_await%%' AND pid <> pg_backend_pid()")
         holder.rollback()
     committed = set(AuditPendingEvent.objects.values_list("details__call", flat=True))
     assert {f"stuck{n}-0" for n in range(8)} <= committed  # committed, not appended, writer gone
@@ -346,3 +349,83 @@ def test_the_server_appends_nothing_on_its_own_when_a_checkpoint_would_fall_due(
     assert [e.sequence for e in audit._chain_on_server([fields], own_statement=True)] == [2]
     assert audit._chain_on_server([fields, fields], own_statement=True) is None
     assert AuditEvent.objects.count() == 2
+
+
+def _outbox(*calls: str, ip_address: str | None = "2001:db8::7") -> list[int]:
+    """Outbox rows for ``calls`` as a contended writer commits them (with their canonical pieces): their ids."""
+    fields = [{"timestamp": timezone.now(), "actor": "system:tests", "action": "other", "target_type": "thing",
+               "target_id": "é", "outcome": "success", "request_id": "r-1", "ip_address": ip_address,
+               "details": {"call": call, "note": "naïve \"quoted\" \\ ✓"}} for call in calls]
+    with transaction.atomic():
+        return audit._insert_pending(fields)
+
+
+def _await_on_server(pending_id: int, *, batch: int = audit.PENDING_BATCH, interval: int = 50) -> str:
+    with connection.cursor() as cursor:
+        cursor.execute(audit._AWAIT_ON_SERVER, [audit.APPEND_LOCK_KEY, pending_id, batch, interval])
+        return cursor.fetchone()[0]
+
+
+def test_a_waiter_appends_the_outbox_inside_the_server_with_hashes_audit_verify_accepts():
+    audit.record(Action.OTHER, actor=Actor.system("tests"), details={"call": "genesis"})
+    ids = _outbox("a", "b", "c")
+    ids += _outbox("d", ip_address=None)
+
+    # when the last writer waits for its event
+    status = _await_on_server(ids[-1])
+
+    # then every committed outbox event is in the chain, in outbox order, and Python's hashes agree
+    assert status == "appended"
+    assert not AuditPendingEvent.objects.exists()
+    chained = list(AuditEvent.objects.order_by("sequence").values_list("details__call", "ip_address"))
+    assert chained == [("genesis", None), ("a", "2001:db8::7"), ("b", "2001:db8::7"), ("c", "2001:db8::7"),
+                       ("d", None)]
+    assert audit.verify_chain().ok
+    # and a waiter whose event someone else appended finds it gone and appends nothing
+    assert _await_on_server(ids[0]) == "appended"
+
+
+def test_a_waiter_appends_only_until_its_own_event_is_in_so_its_transaction_stays_short():
+    ids = _outbox(*(str(n) for n in range(10)))
+
+    # when the 5th writer waits, with batches of 3
+    assert _await_on_server(ids[4], batch=3) == "appended"
+
+    # then two batches were appended (its event is in the second), the rest left for their own writers
+    assert list(AuditEvent.objects.order_by("sequence").values_list("details__call", flat=True)) == [
+        str(n) for n in range(6)]
+    assert AuditPendingEvent.objects.count() == 4
+    assert _await_on_server(ids[-1], batch=3) == "appended"
+    assert _calls_in_chain() == Counter(str(n) for n in range(10))
+    assert audit.verify_chain().ok
+
+
+def test_a_batch_reaching_a_checkpoint_is_left_to_python_which_signs_it(settings):
+    settings.AUDIT_CHECKPOINT_INTERVAL = 5
+    for call in range(3):
+        audit.record(Action.OTHER, actor=Actor.system("tests"), details={"call": str(call)})
+    ids = _outbox("3", "4", "5", "6")
+
+    # the server appends nothing: #5 must be signed in the transaction that appends it
+    assert _await_on_server(ids[-1], interval=5) == "checkpoint"
+    assert AuditPendingEvent.objects.count() == 4
+
+    # and the writer's wait appends it from Python, signing the checkpoint
+    audit._await_sequenced(ids[-1])
+    assert _calls_in_chain() == Counter(str(n) for n in range(7))
+    assert list(AuditCheckpoint.objects.values_list("sequence", flat=True)) == [5]
+    assert audit.verify_chain().ok
+
+
+def test_an_outbox_row_written_before_its_pieces_were_stored_is_appended_from_python():
+    # given an outbox row as a writer from before migration 0025 left it (no canonical pieces)
+    ids = _outbox("new")
+    AuditPendingEvent.objects.create(timestamp=timezone.now(), actor="system:old", action="other",
+                                     outcome="success", details={"call": "old"})
+
+    # when a writer waits for its event: the server leaves the row to Python, which appends both
+    assert _await_on_server(ids[0]) == "python"
+    audit._await_sequenced(ids[0])
+    assert _calls_in_chain() == Counter({"new": 1, "old": 1})
+    assert not AuditPendingEvent.objects.exists()
+    assert audit.verify_chain().ok
