@@ -430,11 +430,14 @@ def _read_client_data_keys(client_id: int, ids: list[int]) -> Iterator[DataKey]:
     with connection.cursor() as cursor:
         cursor.execute(shape.sql.format(ids=placeholders), [client_id, *ids])
         fetched = cursor.fetchall()
+    keks: dict[int, KeyEncryptionKey] = {}  # a batch's rows share their KEK's instance: built once, not per row
     for values in fetched:
         data_key = DataKey.from_db(connection.alias, shape.data_key_names, shape.convert(
             values[:shape.split], shape.data_key_columns, connection))
-        kek = KeyEncryptionKey.from_db(connection.alias, shape.kek_names, shape.convert(
-            values[shape.split:-1], shape.kek_columns, connection))
+        kek = keks.get(data_key.kek_id)
+        if kek is None:
+            kek = keks[data_key.kek_id] = KeyEncryptionKey.from_db(connection.alias, shape.kek_names, shape.convert(
+                values[shape.split:-1], shape.kek_columns, connection))
         _DATA_KEY_KEK.set_cached_value(data_key, kek)
         data_key.version_state = values[-1]
         yield data_key
@@ -623,8 +626,13 @@ def unwrap_data_key(client: ApiClient, data_key_id: int, *, actor: Actor, contex
     :raises InvalidCiphertext: the context is not the one the data key was made with (opaque, audited).
     """
     context = check_context(client, context)
-    row = data_key_for(client, data_key_id, rows=batch.rows if batch else None)
-    if context != normalise_context(row.encryption_context):
+    row = (batch.rows if batch else _client_data_keys(client, [data_key_id])).get(data_key_id)
+    if row is None:
+        raise ApiNotFound("no such data key")
+    # The same pairs as the request's context, which the client may use: the data key's context is
+    # allowed too (data_key_for's check), without validating and matching it a second time.
+    if context != row.encryption_context:
+        data_key_for(client, data_key_id, rows={data_key_id: row})  # not the client's to use: 404, as a foreign id
         events.data_key_unwrap_failed(row, actor=actor, error="InvalidCiphertext")
         raise InvalidCiphertext()
     states = batch.version_states if batch else _version_states([row])

@@ -23,12 +23,12 @@ from typing import Any
 
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse
-from ninja import NinjaAPI, Schema, Status
+from ninja import NinjaAPI, Status
 from django.http import Http404
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 from ninja.security import HttpBearer
 from prometheus_client import Counter, Histogram
-from pydantic import ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from keyvault import audit
 from keyvault.api import services
@@ -239,6 +239,12 @@ def _describe(error: dict) -> str:
 Context = dict[str, str]
 #: A base64 field: documented as such; decoded per item, so one bad item fails alone in a batch.
 BASE64 = {"contentEncoding": "base64", "pattern": r"^[A-Za-z0-9+/]*={0,2}$"}
+
+
+class Schema(BaseModel):
+    """The API's schemas are plain pydantic models: every body is a dict, never a Django object, so
+    Ninja's ``Schema`` (whose per-object validator reads Django models) only cost time: 6 of the
+    28 ms of a batch of 100 unwraps (``bench/api_profile.py``)."""
 
 
 class Problem(Schema):

@@ -98,6 +98,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from functools import cache
 from datetime import UTC, datetime
 
 from cryptography.exceptions import InvalidSignature
@@ -283,7 +284,7 @@ def record(
     buffer = _collecting.get()
     if buffer is not None and not sequenced and buffer.depth == _atomic_depth():
         buffer.events.append(fields)
-        return AuditEvent(sequence=None, prev_hash="", hash="", **fields)
+        return _event_instance(fields)
     if sequenced or not _groups_commits():
         return _append_serial([fields])[0]
     return _append_grouped([fields])[0]
@@ -449,12 +450,28 @@ def _chain_on_server(pending: list[dict], *, try_only: bool = False,
         raise RuntimeError("the audit chain append returned no events")
     events = []
     for fields, (pk, sequence, prev_hash, digest) in zip(pending, rows, strict=True):
-        event = AuditEvent(pk=pk, sequence=sequence, prev_hash=prev_hash, hash=digest, **fields)
+        event = _event_instance(fields, id=pk, sequence=sequence, prev_hash=prev_hash, hash=digest)
         event._state.adding, event._state.db = False, connection.alias
         events.append(event)
         if interval and sequence % interval == 0:
             _sign_checkpoint(sequence, digest)
     return events
+
+
+@cache
+def _event_attnames() -> tuple[str, ...]:
+    return tuple(field.attname for field in AuditEvent._meta.concrete_fields)
+
+
+def _event_instance(fields: dict, *, id: int | None = None, sequence: int | None = None, prev_hash: str = "",
+                    hash: str = "") -> AuditEvent:
+    """An ``AuditEvent`` of ``fields`` (as :func:`record` builds them), built positionally.
+
+    Django's positional constructor (``Model.from_db``'s path) takes a third of the keyword one's
+    time (3.6 against 11 us here), and every audited call builds one or two of these.
+    """
+    values = {**fields, "id": id, "sequence": sequence, "prev_hash": prev_hash, "hash": hash}
+    return AuditEvent(*[values[name] for name in _event_attnames()])
 
 
 def _server_event(fields: dict) -> dict:
@@ -490,7 +507,7 @@ def _append_grouped(pending: list[dict]) -> list[AuditEvent]:
     # (it takes the oldest committed ids first): waiting for the newest is enough.
     newest = _insert_pending(pending)[-1]  # in the caller's transaction
     transaction.on_commit(lambda: _await_sequenced(newest), robust=True)  # a lambda: robust logging needs a __qualname__
-    return [AuditEvent(sequence=None, prev_hash="", hash="", **fields) for fields in pending]
+    return [_event_instance(fields) for fields in pending]
 
 
 def _insert_pending(pending: Sequence[dict]) -> list[int]:

@@ -12,6 +12,7 @@ import time
 import psycopg
 import pytest
 from django.db import connection, connections, transaction
+from django.utils import timezone
 
 from keyvault import audit
 from keyvault.audit import Action, Actor
@@ -164,3 +165,15 @@ def test_contended_events_that_cannot_be_written_fail_the_call_with_nothing_writ
             blocker.execute("ROLLBACK")
     assert audit.chain_position() == before and _calls() == []
     assert not AuditPendingEvent.objects.exists()
+
+
+def test_the_positionally_built_event_is_the_one_the_keyword_constructor_builds():
+    fields = {"timestamp": timezone.now(), "actor": "system:tests", "action": "other", "target_type": "thing",
+              "target_id": "7", "outcome": "success", "request_id": "r", "ip_address": "10.0.0.1",
+              "details": {"a": 1}}
+    built = audit._event_instance(fields, id=3, sequence=2, prev_hash="p" * 64, hash="h" * 64)
+    expected = AuditEvent(pk=3, sequence=2, prev_hash="p" * 64, hash="h" * 64, **fields)
+    names = [field.attname for field in AuditEvent._meta.concrete_fields]
+    assert [getattr(built, name) for name in names] == [getattr(expected, name) for name in names]
+    unsaved = audit._event_instance(fields)
+    assert (unsaved.pk, unsaved.sequence, unsaved.prev_hash, unsaved.hash) == (None, None, "", "")
