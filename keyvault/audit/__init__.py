@@ -22,7 +22,7 @@ Free: nobody else is appending, so the caller chains its event in its own transa
 exactly as the serial path does, holding the lock to its commit. Busy: the event is
 written to an outbox (``AuditPendingEvent``, no sequence, no hash, but its canonical
 JSON's pieces) in the caller's transaction — no wait, so callers run concurrently — and
-the process skips the try for its next few calls (:data:`SKIP_TRIES_AFTER_CONTENTION`).
+the process skips the try for a moment (:data:`SKIP_TRIES_SECONDS`).
 After that transaction commits the caller waits in :func:`_await_sequenced` until its
 event is in the chain, in one statement (``keyvault_audit_await``, migration 0025): the
 waiters queue for the appenders' lock inside the server; whoever holds it appends the
@@ -94,6 +94,7 @@ import base64
 import hashlib
 import hmac
 import json
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -481,12 +482,12 @@ def _server_event(fields: dict) -> dict:
             "before_sequence": before_sequence, "after_sequence": after_sequence}
 
 
-#: After finding the appenders busy, a process goes straight to the outbox for this many calls
-#: before it tries to chain in its own transaction again. Under contention the try is a round
-#: trip that fails: skipping it took 32 writers from 841 to 1,033 events/s (bench/audit_append.py),
-#: while a lone writer keeps the one-commit path (885/s; always through the outbox: 539/s).
-SKIP_TRIES_AFTER_CONTENTION = 16
-_tries_skipped = SKIP_TRIES_AFTER_CONTENTION  # per process; a lost update between threads only shifts one try
+#: For this long after finding the appenders busy, a process goes straight to the outbox instead
+#: of trying to chain in its own transaction. Under contention the try is a round trip that fails:
+#: skipping it took 32 writers from 841 to 1,033 events/s (bench/audit_append.py), while a lone
+#: writer keeps the one-commit path (885/s; always through the outbox: 539/s).
+SKIP_TRIES_SECONDS = 1.0
+_contended_at = float("-inf")  # per process (threads share it: a lost update only moves one try)
 
 
 def _append_grouped(pending: list[dict]) -> list[AuditEvent]:
@@ -495,14 +496,12 @@ def _append_grouped(pending: list[dict]) -> list[AuditEvent]:
     Only for a caller inside a transaction: one outside any appends in a statement of its own
     (:func:`_append_serial`), which holds the head no longer than the server takes to commit.
     """
-    global _tries_skipped
-    if _tries_skipped < SKIP_TRIES_AFTER_CONTENTION:
-        _tries_skipped += 1  # contended a moment ago: the try would most likely be a wasted round trip
-    else:
+    global _contended_at
+    if time.monotonic() - _contended_at >= SKIP_TRIES_SECONDS:  # else the try would most likely be a wasted round trip
         appended = _chain_on_server(pending, try_only=True)
         if appended is not None:  # nobody else appending: chained here, in the caller's transaction, as the serial path
             return appended
-        _tries_skipped = 0
+        _contended_at = time.monotonic()
     # The rows commit together, so an appender that takes the newest takes them all
     # (it takes the oldest committed ids first): waiting for the newest is enough.
     newest = _insert_pending(pending)[-1]  # in the caller's transaction

@@ -101,13 +101,37 @@ def group_commit(settings):
 
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
-def test_uncontended_group_commit_appends_in_the_callers_transaction(group_commit):
+def test_uncontended_group_commit_appends_in_the_callers_transaction(group_commit, monkeypatch):
+    monkeypatch.setattr(audit, "_contended_at", float("-inf"))  # no contention seen lately
+    _record("genesis")  # the chain head exists (the first append ever creates it, through the outbox)
     assert audit.group_commit_active()
-    with transaction.atomic(), audit.collected():
-        for n in range(20):
-            _record(f"u{n}")
-    assert _calls() == [f"u{n}" for n in range(20)]
-    assert not AuditPendingEvent.objects.exists()
+    with transaction.atomic():
+        with audit.collected():
+            for n in range(20):
+                _record(f"u{n}")
+        assert _calls() == ["genesis", *(f"u{n}" for n in range(20))]  # in the chain before the caller commits
+        assert not AuditPendingEvent.objects.exists()
+    assert audit.verify_chain(use_witness=False).ok
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_process_that_just_saw_contention_goes_straight_to_the_outbox(group_commit, monkeypatch):
+    _record("genesis")  # the chain head exists
+    # given this process found the appenders busy a moment ago
+    monkeypatch.setattr(audit, "_contended_at", time.monotonic())
+    with transaction.atomic():
+        _record("skipped")
+        # then its event went to the outbox without trying the lock (free now)
+        assert _calls() == ["genesis"] and AuditPendingEvent.objects.count() == 1
+    # and is in the chain once the caller has committed
+    assert _calls() == ["genesis", "skipped"] and not AuditPendingEvent.objects.exists()
+
+    # and a second later it tries again, and chains in its own transaction
+    monkeypatch.setattr(audit, "_contended_at", time.monotonic() - audit.SKIP_TRIES_SECONDS)
+    with transaction.atomic():
+        _record("tried")
+        assert _calls() == ["genesis", "skipped", "tried"]
     assert audit.verify_chain(use_witness=False).ok
 
 
