@@ -55,8 +55,8 @@ event, cannot happen. The guarantees:
   ``AUDIT_CHECKPOINT_INTERVAL``-th event even inside a batch.
 
 Measured (``bench/audit_append.py``, 2 shared cores, callers inside a transaction): group
-commit reaches about 1,000 events/s with 32 writers (500-700 before the wait moved into the
-server), 2.5x the serial path, but not 5,000: the same insert-and-commit per call from 32
+commit reaches 1,000-1,300 events/s with 32 writers (500-700 before the wait moved into the
+server), 2.6x the serial path, but not 5,000: the same insert-and-commit per call from 32
 Python processes through psycopg (no Django, no chain) reaches only 2,500-4,800/s here,
 PostgreSQL with C clients (pgbench) 5,100-9,600/s. The gap is on the Python side, Django and
 round trips (docs/ops/production.md, *Audit group commit*). Callers outside a transaction (API unwraps) append in one statement each and are
