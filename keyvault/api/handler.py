@@ -12,6 +12,7 @@ its own views authenticate, limit and audit.
 from __future__ import annotations
 
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 from django.core.handlers.wsgi import WSGIHandler
 from django.test.utils import override_settings
 
@@ -28,7 +29,8 @@ class ApiHandler(WSGIHandler):
 
     def load_middleware(self, is_async: bool = False) -> None:
         # Django builds the chain from settings.MIDDLEWARE; it is read here, once, at start.
-        assert set(API_MIDDLEWARE) <= set(settings.MIDDLEWARE), "API middleware must be the console's too"
+        if not set(API_MIDDLEWARE) <= set(settings.MIDDLEWARE):
+            raise ImproperlyConfigured("the API's middleware must be a part of settings.MIDDLEWARE")
         with override_settings(MIDDLEWARE=list(API_MIDDLEWARE)):
             super().load_middleware(is_async)
 

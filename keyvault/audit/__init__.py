@@ -59,8 +59,8 @@ commit reaches 1,000-1,300 events/s with 32 writers (500-700 before the wait mov
 server), 2.6x the serial path, but not 5,000: the same insert-and-commit per call from 32
 Python processes through psycopg (no Django, no chain) reaches only 2,500-4,800/s here,
 PostgreSQL with C clients (pgbench) 5,100-9,600/s. The gap is on the Python side, Django and
-round trips (docs/ops/production.md, *Audit group commit*). Callers outside a transaction (API unwraps) append in one statement each and are
-measured by ``bench/api.py``.
+round trips (docs/ops/production.md, *Audit group commit*). Callers outside a transaction (API
+unwraps) append in one statement each and are measured by ``bench/api.py``.
 A caller that does not wait for sequencing (return at commit, a sequencer appending
 later) was tried and rejected: with no back-pressure the outbox grew without bound
 under load (10,541 unappended events after a minute of 24 writers on a saturated
@@ -99,8 +99,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from functools import cache
 from datetime import UTC, datetime
+from functools import cache
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
