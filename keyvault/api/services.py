@@ -499,15 +499,18 @@ def _data_key_query_shape(connection) -> _DataKeyQueryShape:
     return shape
 
 
-def data_key_for(client: ApiClient, data_key_id: int, *, rows: Mapping[int, DataKey] | None = None) -> DataKey:
+def data_key_for(client: ApiClient, data_key_id: int, *, rows: Mapping[int, DataKey] | None = None,
+                 allowed_context: Mapping[str, str] | None = None) -> DataKey:
     """The data key ``data_key_id`` if it is under one of the client's KEKs, in a context it may use.
 
     ``rows``: the client's data keys looked up already for a batch (:class:`DataKeyBatch`).
+    ``allowed_context``: a context already checked against the client's constraints (the
+    request's); a data key with exactly that context is not validated and matched again.
 
     :raises ApiNotFound: no such data key, or not this client's (the same answer).
     """
     row = (rows if rows is not None else _client_data_keys(client, [data_key_id])).get(data_key_id)
-    if row is None or not _satisfies(client, row.encryption_context):
+    if row is None or (row.encryption_context != allowed_context and not _satisfies(client, row.encryption_context)):
         raise ApiNotFound("no such data key")
     return row
 
@@ -626,13 +629,8 @@ def unwrap_data_key(client: ApiClient, data_key_id: int, *, actor: Actor, contex
     :raises InvalidCiphertext: the context is not the one the data key was made with (opaque, audited).
     """
     context = check_context(client, context)
-    row = (batch.rows if batch else _client_data_keys(client, [data_key_id])).get(data_key_id)
-    if row is None:
-        raise ApiNotFound("no such data key")
-    # The same pairs as the request's context, which the client may use: the data key's context is
-    # allowed too (data_key_for's check), without validating and matching it a second time.
+    row = data_key_for(client, data_key_id, rows=batch.rows if batch else None, allowed_context=context)
     if context != row.encryption_context:
-        data_key_for(client, data_key_id, rows={data_key_id: row})  # not the client's to use: 404, as a foreign id
         events.data_key_unwrap_failed(row, actor=actor, error="InvalidCiphertext")
         raise InvalidCiphertext()
     states = batch.version_states if batch else _version_states([row])

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from django.core import signals
 from django.core.cache import cache
+from django.db import close_old_connections
 from django.test import Client
 
 from keyvault.api import services
@@ -19,6 +21,17 @@ def _fresh_rate_windows():
     yield
     cache.clear()
     services.forget_tokens()
+
+
+@pytest.fixture
+def served_in_process():
+    """Calling the served WSGI application in process, as Django's test client does: the request's
+    end must not close the test's database connection."""
+    signals.request_started.disconnect(close_old_connections)
+    signals.request_finished.disconnect(close_old_connections)
+    yield
+    signals.request_started.connect(close_old_connections)
+    signals.request_finished.connect(close_old_connections)
 
 
 @pytest.fixture

@@ -8,9 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from django.core import signals
 from django.core.wsgi import get_wsgi_application
-from django.db import close_old_connections
 from django.test.client import RequestFactory
 
 from keyvault.api import services
@@ -23,13 +21,8 @@ pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture(autouse=True)
-def _keep_the_test_connection():
-    # As Django's test client does: the request's end must not close the test's database connection.
-    signals.request_started.disconnect(close_old_connections)
-    signals.request_finished.disconnect(close_old_connections)
-    yield
-    signals.request_started.connect(close_old_connections)
-    signals.request_finished.connect(close_old_connections)
+def _served(served_in_process):
+    pass
 
 
 def _call(app, method: str, path: str, body: dict | None = None, **headers) -> tuple[int, dict, bytes]:
