@@ -225,7 +225,8 @@ def _locked_rows(queryset) -> list[tuple[int, bytes, Mapping]]:
 
 
 def _bound(context):
-    """``context`` bound once for the batch; a malformed one as it is, for the provider to refuse per item."""
+    """``context`` bound once for the batch; one that cannot be bound is left as it was read, for the provider
+    to meet exactly as it did before contexts were bound here."""
     try:
         return BoundContext(context)
     except (TypeError, ValueError):
