@@ -296,7 +296,7 @@ def test_the_rows_every_worker_shares_are_free_while_a_batch_writes_its_keys(kek
 
 
 def test_a_batch_reads_each_distinct_context_once_and_binds_it(kek):
-    # given data keys under three tenants' contexts
+    # given data keys under seven tenants' contexts
     seed_data_keys(kek, 21)
     run = rewrapping_run(kek)
 
