@@ -267,8 +267,12 @@ def restore_primary_version(
     return version
 
 
-def _count_data_keys(moves: Mapping[tuple[int, int], int]) -> None:
-    """Add each (KEK id, version) -> delta to ``KeyVersion.data_keys``, in one order (no deadlocks)."""
+def count_data_key_moves(moves: Mapping[tuple[int, int], int]) -> None:
+    """Add each (KEK id, version) -> delta to ``KeyVersion.data_keys``, in one order (no deadlocks).
+
+    The key services call it with their own writes; the rotation engine with what
+    :func:`write_rewrapped_keys` returned, in the same transaction.
+    """
     for (kek_id, number), delta in sorted(moves.items()):
         if delta:
             KeyVersion.objects.filter(kek_id=kek_id, number=number).update(data_keys=F("data_keys") + delta)
@@ -303,11 +307,6 @@ def store_rewrapped_batch(updates, now: datetime, *, kek_id: int, moves: bool = 
     :func:`write_rewrapped_keys` then :func:`count_data_key_moves`, in the caller's transaction.
     """
     count_data_key_moves(write_rewrapped_keys(updates, now, kek_id=kek_id, moves=moves))
-
-
-def count_data_key_moves(moves: Mapping[tuple[int, int], int]) -> None:
-    """Apply what :func:`write_rewrapped_keys` returned to ``KeyVersion.data_keys`` (same transaction)."""
-    _count_data_keys(moves)
 
 
 def write_rewrapped_keys(updates, now: datetime, *, kek_id: int, moves: bool = True) -> dict[tuple[int, int], int]:
@@ -516,7 +515,7 @@ def create_data_key(
             purpose=purpose,
             owner_ref=owner_ref,
         )
-        _count_data_keys({(kek.pk, plain.key_version): 1})
+        count_data_key_moves({(kek.pk, plain.key_version): 1})
         events.data_key_created(row, actor=actor, kek=kek.name, kek_version=plain.key_version, key_spec=key_spec,
                                 owner_ref=owner_ref, context_keys=sorted(context))
     return row, plain
@@ -577,7 +576,7 @@ def _create_data_keys(kek: KeyEncryptionKey, requests: Sequence[DataKeyRequest],
         moves: dict[tuple[int, int], int] = {}
         for row in rows:
             moves[(kek.pk, row.kek_version)] = moves.get((kek.pk, row.kek_version), 0) + 1
-        _count_data_keys(moves)
+        count_data_key_moves(moves)
         for row, (request, context, plain) in zip(rows, made, strict=True):
             events.data_key_created(row, actor=actor, kek=kek.name, kek_version=plain.key_version,
                                     key_spec=request.key_spec, owner_ref=request.owner_ref,
@@ -642,7 +641,7 @@ def rewrap_data_key(data_key: DataKey, *, actor: Actor) -> DataKey:
         data_key.kek_version = result.key_version
         data_key.last_rewrapped_at = timezone.now()
         data_key.save(update_fields=["wrapped_key", "fingerprint", "kek_version", "last_rewrapped_at"])
-        _count_data_keys({(kek.pk, previous): -1, (kek.pk, result.key_version): 1})
+        count_data_key_moves({(kek.pk, previous): -1, (kek.pk, result.key_version): 1})
         events.data_key_rewrapped(data_key, actor=actor, kek=kek.name, from_version=previous,
                                   to_version=result.key_version)
     return data_key
@@ -673,7 +672,7 @@ def destroy_data_key(data_key: DataKey, *, replaced_by: DataKey, actor: Actor, r
         fingerprint, kek_name, version = data_key.fingerprint, data_key.kek.name, data_key.kek_version
         target_pk = data_key.pk
         data_key.delete()
-        _count_data_keys({(data_key.kek_id, version): -1})
+        count_data_key_moves({(data_key.kek_id, version): -1})
         data_key.pk = target_pk  # the audit event names the row it removed
         events.data_key_destroyed(data_key, actor=actor, kek=kek_name, kek_version=version,
                                   owner_ref=data_key.owner_ref, fingerprint=fingerprint, replaced_by=replacement.pk,
