@@ -34,7 +34,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,6 +54,8 @@ from .base import (
     KeyState,
     KeyVersionInfo,
     KMSProvider,
+    RewrapItem,
+    RewrapOutcome,
     VersionState,
 )
 from .context import EMPTY_BOUND, BoundContext, bind_context, encode_context
@@ -62,6 +64,8 @@ from .errors import (
     InvalidCiphertext,
     KeyDisabled,
     KeyNotFound,
+    KMSError,
+    ProviderUnavailable,
     StorageUnavailable,
     UnsupportedOperation,
 )
@@ -891,6 +895,31 @@ class LocalKMSProvider(KMSProvider):
         except (InvalidTag, ValueError):  # ValueError: too short to hold a whole nonce
             raise InvalidCiphertext() from None
         return plaintext, key_id, version
+
+    def rewrap_many(self, items: Sequence[RewrapItem], *, key_id: str | None = None) -> list[RewrapOutcome]:
+        """The contract's default loop, item for item, with the opened key kept in one local.
+
+        Each item is opened and sealed by the same calls, in the same order, as :meth:`rewrap`
+        would make them, so every outcome and error is the same. Only the per-item result
+        object of the decryption and two copies of the opened key are gone: the default's
+        wipe of a copy never reached the opened ``bytes`` either. A rotation calls this for
+        every data key (about a fifth of the local rotation's worker time, bench/rewrap.py).
+        """
+        results: list[RewrapOutcome] = []
+        append, open_parts, seal = results.append, self.decrypt_parts, self.encrypt
+        for item in items:
+            ciphertext = item.ciphertext
+            try:
+                if type(ciphertext) is not bytes:
+                    ciphertext = as_frame(ciphertext)
+                context = bind_context(item.encryption_context)
+                plaintext, source_key, _ = open_parts(ciphertext, context)
+                append(seal(key_id or source_key, plaintext, encryption_context=context))
+            except ProviderUnavailable:
+                raise
+            except KMSError as exc:
+                append(exc)
+        return results
 
     def _decryption_slot(self, ciphertext: bytes) -> tuple[int, tuple[str, int, Callable]]:
         """Validate a ciphertext's header against the keyring and remember the outcome: (header length, slot)."""

@@ -161,17 +161,18 @@ def _rewrap_locked(run, driver, source, destination, destination_kek, *, after: 
     with transaction.atomic():
         rows = _locked_rows(driver.remaining(run).filter(id__gt=after, id__lt=hi).order_by("id")
                             .select_for_update(skip_locked=True)
-                            .values_list("id", "wrapped_key", "encryption_context")[:grant.rows])
+                            .values_list("id", "wrapped_key", "encryption_context", "kek_id", "kek_version")
+                            [:grant.rows])
         if not rows:
             return 0, hi, None
-        items = [RewrapItem(wrapped, context) for _, wrapped, context in rows]
+        items = [RewrapItem(wrapped, context) for _, wrapped, context, *_ in rows]
         outcomes, throttle = _rewrap_paced(run, driver, source, destination, items, grant)
         if not outcomes:
             return 0, after, throttle
         rows = rows[:len(outcomes)]
         updates, failures = [], []
         expected_key = destination_kek.provider_key_id
-        for (pk, _, context), outcome in zip(rows, outcomes):
+        for (pk, _, context, *_), outcome in zip(rows, outcomes):
             if isinstance(outcome, KMSError):
                 failures.append((pk, type(outcome).__name__))
             elif outcome.key_id != expected_key:
@@ -184,9 +185,11 @@ def _rewrap_locked(run, driver, source, destination, destination_kek, *, after: 
             # The long write first, holding only this batch's own rows. The rows every worker of
             # the run shares come after it, so the workers wait for each other only for the end of
             # a batch: taken first, they serialised two workers' whole batches (measured: two
-            # workers no faster than one).
+            # workers no faster than one). The rows are locked: the KEK and version read with them
+            # are still theirs, so the counters move from those without reading them again.
             moved = key_services.write_rewrapped_keys(updates, now, kek_id=destination_kek.pk,
-                                                      moves=destination_kek.pk != run.kek_id)
+                                                      moves=destination_kek.pk != run.kek_id,
+                                                      previous={pk: (kek, version) for pk, _, _, kek, version in rows})
         # The run's row, then the versions' counters: a rollback locks them in the same order.
         RotationRun.objects.filter(pk=run.pk).update(
             rewrapped=F("rewrapped") + len(updates), failed_deks=F("failed_deks") + len(failures),
@@ -200,8 +203,8 @@ def _rewrap_locked(run, driver, source, destination, destination_kek, *, after: 
     return len(rows), rows[-1][0], throttle
 
 
-def _locked_rows(queryset) -> list[tuple[int, bytes, Mapping]]:
-    """The batch's (id, wrapped key, context) rows, read with the queryset's own SQL.
+def _locked_rows(queryset) -> list[tuple]:
+    """The batch's (id, wrapped key, context, *the queryset's further columns) rows, read with its own SQL.
 
     A plain cursor, not the ORM's row conversion: that costs several times the read
     itself per row, and a batch reads thousands. Contexts repeat within a batch (a
@@ -214,13 +217,13 @@ def _locked_rows(queryset) -> list[tuple[int, bytes, Mapping]]:
         fetched = cursor.fetchall()
     contexts: dict[str, Mapping] = {}
     rows = []
-    for pk, wrapped, context in fetched:
+    for pk, wrapped, context, *rest in fetched:
         if isinstance(context, str):  # jsonb comes back as text, as Django asks of psycopg
             bound = contexts.get(context)
             if bound is None:
                 bound = contexts[context] = _bound(json.loads(context))
             context = bound
-        rows.append((pk, bytes(wrapped), context))
+        rows.append((pk, bytes(wrapped), context, *rest))
     return rows
 
 

@@ -12,6 +12,7 @@ import uuid
 import psycopg
 import pytest
 from django.db import connection, transaction
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from keyvault.audit import Actor
@@ -233,7 +234,7 @@ def test_the_postgresql_write_finds_rows_by_index_and_returns_the_counter_moves(
     written = []
 
     def keep_update(execute, sql, params, many, context):
-        if sql.startswith("WITH "):  # the one statement that writes the batch
+        if sql.startswith("UPDATE keyvault_datakey "):  # the one statement that writes the batch
             written.append((sql, params))
         return execute(sql, params, many, context)
 
@@ -248,12 +249,34 @@ def test_the_postgresql_write_finds_rows_by_index_and_returns_the_counter_moves(
             plan = "\n".join(line for (line,) in cursor.fetchall())
 
     # then the rows were found through the primary key, no pass over the whole table (the benchmark's
-    # table planned the former statement as two: 300 ms a batch at 300 000 keys; a fresh table like this
+    # table planned an earlier statement as two: 300 ms a batch at 300 000 keys; a fresh table like this
     # one does not reproduce that plan, so this guards the plan, not that trap), and the counter moves are
     # returned, not yet applied
     assert "Seq Scan on keyvault_datakey" not in plan, plan
     assert "keyvault_datakey_pkey" in plan
     assert moved == {(kek.pk, 1): -5000, (kek.pk, 2): 5000}
+
+
+def test_the_counter_moves_come_from_the_versions_the_caller_read_under_its_locks(kek, system_actor):
+    # given four data keys of v1, one already on v3 (rotated meanwhile), and another KEK
+    keys = list(seed_data_keys(kek, 4).order_by("pk"))
+    DataKey.objects.filter(pk=keys[3].pk).update(kek_version=3)
+    other = key_services.create_kek(name="other", actor=system_actor)
+    updates = [(key.pk, b"new %d" % n, 2, {}) for n, key in enumerate(keys)]
+
+    with transaction.atomic():
+        # when the caller passes the versions it read (no read of its own then) ...
+        read = dict(DataKey.objects.select_for_update().values_list("pk", "kek_version"))
+        with CaptureQueriesContext(connection) as queries:
+            given = key_services.write_rewrapped_keys(updates, timezone.now(), kek_id=kek.pk, moves=False,
+                                                      previous={pk: (kek.pk, read[pk]) for pk in read})
+        # ... and when it does not, in a migration to the other KEK
+        derived = key_services.write_rewrapped_keys(updates[:2], timezone.now(), kek_id=other.pk, moves=True)
+
+    # then the moves are the rows' own: three from v1 and one from v3 to v2, then two of v2 to the other KEK
+    assert given == {(kek.pk, 1): -3, (kek.pk, 3): -1, (kek.pk, 2): 4}
+    assert not any("SELECT" in query["sql"] and "keyvault_datakey" in query["sql"] for query in queries)
+    assert derived == {(kek.pk, 2): -2, (other.pk, 2): 2}
 
 
 @pytest.mark.postgres

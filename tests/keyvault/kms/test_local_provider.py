@@ -13,8 +13,12 @@ import sys
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from keyvault.kms import ConfigurationError, InvalidCiphertext, KeyDisabled, KeyState, VersionState
+from keyvault.kms.base import EncryptResult, KMSProvider, RewrapItem
+from keyvault.kms.context import BoundContext
 from keyvault.kms import local as local_module
 from keyvault.kms.local import LocalKMSProvider, decode_master_key, generate_master_key
 
@@ -370,3 +374,76 @@ def test_a_header_naming_a_version_that_never_existed_gets_the_one_opaque_error(
         with pytest.raises(InvalidCiphertext) as raised:
             provider.decrypt(blob)
         assert type(raised.value) is InvalidCiphertext and str(raised.value) == str(InvalidCiphertext())
+
+
+# -- the bulk rewrap ------------------------------------------------------------------------------
+
+ITEM_KINDS = ("good", "no context", "other key", "wrong context", "malformed", "tampered", "disabled version",
+              "memoryview")
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kinds=st.lists(st.sampled_from(ITEM_KINDS), max_size=12), to_other=st.booleans())
+def test_rewrap_many_gives_what_the_contracts_default_loop_gives(tmp_path_factory, master_key, kinds, to_other):
+    # given a key rotated to v3 with v2 disabled, another key, and items of every kind in a random order
+    provider = LocalKMSProvider(tmp_path_factory.mktemp("kms") / "keyring", master_key)
+    provider.create_key("k")
+    provider.create_key("other")
+    context = {"tenant": "t1"}
+    sealed = {n: provider.encrypt("k", b"dek %d" % n, encryption_context=context).ciphertext for n in (1, 2)}
+    provider.rotate_key("k")
+    provider.rotate_key("k")
+    provider.set_key_version_state("k", 2, VersionState.DISABLED)
+    made = {
+        "good": RewrapItem(sealed[1], BoundContext(context)),
+        "no context": RewrapItem(provider.encrypt("k", b"bare").ciphertext, None),
+        "other key": RewrapItem(provider.encrypt("other", b"o", encryption_context=context).ciphertext, context),
+        "wrong context": RewrapItem(sealed[1], {"tenant": "t2"}),
+        "malformed": RewrapItem(b"\x01", context),
+        "tampered": RewrapItem(sealed[1][:-1] + bytes([sealed[1][-1] ^ 1]), context),
+        "disabled version": RewrapItem(sealed[2], context),
+        "memoryview": RewrapItem(memoryview(sealed[1]), context),
+    }
+    items = [made[kind] for kind in kinds]
+    key_id = "other" if to_other else None
+
+    # when the local provider's own rewrap_many and the contract's default loop rewrap them
+    fast = provider.rewrap_many(items, key_id=key_id)
+    default = KMSProvider.rewrap_many(provider, items, key_id=key_id)
+
+    # then each place holds the same kind of outcome: the same error, or a ciphertext of the same key and
+    # version opening to the same plaintext under the item's context
+    assert [type(outcome) for outcome in fast] == [type(outcome) for outcome in default]
+    for item, mine, theirs in zip(items, fast, default, strict=True):
+        if isinstance(mine, Exception):
+            assert str(mine) == str(theirs)
+            continue
+        assert (mine.key_id, mine.key_version) == (theirs.key_id, theirs.key_version)
+        assert mine.ciphertext != theirs.ciphertext  # each sealed under a fresh nonce
+        opened = [provider.decrypt(result.ciphertext, encryption_context=item.encryption_context).plaintext
+                  for result in (mine, theirs)]
+        assert opened[0] == opened[1]
+
+
+def test_rewrap_many_counts_every_encryption_and_refuses_past_the_limit_per_item(keyring, master_key):
+    # given a key that may encrypt 5 times, 2 of them used
+    provider = LocalKMSProvider(keyring, master_key, max_encryptions_per_version=5, reservation_block=1)
+    provider.create_key("k")
+    items = [RewrapItem(provider.encrypt("k", b"dek %d" % n).ciphertext) for n in range(2)]
+
+    # when 4 items are rewrapped in place
+    results = provider.rewrap_many(items * 2)
+
+    # then 3 encryptions were left, and the fourth item alone met the refusal
+    assert [type(result) for result in results] == [EncryptResult] * 3 + [KeyDisabled]
+    assert provider.describe_key("k").version(1).encrypt_count == 5
+
+
+def test_rewrap_many_of_a_context_that_is_no_context_raises_as_the_default_loop_does(keyring, master_key):
+    provider = LocalKMSProvider(keyring, master_key)
+    provider.create_key("k")
+    items = [RewrapItem(provider.encrypt("k", b"dek").ciphertext, {"n": 1})]  # not a string value
+
+    for rewrap_many in (provider.rewrap_many, lambda batch: KMSProvider.rewrap_many(provider, batch)):
+        with pytest.raises(TypeError):
+            rewrap_many(items)
