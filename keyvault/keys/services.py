@@ -365,7 +365,7 @@ def write_rewrapped_keys(updates, now: datetime, *, kek_id: int, moves: bool = T
             written = previous.keys()
     counts: dict[tuple[int, int], int] = {}
     for pk, _, new_version, _ in updates:
-        if pk in written and pk in previous:
+        if pk in written:  # a written row missing from ``previous`` is the caller's bug: KeyError, not a drifted counter
             old_kek, old_version = previous[pk]
             new_kek = kek_id if moves else old_kek
             counts[old_kek, old_version] = counts.get((old_kek, old_version), 0) - 1

@@ -903,7 +903,7 @@ class LocalKMSProvider(KMSProvider):
         would make them, so every outcome and error is the same. Only the per-item result
         object of the decryption and two copies of the opened key are gone: the default's
         wipe of a copy never reached the opened ``bytes`` either. A rotation calls this for
-        every data key (about a fifth of the local rotation's worker time, bench/rewrap.py).
+        every data key: about half of a local rotation worker's CPU (bench/README.md, stop 26).
         """
         results: list[RewrapOutcome] = []
         append, open_parts, seal = results.append, self.decrypt_parts, self.encrypt

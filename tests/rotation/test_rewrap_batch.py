@@ -280,6 +280,17 @@ def test_the_counter_moves_come_from_the_versions_the_caller_read_under_its_lock
 
 
 @pytest.mark.postgres
+def test_versions_given_without_a_written_row_fail_the_write_rather_than_drift_a_counter(kek):
+    keys = list(seed_data_keys(kek, 2).order_by("pk"))
+
+    with pytest.raises(KeyError), transaction.atomic():
+        key_services.write_rewrapped_keys([(key.pk, b"new", 2, {}) for key in keys], timezone.now(), kek_id=kek.pk,
+                                          moves=False, previous={keys[0].pk: (kek.pk, 1)})
+
+    assert set(DataKey.objects.filter(kek=kek).values_list("kek_version", flat=True)) == {1}
+
+
+@pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
 def test_the_rows_every_worker_shares_are_free_while_a_batch_writes_its_keys(kek, monkeypatch):
     # given a run waiting for its rewrap, and a probe that, while the batch's keys are being written,
