@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Where an API unwrap spends its time: cProfile of single and batch unwraps in one process (issue 17).
 
-    .venv/bin/python bench/api_profile.py [--calls 300] [--batches 5] [--group-commit] [--top 45]
+    .venv/bin/python bench/api_profile.py [--calls 300] [--batches 5] [--group-commit] [--top 45] [--sort tottime]
 
 A private PostgreSQL database (created and dropped) with the instance ``bench/api.py`` builds:
 a local KEK, the ``bench`` client, 200 data keys. The calls go through Django's test client
@@ -31,6 +31,7 @@ def main() -> int:
     parser.add_argument("--batches", type=int, default=5)
     parser.add_argument("--group-commit", action="store_true", help="HMD_AUDIT_GROUP_COMMIT=true")
     parser.add_argument("--top", type=int, default=45)
+    parser.add_argument("--sort", default="cumulative", help="pstats sort key: cumulative or tottime")
     parser.add_argument("--db", default="kv_bench_api_profile")
     parser.add_argument("--cache-url", default="redis://127.0.0.1:6379/15")
     args = parser.parse_args()
@@ -75,7 +76,7 @@ def main() -> int:
                   f"{(time.process_time() - cpu) / count * 1000:.2f} ms of this process's CPU")
             profile = cProfile.Profile()
             profile.runcall(run, count)
-            pstats.Stats(profile).sort_stats("cumulative").print_stats(args.top)
+            pstats.Stats(profile).sort_stats(args.sort).print_stats(args.top)
     finally:
         c.discard_instance(args.db, data_dir, own_dir)
     return 0

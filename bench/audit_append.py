@@ -1,6 +1,6 @@
 """Audit chain append throughput on PostgreSQL: serial (before) against group commit, and the floor (issue 17).
 
-    .venv/bin/python bench/audit_append.py [--rounds 5] [--seconds 2] [--writers 1,32] [--strict]
+    .venv/bin/python bench/audit_append.py [--rounds 5] [--seconds 2] [--writers 1,32] [--api-processes 8] [--strict]
 
 One call is what a key service does: ``with transaction.atomic(): audit.record(...)``, the
 event recorded in the caller's transaction. Each writer is its own process (forked after
@@ -11,6 +11,14 @@ event recorded in the caller's transaction. Each writer is its own process (fork
 * ``group commit``  the event goes to the outbox in the caller's transaction; after its commit
                     the caller appends every committed outbox event in one short transaction
                     unless another caller is appending already (it then takes this one too).
+* ``api rounds``    what an API call does instead: ``audit.record(...)`` outside any transaction,
+                    the writers being threads of ``--api-processes`` processes (as gunicorn's
+                    gthread workers); one process's concurrent callers are appended in rounds,
+                    one statement each (keyvault/audit/batcher.py). Each call returns once its
+                    event is committed in the chain.
+* ``api one each``  the same calls with every event appended in a statement of its own, as
+                    before the rounds (the bench calls the round function directly: one call,
+                    one statement); the baseline of ``api rounds``.
 
 events/s = calls by all writers / wall time from the common start until the last call's event
 is **in the chain** (for group commit: until the outbox is empty, not merely until the last
@@ -51,11 +59,12 @@ from bench import _common as common  # noqa: E402
 
 TARGET_EVENTS_PER_SECOND = 5000
 TARGET_WRITERS = 32
-MODES = ("serial", "group commit", "floor: psycopg", "floor: pgbench")
+MODES = ("serial", "group commit", "api one each", "api rounds", "floor: psycopg", "floor: pgbench")
 FLOOR_TABLE = "bench_floor_outbox"
 FLOOR_INSERT = (f"INSERT INTO {FLOOR_TABLE} (timestamp, actor, action, target_type, target_id, outcome, "
                 "request_id, ip_address, details) VALUES (now(), %s, 'other', 'bench', %s, 'success', '', NULL, "
                 "%s::jsonb)")
+API_PROCESSES = 8  # --api-processes default: web processes the "api rounds" writers are threads of
 CHAIN_WAIT_SECONDS = 10.0  # how long the bench waits for the outbox to empty after the last call
 
 
@@ -80,6 +89,44 @@ def _writer(group_commit: bool, barrier, seconds: float, results, name: str) -> 
     connection.close()
 
 
+def _api_writers(threads: int, rounds: bool, barrier, seconds: float, results, name: str) -> None:
+    """``threads`` writer threads in this process, each recording outside any transaction (as an API call)."""
+    import threading
+
+    from django.db import connection
+
+    from keyvault import audit
+    from keyvault.audit import Action, Actor
+
+    if not rounds:  # the baseline: each caller's event in a statement of its own
+        audit._own_statement_appends.submit = audit._append_round
+
+    ready, go, counts, ends = threading.Barrier(threads + 1), threading.Event(), [], []
+
+    def write(number: int) -> None:
+        actor = Actor.system(f"{name}-{number}")
+        connection.ensure_connection()
+        ready.wait()
+        go.wait()
+        start, calls = time.monotonic(), 0
+        while time.monotonic() - start < seconds:
+            audit.record(Action.OTHER, actor=actor, target=("bench", name), details={"call": calls})
+            calls += 1
+        counts.append(calls)
+        ends.append(time.monotonic())
+        connection.close()
+
+    workers = [threading.Thread(target=write, args=(n,)) for n in range(threads)]
+    for worker in workers:
+        worker.start()
+    ready.wait()
+    barrier.wait()
+    go.set()
+    for worker in workers:
+        worker.join()
+    results.put((sum(counts), max(ends)))
+
+
 def _psycopg_writer(db: str, barrier, seconds: float, results, name: str) -> None:
     connection = common.connect(db)
     barrier.wait()
@@ -94,7 +141,7 @@ def _psycopg_writer(db: str, barrier, seconds: float, results, name: str) -> Non
 
 
 def _run_processes(target, args_for, writers: int, seconds: float) -> tuple[float, int, float]:
-    """(start, calls, time of the last call) for ``writers`` forked processes."""
+    """(start, calls, time of the last call) for ``writers`` forked processes (each reports once)."""
     from django.db import connections
 
     connections.close_all()  # each forked writer opens its own
@@ -126,10 +173,17 @@ def _outbox_empty_at(deadline: float) -> float | None:
     return None
 
 
-def measure_keyvault(mode: str, writers: int, seconds: float, swept: list[int]) -> tuple[float, int]:
+def measure_keyvault(mode: str, writers: int, seconds: float, swept: list[int],
+                     api_processes: int = API_PROCESSES) -> tuple[float, int]:
     """(events/s until every event is in the chain, calls) for ``writers`` Keyvault writer processes."""
     from keyvault import audit
 
+    if mode in ("api rounds", "api one each"):
+        processes = min(api_processes, writers)
+        threads = [writers // processes + (n < writers % processes) for n in range(processes)]
+        start, calls, last_call = _run_processes(_api_writers, lambda n: (threads[n], mode == "api rounds"),
+                                                 processes, seconds)
+        return calls / (last_call - start), calls
     start, calls, last_call = _run_processes(_writer, lambda n: (mode == "group commit",), writers, seconds)
     chained = _outbox_empty_at(last_call + CHAIN_WAIT_SECONDS) if mode == "group commit" else last_call
     if chained is None:  # left for beat's sweep: appended here, off the clock, and reported
@@ -172,12 +226,13 @@ def _server_settings(db: str) -> str:
     return "synchronous_commit={}, commit_delay={}, fsync={}, wal_sync_method={}".format(*values)
 
 
-def measure(mode: str, writers: int, seconds: float, db: str, swept: list[int]) -> tuple[float | None, int]:
+def measure(mode: str, writers: int, seconds: float, db: str, swept: list[int],
+            api_processes: int = API_PROCESSES) -> tuple[float | None, int]:
     if mode == "floor: psycopg":
         return measure_psycopg_floor(db, writers, seconds), 0
     if mode == "floor: pgbench":
         return measure_pgbench_floor(db, writers, seconds), 0
-    return measure_keyvault(mode, writers, seconds, swept)
+    return measure_keyvault(mode, writers, seconds, swept, api_processes)
 
 
 def main() -> int:
@@ -189,6 +244,8 @@ def main() -> int:
     parser.add_argument("--data-dir")
     parser.add_argument("--keep", action="store_true", help="keep the database and data folder")
     parser.add_argument("--strict", action="store_true", help="exit 1 if a target or check fails")
+    parser.add_argument("--api-processes", type=int, default=API_PROCESSES,
+                        help="processes the api-rounds writers are threads of")
     args = parser.parse_args()
     writer_counts = [int(n) for n in args.writers.split(",")]
 
@@ -209,7 +266,7 @@ def main() -> int:
         for round_number in range(args.rounds):
             shift = round_number % len(configs)
             for mode, writers in configs[shift:] + configs[:shift]:
-                rate, calls = measure(mode, writers, args.seconds, args.db, swept)
+                rate, calls = measure(mode, writers, args.seconds, args.db, swept, args.api_processes)
                 if rate is not None:
                     figures[(mode, writers)].append(rate)
                 total_calls += calls
@@ -229,13 +286,15 @@ def main() -> int:
         rows = []
         for writers in writer_counts:
             serial, grouped = median_of("serial", writers), median_of("group commit", writers)
+            rounds, one_each_api = median_of("api rounds", writers), median_of("api one each", writers)
             floor, pgbench = median_of("floor: psycopg", writers), median_of("floor: pgbench", writers)
             rows.append([writers, f"{serial:,.0f}", f"{grouped:,.0f}", f"{grouped / serial:.2f}x",
-                         f"{floor:,.0f}", f"{grouped / floor:.2f}",
+                         f"{one_each_api:,.0f}", f"{rounds:,.0f}", f"{floor:,.0f}", f"{grouped / floor:.2f}",
                          f"{pgbench:,.0f}" if pgbench else "n/a",
-                         f"{grouped / TARGET_EVENTS_PER_SECOND:.2f}"])
-        common.print_table(["writers", "serial (before)", "group commit", "vs serial", "floor psycopg",
-                            "gc/floor", "floor pgbench", "gc/target"], rows)
+                         f"{grouped / TARGET_EVENTS_PER_SECOND:.2f}", f"{rounds / TARGET_EVENTS_PER_SECOND:.2f}"])
+        common.print_table(["writers", "serial (before)", "group commit", "vs serial",
+                            "api one each", f"api rounds ({args.api_processes} proc)", "floor psycopg", "gc/floor", "floor pgbench",
+                            "gc/target", "api/target"], rows)
 
         print()
         pending = AuditPendingEvent.objects.count()
@@ -250,11 +309,16 @@ def main() -> int:
         if TARGET_WRITERS in writer_counts:
             grouped = median_of("group commit", TARGET_WRITERS)
             floor = median_of("floor: psycopg", TARGET_WRITERS)
+            rounds = median_of("api rounds", TARGET_WRITERS)
             target_ok = grouped >= TARGET_EVENTS_PER_SECOND
             print(f"target: group commit >= {TARGET_EVENTS_PER_SECOND:,} events/s with {TARGET_WRITERS} writers: "
                   f"{grouped:,.0f}/s ({grouped / TARGET_EVENTS_PER_SECOND:.0%} of it) -> "
                   f"{'MET' if target_ok else 'NOT MET'}; PostgreSQL's own floor through psycopg here is "
                   f"{floor:,.0f}/s ({floor / TARGET_EVENTS_PER_SECOND:.0%} of the target)")
+            print(f"  the API's path (calls outside a transaction, {TARGET_WRITERS} threads in {args.api_processes} "
+                  f"processes, appended in rounds): {rounds:,.0f}/s "
+                  f"({'at' if rounds >= TARGET_EVENTS_PER_SECOND else 'below'} the target; key services' calls "
+                  "inside a transaction take the group-commit path above)")
         else:
             print(f"target: not measured (run with {TARGET_WRITERS} writers)")
         return 1 if args.strict and not (target_ok and chain_ok and one_each) else 0

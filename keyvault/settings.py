@@ -118,11 +118,30 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     )
     # Tests use a file too (not shared-cache memory), so locking behaves as in production.
     DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / "test-keyvault.sqlite3")}
+
+
+def _prepare_threshold(text: str) -> int | None:
+    if text.strip().lower() in ("none", "off", ""):
+        return None  # a pooler that keeps no prepared statements (PgBouncer transaction mode before 1.21)
+    try:
+        value = int(text)
+        if value < 0:
+            raise ValueError
+        return value
+    except ValueError:
+        raise ImproperlyConfigured(f"HMD_DATABASE_PREPARE_THRESHOLD: expected a count or none, got {text!r}") from None
+
+
 # Keep a connection per web thread or worker instead of opening one per request: a new
 # PostgreSQL connection costs a TCP handshake, authentication and session set-up, which
 # was most of an API call's latency. Health checks drop a connection a database restart broke.
 DATABASES["default"]["CONN_MAX_AGE"] = env.int("HMD_DATABASE_CONN_MAX_AGE", default=300)
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+if DATABASES["default"]["ENGINE"].endswith("postgresql"):
+    # Statements the hot paths run through keyvault.models.prepared are prepared after this
+    # many calls on a connection (the ORM binds on the client and never prepares).
+    DATABASES["default"].setdefault("OPTIONS", {})["prepare_threshold"] = _prepare_threshold(
+        env.str("HMD_DATABASE_PREPARE_THRESHOLD", default="5"))
 if is_set("HMD_DATABASE_PASSWORD") or is_set("HMD_DATABASE_PASSWORD_REF"):
     # The password can live in a secret source while the rest of the URL stays plain configuration.
     DATABASES["default"]["PASSWORD"] = _get_secret("HMD_DATABASE_PASSWORD")

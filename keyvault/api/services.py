@@ -43,6 +43,7 @@ from keyvault.kms.context import normalise_context
 from keyvault.kms.envelope import read_header
 from keyvault.models import ApiClient, ApiToken, DataKey, KeyEncryptionKey, KeyVersion
 from keyvault.models.api import MAX_RATE_LIMIT
+from keyvault.models.prepared import prepared_cursor
 
 TOKEN_PREFIX = "kvapi_"
 TOKEN_BYTES = 32  # 256 bits
@@ -426,9 +427,11 @@ def _read_client_data_keys(client_id: int, ids: list[int]) -> Iterator[DataKey]:
     """
     connection = connections[DataKey.objects.db]
     shape = _data_key_query_shape(connection)
-    placeholders = ", ".join(["%s"] * len(ids))
-    with connection.cursor() as cursor:
-        cursor.execute(shape.sql.format(ids=placeholders), [client_id, *ids])
+    with prepared_cursor(connection) as cursor:
+        if shape.ids_as_array:  # one statement text for every batch size: prepared once
+            cursor.execute(shape.sql, [client_id, ids])
+        else:
+            cursor.execute(shape.sql.format(ids=", ".join(["%s"] * len(ids))), [client_id, *ids])
         fetched = cursor.fetchall()
     keks: dict[int, KeyEncryptionKey] = {}  # a batch's rows share their KEK's instance: built once, not per row
     for values in fetched:
@@ -471,8 +474,10 @@ class _DataKeyQueryShape:
             f"= d.{quote(_DATA_KEY_KEK.column)} "
             f"JOIN {quote(allowed.remote_field.through._meta.db_table)} a "
             f"ON a.{quote(allowed.m2m_reverse_name())} = d.{quote(_DATA_KEY_KEK.column)} AND a.{quote(allowed.m2m_column_name())} = %s "
-            f"WHERE d.{quote(DataKey._meta.pk.column)} IN ({{ids}})"
+            f"WHERE d.{quote(DataKey._meta.pk.column)} "
         )
+        self.ids_as_array = connection.vendor == "postgresql"
+        self.sql += "= ANY(%s::bigint[])" if self.ids_as_array else "IN ({ids})"
 
     @staticmethod
     def _converters(column, connection) -> tuple:

@@ -8,10 +8,13 @@ fails too (fail-closed, as Vault refuses requests its audit devices cannot log).
 
 On PostgreSQL the append runs inside the server (``keyvault_audit_append``, migration
 0023): lock the head, hash, insert, move the head, in one call. An event recorded outside
-any transaction (an API unwrap) is that call alone, as a statement of its own, so the head
-is let go when the server commits it, never held across a round trip to this process
+any transaction (an API unwrap) is appended by such a call as a statement of its own, so the
+head is let go when the server commits it, never held across a round trip to this process
 (:func:`_append_serial`); an event that falls on a signed checkpoint is appended in a short
-transaction instead, as the checkpoint is signed here before the commit.
+transaction instead, as the checkpoint is signed here before the commit. The threads of one
+process that append outside a transaction at the same moment share that statement: a round
+takes every event queued while the previous round ran (:mod:`keyvault.audit.batcher`), and
+each caller returns once the round holding its event has committed, or raises with it.
 
 Group commit (PostgreSQL, ``AUDIT_GROUP_COMMIT``; callers inside a transaction).
 Appending in the caller's transaction held the head lock until that transaction
@@ -60,7 +63,8 @@ server), 2.6x the serial path, but not 5,000: the same insert-and-commit per cal
 Python processes through psycopg (no Django, no chain) reaches only 2,500-4,800/s here,
 PostgreSQL with C clients (pgbench) 5,100-9,600/s. The gap is on the Python side, Django and
 round trips (docs/ops/production.md, *Audit group commit*). Callers outside a transaction (API
-unwraps) append in one statement each and are measured by ``bench/api.py``.
+unwraps) append in rounds: 2,691 events/s with 32 writer threads in 8 processes, 4,946/s in 4,
+against 949/s with one statement each (``bench/audit_append.py``, stop 27).
 A caller that does not wait for sequencing (return at commit, a sequencer appending
 later) was tried and rejected: with no back-pressure the outbox grew without bound
 under load (10,541 unappended events after a minute of 24 writers on a saturated
@@ -109,11 +113,13 @@ from django.db import transaction
 from django.utils import timezone
 
 from keyvault.audit import walk as audit_walk
+from keyvault.audit.batcher import AppendBatcher
 from keyvault.audit import witness as audit_witness
 from keyvault.audit.walk import ROW_FIELDS as _ROW_FIELDS
 from keyvault.audit.witness import WitnessEntry
 from keyvault.exceptions import AuditWitnessUnavailable
 from keyvault.models.core import AuditChainHead, AuditCheckpoint, AuditEvent, AuditPendingEvent
+from keyvault.models.prepared import prepared_cursor
 from keyvault.web.request_meta import client_ip, request_id
 
 GENESIS_HASH = "0" * 64
@@ -377,11 +383,25 @@ def _append_serial(pending: list[dict]) -> list[AuditEvent]:
         with transaction.atomic():
             return _append_locked(_locked_head(), pending)
     if not connection.in_atomic_block and connection.get_autocommit():
-        appended = _chain_on_server(pending, own_statement=True)
-        if appended is not None:
-            return appended
+        # Encoded here, on the caller's thread: an event that cannot be encoded fails its caller alone.
+        return _own_statement_appends.submit([(fields, _encoded_server_event(fields)) for fields in pending])
     with transaction.atomic():
         return _chain_on_server(pending)
+
+
+def _append_round(items: list[tuple[dict, str]]) -> list[AuditEvent]:
+    """One round of :data:`_own_statement_appends`, on the leading caller's thread and connection (autocommit)."""
+    pending, encoded = [fields for fields, _ in items], [text for _, text in items]
+    appended = _chain_on_server(pending, own_statement=True, encoded=encoded)
+    if appended is None:  # a checkpoint falls due: appended in a transaction that signs it
+        with transaction.atomic():
+            appended = _chain_on_server(pending, encoded=encoded)
+    return appended
+
+
+#: Callers outside any transaction (API calls) in this process: their concurrent appends are one
+#: statement (keyvault.audit.batcher); a lone caller's is its own, as before.
+_own_statement_appends = AppendBatcher(_append_round)
 
 
 def _append_locked(head: AuditChainHead, pending: list[dict]) -> list[AuditEvent]:
@@ -409,7 +429,7 @@ _PREV_SLOT = '"prev_hash":"~prev~"'
 _SEQUENCE_MARK = 9_007_199_254_740_993
 _SEQUENCE_SLOT = f'"sequence":{_SEQUENCE_MARK}'
 _CHAIN_ON_SERVER = ("SELECT event_id, event_sequence, event_prev_hash, event_hash "
-                    "FROM keyvault_audit_append(%s, %s, %s, %s::jsonb)")
+                    "FROM keyvault_audit_append(%s::boolean, %s::bigint, %s::integer, %s::jsonb)")
 
 
 def _canonical_pieces(fields: dict) -> tuple[str, str, str]:
@@ -427,8 +447,8 @@ def _canonical_pieces(fields: dict) -> tuple[str, str, str]:
     return (before_prev, rest[:sequence_at + len('"sequence":')], rest[sequence_at + len(_SEQUENCE_SLOT):])
 
 
-def _chain_on_server(pending: list[dict], *, try_only: bool = False,
-                     own_statement: bool = False) -> list[AuditEvent] | None:
+def _chain_on_server(pending: list[dict], *, try_only: bool = False, own_statement: bool = False,
+                     encoded: list[str] | None = None) -> list[AuditEvent] | None:
     """Chain ``pending`` with one call of ``keyvault_audit_append`` (PostgreSQL, in the caller's transaction).
 
     The head is locked, the events hashed and inserted and the head moved inside the server,
@@ -438,11 +458,15 @@ def _chain_on_server(pending: list[dict], *, try_only: bool = False,
     ``own_statement`` (a caller outside any transaction): the call is its own transaction, so
     the head is let go when the server commits it, not a round trip later; None when a
     checkpoint would fall due (then nothing was appended: the caller appends in a transaction).
+    ``encoded``: the events' :func:`_encoded_server_event` texts, made already.
     """
     interval = settings.AUDIT_CHECKPOINT_INTERVAL
-    events_json = json.dumps([_server_event(fields) for fields in pending])
+    if encoded is None:
+        events_json = json.dumps([_server_event(fields) for fields in pending])
+    else:
+        events_json = "[" + ",".join(encoded) + "]"
     connection = transaction.get_connection()
-    with connection.cursor() as cursor:
+    with prepared_cursor(connection) as cursor:  # on every audited call: parsed and planned once per connection
         cursor.execute(_CHAIN_ON_SERVER, [try_only, APPEND_LOCK_KEY, interval if own_statement else 0, events_json])
         rows = cursor.fetchall()
     if not rows:
@@ -473,6 +497,10 @@ def _event_instance(fields: dict, *, id: int | None = None, sequence: int | None
     """
     values = {**fields, "id": id, "sequence": sequence, "prev_hash": prev_hash, "hash": hash}
     return AuditEvent(*[values[name] for name in _event_attnames()])
+
+
+def _encoded_server_event(fields: dict) -> str:
+    return json.dumps(_server_event(fields))
 
 
 def _server_event(fields: dict) -> dict:

@@ -79,6 +79,29 @@ def test_database_url_and_provider_selection(tmp_path):
     assert "vault" in loaded["providers"]
 
 
+PRINT_PREPARE_THRESHOLD = (
+    "import json, django; django.setup(); from django.conf import settings as s;"
+    "print(json.dumps(s.DATABASES['default']['OPTIONS'].get('prepare_threshold', 'absent')))"
+)
+
+
+def _prepare_threshold(tmp_path, **variables):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HMD_")}
+    env.update({"DJANGO_SETTINGS_MODULE": "keyvault.settings", "HMD_DATA_DIR": str(tmp_path / "data"), **variables})
+    return subprocess.run([sys.executable, "-c", PRINT_PREPARE_THRESHOLD], capture_output=True, text=True, cwd=ROOT,
+                          env=env)
+
+
+def test_postgresql_statements_are_prepared_after_five_runs_unless_configured_otherwise(tmp_path):
+    postgres = {"HMD_DATABASE_URL": "postgres://u@127.0.0.1:5432/kv"}
+    assert json.loads(_prepare_threshold(tmp_path, **postgres).stdout) == 5
+    assert json.loads(_prepare_threshold(tmp_path, **postgres, HMD_DATABASE_PREPARE_THRESHOLD="0").stdout) == 0
+    assert json.loads(_prepare_threshold(tmp_path, **postgres, HMD_DATABASE_PREPARE_THRESHOLD="none").stdout) is None
+    assert json.loads(_prepare_threshold(tmp_path).stdout) == "absent"  # SQLite has no such option
+    refused = _prepare_threshold(tmp_path, **postgres, HMD_DATABASE_PREPARE_THRESHOLD="-1")
+    assert refused.returncode != 0 and "HMD_DATABASE_PREPARE_THRESHOLD: expected a count or none" in refused.stderr
+
+
 # Runs as web, worker and beat would: writes the database (WAL on), the keyring, a broker
 # message and the beat schedule, then lists the mode of everything in HMD_DATA_DIR while
 # the database connection (and so its -wal and -shm files) is still open.
