@@ -32,6 +32,7 @@ def main() -> int:
     parser.add_argument("--group-commit", action="store_true", help="HMD_AUDIT_GROUP_COMMIT=true")
     parser.add_argument("--top", type=int, default=45)
     parser.add_argument("--sort", default="cumulative", help="pstats sort key: cumulative or tottime")
+    parser.add_argument("--only", help="print only functions whose path matches this pattern (e.g. keyvault)")
     parser.add_argument("--db", default="kv_bench_api_profile")
     parser.add_argument("--cache-url", default="redis://127.0.0.1:6379/15")
     args = parser.parse_args()
@@ -76,7 +77,7 @@ def main() -> int:
                   f"{(time.process_time() - cpu) / count * 1000:.2f} ms of this process's CPU")
             profile = cProfile.Profile()
             profile.runcall(run, count)
-            pstats.Stats(profile).sort_stats(args.sort).print_stats(args.top)
+            pstats.Stats(profile).sort_stats(args.sort).print_stats(*([args.only] if args.only else []), args.top)
     finally:
         c.discard_instance(args.db, data_dir, own_dir)
     return 0

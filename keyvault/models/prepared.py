@@ -17,6 +17,9 @@ PostgreSQL accepts one (``= ANY(%s)`` for a list, a cast where the type is not e
 the ORM's generated SQL does not always do. The cursor is Django's wrapper, so execute wrappers
 see these statements as any other.
 
+A prepared statement names its columns (no ``*``), so a migration that adds a column to a table
+it reads leaves its result type, and so the prepared plan, valid in running processes.
+
 Connection poolers in transaction mode (PgBouncer before 1.21) do not keep prepared
 statements; set ``prepare_threshold`` to none there (``HMD_DATABASE_PREPARE_THRESHOLD=none``,
 docs/ops/production.md), and these cursors bind on the server without preparing.
