@@ -113,8 +113,8 @@ from django.db import transaction
 from django.utils import timezone
 
 from keyvault.audit import walk as audit_walk
-from keyvault.audit.batcher import AppendBatcher
 from keyvault.audit import witness as audit_witness
+from keyvault.audit.batcher import AppendBatcher
 from keyvault.audit.walk import ROW_FIELDS as _ROW_FIELDS
 from keyvault.audit.witness import WitnessEntry
 from keyvault.exceptions import AuditWitnessUnavailable
