@@ -462,9 +462,8 @@ def _chain_on_server(pending: list[dict], *, try_only: bool = False, own_stateme
     """
     interval = settings.AUDIT_CHECKPOINT_INTERVAL
     if encoded is None:
-        events_json = json.dumps([_server_event(fields) for fields in pending])
-    else:
-        events_json = "[" + ",".join(encoded) + "]"
+        encoded = [_encoded_server_event(fields) for fields in pending]
+    events_json = "[" + ",".join(encoded) + "]"
     connection = transaction.get_connection()
     with prepared_cursor(connection) as cursor:  # on every audited call: parsed and planned once per connection
         cursor.execute(_CHAIN_ON_SERVER, [try_only, APPEND_LOCK_KEY, interval if own_statement else 0, events_json])

@@ -58,7 +58,7 @@ class AppendBatcher:
         self._lock = threading.Lock()
         self._queue: list[_Entry] = []
         self._leading = False
-        #: rounds appended and events in them (for tests and the benchmark's report)
+        #: rounds appended and the events in them (what tests check the grouping by)
         self.rounds = 0
         self.events = 0
 

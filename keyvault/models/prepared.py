@@ -27,6 +27,7 @@ docs/ops/production.md), and these cursors bind on the server without preparing.
 
 from __future__ import annotations
 
+import psycopg
 from django.db.backends.base.base import BaseDatabaseWrapper
 
 
@@ -37,7 +38,6 @@ def prepared_cursor(connection: BaseDatabaseWrapper):
     """
     if connection.vendor != "postgresql" or connection.queries_logged:
         return connection.cursor()
-    import psycopg
 
     # As BaseDatabaseWrapper._cursor does for its own cursors: a connection a database restart broke
     # is replaced (CONN_HEALTH_CHECKS) before the first statement of a request, not failed on.

@@ -30,7 +30,7 @@ def test_a_statement_is_prepared_on_its_connection_once_it_has_run_the_threshold
         assert any("$1::int + 1" in statement for statement in _prepared_statements()) == (run > 5)
 
 
-def test_without_a_threshold_nothing_is_prepared_and_the_statements_still_run(settings):
+def test_without_a_threshold_nothing_is_prepared_and_the_statements_still_run():
     connection.close()
     connection.settings_dict["OPTIONS"]["prepare_threshold"] = None
     try:
